@@ -1,0 +1,1 @@
+"""NeuroX analysis package."""

@@ -1,0 +1,1 @@
+"""NeuroX neuro_models package."""

@@ -1,0 +1,1 @@
+"""NeuroX study package."""

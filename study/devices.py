@@ -1,0 +1,175 @@
+"""One device layer for CUDA (NCCL), Intel XPU (native ``torch.xpu``, xccl/oneCCL) and CPU (gloo).
+
+The launchers call :func:`select_device` and :func:`collective_env` and build a :class:`DistContext`
+that :func:`study.train.train` receives; the train function never asks where it runs.
+
+XPU notes (Aurora): under Ray every worker sees only its own tile through ``ZE_AFFINITY_MASK`` (Ray
+sets it per worker, like ``CUDA_VISIBLE_DEVICES``), so the local device index is always 0. oneCCL,
+started without its own launcher, needs ``CCL_PROCESS_LAUNCHER=none`` and ``CCL_LOCAL_RANK`` /
+``CCL_LOCAL_SIZE`` per rank. ``intel-extension-for-pytorch`` is imported only when native
+``torch.xpu`` is missing (torch < 2.5).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+#: Dense bf16 peak FLOP/s per device (datasheet), for MFU. Keyed by a substring of the device name.
+PEAK_BF16_FLOPS: dict[str, float] = {
+    "H200": 989e12,
+    "H100": 989e12,  # SXM; the PCIe card is lower (756e12)
+    "A100": 312e12,
+    "Max 1550": 419e12,  # per tile (two tiles per Intel Data Center GPU Max 1550 at 838 TFLOP/s)
+    "L40S": 362e12,
+}
+
+
+def xpu_available() -> bool:
+    """True when an Intel GPU is usable through native ``torch.xpu`` (or IPEX on old torch)."""
+    xpu = getattr(torch, "xpu", None)
+    if xpu is None:
+        try:  # pragma: no cover - only on old stacks with IPEX
+            importlib.import_module("intel_extension_for_pytorch")
+            xpu = getattr(torch, "xpu", None)
+        except ImportError:
+            return False
+    try:
+        return bool(xpu is not None and xpu.is_available())
+    except Exception:  # pragma: no cover
+        return False
+
+
+def detect_device_kind(prefer: str | None = None) -> str:
+    """Pick ``cuda``, ``xpu`` or ``cpu``: ``prefer`` (or ``$NEUROX_DEVICE``) wins when given and available."""
+    prefer = prefer or os.environ.get("NEUROX_DEVICE")
+    available = {"cuda": torch.cuda.is_available(), "xpu": xpu_available(), "cpu": True}
+    if prefer:
+        if prefer not in available:
+            raise ValueError(f"device={prefer!r}; allowed: 'cuda', 'xpu', 'cpu'")
+        if not available[prefer]:
+            raise RuntimeError(f"device {prefer!r} was requested but is not available on this machine")
+        return prefer
+    for kind in ("cuda", "xpu"):
+        if available[kind]:
+            return kind
+    return "cpu"
+
+
+def backend_for(kind: str) -> str:
+    """torch.distributed backend for a device kind."""
+    return {"cuda": "nccl", "xpu": "xccl", "cpu": "gloo"}[kind]
+
+
+def select_device(kind: str, local_rank: int, *, isolated: bool) -> torch.device:
+    """The torch device of this rank.
+
+    ``isolated`` means the launcher already restricted visibility to one device per worker (Ray sets
+    ``CUDA_VISIBLE_DEVICES`` / ``ZE_AFFINITY_MASK``), so the device index is 0; otherwise (torchrun)
+    it is ``local_rank``.
+    """
+    if kind == "cpu":
+        return torch.device("cpu")
+    index = 0 if isolated else local_rank
+    dev = torch.device(kind, index)
+    getattr(torch, kind).set_device(dev)
+    return dev
+
+
+def collective_env(kind: str, *, local_rank: int, local_world_size: int,
+                   environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment variables a rank needs before ``init_process_group`` on ``kind``.
+
+    Pure function (returns what to set; callers apply it), so it is unit-testable without hardware.
+    """
+    environ = os.environ if environ is None else environ
+    env: dict[str, str] = {}
+    if kind == "xpu":
+        env["CCL_PROCESS_LAUNCHER"] = "none"
+        env["CCL_LOCAL_RANK"] = str(local_rank)
+        env["CCL_LOCAL_SIZE"] = str(local_world_size)
+        env.setdefault("CCL_ATL_TRANSPORT", environ.get("CCL_ATL_TRANSPORT", "mpi"))
+        env["ZE_FLAT_DEVICE_HIERARCHY"] = environ.get("ZE_FLAT_DEVICE_HIERARCHY", "FLAT")
+    elif kind == "cuda":
+        # NVLink SHARP/multicast stays off unless the user opts in.
+        env["NCCL_NVLS_ENABLE"] = environ.get("NCCL_NVLS_ENABLE", "0")
+    return env
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Datasheet dense bf16 peak of ``device`` (FLOP/s) or None when unknown (CPU)."""
+    if device.type == "cpu":
+        return None
+    try:
+        name = getattr(torch, device.type).get_device_name(device)
+    except Exception:  # pragma: no cover
+        return None
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cpu":
+        return "cpu"
+    try:
+        return getattr(torch, device.type).get_device_name(device)
+    except Exception:  # pragma: no cover
+        return device.type
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this rank runs. Built by the launchers; read by :func:`study.train.train`."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str = "gloo"
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device_kind(self) -> str:
+        return self.device.type
+
+
+def local_context(device: str | None = None) -> DistContext:
+    """Single-process context on the best (or requested) device."""
+    kind = detect_device_kind(device)
+    dev = select_device(kind, 0, isolated=False)
+    return DistContext(device=dev, backend=backend_for(kind))
+
+
+def context_from_env(device: str | None = None, *, isolated: bool = False,
+                     init_process_group: bool = True) -> DistContext:
+    """Context from torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE).
+
+    Initializes the default process group when ``WORLD_SIZE > 1`` and none exists yet.
+    """
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    kind = detect_device_kind(device)
+    os.environ.update(collective_env(kind, local_rank=local_rank, local_world_size=local_world))
+    dev = select_device(kind, local_rank, isolated=isolated)
+    backend = backend_for(kind)
+    if world > 1 and init_process_group and not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
+                       device=dev, backend=backend)

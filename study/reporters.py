@@ -1,0 +1,144 @@
+"""Reporters: where :func:`study.train.train` sends metrics and checkpoints.
+
+The train function sees only the :class:`Reporter` protocol:
+
+* ``log(metrics)`` every ``log_every`` optimizer steps (cheap: a JSONL line, a W&B point);
+* ``report(metrics, checkpoint_dir=None)`` at each evaluation, with the checkpoint saved at that step,
+  if any (Ray reports it as a ``ray.train.Checkpoint``; the results store gets one row).
+
+Only rank 0's calls are forwarded by :class:`RankZero`, except ``report`` under Ray, which every rank
+must call (Ray Train V2 gathers per-rank checkpoint shards). This module imports neither Ray nor W&B;
+those reporters live in :mod:`study.launch_ray` and :mod:`study.wandb_reporter`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+
+
+class Reporter(Protocol):
+    def log(self, metrics: dict[str, Any]) -> None: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if hasattr(v, "item"):
+        return v.item()
+    return v
+
+
+class NullReporter:
+    def log(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryReporter(NullReporter):
+    """Keeps every logged and reported dict in memory (tests, notebooks)."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict[str, Any]] = []
+        self.reports: list[dict[str, Any]] = []
+        self.checkpoints: list[str | None] = []
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        self.logs.append(dict(metrics))
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        self.reports.append(dict(metrics))
+        self.checkpoints.append(checkpoint_dir)
+
+
+class JSONLReporter(NullReporter):
+    """Appends one JSON line per log/report to ``path`` (flushed each line, so a crash loses nothing)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", buffering=1)
+
+    def _write(self, kind: str, metrics: dict[str, Any], **extra: Any) -> None:
+        rec = {"kind": kind, "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}, **extra}
+        self._fh.write(json.dumps(rec, default=str) + "\n")
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        self._write("log", metrics)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        self._write("report", metrics, checkpoint=checkpoint_dir)
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+
+class StoreReporter(NullReporter):
+    """Writes one results-store row per report (table ``train`` or ``finetune``).
+
+    ``static`` holds the columns every row shares (run id, spec fields, provenance, parameter counts).
+    """
+
+    def __init__(self, store, static: dict[str, Any], table: str = "train") -> None:
+        self.store = store
+        self.static = dict(static)
+        self.table = table
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        row = {**self.static, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self.store.append(self.table, [row])
+
+
+class MultiReporter(NullReporter):
+    def __init__(self, reporters: Iterable[Reporter]) -> None:
+        self.reporters = list(reporters)
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        for r in self.reporters:
+            r.log(metrics)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        for r in self.reporters:
+            r.report(metrics, checkpoint_dir)
+
+    def close(self) -> None:
+        for r in self.reporters:
+            r.close()
+
+
+class RankZero(NullReporter):
+    """Forwards calls only on rank 0; ``all_ranks_report`` reporters get ``report`` on every rank."""
+
+    def __init__(self, rank: int, reporter: Reporter, all_ranks_report: Reporter | None = None) -> None:
+        self.rank = rank
+        self.reporter = reporter
+        self.all_ranks_report = all_ranks_report
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        if self.rank == 0:
+            self.reporter.log(metrics)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        if self.rank == 0:
+            self.reporter.report(metrics, checkpoint_dir)
+        if self.all_ranks_report is not None:
+            self.all_ranks_report.report(metrics, checkpoint_dir)
+
+    def close(self) -> None:
+        if self.rank == 0:
+            self.reporter.close()
+        if self.all_ranks_report is not None:
+            self.all_ranks_report.close()

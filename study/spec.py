@@ -1,0 +1,207 @@
+"""The run spec: a frozen description of one training run, with a deterministic run id.
+
+A :class:`RunSpec` fully describes a run: model family and size (or width), parametrization, optimizer and
+LR schedule, batch, budget, data mixture and number of subjects, masking settings and seed. Its
+:attr:`RunSpec.run_id` is a readable prefix plus a hash of every field that changes the result, never a
+timestamp, so a rerun of a study finds its earlier self::
+
+    swift_v2-debug-sp-S2e+01-3fa9c2d1
+    |family  |size |par|budget  |hash
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+#: Fields that do not change what a run computes (so they do not enter the run id).
+NON_SEMANTIC_FIELDS = frozenset({"study", "num_workers", "checkpoint_every", "keep_last", "keep_best",
+                                 "log_every", "notes"})
+
+SCHEDULES = ("cosine", "wsd", "constant")
+BUDGET_KINDS = ("steps", "samples", "tokens", "flops")
+PARAMETRIZATIONS = ("sp", "mup")
+PRECISIONS = ("auto", "bf16", "fp32")
+TASKS = ("pretrain", "finetune")
+STRATEGIES = ("scratch", "last_block", "lora", "prompt", "frozen_mlp", "full")
+DISTRIBUTED = ("ddp", "deepspeed")
+SCALINGS = ("minmax", "znorm_zeroback", "znorm_minback", "robust", "none")
+
+
+def _freeze(value: Any) -> Any:
+    """Turn dicts and lists into sorted tuples so specs stay hashable and JSON round-trips are stable."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSpec:
+    """One training run. Every field is part of the run id unless listed in ``NON_SEMANTIC_FIELDS``."""
+
+    # --- identity -------------------------------------------------------------------------------
+    study: str = "default"
+    """Study the run belongs to (not part of the run id)."""
+    task: str = "pretrain"
+    """``pretrain`` (masked-image modeling / next-token) or ``finetune`` (downstream head)."""
+    # --- model ----------------------------------------------------------------------------------
+    family: str = "swift_v2"
+    """Model family in :mod:`neuro_models.registry` (``swift_v2``, ``swift_v2_revised``, ``neuromamba``)."""
+    size: str = "debug"
+    """Named size of the family (``debug``, ``51M``, ...)."""
+    width: int | None = None
+    """Override of the model width (embed dim); ``None`` keeps the named size's width."""
+    model_overrides: tuple = ()
+    """Further config fields as ``((name, value), ...)``: masking settings, depths, patch size, ..."""
+    parametrization: str = "sp"
+    """``sp`` (standard) or ``mup`` (maximal update, via the ``mup`` package)."""
+    mup_base_width: int | None = None
+    """Base width of the muP base shapes; ``None`` uses the family's default."""
+    # --- optimizer ------------------------------------------------------------------------------
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    schedule: str = "cosine"
+    """``cosine`` (warmup + cosine), ``wsd`` (warmup-stable-decay) or ``constant`` (after warmup)."""
+    warmup_frac: float = 0.05
+    decay_frac: float = 0.2
+    """Fraction of the run spent in the final decay of ``wsd``."""
+    min_lr_ratio: float = 0.1
+    # --- batch and budget ----------------------------------------------------------------------
+    batch_size: int = 8
+    """Global batch size in samples (windows) per optimizer step."""
+    micro_batch_size: int | None = None
+    """Samples per rank per forward; ``None`` = batch_size // world_size (no accumulation)."""
+    budget_kind: str = "steps"
+    budget: float = 20
+    """Training budget in ``budget_kind`` units; rounded up to whole steps."""
+    eval_every: int = 10
+    eval_windows: int = 16
+    """Validation windows per evaluation (fixed set, fixed masks)."""
+    # --- data -----------------------------------------------------------------------------------
+    manifest: str = ""
+    """Path of the cohort manifest (Parquet)."""
+    cohorts: tuple = ()
+    """Cohort mixture as ``((cohort, weight), ...)``; empty = all cohorts, natural weights."""
+    n_subjects: int | None = None
+    """Cap on pre-training subjects (the data axis of a scaling study)."""
+    grid: tuple = (96, 96, 96)
+    sequence_length: int = 20
+    stride_within: int = 1
+    stride_between: float = 1.0
+    scaling: str = "znorm_zeroback"
+    target: str | None = None
+    """Label column for fine-tuning."""
+    # --- fine-tuning ----------------------------------------------------------------------------
+    strategy: str = "scratch"
+    init_from: str | None = None
+    """Exported weights (safetensors) to start from."""
+    task_type: str = "classification"
+    lora_rank: int = 8
+    prompt_tokens: int = 8
+    # --- runtime --------------------------------------------------------------------------------
+    precision: str = "auto"
+    distributed: str = "ddp"
+    zero_stage: int = 1
+    seed: int = 0
+    num_workers: int = 0
+    checkpoint_every: int = 0
+    """Save a checkpoint every N steps (0: only at the end and before a graceful stop)."""
+    keep_last: int = 2
+    keep_best: bool = True
+    log_every: int = 1
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("model_overrides", "cohorts", "betas", "grid"):
+            object.__setattr__(self, name, _freeze(getattr(self, name)))
+        _choice("task", self.task, TASKS)
+        _choice("parametrization", self.parametrization, PARAMETRIZATIONS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("budget_kind", self.budget_kind, BUDGET_KINDS)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("distributed", self.distributed, DISTRIBUTED)
+        _choice("scaling", self.scaling, SCALINGS)
+        _choice("task_type", self.task_type, ("classification", "regression"))
+        if not (self.budget > 0 and math.isfinite(self.budget)):
+            raise ValueError(f"budget={self.budget!r} must be a positive finite number of {self.budget_kind}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size={self.batch_size} must be positive")
+        if self.micro_batch_size is not None and self.micro_batch_size <= 0:
+            raise ValueError(f"micro_batch_size={self.micro_batch_size} must be positive or None")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be positive")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage={self.zero_stage}; allowed: 0, 1, 2, 3")
+        if not 0 <= self.warmup_frac < 1 or not 0 <= self.decay_frac <= 1:
+            raise ValueError("warmup_frac must be in [0, 1) and decay_frac in [0, 1]")
+        if self.sequence_length <= 0 or self.stride_within <= 0 or not 0 < self.stride_between <= 1:
+            raise ValueError("sequence_length and stride_within must be positive; stride_between in (0, 1]")
+        if len(self.grid) != 3:
+            raise ValueError(f"grid={self.grid!r} must have 3 spatial sizes")
+        if self.task == "finetune" and not self.target:
+            raise ValueError("task='finetune' needs target=<label column>")
+
+    # --- identity -------------------------------------------------------------------------------
+    def semantic_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if k not in NON_SEMANTIC_FIELDS}
+
+    @property
+    def spec_hash(self) -> str:
+        blob = json.dumps(self.semantic_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+    @property
+    def run_id(self) -> str:
+        width = f"-w{self.width}" if self.width else ""
+        task = "" if self.task == "pretrain" else f"-ft-{self.strategy}"
+        budget = f"{self.budget_kind[0].upper()}{self.budget:.0e}".replace("+", "")
+        return f"{self.family}-{self.size}{width}-{self.parametrization}{task}-{budget}-{self.spec_hash}"
+
+    # --- (de)serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, default=list)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown RunSpec fields {sorted(unknown)}; allowed: {sorted(names)}")
+        return cls(**{k: _freeze(v) for k, v in d.items()})
+
+    @classmethod
+    def from_json(cls, s: str) -> "RunSpec":
+        return cls.from_dict(json.loads(s))
+
+    def replace(self, **changes: Any) -> "RunSpec":
+        return dataclasses.replace(self, **changes)
+
+    def flat_columns(self) -> dict[str, Any]:
+        """The spec as flat result-store columns (``spec.<field>``), tuples as JSON text."""
+        out = {}
+        for k, v in self.to_dict().items():
+            out[f"spec.{k}"] = json.dumps(v) if isinstance(v, tuple) else v
+        return out
+
+
+def model_overrides(spec: RunSpec) -> dict[str, Any]:
+    """The spec's model overrides as a dict (tuple values stay tuples)."""
+    return {k: v for k, v in spec.model_overrides}

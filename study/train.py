@@ -1,0 +1,531 @@
+"""The one train function: ``train(spec, ctx, reporter)``.
+
+It pre-trains (masked-image modeling for SwiFT v2, next-token prediction for NeuroMamba) or fine-tunes
+(see :mod:`study.finetune_engine`) one :class:`~study.spec.RunSpec` on whatever the launcher gives it:
+one process, ``torchrun`` ranks, or Ray Train workers. It imports neither Ray nor W&B.
+
+Determinism contract (what makes plain python, torchrun and Ray Train give the same losses):
+
+* the global batch of step ``s`` is samples ``order[s*B : (s+1)*B]`` of a seeded permutation per epoch;
+  rank ``r`` takes the ``r``-th contiguous slice and splits it into micro-batches, so one process with
+  gradient accumulation sees exactly the same micro-batches as ``W`` ranks;
+* the random MIM mask of a sample is drawn from a generator seeded by ``(seed, global sample position)``,
+  never from a rank's RNG;
+* model initialisation is seeded identically on every rank.
+
+Run it directly (one process)::
+
+    python -m study.train --manifest cohort/manifest.parquet --size debug --steps 20
+
+or under torchrun (two CPU ranks)::
+
+    torchrun --nproc-per-node 2 -m study.train --manifest cohort/manifest.parquet --steps 20
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from neuro_models import registry as R
+from study import checkpoint as ckpt
+from study.devices import DistContext, device_name, peak_flops
+from study.reporters import NullReporter, Reporter
+from study.spec import RunSpec, model_overrides
+
+#: sample-position offset for validation masks, so they never collide with training ones
+_VAL_SEED_OFFSET = 1 << 40
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss became NaN/Inf. Names the step and the last good checkpoint."""
+
+    def __init__(self, step: int, loss: float, last_good: str | None) -> None:
+        self.step, self.loss, self.last_good = step, loss, last_good
+        super().__init__(f"non-finite loss {loss} at step {step}; last good checkpoint: {last_good or 'none'}")
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    status: str  # "finished" | "stopped"
+    step: int
+    final_metrics: dict[str, Any] = field(default_factory=dict)
+    last_checkpoint: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# batch plan
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a global batch splits over ranks and micro-batches."""
+
+    global_batch: int
+    world_size: int
+    micro_batch: int
+
+    @property
+    def per_rank(self) -> int:
+        return self.global_batch // self.world_size
+
+    @property
+    def accumulation(self) -> int:
+        return self.per_rank // self.micro_batch
+
+    @classmethod
+    def make(cls, spec: RunSpec, world_size: int) -> "BatchPlan":
+        if spec.batch_size % world_size:
+            raise ValueError(f"batch_size={spec.batch_size} does not divide across world_size={world_size} ranks")
+        per_rank = spec.batch_size // world_size
+        micro = spec.micro_batch_size or per_rank
+        if per_rank % micro:
+            raise ValueError(f"micro_batch_size={micro} must divide the per-rank batch {per_rank} "
+                             f"(batch_size={spec.batch_size}, world_size={world_size})")
+        return cls(spec.batch_size, world_size, micro)
+
+
+class SampleOrder:
+    """Seeded permutation of ``n`` samples per epoch; position ``p`` maps to a dataset index."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        if n <= 0:
+            raise ValueError("the training split has no windows: check the manifest, split and sequence length")
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, None
+
+    def index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.n, generator=g).tolist()
+            self._epoch = epoch
+        return self._perm[offset]
+
+
+def micro_batch_positions(step: int, plan: BatchPlan, rank: int) -> list[list[int]]:
+    """Global sample positions of this rank's micro-batches at ``step``."""
+    start = step * plan.global_batch + rank * plan.per_rank
+    return [list(range(start + a * plan.micro_batch, start + (a + 1) * plan.micro_batch))
+            for a in range(plan.accumulation)]
+
+
+# --------------------------------------------------------------------------------------------------
+# schedules
+# --------------------------------------------------------------------------------------------------
+def lr_factor(step: int, total: int, spec: RunSpec) -> float:
+    """LR multiplier at optimizer step ``step`` (0-based) of ``total``."""
+    warmup = int(round(spec.warmup_frac * total))
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if spec.schedule == "constant":
+        return 1.0
+    floor = spec.min_lr_ratio
+    if spec.schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    # wsd: stable at 1 until the last decay_frac of the run, then linear decay to the floor
+    decay = int(round(spec.decay_frac * total))
+    decay_start = total - decay
+    if step < decay_start or decay == 0:
+        return 1.0
+    progress = (step - decay_start + 1) / decay
+    return 1.0 - (1 - floor) * min(1.0, progress)
+
+
+def total_steps(spec: RunSpec, *, flops_per_sample: float, tokens_per_sample: int) -> int:
+    per_step = {"steps": 1, "samples": spec.batch_size, "tokens": spec.batch_size * tokens_per_sample,
+                "flops": spec.batch_size * flops_per_sample}[spec.budget_kind]
+    return max(1, math.ceil(spec.budget / per_step - 1e-9))
+
+
+# --------------------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------------------
+def model_config(spec: RunSpec):
+    """The model config a spec asks for (input size from the data grid and sequence length)."""
+    overrides = model_overrides(spec)
+    overrides.setdefault("img_size", (*spec.grid, spec.sequence_length))
+    overrides["parametrization"] = spec.parametrization
+    if spec.mup_base_width is not None:
+        overrides["mup_base_width"] = spec.mup_base_width
+    cfg = R.get_config(spec.family, spec.size, **overrides)
+    if spec.width is not None:
+        cfg = R.with_width(cfg, spec.width)
+    return cfg
+
+
+def build_datasets(spec: RunSpec):
+    from data.datasets import WindowedDataset
+    from data.manifest import Manifest
+
+    if not spec.manifest:
+        raise ValueError("spec.manifest is empty: give the path of a cohort manifest (manifest.parquet)")
+    manifest = Manifest.load(spec.manifest)
+    common = dict(sequence_length=spec.sequence_length, stride_within=spec.stride_within,
+                  scaling=spec.scaling, grid=tuple(spec.grid), target=spec.target)
+    cohorts = dict(spec.cohorts) or None
+    train_ds = WindowedDataset(manifest, split="train", stride_between=spec.stride_between, cohorts=cohorts,
+                               max_subjects=spec.n_subjects, **common)
+    val_ds = WindowedDataset(manifest, split="val", stride_between=1.0, cohorts=cohorts, **common)
+    return manifest, train_ds, val_ds
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"x": torch.stack([it["x"] for it in items])}
+    if "brain_mask" in items[0]:
+        out["brain_mask"] = torch.stack([it["brain_mask"] for it in items])
+    if "y" in items[0]:
+        out["y"] = torch.stack([torch.as_tensor(it["y"], dtype=torch.float32) for it in items])
+    out["cohort"] = [it.get("cohort", "") for it in items]
+    out["subject"] = [it.get("subject", "") for it in items]
+    return out
+
+
+class _MicroBatches:
+    """Batch sampler: this rank's micro-batches (lists of global positions) from ``start`` to ``stop`` steps."""
+
+    def __init__(self, start: int, stop: int, plan: BatchPlan, rank: int) -> None:
+        self.start, self.stop, self.plan, self.rank = start, stop, plan, rank
+
+    def __iter__(self):
+        for s in range(self.start, self.stop):
+            yield from micro_batch_positions(s, self.plan, self.rank)
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.plan.accumulation
+
+
+class _PositionDataset(torch.utils.data.Dataset):
+    """Maps global sample positions to dataset items (so a DataLoader can prefetch in workers)."""
+
+    def __init__(self, ds, order: SampleOrder) -> None:
+        self.ds, self.order = ds, order
+
+    def __len__(self) -> int:  # pragma: no cover - positions are unbounded
+        return 1 << 62
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        return self.ds[self.order.index(position)]
+
+
+def make_optimizer(model: nn.Module, spec: RunSpec, params=None) -> torch.optim.Optimizer:
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": spec.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if spec.parametrization == "mup":
+        from mup import MuAdamW
+
+        return MuAdamW(groups, lr=spec.lr, betas=tuple(spec.betas))
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas))
+
+
+def _autocast(ctx: DistContext, spec: RunSpec):
+    kind = ctx.device.type
+    use_bf16 = spec.precision == "bf16" or (spec.precision == "auto" and kind in ("cuda", "xpu"))
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16)
+
+
+def _barrier(ctx: DistContext) -> Callable[[], None]:
+    def barrier() -> None:
+        if ctx.is_distributed and dist.is_initialized():
+            dist.barrier()
+    return barrier
+
+
+def _all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.is_distributed and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def sample_masks(model: nn.Module, positions: list[int], seed: int, device: torch.device):
+    """Per-sample masks from generators seeded by global position (None for objectives without masks)."""
+    if not hasattr(model, "make_mask"):
+        return None
+    masks = []
+    for p in positions:
+        g = torch.Generator().manual_seed((seed * 1_000_003 + p) % (2**63 - 1))
+        m = model.make_mask(1, generator=g, device=torch.device("cpu"))
+        if m is None:
+            return None
+        masks.append(m)
+    return torch.cat(masks).to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# the train function
+# --------------------------------------------------------------------------------------------------
+def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
+          run_dir: str | os.PathLike | None = None, resume_from: str | os.PathLike | None = None,
+          should_stop: Callable[[], bool] | None = None, static_columns: dict[str, Any] | None = None,
+          ) -> TrainResult:
+    """Train one run.
+
+    Parameters
+    ----------
+    spec : RunSpec
+        What to train.
+    ctx : DistContext
+        Rank, world size and device, built by a launcher (process group already initialised).
+    reporter : Reporter
+        Receives ``log`` every ``spec.log_every`` steps and ``report`` at each evaluation.
+    run_dir : path, optional
+        Where checkpoints go (``run_dir/checkpoints/step_*``). ``None``: no checkpoints.
+    resume_from : path, optional
+        A complete checkpoint directory to resume from (model, optimizer, scheduler, data position, RNG).
+    should_stop : callable, optional
+        Polled every step; when it returns True the run saves a checkpoint and returns ``status="stopped"``.
+    """
+    if spec.task == "finetune":
+        from study.finetune_engine import train_finetune
+
+        return train_finetune(spec, ctx, reporter or NullReporter(), run_dir=run_dir, resume_from=resume_from,
+                              should_stop=should_stop)
+    reporter = reporter or NullReporter()
+    t_start = time.perf_counter()
+    plan = BatchPlan.make(spec, ctx.world_size)
+    device = ctx.device
+
+    cfg = model_config(spec)
+    fps = R.flops_per_sample(cfg)
+    tps = R.tokens_per_sample(cfg)
+    n_steps = total_steps(spec, flops_per_sample=fps["train"], tokens_per_sample=tps)
+    counts = R.param_counts(cfg)
+
+    manifest, train_ds, val_ds = build_datasets(spec)
+    order = SampleOrder(len(train_ds), spec.seed)
+
+    torch.manual_seed(spec.seed)
+    model = R.build_pretrain_model(cfg).to(device)
+    optimizer = make_optimizer(model, spec)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, n_steps, spec))
+
+    engine = None
+    if spec.distributed == "deepspeed":
+        engine = _deepspeed_engine(spec, ctx, plan, model, optimizer, scheduler)
+        net = engine
+    elif ctx.is_distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type != "cpu" else None)
+    else:
+        net = model
+
+    state = {"step": 0, "samples_seen": 0, "tokens_seen": 0, "flops": 0.0, "wall_time_s": 0.0,
+             "best_val_loss": None, "best_checkpoint": None, "last_checkpoint": None}
+    if resume_from is not None:
+        loaded = ckpt.load_checkpoint(resume_from, rank=ctx.rank, model=model, optimizer=optimizer,
+                                      scheduler=scheduler, ds_engine=engine, map_location=device)
+        if loaded.get("run_id") not in (None, spec.run_id):
+            raise ckpt.CheckpointError(f"checkpoint {resume_from} belongs to run {loaded.get('run_id')}, "
+                                       f"not {spec.run_id}")
+        state.update({k: loaded[k] for k in state if k in loaded})
+        state["last_checkpoint"] = str(resume_from)
+
+    ckpt_root = Path(run_dir) / "checkpoints" if run_dir is not None else None
+    loader_ds = _PositionDataset(train_ds, order)
+    peak = peak_flops(device)
+    barrier = _barrier(ctx)
+
+    def save(step: int) -> str | None:
+        if ckpt_root is None:
+            return None
+        path = ckpt.save_checkpoint(ckpt.step_dir(ckpt_root, step), rank=ctx.rank, barrier=barrier,
+                                    state={**state, "run_id": spec.run_id, "spec": spec.to_dict()},
+                                    model=model, optimizer=optimizer, scheduler=scheduler, ds_engine=engine)
+        state["last_checkpoint"] = str(path)
+        if ctx.is_main:
+            best = Path(state["best_checkpoint"]) if (spec.keep_best and state["best_checkpoint"]) else None
+            ckpt.apply_retention(ckpt_root, keep_last=spec.keep_last, best=best)
+        return str(path)
+
+    def evaluate() -> dict[str, float]:
+        return _evaluate(net if engine is None else engine, model, val_ds, spec, ctx)
+
+    step = state["step"]
+    batches = iter(torch.utils.data.DataLoader(
+        loader_ds, batch_sampler=_MicroBatches(step, n_steps, plan, ctx.rank), collate_fn=_collate,
+        num_workers=spec.num_workers, pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if spec.num_workers else None))
+    window_t0, window_samples = time.perf_counter(), 0
+    wall_offset = state["wall_time_s"] - (time.perf_counter() - t_start)
+    metrics: dict[str, Any] = {}
+    status = "finished"
+    while step < n_steps:
+        if should_stop is not None and should_stop():
+            status = "stopped"
+            break
+        net.train()
+        micro = micro_batch_positions(step, plan, ctx.rank)
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        tokens = torch.zeros((), device=device, dtype=torch.float64)
+        for a, positions in enumerate(micro):
+            batch = next(batches)
+            x = batch["x"].to(device, non_blocking=True)
+            bm = batch.get("brain_mask")
+            bm = bm.to(device, non_blocking=True) if bm is not None else None
+            mask = sample_masks(model, positions, spec.seed, device)
+            is_last = a == len(micro) - 1
+            sync_ctx = (net.no_sync() if isinstance(net, nn.parallel.DistributedDataParallel) and not is_last
+                        else contextlib.nullcontext())
+            with sync_ctx:
+                with _autocast(ctx, spec):
+                    out = net(x, brain_mask=bm, mask=mask)
+                loss = out["loss"]
+                if engine is not None:
+                    engine.backward(loss)
+                    engine.step()  # DeepSpeed counts micro-steps and updates only at the boundary
+                else:
+                    (loss / plan.accumulation).backward()
+            loss_sum += loss.detach().double()
+            tokens += float(out.get("num_tokens", x.shape[0] * tps))
+        if engine is not None:
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        else:
+            if spec.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(torch.stack(
+                    [p.grad.detach().norm() for p in model.parameters() if p.grad is not None])))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        reduced = _all_reduce_sum(torch.stack([loss_sum, tokens]), ctx)
+        train_loss = float(reduced[0]) / (plan.accumulation * ctx.world_size)
+        step += 1
+        state["step"] = step
+        state["samples_seen"] += plan.global_batch
+        state["tokens_seen"] += int(reduced[1])
+        state["flops"] += plan.global_batch * fps["train"]
+        window_samples += plan.global_batch
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(step, train_loss, state["last_checkpoint"])
+
+        now = time.perf_counter()
+        state["wall_time_s"] = wall_offset + (now - t_start)
+        if step % spec.log_every == 0 or step == n_steps:
+            dt = max(now - window_t0, 1e-9)
+            sps = window_samples / dt
+            metrics = {"step": step, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]
+                       if engine is None else optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                       "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
+                       "flops": state["flops"], "samples_per_s": sps, "tokens_per_s": sps * tps,
+                       "wall_time_s": state["wall_time_s"]}
+            if peak:
+                metrics["mfu"] = sps * fps["train"] / (peak * ctx.world_size)
+            reporter.log(metrics)
+            window_t0, window_samples = now, 0
+
+        if step % spec.eval_every == 0 or step == n_steps:
+            val = evaluate()
+            if state["best_val_loss"] is None or val["val_loss"] < state["best_val_loss"]:
+                state["best_val_loss"] = val["val_loss"]
+                is_best = True
+            else:
+                is_best = False
+            save_now = step == n_steps or (spec.checkpoint_every and step % spec.checkpoint_every == 0)
+            path = save(step) if save_now else None
+            if is_best and path:
+                state["best_checkpoint"] = path
+            row = {**metrics, "step": step, "train_loss": train_loss, **val,
+                   "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
+                   "flops": state["flops"], "wall_time_s": state["wall_time_s"],
+                   "is_final": step == n_steps, "status": "finished" if step == n_steps else "running",
+                   "n_params": counts["total"], "n_params_non_embedding": counts["non_embedding"],
+                   "device_kind": device_name(device), "device_count": ctx.world_size,
+                   "total_steps": n_steps}
+            reporter.report(row, checkpoint_dir=path)
+            metrics = row
+
+    if status == "stopped":
+        path = save(step)
+        reporter.report({**metrics, "step": step, "status": "stopped", "is_final": False,
+                         "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
+                         "flops": state["flops"], "wall_time_s": state["wall_time_s"]}, checkpoint_dir=path)
+    return TrainResult(run_id=spec.run_id, status=status, step=step, final_metrics=metrics,
+                       last_checkpoint=state["last_checkpoint"])
+
+
+@torch.no_grad()
+def _evaluate(net, model: nn.Module, val_ds, spec: RunSpec, ctx: DistContext) -> dict[str, float]:
+    """Mean validation loss over a fixed set of windows (fixed masks), overall and per cohort."""
+    net.eval()
+    n = min(spec.eval_windows, len(val_ds))
+    if n == 0:
+        return {"val_loss": float("nan")}
+    idx = [round(i * len(val_ds) / n) for i in range(n)] if n < len(val_ds) else list(range(n))
+    mine = idx[ctx.rank::ctx.world_size]
+    cohorts = sorted(set(val_ds.cohort_of(i) for i in idx)) if hasattr(val_ds, "cohort_of") else None
+    sums: dict[str, list[float]] = {}
+    for i in mine:
+        item = val_ds[i]
+        batch = _collate([item])
+        x = batch["x"].to(ctx.device)
+        bm = batch.get("brain_mask")
+        bm = bm.to(ctx.device) if bm is not None else None
+        mask = sample_masks(model, [_VAL_SEED_OFFSET + i], spec.seed, ctx.device)
+        with _autocast(ctx, spec):
+            out = net(x, brain_mask=bm, mask=mask)
+        loss = float(out["loss"].float())
+        for key in ("", item.get("cohort", "")):
+            s = sums.setdefault(key, [0.0, 0.0])
+            s[0] += loss
+            s[1] += 1
+    keys = [""] + (cohorts if cohorts is not None else sorted(k for k in sums if k))
+    vec = torch.tensor([v for k in keys for v in sums.get(k, [0.0, 0.0])], dtype=torch.float64, device=ctx.device)
+    vec = _all_reduce_sum(vec, ctx).cpu()
+    out: dict[str, float] = {}
+    for j, k in enumerate(keys):
+        total, count = float(vec[2 * j]), float(vec[2 * j + 1])
+        if count:
+            out["val_loss" if k == "" else f"val_loss__{k}"] = total / count
+    return out
+
+
+def _deepspeed_engine(spec: RunSpec, ctx: DistContext, plan: BatchPlan, model, optimizer, scheduler):
+    import deepspeed
+
+    use_bf16 = spec.precision == "bf16" or (spec.precision == "auto" and ctx.device.type in ("cuda", "xpu"))
+    config = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation,
+        "gradient_clipping": spec.grad_clip,
+        "zero_optimization": {"stage": spec.zero_stage},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        # keep fp32 master weights and autocast like DDP, so ZeRO runs match DDP numerics
+        "torch_autocast": {"enabled": use_bf16, "dtype": "bfloat16"},
+        "zero_allow_untested_optimizer": True,
+    }
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        deepspeed.init_distributed(dist_backend=ctx.backend)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=config, dist_init_required=False)
+    return engine
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

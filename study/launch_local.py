@@ -1,0 +1,86 @@
+"""Launch one run in this process, or as one rank of ``torchrun``.
+
+One process::
+
+    python -m study.launch_local --spec spec.json --run-dir runs/my-run
+
+Two CPU ranks (gloo) or one rank per GPU::
+
+    torchrun --nproc-per-node 2 -m study.launch_local --spec spec.json --run-dir runs/my-run
+
+``--resume`` continues from the newest complete checkpoint under ``--run-dir`` if there is one.
+Metrics go to ``<run-dir>/metrics.jsonl`` (rank 0), to the results store with ``--store``, and to W&B
+(offline unless a key is configured) with ``--wandb``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from study import checkpoint as ckpt
+from study.devices import context_from_env
+from study.provenance import provenance
+from study.reporters import JSONLReporter, MultiReporter, RankZero, StoreReporter
+from study.spec import RunSpec
+from study.train import train
+
+
+def build_reporter(spec: RunSpec, rank: int, run_dir: Path, *, store_dir: str | None, use_wandb: bool,
+                   manifest_hash: str | None = None):
+    reporters = [JSONLReporter(run_dir / "metrics.jsonl")] if rank == 0 else []
+    if rank == 0 and store_dir:
+        from analysis.store import ResultsStore
+
+        reporters.append(StoreReporter(ResultsStore(store_dir), static_row(spec, manifest_hash)))
+    if rank == 0 and use_wandb:
+        from study.wandb_reporter import WandbReporter
+
+        reporters.append(WandbReporter(spec, dir=run_dir))
+    return RankZero(rank, MultiReporter(reporters))
+
+
+def static_row(spec: RunSpec, manifest_hash: str | None = None) -> dict:
+    """Columns every result row of ``spec`` carries (identity, spec fields, provenance)."""
+    prov = provenance(spec.manifest, manifest_hash=manifest_hash)
+    return {"run_id": spec.run_id, "study": spec.study, "family": spec.family, "size": spec.size,
+            "width": spec.width, "parametrization": spec.parametrization, "lr": spec.lr,
+            "batch_size": spec.batch_size, "n_subjects": spec.n_subjects,
+            "mixture": json.dumps(spec.cohorts), "seed": spec.seed, **prov, **spec.flat_columns()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--spec", required=True, help="JSON file with the RunSpec fields")
+    ap.add_argument("--run-dir", required=True, help="checkpoints and metrics.jsonl go here")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    ap.add_argument("--store", default=None, help="results-store directory to append rows to")
+    ap.add_argument("--wandb", action="store_true", help="log to W&B (offline unless WANDB_API_KEY is set)")
+    ap.add_argument("--device", default=None, choices=["cuda", "xpu", "cpu"])
+    args = ap.parse_args(argv)
+    try:
+        spec = RunSpec.from_json(Path(args.spec).read_text())
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read run spec {args.spec}: {exc}", file=sys.stderr)
+        return 2
+    ctx = context_from_env(args.device)
+    run_dir = Path(args.run_dir)
+    resume = ckpt.latest_checkpoint(run_dir / "checkpoints") if args.resume else None
+    reporter = build_reporter(spec, ctx.rank, run_dir, store_dir=args.store, use_wandb=args.wandb)
+    try:
+        result = train(spec, ctx, reporter, run_dir=run_dir, resume_from=resume)
+    finally:
+        reporter.close()
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if ctx.rank == 0:
+        print(json.dumps({"run_id": result.run_id, "status": result.status, "step": result.step,
+                          "val_loss": result.final_metrics.get("val_loss")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

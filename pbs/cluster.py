@@ -1,0 +1,566 @@
+#!/usr/bin/env python3
+"""Helpers for ``pbs/ray_cluster.sh``: addresses, ports, tokens, node waits, walltime, staging, cleanup.
+
+Each sub-command does one job the bash bootstrap finds awkward and prints its answer on stdout
+(one line, no secrets). Errors go to stderr as ``ray_cluster: <message>`` with exit status 2 for bad
+input and 3 for a timeout, so the shell script can forward them unchanged.
+
+Usage (as run by the bootstrap)::
+
+    python pbs/cluster.py addr --iface hsn0                # IPv4 of an interface on this node
+    python pbs/cluster.py addr --host-suffix -hsn0         # resolve "$(hostname -s)-hsn0"
+    python pbs/cluster.py ports --host 10.1.2.3 --count 3  # free TCP ports on that address
+    python pbs/cluster.py check-port --host 10.1.2.3 --port 6379
+    python pbs/cluster.py nodefile "$PBS_NODEFILE"         # unique hosts, one a line
+    python pbs/cluster.py token PATH                       # fresh 256-bit token, file mode 0600
+    python pbs/cluster.py wait --address IP:PORT --state-dir D --nodefile F --timeout 300
+    python pbs/cluster.py walltime                         # seconds left in this PBS job
+    python pbs/cluster.py stage --src DIR --dst DIR --rank R --world N [--shard]
+    python pbs/cluster.py cleanup --path /tmp/nx123_0      # kill processes using it, remove it
+
+This module imports neither ``study`` nor ``ray`` at import time (``wait`` imports Ray lazily).
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_TIMEOUT = 3
+_SIOCGIFADDR = 0x8915
+
+
+class ClusterError(Exception):
+    """A configuration or environment problem that the user must fix; carries an exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT):
+        super().__init__(message)
+        self.code = code
+
+
+# --------------------------------------------------------------------------------------------
+# Addresses and ports
+# --------------------------------------------------------------------------------------------
+def interface_ipv4(name: str) -> str | None:
+    """Return the first IPv4 address of network interface ``name``, or None if it has none.
+
+    Parameters
+    ----------
+    name : str
+        Interface name as shown by ``ip addr`` (e.g. ``hsn0``).
+
+    Returns
+    -------
+    str or None
+        Dotted-quad address; None when the interface exists but has no IPv4 address.
+
+    Raises
+    ------
+    ClusterError
+        If no interface of that name exists on this node.
+    """
+    names = [n for _, n in socket.if_nameindex()]
+    if name not in names:
+        raise ClusterError(
+            f"network interface '{name}' not found on {socket.gethostname()} "
+            f"(interfaces here: {', '.join(names)}); pass --iface with one of them or --host-suffix"
+        )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def non_loopback_ipv4() -> dict[str, str]:
+    """Map every interface with a non-loopback IPv4 address to that address."""
+    found = {}
+    for _, name in socket.if_nameindex():
+        try:
+            ip = interface_ipv4(name)
+        except ClusterError:
+            continue
+        if ip and not ipaddress.ip_address(ip).is_loopback:
+            found[name] = ip
+    return found
+
+
+def resolve_address(iface: str | None = None, host_suffix: str | None = None) -> str:
+    """Pick this node's address on the high-speed network, never guessing among several NICs.
+
+    Parameters
+    ----------
+    iface : str, optional
+        Interface whose IPv4 address to use (``hsn0`` on Aurora and Polaris).
+    host_suffix : str, optional
+        Suffix appended to the short host name and resolved (``-hsn0`` gives ``x1000c0s0b0n0-hsn0``).
+
+    Returns
+    -------
+    str
+        The IPv4 address Ray should bind to on this node.
+
+    Raises
+    ------
+    ClusterError
+        When the interface is missing or has no address, the name does not resolve, or neither option
+        was given and the node has several candidate interfaces.
+    """
+    if iface and host_suffix:
+        raise ClusterError("give either --iface or --host-suffix, not both")
+    if iface:
+        ip = interface_ipv4(iface)
+        if not ip:
+            raise ClusterError(f"network interface '{iface}' on {socket.gethostname()} has no IPv4 address")
+        return ip
+    if host_suffix:
+        name = socket.gethostname().split(".")[0] + host_suffix
+        try:
+            infos = socket.getaddrinfo(name, None, socket.AF_INET)
+        except socket.gaierror as e:
+            raise ClusterError(f"host name '{name}' (--host-suffix '{host_suffix}') does not resolve: {e}")
+        return infos[0][4][0]
+    found = non_loopback_ipv4()
+    if len(found) == 1:
+        return next(iter(found.values()))
+    if not found:
+        raise ClusterError(f"no non-loopback IPv4 interface on {socket.gethostname()}; pass --iface")
+    listing = ", ".join(f"{n}={ip}" for n, ip in sorted(found.items()))
+    raise ClusterError(
+        f"{socket.gethostname()} has several network interfaces ({listing}); "
+        "choose the high-speed one with --iface NAME or --host-suffix SUFFIX"
+    )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ClusterError naming ``host:port`` if that TCP port cannot be bound."""
+    if not 1 <= port <= 65535:
+        raise ClusterError(f"port {port} out of range 1..65535")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ClusterError(f"port {port} on {host} is already taken ({e.strerror}); choose another")
+
+
+def free_ports(host: str, count: int) -> list[int]:
+    """Return ``count`` distinct TCP ports that are free on ``host`` right now.
+
+    All sockets stay bound until every port is chosen, so the ports are distinct; the caller
+    starts Ray immediately afterwards to keep the race window short.
+    """
+    socks, ports = [], []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+# --------------------------------------------------------------------------------------------
+# Node file, token
+# --------------------------------------------------------------------------------------------
+def read_nodefile(path: str | os.PathLike | None) -> list[str]:
+    """Return the unique host names of a PBS node file in order (PBS repeats a host per cpu/rank).
+
+    Raises
+    ------
+    ClusterError
+        If the path is unset, missing, unreadable or lists no host.
+    """
+    if not path:
+        raise ClusterError("no node file: PBS_NODEFILE is unset (run inside a PBS job or pass --nodefile)")
+    p = Path(path)
+    if not p.is_file():
+        raise ClusterError(f"node file '{p}' does not exist")
+    hosts: list[str] = []
+    for line in p.read_text().splitlines():
+        h = line.split("#", 1)[0].strip()
+        if h and h not in hosts:
+            hosts.append(h)
+    if not hosts:
+        raise ClusterError(f"node file '{p}' lists no hosts")
+    return hosts
+
+
+def write_token(path: str | os.PathLike) -> None:
+    """Write a fresh 256-bit hex token to ``path`` with mode 0600 (parent 0700); never print it."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(p.parent, 0o700)
+    if p.exists():
+        p.unlink()
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+
+
+# --------------------------------------------------------------------------------------------
+# Waiting for nodes
+# --------------------------------------------------------------------------------------------
+def _alive_node_ips(address: str, timeout: float) -> set[str]:
+    from ray._raylet import GcsClient  # lazy: only the head needs Ray here
+
+    client = GcsClient(address=address)
+    infos = client.get_all_node_info(timeout=timeout)
+    alive = set()
+    for info in infos.values():
+        if info.state == 0:  # GcsNodeInfo.ALIVE
+            alive.add(info.node_manager_address)
+    return alive
+
+
+def node_registrations(state_dir: Path) -> tuple[dict[int, dict], dict[int, str]]:
+    """Read the ``nodes/<rank>.json`` and ``nodes/<rank>.error`` files written by node agents."""
+    regs, errors = {}, {}
+    d = state_dir / "nodes"
+    if d.is_dir():
+        for f in d.iterdir():
+            m = re.fullmatch(r"(\d+)\.(json|error)", f.name)
+            if not m:
+                continue
+            try:
+                text = f.read_text()
+            except OSError:
+                continue
+            if m.group(2) == "json":
+                try:
+                    regs[int(m.group(1))] = json.loads(text)
+                except json.JSONDecodeError:
+                    continue  # being written
+            else:
+                errors[int(m.group(1))] = text.strip()
+    return regs, errors
+
+
+def wait_for_nodes(address: str, hosts: list[str], head_ip: str, state_dir: Path, timeout: float,
+                   poll_s: float = 1.0, progress: bool = True, head_pid: int | None = None) -> dict[int, str]:
+    """Block until every host of the node file runs a live Ray node, or fail naming the missing ones.
+
+    Parameters
+    ----------
+    address : str
+        GCS address ``ip:port`` of the head.
+    hosts : list of str
+        Unique hosts in node-file order; host 0 is the head.
+    head_ip : str
+        The head's Ray address.
+    state_dir : pathlib.Path
+        Job state directory where node agents register (``nodes/<rank>.json``) or report errors.
+    timeout : float
+        Seconds to wait in all.
+    head_pid : int, optional
+        PID of the head's ``ray start``; if it exits, fail at once instead of waiting out the timeout.
+
+    Returns
+    -------
+    dict
+        rank -> node IP for every node.
+
+    Raises
+    ------
+    ClusterError
+        On a node agent's error (exit 2) or on timeout (exit 3), naming each missing node and why.
+    """
+    deadline = time.monotonic() + timeout
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(hosts), desc="ray nodes joined", file=sys.stderr, leave=False)
+        except ImportError:  # pragma: no cover - tqdm is a dependency
+            bar = None
+    alive: set[str] = set()
+    last_err = None
+    try:
+        while True:
+            if head_pid is not None and (not Path(f"/proc/{head_pid}").exists() or _is_zombie(head_pid)):
+                raise ClusterError(f"the head's Ray process (pid {head_pid}) exited before the cluster formed")
+            regs, errors = node_registrations(state_dir)
+            if errors:
+                lines = [f"node {r} ({hosts[r] if r < len(hosts) else '?'}): {msg}"
+                         for r, msg in sorted(errors.items())]
+                raise ClusterError("node agents failed:\n  " + "\n  ".join(lines))
+            try:
+                alive = _alive_node_ips(address, timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+                last_err = None
+            except Exception as e:  # GCS not up yet
+                last_err = e
+            ips = {0: head_ip}
+            ips.update({r: reg["ip"] for r, reg in regs.items()})
+            joined = {r for r in range(len(hosts)) if ips.get(r) in alive}
+            if bar is not None:
+                bar.n = len(joined)
+                bar.refresh()
+            if len(joined) == len(hosts):
+                return {r: ips[r] for r in range(len(hosts))}
+            if time.monotonic() >= deadline:
+                missing = []
+                for r, h in enumerate(hosts):
+                    if r in joined:
+                        continue
+                    if r == 0:
+                        why = "head did not come up" + (f" ({last_err})" if last_err else "")
+                    elif r not in regs:
+                        why = "its node agent never started (check the launcher and the node)"
+                    else:
+                        why = f"agent started at {regs[r]['ip']} but the node never joined the Ray cluster"
+                    missing.append(f"node {r} ({h}): {why}")
+                raise ClusterError(
+                    f"only {len(joined)} of {len(hosts)} nodes joined within {timeout:g} s; missing:\n  "
+                    + "\n  ".join(missing), code=EXIT_TIMEOUT)
+            time.sleep(poll_s)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Walltime
+# --------------------------------------------------------------------------------------------
+def _hms_to_s(text: str) -> int:
+    parts = [int(p) for p in text.strip().split(":")]
+    s = 0
+    for p in parts:
+        s = s * 60 + p
+    return s
+
+
+def remaining_walltime(jobid: str | None = None, qstat: str = "qstat", env=None) -> float | None:
+    """Seconds left before the PBS job's walltime ends, or None when unknown.
+
+    ``NEUROX_WALLTIME_S`` (seconds left at the time of the call) overrides the lookup. Otherwise
+    ``qstat -f $PBS_JOBID`` gives ``Resource_List.walltime`` and ``resources_used.walltime``.
+    """
+    env = os.environ if env is None else env
+    if env.get("NEUROX_WALLTIME_S"):
+        return float(env["NEUROX_WALLTIME_S"])
+    jobid = jobid or env.get("PBS_JOBID")
+    if not jobid or not shutil.which(qstat):
+        return None
+    try:
+        out = subprocess.run([qstat, "-f", jobid], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    total = re.search(r"Resource_List\.walltime\s*=\s*([\d:]+)", out)
+    if not total:
+        return None
+    used = re.search(r"resources_used\.walltime\s*=\s*([\d:]+)", out)
+    return float(_hms_to_s(total.group(1)) - (_hms_to_s(used.group(1)) if used else 0))
+
+
+def watch_walltime(stop_file: Path, margin_s: float, jobid: str | None = None, poll_s: float = 5.0) -> bool:
+    """Sleep until ``margin_s`` seconds before the walltime ends, then create ``stop_file``.
+
+    The study runner polls ``<storage>/<study>/STOP``: it stops starting trials, lets running trials
+    write a final checkpoint and exits, so the next allocation resumes the study. Returns True when
+    the file was created, False when the walltime is unknown (nothing to watch).
+    """
+    left = remaining_walltime(jobid)
+    if left is None:
+        print("ray_cluster: walltime unknown (no PBS_JOBID/qstat, NEUROX_WALLTIME_S unset): "
+              "no automatic stop", file=sys.stderr)
+        return False
+    deadline = time.monotonic() + left - margin_s
+    while time.monotonic() < deadline:
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+    stop_file.parent.mkdir(parents=True, exist_ok=True)
+    stop_file.write_text(f"walltime ends in {max(0, int(margin_s))} s; stop trials with a final checkpoint\n")
+    print(f"ray_cluster: walltime nearly over: created {stop_file}", file=sys.stderr)
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Staging
+# --------------------------------------------------------------------------------------------
+SUBJECT_SUFFIXES = (".h5", ".hdf5")
+
+
+def stage(src: Path, dst: Path, rank: int, world: int, shard: bool) -> dict:
+    """Copy a data directory to node-local storage; with ``shard``, only this node's subject files.
+
+    Subject files (``*.h5``/``*.hdf5``) are sorted by relative path and node ``rank`` of ``world``
+    keeps those with ``index % world == rank``; every other file (manifest, metadata) is copied to
+    every node. Writes ``dst/STAGED.json`` listing the subject files this node holds.
+
+    Returns
+    -------
+    dict
+        ``{"rank", "world", "shard", "subjects": [...], "bytes"}``.
+    """
+    if not src.is_dir():
+        raise ClusterError(f"--stage source '{src}' is not a directory")
+    if not 0 <= rank < world:
+        raise ClusterError(f"rank {rank} outside 0..{world - 1}")
+    files = sorted(p.relative_to(src) for p in src.rglob("*") if p.is_file())
+    subjects = [f for f in files if f.suffix in SUBJECT_SUFFIXES]
+    keep_subjects = subjects[rank::world] if shard else subjects
+    chosen = [f for f in files if f.suffix not in SUBJECT_SUFFIXES] + keep_subjects
+    nbytes = 0
+    for rel in chosen:
+        out = dst / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".part")
+        shutil.copyfile(src / rel, tmp)
+        os.replace(tmp, out)
+        nbytes += out.stat().st_size
+    info = {"rank": rank, "world": world, "shard": shard, "subjects": [str(f) for f in keep_subjects],
+            "bytes": nbytes}
+    (dst / "STAGED.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# Cleanup
+# --------------------------------------------------------------------------------------------
+def procs_referencing(path: str) -> list[int]:
+    """PIDs (other than this one) whose command line mentions ``path`` (a job's Ray temp dir)."""
+    pids = []
+    me = os.getpid()
+    needle = path.rstrip("/").encode()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == me:
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        # match the path itself or the path followed by '/' (not a longer sibling like _10 vs _1)
+        for arg in cmd.split(b"\0"):
+            if re.search(re.escape(needle) + rb"(?:/|$)", arg):
+                pids.append(int(d.name))
+                break
+    return pids
+
+
+def cleanup(path: str, grace_s: float = 10.0) -> int:
+    """SIGTERM every process using ``path``, SIGKILL survivors after ``grace_s``, then remove ``path``.
+
+    Returns the number of processes that had to be signalled.
+    """
+    pids = procs_referencing(path)
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            pids = [p for p in pids if Path(f"/proc/{p}").exists() and not _is_zombie(p)]
+            if not pids:
+                break
+            time.sleep(0.2)
+        if not pids:
+            break
+    shutil.rmtree(path, ignore_errors=True)
+    return len(pids)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cluster.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("addr")
+    a.add_argument("--iface")
+    a.add_argument("--host-suffix")
+    a = sub.add_parser("ports")
+    a.add_argument("--host", required=True)
+    a.add_argument("--count", type=int, default=1)
+    a = sub.add_parser("check-port")
+    a.add_argument("--host", required=True)
+    a.add_argument("--port", type=int, required=True)
+    a = sub.add_parser("nodefile")
+    a.add_argument("path", nargs="?")
+    a = sub.add_parser("token")
+    a.add_argument("path")
+    a = sub.add_parser("wait")
+    a.add_argument("--address", required=True)
+    a.add_argument("--head-ip", required=True)
+    a.add_argument("--state-dir", required=True)
+    a.add_argument("--nodefile", required=True)
+    a.add_argument("--timeout", type=float, default=300.0)
+    a.add_argument("--head-pid", type=int)
+    a = sub.add_parser("walltime")
+    a.add_argument("--jobid")
+    a = sub.add_parser("watch-walltime")
+    a.add_argument("--stop-file", required=True)
+    a.add_argument("--margin", type=float, default=600.0)
+    a.add_argument("--jobid")
+    a = sub.add_parser("stage")
+    a.add_argument("--src", required=True)
+    a.add_argument("--dst", required=True)
+    a.add_argument("--rank", type=int, required=True)
+    a.add_argument("--world", type=int, required=True)
+    a.add_argument("--shard", action="store_true")
+    a = sub.add_parser("cleanup")
+    a.add_argument("--path", required=True)
+    a.add_argument("--grace", type=float, default=10.0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command; print its answer; return the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "addr":
+            print(resolve_address(args.iface, args.host_suffix))
+        elif args.cmd == "ports":
+            print(" ".join(map(str, free_ports(args.host, args.count))))
+        elif args.cmd == "check-port":
+            check_port_free(args.host, args.port)
+        elif args.cmd == "nodefile":
+            print("\n".join(read_nodefile(args.path or os.environ.get("PBS_NODEFILE"))))
+        elif args.cmd == "token":
+            write_token(args.path)
+        elif args.cmd == "wait":
+            ips = wait_for_nodes(args.address, read_nodefile(args.nodefile), args.head_ip,
+                                 Path(args.state_dir), args.timeout, head_pid=args.head_pid)
+            print(" ".join(ips[r] for r in sorted(ips)))
+        elif args.cmd == "walltime":
+            left = remaining_walltime(args.jobid)
+            print("" if left is None else int(left))
+        elif args.cmd == "watch-walltime":
+            watch_walltime(Path(args.stop_file), args.margin, args.jobid)
+        elif args.cmd == "stage":
+            info = stage(Path(args.src), Path(args.dst), args.rank, args.world, args.shard)
+            print(f"staged {len(info['subjects'])} subject files ({info['bytes']} bytes) to {args.dst}")
+        elif args.cmd == "cleanup":
+            cleanup(args.path, args.grace)
+    except ClusterError as e:
+        print(f"ray_cluster: {e}", file=sys.stderr)
+        return e.code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

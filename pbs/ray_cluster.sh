@@ -1,0 +1,402 @@
+#!/usr/bin/env bash
+# shellcheck disable=SC2317  # functions run from traps look unreachable to shellcheck 0.9
+# shellcheck source-path=SCRIPTDIR
+# Bootstrap a token-authenticated Ray cluster inside a PBS allocation, run a command on it, tear it down.
+#
+# Usage:
+#   pbs/ray_cluster.sh run [OPTIONS] -- CMD [ARGS...]   start the cluster, run CMD on the head, tear down
+#   pbs/ray_cluster.sh up  [OPTIONS]                    start the cluster and block until a signal
+#   pbs/ray_cluster.sh (run|up) --dry-run [OPTIONS]     validate and print the plan; start nothing
+#
+# The first host of $PBS_NODEFILE is the head (where PBS runs the job script); every other host gets one
+# node agent (this script's internal "node-agent" mode) through `mpiexec --ppn 1`, pbsdsh or ssh.
+#
+# Options:
+#   --profile aurora|polaris|generic  machine settings (pbs/profiles/NAME.sh)     [generic]
+#   --iface NAME            high-speed interface whose IPv4 address Ray uses        [profile's]
+#   --host-suffix SUFFIX    or: resolve "$(hostname -s)SUFFIX" for the address
+#   --nodefile FILE         node list                                                [$PBS_NODEFILE]
+#   --port N                GCS port (default: a free port)
+#   --dashboard-port N      dashboard/job API port (default: a free port)
+#   --client-port N         Ray client port (default: a free port)
+#   --join-timeout S        seconds to wait for all nodes                            [300]
+#   --num-gpus N  --num-cpus N  --object-store-bytes N   per-node Ray resources
+#   --state-dir DIR         shared job state (token, node registry)  [$NEUROX_STATE_DIR or ~/.neurox/ray]
+#   --tmp-base DIR          node-local base for Ray's temp dir (keep short)    [$NEUROX_TMP_BASE or /tmp]
+#   --launcher L            auto|mpiexec|pbsdsh|ssh|/path/to/mpiexec-like     [$NEUROX_LAUNCHER or auto]
+#   --storage DIR --study-name NAME   the study's storage; enables walltime stop and chaining
+#   --stop-margin S         touch <storage>/<study>/STOP this many seconds before walltime ends [600]
+#   --chain N --job-script FILE       submit FILE again (afterany) up to N more times until the study completes
+#   --stage SRC --stage-to DIR [--shard]   copy the data directory to node-local DIR (a share of it with --shard)
+#   --dry-run               print what would run and exit
+#
+# Environment given to CMD: RAY_ADDRESS (GCS ip:port), RAY_API_SERVER_ADDRESS (http://ip:dashboard),
+# RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH, NEUROX_RAY_HEAD_IP, NEUROX_RAY_NUM_NODES, NEUROX_STAGED_DATA.
+# The token is never printed; it lives in <state-dir>/<job>/token (mode 0600) and is removed at teardown.
+set -euo pipefail
+
+PBS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+SELF="$PBS_DIR/ray_cluster.sh"
+HELPER="$PBS_DIR/cluster.py"
+PY="${NEUROX_PYTHON:-$(command -v python3 || command -v python)}"
+RAY_CLI=("$PY" -m ray.scripts.scripts)
+
+log() { echo "ray_cluster: $*" >&2; }
+die() { log "$*"; exit 2; }
+helper() { "$PY" "$HELPER" "$@"; }
+
+usage() { sed -n '2,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; }
+
+# ------------------------------------------------------------------------------------------------ options
+MODE="${1:-}"
+[[ $# -gt 0 ]] && shift
+case "$MODE" in
+  run | up | node-agent) ;;
+  -h | --help | help) usage; exit 0 ;;
+  *) usage >&2; die "unknown mode '${MODE}': expected run, up (or node-agent, internal)" ;;
+esac
+
+PROFILE=generic IFACE="" HOST_SUFFIX="" NODEFILE="${PBS_NODEFILE:-}" GCS_PORT="" DASH_PORT="" CLIENT_PORT=""
+JOIN_TIMEOUT=300 NUM_GPUS="" NUM_CPUS="" OBJ_BYTES="" STATE_BASE="${NEUROX_STATE_DIR:-$HOME/.neurox/ray}"
+TMP_BASE="${NEUROX_TMP_BASE:-/tmp}" LAUNCHER="${NEUROX_LAUNCHER:-auto}" STORAGE="" STUDY="" STOP_MARGIN=600
+CHAIN=0 JOB_SCRIPT="" STAGE_SRC="" STAGE_TO="" SHARD=0 DRY_RUN=0
+# node-agent only
+ADDRESS="" STATE="" RANK="" RANK_OFFSET=0 WORLD="" JOBKEY=""
+CMD=()
+iface_set=0
+
+need() { [[ $# -ge 2 && -n "$2" ]] || die "option $1 needs a value"; }
+int() { [[ "$2" =~ ^[0-9]+$ ]] || die "option $1 must be a non-negative integer, got '$2'"; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --profile) need "$@"; PROFILE="$2"; shift 2 ;;
+    --iface) need "$@"; IFACE="$2"; iface_set=1; shift 2 ;;
+    --host-suffix) need "$@"; HOST_SUFFIX="$2"; iface_set=1; shift 2 ;;
+    --nodefile) need "$@"; NODEFILE="$2"; shift 2 ;;
+    --port) need "$@"; int "$1" "$2"; GCS_PORT="$2"; shift 2 ;;
+    --dashboard-port) need "$@"; int "$1" "$2"; DASH_PORT="$2"; shift 2 ;;
+    --client-port) need "$@"; int "$1" "$2"; CLIENT_PORT="$2"; shift 2 ;;
+    --join-timeout) need "$@"; int "$1" "$2"; JOIN_TIMEOUT="$2"; shift 2 ;;
+    --num-gpus) need "$@"; int "$1" "$2"; NUM_GPUS="$2"; shift 2 ;;
+    --num-cpus) need "$@"; int "$1" "$2"; NUM_CPUS="$2"; shift 2 ;;
+    --object-store-bytes) need "$@"; int "$1" "$2"; OBJ_BYTES="$2"; shift 2 ;;
+    --state-dir) need "$@"; STATE_BASE="$2"; shift 2 ;;
+    --tmp-base) need "$@"; TMP_BASE="$2"; shift 2 ;;
+    --launcher) need "$@"; LAUNCHER="$2"; shift 2 ;;
+    --storage) need "$@"; STORAGE="$2"; shift 2 ;;
+    --study-name) need "$@"; STUDY="$2"; shift 2 ;;
+    --stop-margin) need "$@"; int "$1" "$2"; STOP_MARGIN="$2"; shift 2 ;;
+    --chain) need "$@"; int "$1" "$2"; CHAIN="$2"; shift 2 ;;
+    --job-script) need "$@"; JOB_SCRIPT="$2"; shift 2 ;;
+    --stage) need "$@"; STAGE_SRC="$2"; shift 2 ;;
+    --stage-to) need "$@"; STAGE_TO="$2"; shift 2 ;;
+    --shard) SHARD=1; shift ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    --address) need "$@"; ADDRESS="$2"; shift 2 ;;
+    --state) need "$@"; STATE="$2"; shift 2 ;;
+    --rank) need "$@"; int "$1" "$2"; RANK="$2"; shift 2 ;;
+    --rank-offset) need "$@"; int "$1" "$2"; RANK_OFFSET="$2"; shift 2 ;;
+    --world) need "$@"; int "$1" "$2"; WORLD="$2"; shift 2 ;;
+    --jobkey) need "$@"; JOBKEY="$2"; shift 2 ;;
+    --) shift; CMD=("$@"); break ;;
+    *) die "unknown option '$1' (see: pbs/ray_cluster.sh --help)" ;;
+  esac
+done
+
+case "$PROFILE" in
+  aurora | polaris | generic) ;;
+  *) die "--profile must be one of aurora, polaris, generic; got '$PROFILE'" ;;
+esac
+[[ -n "$PY" && -x "$PY" ]] || die "no python found (set NEUROX_PYTHON to the interpreter that has Ray)"
+# shellcheck source=profiles/generic.sh
+source "$PBS_DIR/profiles/$PROFILE.sh"
+if [[ $iface_set -eq 0 ]]; then IFACE="$PROFILE_IFACE"; HOST_SUFFIX="$PROFILE_HOST_SUFFIX"; fi
+NUM_GPUS="${NUM_GPUS:-$PROFILE_NUM_GPUS}"
+[[ -n "$STAGE_SRC" && -z "$STAGE_TO" ]] && die "--stage needs --stage-to (node-local directory, e.g. /dev/shm or /local/scratch)"
+[[ $SHARD -eq 1 && -z "$STAGE_SRC" ]] && die "--shard needs --stage SRC --stage-to DIR"
+
+export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
+addr_args=()
+[[ -n "$IFACE" ]] && addr_args+=(--iface "$IFACE")
+[[ -n "$HOST_SUFFIX" ]] && addr_args+=(--host-suffix "$HOST_SUFFIX")
+
+# Short, node-local Ray temp dir: Unix socket paths over ~107 bytes fail, and session dirs add ~60 bytes.
+tmp_dir_for() {
+  local d="$TMP_BASE/nx${JOBKEY}_$1"
+  [[ ${#d} -le 40 ]] || die "Ray temp dir '$d' is ${#d} characters; keep it <= 40 (socket paths fail over 107 bytes): pass a shorter --tmp-base"
+  echo "$d"
+}
+
+object_store_bytes() {
+  if [[ -n "$OBJ_BYTES" ]]; then echo "$OBJ_BYTES"; return; fi
+  local avail
+  avail=$(df -B1 --output=avail /dev/shm | tail -1 | tr -d ' ')
+  echo $((avail * 3 / 10))
+}
+
+ray_node_args() { # common `ray start` arguments for this node: $1 = ip, $2 = temp dir
+  local ports
+  read -r -a ports <<<"$(helper ports --host "$1" --count 6)"
+  NODE_ARGS=(--node-ip-address "$1" --temp-dir "$2" --plasma-directory /dev/shm
+    --object-store-memory "$(object_store_bytes)" --block --disable-usage-stats
+    --node-manager-port "${ports[0]}" --object-manager-port "${ports[1]}"
+    --dashboard-agent-listen-port "${ports[2]}" --dashboard-agent-grpc-port "${ports[3]}"
+    --metrics-export-port "${ports[4]}" --runtime-env-agent-port "${ports[5]}")
+  [[ -n "$NUM_GPUS" ]] && NODE_ARGS+=(--num-gpus "$NUM_GPUS")
+  [[ -n "$NUM_CPUS" ]] && NODE_ARGS+=(--num-cpus "$NUM_CPUS")
+  return 0
+}
+
+stage_data() { # $1 = rank, $2 = world; exports NEUROX_STAGED_DATA
+  [[ -z "$STAGE_SRC" ]] && return 0
+  STAGED_DIR="$STAGE_TO/neurox_$JOBKEY"
+  local shard_arg=()
+  [[ $SHARD -eq 1 ]] && shard_arg=(--shard)
+  helper stage --src "$STAGE_SRC" --dst "$STAGED_DIR" --rank "$1" --world "$2" "${shard_arg[@]}" >&2
+  export NEUROX_STAGED_DATA="$STAGED_DIR"
+}
+
+kill_tree() { # $1 = pid of a session leader started with setsid: TERM the process, then the whole group
+  local pid="$1" _
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+  kill -TERM -- "-$pid" 2>/dev/null || true
+  sleep 0.5
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+# ------------------------------------------------------------------------------------------------ node agent
+if [[ "$MODE" == node-agent ]]; then
+  [[ -n "$ADDRESS" && -n "$STATE" && -n "$JOBKEY" && -n "$WORLD" ]] || die "node-agent needs --address --state --jobkey --world"
+  if [[ -z "$RANK" ]]; then
+    local_rank="${PMI_RANK:-${PALS_RANKID:-${PMIX_RANK:-${OMPI_COMM_WORLD_RANK:-}}}}"
+    [[ -n "$local_rank" ]] || die "node-agent: no rank (--rank, PMI_RANK, PALS_RANKID, PMIX_RANK)"
+    RANK=$((local_rank + RANK_OFFSET))
+  fi
+  export RAY_AUTH_TOKEN_PATH="$STATE/token"
+  mkdir -p "$STATE/nodes"
+  REG="$STATE/nodes/$RANK.json"
+  fail() { echo "$*" >"$STATE/nodes/$RANK.error"; die "node $RANK ($(hostname)): $*"; }
+  [[ -r "$RAY_AUTH_TOKEN_PATH" ]] || fail "token file $RAY_AUTH_TOKEN_PATH not readable (state dir must be on a shared file system)"
+  ip=$(helper addr "${addr_args[@]}" 2>&1) || fail "${ip#ray_cluster: }"
+  TMP_DIR=$(tmp_dir_for "$RANK")
+  RAY_PID=""
+  agent_cleanup() {
+    trap - EXIT TERM INT HUP
+    [[ -n "$RAY_PID" ]] && kill_tree "$RAY_PID"
+    helper cleanup --path "$TMP_DIR" --grace 5 || true
+    [[ -n "${STAGED_DIR:-}" ]] && rm -rf "$STAGED_DIR"
+    rm -f "$REG"
+  }
+  trap agent_cleanup EXIT
+  trap 'exit 143' TERM INT HUP
+  stage_data "$RANK" "$WORLD" || fail "staging $STAGE_SRC to $STAGE_TO failed"
+  printf '{"rank": %d, "host": "%s", "ip": "%s", "pid": %d}\n' "$RANK" "$(hostname)" "$ip" $$ >"$REG.tmp"
+  mv "$REG.tmp" "$REG"
+  ray_node_args "$ip" "$TMP_DIR"
+  setsid "${RAY_CLI[@]}" start --address "$ADDRESS" "${NODE_ARGS[@]}" >"$STATE/nodes/$RANK.log" 2>&1 &
+  RAY_PID=$!
+  # Stay up while Ray runs and the head's "running" marker exists (covers launchers that do not forward signals).
+  while kill -0 "$RAY_PID" 2>/dev/null && [[ -e "$STATE/running" ]]; do sleep 1; done
+  exit 0
+fi
+
+# ------------------------------------------------------------------------------------------------ head
+mapfile -t HOSTS < <(helper nodefile "$NODEFILE") || exit 2
+[[ ${#HOSTS[@]} -gt 0 ]] || exit 2
+NNODES=${#HOSTS[@]}
+JOBKEY="${PBS_JOBID:-local$$}"
+JOBKEY="${JOBKEY%%.*}"
+JOBKEY="${JOBKEY//[^A-Za-z0-9]/}"
+STATE="$STATE_BASE/$JOBKEY"
+HEAD_IP=$(helper addr "${addr_args[@]}") || exit 2
+for p in "$GCS_PORT" "$DASH_PORT" "$CLIENT_PORT"; do
+  [[ -n "$p" ]] && { helper check-port --host "$HEAD_IP" --port "$p" || exit 2; }
+done
+read -r -a free <<<"$(helper ports --host "$HEAD_IP" --count 3)"
+GCS_PORT="${GCS_PORT:-${free[0]}}" DASH_PORT="${DASH_PORT:-${free[1]}}" CLIENT_PORT="${CLIENT_PORT:-${free[2]}}"
+HEAD_TMP=$(tmp_dir_for 0)
+
+if [[ "$LAUNCHER" == auto ]]; then
+  if command -v mpiexec >/dev/null; then LAUNCHER=mpiexec
+  elif command -v pbsdsh >/dev/null; then LAUNCHER=pbsdsh
+  else LAUNCHER=ssh; fi
+fi
+case "$LAUNCHER" in
+  mpiexec | pbsdsh | ssh) command -v "$LAUNCHER" >/dev/null || [[ $NNODES -eq 1 ]] || die "launcher '$LAUNCHER' not found in PATH" ;;
+  *) [[ -x "$LAUNCHER" ]] || die "--launcher must be auto, mpiexec, pbsdsh, ssh or an executable path; got '$LAUNCHER'" ;;
+esac
+
+AGENT=(env "NEUROX_PYTHON=$PY" "$SELF" node-agent --profile "$PROFILE" --address "$HEAD_IP:$GCS_PORT" --state "$STATE" --jobkey "$JOBKEY"
+  --world "$NNODES" --tmp-base "$TMP_BASE")
+[[ -n "$IFACE" ]] && AGENT+=(--iface "$IFACE")
+[[ -n "$HOST_SUFFIX" ]] && AGENT+=(--host-suffix "$HOST_SUFFIX")
+[[ -n "$NUM_GPUS" ]] && AGENT+=(--num-gpus "$NUM_GPUS")
+[[ -n "$NUM_CPUS" ]] && AGENT+=(--num-cpus "$NUM_CPUS")
+[[ -n "$OBJ_BYTES" ]] && AGENT+=(--object-store-bytes "$OBJ_BYTES")
+[[ -n "$STAGE_SRC" ]] && AGENT+=(--stage "$STAGE_SRC" --stage-to "$STAGE_TO")
+[[ $SHARD -eq 1 ]] && AGENT+=(--shard)
+WORKERS=("${HOSTS[@]:1}")
+
+launch_cmds() { # prints (dry run) or runs the worker launch; sets LAUNCH_PIDS
+  LAUNCH_PIDS=()
+  [[ ${#WORKERS[@]} -eq 0 ]] && return 0
+  local hostfile="$STATE/workers.hosts" r
+  case "$LAUNCHER" in
+    pbsdsh | ssh)
+      for r in $(seq 1 $((NNODES - 1))); do
+        local h="${HOSTS[$r]}" c
+        if [[ "$LAUNCHER" == pbsdsh ]]; then c=(pbsdsh -h "$h" -- "${AGENT[@]}" --rank "$r")
+        else c=(ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new "$h" "$(printf '%q ' "${AGENT[@]}" --rank "$r")")
+        fi
+        if [[ $DRY_RUN -eq 1 ]]; then printf '  %q' "${c[@]}"; echo
+        else setsid "${c[@]}" </dev/null & LAUNCH_PIDS+=($!)
+        fi
+      done ;;
+    *)
+      local c=("$LAUNCHER" -n "${#WORKERS[@]}" --ppn 1 --hostfile "$hostfile" "${AGENT[@]}" --rank-offset 1)
+      if [[ $DRY_RUN -eq 1 ]]; then printf '  %q' "${c[@]}"; echo
+      else
+        printf '%s\n' "${WORKERS[@]}" >"$hostfile"
+        setsid "${c[@]}" </dev/null & LAUNCH_PIDS+=($!)
+      fi ;;
+  esac
+}
+
+ray_node_args "$HEAD_IP" "$HEAD_TMP"
+HEAD_CMD=("${RAY_CLI[@]}" start --head --port "$GCS_PORT" --ray-client-server-port "$CLIENT_PORT"
+  --include-dashboard true --dashboard-host "$HEAD_IP" --dashboard-port "$DASH_PORT" "${NODE_ARGS[@]}")
+
+if [[ $DRY_RUN -eq 1 ]]; then
+  echo "profile: $PROFILE   nodes: $NNODES (${HOSTS[*]})   head: ${HOSTS[0]} at $HEAD_IP"
+  echo "state dir: $STATE (token file $STATE/token, mode 0600; created at start)"
+  echo "env on every node: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$STATE/token"
+  echo "head:"; printf '  %q' "${HEAD_CMD[@]}"; echo
+  echo "workers via $LAUNCHER:"; launch_cmds
+  [[ ${#CMD[@]} -gt 0 ]] && { echo "then:"; printf '  %q' "${CMD[@]}"; echo; }
+  exit 0
+fi
+
+# --------------------------------------------------------------------- chaining / continuation preconditions
+STOP_FILE="" CHAIN_DIR=""
+if [[ -n "$STORAGE" || -n "$STUDY" ]]; then
+  [[ -n "$STORAGE" && -n "$STUDY" ]] || die "--storage and --study-name go together"
+  STOP_FILE="$STORAGE/$STUDY/STOP"
+  CHAIN_DIR="$STORAGE/$STUDY/.pbs_chain"
+  mkdir -p "$CHAIN_DIR"
+  if [[ -e "$CHAIN_DIR/complete" ]]; then
+    log "study '$STUDY' is already complete ($CHAIN_DIR/complete); nothing to do"
+    exit 0
+  fi
+  [[ -e "$STOP_FILE" ]] && { log "removing the previous allocation's stop file $STOP_FILE (resuming)"; rm -f "$STOP_FILE"; }
+fi
+[[ $CHAIN -gt 0 && ( -z "$STOP_FILE" || -z "$JOB_SCRIPT" ) ]] && die "--chain needs --storage, --study-name and --job-script"
+
+# ------------------------------------------------------------------------------------------------ start
+HEAD_PID="" WATCH_PID="" WAIT_PID="" CMD_PID="" NEXT_JOB="" TORN=0 LAUNCH_PIDS=()
+teardown() {
+  local rc=$?
+  [[ $TORN -eq 1 ]] && return 0
+  TORN=1
+  trap - EXIT TERM INT HUP
+  log "tearing down the Ray cluster (job $JOBKEY)"
+  [[ -n "$WATCH_PID" ]] && kill "$WATCH_PID" 2>/dev/null
+  [[ -n "$WAIT_PID" ]] && kill "$WAIT_PID" 2>/dev/null
+  [[ -n "$CMD_PID" ]] && kill_tree "$CMD_PID"
+  rm -f "$STATE/running"
+  local _ pid
+  for _ in $(seq 1 60); do # agents notice the missing marker within ~1 s and clean their node
+    compgen -G "$STATE/nodes/*.json" >/dev/null || break
+    sleep 0.5
+  done
+  for pid in "${LAUNCH_PIDS[@]}"; do kill_tree "$pid"; done
+  if compgen -G "$STATE/nodes/*.json" >/dev/null; then
+    log "warning: these node agents did not report a clean exit: $(cd "$STATE/nodes" && echo ./*.json)"
+  fi
+  [[ -n "$HEAD_PID" ]] && kill_tree "$HEAD_PID"
+  helper cleanup --path "$HEAD_TMP" --grace 5 || true
+  [[ -n "${STAGED_DIR:-}" ]] && rm -rf "$STAGED_DIR"
+  rm -rf "$STATE"
+  exit "$rc"
+}
+trap teardown EXIT
+trap 'log "received termination signal"; exit 143' TERM INT HUP
+
+[[ -e "$STATE" ]] && die "state dir $STATE exists: another cluster of job $JOBKEY runs (or crashed: remove it)"
+mkdir -p "$STATE/nodes"
+chmod 700 "$STATE"
+helper token "$STATE/token"
+export RAY_AUTH_TOKEN_PATH="$STATE/token"
+touch "$STATE/running"
+stage_data 0 "$NNODES"
+
+log "starting head on ${HOSTS[0]} ($HEAD_IP:$GCS_PORT), $NNODES node(s)"
+setsid "${HEAD_CMD[@]}" >"$STATE/head.log" 2>&1 &
+HEAD_PID=$!
+launch_cmds
+# in the background so that PBS's SIGTERM is handled at once, not after the wait
+helper wait --address "$HEAD_IP:$GCS_PORT" --head-ip "$HEAD_IP" --state-dir "$STATE" --nodefile "$NODEFILE" \
+  --timeout "$JOIN_TIMEOUT" --head-pid "$HEAD_PID" >/dev/null &
+WAIT_PID=$!
+set +e
+wait "$WAIT_PID"
+rc=$?
+set -e
+WAIT_PID=""
+if [[ $rc -ne 0 ]]; then
+  log "head log tail:"; tail -n 5 "$STATE/head.log" >&2 || true
+  exit "$rc"
+fi
+log "all $NNODES nodes joined"
+
+export RAY_ADDRESS="$HEAD_IP:$GCS_PORT" RAY_API_SERVER_ADDRESS="http://$HEAD_IP:$DASH_PORT"
+export NEUROX_RAY_HEAD_IP="$HEAD_IP" NEUROX_RAY_NUM_NODES="$NNODES"
+cat >&2 <<EOF
+ray_cluster: dashboard and job API: http://$HEAD_IP:$DASH_PORT (token auth)
+ray_cluster: from your laptop:  ssh -N -L 8265:$HEAD_IP:$DASH_PORT ${USER:-you}@${PBS_O_HOST:-<login node>}
+ray_cluster:   then open http://localhost:8265; the dashboard asks for the token in $RAY_AUTH_TOKEN_PATH
+ray_cluster: on a login node:   RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH ray job submit --address http://$HEAD_IP:$DASH_PORT ...
+EOF
+printf 'RAY_ADDRESS=%s\nRAY_API_SERVER_ADDRESS=%s\nRAY_AUTH_MODE=token\nRAY_AUTH_TOKEN_PATH=%s\n' \
+  "$RAY_ADDRESS" "$RAY_API_SERVER_ADDRESS" "$RAY_AUTH_TOKEN_PATH" >"$STATE/cluster.env"
+
+if [[ -n "$STOP_FILE" ]]; then
+  "$PY" "$HELPER" watch-walltime --stop-file "$STOP_FILE" --margin "$STOP_MARGIN" &
+  WATCH_PID=$!
+fi
+if [[ $CHAIN -gt 0 && -n "${PBS_JOBID:-}" ]]; then
+  if NEXT_JOB=$(qsub -W "depend=afterany:$PBS_JOBID" -v "NEUROX_CHAIN=$((CHAIN - 1))" "$JOB_SCRIPT"); then
+    log "chained continuation job $NEXT_JOB (runs after this one; exits at once if the study completes)"
+  else
+    NEXT_JOB=""
+    log "warning: could not chain a continuation job with qsub"
+  fi
+fi
+
+if [[ "$MODE" == up ]]; then
+  log "cluster is up; Ctrl-C or qdel to tear it down"
+  while kill -0 "$HEAD_PID" 2>/dev/null; do sleep 2; done
+  log "the head's Ray process exited"
+  exit 1
+fi
+
+[[ ${#CMD[@]} -gt 0 ]] || die "run needs a command after '--'"
+set +e
+setsid "${CMD[@]}" &
+CMD_PID=$!
+wait "$CMD_PID"
+rc=$?
+set -e
+CMD_PID=""
+if [[ -n "$STOP_FILE" ]]; then
+  if [[ $rc -eq 0 && ! -e "$STOP_FILE" ]]; then
+    touch "$CHAIN_DIR/complete"
+    log "study '$STUDY' finished"
+    [[ -n "$NEXT_JOB" ]] && qdel "$NEXT_JOB" 2>/dev/null && log "cancelled continuation job $NEXT_JOB"
+  elif [[ -e "$STOP_FILE" ]]; then
+    log "stopped before the walltime; resubmit with the same --study-name (or let the chained job) resume it"
+  fi
+fi
+exit "$rc"

@@ -1,0 +1,119 @@
+"""NeuroMamba family protocol for :mod:`neuro_models.registry` (family ``"neuromamba"``).
+
+Parameter-count convention (:func:`param_counts`): ``encoder`` = patch embedding + Mamba blocks +
+final norm (the size names round this number); ``decoder`` = next-token prediction head;
+``total`` = both; ``non_embedding`` = ``total`` minus the patch embedding and the prediction head
+(i.e. the Mamba blocks and final norm; Kaplan et al.'s convention).
+
+FLOP convention (:func:`forward_flops_per_token`): a multiply-add is 2 FLOPs, as in
+:mod:`neuro_models.flops`. ``dense`` counts the matmuls and the depthwise convolution, exactly
+what ``torch.utils.flop_counter`` sees (tested equal). ``scan`` counts the selective scan's
+elementwise recurrence math (:func:`.scan.scan_flops_per_token`, ``7 E S + 5 E`` per token and
+block), which the counter cannot see: it is about 10-15 % of the total at these widths. The
+chunked parallel algorithm does a little more work than the recurrence (the in-chunk cumulative
+decays and the carry add, about ``4 E S``, and a ``log2`` pass over chunk states); like attention
+implementations, we count the math, not the algorithm. Training is ``3 x`` forward.
+With background removal the per-sample count scales with the kept tokens; :func:`flops_per_sample`
+uses ``cfg.brain_token_fraction`` (the MNI152 fraction) when ``cfg.remove_background`` is on, and
+each forward also returns the exact ``flops_forward`` of its batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from torch import nn
+
+from ..flops import flops_dict, linear_flops
+from ..mup_utils import apply_mup, readout_class
+from .config import SIZES, NeuroMambaConfig, encoder_params
+from .model import NeuroMambaForTask, NeuroMambaPretrain
+from .scan import scan_flops_per_token
+
+__all__ = ["SIZES", "get_config", "with_width", "build_pretrain_model", "build_downstream_model",
+           "param_counts", "flops_per_sample", "tokens_per_sample", "forward_flops_per_token"]
+
+
+def get_config(size: str, **overrides: Any) -> NeuroMambaConfig:
+    """Config of a named size with field ``overrides`` (``ValueError`` for unknown sizes or fields)."""
+    if size not in SIZES:
+        raise ValueError(f"size={size!r} is not a NeuroMamba size; allowed: {list(SIZES)}")
+    fields = {f.name for f in dataclasses.fields(NeuroMambaConfig)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise ValueError(f"unknown NeuroMamba config field(s) {bad}; allowed: {sorted(fields)}")
+    for k in ("img_size", "patch_size"):
+        if k in overrides:
+            overrides[k] = tuple(overrides[k])
+    return dataclasses.replace(SIZES[size], **overrides)
+
+
+def with_width(cfg: NeuroMambaConfig, width: int) -> NeuroMambaConfig:
+    """The same config at width ``width`` (``dt_rank`` follows the width when it is automatic)."""
+    return dataclasses.replace(cfg, embed_dim=int(width))
+
+
+def _bare_pretrain(cfg: NeuroMambaConfig) -> nn.Module:
+    return NeuroMambaPretrain(cfg, readout=readout_class(cfg.parametrization))
+
+
+def build_pretrain_model(cfg: NeuroMambaConfig) -> NeuroMambaPretrain:
+    """Encoder + next-token head; muP base shapes set when ``cfg.parametrization == "mup"``."""
+    model = _bare_pretrain(cfg)
+    if cfg.parametrization == "mup":
+        apply_mup(model, _bare_pretrain, cfg, with_width=with_width, base_width=cfg.mup_base_width)
+    return model
+
+
+def build_downstream_model(cfg: NeuroMambaConfig, *, task: str, num_outputs: int = 1,
+                           hidden_dim: int | None = None, dropout: float = 0.0, **kwargs: Any) -> NeuroMambaForTask:
+    """Encoder + MLP head on mean-pooled kept tokens; ``task`` is "classification" or "regression"."""
+    if task not in ("classification", "regression"):
+        raise ValueError(f"task={task!r}; allowed: 'classification', 'regression'")
+    if kwargs:
+        raise ValueError(f"unknown downstream option(s) {sorted(kwargs)}; allowed: hidden_dim, dropout")
+
+    def bare(c: NeuroMambaConfig) -> nn.Module:
+        return NeuroMambaForTask(c, num_outputs=num_outputs, hidden_dim=hidden_dim, dropout=dropout,
+                                 readout=readout_class(c.parametrization))
+
+    model = bare(cfg)
+    if cfg.parametrization == "mup":
+        apply_mup(model, bare, cfg, with_width=with_width, base_width=cfg.mup_base_width)
+    return model
+
+
+def param_counts(cfg: NeuroMambaConfig) -> dict[str, int]:
+    """Analytic parameter counts (see the module docstring for the convention)."""
+    D = cfg.embed_dim
+    enc = encoder_params(cfg)
+    embed = cfg.patch_dim * D + D
+    dec = D * cfg.patch_dim + cfg.patch_dim
+    return {"total": enc + dec, "encoder": enc, "decoder": dec, "non_embedding": enc - embed}
+
+
+def forward_flops_per_token(cfg: NeuroMambaConfig) -> dict[str, float]:
+    """Forward FLOPs per token: ``dense`` (counter-visible matmuls + conv), ``scan`` and ``total``."""
+    D, E, S, K, R, P = cfg.embed_dim, cfg.d_inner, cfg.d_state, cfg.d_conv, cfg.rank, cfg.patch_dim
+    block = (linear_flops(1, D, 2 * E) + 2.0 * E * K + linear_flops(1, E, R + 2 * S) + linear_flops(1, R, E)
+             + linear_flops(1, E, D))
+    dense = linear_flops(1, P, D) + cfg.depth * block + linear_flops(1, D, P)
+    scan = float(cfg.depth * scan_flops_per_token(E, S))
+    return {"dense": dense, "scan": scan, "total": dense + scan}
+
+
+def tokens_per_sample(cfg: NeuroMambaConfig) -> int:
+    """Tokens per sample *before* background removal (``prod(img_size / patch_size)``)."""
+    return math.prod(cfg.grid)
+
+
+def flops_per_sample(cfg: NeuroMambaConfig, num_tokens: float | None = None) -> dict[str, float]:
+    """Analytic FLOPs per sample, ``dict(forward=, train=)``.
+
+    ``num_tokens`` defaults to ``tokens_per_sample(cfg)``, times ``cfg.brain_token_fraction`` when
+    ``cfg.remove_background`` is on.
+    """
+    if num_tokens is None:
+        num_tokens = tokens_per_sample(cfg) * (cfg.brain_token_fraction if cfg.remove_background else 1.0)
+    return flops_dict(forward_flops_per_token(cfg)["total"] * num_tokens)

@@ -1,0 +1,207 @@
+"""Selective state-space scan (Mamba-1) with sequence boundaries, in pure PyTorch.
+
+The recurrence, per channel ``e`` and state index ``n`` (diagonal ``A``)::
+
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t      (h_{-1} = 0)
+    y_t = sum_n C_t[n] * h_t[e, n] + D[e] * u_t
+    y_t = y_t * silu(z_t)                                          (gating, when z is given)
+
+``starts_RL`` marks the first token of each packed sequence: there the state is reset
+(``exp(delta A)`` is replaced by 0), so no information flows across packed boundaries.
+
+Implementations (``impl``):
+
+- ``"chunked"`` (default): the sequence is cut into chunks of ``chunk`` tokens. Inside a chunk a
+  short recurrence over the ``chunk`` positions runs for *all chunks at once* (vectorised over
+  chunks, so the number of Python steps is ``chunk``, never the sequence length); the chunk-end
+  states are then combined by a Hillis-Steele parallel scan over chunks (``log2(n_chunks)``
+  steps), and each position adds the carried state times its in-chunk cumulative decay. Only
+  products of decays in ``[0, 1]`` are formed, so it cannot overflow (unlike the
+  ``exp(cumsum)`` factorisation) and a reset (decay 0) is exact.
+- ``"compiled"``: the same function through ``torch.compile`` (the fast GPU path here; Inductor
+  fuses the elementwise chain).
+- ``"sequential"``: a plain loop over time steps; the float64 reference used by the tests.
+- ``"mamba_ssm"``: the CUDA kernel of the ``mamba-ssm`` package, used only when it is importable,
+  the tensors are on CUDA and there are no interior sequence starts (the kernel has no boundary
+  input); otherwise ``"auto"`` falls back to ``"chunked"``.
+
+Shapes: ``R`` rows (batch rows or packed rows), ``L`` tokens, ``E`` channels, ``N`` state size.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional CUDA kernels; never required
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_ssm_scan
+except Exception:  # pragma: no cover - mamba-ssm is not installed in CI
+    _mamba_ssm_scan = None
+
+SCAN_IMPLS = ("auto", "chunked", "compiled", "sequential", "mamba_ssm")
+
+
+def mamba_ssm_available() -> bool:
+    """True when the ``mamba-ssm`` CUDA selective-scan kernel can be imported."""
+    return _mamba_ssm_scan is not None
+
+
+def _shift(x: torch.Tensor, d: int, dim: int, fill: float) -> torch.Tensor:
+    """``x`` shifted by ``d`` along ``dim`` (towards higher indices), the gap filled with ``fill``."""
+    n = x.shape[dim]
+    pad_shape = list(x.shape)
+    pad_shape[dim] = min(d, n)
+    head = torch.full(pad_shape, fill, dtype=x.dtype, device=x.device)
+    if d >= n:
+        return head
+    return torch.cat([head, x.narrow(dim, 0, n - d)], dim=dim)
+
+
+def linear_recurrence_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive Hillis-Steele scan of ``h_t = a_t h_{t-1} + b_t`` along ``dim`` (``h_{-1} = 0``).
+
+    Returns ``(A, h)`` where ``A_t = prod_{s<=t} a_s`` and ``h_t`` is the state; ``log2(n)`` steps.
+    """
+    n = a.shape[dim]
+    d = 1
+    while d < n:
+        b = b + a * _shift(b, d, dim, 0.0)
+        a = a * _shift(a, d, dim, 1.0)
+        d *= 2
+    return a, b
+
+
+def _prepare(u, delta, A, B, C, starts):
+    a = torch.exp(delta.unsqueeze(-1) * A)  # [R, L, E, N], in (0, 1]
+    if starts is not None:
+        a = a * (~starts).to(a.dtype)[:, :, None, None]
+    b = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # [R, L, E, N]
+    return a, b
+
+
+def _finish(h, u, C, D, z):
+    y = (h * C.unsqueeze(2)).sum(-1)  # [R, L, E]; elementwise on purpose (see flops docs)
+    if D is not None:
+        y = y + u * D
+    if z is not None:
+        y = y * F.silu(z)
+    return y
+
+
+def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, starts=None):
+    """Reference scan: a Python loop over time steps (slow; for tests, use float64)."""
+    R, L, E = u.shape
+    a, b = _prepare(u, delta, A, B, C, starts)
+    h = torch.zeros(R, E, A.shape[1], dtype=a.dtype, device=a.device)
+    hs = []
+    for t in range(L):
+        h = a[:, t] * h + b[:, t]
+        hs.append(h)
+    return _finish(torch.stack(hs, dim=1), u, C, D, z)
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, starts=None, chunk: int = 16):
+    """Chunked parallel scan (see module docstring); same signature as the reference."""
+    R, L, E = u.shape
+    N = A.shape[1]
+    Q = max(1, min(int(chunk), L))
+    pad = (-L) % Q
+    a, b = _prepare(u, delta, A, B, C, starts)
+    if pad:
+        a = F.pad(a, (0, 0, 0, 0, 0, pad), value=1.0)
+        b = F.pad(b, (0, 0, 0, 0, 0, pad), value=0.0)
+    nC = (L + pad) // Q
+    a = a.reshape(R, nC, Q, E, N)
+    b = b.reshape(R, nC, Q, E, N)
+    # in-chunk recurrence for all chunks at once: Q steps, each over [R, nC, E, N]
+    acc_a = [a[:, :, 0]]
+    acc_h = [b[:, :, 0]]
+    for q in range(1, Q):
+        acc_h.append(a[:, :, q] * acc_h[-1] + b[:, :, q])
+        acc_a.append(a[:, :, q] * acc_a[-1])
+    a_cum = torch.stack(acc_a, dim=2)  # decay from chunk start to position q (inclusive)
+    h_loc = torch.stack(acc_h, dim=2)  # state assuming zero state entering the chunk
+    # carry across chunks: parallel scan over chunk-end (decay, state) pairs
+    _, h_end = linear_recurrence_scan(acc_a[-1], acc_h[-1], dim=1)
+    h_in = _shift(h_end, 1, 1, 0.0)  # state entering each chunk
+    h = h_loc + a_cum * h_in.unsqueeze(2)
+    h = h.reshape(R, nC * Q, E, N)[:, :L]
+    return _finish(h, u, C, D, z)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_chunked():
+    return torch.compile(selective_scan_chunked, dynamic=True)
+
+
+def _scan_mamba_ssm(u, delta, A, B, C, D, z):
+    y = _mamba_ssm_scan(u.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous(), A.contiguous(),
+                        B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+                        None if D is None else D.float(), None if z is None else z.transpose(1, 2).contiguous(),
+                        delta_bias=None, delta_softplus=False)
+    return y.transpose(1, 2)
+
+
+def selective_scan(u_RLE, delta_RLE, A_EN, B_RLN, C_RLN, D_E=None, z_RLE=None, starts_RL=None, *,
+                   impl: str = "auto", chunk: int = 16) -> torch.Tensor:
+    """Run the selective scan with the chosen implementation.
+
+    Parameters
+    ----------
+    u_RLE, delta_RLE : Tensor [R, L, E]
+        Input and (already positive, e.g. softplus-ed) step sizes.
+    A_EN : Tensor [E, N]
+        Negative diagonal state matrix.
+    B_RLN, C_RLN : Tensor [R, L, N]
+        Input-dependent input and output projections.
+    D_E : Tensor [E] or None
+        Skip connection.
+    z_RLE : Tensor [R, L, E] or None
+        Gate; the output is multiplied by ``silu(z)``.
+    starts_RL : bool Tensor [R, L] or None
+        True at the first token of each packed sequence (state reset there).
+    impl : {"auto", "chunked", "compiled", "sequential", "mamba_ssm"}
+        See the module docstring. ``"auto"`` uses ``mamba_ssm`` when possible, else ``"chunked"``.
+    chunk : int
+        Chunk length of the chunked scan.
+
+    Returns
+    -------
+    Tensor [R, L, E]
+        In float32 (or float64 when the inputs are float64).
+    """
+    if impl not in SCAN_IMPLS:
+        raise ValueError(f"scan impl={impl!r}; allowed: {SCAN_IMPLS}")
+    dt = torch.float64 if u_RLE.dtype == torch.float64 else torch.float32
+    u, delta, B, C = (t.to(dt) for t in (u_RLE, delta_RLE, B_RLN, C_RLN))
+    A = A_EN.to(dt)
+    D = None if D_E is None else D_E.to(dt)
+    z = None if z_RLE is None else z_RLE.to(dt)
+    interior = starts_RL is not None and bool(starts_RL[:, 1:].any())
+    kernel_ok = (_mamba_ssm_scan is not None and u.is_cuda and not interior and dt == torch.float32)
+    if impl == "mamba_ssm" and not kernel_ok:
+        raise ValueError("scan impl='mamba_ssm' needs the mamba-ssm package, CUDA tensors, float32 and no "
+                         "interior sequence starts (the kernel has no boundary input); use 'chunked'")
+    if impl == "mamba_ssm" or (impl == "auto" and kernel_ok):
+        return _scan_mamba_ssm(u, delta, A, B, C, D, z)
+    starts = starts_RL if interior else None
+    if impl == "sequential":
+        return selective_scan_sequential(u, delta, A, B, C, D, z, starts)
+    if impl == "compiled":
+        return _compiled_chunked()(u, delta, A, B, C, D, z, starts, chunk)
+    return selective_scan_chunked(u, delta, A, B, C, D, z, starts, chunk)
+
+
+def scan_flops_per_token(d_inner: int, d_state: int) -> int:
+    """FLOPs of the recurrence math per token (not of a particular parallel algorithm).
+
+    Per (channel, state): ``delta*A`` 1, ``exp`` 1, ``(delta u) * B`` 1, ``a*h + b`` 2, ``C*h`` summed 2
+    = 7; per channel: ``delta*u`` 1, ``+ D*u`` 2, gate ``* silu(z)`` 2 = 5. These elementwise FLOPs are
+    invisible to ``torch.utils.flop_counter`` (it counts matmuls and convolutions only).
+    """
+    return 7 * d_inner * d_state + 5 * d_inner
+
+
+__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_sequential", "linear_recurrence_scan",
+           "mamba_ssm_available", "scan_flops_per_token", "SCAN_IMPLS"]

@@ -17,8 +17,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-#: Fields that do not change what a run computes (so they do not enter the run id).
-NON_SEMANTIC_FIELDS = frozenset({"study", "num_workers", "checkpoint_every", "keep_last", "keep_best",
+#: Fields that do not change what a run computes (so they do not enter the run id). The manifest *path*
+#: is among them: a study records the manifest content hash and refuses to mix data versions.
+NON_SEMANTIC_FIELDS = frozenset({"study", "manifest", "num_workers", "checkpoint_every", "keep_last", "keep_best",
                                  "log_every", "notes"})
 
 SCHEDULES = ("cosine", "wsd", "constant")

@@ -1,0 +1,185 @@
+"""Study plans: named presets (and user functions) that return the runs of a study.
+
+A plan is data: a list of :class:`~study.spec.RunSpec` plus how to execute it (workers per trial,
+GPUs, an optional per-size LR search). Presets:
+
+``demo``
+    Embedded local Ray, the synthetic cohort, tiny SwiFT v2 widths, an IsoFLOP grid of three compute
+    budgets and a data-mixture axis; minutes on a 2-core machine.
+``polaris`` / ``aurora``
+    The seed's ladder (51M ... 3B) on a real manifest, one trial per node (4 A100 / 12 XPU tiles),
+    DeepSpeed ZeRO-1, bf16.
+``pkg.module:function``
+    A user's own study: the function takes the parsed options (``argparse.Namespace``) and returns a
+    list of run specs or a :class:`StudyPlan`.
+
+The compute axis is each model's *analytic* FLOPs (``neuro_models.registry.flops_per_sample``), the
+data axis samples/tokens seen; never 6ND.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from neuro_models import registry as R
+from study.spec import RunSpec
+from study.train import model_config, total_steps
+
+
+@dataclass(frozen=True)
+class LRSearch:
+    """Optuna search of the peak LR per group of runs (runs that differ only in LR share a group)."""
+
+    low: float = 1e-4
+    high: float = 3e-2
+    n_trials: int = 6
+
+
+@dataclass
+class StudyPlan:
+    name: str
+    specs: list[RunSpec]
+    description: str = ""
+    num_workers: int = 1
+    """Ray Train workers (ranks) per trial."""
+    use_gpu: bool = False
+    lr_search: LRSearch | None = None
+    cohort: dict[str, Any] | None = None
+    """Synthetic cohort to generate (kwargs of ``data.synthetic.generate_cohort``), or None for ``--manifest``."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not self.specs:
+            raise ValueError(f"study plan {self.name!r} has no runs")
+        ids = [s.run_id for s in self.specs]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ValueError(f"study plan {self.name!r} has duplicate runs: {sorted(dup)[:3]}")
+
+
+def isoflop_grid(base: RunSpec, *, budgets: Sequence[float], widths: Sequence[int],
+                 min_steps: int = 4, max_steps: int = 10_000) -> list[RunSpec]:
+    """IsoFLOP design: for each compute budget, every width whose step count for that budget lies in
+    ``[min_steps, max_steps]``. Raises ``ValueError`` when a budget can be spent by no width."""
+    specs: list[RunSpec] = []
+    for c in budgets:
+        spent = []
+        for w in widths:
+            spec = base.replace(width=w, budget_kind="flops", budget=float(c))
+            cfg = model_config(spec)
+            steps = total_steps(spec, flops_per_sample=R.flops_per_sample(cfg)["train"],
+                                tokens_per_sample=R.tokens_per_sample(cfg))
+            if min_steps <= steps <= max_steps:
+                spent.append(spec)
+        if not spent:
+            raise ValueError(f"compute budget {c:.3g} FLOPs cannot be spent by any width in {list(widths)} "
+                             f"within {min_steps}..{max_steps} steps of batch {base.batch_size}")
+        specs += spent
+    return specs
+
+
+def run_summary(spec: RunSpec) -> dict[str, Any]:
+    """Parameters, FLOPs, tokens and steps of a run (for --dry-run and GPU-hour estimates)."""
+    cfg = model_config(spec)
+    counts = R.param_counts(cfg)
+    fps = R.flops_per_sample(cfg)["train"]
+    tps = R.tokens_per_sample(cfg)
+    steps = total_steps(spec, flops_per_sample=fps, tokens_per_sample=tps)
+    return {"run_id": spec.run_id, "family": spec.family, "size": spec.size, "width": spec.width,
+            "params": counts["total"], "steps": steps, "samples": steps * spec.batch_size,
+            "tokens": steps * spec.batch_size * tps, "flops": steps * spec.batch_size * fps,
+            "n_subjects": spec.n_subjects, "mixture": dict(spec.cohorts) or "all"}
+
+
+def memory_estimate_gib(spec: RunSpec, world_size: int) -> float:
+    """Model-state memory per device in GiB under the spec's ZeRO stage (mixed-precision Adam: 2 B
+    bf16 weights + 2 B grads + 12 B fp32 master/moments per parameter; ZeRO-1 partitions the 12 B,
+    ZeRO-2 also the grads, ZeRO-3 everything). Activations are not included; the training benchmark
+    reports measured peaks."""
+    n = R.param_counts(model_config(spec))["total"]
+    z = spec.zero_stage if spec.distributed == "deepspeed" else 0
+    w, g, o = 2.0, 2.0, 12.0
+    if z >= 1:
+        o /= world_size
+    if z >= 2:
+        g /= world_size
+    if z >= 3:
+        w /= world_size
+    return n * (w + g + o) / 2**30
+
+
+# --------------------------------------------------------------------------------------------------
+# presets
+# --------------------------------------------------------------------------------------------------
+DEMO_WIDTHS = (8, 16, 24, 32)
+DEMO_BUDGETS = (2.0e9, 6.0e9, 1.8e10)
+
+
+def demo(opts: Any = None) -> StudyPlan:
+    """Tiny SwiFT v2 IsoFLOP study on the synthetic cohort (minutes on 2 CPU cores)."""
+    manifest = getattr(opts, "manifest", None) or ""
+    base = RunSpec(study=getattr(opts, "study_name", None) or "demo", family="swift_v2", size="debug",
+                   grid=(24, 24, 24), sequence_length=8, batch_size=4, lr=3e-3, schedule="cosine",
+                   warmup_frac=0.1, eval_every=1000, eval_windows=16, checkpoint_every=10,
+                   manifest=manifest, precision="fp32", seed=0)
+    specs = isoflop_grid(base, budgets=DEMO_BUDGETS, widths=DEMO_WIDTHS, min_steps=6, max_steps=400)
+    # data-mixture axis: the middle budget on the single noisiest cohort vs the diverse mixture
+    mid = [s for s in specs if s.budget == DEMO_BUDGETS[1]]
+    if mid:
+        one = mid[len(mid) // 2]
+        specs.append(one.replace(cohorts={"cohort_a": 1.0}))
+    return StudyPlan(name="demo", specs=specs, description=demo.__doc__ or "",
+                     cohort={"n_subjects": 48, "grid": (24, 24, 24), "n_frames": 24, "seed": 0})
+
+
+def _ladder(opts: Any, *, name: str, workers: int, budgets: Sequence[float], sizes: Sequence[str],
+            n_subjects: Sequence[int]) -> StudyPlan:
+    manifest = getattr(opts, "manifest", None)
+    if not manifest:
+        raise ValueError(f"preset {name!r} trains on real data: pass --manifest <cohort manifest.parquet>")
+    base = RunSpec(study=getattr(opts, "study_name", None) or name, family="swift_v2", size=sizes[0],
+                   grid=(96, 96, 96), sequence_length=20, batch_size=8 * workers, lr=5e-4, schedule="wsd",
+                   warmup_frac=0.02, eval_every=500, eval_windows=256, checkpoint_every=500,
+                   manifest=manifest, distributed="deepspeed", zero_stage=1, precision="bf16", num_workers=6)
+    specs = []
+    for c in budgets:
+        for size in sizes:
+            for n in n_subjects:
+                specs.append(base.replace(size=size, budget_kind="flops", budget=float(c), n_subjects=n))
+    return StudyPlan(name=name, specs=specs, num_workers=workers, use_gpu=True,
+                     description=f"SwiFT v2 ladder {list(sizes)} x subjects {list(n_subjects)} x budgets")
+
+
+def polaris(opts: Any = None) -> StudyPlan:
+    """Polaris (4 A100 per node, one trial per node)."""
+    return _ladder(opts, name="polaris", workers=4, budgets=(1e18, 3e18, 1e19), sizes=("51M", "202M", "806M"),
+                   n_subjects=(1000, 4000, 16000))
+
+
+def aurora(opts: Any = None) -> StudyPlan:
+    """Aurora (12 XPU tiles per node, one trial per node)."""
+    return _ladder(opts, name="aurora", workers=12, budgets=(3e18, 1e19, 3e19, 1e20),
+                   sizes=("51M", "202M", "806M", "3B"), n_subjects=(2000, 8000, 32000))
+
+
+PRESETS: dict[str, Callable[[Any], StudyPlan]] = {"demo": demo, "polaris": polaris, "aurora": aurora}
+
+
+def load_plan(preset: str, opts: Any = None) -> StudyPlan:
+    """A named preset, or ``pkg.module:function`` returning run specs or a plan."""
+    if preset in PRESETS:
+        plan = PRESETS[preset](opts)
+    elif ":" in preset:
+        mod_name, _, fn_name = preset.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"preset {preset!r}: cannot import {fn_name} from {mod_name} ({exc})") from exc
+        out = fn(opts)
+        plan = out if isinstance(out, StudyPlan) else StudyPlan(name=preset, specs=list(out))
+    else:
+        raise ValueError(f"unknown preset {preset!r}; allowed: {sorted(PRESETS)} or 'pkg.module:function'")
+    plan.validate()
+    return plan

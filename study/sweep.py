@@ -1,0 +1,153 @@
+"""Run a study's specs as Ray Tune trials; each trial fits a Ray Train ``TorchTrainer`` (Train V2 pattern).
+
+* Grid runs: one Tuner over ``tune.grid_search`` of the spec dicts.
+* LR search: Optuna (``OptunaSearch``) takes no grid axes, so runs that differ only in LR are grouped
+  and each group gets its own Tuner whose only search dimension is ``lr`` (log-uniform).
+* ASHA (``--asha``) stops poor trials early on ``val_loss`` reported at each evaluation.
+
+Resources per trial and concurrency come from the cluster: a trial driver takes 0.01 CPU (more would
+deadlock small machines), each Ray Train worker one GPU (GPU plans) or an equal share of the CPUs.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import ray
+from ray import tune
+
+from study.launch_ray import fit_run
+from study.spec import RunSpec
+
+TRIAL_DRIVER_CPU = 0.01
+
+
+@dataclass(frozen=True)
+class Placement:
+    concurrency: int
+    num_workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+
+
+def placement(num_workers: int, use_gpu: bool, max_concurrent: int | None = None) -> Placement:
+    """Trials that fit the connected cluster at once, and CPUs per worker."""
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
+    if use_gpu:
+        if gpus < num_workers:
+            raise RuntimeError(f"the plan needs {num_workers} GPUs per trial but the Ray cluster has {gpus:g}")
+        conc = int(gpus // num_workers)
+        cpw = max(1.0, min(8.0, (cpus / conc - TRIAL_DRIVER_CPU) / num_workers))
+        cpw = math.floor(cpw)
+    else:
+        conc = max(1, int(cpus // num_workers))
+        cpw = (cpus / conc - TRIAL_DRIVER_CPU) / num_workers
+        cpw = math.floor(cpw * 100) / 100
+    if max_concurrent:
+        conc = min(conc, max_concurrent)
+    return Placement(concurrency=conc, num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpw)
+
+
+def trial(config: dict[str, Any]) -> None:
+    """Tune function trainable: one run = one ``TorchTrainer.fit`` (reports flow through TuneReportCallback)."""
+    spec = RunSpec.from_dict(config["spec"])
+    if "lr" in config:
+        spec = spec.replace(lr=float(config["lr"]))
+    ctx = config["ctx"]
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(ctx["cpus_per_worker"]))))
+    fit_run(spec, storage=ctx["train_storage"], num_workers=ctx["num_workers"], use_gpu=ctx["use_gpu"],
+            cpus_per_worker=ctx["cpus_per_worker"], store_dir=ctx["store_dir"], device=ctx.get("device"),
+            max_failures=ctx.get("max_failures", 2), stop_file=ctx.get("stop_file"),
+            deadline=ctx.get("deadline"), manifest_hash=ctx.get("manifest_hash"),
+            use_wandb=ctx.get("wandb", False), in_tune=True)
+
+
+class Progress(tune.Callback):
+    """Live progress: runs done / running / failed and the best validation loss so far."""
+
+    def __init__(self, total: int, study: str, stream=sys.stdout) -> None:
+        self.total, self.study, self.stream = total, study, stream
+        self.done = self.failed = self.running = 0
+        self.best: tuple[float, str] | None = None
+        self.t0 = time.time()
+
+    def _line(self, note: str = "") -> None:
+        best = f"best val_loss {self.best[0]:.4f} ({self.best[1]})" if self.best else "best val_loss -"
+        el = time.time() - self.t0
+        print(f"[{self.study}] {el:6.0f}s  done {self.done}/{self.total}  running {self.running}  "
+              f"failed {self.failed}  {best}{'  ' + note if note else ''}", file=self.stream, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running += 1
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        v = result.get("val_loss")
+        if v is not None and math.isfinite(v) and (self.best is None or v < self.best[0]):
+            self.best = (float(v), str(result.get("run_id", trial.trial_id)))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running = max(0, self.running - 1)
+        self.done += 1
+        self._line()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.running = max(0, self.running - 1)
+        self.failed += 1
+        self._line(f"FAILED {trial.trial_id}")
+
+
+def _tuner(param_space: dict, *, ctx: dict, name: str, storage: str, concurrency: int,
+           progress: Progress, num_samples: int = 1, search_alg=None, scheduler=None):
+    trainable = tune.with_resources(trial, {"CPU": TRIAL_DRIVER_CPU})
+    tune_config = tune.TuneConfig(num_samples=num_samples, max_concurrent_trials=concurrency,
+                                  search_alg=search_alg, scheduler=scheduler,
+                                  metric="val_loss" if (search_alg or scheduler) else None,
+                                  mode="min" if (search_alg or scheduler) else None)
+    run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=[progress], verbose=0,
+                                failure_config=tune.FailureConfig(max_failures=ctx.get("trial_retries", 1)))
+    return tune.Tuner(trainable, param_space={**param_space, "ctx": ctx}, tune_config=tune_config,
+                      run_config=run_config)
+
+
+def lr_groups(specs: Iterable[RunSpec]) -> dict[str, list[RunSpec]]:
+    """Runs that differ only in their LR (keyed by the spec hash at lr=1)."""
+    groups: dict[str, list[RunSpec]] = {}
+    for s in specs:
+        groups.setdefault(s.replace(lr=1.0).spec_hash, []).append(s)
+    return groups
+
+
+def run_trials(specs: list[RunSpec], *, ctx: dict, storage: str, study: str, concurrency: int,
+               lr_search=None, asha: bool = False, max_steps: int | None = None) -> dict[str, int]:
+    """Run ``specs`` (already filtered to what is not finished) and return trial counts."""
+    progress = Progress(total=len(specs) if lr_search is None else
+                        len(lr_groups(specs)) * lr_search.n_trials, study=study)
+    progress._line("starting")
+    scheduler = None
+    if asha:
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="step", max_t=max_steps or 10_000, grace_period=1,
+                                  reduction_factor=3)
+    if lr_search is None:
+        tuner = _tuner({"spec": tune.grid_search([s.to_dict() for s in specs])}, ctx=ctx,
+                       name=f"{study}-tune", storage=storage, concurrency=concurrency, progress=progress,
+                       scheduler=scheduler)
+        tuner.fit()
+    else:
+        from ray.tune.search.optuna import OptunaSearch
+
+        for key, group in lr_groups(specs).items():
+            search = OptunaSearch(metric="val_loss", mode="min", seed=group[0].seed)
+            tuner = _tuner({"spec": group[0].to_dict(), "lr": tune.loguniform(lr_search.low, lr_search.high)},
+                           ctx=ctx, name=f"{study}-lr-{key}", storage=storage, concurrency=concurrency,
+                           progress=progress, num_samples=lr_search.n_trials, search_alg=search,
+                           scheduler=scheduler)
+            tuner.fit()
+    return {"done": progress.done, "failed": progress.failed}

@@ -1,0 +1,232 @@
+"""Configs and the named size ladder of the SwiFT v2 family (original 4D and revised factorized).
+
+Counting convention (``param_counts``)
+-------------------------------------
+* ``encoder``: everything of the encoder (patch embedding, learned position embeddings, blocks,
+  patch merging, final norm; LayerScale for the revised variant). This is the number the SwiFT v2
+  ladder names (50.9M / 202.2M / 806.2M / 3219M at patch 6x6x6x2, input 96^3 x 20, depths
+  2-2-18-2, heads 6-12-24-48; width 1536 gives ~12.9B). Position embeddings depend on the input
+  grid, so the encoder count depends on ``img_size`` by a little (0.5M at 96^3 x 20, width 96).
+* ``decoder``: the SimMIM mask token and reconstruction decoder (pre-training only).
+* ``total``: encoder + decoder (the pre-training model).
+* ``non_embedding``: ``total`` minus the patch embedding, the position embeddings and the mask
+  token (what scaling-law fits in the style of Kaplan et al. use).
+
+Sizes are named after the seed's nominal labels; ``EXPECTED_ENCODER_PARAMS`` records the documented
+encoder count that ``tests/models/test_swift_sizes.py`` checks within 1%.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..mup_utils import check_parametrization
+
+MASKING_TYPES = ("random", "tube", "temporal")
+LOSS_TYPES = ("l1", "l2", "huber")
+
+
+def _tuple(v: Any, n: int, name: str) -> tuple[int, ...]:
+    t = tuple(int(x) for x in v)
+    if len(t) != n:
+        raise ValueError(f"{name} must have {n} entries, got {v!r}")
+    return t
+
+
+@dataclass(frozen=True, kw_only=True)
+class SwiftConfig:
+    """Config of the original SwiFT v2 (4D shifted-window Swin + SimMIM)."""
+
+    family: str = "swift_v2"
+    """Registry family name: "swift_v2" (4D windows) or "swift_v2_revised" (factorized + RoPE)."""
+    size: str = "custom"
+    """Nominal size label (for run ids and tables only)."""
+    img_size: tuple[int, int, int, int] = (96, 96, 96, 20)
+    """Input grid (X, Y, Z, T) in voxels and frames; divisible by ``patch_size``."""
+    in_chans: int = 1
+    """Input channels (1 for BOLD)."""
+    patch_size: tuple[int, int, int, int] = (6, 6, 6, 2)
+    """Patch size (px, py, pz, pt); v1 used 6x6x6x1, v2 6x6x6x2."""
+    embed_dim: int = 96
+    """Width of the first stage; stage i has width ``embed_dim * 2**i``."""
+    depths: tuple[int, ...] = (2, 2, 18, 2)
+    """Blocks per stage."""
+    num_heads: tuple[int, ...] = (6, 12, 24, 48)
+    """Attention heads per stage (scaled with width by ``with_width``: head dim stays fixed)."""
+    window_size: tuple[int, int, int, int] = (4, 4, 4, 5)
+    """Attention window (wx, wy, wz, wt) in tokens. Clipped to the feature map in later stages
+    (and then not shifted there); must not exceed the first stage's grid."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width / width."""
+    qkv_bias: bool = True
+    """Bias in the qkv projection."""
+    drop_path_rate: float = 0.1
+    """Stochastic depth rate (linearly increasing over blocks)."""
+    last_layer_full_attention: bool = True
+    """Full (global) attention in the last stage instead of windows (SwiFT v1 default)."""
+    use_checkpoint: bool = False
+    """Activation checkpointing of every block (saves memory, ~30% more compute)."""
+    parametrization: str = "sp"
+    """"sp" (standard) or "mup" (maximal update, via the ``mup`` package)."""
+    mup_base_width: int = 32
+    """Base width of muP (muP equals SP at this width); the delta model has twice this width."""
+    mask_ratio: float = 0.6
+    """Fraction of mask cells masked for SimMIM."""
+    mask_patch_size: tuple[int, int, int, int] = (12, 12, 12, 2)
+    """Mask cell in voxels/frames; a multiple of ``patch_size``."""
+    masking_type: str = "random"
+    """"random" (independent cells), "tube" (one 3D mask for all frames), "temporal" (whole frames)."""
+    loss_type: str = "l1"
+    """Reconstruction loss on masked voxels: "l1", "l2" or "huber"."""
+    huber_delta: float = 1.0
+    """Huber threshold (``loss_type="huber"``)."""
+    brain_only_loss: bool = True
+    """Restrict the loss to brain voxels when a ``brain_mask`` is given."""
+    decoder_dim: int = 16
+    """Channels per voxel group of the light pixel-shuffle decoder."""
+    # revised-variant fields (ignored by the original family)
+    layer_scale_init: float = 1e-1
+    """Revised only: initial LayerScale value on every residual branch."""
+    rope_theta: float = 100.0
+    """Revised only: RoPE base frequency (positions are small window coordinates)."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.depths)
+
+    @property
+    def grid(self) -> tuple[int, int, int, int]:
+        """Token grid of the first stage (X', Y', Z', T')."""
+        return tuple(i // p for i, p in zip(self.img_size, self.patch_size))  # type: ignore[return-value]
+
+    def stage_dims(self) -> list[int]:
+        return [self.embed_dim * 2**i for i in range(self.num_stages)]
+
+    def stage_grids(self) -> list[tuple[int, int, int, int]]:
+        gx, gy, gz, gt = self.grid
+        return [(gx >> i, gy >> i, gz >> i, gt) for i in range(self.num_stages)]
+
+    def replace(self, **kw: Any) -> "SwiftConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def stage_window(grid: tuple[int, ...], window: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Window and shift used on a feature map ``grid``: clipped where the map is not larger than the
+    window (and no shift there), else the window with shift ``window // 2`` (Swin's rule)."""
+    win, shift = [], []
+    for g, w in zip(grid, window):
+        if g <= w:
+            win.append(g)
+            shift.append(0)
+        else:
+            win.append(w)
+            shift.append(w // 2)
+    return tuple(win), tuple(shift)
+
+
+def validate(cfg: SwiftConfig) -> None:
+    """Raise ``ValueError`` naming the field and the allowed values for a bad config."""
+    if cfg.family not in ("swift_v2", "swift_v2_revised"):
+        raise ValueError(f"family={cfg.family!r}; allowed: 'swift_v2', 'swift_v2_revised'")
+    check_parametrization(cfg.parametrization)
+    for name in ("img_size", "patch_size", "window_size", "mask_patch_size"):
+        object.__setattr__(cfg, name, _tuple(getattr(cfg, name), 4, name))
+    object.__setattr__(cfg, "depths", tuple(int(d) for d in cfg.depths))
+    object.__setattr__(cfg, "num_heads", tuple(int(h) for h in cfg.num_heads))
+    if any(v <= 0 for v in (*cfg.img_size, *cfg.patch_size, *cfg.window_size, cfg.in_chans, cfg.embed_dim)):
+        raise ValueError("img_size, patch_size, window_size, in_chans and embed_dim must be positive")
+    for i, p, axis in zip(cfg.img_size, cfg.patch_size, "XYZT"):
+        if i % p:
+            raise ValueError(f"patch_size={cfg.patch_size} must divide img_size={cfg.img_size} "
+                             f"(axis {axis}: {i} % {p} = {i % p}); allowed: divisors of {i}")
+    if not cfg.depths or any(d <= 0 for d in cfg.depths):
+        raise ValueError(f"depths={cfg.depths} must be a non-empty tuple of positive ints")
+    if len(cfg.num_heads) != len(cfg.depths):
+        raise ValueError(f"num_heads={cfg.num_heads} must have one entry per stage (depths={cfg.depths})")
+    for i, (d, h) in enumerate(zip(cfg.stage_dims(), cfg.num_heads)):
+        if h <= 0 or d % h:
+            raise ValueError(f"num_heads[{i}]={h} must divide the stage width {d}; allowed: divisors of {d}")
+        if cfg.family == "swift_v2_revised" and (d // h) % 2:
+            raise ValueError(f"num_heads[{i}]={h} gives odd head dim {d // h}; RoPE needs an even head dim")
+    grid = cfg.grid
+    down = 2 ** (cfg.num_stages - 1)
+    for g, axis in zip(grid[:3], "XYZ"):
+        if g % down:
+            raise ValueError(f"img_size/patch_size gives {g} tokens on axis {axis}, not divisible by "
+                             f"2**(len(depths)-1)={down} (patch merging); allowed: multiples of {down}")
+    for i, (g, w, axis) in enumerate(zip(grid, cfg.window_size, "XYZT")):
+        if w > g:
+            raise ValueError(f"window_size={cfg.window_size} is larger than the first-stage feature map "
+                             f"{grid} on axis {axis}; allowed: 1..{g}")
+    for s, sg in enumerate(cfg.stage_grids()):
+        if cfg.last_layer_full_attention and s == cfg.num_stages - 1 and cfg.family == "swift_v2":
+            continue
+        win, _ = stage_window(sg, cfg.window_size)
+        for g, w, axis in zip(sg, win, "XYZT"):
+            if g % w:
+                raise ValueError(f"window_size={cfg.window_size} does not tile stage {s} feature map {sg} "
+                                 f"on axis {axis} ({g} % {w} != 0); allowed: divisors of {g}")
+    if not 0.0 <= cfg.drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate={cfg.drop_path_rate}; allowed: [0, 1)")
+    if not 0.0 < cfg.mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio={cfg.mask_ratio}; allowed: (0, 1)")
+    for m, p, i, axis in zip(cfg.mask_patch_size, cfg.patch_size, cfg.img_size, "XYZT"):
+        if m % p or i % m:
+            raise ValueError(f"mask_patch_size={cfg.mask_patch_size} must be a multiple of patch_size="
+                             f"{cfg.patch_size} and divide img_size={cfg.img_size} (axis {axis})")
+    if cfg.masking_type not in MASKING_TYPES:
+        raise ValueError(f"masking_type={cfg.masking_type!r}; allowed: {MASKING_TYPES}")
+    if cfg.loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={cfg.loss_type!r}; allowed: {LOSS_TYPES}")
+    if cfg.mup_base_width <= 0:
+        raise ValueError(f"mup_base_width={cfg.mup_base_width}; allowed: positive ints")
+    if cfg.decoder_dim <= 0:
+        raise ValueError(f"decoder_dim={cfg.decoder_dim}; allowed: positive ints")
+
+
+# --------------------------------------------------------------------------------------------------
+# size ladder (width-only, SwiFT v2): depths 2-2-18-2, heads 6-12-24-48 at width 96 (head dim 16)
+# --------------------------------------------------------------------------------------------------
+_LADDER = {"51M": 96, "202M": 192, "806M": 384, "3B": 768, "13.4B": 1536}
+
+#: documented encoder parameter counts at patch 6x6x6x2, input 96^3 x 20 (SwiFT v2 ladder; the last
+#: is our count for the exploratory width 1536, "about 12.9B")
+EXPECTED_ENCODER_PARAMS = {"51M": 50.9e6, "202M": 202.2e6, "806M": 806.2e6, "3B": 3219e6, "13.4B": 12.9e9}
+
+
+def _ladder_config(width: int, **kw: Any) -> dict[str, Any]:
+    heads = tuple(width * 2**i // 16 for i in range(4))
+    return dict(embed_dim=width, depths=(2, 2, 18, 2), num_heads=heads, **kw)
+
+
+def size_kwargs(size: str) -> dict[str, Any]:
+    """Field values of a named size (before family-specific defaults and overrides)."""
+    if size == "debug":
+        return dict(size="debug", img_size=(24, 24, 24, 4), patch_size=(6, 6, 6, 1), embed_dim=16,
+                    depths=(1, 1), num_heads=(1, 2), window_size=(2, 2, 2, 2), mask_patch_size=(12, 12, 12, 2),
+                    mup_base_width=16, decoder_dim=8, drop_path_rate=0.0)
+    if size in _LADDER:
+        return dict(size=size, **_ladder_config(_LADDER[size]))
+    raise ValueError(f"size={size!r}; allowed: {['debug', *_LADDER]}")
+
+
+SIZE_NAMES = ("debug", *_LADDER)
+
+
+def with_width(cfg: SwiftConfig, width: int) -> SwiftConfig:
+    """The same config at another first-stage width; heads scale so the head dim stays fixed."""
+    if width <= 0:
+        raise ValueError(f"width={width}; allowed: positive ints")
+    heads = []
+    for i, (d, h) in enumerate(zip(cfg.stage_dims(), cfg.num_heads)):
+        head_dim = d // h
+        new_d = width * 2**i
+        if new_d % head_dim:
+            raise ValueError(f"width={width} gives stage {i} width {new_d}, not a multiple of the head dim "
+                             f"{head_dim}; allowed: multiples of {head_dim}")
+        heads.append(new_d // head_dim)
+    return cfg.replace(embed_dim=width, num_heads=tuple(heads), size=f"w{width}")

@@ -1,0 +1,193 @@
+"""Building blocks of the SwiFT encoders: patch embedding, window partition, shifted-window attention
+with fused SDPA, patch merging, stochastic depth.
+
+Shape legend: B batch, C channels, X Y Z space, T time (input voxels/frames or tokens),
+D width, N tokens per window, W windows per sample, H heads, E head dim.
+
+Layout: tokens stay channels-last, ``x_BXYZTD``, through the whole encoder, so norms and linear
+layers act on the last (contiguous) axis and no permute is needed between blocks. A window
+partition is one ``view -> permute -> reshape`` copy (fused with the cyclic shift by
+``torch.compile``), and attention runs as one fused ``scaled_dot_product_attention`` call over all
+windows of the batch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# --------------------------------------------------------------------------------------------------
+# window partition
+# --------------------------------------------------------------------------------------------------
+def window_partition(x_BXYZTD: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
+    """Split a channels-last map into windows: ``[B, X, Y, Z, T, D] -> [B*W, N, D]``.
+
+    Windows are ordered (x, y, z, t) row-major inside each sample; tokens inside a window likewise.
+    The spatial rank is ``len(window)`` (4 for 4D windows, 3 for space, 1 for time on the last axis).
+    """
+    B, *dims, D = x_BXYZTD.shape
+    if len(dims) != len(window):
+        raise ValueError(f"window {window} has rank {len(window)}, tensor has {len(dims)} map axes")
+    shape = [B]
+    for g, w in zip(dims, window):
+        shape += [g // w, w]
+    x = x_BXYZTD.reshape(*shape, D)
+    k = len(window)
+    perm = [0] + [1 + 2 * i for i in range(k)] + [2 + 2 * i for i in range(k)] + [1 + 2 * k]
+    n = math.prod(window)
+    return x.permute(*perm).reshape(-1, n, D)
+
+
+def window_reverse(windows_WND: torch.Tensor, window: tuple[int, ...], dims: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``[B*W, N, D] -> [B, *dims, D]``."""
+    D = windows_WND.shape[-1]
+    k = len(window)
+    counts = [g // w for g, w in zip(dims, window)]
+    x = windows_WND.reshape(-1, *counts, *window, D)
+    perm = [0]
+    for i in range(k):
+        perm += [1 + i, 1 + k + i]
+    perm += [1 + 2 * k]
+    return x.permute(*perm).reshape(-1, *dims, D)
+
+
+def shifted_window_mask(dims: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...],
+                        device: torch.device | None = None) -> torch.Tensor | None:
+    """Boolean ``[W, N, N]`` mask (True = may attend) of Swin's cyclic-shift attention, or ``None``.
+
+    After rolling the map by ``-shift``, windows at the end of an axis hold tokens from both ends
+    of the map; a token may only attend to tokens of its own region (Swin's slices
+    ``[0, g-w)``, ``[g-w, g-s)``, ``[g-s, g)`` per shifted axis).
+    """
+    if not any(shift):
+        return None
+    region = torch.zeros(dims, dtype=torch.int64, device=device)
+    mult = 1
+    for ax, (g, w, s) in enumerate(zip(dims, window, shift)):
+        if s == 0:
+            continue
+        pos = torch.arange(g, device=device)
+        rid = (pos >= g - w).long() + (pos >= g - s).long()
+        shape = [1] * len(dims)
+        shape[ax] = g
+        region = region + rid.view(shape) * mult
+        mult *= 3
+    rw = window_partition(region[None, ..., None], window)[..., 0]  # [W, N]
+    return rw[:, :, None] == rw[:, None, :]
+
+
+def mask_to_bias(mask_WNN: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive float bias ``[B*W, 1, N, N]`` for SDPA (0 where allowed, -inf where masked).
+
+    A float bias in the query dtype lets SDPA pick the fused memory-efficient kernel (a boolean mask
+    is converted on every call); the batch copy is needed because SDPA broadcasts only size-1 dims.
+    """
+    bias = torch.zeros(mask_WNN.shape, dtype=dtype, device=mask_WNN.device).masked_fill(~mask_WNN, float("-inf"))
+    W, N, _ = mask_WNN.shape
+    return bias.unsqueeze(0).expand(batch, W, N, N).reshape(batch * W, 1, N, N)
+
+
+# --------------------------------------------------------------------------------------------------
+# layers
+# --------------------------------------------------------------------------------------------------
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability ``p``."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP on the last axis."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over independent sequences ``[S, N, D]`` with fused SDPA.
+
+    ``mask`` is a boolean ``[W, N, N]`` (True = may attend) shared by every group of ``W``
+    consecutive sequences (the windows of one sample) or ``None``; ``rope`` an optional callable that
+    rotates q and k (``[S, H, N, E]``).
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, scale: float | None = None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = scale if scale is not None else self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x_SND: torch.Tensor, mask: torch.Tensor | None = None, rope=None) -> torch.Tensor:
+        S, N, D = x_SND.shape
+        qkv = self.qkv(x_SND).reshape(S, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [S, H, N, E]
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        bias = None if mask is None else mask_to_bias(mask, S // mask.shape[0], q.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        return self.proj(o.transpose(1, 2).reshape(S, N, D))
+
+
+class PatchEmbed(nn.Module):
+    """Linear patch embedding: ``x_BCXYZT -> tokens [B, X', Y', Z', T', D]``."""
+
+    def __init__(self, patch_size: tuple[int, int, int, int], in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.patch_size = tuple(patch_size)
+        self.proj = nn.Linear(in_chans * math.prod(patch_size), dim)
+
+    def forward(self, x_BCXYZT: torch.Tensor) -> torch.Tensor:
+        return self.proj(patchify(x_BCXYZT, self.patch_size))
+
+
+def patchify(x_BCXYZT: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
+    """``[B, C, X, Y, Z, T] -> [B, X', Y', Z', T', C*px*py*pz*pt]`` (patch vector in (C, px, py, pz, pt) order)."""
+    B, C, X, Y, Z, T = x_BCXYZT.shape
+    px, py, pz, pt = patch
+    x = x_BCXYZT.reshape(B, C, X // px, px, Y // py, py, Z // pz, pz, T // pt, pt)
+    x = x.permute(0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
+    return x.reshape(B, X // px, Y // py, Z // pz, T // pt, C * px * py * pz * pt)
+
+
+def unpatchify(p_BXYZTP: torch.Tensor, patch: tuple[int, ...], in_chans: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`."""
+    B, X, Y, Z, T, _ = p_BXYZTP.shape
+    px, py, pz, pt = patch
+    x = p_BXYZTP.reshape(B, X, Y, Z, T, in_chans, px, py, pz, pt)
+    x = x.permute(0, 5, 1, 6, 2, 7, 3, 8, 4, 9)
+    return x.reshape(B, in_chans, X * px, Y * py, Z * pz, T * pt)
+
+
+class PatchMerging(nn.Module):
+    """Merge 2x2x2 spatial neighbours (time untouched): ``[B, X, Y, Z, T, D] -> [B, X/2, Y/2, Z/2, T, 2D]``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8 * dim)
+        self.reduction = nn.Linear(8 * dim, 2 * dim, bias=False)
+
+    def forward(self, x_BXYZTD: torch.Tensor) -> torch.Tensor:
+        B, X, Y, Z, T, D = x_BXYZTD.shape
+        x = x_BXYZTD.reshape(B, X // 2, 2, Y // 2, 2, Z // 2, 2, T, D)
+        x = x.permute(0, 1, 3, 5, 7, 2, 4, 6, 8).reshape(B, X // 2, Y // 2, Z // 2, T, 8 * D)
+        return self.reduction(self.norm(x))

@@ -1,0 +1,74 @@
+"""SimMIM mask generator for 4D token grids.
+
+A *mask cell* is ``mask_patch_size / patch_size`` tokens per axis (e.g. 12x12x12x2 voxels on
+6x6x6x2 patches = 2x2x2x1 tokens). Exactly ``round(mask_ratio * n_cells)`` cells are masked per
+sample, so the ratio is hit exactly (up to the cell granularity):
+
+* ``random``: cells drawn independently over (x, y, z, t);
+* ``tube``: one 3D cell mask repeated over all frames;
+* ``temporal``: whole time cells masked (every spatial cell of the chosen frames).
+
+Masks are drawn sample by sample from one ``torch.Generator`` on the CPU, so
+``make_mask(2, g)`` equals ``cat(make_mask(1, g), make_mask(1, g))`` and the training engine can
+seed a generator per sample.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import SwiftConfig
+
+
+def _cells(cfg: SwiftConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    cell = tuple(m // p for m, p in zip(cfg.mask_patch_size, cfg.patch_size))
+    counts = tuple(g // c for g, c in zip(cfg.grid, cell))
+    return cell, counts
+
+
+def num_masked_cells(n_cells: int, ratio: float) -> int:
+    """Cells masked per sample: ``round(ratio * n_cells)``, at least 1 and at most ``n_cells - 1``."""
+    return min(max(int(round(ratio * n_cells)), 1), max(n_cells - 1, 1))
+
+
+def make_mask(cfg: SwiftConfig, batch_size: int, *, generator: torch.Generator | None = None,
+              device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean token mask ``[B, X', Y', Z', T']`` (True = masked) for ``cfg``.
+
+    Parameters
+    ----------
+    cfg : SwiftConfig
+        Gives the token grid, ``mask_patch_size``, ``mask_ratio`` and ``masking_type``.
+    batch_size : int
+        Number of samples.
+    generator : torch.Generator, optional
+        CPU generator; the masks are a deterministic function of its state.
+    device : torch.device, optional
+        Where the result is placed.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size}; allowed: positive ints")
+    cell, (cx, cy, cz, ct) = _cells(cfg)
+    masks = []
+    for _ in range(batch_size):
+        if cfg.masking_type == "random":
+            n = cx * cy * cz * ct
+            idx = torch.randperm(n, generator=generator)[: num_masked_cells(n, cfg.mask_ratio)]
+            m = torch.zeros(n, dtype=torch.bool)
+            m[idx] = True
+            m = m.view(cx, cy, cz, ct)
+        elif cfg.masking_type == "tube":
+            n = cx * cy * cz
+            idx = torch.randperm(n, generator=generator)[: num_masked_cells(n, cfg.mask_ratio)]
+            m = torch.zeros(n, dtype=torch.bool)
+            m[idx] = True
+            m = m.view(cx, cy, cz, 1).expand(cx, cy, cz, ct)
+        else:  # temporal
+            idx = torch.randperm(ct, generator=generator)[: num_masked_cells(ct, cfg.mask_ratio)]
+            m = torch.zeros(ct, dtype=torch.bool)
+            m[idx] = True
+            m = m.view(1, 1, 1, ct).expand(cx, cy, cz, ct)
+        masks.append(m)
+    mask = torch.stack(masks)  # [B, cx, cy, cz, ct]
+    for ax, c in enumerate(cell, start=1):
+        mask = mask.repeat_interleave(c, dim=ax)
+    return mask.to(device) if device is not None else mask

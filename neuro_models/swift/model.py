@@ -1,0 +1,311 @@
+"""SwiFT v2 encoder (4D shifted-window Swin), SimMIM pre-training model and downstream model.
+
+Shape legend: B batch, C input channels, X Y Z space, T time, D width, P patch vector
+(C*px*py*pz*pt), N tokens.
+
+Architecture (the public SwiFT v1 code, with SwiFT v2's temporal patching):
+``x_BCXYZT -> linear patch embedding -> [+ learned spatial and temporal position embedding ->
+stage of (shifted) 4D window-attention blocks -> patch merging over space] x stages -> LayerNorm``.
+Blocks alternate regular and cyclically shifted windows (shift = window // 2) with Swin's masked
+cross-region attention; windows are clipped (and not shifted) where the feature map is no larger
+than the window; the last stage optionally uses full attention. Tokens stay channels-last
+(``[B, X, Y, Z, T, D]``) throughout.
+
+Prompt tuning: ``build_downstream_model(..., prompt_tokens=P)`` prepends ``P`` learnable tokens to
+the flattened token sequence of the last, full-attention stage; every token attends to them in all
+blocks of that stage and they are dropped before pooling.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..heads import MLPHead
+from ..mup_utils import attention_scale, readout_class
+from .config import SwiftConfig, stage_window
+from .layers import (Attention, DropPath, Mlp, PatchEmbed, PatchMerging, patchify, shifted_window_mask,
+                     window_partition, window_reverse)
+from .masking import make_mask
+
+
+def _scale(cfg: SwiftConfig, head_dim: int) -> float:
+    return attention_scale(head_dim, cfg.parametrization, base_head_dim=head_dim)
+
+
+class WindowBlock4D(nn.Module):
+    """Swin block with 4D (shifted) window attention: ``[B, X, Y, Z, T, D] -> same``."""
+
+    def __init__(self, dim: int, num_heads: int, window: tuple[int, ...], *, shifted: bool, mlp_ratio: float,
+                 qkv_bias: bool, drop_path: float, scale: float) -> None:
+        super().__init__()
+        self.window = tuple(window)
+        self.shifted = shifted
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, scale=scale)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x_BXYZTD: torch.Tensor) -> torch.Tensor:
+        dims = tuple(x_BXYZTD.shape[1:5])
+        win, shift = stage_window(dims, self.window)
+        if not self.shifted:
+            shift = (0, 0, 0, 0)
+        h = self.norm1(x_BXYZTD)
+        if any(shift):
+            h = torch.roll(h, shifts=tuple(-s for s in shift), dims=(1, 2, 3, 4))
+        mask = shifted_window_mask(dims, win, shift, device=h.device)
+        o = self.attn(window_partition(h, win), mask=mask)
+        o = window_reverse(o, win, dims)
+        if any(shift):
+            o = torch.roll(o, shifts=shift, dims=(1, 2, 3, 4))
+        x = x_BXYZTD + self.drop_path(o)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class FullBlock(nn.Module):
+    """Transformer block with full attention over a flat sequence ``[B, N, D]``."""
+
+    def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float, qkv_bias: bool, drop_path: float,
+                 scale: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, scale=scale)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
+        x = x_BND + self.drop_path(self.attn(self.norm1(x_BND)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PositionEmbedding(nn.Module):
+    """Learned absolute position embedding: spatial ``[X, Y, Z, D]`` plus temporal ``[T, D]``."""
+
+    def __init__(self, dim: int, grid: tuple[int, int, int, int]) -> None:
+        super().__init__()
+        X, Y, Z, T = grid
+        self.pos_embed = nn.Parameter(torch.zeros(1, X, Y, Z, 1, dim))
+        self.time_embed = nn.Parameter(torch.zeros(1, 1, 1, 1, T, dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.time_embed, std=0.02)
+
+    def forward(self, x_BXYZTD: torch.Tensor) -> torch.Tensor:
+        T = x_BXYZTD.shape[4]
+        if T > self.time_embed.shape[4]:
+            raise ValueError(f"input has {T} time tokens, more than the configured {self.time_embed.shape[4]} "
+                             "(img_size[3] / patch_size[3])")
+        return x_BXYZTD + self.pos_embed + self.time_embed[:, :, :, :, :T]
+
+
+class Stage(nn.Module):
+    """Blocks of one stage, run with optional activation checkpointing."""
+
+    def __init__(self, blocks: list[nn.Module], use_checkpoint: bool, full: bool) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.use_checkpoint = use_checkpoint
+        self.full = full
+
+    def forward(self, x: torch.Tensor, prompts_PD: torch.Tensor | None = None) -> torch.Tensor:
+        if self.full:  # flatten to a sequence, optionally with prompt tokens in front
+            shape = x.shape
+            x = x.reshape(shape[0], -1, shape[-1])
+            P = 0
+            if prompts_PD is not None and prompts_PD.numel():
+                P = prompts_PD.shape[0]
+                x = torch.cat([prompts_PD.to(x.dtype).unsqueeze(0).expand(shape[0], -1, -1), x], dim=1)
+        for blk in self.blocks:
+            if self.use_checkpoint and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        if self.full:
+            x = x[:, P:].reshape(shape)
+        return x
+
+
+def drop_path_rates(cfg: SwiftConfig) -> list[float]:
+    n = sum(cfg.depths)
+    return [cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)]
+
+
+class SwiftEncoder(nn.Module):
+    """The SwiFT v2 encoder: ``x_BCXYZT -> features [B, X', Y', Z', T', D_last]`` (LayerNorm-ed)."""
+
+    def __init__(self, cfg: SwiftConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dims, grids = cfg.stage_dims(), cfg.stage_grids()
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.pos_embeds = nn.ModuleList(PositionEmbedding(d, g) for d, g in zip(dims, grids))
+        dpr = iter(drop_path_rates(cfg))
+        self.stages = nn.ModuleList()
+        self.merges = nn.ModuleList()
+        for s, (d, h, depth) in enumerate(zip(dims, cfg.num_heads, cfg.depths)):
+            full = cfg.last_layer_full_attention and s == cfg.num_stages - 1
+            kw = dict(mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, scale=_scale(cfg, d // h))
+            if full:
+                blocks = [FullBlock(d, h, drop_path=next(dpr), **kw) for _ in range(depth)]
+            else:
+                blocks = [WindowBlock4D(d, h, cfg.window_size, shifted=bool(i % 2), drop_path=next(dpr), **kw)
+                          for i in range(depth)]
+            self.stages.append(Stage(blocks, cfg.use_checkpoint, full))
+            if s < cfg.num_stages - 1:
+                self.merges.append(PatchMerging(d))
+        self.norm = nn.LayerNorm(dims[-1])
+        self.num_features = dims[-1]
+
+    def embed(self, x_BCXYZT: torch.Tensor, mask_BXYZT: torch.Tensor | None = None,
+              mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embedding with masked tokens replaced by ``mask_token`` (SimMIM)."""
+        if x_BCXYZT.ndim != 6:
+            raise ValueError(f"expected input [B, C, X, Y, Z, T], got shape {tuple(x_BCXYZT.shape)}")
+        tok = self.patch_embed(x_BCXYZT)
+        if mask_BXYZT is not None:
+            tok = torch.where(mask_BXYZT.unsqueeze(-1), mask_token.to(tok.dtype), tok)
+        return tok
+
+    def forward(self, x_BCXYZT: torch.Tensor, mask_BXYZT: torch.Tensor | None = None,
+                mask_token: torch.Tensor | None = None, prompts_PD: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(x_BCXYZT, mask_BXYZT, mask_token)
+        for s, stage in enumerate(self.stages):
+            x = self.pos_embeds[s](x)
+            x = stage(x, prompts_PD if s == len(self.stages) - 1 else None)
+            if s < len(self.merges):
+                x = self.merges[s](x)
+        return self.norm(x)
+
+    def last_block(self) -> nn.Module:
+        return self.stages[-1].blocks[-1]
+
+
+class PixelShuffleDecoder(nn.Module):
+    """Light SimMIM decoder: last-stage features -> voxel patches ``[B, X', Y', Z', T', P]``.
+
+    One linear layer expands every last-stage token to ``r^3`` first-stage tokens of
+    ``decoder_dim`` channels (r = spatial downsampling, a 3D pixel shuffle), then GELU and a linear
+    layer to the ``P`` voxels of each patch. The first layer maps width to a fixed size and is a
+    ``MuReadout`` under muP.
+    """
+
+    def __init__(self, in_dim: int, r: int, decoder_dim: int, patch_numel: int, readout: type) -> None:
+        super().__init__()
+        self.r = r
+        self.decoder_dim = decoder_dim
+        self.expand = readout(in_dim, r ** 3 * decoder_dim)
+        self.act = nn.GELU()
+        self.out = nn.Linear(decoder_dim, patch_numel)
+
+    def forward(self, f_BXYZTD: torch.Tensor) -> torch.Tensor:
+        B, X, Y, Z, T, _ = f_BXYZTD.shape
+        r, c = self.r, self.decoder_dim
+        h = self.expand(f_BXYZTD).reshape(B, X, Y, Z, T, r, r, r, c)
+        h = h.permute(0, 1, 5, 2, 6, 3, 7, 4, 8).reshape(B, X * r, Y * r, Z * r, T, c)
+        return self.out(self.act(h))
+
+
+def reconstruction_loss(cfg: SwiftConfig, pred_BXYZTP: torch.Tensor, x_BCXYZT: torch.Tensor,
+                        mask_BXYZT: torch.Tensor, brain_mask_BXYZ: torch.Tensor | None) -> torch.Tensor:
+    """Mean L1/L2/Huber error over masked voxels (and brain voxels when ``brain_only_loss``).
+
+    Unmasked tokens get zero weight, so they receive no gradient through the loss.
+    """
+    target = patchify(x_BCXYZT, cfg.patch_size).float()
+    err = pred_BXYZTP.float() - target
+    if cfg.loss_type == "l1":
+        err = err.abs()
+    elif cfg.loss_type == "l2":
+        err = err.square()
+    else:
+        err = F.huber_loss(pred_BXYZTP.float(), target, reduction="none", delta=cfg.huber_delta)
+    B, X, Y, Z, T, _ = err.shape
+    px, py, pz, pt = cfg.patch_size
+    err = err.reshape(B, X, Y, Z, T, cfg.in_chans, px * py * pz, pt)
+    w = mask_BXYZT.to(err.dtype).reshape(B, X, Y, Z, T, 1, 1, 1)
+    if brain_mask_BXYZ is not None and cfg.brain_only_loss:
+        bm = patchify(brain_mask_BXYZ.to(err.dtype)[:, None, ..., None], (px, py, pz, 1))  # [B,X,Y,Z,1,pxpypz]
+        w = w * bm.reshape(B, X, Y, Z, 1, 1, px * py * pz, 1)
+    w = w.expand_as(err)
+    return (err * w).sum() / w.sum().clamp_min(1.0)
+
+
+class SimMIM(nn.Module):
+    """SimMIM pre-training model around any SwiFT encoder.
+
+    ``forward(x_BCXYZT, brain_mask=None, mask=None)`` returns ``dict(loss, num_tokens, mask, pred)``;
+    ``mask`` (bool ``[B, X', Y', Z', T']``, True = masked) defaults to :meth:`make_mask` drawn from
+    the global torch RNG.
+    """
+
+    def __init__(self, cfg: SwiftConfig, encoder: nn.Module, decoder: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder
+        self.mask_token = nn.Parameter(torch.zeros(cfg.embed_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.decoder = decoder
+
+    def make_mask(self, batch_size: int, generator: torch.Generator | None = None,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+        """Token mask ``[B, X', Y', Z', T']`` (see :mod:`neuro_models.swift.masking`)."""
+        return make_mask(self.cfg, batch_size, generator=generator, device=device)
+
+    def forward(self, x_BCXYZT: torch.Tensor, brain_mask: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> dict:
+        B = x_BCXYZT.shape[0]
+        if mask is None:
+            g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+            mask = self.make_mask(B, generator=g, device=x_BCXYZT.device)
+        mask = mask.to(device=x_BCXYZT.device, dtype=torch.bool)
+        feats = self.encoder(x_BCXYZT, mask, self.mask_token)
+        pred = self.decoder(feats)
+        loss = reconstruction_loss(self.cfg, pred, x_BCXYZT, mask, brain_mask)
+        return {"loss": loss, "num_tokens": int(B * math.prod(mask.shape[1:])), "mask": mask, "pred": pred}
+
+
+class DownstreamModel(nn.Module):
+    """Encoder + pooled MLP head: ``x_BCXYZT -> [B, num_outputs]``.
+
+    ``prompt_tokens > 0`` adds learnable prompt tokens (see the module docstring); the encoder can
+    be frozen by the fine-tuning code, leaving only prompts and head trainable.
+    """
+
+    def __init__(self, cfg: SwiftConfig, encoder: nn.Module, *, task: str, num_outputs: int = 1,
+                 hidden_dim: int | None = None, dropout: float = 0.0, prompt_tokens: int = 0) -> None:
+        super().__init__()
+        if task not in ("classification", "regression"):
+            raise ValueError(f"task={task!r}; allowed: 'classification', 'regression'")
+        if prompt_tokens < 0:
+            raise ValueError(f"prompt_tokens={prompt_tokens}; allowed: >= 0")
+        if prompt_tokens and not getattr(encoder, "supports_prompts", cfg.last_layer_full_attention):
+            raise ValueError("prompt_tokens > 0 needs last_layer_full_attention=True (prompts join the "
+                             "last, full-attention stage); allowed: prompt_tokens=0 otherwise")
+        self.cfg = cfg
+        self.task = task
+        self.encoder = encoder
+        self.prompts = nn.Parameter(torch.zeros(prompt_tokens, encoder.num_features)) if prompt_tokens else None
+        if self.prompts is not None:
+            nn.init.trunc_normal_(self.prompts, std=0.02)
+        self.head = MLPHead(encoder.num_features, num_outputs, hidden_dim=hidden_dim, dropout=dropout,
+                            readout=readout_class(cfg.parametrization))
+
+    def features(self, x_BCXYZT: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled encoder features ``[B, D_last]``."""
+        f = self.encoder(x_BCXYZT, prompts_PD=self.prompts) if self.prompts is not None else self.encoder(x_BCXYZT)
+        return f.reshape(f.shape[0], -1, f.shape[-1]).mean(1)
+
+    def forward(self, x_BCXYZT: torch.Tensor, brain_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.features(x_BCXYZT))
+
+    def last_block_parameters(self):
+        """Parameters of the last encoder block, the final norm, the prompts and the head."""
+        params = list(self.encoder.last_block().parameters()) + list(self.encoder.norm.parameters())
+        if self.prompts is not None:
+            params.append(self.prompts)
+        return params + list(self.head.parameters())

@@ -135,3 +135,16 @@ _LADDER = {
 SIZES: dict[str, NeuroMambaConfig] = {
     name: NeuroMambaConfig(embed_dim=d, depth=depth) for name, (d, depth) in _LADDER.items()
 }
+
+#: documented encoder parameter counts of the named sizes (patch 6x6x6x2, one channel, d_state 16,
+#: expand 2, d_conv 4, dt_rank ceil(D/16)); "1.4M" is the seed's name for its small model, whose
+#: Mamba blocks hold 1,399,424 parameters (1.45M with the patch embedding)
+EXPECTED_ENCODER_PARAMS: dict[str, int] = {
+    "debug": 33_792,
+    "1.4M": 1_454_848,
+    "3.1M": 3_103_872,
+    "12M": 11_737_344,
+    "41M": 40_907_776,
+    "91M": 90_852_864,
+    "320M": 320_473_088,
+}

@@ -283,15 +283,19 @@ class SubjectReader:
 
     def __init__(self, path: str | os.PathLike, rdcc_nbytes: int | None = None):
         self.path = Path(path)
-        with _open(self.path) as f:
-            self.info = _info_from(f, self.path)
-        if rdcc_nbytes is None:
-            chunk_frames = 1
-            with _open(self.path) as f:
-                chunk_frames = f["bold"].chunks[0] if f["bold"].chunks else 1
-            rdcc_nbytes = 4 * chunk_frames * int(np.prod(self.info.crop_shape)) * 2 + (1 << 20)
-        self._f = _open(self.path, rdcc_nbytes=rdcc_nbytes)
-        self._bold = self._f["bold"]
+        self._f = _open(self.path)  # one open per subject (parallel filesystems pay per open)
+        try:
+            self.info = _info_from(self._f, self.path)
+            bold = self._f["bold"]
+            chunk_frames = bold.chunks[0] if bold.chunks else 1
+            if rdcc_nbytes is None:
+                rdcc_nbytes = 4 * chunk_frames * int(np.prod(self.info.crop_shape)) * 2 + (1 << 20)
+            dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+            dapl.set_chunk_cache(521, int(rdcc_nbytes), 1.0)
+            self._bold = h5py.Dataset(h5py.h5d.open(self._f.id, b"bold", dapl))
+        except BaseException:
+            self._f.close()
+            raise
         self._mask: np.ndarray | None = None
 
     @property
@@ -362,3 +366,45 @@ def is_complete(path: str | os.PathLike, source_fingerprint: str | None = None) 
             return source_fingerprint is None or str(f.attrs.get("source_fingerprint", "")) == source_fingerprint
     except SubjectFileError:
         return False
+
+
+def transcode(src: str | os.PathLike, dst: str | os.PathLike, codec: str,
+              chunk_frames: int | None = None) -> SubjectInfo:
+    """Rewrite a subject file with another codec / chunking (same stored values, same content hash).
+
+    Parameters
+    ----------
+    src, dst : path-like
+        Existing subject file and output path (written atomically).
+    codec : str
+        One of :data:`CODECS`.
+    chunk_frames : int, optional
+        Frames per chunk (default: keep the source's).
+    """
+    src, dst = Path(src), Path(dst)
+    kw = _codec_kwargs(codec)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_tmp(dst)
+    try:
+        with _open(src) as f:
+            _info_from(f, src)
+            bold = f["bold"]
+            cf = chunk_frames or (bold.chunks[0] if bold.chunks else DEFAULT_CHUNK_FRAMES)
+            with h5py.File(tmp, "w") as g:
+                for k, v in f.attrs.items():
+                    if k != "complete":
+                        g.attrs[k] = v
+                g.attrs["codec"] = codec
+                d = g.create_dataset("bold", shape=bold.shape, dtype=bold.dtype,
+                                     chunks=(min(cf, bold.shape[0]),) + bold.shape[1:], **kw)
+                for t in range(0, bold.shape[0], cf):
+                    d[t:t + cf] = bold[t:t + cf]
+                f.copy(f["mask"], g, "mask")
+                if "meta" in f:
+                    f.copy(f["meta"], g, "meta")
+                g.attrs["complete"] = True
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return read_info(dst)

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 #: Fields that do not change what a run computes (so they do not enter the run id). The manifest *path*
 #: is among them: a study records the manifest content hash and refuses to mix data versions.
 NON_SEMANTIC_FIELDS = frozenset({"study", "manifest", "num_workers", "checkpoint_every", "keep_last", "keep_best",
+                                 "micro_batch_size", "distributed", "zero_stage",
                                  "log_every", "notes"})
 
 SCHEDULES = ("cosine", "wsd", "constant")

@@ -391,6 +391,7 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
                     (loss / plan.accumulation).backward()
             loss_sum += loss.detach().double()
             tokens += float(out.get("num_tokens", x.shape[0] * tps))
+        lr_now = optimizer.param_groups[0]["lr"]
         if engine is not None:
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -419,8 +420,7 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
         if step % spec.log_every == 0 or step == n_steps:
             dt = max(now - window_t0, 1e-9)
             sps = window_samples / dt
-            metrics = {"step": step, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]
-                       if engine is None else optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+            metrics = {"step": step, "train_loss": train_loss, "lr": lr_now, "grad_norm": grad_norm,
                        "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
                        "flops": state["flops"], "samples_per_s": sps, "tokens_per_s": sps * tps,
                        "wall_time_s": state["wall_time_s"]}
@@ -498,6 +498,13 @@ def _evaluate(net, model: nn.Module, val_ds, spec: RunSpec, ctx: DistContext) ->
 def _deepspeed_engine(spec: RunSpec, ctx: DistContext, plan: BatchPlan, model, optimizer, scheduler):
     import deepspeed
 
+    if ctx.device.type == "cpu":
+        # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU ranks on first use (minutes of C++
+        # build); gloo is fast enough for CPU runs, so mark the op unavailable. DeepSpeed keeps this dict
+        # for the process on purpose ("edits to it persist").
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     use_bf16 = spec.precision == "bf16" or (spec.precision == "auto" and ctx.device.type in ("cuda", "xpu"))
     config = {
         "train_batch_size": plan.global_batch,

@@ -1,0 +1,90 @@
+"""µTransfer analysis: optimal learning rate per width and its drift with width (SP vs muP)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from analysis.fits import FitError, check_positive
+
+__all__ = ["optimal_lr", "lr_transfer"]
+
+
+def optimal_lr(lr, loss, *, window: int = 2) -> dict:
+    """Optimal LR from a quadratic fit of loss against ``log2 lr`` around the best point.
+
+    Parameters
+    ----------
+    lr, loss : array-like
+        One value per run of one width (LRs may repeat, e.g. seeds: they are averaged).
+    window : int
+        Points on each side of the best LR used in the fit (at least 3 points in all).
+
+    Returns
+    -------
+    dict
+        ``log2_lr_opt, lr_opt, loss_opt, curvature, n_points, interior`` (vertex inside the fitted
+        range) and ``best_lr`` (the best grid point).
+    """
+    lr = check_positive("lr", lr)
+    loss = np.asarray(loss, dtype=np.float64)
+    if not np.all(np.isfinite(loss)):
+        loss = np.where(np.isfinite(loss), loss, np.nan)  # diverged runs: excluded
+    g = pd.DataFrame(dict(x=np.log2(lr), y=loss)).dropna().groupby("x", as_index=False)["y"].mean()
+    if len(g) < 3:
+        raise FitError(f"optimal LR needs at least 3 distinct learning rates with finite loss, got {len(g)}")
+    i = int(np.argmin(g.y.to_numpy()))
+    lo, hi = max(0, i - window), min(len(g), i + window + 1)
+    while hi - lo < 3:
+        lo, hi = max(0, lo - (hi - lo < 3)), min(len(g), hi + (hi - lo < 3))
+    sub = g.iloc[lo:hi]
+    p2, p1, p0 = np.polyfit(sub.x, sub.y, 2)
+    if p2 <= 0:
+        raise FitError(f"optimal LR: the loss is not convex in log2 lr around the best point (curvature {p2:.3g})")
+    v = -p1 / (2 * p2)
+    return dict(log2_lr_opt=float(v), lr_opt=float(2 ** v), loss_opt=float(p0 - p1 * p1 / (4 * p2)), curvature=float(p2),
+                n_points=int(len(sub)), interior=bool(sub.x.min() <= v <= sub.x.max()), best_lr=float(2 ** g.x.iloc[i]))
+
+
+def lr_transfer(df: pd.DataFrame, *, lr_col: str = "lr", loss_col: str = "val_loss", width_col: str = "width",
+                param_col: str | None = "parametrization", window: int = 2, level: float = 0.95
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Optimal LR per (parametrization, width) and the slope of ``log2 LR*`` against ``log2 width``.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        One row per run (final loss), with LR, loss, width and optionally parametrization columns.
+    level : float
+        Confidence level of the slope interval (t-distribution on the regression).
+
+    Returns
+    -------
+    per_width : pandas.DataFrame
+        ``parametrization, width`` + the fields of :func:`optimal_lr`.
+    slopes : pandas.DataFrame
+        Per parametrization: ``slope, se, lo, hi, n_widths, transfers`` (the interval contains 0:
+        the optimal LR does not drift with width, which muP should give and SP should not).
+    """
+    for c in (lr_col, loss_col, width_col):
+        if c not in df.columns:
+            raise ValueError(f"column {c!r} not found; columns are {list(df.columns)}")
+    groups = df.groupby(param_col) if param_col and param_col in df.columns else [("all", df)]
+    rows, slopes = [], []
+    for par, d in groups:
+        for w, dw in d.groupby(width_col):
+            r = optimal_lr(dw[lr_col], dw[loss_col], window=window)
+            rows.append(dict(parametrization=par, width=float(w), **r))
+        pw = pd.DataFrame([r for r in rows if r["parametrization"] == par])
+        if len(pw) >= 3:
+            res = stats.linregress(np.log2(pw.width), pw.log2_lr_opt)
+            tq = stats.t.ppf(0.5 + level / 2, len(pw) - 2)
+            lo, hi = res.slope - tq * res.stderr, res.slope + tq * res.stderr
+        elif len(pw) == 2:
+            res = stats.linregress(np.log2(pw.width), pw.log2_lr_opt)
+            lo = hi = float("nan")
+        else:
+            continue
+        slopes.append(dict(parametrization=par, slope=float(res.slope), se=float(res.stderr), lo=float(lo),
+                           hi=float(hi), n_widths=len(pw), transfers=bool(lo <= 0 <= hi) if np.isfinite(lo) else None))
+    return pd.DataFrame(rows), pd.DataFrame(slopes)

@@ -309,9 +309,8 @@ def wait_for_nodes(address: str, hosts: list[str], head_ip: str, state_dir: Path
             ips = {0: head_ip}
             ips.update({r: reg["ip"] for r, reg in regs.items()})
             joined = {r for r in range(len(hosts)) if ips.get(r) in alive}
-            if bar is not None:
-                bar.n = len(joined)
-                bar.refresh()
+            if bar is not None and len(joined) != bar.n:
+                bar.update(len(joined) - bar.n)
             if len(joined) == len(hosts):
                 return {r: ips[r] for r in range(len(hosts))}
             if time.monotonic() >= deadline:

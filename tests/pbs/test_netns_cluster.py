@@ -1,0 +1,311 @@
+"""Multi-node proof on one machine: network namespaces as PBS nodes, a fake mpiexec, the real bootstrap.
+
+The module fixture starts ``pbs/ray_cluster.sh up`` on three namespace "nodes" (1 CPU each); the tests
+then check, in order: the cluster forms with every node and its security settings; a job without the
+token is refused; a Tune sweep places trials on all nodes; killing one node's Ray processes fails its
+trials over to the others; SIGTERM (PBS's signal before the walltime kill) tears everything down.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import REPO, ClusterProcess, node_tmp_dirs, procs_of_job  # noqa: E402
+from netns import NetnsNodes, netns_unavailable_reason  # noqa: E402
+
+_reason = netns_unavailable_reason()
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(_reason is not None, reason=f"netns: {_reason}")]
+
+HERE = Path(__file__).resolve().parent
+UP_ARGS = ["--iface", "hsn0", "--num-cpus", "1", "--object-store-bytes", "100000000", "--join-timeout", "240"]
+# Faster node-death detection than Ray's default (~15 s): the GCS health-checks raylets every second.
+FAST_HEALTH = dict(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3",
+                   RAY_health_check_initial_delay_ms="1000")
+
+
+def _jobid() -> str:
+    return str(70000 + int(time.time() * 1000) % 29999)
+
+
+def _client_env(cluster: ClusterProcess, home: Path, token: bool = True) -> dict:
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(home),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    if token:
+        e = cluster.env_file()
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=e["RAY_AUTH_TOKEN_PATH"])
+    return env
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    work = tmp_path_factory.mktemp("pbs_netns")
+    nodes = NetnsNodes(3, work)
+    jobid = _jobid()
+    c = ClusterProcess(nodes, work, jobid, "up", UP_ARGS, **FAST_HEALTH)
+    c.work = work
+    try:
+        assert c.wait_for("cluster is up", timeout=300), c.text()
+        yield c
+    finally:
+        if c.proc.poll() is None:
+            c.terminate()
+        nodes.close()
+        subprocess.run([sys.executable, str(REPO / "pbs" / "cluster.py"), "cleanup", "--path", f"/tmp/nx{jobid}_0",
+                        "--grace", "1"], check=False)
+        for d in node_tmp_dirs(jobid):
+            subprocess.run([sys.executable, str(REPO / "pbs" / "cluster.py"), "cleanup", "--path", d, "--grace", "1"],
+                           check=False)
+
+
+@pytest.mark.slow
+def test_cluster_forms_with_all_nodes_and_is_locked_down(cluster):
+    nodes = cluster.nodes
+    env = cluster.env_file()
+    head_ip, dash_port = env["RAY_API_SERVER_ADDRESS"].rsplit("/", 1)[1].split(":")
+    assert head_ip == nodes.ips[0] and env["RAY_ADDRESS"].startswith(nodes.ips[0] + ":")
+    # every node joined with its high-speed address (not mgmt0), 1 CPU each
+    probe = ("import json, ray; ray.init(logging_level='ERROR'); "
+             "print(json.dumps([[n['NodeManagerAddress'], n['Resources'].get('CPU')] for n in ray.nodes() "
+             "if n['Alive']]))")
+    r = cluster.in_node(0, [sys.executable, "-c", probe],
+                        env=dict(_client_env(cluster, cluster.work), RAY_ADDRESS=env["RAY_ADDRESS"]))
+    assert r.returncode == 0, r.stderr[-2000:]
+    alive = json.loads(r.stdout.strip().splitlines()[-1])
+    assert sorted(ip for ip, _ in alive) == sorted(nodes.ips)
+    assert all(cpu == 1.0 for _, cpu in alive)
+    # token: fresh, 64 hex chars, 0600 in a 0700 directory, never printed
+    tok_path = Path(env["RAY_AUTH_TOKEN_PATH"])
+    token = tok_path.read_text()
+    assert len(token) == 64 and int(token, 16) >= 0
+    assert tok_path.stat().st_mode & 0o777 == 0o600
+    assert tok_path.parent.stat().st_mode & 0o777 == 0o700
+    assert token not in cluster.text()
+    for log in (cluster.state / "nodes").glob("*.log"):
+        assert token not in log.read_text()
+    # dashboard bound to the head's address only: loopback inside the head namespace refuses
+    r = cluster.in_node(0, [sys.executable, "-c",
+                            f"import socket; socket.create_connection(('127.0.0.1', {dash_port}), timeout=3)"])
+    assert r.returncode != 0 and "Connection refused" in r.stderr
+    # each node's Ray temp dir is node-local and short
+    tmp = node_tmp_dirs(cluster.jobkey)
+    assert tmp == [f"/tmp/nx{cluster.jobkey}_{i}" for i in range(3)]
+
+
+@pytest.mark.slow
+def test_job_without_token_is_refused(cluster, tmp_path):
+    env = cluster.env_file()
+    api = env["RAY_API_SERVER_ADDRESS"]
+    marker = f"nx-unauth-{time.time_ns()}"
+    submit = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", api, "--no-wait", "--",
+              "echo", marker]
+    # no token at all (fresh HOME, so no ~/.ray/auth_token either)
+    r = cluster.in_node(0, submit, env=_client_env(cluster, tmp_path, token=False), timeout=120)
+    assert r.returncode != 0
+    assert "401" in r.stdout + r.stderr or "Unauthorized" in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
+    # a wrong token
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text("0" * 64)
+    wrong.chmod(0o600)
+    bad_env = dict(_client_env(cluster, tmp_path, token=False), RAY_AUTH_MODE="token",
+                   RAY_AUTH_TOKEN_PATH=str(wrong))
+    r = cluster.in_node(0, submit, env=bad_env, timeout=120)
+    assert r.returncode != 0
+    assert "403" in r.stdout + r.stderr or "Invalid" in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
+    # raw HTTP without the header is refused too, and the refused submissions created no job
+    code = ("import sys, urllib.request, urllib.error\n"
+            f"try:\n    urllib.request.urlopen('{api}/api/jobs/', timeout=10)\n"
+            "except urllib.error.HTTPError as e:\n    print(e.code)\n")
+    r = cluster.in_node(0, [sys.executable, "-c", code])
+    assert r.stdout.strip() == "401"
+    r = cluster.in_node(0, [sys.executable, "-m", "ray.scripts.scripts", "job", "list", "--address", api],
+                        env=_client_env(cluster, tmp_path), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert marker not in r.stdout
+
+
+def _submit_tune(cluster, tmp_path, trials, steps, step_s, wait=True):
+    env = cluster.env_file()
+    trace, out = tmp_path / "trace.txt", tmp_path / "out.json"
+    argv = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", env["RAY_API_SERVER_ADDRESS"],
+            "--working-dir", str(HERE), "--", "python", "tune_job.py", "--trials", str(trials), "--steps", str(steps),
+            "--step-s", str(step_s), "--trace", str(trace), "--out", str(out), "--storage", str(tmp_path / "tune")]
+    full = cluster.nodes.prefix(0) + argv
+    proc = subprocess.Popen(full, env=_client_env(cluster, tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    if wait:
+        text, _ = proc.communicate(timeout=400)
+        return proc.returncode, text, trace, out
+    return proc, trace, out
+
+
+def _trace(trace: Path) -> list[tuple[str, str, int]]:
+    if not trace.exists():
+        return []
+    rows = []
+    for line in trace.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            rows.append((parts[0], parts[1], int(parts[2])))
+    return rows
+
+
+@pytest.mark.slow
+def test_tune_sweep_places_trials_on_every_node(cluster, tmp_path):
+    rc, text, trace, out = _submit_tune(cluster, tmp_path, trials=6, steps=3, step_s=0.3)
+    assert rc == 0, text[-3000:]
+    result = json.loads(out.read_text())
+    assert sorted(t["x"] for t in result["trials"]) == list(range(6))
+    assert all(t["error"] is None and t["step"] == 2 for t in result["trials"]), result
+    used = {ip for _, ip, _ in _trace(trace)}
+    assert used == set(cluster.nodes.ips), used  # 1 CPU per node, 3 trials at a time: one on each node
+
+
+@pytest.mark.slow
+def test_killing_a_node_fails_its_trials_over(cluster, tmp_path):
+    nodes = cluster.nodes
+    victim_ip = nodes.ips[2]
+    proc, trace, out = _submit_tune(cluster, tmp_path, trials=4, steps=14, step_s=0.5, wait=False)
+    try:
+        end = time.monotonic() + 240
+        while time.monotonic() < end and not any(ip == victim_ip for _, ip, _ in _trace(trace)):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.5)
+        assert any(ip == victim_ip for _, ip, _ in _trace(trace)), "no trial ever ran on node 2"
+        # kill every Ray process of node 2 at once (its node agent stays, as a node's supervisor would)
+        killed = 0
+        for pid in nodes.pids_in(2):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"node-agent" in cmd or b"fake_mpiexec" in cmd:
+                continue
+            try:
+                import os
+
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+        assert killed >= 3
+        text, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, text[-3000:]
+    result = json.loads(out.read_text())
+    assert all(t["error"] is None and t["step"] == 13 for t in result["trials"]), result
+    assert sorted(result["alive_nodes"]) == sorted(nodes.ips[:2])
+    rows = _trace(trace)
+    moved = []
+    for tid in {t for t, _, _ in rows}:
+        ips = [ip for t, ip, _ in rows if t == tid]
+        steps = [s for t, _, s in rows if t == tid]
+        if victim_ip in ips and ips[-1] != victim_ip:
+            moved.append(tid)
+            assert max(steps) == 13
+            # restored from a checkpoint, not restarted from scratch: step 0 ran once only
+            assert steps.count(0) == 1
+    assert moved, rows
+    # node 2's agent noticed its Ray node died, cleaned its temp dir and deregistered
+    end = time.monotonic() + 30
+    while time.monotonic() < end and (Path(f"/tmp/nx{cluster.jobkey}_2").exists()
+                                      or (cluster.state / "nodes" / "2.json").exists()):
+        time.sleep(0.5)
+    assert not Path(f"/tmp/nx{cluster.jobkey}_2").exists()
+    assert not (cluster.state / "nodes" / "2.json").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_tears_everything_down(cluster):
+    assert cluster.proc.poll() is None
+    rc = cluster.terminate()
+    assert rc == 143, cluster.text()[-2000:]
+    assert "tearing down" in cluster.text()
+    assert procs_of_job(cluster.jobkey) == []
+    assert node_tmp_dirs(cluster.jobkey) == []
+    assert not cluster.state.exists()  # token removed with the state dir
+    for i in range(3):
+        assert cluster.nodes.pids_in(i) == [], i
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.fixture
+def two_nodes(tmp_path):
+    nodes = NetnsNodes(2, tmp_path)
+    try:
+        yield nodes
+    finally:
+        nodes.close()
+
+
+def _run_to_end(nodes, tmp_path, args, timeout=120, **env):
+    jobid = _jobid()
+    c = ClusterProcess(nodes, tmp_path, jobid, "up", args, **env)
+    try:
+        rc = c.proc.wait(timeout)
+    finally:
+        if c.proc.poll() is None:
+            c.terminate()
+        c.log.close()
+    return rc, c.text(), jobid, c
+
+
+def _nothing_left(nodes, jobid, c):
+    assert procs_of_job(jobid) == []
+    assert node_tmp_dirs(jobid) == []
+    assert not c.state.exists()
+    for i in range(len(nodes.namespaces)):
+        assert nodes.pids_in(i) == []
+
+
+def test_missing_interface_is_named(two_nodes, tmp_path):
+    rc, text, jobid, c = _run_to_end(two_nodes, tmp_path, ["--iface", "hsn9"], timeout=60)
+    assert rc == 2
+    assert "network interface 'hsn9' not found" in text and "hsn0" in text  # lists the interfaces it has
+    _nothing_left(two_nodes, jobid, c)
+
+
+def test_several_nics_are_not_guessed(two_nodes, tmp_path):
+    rc, text, jobid, c = _run_to_end(two_nodes, tmp_path, [], timeout=60)
+    assert rc == 2
+    assert "several network interfaces" in text and "hsn0=" in text and "mgmt0=" in text
+    _nothing_left(two_nodes, jobid, c)
+
+
+def test_port_taken_is_refused(two_nodes, tmp_path):
+    holder = subprocess.Popen(two_nodes.prefix(0) + [
+        sys.executable, "-c",
+        f"import socket, time; s = socket.socket(); s.bind(('{two_nodes.ips[0]}', 0)); s.listen(); "
+        "print(s.getsockname()[1], flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(holder.stdout.readline())
+        rc, text, jobid, c = _run_to_end(two_nodes, tmp_path, ["--iface", "hsn0", "--port", str(port)], timeout=60)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rc == 2
+    assert f"port {port} on {two_nodes.ips[0]} is already taken" in text
+    _nothing_left(two_nodes, jobid, c)
+
+
+@pytest.mark.slow
+def test_node_that_never_joins_is_named_and_nothing_is_left(two_nodes, tmp_path):
+    # node 1's link to the bridge is down: its agent starts and registers, but Ray cannot reach the head
+    subprocess.run(["ip", "netns", "exec", two_nodes.switch, "ip", "link", "set", f"v{two_nodes.tag}s1", "down"],
+                   check=True)
+    rc, text, jobid, c = _run_to_end(two_nodes, tmp_path, UP_ARGS[:-1] + ["20"], timeout=240)
+    assert rc == 3, text[-3000:]
+    assert "only 1 of 2 nodes joined within 20 s" in text
+    assert "node 1 (nxnode1): agent started at " + two_nodes.ips[1] in text
+    _nothing_left(two_nodes, jobid, c)

@@ -71,8 +71,8 @@ def decoder_flops(cfg: SwiftConfig) -> float:
     L_last, L0 = math.prod(grids[-1]), math.prod(grids[0])
     px, py, pz, pt = cfg.patch_size
     if cfg.family == "swift_v2_revised":
-        return lin(L_last, dims[-1], cfg.decoder_dim * pt) + lin(L_last * pt, cfg.decoder_dim,
-                                                                 r ** 3 * px * py * pz * cfg.in_chans)
+        return lin(L_last, dims[-1], pt * r ** 3 * cfg.decoder_dim) + lin(L0 * pt, cfg.decoder_dim,
+                                                                          px * py * pz * cfg.in_chans)
     return lin(L_last, dims[-1], r ** 3 * cfg.decoder_dim) + lin(L0, cfg.decoder_dim, cfg.in_chans * px * py * pz * pt)
 
 

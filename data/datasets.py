@@ -178,6 +178,10 @@ class WindowedDataset(torch.utils.data.Dataset):
             rows.append(np.full(len(starts_r), r))
             starts.append(starts_r)
             steps.append(np.full(len(starts_r), step))
+        kept = [int(r_[0]) for r_ in rows]
+        if len(kept) != len(self.df):  # drop skipped short runs from the subject table too
+            self.df = self.df.iloc[kept].reset_index(drop=True)
+            rows = [np.full(len(r_), j) for j, r_ in enumerate(rows)]
         rows_a = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
         starts_a = np.concatenate(starts) if starts else np.empty(0)
         steps_a = np.concatenate(steps) if steps else np.empty(0)

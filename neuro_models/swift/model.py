@@ -259,10 +259,15 @@ class SimMIM(nn.Module):
     def forward(self, x_BCXYZT: torch.Tensor, brain_mask: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> dict:
         B = x_BCXYZT.shape[0]
+        if tuple(x_BCXYZT.shape[1:]) != (self.cfg.in_chans, *self.cfg.img_size):
+            raise ValueError(f"input shape {tuple(x_BCXYZT.shape)} does not match the config: expected "
+                             f"[B, in_chans={self.cfg.in_chans}, *img_size={self.cfg.img_size}]")
         if mask is None:
             g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
             mask = self.make_mask(B, generator=g, device=x_BCXYZT.device)
         mask = mask.to(device=x_BCXYZT.device, dtype=torch.bool)
+        if tuple(mask.shape) != (B, *self.cfg.grid):
+            raise ValueError(f"mask shape {tuple(mask.shape)}; expected [B, *token grid] = {(B, *self.cfg.grid)}")
         feats = self.encoder(x_BCXYZT, mask, self.mask_token)
         pred = self.decoder(feats)
         loss = reconstruction_loss(self.cfg, pred, x_BCXYZT, mask, brain_mask)

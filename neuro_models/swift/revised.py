@@ -29,7 +29,8 @@ from .layers import Attention, DropPath, Mlp, PatchEmbed, PatchMerging, shifted_
 from .model import Stage, _scale, drop_path_rates
 
 
-def rope_tables(pos_NA: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(pos_NA: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables ``[N, E]`` for multi-axis RoPE.
 
     The ``E/2`` rotation pairs ``(i, i + E/2)`` are dealt round-robin to the ``A`` axes of
@@ -45,7 +46,7 @@ def rope_tables(pos_NA: torch.Tensor, head_dim: int, theta: float) -> tuple[torc
     freq = theta ** (-k.double() / n_per_axis[axis].double())
     ang = pos_NA.double()[:, axis] * freq  # [N, half]
     ang = torch.cat([ang, ang], dim=-1)
-    return ang.cos().float(), ang.sin().float()
+    return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
 def apply_rope(x_SHNE: torch.Tensor, cos_NE: torch.Tensor, sin_NE: torch.Tensor) -> torch.Tensor:

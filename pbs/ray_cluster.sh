@@ -13,8 +13,8 @@
 #
 # Options:
 #   --profile aurora|polaris|generic  machine settings (pbs/profiles/NAME.sh)     [generic]
-#   --iface NAME            high-speed interface whose IPv4 address Ray uses        [profile's]
-#   --host-suffix SUFFIX    or: resolve "$(hostname -s)SUFFIX" for the address
+#   --iface NAME            high-speed interface whose IPv4 address Ray uses  [$NEUROX_IFACE or profile's]
+#   --host-suffix SUFFIX    or: resolve "$(hostname -s)SUFFIX" for the address         [$NEUROX_HOST_SUFFIX]
 #   --nodefile FILE         node list                                                [$PBS_NODEFILE]
 #   --port N                GCS port (default: a free port)
 #   --dashboard-port N      dashboard/job API port (default: a free port)
@@ -38,14 +38,12 @@ set -euo pipefail
 PBS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SELF="$PBS_DIR/ray_cluster.sh"
 HELPER="$PBS_DIR/cluster.py"
-PY="${NEUROX_PYTHON:-$(command -v python3 || command -v python)}"
-RAY_CLI=("$PY" -m ray.scripts.scripts)
 
 log() { echo "ray_cluster: $*" >&2; }
 die() { log "$*"; exit 2; }
 helper() { "$PY" "$HELPER" "$@"; }
 
-usage() { sed -n '2,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; }
+usage() { sed -n '4,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; }
 
 # ------------------------------------------------------------------------------------------------ options
 MODE="${1:-}"
@@ -107,10 +105,16 @@ case "$PROFILE" in
   aurora | polaris | generic) ;;
   *) die "--profile must be one of aurora, polaris, generic; got '$PROFILE'" ;;
 esac
-[[ -n "$PY" && -x "$PY" ]] || die "no python found (set NEUROX_PYTHON to the interpreter that has Ray)"
 # shellcheck source=profiles/generic.sh
 source "$PBS_DIR/profiles/$PROFILE.sh"
-if [[ $iface_set -eq 0 ]]; then IFACE="$PROFILE_IFACE"; HOST_SUFFIX="$PROFILE_HOST_SUFFIX"; fi
+# after the profile: its module/conda set-up decides which python has Ray
+PY="${NEUROX_PYTHON:-$(command -v python3 || command -v python || true)}"
+[[ -n "$PY" && -x "$PY" ]] || die "no python found (set NEUROX_PYTHON to the interpreter that has Ray)"
+RAY_CLI=("$PY" -m ray.scripts.scripts)
+if [[ $iface_set -eq 0 ]]; then # options > NEUROX_IFACE / NEUROX_HOST_SUFFIX > the profile's default
+  if [[ -n "${NEUROX_IFACE:-}${NEUROX_HOST_SUFFIX:-}" ]]; then IFACE="${NEUROX_IFACE:-}" HOST_SUFFIX="${NEUROX_HOST_SUFFIX:-}"
+  else IFACE="$PROFILE_IFACE" HOST_SUFFIX="$PROFILE_HOST_SUFFIX"; fi
+fi
 NUM_GPUS="${NUM_GPUS:-$PROFILE_NUM_GPUS}"
 [[ -n "$STAGE_SRC" && -z "$STAGE_TO" ]] && die "--stage needs --stage-to (node-local directory, e.g. /dev/shm or /local/scratch)"
 [[ $SHARD -eq 1 && -z "$STAGE_SRC" ]] && die "--shard needs --stage SRC --stage-to DIR"
@@ -155,6 +159,8 @@ stage_data() { # $1 = rank, $2 = world; exports NEUROX_STAGED_DATA
   helper stage --src "$STAGE_SRC" --dst "$STAGED_DIR" --rank "$1" --world "$2" "${shard_arg[@]}" >&2
   export NEUROX_STAGED_DATA="$STAGED_DIR"
 }
+
+show() { local out; printf -v out ' %q' "$@"; echo " $out"; } # one quoted command line (dry run)
 
 kill_tree() { # $1 = pid of a session leader started with setsid: TERM the process, then the whole group
   local pid="$1" _
@@ -251,13 +257,13 @@ launch_cmds() { # prints (dry run) or runs the worker launch; sets LAUNCH_PIDS
         if [[ "$LAUNCHER" == pbsdsh ]]; then c=(pbsdsh -h "$h" -- "${AGENT[@]}" --rank "$r")
         else c=(ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new "$h" "$(printf '%q ' "${AGENT[@]}" --rank "$r")")
         fi
-        if [[ $DRY_RUN -eq 1 ]]; then printf '  %q' "${c[@]}"; echo
+        if [[ $DRY_RUN -eq 1 ]]; then show "${c[@]}"
         else setsid "${c[@]}" </dev/null & LAUNCH_PIDS+=($!)
         fi
       done ;;
     *)
       local c=("$LAUNCHER" -n "${#WORKERS[@]}" --ppn 1 --hostfile "$hostfile" "${AGENT[@]}" --rank-offset 1)
-      if [[ $DRY_RUN -eq 1 ]]; then printf '  %q' "${c[@]}"; echo
+      if [[ $DRY_RUN -eq 1 ]]; then show "${c[@]}"
       else
         printf '%s\n' "${WORKERS[@]}" >"$hostfile"
         setsid "${c[@]}" </dev/null & LAUNCH_PIDS+=($!)
@@ -273,9 +279,9 @@ if [[ $DRY_RUN -eq 1 ]]; then
   echo "profile: $PROFILE   nodes: $NNODES (${HOSTS[*]})   head: ${HOSTS[0]} at $HEAD_IP"
   echo "state dir: $STATE (token file $STATE/token, mode 0600; created at start)"
   echo "env on every node: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$STATE/token"
-  echo "head:"; printf '  %q' "${HEAD_CMD[@]}"; echo
+  echo "head:"; show "${HEAD_CMD[@]}"
   echo "workers via $LAUNCHER:"; launch_cmds
-  [[ ${#CMD[@]} -gt 0 ]] && { echo "then:"; printf '  %q' "${CMD[@]}"; echo; }
+  [[ ${#CMD[@]} -gt 0 ]] && { echo "then:"; show "${CMD[@]}"; }
   exit 0
 fi
 
@@ -367,7 +373,15 @@ if [[ -n "$STOP_FILE" ]]; then
   WATCH_PID=$!
 fi
 if [[ $CHAIN -gt 0 && -n "${PBS_JOBID:-}" ]]; then
-  if NEXT_JOB=$(qsub -W "depend=afterany:$PBS_JOBID" -v "NEUROX_CHAIN=$((CHAIN - 1))" "$JOB_SCRIPT"); then
+  # carry the user's NEUROX_* settings over (qsub -v cannot carry values with commas or quotes)
+  vlist="NEUROX_CHAIN=$((CHAIN - 1))"
+  for v in $(compgen -e | grep '^NEUROX_' || true); do
+    [[ "$v" == NEUROX_CHAIN ]] && continue
+    if [[ "${!v}" == *[,\'\"]* ]]; then log "warning: $v not carried to the chained job (comma or quote)"; continue; fi
+    vlist+=",$v=${!v}"
+  done
+  read -r -a qsub_extra <<<"${NEUROX_QSUB_ARGS:-}"
+  if NEXT_JOB=$(qsub "${qsub_extra[@]}" -W "depend=afterany:$PBS_JOBID" -v "$vlist" "$JOB_SCRIPT"); then
     log "chained continuation job $NEXT_JOB (runs after this one; exits at once if the study completes)"
   else
     NEXT_JOB=""

@@ -8,11 +8,13 @@ PROFILE_HOST_SUFFIX="${PROFILE_HOST_SUFFIX:-}"
 PROFILE_NUM_GPUS="${PROFILE_NUM_GPUS:-12}"
 export PROFILE_IFACE PROFILE_HOST_SUFFIX PROFILE_NUM_GPUS
 if [[ -z "${NEUROX_SKIP_MODULES:-}" ]] && command -v module >/dev/null 2>&1; then
+  set +u  # module and conda scripts read unset variables
   module load frameworks   # PyTorch + IPEX/XPU, oneCCL bindings (torch "xccl" backend), Intel MPI
   if [[ -n "${NEUROX_VENV:-}" ]]; then
     # shellcheck disable=SC1091
     source "$NEUROX_VENV/bin/activate"
   fi
+  set -u
 fi
 export ZE_FLAT_DEVICE_HIERARCHY=FLAT
 export NEUROX_DIST_BACKEND="${NEUROX_DIST_BACKEND:-xccl}"

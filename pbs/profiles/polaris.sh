@@ -6,10 +6,15 @@ PROFILE_HOST_SUFFIX="${PROFILE_HOST_SUFFIX:-}"
 PROFILE_NUM_GPUS="${PROFILE_NUM_GPUS:-4}"
 export PROFILE_IFACE PROFILE_HOST_SUFFIX PROFILE_NUM_GPUS
 if [[ -z "${NEUROX_SKIP_MODULES:-}" ]] && command -v module >/dev/null 2>&1; then
+  set +u  # module and conda scripts read unset variables
   module use /soft/modulefiles 2>/dev/null || true
   module load conda 2>/dev/null || true
-  # the user's environment with NeuroX and Ray: NEUROX_CONDA_ENV (default: conda's base "frameworks" env)
-  if [[ -n "${NEUROX_CONDA_ENV:-}" ]]; then conda activate "$NEUROX_CONDA_ENV"; fi
+  conda activate "${NEUROX_CONDA_ENV:-base}"  # ALCF's PyTorch env, or yours with NeuroX and Ray installed
+  if [[ -n "${NEUROX_VENV:-}" ]]; then
+    # shellcheck disable=SC1091
+    source "$NEUROX_VENV/bin/activate"
+  fi
+  set -u
 fi
 # NCCL over Slingshot through the aws-ofi-nccl plugin (ALCF's recommended settings).
 export NCCL_NET_GDR_LEVEL="${NCCL_NET_GDR_LEVEL:-PHB}"

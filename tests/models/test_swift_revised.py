@@ -61,14 +61,14 @@ def test_temporal_attention_mixes_only_within_time_window():
 
 
 def test_revised_forward_backward_distinct_axes():
-    cfg = R.get_config(FAM, "debug", img_size=(24, 36, 48, 8), window_size=(2, 2, 2, 4))
+    cfg = R.get_config(FAM, "debug", img_size=(24, 48, 72, 8), window_size=(2, 2, 2, 4))
     assert cfg.patch_size == (6, 6, 6, 1) and cfg.mask_ratio == 0.8
     torch.manual_seed(0)
     model = R.build_pretrain_model(cfg)
-    x = torch.randn(2, 1, 24, 36, 48, 8)
-    out = model(x, brain_mask=torch.ones(2, 24, 36, 48, dtype=torch.bool),
+    x = torch.randn(2, 1, 24, 48, 72, 8)
+    out = model(x, brain_mask=torch.ones(2, 24, 48, 72, dtype=torch.bool),
                 mask=model.make_mask(2, generator=torch.Generator().manual_seed(1)))
-    assert out["pred"].shape == (2, 4, 6, 8, 8, 216)
+    assert out["pred"].shape == (2, 4, 8, 12, 8, 216)
     out["loss"].backward()
     for n, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), n

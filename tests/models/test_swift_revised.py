@@ -91,4 +91,4 @@ def test_revised_bad_window():
     with pytest.raises(ValueError, match="window_size"):
         R.get_config(FAM, "debug", window_size=(2, 2, 2, 3))
     with pytest.raises(ValueError, match="num_heads"):
-        R.get_config(FAM, "debug", embed_dim=18, num_heads=(3, 6))
+        R.get_config(FAM, "debug", embed_dim=18, num_heads=(2, 4))

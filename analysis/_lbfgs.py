@@ -39,6 +39,11 @@ def batched_lbfgs(fun: BatchFun, x0_SP: np.ndarray, *, m: int = 10, maxiter: int
     -------
     x_SP, f_S, n_iter_S, converged_S : ndarray
     """
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+        return _run(fun, x0_SP, m, maxiter, ftol, gtol, c1, max_backtrack)
+
+
+def _run(fun, x0_SP, m, maxiter, ftol, gtol, c1, max_backtrack):
     x = np.array(x0_SP, dtype=np.float64, copy=True)
     S, P = x.shape
     all_rows = np.arange(S)
@@ -62,7 +67,7 @@ def batched_lbfgs(fun: BatchFun, x0_SP: np.ndarray, *, m: int = 10, maxiter: int
         for j in range(m):
             slot = (hd - 1 - j) % m
             valid = j < nh
-            sj = s_hist[idx, slot]; yj = y_hist[idx, slot]; rj = rho[idx, slot] * valid
+            sj = s_hist[idx, slot]; yj = y_hist[idx, slot]; rj = np.where(valid, rho[idx, slot], 0.0)
             a = rj * np.einsum("sp,sp->s", sj, q)
             alpha[:, j] = a
             q -= a[:, None] * yj
@@ -74,7 +79,7 @@ def batched_lbfgs(fun: BatchFun, x0_SP: np.ndarray, *, m: int = 10, maxiter: int
         for j in reversed(range(m)):
             slot = (hd - 1 - j) % m
             valid = j < nh
-            sj = s_hist[idx, slot]; yj = y_hist[idx, slot]; rj = rho[idx, slot] * valid
+            sj = s_hist[idx, slot]; yj = y_hist[idx, slot]; rj = np.where(valid, rho[idx, slot], 0.0)
             b = rj * np.einsum("sp,sp->s", yj, r)
             r += sj * (alpha[:, j] - b)[:, None]
         d = -r
@@ -108,7 +113,7 @@ def batched_lbfgs(fun: BatchFun, x0_SP: np.ndarray, *, m: int = 10, maxiter: int
         ia = idx[acc]
         s_new = x_new[acc] - x[ia]; y_new = g_new[acc] - g[ia]
         sy_new = np.einsum("sp,sp->s", s_new, y_new)
-        upd = sy_new > 1e-12 * np.sqrt(np.einsum("sp,sp->s", s_new, s_new) * np.einsum("sp,sp->s", y_new, y_new))
+        upd = np.isfinite(sy_new) & (sy_new > 1e-280) & (sy_new > 1e-12 * np.sqrt(np.einsum("sp,sp->s", s_new, s_new) * np.einsum("sp,sp->s", y_new, y_new)))
         iu = ia[upd]
         slots = head[iu]
         s_hist[iu, slots] = s_new[upd]; y_hist[iu, slots] = y_new[upd]; rho[iu, slots] = 1.0 / sy_new[upd]

@@ -148,6 +148,10 @@ class LogLSEObjective:
     def __call__(self, theta_SP: np.ndarray, rows=None) -> tuple[np.ndarray, np.ndarray]:
         """Objective values ``f_S`` and gradients ``g_SP`` for a batch of parameter vectors."""
         th = np.atleast_2d(np.asarray(theta_SP, dtype=np.float64))
+        with np.errstate(over="ignore", invalid="ignore"):  # far-off starts overflow to inf: rejected by the search
+            return self._value_grad(th, rows)
+
+    def _value_grad(self, th, rows):
         ex, ee, s, r = self._terms(th)
         if self.delta is None:
             h = 0.5 * r * r
@@ -273,7 +277,7 @@ class FitResult:
             out["level"] = level
             out["n_bootstrap"] = int(len(self.bootstrap))
             out["intervals"] = {k: dict(se=r.se, lo=r.lo, hi=r.hi) for k, r in iv.iterrows()}
-        out.update(self.extra)
+        out.update({k: v for k, v in self.extra.items() if not k.startswith("_")})
         return out
 
 

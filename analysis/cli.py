@@ -1,0 +1,222 @@
+"""Command line: fit any table of runs (CSV, TSV or Parquet), not only the results store.
+
+Examples::
+
+    python -m analysis fit chinchilla runs.csv --params N --tokens D --loss L [--json]
+    python -m analysis fit chinchilla runs.csv --params N --flops C --loss L      # D = C / (6 N)
+    python -m analysis fit power runs.csv --x C --loss L
+    python -m analysis fit isoflop runs.csv --flops C --params N --loss L
+    python -m analysis mutransfer sweep.csv --lr lr --loss val_loss --width width --param parametrization
+    python -m analysis rank results.csv --config config --task task --value value --subset no_ukb=ADHD,sex
+    python -m analysis efficiency scaling.csv --units nodes --throughput samples_per_s --baseline 1 --baseline 64
+    python -m analysis summarize <store_dir> <out_dir>
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.fits import (CHINCHILLA_GRID, FitError, bootstrap_fit, compute_optimal, extrapolation_check,
+                           fit_chinchilla, fit_isoflop, fit_power_law)
+
+__all__ = ["main", "read_any"]
+
+
+def read_any(path: str) -> pd.DataFrame:
+    """Read a CSV, TSV or Parquet file (or a Parquet directory) into a DataFrame."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{path}: no such file")
+    if p.is_dir() or p.suffix in (".parquet", ".pq"):
+        return pd.read_parquet(p)
+    if p.suffix in (".tsv", ".tab"):
+        return pd.read_csv(p, sep="\t")
+    return pd.read_csv(p)
+
+
+def _col(df: pd.DataFrame, name: str, path: str) -> np.ndarray:
+    if name not in df.columns:
+        raise ValueError(f"{path}: column {name!r} not found; columns are {list(df.columns)}")
+    v = pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=float)
+    return v
+
+
+def _emit(obj: dict, table: pd.DataFrame | None, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=2, default=lambda x: x.item() if hasattr(x, "item") else str(x)))
+    else:
+        for k, v in obj.items():
+            if not isinstance(v, (dict, list)):
+                print(f"{k}: {v}")
+        if table is not None:
+            print(table.to_string(float_format=lambda x: f"{x:.6g}"))
+
+
+def _fit(args) -> int:
+    df = read_any(args.file)
+    if args.form == "chinchilla":
+        N = _col(df, args.params, args.file)
+        if args.tokens:
+            D = _col(df, args.tokens, args.file)
+        elif args.flops:
+            D = _col(df, args.flops, args.file) / (args.flops_per_param_token * N)
+        else:
+            raise ValueError("fit chinchilla needs --tokens D or --flops C (D = C / (6 N))")
+        L = _col(df, args.loss, args.file)
+        grid = None if args.grid_step == 1 else {k: v[::args.grid_step] for k, v in CHINCHILLA_GRID.items()}
+        fit = fit_chinchilla(N, D, L, delta=args.delta, reduction=args.reduction, grid=grid)
+        if args.bootstrap:
+            bootstrap_fit(fit, args.bootstrap, seed=args.seed)
+        out = fit.to_dict(args.level)
+        table = fit.intervals(args.level) if args.bootstrap else pd.DataFrame({"estimate": fit.params})
+        if args.budgets:
+            co = compute_optimal(fit, [float(b) for b in args.budgets], flops_per_param_token=args.flops_per_param_token,
+                                 level=args.level)
+            out["compute_optimal"] = co.to_dict(orient="records")
+        if args.holdout:
+            out["extrapolation"] = extrapolation_check("chinchilla", dict(N=N, D=D, L=L), n_holdout=args.holdout,
+                                                       flops_per_param_token=args.flops_per_param_token, grid=grid)
+    elif args.form == "power":
+        if not args.x:
+            raise ValueError("fit power needs --x COLUMN (compute, parameters or tokens)")
+        x, L = _col(df, args.x, args.file), _col(df, args.loss, args.file)
+        fit = fit_power_law(x, L, delta=args.delta, reduction=args.reduction)
+        if args.bootstrap:
+            bootstrap_fit(fit, args.bootstrap, seed=args.seed)
+        out = fit.to_dict(args.level)
+        table = fit.intervals(args.level) if args.bootstrap else pd.DataFrame({"estimate": fit.params})
+        if args.holdout:
+            out["extrapolation"] = extrapolation_check("power", dict(x=x, L=L), n_holdout=args.holdout)
+    else:  # isoflop
+        if not args.flops:
+            raise ValueError("fit isoflop needs --flops C (the IsoFLOP budget of each run)")
+        size_col = args.params or args.tokens
+        if not size_col:
+            raise ValueError("fit isoflop needs --params N (or --tokens D) as the size variable")
+        res = fit_isoflop(_col(df, args.flops, args.file), _col(df, size_col, args.file), _col(df, args.loss, args.file),
+                          variable=size_col, weighted=args.weighted, n_boot=args.bootstrap, seed=args.seed,
+                          level=args.level)
+        out = res.to_dict()
+        table = res.vertices[["C", "n_runs", "opt", "L_min", "curvature", "inside"]]
+    _emit(out, table, args.json)
+    return 0
+
+
+def _mutransfer(args) -> int:
+    from analysis.mutransfer import lr_transfer
+
+    df = read_any(args.file)
+    per, slopes = lr_transfer(df, lr_col=args.lr, loss_col=args.loss, width_col=args.width, param_col=args.param,
+                              window=args.window)
+    if args.plot:
+        from analysis.plots import plot_lr_transfer
+        plot_lr_transfer(df, per, lr_col=args.lr, loss_col=args.loss, width_col=args.width,
+                         param_col=args.param).savefig(args.plot, dpi=120)
+    if args.json:
+        _emit(dict(per_width=per.to_dict(orient="records"), slopes=slopes.to_dict(orient="records")), None, True)
+    else:
+        print(per.to_string()); print(); print(slopes.to_string())
+    return 0
+
+
+def _rank(args) -> int:
+    from analysis.ranking import rank_configs
+
+    df = read_any(args.file)
+    for c in (args.config, args.task, args.value):
+        if c not in df.columns:
+            raise ValueError(f"{args.file}: column {c!r} not found; columns are {list(df.columns)}")
+    wide = df.pivot_table(index=args.config, columns=args.task, values=args.value, aggfunc="mean", dropna=False)
+    directions = dict(d.split("=", 1) for d in args.direction)
+    subsets = {s.split("=", 1)[0]: s.split("=", 1)[1].split(",") for s in args.subset} or None
+    if subsets is not None and "all" not in subsets:
+        subsets = {"all": list(wide.columns), **subsets}
+    res = rank_configs(wide, directions=directions, subsets=subsets, missing=args.missing)
+    cols = [c for c in res.columns if not c.startswith("z__")]
+    _emit(dict(ranking=res[cols].reset_index().to_dict(orient="records")), res[cols], args.json)
+    return 0
+
+
+def _efficiency(args) -> int:
+    from analysis.efficiency import scaling_table
+
+    df = read_any(args.file)
+    t = scaling_table(_col(df, args.units, args.file), _col(df, args.throughput, args.file),
+                      baselines=[float(b) for b in args.baseline] or None, mode=args.mode)
+    if args.plot:
+        from analysis.plots import plot_scaling
+        plot_scaling(t).savefig(args.plot, dpi=120)
+    _emit(dict(table=t.to_dict(orient="records")), t, args.json)
+    return 0
+
+
+def _summarize(args) -> int:
+    from analysis.report import summarize_study
+
+    s = summarize_study(args.store, args.out, n_boot=args.bootstrap)
+    print(json.dumps(s, indent=2) if args.json else (Path(args.out) / "summary.md").read_text())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m analysis", description="NeuroX scaling-law analysis")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fit", help="fit a scaling law to a table of runs")
+    f.add_argument("form", choices=["chinchilla", "power", "isoflop"])
+    f.add_argument("file")
+    f.add_argument("--params", help="column with parameter counts N")
+    f.add_argument("--tokens", help="column with training tokens D")
+    f.add_argument("--flops", help="column with compute C (chinchilla: D = C / (6 N); isoflop: the budget)")
+    f.add_argument("--x", help="column of the variable of the one-variable law")
+    f.add_argument("--loss", required=True, help="column with the loss")
+    f.add_argument("--bootstrap", type=int, default=0, help="bootstrap replicates (0: none)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--level", type=float, default=0.95)
+    f.add_argument("--delta", type=float, default=1e-3, help="Huber delta on the log residual")
+    f.add_argument("--reduction", choices=["sum", "mean"], default="sum")
+    f.add_argument("--grid-step", type=int, default=1, help="use every k-th grid value per axis (1: full grid)")
+    f.add_argument("--budgets", nargs="*", default=[], help="compute budgets for the compute-optimal table")
+    f.add_argument("--holdout", type=int, default=0, help="hold out the k largest budgets and report the error")
+    f.add_argument("--flops-per-param-token", type=float, default=6.0)
+    f.add_argument("--weighted", action="store_true", help="isoflop: weight the power law by runs per budget")
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=_fit)
+    m = sub.add_parser("mutransfer", help="optimal LR per width and its drift (SP vs muP)")
+    m.add_argument("file"); m.add_argument("--lr", default="lr"); m.add_argument("--loss", default="val_loss")
+    m.add_argument("--width", default="width"); m.add_argument("--param", default="parametrization")
+    m.add_argument("--window", type=int, default=2); m.add_argument("--plot"); m.add_argument("--json", action="store_true")
+    m.set_defaults(func=_mutransfer)
+    r = sub.add_parser("rank", help="rank configurations by summed z-scores (long table: config, task, value)")
+    r.add_argument("file"); r.add_argument("--config", default="config"); r.add_argument("--task", default="task")
+    r.add_argument("--value", default="value")
+    r.add_argument("--direction", action="append", default=[], help="TASK=max|min (repeatable)")
+    r.add_argument("--subset", action="append", default=[], help="NAME=task1,task2 (repeatable)")
+    r.add_argument("--missing", default="skip", choices=["skip", "drop_config", "drop_task", "error"])
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=_rank)
+    e = sub.add_parser("efficiency", help="strong/weak scaling efficiency table")
+    e.add_argument("file"); e.add_argument("--units", default="nodes"); e.add_argument("--throughput", default="throughput")
+    e.add_argument("--baseline", action="append", default=[]); e.add_argument("--mode", default="strong",
+                                                                               choices=["strong", "weak"])
+    e.add_argument("--plot"); e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_efficiency)
+    s = sub.add_parser("summarize", help="fits, plots and a report of a results store")
+    s.add_argument("store"); s.add_argument("out"); s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_summarize)
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of ``python -m analysis``; returns the exit status (2 on bad input, with the message)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FitError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

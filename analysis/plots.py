@@ -1,0 +1,179 @@
+"""Matplotlib figures for the analysis (no pyplot state: every function returns a ``Figure``).
+
+Figures are built with :class:`matplotlib.figure.Figure` directly, so they work headless (Agg) and
+inside notebooks; save with ``fig.savefig(path)``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis.fits import FitResult, IsoFLOPResult
+
+__all__ = ["plot_loss_vs_flops", "plot_isoflop", "plot_optimal_allocation", "plot_lr_transfer", "plot_radar",
+           "plot_scaling", "power_law_band"]
+
+
+def power_law_band(fit: FitResult, x, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile band of the bootstrap predictions of a one-variable fit at ``x``."""
+    if fit.bootstrap is None:
+        raise ValueError("the fit has no bootstrap replicates: call bootstrap_fit first")
+    b = fit.bootstrap
+    x = np.asarray(x, dtype=np.float64)
+    pred = b["E"].to_numpy()[:, None] + b["A"].to_numpy()[:, None] * x[None, :] ** (-b["alpha"].to_numpy()[:, None])
+    q = (1 - level) / 2
+    return np.nanquantile(pred, q, axis=0), np.nanquantile(pred, 1 - q, axis=0)
+
+
+def plot_loss_vs_flops(C, L, *, fit: FitResult | None = None, frontier: Sequence[int] | None = None,
+                       curves: pd.DataFrame | None = None, labels=None, extend: float = 10.0,
+                       title: str = "Loss vs compute") -> Figure:
+    """Loss against FLOPs: runs, the compute frontier, the fitted law and its bootstrap band.
+
+    Parameters
+    ----------
+    C, L : array-like
+        Compute and loss of the (final) points.
+    fit : FitResult, optional
+        One-variable fit ``L(C)``; its bootstrap replicates give the band.
+    frontier : sequence of int, optional
+        Indices of the frontier points (highlighted).
+    curves : pandas.DataFrame, optional
+        Columns ``run, C, L``: whole training curves drawn faintly behind the points.
+    extend : float
+        The fitted curve extends this factor beyond the largest C.
+    """
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.add_subplot()
+    if curves is not None and len(curves):
+        for _, c in curves.groupby("run"):
+            ax.plot(c["C"], c["L"], color="0.8", lw=0.8, zorder=1)
+    C = np.asarray(C, dtype=float); L = np.asarray(L, dtype=float)
+    if labels is None:
+        ax.scatter(C, L, s=18, zorder=3, label="runs")
+    else:
+        codes, names = pd.factorize(pd.Series(np.asarray(labels)))
+        for i, name in enumerate(names):
+            ax.scatter(C[codes == i], L[codes == i], s=18, zorder=3, color=f"C{i % 10}", label=str(name))
+    if frontier is not None and len(frontier):
+        f = np.asarray(frontier)
+        ax.plot(C[f], L[f], "o", mfc="none", mec="k", ms=8, zorder=4, label="frontier")
+    if fit is not None:
+        xs = np.geomspace(C.min(), C.max() * extend, 200)
+        p = fit.params
+        ax.plot(xs, fit.predict(xs), "r-", zorder=5,
+                label=f"L = {p['E']:.3g} + {p['A']:.3g} C^-{p['alpha']:.3g}")
+        if fit.bootstrap is not None:
+            lo, hi = power_law_band(fit, xs)
+            ax.fill_between(xs, lo, hi, color="r", alpha=0.2, zorder=2, label="95% band")
+    ax.set_xscale("log"); ax.set_yscale("log")
+    ax.set_xlabel("FLOPs"); ax.set_ylabel("loss"); ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_isoflop(C, size, L, result: IsoFLOPResult) -> Figure:
+    """IsoFLOP curves (loss vs size per budget) with the parabola fits and their vertices."""
+    fig = Figure(figsize=(10, 4.2))
+    ax, ax2 = fig.subplots(1, 2)
+    C = np.asarray(C, float); S = np.asarray(size, float); L = np.asarray(L, float)
+    budgets = result.vertices["C"].to_numpy()
+    colors = [f"C{i % 10}" for i in range(len(budgets))]
+    for col, (_, v) in zip(colors, result.vertices.iterrows()):
+        m = C == v.C
+        ax.plot(S[m], L[m], "o", color=col, label=f"C={v.C:.2g}")
+        xs = np.linspace(np.log(S[m]).min(), np.log(S[m]).max(), 100)
+        ax.plot(np.exp(xs), v.p2 * xs ** 2 + v.p1 * xs + v.p0, "-", color=col)
+        ax.plot(v.opt, v.L_min, "k*", ms=10)
+    ax.set_xscale("log"); ax.set_xlabel(result.variable); ax.set_ylabel("loss"); ax.set_title("IsoFLOP profiles")
+    ax.legend(fontsize=7)
+    ax2.loglog(budgets, result.vertices["opt"], "k*", ms=10, label="vertices")
+    xs = np.geomspace(budgets.min(), budgets.max() * 10, 50)
+    ax2.loglog(xs, result.predict_opt(xs), "r-",
+               label=f"{result.variable}_opt ∝ C^{result.exponent:.3f} [{result.exponent_ci[0]:.3f}, {result.exponent_ci[1]:.3f}]")
+    ax2.set_xlabel("C (FLOPs)"); ax2.set_ylabel(f"{result.variable}_opt"); ax2.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_optimal_allocation(table: pd.DataFrame) -> Figure:
+    """N_opt and D_opt against C (from :func:`analysis.fits.compute_optimal`), with intervals when present."""
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.add_subplot()
+    for name, col in (("N_opt", "C0"), ("D_opt", "C1")):
+        ax.loglog(table["C"], table[name], "-", color=col, label=name)
+        if f"{name}_lo" in table:
+            ax.fill_between(table["C"], table[f"{name}_lo"], table[f"{name}_hi"], color=col, alpha=0.2)
+    ax.set_xlabel("C (FLOPs)"); ax.set_ylabel("parameters / tokens"); ax.legend()
+    ax.set_title("Compute-optimal allocation")
+    fig.tight_layout()
+    return fig
+
+
+def plot_lr_transfer(df: pd.DataFrame, per_width: pd.DataFrame | None = None, *, lr_col: str = "lr",
+                     loss_col: str = "val_loss", width_col: str = "width", param_col: str = "parametrization"
+                     ) -> Figure:
+    """Loss against learning rate per width, one panel per parametrization (SP | muP), LR* marked."""
+    pars = list(pd.unique(df[param_col])) if param_col in df.columns else ["all"]
+    fig = Figure(figsize=(5 * len(pars), 4))
+    axes = np.atleast_1d(fig.subplots(1, len(pars), sharey=True))
+    widths = sorted(pd.unique(df[width_col]))
+    for ax, par in zip(axes, pars):
+        d = df if par == "all" else df[df[param_col] == par]
+        for i, w in enumerate(widths):
+            g = d[d[width_col] == w].groupby(lr_col)[loss_col].mean()
+            if g.empty:
+                continue
+            ax.plot(g.index, g.values, "o-", color=f"C{i % 10}", label=f"width {w:g}")
+            if per_width is not None and len(per_width):
+                r = per_width[(per_width.parametrization == par) & (per_width.width == float(w))]
+                if len(r):
+                    ax.axvline(r.lr_opt.iloc[0], color=f"C{i % 10}", ls=":", lw=1)
+        ax.set_xscale("log", base=2); ax.set_xlabel("learning rate"); ax.set_title(str(par))
+    axes[0].set_ylabel("loss"); axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_radar(table: pd.DataFrame, *, title: str = "Downstream tasks") -> Figure:
+    """Radar plot: one polygon per row (configuration or model size), one spoke per task column.
+
+    Values are drawn as given (e.g. AUROC, or ranks/z-scores for mixed metrics); NaN cells are drawn at 0.
+    """
+    tasks = list(table.columns)
+    if len(tasks) < 3:
+        raise ValueError(f"a radar plot needs at least 3 task columns, got {len(tasks)}")
+    ang = np.linspace(0, 2 * np.pi, len(tasks), endpoint=False)
+    fig = Figure(figsize=(6, 6))
+    ax = fig.add_subplot(projection="polar")
+    for i, (name, row) in enumerate(table.iterrows()):
+        v = np.nan_to_num(row.to_numpy(dtype=float))
+        ax.plot(np.r_[ang, ang[:1]], np.r_[v, v[:1]], "-", color=f"C{i % 10}", label=str(name))
+        ax.fill(np.r_[ang, ang[:1]], np.r_[v, v[:1]], color=f"C{i % 10}", alpha=0.1)
+    ax.set_xticks(ang); ax.set_xticklabels(tasks, fontsize=8)
+    ax.set_title(title); ax.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.25, 1.1))
+    fig.tight_layout()
+    return fig
+
+
+def plot_scaling(table: pd.DataFrame, *, unit_label: str = "nodes") -> Figure:
+    """Throughput against units with the ideal line per baseline (from :func:`analysis.efficiency.scaling_table`)."""
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.add_subplot()
+    ax.loglog(table["units"], table["throughput"], "ko-", label="measured")
+    for i, c in enumerate(c for c in table.columns if c.startswith("ideal_")):
+        m = table[c].notna()
+        ax.loglog(table.loc[m, "units"], table.loc[m, c], "--", color=f"C{i}", label=f"ideal ({c[6:]})")
+        eff = table.loc[m, f"efficiency_{c[6:]}"]
+        for u, t, e in zip(table.loc[m, "units"], table.loc[m, "throughput"], eff):
+            if e != 1.0:
+                ax.annotate(f"{100 * e:.1f}%", (u, t), textcoords="offset points", xytext=(4, -10 - 10 * i),
+                            fontsize=7, color=f"C{i}")
+    ax.set_xlabel(unit_label); ax.set_ylabel("throughput (samples/s)"); ax.set_title("Strong scaling")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

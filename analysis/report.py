@@ -1,0 +1,209 @@
+"""End-of-study summary: fits, plots and a Markdown/JSON report from a results store.
+
+The study runner calls :func:`summarize_study` once a study has finished::
+
+    from analysis.report import summarize_study
+    summary = summarize_study("runs/my_study/store", "runs/my_study/report")
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.fits import (FitError, bootstrap_fit, compute_optimal, fit_chinchilla, fit_power_law,
+                           pareto_frontier)
+from analysis.store import read_table
+
+__all__ = ["final_rows", "summarize_study"]
+
+
+def final_rows(df: pd.DataFrame, *, run_col: str = "run_id", step_col: str = "step") -> pd.DataFrame:
+    """The last evaluation row of every run (rows flagged ``is_final`` first, else the largest step)."""
+    if df.empty:
+        return df
+    for c in (run_col, step_col):
+        if c not in df.columns:
+            raise ValueError(f"train table has no {c!r} column; columns are {list(df.columns)}")
+    d = df
+    if "is_final" in d.columns:
+        flag = d["is_final"].fillna(False).astype(bool)
+        finished = d.loc[flag, run_col].unique()
+        d = pd.concat([d[flag], d[~d[run_col].isin(finished)]])
+    return d.sort_values([run_col, step_col]).groupby(run_col, as_index=False).tail(1).reset_index(drop=True)
+
+
+def _clean(v):
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items() if not str(k).startswith("_")}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, (np.floating, float)):
+        return None if not math.isfinite(float(v)) else float(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, np.bool_):
+        return bool(v)
+    return v
+
+
+def summarize_study(store_dir, out_dir, *, loss_col: str = "val_loss", compute_col: str = "flops",
+                    params_col: str = "n_params", data_col: str = "tokens_seen", n_boot: int = 1000,
+                    seed: int = 0, level: float = 0.95) -> dict:
+    """Fit and plot a finished study: ``L(C)`` on the compute frontier and, when possible, approach 3.
+
+    Parameters
+    ----------
+    store_dir : str or Path
+        The study's results store (``<storage>/<study>/store``); its ``train`` table is read.
+    out_dir : str or Path
+        Where ``summary.json``, ``summary.md`` and the PNG plots are written (created if needed).
+    loss_col, compute_col, params_col, data_col : str
+        Columns of the train table used as loss, compute (FLOPs), parameters and tokens.
+    n_boot : int
+        Bootstrap replicates (seeded by ``seed``) for the intervals.
+    level : float
+        Interval level.
+
+    Returns
+    -------
+    dict
+        ``n_runs, n_final_points, power_law`` (parameters, intervals, ``exponent_excludes_zero``,
+        ``frontier_points``), ``extrapolation`` (relative error predicting the largest run from the
+        others), ``chinchilla`` (approach 3 with intervals and compute-optimal allocations, or the
+        reason it was skipped), ``plots`` (file names) and ``errors``. Parts that cannot be fitted carry an
+        ``error`` message instead of numbers.
+
+    Raises
+    ------
+    ValueError
+        If the train table is empty or lacks the loss or compute column.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = read_table(store_dir, "train")
+    if df.empty:
+        raise ValueError(f"results store {store_dir}: the 'train' table is empty or missing")
+    for c in (loss_col, compute_col):
+        if c not in df.columns:
+            raise ValueError(f"results store {store_dir}: train table has no {c!r} column; columns are {list(df.columns)}")
+    fin = final_rows(df)
+    ok = np.isfinite(pd.to_numeric(fin[loss_col], errors="coerce")) & (pd.to_numeric(fin[loss_col], errors="coerce") > 0) \
+        & np.isfinite(pd.to_numeric(fin[compute_col], errors="coerce")) & (pd.to_numeric(fin[compute_col], errors="coerce") > 0)
+    summary: dict = dict(store=str(store_dir), n_runs=int(fin["run_id"].nunique()), n_final_points=int(ok.sum()),
+                         n_dropped=int((~ok).sum()), level=level, n_boot=n_boot, plots=[], errors=[])
+    fin = fin[ok.to_numpy()].reset_index(drop=True)
+    C = fin[compute_col].to_numpy(float); L = fin[loss_col].to_numpy(float)
+
+    # -- one-variable law on the compute frontier
+    power = None
+    front = pareto_frontier(C, L) if len(C) else np.array([], int)
+    try:
+        use = front if len(front) >= 4 and len(np.unique(C[front])) >= 3 else np.arange(len(C))
+        power = bootstrap_fit(fit_power_law(C[use], L[use]), n_boot, seed=seed)
+        d = power.to_dict(level)
+        d["frontier_points"] = int(len(front))
+        d["fitted_on"] = "frontier" if len(use) == len(front) else "all final runs (frontier too small)"
+        d["exponent_excludes_zero"] = bool(d["intervals"]["alpha"]["lo"] > 0 or d["intervals"]["alpha"]["hi"] < 0)
+        summary["power_law"] = d
+    except (FitError, ValueError) as exc:
+        summary["power_law"] = dict(error=str(exc))
+        summary["errors"].append(f"power law: {exc}")
+
+    # -- extrapolation: predict the best loss at the largest budget from the smaller budgets
+    try:
+        top = C >= C.max() * (1 - 1e-9)
+        rest = np.nonzero(~top)[0]
+        if len(rest) < 4:
+            raise FitError(f"needs at least 4 runs below the largest budget to fit, got {len(rest)}")
+        fr = rest[pareto_frontier(C[rest], L[rest])]
+        use = fr if len(fr) >= 4 and len(np.unique(C[fr])) >= 3 else rest
+        f = fit_power_law(C[use], L[use])
+        big = np.nonzero(top)[0][np.argmin(L[top])]
+        pred = float(f.predict([C[big]])[0])
+        summary["extrapolation"] = dict(run_id=str(fin["run_id"].iloc[big]), compute=float(C[big]), actual=float(L[big]),
+                                        predicted=pred, rel_error=(pred - L[big]) / L[big], n_fit=int(len(use)),
+                                        fitted_on="frontier" if len(use) == len(fr) else "all smaller runs")
+    except (FitError, ValueError) as exc:
+        summary["extrapolation"] = dict(error=str(exc))
+
+    # -- approach 3 when the study varied both size and data
+    chin = None
+    if params_col in fin.columns and data_col in fin.columns:
+        N = pd.to_numeric(fin[params_col], errors="coerce").to_numpy(float)
+        D = pd.to_numeric(fin[data_col], errors="coerce").to_numpy(float)
+        good = np.isfinite(N) & np.isfinite(D) & (N > 0) & (D > 0)
+        nN, nD = len(np.unique(N[good])), len(np.unique(D[good]))
+        if nN >= 3 and nD >= 3 and good.sum() >= 8:
+            try:
+                chin = bootstrap_fit(fit_chinchilla(N[good], D[good], L[good]), n_boot, seed=seed)
+                d = chin.to_dict(level)
+                budgets = np.geomspace(C.min(), C.max() * 100, 7)
+                d["compute_optimal"] = compute_optimal(chin, budgets, level=level).to_dict(orient="records")
+                summary["chinchilla"] = d
+            except (FitError, ValueError) as exc:
+                summary["chinchilla"] = dict(error=str(exc))
+                summary["errors"].append(f"approach 3: {exc}")
+        else:
+            summary["chinchilla"] = dict(skipped=f"needs >= 3 distinct {params_col} and {data_col} values and >= 8 runs; "
+                                                 f"got {nN}, {nD} and {int(good.sum())}")
+    else:
+        summary["chinchilla"] = dict(skipped=f"train table lacks {params_col!r} or {data_col!r}")
+
+    # -- plots
+    from analysis.plots import plot_loss_vs_flops, plot_optimal_allocation
+
+    curves = None
+    dd = df[["run_id", compute_col, loss_col]].dropna()
+    dd = dd[(dd[compute_col] > 0) & (dd[loss_col] > 0)]
+    if len(dd):
+        curves = dd.rename(columns={"run_id": "run", compute_col: "C", loss_col: "L"})
+    if len(C):
+        fig = plot_loss_vs_flops(C, L, fit=power, frontier=front, curves=curves,
+                                 labels=fin["size"] if "size" in fin.columns else None)
+        fig.savefig(out / "loss_vs_flops.png", dpi=120)
+        summary["plots"].append("loss_vs_flops.png")
+    if chin is not None and "compute_optimal" in summary["chinchilla"]:
+        fig = plot_optimal_allocation(pd.DataFrame(summary["chinchilla"]["compute_optimal"]))
+        fig.savefig(out / "optimal_allocation.png", dpi=120)
+        summary["plots"].append("optimal_allocation.png")
+
+    summary = _clean(summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(_markdown(summary))
+    return summary
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def _markdown(s: dict) -> str:
+    lines = [f"# Study summary", "", f"Store: `{s['store']}`; {s['n_runs']} runs, {s['n_final_points']} final points "
+             f"({s['n_dropped']} dropped for missing/non-positive loss or compute).", ""]
+    for key, title in (("power_law", "L(C) = E + A C^-alpha on the compute frontier"),
+                       ("chinchilla", "Approach 3: L(N, D) = E + A/N^alpha + B/D^beta")):
+        d = s.get(key, {})
+        lines += [f"## {title}", ""]
+        if "params" not in d:
+            lines += [d.get("error") or d.get("skipped", "not fitted"), ""]
+            continue
+        lines += [f"| param | estimate | SE | {int(100 * s['level'])}% interval |", "|---|---|---|---|"]
+        for k, v in d["params"].items():
+            iv = d.get("intervals", {}).get(k, {})
+            lines.append(f"| {k} | {_fmt(v)} | {_fmt(iv.get('se'))} | [{_fmt(iv.get('lo'))}, {_fmt(iv.get('hi'))}] |")
+        if key == "power_law":
+            lines += ["", f"Exponent interval excludes zero: **{d['exponent_excludes_zero']}** "
+                          f"({d['fitted_on']}, {d['frontier_points']} frontier points)."]
+        lines.append("")
+    e = s.get("extrapolation", {})
+    lines += ["## Extrapolation", ""]
+    lines.append(e["error"] if "error" in e else
+                 f"Best run at the largest budget `{e['run_id']}` (C = {e['compute']:.3g}): predicted {e['predicted']:.4g}, "
+                 f"actual {e['actual']:.4g}, relative error {100 * e['rel_error']:+.2f}% (fit on {e['n_fit']} points).")
+    lines += ["", *[f"![{p}]({p})" for p in s["plots"]], ""]
+    return "\n".join(lines)

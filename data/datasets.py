@@ -296,6 +296,19 @@ class WindowedDataset(torch.utils.data.Dataset):
         w = (pos - np.floor(pos)).astype(np.float32)[:, None, None, None]
         return ((1 - w) * src[i0] + w * src[i1]).astype(np.float16)
 
+    def _finish_cpu(self, out_XYZT: torch.Tensor, frames_TXYZ: torch.Tensor, h: SubjectReader, mul: float,
+                    add: float, bg: float) -> None:
+        """``out = where(mask, stored * mul + add, bg)`` with T last: one transposing copy + one fused pass."""
+        coef = getattr(h, "_neurox_coef", None)
+        if coef is None or coef[0] != (mul, add, bg):
+            m = torch.from_numpy(h.mask)[..., None]
+            mul_v = torch.where(m, torch.tensor(mul, dtype=torch.float32), torch.tensor(0.0))
+            add_v = torch.where(m, torch.tensor(add, dtype=torch.float32), torch.tensor(bg, dtype=torch.float32))
+            coef = ((mul, add, bg), mul_v, add_v)
+            h._neurox_coef = coef
+        out_XYZT.copy_(frames_TXYZ.permute(1, 2, 3, 0))
+        out_XYZT.mul_(coef[1]).add_(coef[2])
+
     def __getitem__(self, i: int) -> dict:
         if i < 0:
             i += len(self)
@@ -316,9 +329,8 @@ class WindowedDataset(torch.utils.data.Dataset):
                 x = frames_TXYZ.permute(1, 2, 3, 0).unsqueeze(0)
                 item["scale_coef"] = torch.tensor([mul, add, bg], dtype=torch.float32)
             else:
-                xf = frames_TXYZ.to(torch.float32).mul_(mul).add_(add)
-                xf = torch.where(mask_c[None], xf, torch.tensor(bg, dtype=torch.float32))
-                x = xf.permute(1, 2, 3, 0).unsqueeze(0).contiguous()
+                x = torch.empty((1, *info.crop_shape, frames_TXYZ.shape[0]), dtype=torch.float32)
+                self._finish_cpu(x[0], frames_TXYZ, h, mul, add, bg)
             item["x"], item["brain_mask"] = x, mask_c
         else:
             px, py, pz = grid_placement(info.crop_shape, self.grid, self._paths[r])
@@ -332,10 +344,8 @@ class WindowedDataset(torch.utils.data.Dataset):
                 x[(0, *sl)] = frames_TXYZ.permute(1, 2, 3, 0)
                 item["scale_coef"] = torch.tensor([mul, add, bg], dtype=torch.float32)
             else:
-                xf = frames_TXYZ.to(torch.float32).mul_(mul).add_(add)
-                xf = torch.where(mask_c[None], xf, torch.tensor(bg, dtype=torch.float32))
                 x = torch.full((1, *self.grid, T), bg, dtype=torch.float32)
-                x[(0, *sl)] = xf.permute(1, 2, 3, 0)
+                self._finish_cpu(x[(0, *sl)], frames_TXYZ, h, mul, add, bg)
             item["x"], item["brain_mask"] = x, mask
         if self.target is not None:
             item["y"] = torch.tensor(float(row[self.target]), dtype=torch.float32)

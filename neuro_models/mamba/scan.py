@@ -17,9 +17,14 @@ Implementations (``impl``):
   states are then combined by a Hillis-Steele parallel scan over chunks (``log2(n_chunks)``
   steps), and each position adds the carried state times its in-chunk cumulative decay. Only
   products of decays in ``[0, 1]`` are formed, so it cannot overflow (unlike the
-  ``exp(cumsum)`` factorisation) and a reset (decay 0) is exact.
-- ``"compiled"``: the same function through ``torch.compile`` (the fast GPU path here; Inductor
-  fuses the elementwise chain).
+  ``exp(cumsum)`` factorisation) and a reset (decay 0) is exact. Its backward is written by hand
+  (a reverse chunked scan for ``dL/dh``) and recomputes the ``[R, L, E, N]`` states instead of
+  storing them, one block of channels at a time: activation memory is that of the ``[R, L, E]``
+  inputs, like the CUDA kernel's.
+- ``"chunked_autograd"``: the same forward differentiated by autograd (stores every state; kept as
+  a cross-check and for the benchmark).
+- ``"compiled"``: ``"chunked"`` with its forward and backward cores through ``torch.compile``
+  (the fast GPU path here; Inductor fuses the elementwise chain).
 - ``"sequential"``: a plain loop over time steps; the float64 reference used by the tests.
 - ``"mamba_ssm"``: the CUDA kernel of the ``mamba-ssm`` package, used only when it is importable,
   the tensors are on CUDA and there are no interior sequence starts (the kernel has no boundary
@@ -39,7 +44,7 @@ try:  # optional CUDA kernels; never required
 except Exception:  # pragma: no cover - mamba-ssm is not installed in CI
     _mamba_ssm_scan = None
 
-SCAN_IMPLS = ("auto", "chunked", "compiled", "sequential", "mamba_ssm")
+SCAN_IMPLS = ("auto", "chunked", "chunked_autograd", "compiled", "sequential", "mamba_ssm")
 
 
 def mamba_ssm_available() -> bool:
@@ -101,13 +106,11 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, starts=None):
     return _finish(torch.stack(hs, dim=1), u, C, D, z)
 
 
-def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, starts=None, chunk: int = 16):
-    """Chunked parallel scan (see module docstring); same signature as the reference."""
-    R, L, E = u.shape
-    N = A.shape[1]
+def _states(a: torch.Tensor, b: torch.Tensor, chunk: int) -> torch.Tensor:
+    """All states of ``h_t = a_t h_{t-1} + b_t`` along dim 1 of ``[R, L, E, N]`` tensors (chunked)."""
+    R, L, E, N = a.shape
     Q = max(1, min(int(chunk), L))
     pad = (-L) % Q
-    a, b = _prepare(u, delta, A, B, C, starts)
     if pad:
         a = F.pad(a, (0, 0, 0, 0, 0, pad), value=1.0)
         b = F.pad(b, (0, 0, 0, 0, 0, pad), value=0.0)
@@ -120,19 +123,115 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, starts=None, chunk
     for q in range(1, Q):
         acc_h.append(a[:, :, q] * acc_h[-1] + b[:, :, q])
         acc_a.append(a[:, :, q] * acc_a[-1])
-    a_cum = torch.stack(acc_a, dim=2)  # decay from chunk start to position q (inclusive)
-    h_loc = torch.stack(acc_h, dim=2)  # state assuming zero state entering the chunk
     # carry across chunks: parallel scan over chunk-end (decay, state) pairs
     _, h_end = linear_recurrence_scan(acc_a[-1], acc_h[-1], dim=1)
     h_in = _shift(h_end, 1, 1, 0.0)  # state entering each chunk
-    h = h_loc + a_cum * h_in.unsqueeze(2)
-    h = h.reshape(R, nC * Q, E, N)[:, :L]
-    return _finish(h, u, C, D, z)
+    a_cum = torch.stack(acc_a, dim=2)  # decay from chunk start to position q (inclusive)
+    del acc_a
+    h = torch.stack(acc_h, dim=2)      # state assuming zero state entering the chunk
+    del acc_h
+    h = h + a_cum * h_in.unsqueeze(2)
+    return h.reshape(R, nC * Q, E, N)[:, :L]
+
+
+def _ssm_fwd(u, delta, A, B, C, keep, chunk: int):
+    """SSM part of the scan, ``y_ssm[r, t, e] = sum_n C h`` (no skip, no gate)."""
+    a = torch.exp(delta.unsqueeze(-1) * A)
+    if keep is not None:
+        a = a * keep[:, :, None, None]
+    b = (delta * u).unsqueeze(-1) * B.unsqueeze(2)
+    h = _states(a, b, chunk)
+    return (h * C.unsqueeze(2)).sum(-1)
+
+
+def _ssm_bwd(dy, u, delta, A, B, C, keep, chunk: int):
+    """Gradients of :func:`_ssm_fwd` by recomputation and a reverse chunked scan."""
+    a = torch.exp(delta.unsqueeze(-1) * A)
+    if keep is not None:
+        a = a * keep[:, :, None, None]
+    du_ = delta * u
+    b = du_.unsqueeze(-1) * B.unsqueeze(2)
+    h = _states(a, b, chunk)
+    dC = (dy.unsqueeze(-1) * h).sum(2)
+    g = dy.unsqueeze(-1) * C.unsqueeze(2)              # dL/dh_t from y_t
+    a_next = _shift(a.flip(1), 1, 1, 0.0)               # a_{t+1}, reversed in time
+    dh = _states(a_next, g.flip(1), chunk).flip(1)      # dh_t = g_t + a_{t+1} dh_{t+1}
+    del g, a_next
+    h_prev = _shift(h, 1, 1, 0.0)
+    dlog = dh * h_prev * a                              # d loss / d (delta * A)  (0 where reset)
+    del h, h_prev
+    ddelta = (dlog * A).sum(-1)
+    dA = (dlog * delta.unsqueeze(-1)).sum((0, 1))
+    del dlog
+    d_du = (dh * B.unsqueeze(2)).sum(-1)
+    dB = (dh * du_.unsqueeze(-1)).sum(2)
+    ddelta = ddelta + d_du * u
+    du = d_du * delta
+    return du, ddelta, dA, dB, dC
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_chunked():
-    return torch.compile(selective_scan_chunked, dynamic=True)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True)
+
+
+class _ChunkedSSM(torch.autograd.Function):
+    """Chunked SSM with a hand-written backward: saves only the ``[R, L, E]`` inputs and recomputes
+    the ``[R, L, E, N]`` states in backward, one block of channels at a time (channels are
+    independent), so memory stays ``O(R L E)`` plus one bounded block."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, keep, chunk, e_block, compiled):
+        ctx.save_for_backward(u, delta, A, B, C, keep)
+        ctx.chunk, ctx.e_block, ctx.compiled = chunk, e_block, compiled
+        fwd = _compiled(_ssm_fwd) if compiled else _ssm_fwd
+        E = u.shape[-1]
+        ys = [fwd(u[..., s:s + e_block], delta[..., s:s + e_block], A[s:s + e_block], B, C, keep, chunk)
+              for s in range(0, E, e_block)]
+        return torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0]
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, delta, A, B, C, keep = ctx.saved_tensors
+        bwd = _compiled(_ssm_bwd) if ctx.compiled else _ssm_bwd
+        E, eb = u.shape[-1], ctx.e_block
+        du, ddelta, dA = [], [], []
+        dB = torch.zeros_like(B)
+        dC = torch.zeros_like(C)
+        for s in range(0, E, eb):
+            r = bwd(dy[..., s:s + eb].contiguous(), u[..., s:s + eb], delta[..., s:s + eb], A[s:s + eb], B, C, keep,
+                    ctx.chunk)
+            du.append(r[0])
+            ddelta.append(r[1])
+            dA.append(r[2])
+            dB += r[3]
+            dC += r[4]
+        return torch.cat(du, -1), torch.cat(ddelta, -1), torch.cat(dA, 0), dB, dC, None, None, None, None
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, starts=None, chunk: int = 16, *,
+                           max_block_elems: int = 1 << 27, compiled: bool = False):
+    """Chunked parallel scan with the memory-lean custom backward (see module docstring).
+
+    ``max_block_elems`` bounds the ``[R, L, E_block, N]`` temporaries (channels are processed in
+    blocks); ``compiled`` runs the forward and backward cores through ``torch.compile``.
+    """
+    R, L, E = u.shape
+    N = A.shape[1]
+    e_block = max(1, min(E, max_block_elems // max(1, R * L * N)))
+    keep = None if starts is None else (~starts).to(u.dtype)
+    y = _ChunkedSSM.apply(u, delta, A, B, C, keep, int(chunk), e_block, bool(compiled))
+    if D is not None:
+        y = y + u * D
+    if z is not None:
+        y = y * F.silu(z)
+    return y
+
+
+def selective_scan_chunked_autograd(u, delta, A, B, C, D=None, z=None, starts=None, chunk: int = 16):
+    """The same chunked algorithm differentiated by autograd (stores every state: memory-hungry)."""
+    a, b = _prepare(u, delta, A, B, C, starts)
+    return _finish(_states(a, b, chunk), u, C, D, z)
 
 
 def _scan_mamba_ssm(u, delta, A, B, C, D, z):
@@ -161,7 +260,7 @@ def selective_scan(u_RLE, delta_RLE, A_EN, B_RLN, C_RLN, D_E=None, z_RLE=None, s
         Gate; the output is multiplied by ``silu(z)``.
     starts_RL : bool Tensor [R, L] or None
         True at the first token of each packed sequence (state reset there).
-    impl : {"auto", "chunked", "compiled", "sequential", "mamba_ssm"}
+    impl : {"auto", "chunked", "chunked_autograd", "compiled", "sequential", "mamba_ssm"}
         See the module docstring. ``"auto"`` uses ``mamba_ssm`` when possible, else ``"chunked"``.
     chunk : int
         Chunk length of the chunked scan.
@@ -188,9 +287,9 @@ def selective_scan(u_RLE, delta_RLE, A_EN, B_RLN, C_RLN, D_E=None, z_RLE=None, s
     starts = starts_RL if interior else None
     if impl == "sequential":
         return selective_scan_sequential(u, delta, A, B, C, D, z, starts)
-    if impl == "compiled":
-        return _compiled_chunked()(u, delta, A, B, C, D, z, starts, chunk)
-    return selective_scan_chunked(u, delta, A, B, C, D, z, starts, chunk)
+    if impl == "chunked_autograd":
+        return selective_scan_chunked_autograd(u, delta, A, B, C, D, z, starts, chunk)
+    return selective_scan_chunked(u, delta, A, B, C, D, z, starts, chunk, compiled=(impl == "compiled"))
 
 
 def scan_flops_per_token(d_inner: int, d_state: int) -> int:
@@ -203,5 +302,5 @@ def scan_flops_per_token(d_inner: int, d_state: int) -> int:
     return 7 * d_inner * d_state + 5 * d_inner
 
 
-__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_sequential", "linear_recurrence_scan",
+__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_chunked_autograd", "selective_scan_sequential", "linear_recurrence_scan",
            "mamba_ssm_available", "scan_flops_per_token", "SCAN_IMPLS"]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from neuro_models.mamba.scan import (linear_recurrence_scan, mamba_ssm_available, selective_scan,
-                                     selective_scan_sequential)
+                                     selective_scan_chunked, selective_scan_sequential)
 
 
 def _inputs(R=2, L=37, E=5, N=3, seed=0, delta_scale=1.0):
@@ -46,8 +46,9 @@ def test_sequential_matches_textbook_recurrence():
     assert torch.allclose(got, ref, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("impl", ["chunked", "chunked_autograd"])
 @pytest.mark.parametrize("chunk", [1, 4, 16, 64])
-def test_chunked_matches_sequential_values_and_grads(chunk):
+def test_chunked_matches_sequential_values_and_grads(chunk, impl):
     args = _inputs()
     starts = torch.zeros(2, 37, dtype=torch.bool)
     starts[0, 0] = True
@@ -55,7 +56,7 @@ def test_chunked_matches_sequential_values_and_grads(chunk):
     starts[1, 20] = True
     starts[1, 21] = True  # a one-token sequence
     y_ref = selective_scan(*args, starts, impl="sequential")
-    y = selective_scan(*args, starts, impl="chunked", chunk=chunk)
+    y = selective_scan(*args, starts, impl=impl, chunk=chunk)
     assert y.dtype == torch.float64
     assert torch.allclose(y, y_ref, atol=1e-11, rtol=0)
     w = torch.randn_like(y_ref)
@@ -119,3 +120,25 @@ def test_bad_impl_and_missing_kernel():
     if not mamba_ssm_available():
         with pytest.raises(ValueError, match="mamba-ssm"):
             selective_scan(*args, impl="mamba_ssm")
+
+
+def test_channel_blocks_give_the_same_values_and_grads():
+    """The custom backward processes channels in blocks to bound memory; the result must not change."""
+    args = _inputs(E=7)
+    starts = torch.zeros(2, 37, dtype=torch.bool)
+    starts[1, 5] = True
+    y_ref = selective_scan(*args, starts, impl="sequential")
+    y = selective_scan_chunked(*args, starts, chunk=8, max_block_elems=2 * 37 * 3 * 2)  # blocks of 2 channels
+    assert torch.allclose(y, y_ref, atol=1e-11, rtol=0)
+    g_ref = torch.autograd.grad(y_ref.sum(), args)
+    g = torch.autograd.grad(y.sum(), args)
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, atol=1e-10, rtol=0)
+
+
+def test_custom_backward_passes_gradcheck():
+    u, delta, A, B, C, D, z = _inputs(R=1, L=11, E=2, N=2)
+    starts = torch.zeros(1, 11, dtype=torch.bool)
+    starts[0, 6] = True
+    assert torch.autograd.gradcheck(lambda *t: selective_scan_chunked(*t, starts=starts, chunk=4),
+                                    (u, delta, A, B, C, D, z))

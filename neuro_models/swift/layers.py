@@ -125,8 +125,8 @@ class Attention(nn.Module):
     """Multi-head self-attention over independent sequences ``[S, N, D]`` with fused SDPA.
 
     ``mask`` is a boolean ``[W, N, N]`` (True = may attend) shared by every group of ``W``
-    consecutive sequences (the windows of one sample) or ``None``; ``rope`` an optional callable that
-    rotates q and k (``[S, H, N, E]``).
+    consecutive sequences (the windows of one sample) or ``None``; ``rope`` optional RoPE tables
+    ``(cos_NE, sin_NE)`` that rotate q and k (``[S, H, N, E]``).
     """
 
     def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, scale: float | None = None) -> None:
@@ -142,10 +142,17 @@ class Attention(nn.Module):
         qkv = self.qkv(x_SND).reshape(S, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [S, H, N, E]
         if rope is not None:
-            q, k = rope(q), rope(k)
+            cos, sin = rope[0].to(q.dtype), rope[1].to(q.dtype)
+            q, k = rope_rotate(q, cos, sin), rope_rotate(k, cos, sin)
         bias = None if mask is None else mask_to_bias(mask, S // mask.shape[0], q.dtype)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.proj(o.transpose(1, 2).reshape(S, N, D))
+
+
+def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE rotation ``x * cos + rotate_half(x) * sin`` on the last axis (pairs ``(i, i + E/2)``)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class PatchEmbed(nn.Module):

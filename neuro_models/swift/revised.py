@@ -18,14 +18,12 @@ voxels of the ``r^3`` first-stage patches under each last-stage token).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .config import SwiftConfig, stage_window
-from .layers import Attention, DropPath, Mlp, PatchEmbed, PatchMerging, shifted_window_mask, window_partition, \
-    window_reverse
+from .layers import (Attention, DropPath, Mlp, PatchEmbed, PatchMerging, rope_rotate, shifted_window_mask,
+                     window_partition, window_reverse)
 from .model import Stage, _scale, drop_path_rates
 
 
@@ -42,8 +40,8 @@ def rope_tables(pos_NA: torch.Tensor, head_dim: int, theta: float, dtype: torch.
     pair = torch.arange(half, device=pos_NA.device)
     axis = pair % A
     k = pair // A
-    n_per_axis = torch.bincount(axis, minlength=A).clamp_min(1)
-    freq = theta ** (-k.double() / n_per_axis[axis].double())
+    n_per_axis = torch.div(half - axis + A - 1, A, rounding_mode="floor")  # pairs dealt to each pair's axis
+    freq = theta ** (-k.double() / n_per_axis.double())
     ang = pos_NA.double()[:, axis] * freq  # [N, half]
     ang = torch.cat([ang, ang], dim=-1)
     return ang.cos().to(dtype), ang.sin().to(dtype)
@@ -51,23 +49,13 @@ def rope_tables(pos_NA: torch.Tensor, head_dim: int, theta: float, dtype: torch.
 
 def apply_rope(x_SHNE: torch.Tensor, cos_NE: torch.Tensor, sin_NE: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` (``[..., N, E]``) by the tables: ``x * cos + rotate_half(x) * sin``."""
-    x1, x2 = x_SHNE.chunk(2, dim=-1)
-    rot = torch.cat([-x2, x1], dim=-1)
-    return x_SHNE * cos_NE.to(x_SHNE.dtype) + rot * sin_NE.to(x_SHNE.dtype)
+    return rope_rotate(x_SHNE, cos_NE.to(x_SHNE.dtype), sin_NE.to(x_SHNE.dtype))
 
 
-def window_coords(window: tuple[int, ...]) -> torch.Tensor:
+def window_coords(window: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
     """Coordinates ``[N, len(window)]`` of the tokens of a window in partition order."""
-    grids = torch.meshgrid(*[torch.arange(w) for w in window], indexing="ij")
+    grids = torch.meshgrid(*[torch.arange(w, device=device) for w in window], indexing="ij")
     return torch.stack([g.reshape(-1) for g in grids], dim=-1)
-
-
-class _Rope:
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        self.cos, self.sin = cos, sin
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_rope(x, self.cos, self.sin)
 
 
 class FactorizedBlock(nn.Module):
@@ -96,9 +84,8 @@ class FactorizedBlock(nn.Module):
         if any(shift):
             h = torch.roll(h, shifts=tuple(-s for s in shift), dims=(1, 2, 3, 4))
         mask = shifted_window_mask(dims, win, shift, device=h.device)
-        coords = window_coords(win)[:, rope_axes].to(h.device)
-        cos, sin = rope_tables(coords, attn.head_dim, self.rope_theta)
-        o = attn(window_partition(h, win), mask=mask, rope=_Rope(cos, sin))
+        coords = window_coords(win, h.device)[:, rope_axes]
+        o = attn(window_partition(h, win), mask=mask, rope=rope_tables(coords, attn.head_dim, self.rope_theta))
         o = window_reverse(o, win, dims)
         if any(shift):
             o = torch.roll(o, shifts=shift, dims=(1, 2, 3, 4))

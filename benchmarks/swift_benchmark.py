@@ -1,0 +1,227 @@
+"""SwiFT v2 training benchmark: samples/s, MFU and peak memory on one GPU (or CPU for a smoke run).
+
+Measures full pre-training steps (SimMIM forward + backward + fused AdamW) under bf16 autocast on
+synthetic input, for:
+
+* ``target``: the SwiFT v1 reference configuration (51M: embed 96, depths 2-2-18-2, heads
+  6-12-24-48, patch 6x6x6x1, windows 4x4x4x4, input 96^3 x 20) at batch 16 and 8, the case the
+  issue's >= 262 samples/s and <= half-memory targets refer to;
+* ``ladder``: the SwiFT v2 sizes (patch 6x6x6x2) that fit one GPU;
+* ``seqlen``: peak memory vs sequence length T = 20/40/80/160 for both variants at batch 1 and 8
+  (51M; v1 windows 4x4x4x4 at patch 6x6x6x1, revised windows 4x4x4 x 10 frames).
+
+MFU uses the analytic train FLOPs per sample (``registry.flops_per_sample``) against both the
+measured dense bf16 matmul rate of an H100 (780 TFLOP/s) and its datasheet peak (989 TFLOP/s).
+Needs only torch (no mup, no ray). Writes JSON and a Markdown table.
+
+Examples
+--------
+On a GPU machine::
+
+    python benchmarks/swift_benchmark.py --suite target,seqlen --out results.json --md results.md
+
+CPU smoke run (tiny sizes, eager)::
+
+    python benchmarks/swift_benchmark.py --suite smoke --compile none --steps 2 --warmup 1
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from neuro_models import registry as R  # noqa: E402
+
+PEAK_MEASURED = 780e12
+PEAK_DATASHEET = 989e12
+V1_51M = dict(patch_size=(6, 6, 6, 1), window_size=(4, 4, 4, 4), mask_patch_size=(12, 12, 12, 2))
+REVISED_51M = dict(window_size=(4, 4, 4, 10))
+
+
+def _set_dynamo_limits() -> None:
+    import torch._dynamo.config as dc
+
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(dc, name):
+            setattr(dc, name, 256)
+
+
+def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``none``: eager; ``block``: compile every encoder block, merge and the decoder in place
+    (compiled code is shared by blocks of the same shape); ``model``: compile the whole model."""
+    if mode == "none":
+        return model
+    _set_dynamo_limits()
+    if mode == "model":
+        return torch.compile(model)
+    for stage in model.encoder.stages:
+        for blk in stage.blocks:
+            blk.compile()
+    for m in model.encoder.merges:
+        m.compile()
+    model.decoder.compile()
+    return model
+
+
+def run_case(name: str, family: str, size: str, overrides: dict, batch: int, *, compile_mode: str, steps: int,
+             warmup: int, device: torch.device) -> dict:
+    """Time ``steps`` training steps after ``warmup``; returns a result row (``status`` OOM on OOM)."""
+    cfg = R.get_config(family, size, **overrides)
+    row = dict(name=name, family=family, size=size, batch=batch, img_size=list(cfg.img_size),
+               patch_size=list(cfg.patch_size), window_size=list(cfg.window_size), compile=compile_mode,
+               use_checkpoint=cfg.use_checkpoint, params=R.param_counts(cfg)["total"],
+               encoder_params=R.param_counts(cfg)["encoder"], train_flops_per_sample=R.flops_per_sample(cfg)["train"])
+    model = opt = None
+    try:
+        torch.manual_seed(0)
+        model = R.build_pretrain_model(cfg).to(device)
+        net = compile_model(model, compile_mode)
+        fused = device.type == "cuda"
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=fused)
+        x = torch.randn(batch, cfg.in_chans, *cfg.img_size, device=device)
+        brain = torch.ones(batch, *cfg.img_size[:3], dtype=torch.bool, device=device)
+        mask = model.make_mask(batch, generator=torch.Generator().manual_seed(0), device=device)
+
+        def step() -> float:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                out = net(x, brain_mask=brain, mask=mask)
+            out["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return out["loss"]
+
+        t_compile = time.perf_counter()
+        for _ in range(warmup):
+            loss = step()
+        _sync(device)
+        row["warmup_s"] = time.perf_counter() - t_compile
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        _sync(device)
+        dt = time.perf_counter() - t0
+        row["loss"] = float(loss)
+        row["step_s"] = dt / steps
+        row["samples_per_s"] = batch * steps / dt
+        fl = row["train_flops_per_sample"] * row["samples_per_s"]
+        row["tflops"] = fl / 1e12
+        row["mfu_measured_780"] = fl / PEAK_MEASURED
+        row["mfu_datasheet_989"] = fl / PEAK_DATASHEET
+        if device.type == "cuda":
+            row["peak_alloc_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+        row["status"] = "ok" if torch.isfinite(torch.tensor(row["loss"])) else "nonfinite"
+    except torch.OutOfMemoryError:
+        row["status"] = "OOM"
+    except Exception as e:  # noqa: BLE001 - a benchmark records failures and goes on
+        row["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+    finally:
+        del model, opt
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cases(suite: str) -> list[tuple]:
+    """(name, family, size, overrides, batch) of a suite."""
+    out: list[tuple] = []
+    if suite == "smoke":
+        out += [("smoke-v1", "swift_v2", "debug", {}, 2), ("smoke-revised", "swift_v2_revised", "debug", {}, 2)]
+    if suite == "target":
+        for b in (16, 8):
+            out.append((f"v1cfg-51M-b{b}", "swift_v2", "51M", V1_51M, b))
+    if suite == "ladder":
+        for size, b in (("51M", 16), ("202M", 8), ("806M", 4), ("3B", 1)):
+            out.append((f"ladder-{size}-b{b}", "swift_v2", size, {}, b))
+    if suite == "seqlen":
+        for fam, ov in (("swift_v2_revised", REVISED_51M), ("swift_v2", V1_51M)):
+            for b in (1, 8):
+                for T in (20, 40, 80, 160):
+                    out.append((f"seqlen-{fam}-T{T}-b{b}", fam, "51M", {**ov, "img_size": (96, 96, 96, T)}, b))
+    if suite == "revised":
+        for b in (16, 8):
+            out.append((f"revised-51M-b{b}", "swift_v2_revised", "51M", REVISED_51M, b))
+    return out
+
+
+def markdown(rows: list[dict], device_name: str) -> str:
+    lines = [f"Device: {device_name}", "",
+             "| case | batch | T | compile | samples/s | TFLOP/s | MFU (780) | MFU (989) | peak alloc GiB | "
+             "peak reserved GiB | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def f(k, fmt="{:.1f}"):
+            return fmt.format(r[k]) if k in r else "-"
+        lines.append(f"| {r['name']} | {r['batch']} | {r['img_size'][3]} | {r['compile']} | {f('samples_per_s')} | "
+                     f"{f('tflops')} | {f('mfu_measured_780', '{:.1%}')} | {f('mfu_datasheet_989', '{:.1%}')} | "
+                     f"{f('peak_alloc_gib')} | {f('peak_reserved_gib')} | {r['status']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--suite", default="target", help="comma list of: smoke, target, revised, ladder, seqlen")
+    ap.add_argument("--compile", default="block", choices=["none", "block", "model"])
+    ap.add_argument("--seqlen-compile", default="none", choices=["none", "block", "model"],
+                    help="compile mode for the seqlen (memory) suite")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--time-budget", type=float, default=float("inf"), help="skip cases after this many seconds")
+    ap.add_argument("--out", default="swift_benchmark.json")
+    ap.add_argument("--md", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    t_start = time.perf_counter()
+    rows: list[dict] = []
+    oom_series: set = set()
+    for suite in args.suite.split(","):
+        for name, fam, size, ov, b in cases(suite):
+            skip = None
+            if time.perf_counter() - t_start > args.time_budget:
+                skip = "skipped (time budget)"
+            elif suite == "seqlen" and (fam, b) in oom_series:
+                skip = "skipped (OOM at a shorter T)"  # a seqlen series stops growing T after its first OOM
+            if skip:
+                rows.append(dict(name=name, family=fam, size=size, batch=b, img_size=list(ov.get("img_size", (0,) * 4)),
+                                 compile="-", status=skip))
+                continue
+            mode = args.seqlen_compile if suite == "seqlen" else args.compile
+            steps = max(2, args.steps // 3) if suite == "seqlen" else args.steps
+            rows.append(run_case(name, fam, size, ov, b, compile_mode=mode, steps=steps,
+                                 warmup=args.warmup if mode != "none" else 1, device=device))
+            if rows[-1]["status"] == "OOM":
+                oom_series.add((fam, b))
+    meta = dict(device=device_name, torch=torch.__version__, peak_measured=PEAK_MEASURED,
+                peak_datasheet=PEAK_DATASHEET, wall_s=time.perf_counter() - t_start)
+    Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    md = markdown(rows, device_name)
+    if args.md:
+        Path(args.md).write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

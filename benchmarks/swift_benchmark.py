@@ -72,18 +72,45 @@ def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     return model
 
 
+def _sdpa_context(sdpa: str):
+    """``default``: PyTorch's kernel choice; ``cudnn``: prefer cuDNN attention (supports a bias)."""
+    import contextlib
+
+    if sdpa == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # older torch without set_priority
+        return sdpa_kernel(order)
+
+
 def run_case(name: str, family: str, size: str, overrides: dict, batch: int, *, compile_mode: str, steps: int,
-             warmup: int, device: torch.device) -> dict:
-    """Time ``steps`` training steps after ``warmup``; returns a result row (``status`` OOM on OOM)."""
+             warmup: int, device: torch.device, variant: str = "", sdpa: str = "default",
+             profile_dir: str | None = None) -> dict:
+    """Time ``steps`` training steps after ``warmup``; returns a result row (``status`` OOM on OOM).
+
+    ``variant="noshift"`` turns every shifted block into a regular one (an ablation that shows the
+    cost of the Swin region mask; not a valid model). ``profile_dir`` writes a kernel table there.
+    """
     cfg = R.get_config(family, size, **overrides)
-    row = dict(name=name, family=family, size=size, batch=batch, img_size=list(cfg.img_size),
+    row = dict(name=name + (f"-{variant}" if variant else "") + (f"-{sdpa}" if sdpa != "default" else ""),
+               family=family, size=size, batch=batch, img_size=list(cfg.img_size),
                patch_size=list(cfg.patch_size), window_size=list(cfg.window_size), compile=compile_mode,
                use_checkpoint=cfg.use_checkpoint, params=R.param_counts(cfg)["total"],
                encoder_params=R.param_counts(cfg)["encoder"], train_flops_per_sample=R.flops_per_sample(cfg)["train"])
     model = opt = None
     try:
         torch.manual_seed(0)
+        if compile_mode != "none":
+            torch._dynamo.reset()
         model = R.build_pretrain_model(cfg).to(device)
+        if variant == "noshift":
+            for m in model.modules():
+                if hasattr(m, "shifted"):
+                    m.shifted = False
         net = compile_model(model, compile_mode)
         fused = device.type == "cuda"
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=fused)
@@ -92,7 +119,7 @@ def run_case(name: str, family: str, size: str, overrides: dict, batch: int, *, 
         mask = model.make_mask(batch, generator=torch.Generator().manual_seed(0), device=device)
 
         def step() -> float:
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            with _sdpa_context(sdpa), torch.autocast(device_type=device.type, dtype=torch.bfloat16):
                 out = net(x, brain_mask=brain, mask=mask)
             out["loss"].backward()
             opt.step()
@@ -122,6 +149,17 @@ def run_case(name: str, family: str, size: str, overrides: dict, batch: int, *, 
             row["peak_alloc_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         row["status"] = "ok" if torch.isfinite(torch.tensor(row["loss"])) else "nonfinite"
+        if profile_dir:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=acts) as prof:
+                for _ in range(2):
+                    step()
+                _sync(device)
+            key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+            table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90)
+            Path(profile_dir, f"profile_{row['name']}.txt").write_text(table)
     except torch.OutOfMemoryError:
         row["status"] = "OOM"
     except Exception as e:  # noqa: BLE001 - a benchmark records failures and goes on
@@ -185,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--time-budget", type=float, default=float("inf"), help="skip cases after this many seconds")
+    ap.add_argument("--variants", default="", help="comma list of extra runs of the target cases: "
+                    "eager, noshift, cudnn")
+    ap.add_argument("--profile", default="", help="comma list of case names to profile (kernel tables)")
     ap.add_argument("--out", default="swift_benchmark.json")
     ap.add_argument("--md", default=None)
     args = ap.parse_args(argv)
@@ -209,10 +250,20 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             mode = args.seqlen_compile if suite == "seqlen" else args.compile
             steps = max(2, args.steps // 3) if suite == "seqlen" else args.steps
+            prof_dir = str(Path(args.out).parent) if name in args.profile.split(",") else None
             rows.append(run_case(name, fam, size, ov, b, compile_mode=mode, steps=steps,
-                                 warmup=args.warmup if mode != "none" else 1, device=device))
+                                 warmup=args.warmup if mode != "none" else 1, device=device, profile_dir=prof_dir))
             if rows[-1]["status"] == "OOM":
                 oom_series.add((fam, b))
+            if suite == "target":
+                for v in filter(None, args.variants.split(",")):
+                    if time.perf_counter() - t_start > args.time_budget:
+                        break
+                    rows.append(run_case(name, fam, size, ov, b, device=device, steps=args.steps,
+                                         compile_mode="none" if v == "eager" else mode,
+                                         warmup=1 if v == "eager" else args.warmup,
+                                         variant="noshift" if v == "noshift" else "",
+                                         sdpa="cudnn" if v == "cudnn" else "default"))
     meta = dict(device=device_name, torch=torch.__version__, peak_measured=PEAK_MEASURED,
                 peak_datasheet=PEAK_DATASHEET, wall_s=time.perf_counter() - t_start)
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))

@@ -190,11 +190,14 @@ if [[ "$MODE" == node-agent ]]; then
   TMP_DIR=$(tmp_dir_for "$RANK")
   RAY_PID=""
   agent_cleanup() {
+    local rc=$?
     trap - EXIT TERM INT HUP
+    set +e
     [[ -n "$RAY_PID" ]] && kill_tree "$RAY_PID"
     helper cleanup --path "$TMP_DIR" --grace 5 || true
     [[ -n "${STAGED_DIR:-}" ]] && rm -rf "$STAGED_DIR"
     rm -f "$REG"
+    exit "$rc"
   }
   trap agent_cleanup EXIT
   trap 'exit 143' TERM INT HUP
@@ -307,6 +310,7 @@ teardown() {
   [[ $TORN -eq 1 ]] && return 0
   TORN=1
   trap - EXIT TERM INT HUP
+  set +e # best effort from here on: one failed step must not skip the rest
   log "tearing down the Ray cluster (job $JOBKEY)"
   [[ -n "$WATCH_PID" ]] && kill "$WATCH_PID" 2>/dev/null
   [[ -n "$WAIT_PID" ]] && kill "$WAIT_PID" 2>/dev/null

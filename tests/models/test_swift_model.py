@@ -280,3 +280,15 @@ def test_registry_errors_and_width():
         R.build_downstream_model(R.get_config(FAM, "debug", last_layer_full_attention=False,
                                               img_size=(24, 24, 24, 4)), task="regression", prompt_tokens=2)
     assert C.stage_window((2, 8, 4, 10), (4, 4, 4, 5)) == ((2, 4, 4, 5), (0, 2, 0, 2))
+
+
+@pytest.mark.parametrize("family", ["swift_v2", "swift_v2_revised"])
+def test_no_graph_breaks_under_torch_compile(family):
+    """The whole pre-training forward traces into one dynamo graph (torch.compile-friendly)."""
+    cfg = R.get_config(family, "debug")
+    model = R.build_pretrain_model(cfg)
+    x = _x((2, 1, 24, 24, 24, 4))
+    mask = model.make_mask(2, generator=torch.Generator().manual_seed(0))
+    explanation = torch._dynamo.explain(model)(x, mask=mask)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1

@@ -248,3 +248,26 @@ def test_mup_build_and_with_width():
     opt.step()
     down = R.build_downstream_model(wide, task="classification")
     assert has_base_shapes(down)
+
+
+def test_mup_coordinate_check_is_flat_where_sp_grows():
+    """After a few steps at a fixed LR, a hidden block output keeps its scale across widths under muP
+    but grows with width under SP (Tensor Programs V's coordinate check)."""
+    from neuro_models.mup_utils import coord_check
+
+    img = (12, 12, 12, 4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, *img, generator=g)
+    m = torch.zeros(2, *img[:3], dtype=torch.bool)
+    m[:, 2:10, 2:10, 2:10] = True
+    name = "encoder.blocks.1.mixer.out_proj"
+    ratio = {}
+    for par in ("sp", "mup"):
+        def make(w, par=par):
+            return R.build_pretrain_model(R.get_config("neuromamba", "debug", img_size=img, parametrization=par,
+                                                       mup_base_width=32, embed_dim=w))
+        res = coord_check(make, [32, 256], (x, m), lambda mod, b: mod(b[0], brain_mask=b[1])["loss"],
+                          parametrization=par, lr=1e-2, steps=4, module_filter=lambda n, mod: n == name)
+        ratio[par] = res[256][-1][name] / res[32][-1][name]
+    assert ratio["sp"] > 3.0, ratio
+    assert 0.5 < ratio["mup"] < 2.0, ratio

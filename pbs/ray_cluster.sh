@@ -111,6 +111,7 @@ source "$PBS_DIR/profiles/$PROFILE.sh"
 PY="${NEUROX_PYTHON:-$(command -v python3 || command -v python || true)}"
 [[ -n "$PY" && -x "$PY" ]] || die "no python found (set NEUROX_PYTHON to the interpreter that has Ray)"
 RAY_CLI=("$PY" -m ray.scripts.scripts)
+if [[ "$MODE" != node-agent ]] && declare -F profile_check >/dev/null; then profile_check "$PY"; fi
 if [[ $iface_set -eq 0 ]]; then # options > NEUROX_IFACE / NEUROX_HOST_SUFFIX > the profile's default
   if [[ -n "${NEUROX_IFACE:-}${NEUROX_HOST_SUFFIX:-}" ]]; then IFACE="${NEUROX_IFACE:-}" HOST_SUFFIX="${NEUROX_HOST_SUFFIX:-}"
   else IFACE="$PROFILE_IFACE" HOST_SUFFIX="$PROFILE_HOST_SUFFIX"; fi

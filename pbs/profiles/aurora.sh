@@ -33,3 +33,11 @@ export FI_CXI_DEFAULT_CQ_SIZE="${FI_CXI_DEFAULT_CQ_SIZE:-1048576}"
 export FI_CXI_RX_MATCH_MODE="${FI_CXI_RX_MATCH_MODE:-hybrid}"
 export FI_MR_CACHE_MONITOR="${FI_MR_CACHE_MONITOR:-userfaultfd}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+
+# Ray hands out "GPU" ids through ZE_AFFINITY_MASK only when it detects the Intel GPUs, which needs dpctl.
+profile_check() { # $1 = the python that runs Ray
+  if ! "$1" -c "import dpctl" 2>/dev/null; then
+    echo "ray_cluster: warning: $1 cannot import dpctl, so Ray treats the 12 GPUs as CUDA devices and sets" \
+      "CUDA_VISIBLE_DEVICES, not ZE_AFFINITY_MASK: install dpctl in this environment (pip install dpctl)" >&2
+  fi
+}

@@ -49,9 +49,9 @@ def _run(fun, x0_SP, m, maxiter, ftol, gtol, c1, max_backtrack):
     all_rows = np.arange(S)
     f, g = fun(x, all_rows)
     f = f.copy(); g = g.copy()
+    # curvature pairs, newest first (index 0); entries at j >= n_hist are unused
     s_hist = np.zeros((S, m, P)); y_hist = np.zeros((S, m, P)); rho = np.zeros((S, m))
-    n_hist = np.zeros(S, dtype=np.int64)  # valid entries; newest at index (n_hist - 1) % m
-    head = np.zeros(S, dtype=np.int64)    # next write slot
+    n_hist = np.zeros(S, dtype=np.int64)
     n_iter = np.zeros(S, dtype=np.int64)
     converged = np.max(np.abs(g), axis=1) <= gtol
     active = ~converged & np.isfinite(f)
@@ -60,28 +60,23 @@ def _run(fun, x0_SP, m, maxiter, ftol, gtol, c1, max_backtrack):
         if idx.size == 0:
             break
         gi = g[idx]
-        # two-loop recursion, vectorized over the active problems (slots beyond n_hist are masked)
+        # two-loop recursion, vectorized over the active problems (pairs beyond n_hist are masked)
+        nh = n_hist[idx]
+        sh, yh = s_hist[idx], y_hist[idx]
+        rh = np.where(np.arange(m)[None, :] < nh[:, None], rho[idx], 0.0)
         q = gi.copy()
         alpha = np.zeros((idx.size, m))
-        nh = n_hist[idx]; hd = head[idx]
-        for j in range(m):
-            slot = (hd - 1 - j) % m
-            valid = j < nh
-            sj = s_hist[idx, slot]; yj = y_hist[idx, slot]; rj = np.where(valid, rho[idx, slot], 0.0)
-            a = rj * np.einsum("sp,sp->s", sj, q)
+        for j in range(int(nh.max()) if nh.size else 0):
+            a = rh[:, j] * np.einsum("sp,sp->s", sh[:, j], q)
             alpha[:, j] = a
-            q -= a[:, None] * yj
-        newest = (hd - 1) % m
-        sy = np.einsum("sp,sp->s", s_hist[idx, newest], y_hist[idx, newest])
-        yy = np.einsum("sp,sp->s", y_hist[idx, newest], y_hist[idx, newest])
+            q -= a[:, None] * yh[:, j]
+        sy = np.einsum("sp,sp->s", sh[:, 0], yh[:, 0])
+        yy = np.einsum("sp,sp->s", yh[:, 0], yh[:, 0])
         gamma = np.where((nh > 0) & (yy > 0), sy / np.where(yy > 0, yy, 1.0), 1.0)
         r = gamma[:, None] * q
-        for j in reversed(range(m)):
-            slot = (hd - 1 - j) % m
-            valid = j < nh
-            sj = s_hist[idx, slot]; yj = y_hist[idx, slot]; rj = np.where(valid, rho[idx, slot], 0.0)
-            b = rj * np.einsum("sp,sp->s", yj, r)
-            r += sj * (alpha[:, j] - b)[:, None]
+        for j in reversed(range(int(nh.max()) if nh.size else 0)):
+            b = rh[:, j] * np.einsum("sp,sp->s", yh[:, j], r)
+            r += sh[:, j] * (alpha[:, j] - b)[:, None]
         d = -r
         gd = np.einsum("sp,sp->s", gi, d)
         bad = ~(gd < 0) | ~np.isfinite(gd)
@@ -115,10 +110,10 @@ def _run(fun, x0_SP, m, maxiter, ftol, gtol, c1, max_backtrack):
         sy_new = np.einsum("sp,sp->s", s_new, y_new)
         upd = np.isfinite(sy_new) & (sy_new > 1e-280) & (sy_new > 1e-12 * np.sqrt(np.einsum("sp,sp->s", s_new, s_new) * np.einsum("sp,sp->s", y_new, y_new)))
         iu = ia[upd]
-        slots = head[iu]
-        s_hist[iu, slots] = s_new[upd]; y_hist[iu, slots] = y_new[upd]; rho[iu, slots] = 1.0 / sy_new[upd]
-        head[iu] = (head[iu] + 1) % m
-        n_hist[iu] = np.minimum(n_hist[iu] + 1, m)
+        if iu.size:
+            s_hist[iu, 1:] = s_hist[iu, :-1]; y_hist[iu, 1:] = y_hist[iu, :-1]; rho[iu, 1:] = rho[iu, :-1]
+            s_hist[iu, 0] = s_new[upd]; y_hist[iu, 0] = y_new[upd]; rho[iu, 0] = 1.0 / sy_new[upd]
+            n_hist[iu] = np.minimum(n_hist[iu] + 1, m)
         f_old = f[ia].copy()
         x[ia] = x_new[acc]; f[ia] = f_new[acc]; g[ia] = g_new[acc]
         rel = (f_old - f[ia]) / np.maximum(np.maximum(np.abs(f_old), np.abs(f[ia])), 1e-300)

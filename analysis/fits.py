@@ -118,6 +118,29 @@ class LogLSEObjective:
         return self.weights[rows]
 
     def _terms(self, th: np.ndarray):
+        """Exponentiated LSE terms, their sum ``s`` and the log residual ``r``.
+
+        Fast path without the max shift (exp(e) is then one value per row); rows whose sum leaves
+        ``[e^-600, e^600]`` (where precision could be lost) send the block to the shifted path.
+        """
+        K = self.K
+        ex = []
+        for k in range(K):
+            t = np.multiply(th[:, K + k, None], self.logX[None, :, k])
+            np.subtract(th[:, k, None], t, out=t)
+            np.exp(t, out=t)
+            ex.append(t)
+        ee = np.exp(th[:, 2 * K, None])
+        s = ex[0] + ee
+        for t in ex[1:]:
+            s += t
+        r = np.log(s)
+        if np.abs(r).max(initial=0.0) < 600.0:
+            r -= self.logy[None, :]
+            return ex, ee, s, r
+        return self._terms_shifted(th)
+
+    def _terms_shifted(self, th: np.ndarray):
         """Exponentiated LSE terms (shifted by their max), their sum and the log residual."""
         K = self.K
         T = [th[:, k, None] - th[:, K + k, None] * self.logX[None, :, k] for k in range(K)]
@@ -145,40 +168,51 @@ class LogLSEObjective:
         ex, ee, s, r = self._terms(th)
         return r, np.stack([t / s for t in ex] + [ee / s], axis=2)
 
+    #: Problems evaluated per block: keeps the (block, n) temporaries in cache (the evaluation is
+    #: memory-bound otherwise).
+    block_elems: int = 32768
+
     def __call__(self, theta_SP: np.ndarray, rows=None) -> tuple[np.ndarray, np.ndarray]:
         """Objective values ``f_S`` and gradients ``g_SP`` for a batch of parameter vectors."""
         th = np.atleast_2d(np.asarray(theta_SP, dtype=np.float64))
+        S = th.shape[0]
+        rows = None if rows is None else np.asarray(rows)
+        f = np.empty(S); g = np.empty_like(th)
+        bs = max(1, self.block_elems // max(self.n, 1))
         with np.errstate(over="ignore", invalid="ignore"):  # far-off starts overflow to inf: rejected by the search
-            return self._value_grad(th, rows)
+            for i in range(0, S, bs):
+                sl = slice(i, min(S, i + bs))
+                f[sl], g[sl] = self._value_grad(th[sl], None if rows is None else rows[sl])
+        return f, g
 
     def _value_grad(self, th, rows):
         ex, ee, s, r = self._terms(th)
         if self.delta is None:
-            h = 0.5 * r * r
-            dh = r
+            c = r
+            f = 0.5 * np.einsum("sn,sn->s", r, r) if self.weights is None else None
         else:
-            d = self.delta
-            ar = np.abs(r)
-            h = np.where(ar <= d, 0.5 * r * r, d * (ar - 0.5 * d))
-            dh = np.clip(r, -d, d, out=r)
+            # Huber: with c = clip(r, -delta, delta), h(r) = c * (r - c / 2) and h'(r) = c
+            c = np.clip(r, -self.delta, self.delta)
+            f = (np.einsum("sn,sn->s", c, r) - 0.5 * np.einsum("sn,sn->s", c, c)) if self.weights is None else None
         w = self._w(rows)
         if w is not None:
-            h *= w
-            dh *= w
-        f = h.sum(axis=1)
+            h = c * (r - 0.5 * c) if self.delta is not None else 0.5 * r * r
+            f = np.einsum("sn,sn->s", h, np.broadcast_to(w, h.shape))
+            c = c * w
+        elif c is r:
+            c = r.copy()
         if self.reduction == "mean":
-            tot = (w.sum(axis=1) if w is not None else np.full(th.shape[0], float(self.n)))
+            tot = (np.broadcast_to(w, r.shape).sum(axis=1) if w is not None else np.full(th.shape[0], float(self.n)))
             f = f / tot
-            dh /= tot[:, None]
-        dh /= s  # q = h'(r) / sum of terms: d f / d T_k = q * exp(T_k - max)
+            c /= tot[:, None]
+        c /= s  # d f / d T_k = h'(r) * exp(T_k - max) / sum_j exp(T_j - max)
         K = self.K
         g = np.empty_like(th)
         for k, t in enumerate(ex):
-            t *= dh
+            t *= c
             g[:, k] = t.sum(axis=1)
             g[:, K + k] = -(t @ self.logX[:, k])
-        ee *= dh
-        g[:, 2 * K] = ee.sum(axis=1)
+        g[:, 2 * K] = ee[:, 0] * c.sum(axis=1) if ee.shape[1] == 1 else np.einsum("sn,sn->s", ee, c)
         return f, g
 
     def value(self, theta_P: np.ndarray) -> float:

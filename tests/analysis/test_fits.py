@@ -41,6 +41,8 @@ def test_objective_and_gradient_match_float64_reference(delta, reduction):
     rng = np.random.default_rng(1)
     thetas = np.column_stack([rng.uniform(0, 10, 7), rng.uniform(0, 10, 7), rng.uniform(0, 1, 7),
                               rng.uniform(0, 1, 7), rng.uniform(-1, 1, 7)])
+    thetas[3, 0] = 700.0  # exp(a) overflows without the max shift: the shifted path must take over
+    thetas[4, :] = [-800.0, -790.0, 0.1, 0.1, -700.0]  # every term underflows without the shift
     w = rng.integers(0, 3, size=13).astype(float)
     obj = LogLSEObjective(np.column_stack([np.log(N), np.log(D)]), np.log(L), delta=delta, reduction=reduction,
                           weights=np.tile(w, (7, 1)))

@@ -107,7 +107,10 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, starts=None):
 
 
 def _states(a: torch.Tensor, b: torch.Tensor, chunk: int) -> torch.Tensor:
-    """All states of ``h_t = a_t h_{t-1} + b_t`` along dim 1 of ``[R, L, E, N]`` tensors (chunked)."""
+    """All states of ``h_t = a_t h_{t-1} + b_t`` along dim 1 of ``[R, L, E, N]`` tensors (chunked).
+
+    Without autograd it overwrites ``b`` (callers pass a fresh temporary).
+    """
     R, L, E, N = a.shape
     Q = max(1, min(int(chunk), L))
     pad = (-L) % Q
@@ -117,6 +120,16 @@ def _states(a: torch.Tensor, b: torch.Tensor, chunk: int) -> torch.Tensor:
     nC = (L + pad) // Q
     a = a.reshape(R, nC, Q, E, N)
     b = b.reshape(R, nC, Q, E, N)
+    if not torch.is_grad_enabled():
+        # no autograd (inside the custom Function): update in place, 3 full-size buffers
+        h = b if b.is_contiguous() else b.contiguous()
+        a_cum = a.clone()
+        for q in range(1, Q):
+            h[:, :, q].addcmul_(a[:, :, q], h[:, :, q - 1])
+            a_cum[:, :, q].mul_(a_cum[:, :, q - 1])
+        _, h_end = linear_recurrence_scan(a_cum[:, :, -1], h[:, :, -1], dim=1)
+        h.addcmul_(a_cum, _shift(h_end, 1, 1, 0.0).unsqueeze(2))
+        return h.reshape(R, nC * Q, E, N)[:, :L]
     # in-chunk recurrence for all chunks at once: Q steps, each over [R, nC, E, N]
     acc_a = [a[:, :, 0]]
     acc_h = [b[:, :, 0]]

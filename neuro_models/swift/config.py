@@ -25,6 +25,7 @@ from ..mup_utils import check_parametrization
 
 MASKING_TYPES = ("random", "tube", "temporal")
 LOSS_TYPES = ("l1", "l2", "huber")
+SHIFT_IMPLS = ("mask", "split")
 
 
 def _tuple(v: Any, n: int, name: str) -> tuple[int, ...]:
@@ -65,6 +66,10 @@ class SwiftConfig:
     """Stochastic depth rate (linearly increasing over blocks)."""
     last_layer_full_attention: bool = True
     """Full (global) attention in the last stage instead of windows (SwiFT v1 default)."""
+    shift_impl: str = "mask"
+    """How shifted windows are computed (identical math): "mask" (Swin's region mask as an SDPA
+    bias) or "split" (mask-free: boundary windows split into half windows so SDPA can use flash
+    kernels; axes whose shift is not half the window fall back to "mask")."""
     use_checkpoint: bool = False
     """Activation checkpointing of every block (saves memory, ~30% more compute)."""
     parametrization: str = "sp"
@@ -180,6 +185,8 @@ def validate(cfg: SwiftConfig) -> None:
                              f"{cfg.patch_size} and divide img_size={cfg.img_size} (axis {axis})")
     if cfg.masking_type not in MASKING_TYPES:
         raise ValueError(f"masking_type={cfg.masking_type!r}; allowed: {MASKING_TYPES}")
+    if cfg.shift_impl not in SHIFT_IMPLS:
+        raise ValueError(f"shift_impl={cfg.shift_impl!r}; allowed: {SHIFT_IMPLS}")
     if cfg.loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={cfg.loss_type!r}; allowed: {LOSS_TYPES}")
     if cfg.mup_base_width <= 0:
@@ -207,7 +214,7 @@ def size_kwargs(size: str) -> dict[str, Any]:
     """Field values of a named size (before family-specific defaults and overrides)."""
     if size == "debug":
         return dict(size="debug", img_size=(24, 24, 24, 4), patch_size=(6, 6, 6, 1), embed_dim=16,
-                    depths=(1, 1), num_heads=(1, 2), window_size=(2, 2, 2, 2), mask_patch_size=(12, 12, 12, 2),
+                    depths=(2, 2), num_heads=(1, 2), window_size=(2, 2, 2, 2), mask_patch_size=(12, 12, 12, 2),
                     mup_base_width=16, decoder_dim=8, drop_path_rate=0.0)
     if size in _LADDER:
         return dict(size=size, **_ladder_config(_LADDER[size]))

@@ -12,6 +12,7 @@ windows of the batch.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -77,6 +78,39 @@ def shifted_window_mask(dims: tuple[int, ...], window: tuple[int, ...], shift: t
         mult *= 3
     rw = window_partition(region[None, ..., None], window)[..., 0]  # [W, N]
     return rw[:, :, None] == rw[:, None, :]
+
+
+def can_split(window: tuple[int, ...], shift: tuple[int, ...]) -> bool:
+    """Whether :func:`split_window_attention` applies: every shifted axis has ``shift == window / 2``."""
+    return all(s == 0 or 2 * s == w for w, s in zip(window, shift))
+
+
+def split_window_attention(attn: "Attention", h_rolled: torch.Tensor, window: tuple[int, ...], shift: tuple[int, ...],
+                           rope_for=None) -> torch.Tensor:
+    """Shifted-window attention without a mask: exact equivalent of Swin's masked cyclic shift.
+
+    With ``shift = window / 2``, the masked last window along a shifted axis of the rolled map
+    holds two regions of ``window / 2`` tokens that never attend to each other, i.e. it is two
+    half-size windows. So the rolled map splits, per shifted axis, into an interior part
+    ``[0, g - w)`` tiled by windows of ``w`` and a boundary part ``[g - w, g)`` tiled by windows of
+    ``w / 2``; every one of the ``2^k`` boxes runs mask-free fused attention (flash kernels) over its
+    windows. ``rope_for(window) -> (cos, sin)`` gives RoPE tables per window shape.
+    ``h_rolled``: ``[B, *dims, D]`` (already rolled by ``-shift``); returns the same layout.
+    """
+    B, *dims, D = h_rolled.shape
+    segments = []
+    for g, w, s in zip(dims, window, shift):
+        segments.append([(0, g, w)] if s == 0 else [(0, g - w, w), (g - w, g, w // 2)])
+    out = h_rolled.new_empty(h_rolled.shape[:-1] + (attn.proj.out_features,))
+    for combo in itertools.product(*segments):
+        sl = (slice(None),) + tuple(slice(a, b) for a, b, _ in combo)
+        win = tuple(w for _, _, w in combo)
+        box = h_rolled[sl]
+        if box.numel() == 0:
+            continue
+        o = attn(window_partition(box, win), rope=rope_for(win) if rope_for is not None else None)
+        out[sl] = window_reverse(o, win, tuple(b - a for a, b, _ in combo))
+    return out
 
 
 def mask_to_bias(mask_WNN: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:

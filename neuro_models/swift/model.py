@@ -27,8 +27,8 @@ from torch.utils.checkpoint import checkpoint
 from ..heads import MLPHead
 from ..mup_utils import attention_scale, readout_class
 from .config import SwiftConfig, stage_window
-from .layers import (Attention, DropPath, Mlp, PatchEmbed, PatchMerging, patchify, shifted_window_mask,
-                     window_partition, window_reverse)
+from .layers import (Attention, DropPath, Mlp, PatchEmbed, PatchMerging, can_split, patchify, shifted_window_mask,
+                     split_window_attention, window_partition, window_reverse)
 from .masking import make_mask
 
 
@@ -40,10 +40,11 @@ class WindowBlock4D(nn.Module):
     """Swin block with 4D (shifted) window attention: ``[B, X, Y, Z, T, D] -> same``."""
 
     def __init__(self, dim: int, num_heads: int, window: tuple[int, ...], *, shifted: bool, mlp_ratio: float,
-                 qkv_bias: bool, drop_path: float, scale: float) -> None:
+                 qkv_bias: bool, drop_path: float, scale: float, shift_impl: str = "mask") -> None:
         super().__init__()
         self.window = tuple(window)
         self.shifted = shifted
+        self.shift_impl = shift_impl
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, scale=scale)
         self.drop_path = DropPath(drop_path)
@@ -58,9 +59,11 @@ class WindowBlock4D(nn.Module):
         h = self.norm1(x_BXYZTD)
         if any(shift):
             h = torch.roll(h, shifts=tuple(-s for s in shift), dims=(1, 2, 3, 4))
-        mask = shifted_window_mask(dims, win, shift, device=h.device)
-        o = self.attn(window_partition(h, win), mask=mask)
-        o = window_reverse(o, win, dims)
+        if any(shift) and self.shift_impl == "split" and can_split(win, shift):
+            o = split_window_attention(self.attn, h, win, shift)
+        else:
+            mask = shifted_window_mask(dims, win, shift, device=h.device)
+            o = window_reverse(self.attn(window_partition(h, win), mask=mask), win, dims)
         if any(shift):
             o = torch.roll(o, shifts=shift, dims=(1, 2, 3, 4))
         x = x_BXYZTD + self.drop_path(o)
@@ -153,7 +156,8 @@ class SwiftEncoder(nn.Module):
             if full:
                 blocks = [FullBlock(d, h, drop_path=next(dpr), **kw) for _ in range(depth)]
             else:
-                blocks = [WindowBlock4D(d, h, cfg.window_size, shifted=bool(i % 2), drop_path=next(dpr), **kw)
+                blocks = [WindowBlock4D(d, h, cfg.window_size, shifted=bool(i % 2), drop_path=next(dpr),
+                                        shift_impl=cfg.shift_impl, **kw)
                           for i in range(depth)]
             self.stages.append(Stage(blocks, cfg.use_checkpoint, full))
             if s < cfg.num_stages - 1:

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .config import SwiftConfig, stage_window
-from .layers import (Attention, DropPath, Mlp, PatchEmbed, PatchMerging, rope_rotate, shifted_window_mask,
-                     window_partition, window_reverse)
+from .layers import (Attention, DropPath, Mlp, PatchEmbed, PatchMerging, can_split, rope_rotate, shifted_window_mask,
+                     split_window_attention, window_partition, window_reverse)
 from .model import Stage, _scale, drop_path_rates
 
 
@@ -62,10 +62,12 @@ class FactorizedBlock(nn.Module):
     """Temporal-then-spatial window attention block with RoPE and LayerScale."""
 
     def __init__(self, dim: int, num_heads: int, window: tuple[int, ...], *, shifted: bool, mlp_ratio: float,
-                 qkv_bias: bool, drop_path: float, scale: float, layer_scale_init: float, rope_theta: float) -> None:
+                 qkv_bias: bool, drop_path: float, scale: float, layer_scale_init: float, rope_theta: float,
+                 shift_impl: str = "mask") -> None:
         super().__init__()
         self.window = tuple(window)
         self.shifted = shifted
+        self.shift_impl = shift_impl
         self.rope_theta = rope_theta
         self.norm_t = nn.LayerNorm(dim)
         self.attn_t = Attention(dim, num_heads, qkv_bias=qkv_bias, scale=scale)
@@ -83,10 +85,15 @@ class FactorizedBlock(nn.Module):
         dims = tuple(h.shape[1:5])
         if any(shift):
             h = torch.roll(h, shifts=tuple(-s for s in shift), dims=(1, 2, 3, 4))
-        mask = shifted_window_mask(dims, win, shift, device=h.device)
-        coords = window_coords(win, h.device)[:, rope_axes]
-        o = attn(window_partition(h, win), mask=mask, rope=rope_tables(coords, attn.head_dim, self.rope_theta))
-        o = window_reverse(o, win, dims)
+        def rope_for(w: tuple[int, ...]):
+            dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+            return rope_tables(window_coords(w, h.device)[:, rope_axes], attn.head_dim, self.rope_theta, dtype)
+
+        if any(shift) and self.shift_impl == "split" and can_split(win, shift):
+            o = split_window_attention(attn, h, win, shift, rope_for=rope_for)
+        else:
+            mask = shifted_window_mask(dims, win, shift, device=h.device)
+            o = window_reverse(attn(window_partition(h, win), mask=mask, rope=rope_for(win)), win, dims)
         if any(shift):
             o = torch.roll(o, shifts=shift, dims=(1, 2, 3, 4))
         return o
@@ -120,7 +127,8 @@ class RevisedEncoder(nn.Module):
         for s, (d, h, depth) in enumerate(zip(dims, cfg.num_heads, cfg.depths)):
             blocks = [FactorizedBlock(d, h, cfg.window_size, shifted=bool(i % 2), mlp_ratio=cfg.mlp_ratio,
                                       qkv_bias=cfg.qkv_bias, drop_path=next(dpr), scale=_scale(cfg, d // h),
-                                      layer_scale_init=cfg.layer_scale_init, rope_theta=cfg.rope_theta)
+                                      layer_scale_init=cfg.layer_scale_init, rope_theta=cfg.rope_theta,
+                                      shift_impl=cfg.shift_impl)
                       for i in range(depth)]
             self.stages.append(Stage(blocks, cfg.use_checkpoint, full=False))
             if s < cfg.num_stages - 1:

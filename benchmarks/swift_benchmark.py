@@ -93,12 +93,18 @@ def run_case(name: str, family: str, size: str, overrides: dict, batch: int, *, 
     """Time ``steps`` training steps after ``warmup``; returns a result row (``status`` OOM on OOM).
 
     ``variant="noshift"`` turns every shifted block into a regular one (an ablation that shows the
-    cost of the Swin region mask; not a valid model). ``profile_dir`` writes a kernel table there.
+    cost of the Swin region mask; not a valid model); ``"split"``/``"mask"`` pick ``shift_impl``;
+    ``"ckpt"`` turns on activation checkpointing. ``profile_dir`` writes a kernel table there.
     """
+    if variant in ("split", "mask"):
+        overrides = {**overrides, "shift_impl": variant}
+    if variant == "ckpt":
+        overrides = {**overrides, "use_checkpoint": True}
     cfg = R.get_config(family, size, **overrides)
     row = dict(name=name + (f"-{variant}" if variant else "") + (f"-{sdpa}" if sdpa != "default" else ""),
                family=family, size=size, batch=batch, img_size=list(cfg.img_size),
                patch_size=list(cfg.patch_size), window_size=list(cfg.window_size), compile=compile_mode,
+               shift_impl=cfg.shift_impl,
                use_checkpoint=cfg.use_checkpoint, params=R.param_counts(cfg)["total"],
                encoder_params=R.param_counts(cfg)["encoder"], train_flops_per_sample=R.flops_per_sample(cfg)["train"])
     model = opt = None
@@ -202,13 +208,13 @@ def cases(suite: str) -> list[tuple]:
 
 def markdown(rows: list[dict], device_name: str) -> str:
     lines = [f"Device: {device_name}", "",
-             "| case | batch | T | compile | samples/s | TFLOP/s | MFU (780) | MFU (989) | peak alloc GiB | "
+             "| case | batch | T | compile | shift | samples/s | TFLOP/s | MFU (780) | MFU (989) | peak alloc GiB | "
              "peak reserved GiB | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def f(k, fmt="{:.1f}"):
             return fmt.format(r[k]) if k in r else "-"
-        lines.append(f"| {r['name']} | {r['batch']} | {r['img_size'][3]} | {r['compile']} | {f('samples_per_s')} | "
+        lines.append(f"| {r['name']} | {r['batch']} | {r['img_size'][3]} | {r['compile']} | {r.get('shift_impl', '-')} | {f('samples_per_s')} | "
                      f"{f('tflops')} | {f('mfu_measured_780', '{:.1%}')} | {f('mfu_datasheet_989', '{:.1%}')} | "
                      f"{f('peak_alloc_gib')} | {f('peak_reserved_gib')} | {r['status']} |")
     return "\n".join(lines) + "\n"
@@ -224,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--time-budget", type=float, default=float("inf"), help="skip cases after this many seconds")
     ap.add_argument("--variants", default="", help="comma list of extra runs of the target cases: "
-                    "eager, noshift, cudnn")
+                    "eager, noshift, cudnn, split, mask, ckpt")
+    ap.add_argument("--shift-impl", default=None, choices=["mask", "split"], help="shift_impl for every case")
     ap.add_argument("--profile", default="", help="comma list of case names to profile (kernel tables)")
     ap.add_argument("--out", default="swift_benchmark.json")
     ap.add_argument("--md", default=None)
@@ -239,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     oom_series: set = set()
     for suite in args.suite.split(","):
         for name, fam, size, ov, b in cases(suite):
+            if args.shift_impl:
+                ov = {**ov, "shift_impl": args.shift_impl}
             skip = None
             if time.perf_counter() - t_start > args.time_budget:
                 skip = "skipped (time budget)"
@@ -259,19 +268,27 @@ def main(argv: list[str] | None = None) -> int:
                 for v in filter(None, args.variants.split(",")):
                     if time.perf_counter() - t_start > args.time_budget:
                         break
+                    vdir = str(Path(args.out).parent) if f"{name}-{v}" in args.profile.split(",") else None
                     rows.append(run_case(name, fam, size, ov, b, device=device, steps=args.steps,
                                          compile_mode="none" if v == "eager" else mode,
                                          warmup=1 if v == "eager" else args.warmup,
-                                         variant="noshift" if v == "noshift" else "",
-                                         sdpa="cudnn" if v == "cudnn" else "default"))
+                                         variant="" if v in ("eager", "cudnn") else v,
+                                         sdpa="cudnn" if v == "cudnn" else "default", profile_dir=vdir))
+                    _write(args, rows, device_name, t_start)
+            _write(args, rows, device_name, t_start)
+    print(_write(args, rows, device_name, t_start))
+    return 0
+
+
+def _write(args, rows: list[dict], device_name: str, t_start: float) -> str:
+    """Write JSON and Markdown after every case, so a run cut short keeps what it measured."""
     meta = dict(device=device_name, torch=torch.__version__, peak_measured=PEAK_MEASURED,
                 peak_datasheet=PEAK_DATASHEET, wall_s=time.perf_counter() - t_start)
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     md = markdown(rows, device_name)
     if args.md:
         Path(args.md).write_text(md)
-    print(md)
-    return 0
+    return md
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ def run_case(name: str, family: str, size: str, overrides: dict, batch: int, *, 
             key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
             table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90)
             Path(profile_dir, f"profile_{row['name']}.txt").write_text(table)
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         row["status"] = "OOM"
     except Exception as e:  # noqa: BLE001 - a benchmark records failures and goes on
         row["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"

@@ -264,23 +264,29 @@ def main(argv=None) -> int:
     def sizes_section():
         impl = "compiled" if (not args.no_compile and "removal_compiled" in res["sections"]) else "chunked"
         out = {"scan_impl": impl}
-        for name in args.sizes.split(","):
+        runs = [(name, name, {"scan_impl": impl}) for name in args.sizes.split(",")]
+        # Mamba-2 (SSD) at the seed's best width/depth, for comparison (its own parameter count)
+        runs.append((f"{main_size} mamba2 (S=64, P=32)", main_size,
+                     {"mixer": "mamba2", "d_state": 64, "headdim": 16 if args.smoke else 32, "scan_chunk": 64}))
+        for label, name, over in runs:
             if left() < 25:
-                out[name] = {"skipped": "budget"}
+                out[label] = {"skipped": "budget"}
                 continue
             try:
                 torch.manual_seed(0)
-                c = R.get_config("neuromamba", name, img_size=(96, 96, 96, T), scan_impl=impl)
+                c = R.get_config("neuromamba", name, img_size=(96, 96, 96, T), **over)
                 model = R.build_pretrain_model(c).to(device)
                 r = time_train_steps(model, x, bm, device, max(2, args.steps // 2), warmup=1)
                 r["params_encoder"] = R.param_counts(c)["encoder"]
                 r["tokens_per_s"] = r["num_tokens"] / r["step_s"]
                 r["samples_per_s"] = args.batch / r["step_s"]
                 r["train_tflops_per_s"] = 3 * r["flops_forward_batch"] / r["step_s"] / 1e12
-                out[name] = r
+                out[label] = r
                 del model
             except torch.cuda.OutOfMemoryError as e:
-                out[name] = {"error": f"OOM: {str(e)[:200]}"}
+                out[label] = {"error": f"OOM: {str(e)[:200]}"}
+            except Exception as e:
+                out[label] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             save()

@@ -16,6 +16,7 @@ from .scan import SCAN_IMPLS
 from .tokens import TIME_ORDERS, grid_shape
 
 LOSSES = ("l1", "mse")
+MIXERS = ("mamba1", "mamba2")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +35,10 @@ class NeuroMambaConfig:
     """Model width D (the muP width); a multiple of 8 (Fourier positions)."""
     depth: int = 12
     """Number of Mamba blocks."""
+    mixer: str = "mamba1"
+    """Block type: "mamba1" (selective scan, the seed's) or "mamba2" (SSD, scalar decay per head)."""
+    headdim: int = 32
+    """Mamba-2 head dimension P (``expand * embed_dim`` must be a multiple of it); unused by Mamba-1."""
     d_state: int = 16
     """SSM state size N per channel."""
     d_conv: int = 4
@@ -73,6 +78,13 @@ class NeuroMambaConfig:
         for name in ("depth", "d_state", "d_conv", "expand", "in_chans", "scan_chunk", "mup_base_width"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be positive")
+        if self.mixer not in MIXERS:
+            raise ValueError(f"mixer={self.mixer!r}; allowed: {MIXERS}")
+        if self.mixer == "mamba2":
+            if self.headdim <= 0 or self.d_inner % self.headdim:
+                raise ValueError(f"headdim={self.headdim}: must divide expand * embed_dim = {self.d_inner} for mamba2")
+            if self.scan_impl not in ("auto", "chunked"):
+                raise ValueError(f"scan_impl={self.scan_impl!r} with mixer='mamba2'; allowed: 'auto', 'chunked'")
         if self.time_order not in TIME_ORDERS:
             raise ValueError(f"time_order={self.time_order!r}; allowed: {TIME_ORDERS}")
         if self.loss not in LOSSES:
@@ -109,6 +121,11 @@ class NeuroMambaConfig:
         return self.embed_dim
 
 
+def _block2_params(D: int, N: int, K: int, E: int, H: int) -> int:
+    # in_proj D*(2E+2N+H); conv (E+2N)*(K+1); dt_bias, A_log, D: 3H; gated norm E; out_proj E*D; norm D
+    return D * (2 * E + 2 * N + H) + (E + 2 * N) * (K + 1) + 3 * H + E + E * D + D
+
+
 def _block_params(D: int, N: int, K: int, E: int, R: int) -> int:
     # in_proj D*2E; conv E*K + E; x_proj E*(R+2N); dt_proj R*E + E; A_log E*N; D E; out_proj E*D; norm D
     return D * 2 * E + E * K + E + E * (R + 2 * N) + R * E + E + E * N + E + E * D + D
@@ -118,7 +135,11 @@ def encoder_params(cfg: NeuroMambaConfig) -> int:
     """Analytic encoder parameter count (patch embedding + blocks + final norm)."""
     D = cfg.embed_dim
     embed = cfg.patch_dim * D + D
-    return embed + cfg.depth * _block_params(D, cfg.d_state, cfg.d_conv, cfg.d_inner, cfg.rank) + D
+    if cfg.mixer == "mamba2":
+        block = _block2_params(D, cfg.d_state, cfg.d_conv, cfg.d_inner, cfg.d_inner // cfg.headdim)
+    else:
+        block = _block_params(D, cfg.d_state, cfg.d_conv, cfg.d_inner, cfg.rank)
+    return embed + cfg.depth * block + D
 
 
 _LADDER = {

@@ -9,7 +9,9 @@ FLOP convention (:func:`forward_flops_per_token`): a multiply-add is 2 FLOPs, as
 :mod:`neuro_models.flops`. ``dense`` counts the matmuls and the depthwise convolution, exactly
 what ``torch.utils.flop_counter`` sees (tested equal). ``scan`` counts the selective scan's
 elementwise recurrence math (:func:`.scan.scan_flops_per_token`, ``7 E S + 5 E`` per token and
-block), which the counter cannot see: it is about 10-15 % of the total at these widths. The
+block), which the counter cannot see: it is about 10-15 % of the total at these widths. For
+``mixer="mamba2"`` the SSD is matmuls (``2QS + 2QE + 4ES`` per token with chunk ``Q``), counted in
+``dense`` and seen by the counter; ``scan`` then holds its small elementwise rest. The
 chunked parallel algorithm does a little more work than the recurrence (the in-chunk cumulative
 decays and the carry add, about ``4 E S``, and a ``log2`` pass over chunk states); like attention
 implementations, we count the math, not the algorithm. Training is ``3 x`` forward.
@@ -29,7 +31,7 @@ from ..flops import flops_dict, linear_flops
 from ..mup_utils import apply_mup, readout_class
 from .config import SIZES, NeuroMambaConfig, encoder_params
 from .model import NeuroMambaForTask, NeuroMambaPretrain
-from .scan import scan_flops_per_token
+from .scan import scan_flops_per_token, ssd_flops_per_token
 
 __all__ = ["SIZES", "get_config", "with_width", "build_pretrain_model", "build_downstream_model",
            "param_counts", "flops_per_sample", "tokens_per_sample", "forward_flops_per_token"]
@@ -96,10 +98,16 @@ def param_counts(cfg: NeuroMambaConfig) -> dict[str, int]:
 def forward_flops_per_token(cfg: NeuroMambaConfig) -> dict[str, float]:
     """Forward FLOPs per token: ``dense`` (counter-visible matmuls + conv), ``scan`` and ``total``."""
     D, E, S, K, R, P = cfg.embed_dim, cfg.d_inner, cfg.d_state, cfg.d_conv, cfg.rank, cfg.patch_dim
-    block = (linear_flops(1, D, 2 * E) + 2.0 * E * K + linear_flops(1, E, R + 2 * S) + linear_flops(1, R, E)
-             + linear_flops(1, E, D))
+    if cfg.mixer == "mamba2":
+        H, Q = E // cfg.headdim, cfg.scan_chunk
+        block = (linear_flops(1, D, 2 * E + 2 * S + H) + 2.0 * (E + 2 * S) * K + ssd_flops_per_token(E, S, Q)
+                 + linear_flops(1, E, D))
+        scan = float(cfg.depth * (Q * H + 7 * E))  # decay-mask product, skip, gate (elementwise)
+    else:
+        block = (linear_flops(1, D, 2 * E) + 2.0 * E * K + linear_flops(1, E, R + 2 * S) + linear_flops(1, R, E)
+                 + linear_flops(1, E, D))
+        scan = float(cfg.depth * scan_flops_per_token(E, S))
     dense = linear_flops(1, P, D) + cfg.depth * block + linear_flops(1, D, P)
-    scan = float(cfg.depth * scan_flops_per_token(E, S))
     return {"dense": dense, "scan": scan, "total": dense + scan}
 
 

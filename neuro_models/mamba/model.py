@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..heads import MLPHead
 from .config import NeuroMambaConfig
-from .scan import selective_scan
+from .scan import selective_scan, ssd_chunked
 from .tokens import (FourierPositions, Packed, keep_tokens, pack_kept, pack_rows, patchify, token_coords,
                      voxel_weights)
 
@@ -85,13 +85,49 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.to(x_RLD.dtype))
 
 
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 mixer (Dao & Gu, 2024; one group): in_proj to (z, xBC, dt); causal conv + SiLU on
+    xBC; chunked SSD with sequence resets; gated RMSNorm ``norm(y * silu(z))``; out_proj."""
+
+    def __init__(self, cfg: NeuroMambaConfig, *, dt_min: float = 1e-3, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4) -> None:
+        super().__init__()
+        D, E, S, K = cfg.embed_dim, cfg.d_inner, cfg.d_state, cfg.d_conv
+        H = E // cfg.headdim
+        self.d_inner, self.d_state, self.d_conv, self.nheads, self.headdim = E, S, K, H, cfg.headdim
+        self.chunk = cfg.scan_chunk
+        self.in_proj = nn.Linear(D, 2 * E + 2 * S + H, bias=False)
+        self.conv1d = nn.Conv1d(E + 2 * S, E + 2 * S, K, groups=E + 2 * S, bias=True)
+        dt = torch.exp(torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(1.0, 16.0)))
+        self.D = nn.Parameter(torch.ones(H))
+        self.norm = nn.RMSNorm(E, eps=cfg.norm_eps)
+        self.out_proj = nn.Linear(E, D, bias=False)
+
+    def forward(self, x_RLD: torch.Tensor, starts_RL: torch.Tensor, valid_RL: torch.Tensor) -> torch.Tensor:
+        R, L, _ = x_RLD.shape
+        E, S, H = self.d_inner, self.d_state, self.nheads
+        z, xBC, dt = torch.split(self.in_proj(x_RLD), [E, E + 2 * S, H], dim=-1)
+        xBC = xBC * valid_RL.unsqueeze(-1).to(xBC.dtype)
+        xBC = F.silu(self.conv1d(F.pad(xBC.transpose(1, 2), (self.d_conv - 1, 0))).transpose(1, 2))
+        xs, B_RLS, C_RLS = torch.split(xBC, [E, S, S], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        A = -torch.exp(self.A_log.float())
+        y = ssd_chunked(xs.float().reshape(R, L, H, self.headdim), dt, A, B_RLS.float(), C_RLS.float(),
+                        self.D.float(), starts_RL, chunk=self.chunk)
+        y = self.norm(y.reshape(R, L, E) * F.silu(z.float()))
+        return self.out_proj(y.to(x_RLD.dtype))
+
+
 class MambaBlock(nn.Module):
     """Pre-norm residual block: ``x + drop_path(mixer(rmsnorm(x)))``; gap tokens kept at zero."""
 
     def __init__(self, cfg: NeuroMambaConfig, drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm = nn.RMSNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self.mixer = MambaMixer(cfg)
+        self.mixer = Mamba2Mixer(cfg) if cfg.mixer == "mamba2" else MambaMixer(cfg)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x_RLD, starts_RL, valid_RL):

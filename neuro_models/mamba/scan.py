@@ -317,3 +317,99 @@ def scan_flops_per_token(d_inner: int, d_state: int) -> int:
 
 __all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_chunked_autograd", "selective_scan_sequential", "linear_recurrence_scan",
            "mamba_ssm_available", "scan_flops_per_token", "SCAN_IMPLS"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Mamba-2 (SSD: state-space duality, Dao & Gu 2024): scalar decay per head, chunked matmul form.
+# Shapes: H heads, P head dim (E = H * P), N state size shared by all heads (one group).
+# --------------------------------------------------------------------------------------------------
+
+
+def _segsum(x: torch.Tensor) -> torch.Tensor:
+    """``out[..., i, j] = sum_{j < k <= i} x[..., k]`` for ``i >= j``, ``-inf`` above the diagonal.
+
+    Direct sums (masked cumsum), never differences of cumsums: exact with ``-inf`` entries (resets).
+    """
+    Q = x.shape[-1]
+    xx = x.unsqueeze(-1).expand(*x.shape, Q)  # [..., k, j] = x_k
+    strict = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=x.device), diagonal=-1)
+    xx = xx.masked_fill(~strict, 0.0)
+    s = torch.cumsum(xx, dim=-2)
+    lower = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=x.device), diagonal=0)
+    return s.masked_fill(~lower, float("-inf"))
+
+
+def ssd_sequential(x_RLHP, dt_RLH, A_H, B_RLN, C_RLN, D_H=None, starts_RL=None):
+    """Reference Mamba-2 recurrence, a loop over time steps (for tests, in float64)::
+
+        h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T      (per head, h: [P, N]; reset at starts)
+        y_t = h_t C_t + D x_t
+    """
+    R, L, H, P = x_RLHP.shape
+    N = B_RLN.shape[-1]
+    h = x_RLHP.new_zeros(R, H, P, N)
+    ys = []
+    for t in range(L):
+        a = torch.exp(dt_RLH[:, t] * A_H)  # [R, H]
+        if starts_RL is not None:
+            a = a * (~starts_RL[:, t]).to(a.dtype)[:, None]
+        h = a[:, :, None, None] * h + (x_RLHP[:, t] * dt_RLH[:, t, :, None])[..., None] * B_RLN[:, t, None, None, :]
+        ys.append((h * C_RLN[:, t, None, None, :]).sum(-1))
+    y = torch.stack(ys, dim=1)
+    if D_H is not None:
+        y = y + x_RLHP * D_H[:, None]
+    return y
+
+
+def ssd_chunked(x_RLHP, dt_RLH, A_H, B_RLN, C_RLN, D_H=None, starts_RL=None, chunk: int = 64):
+    """Chunked SSD (Mamba-2) in matmul form with sequence resets; same semantics as :func:`ssd_sequential`.
+
+    Inside a chunk the output is ``(C B^T o L) (x dt)`` with ``L = exp(segsum(dt A))``; chunk-end
+    states are carried by the Hillis-Steele scan over chunks; a reset sets ``dt A = -inf`` at the
+    start token, which zeroes every decay that crosses it.
+    """
+    R, L, H, P = x_RLHP.shape
+    N = B_RLN.shape[-1]
+    Q = max(1, min(int(chunk), L))
+    pad = (-L) % Q
+    x, dt, B, C = x_RLHP, dt_RLH, B_RLN, C_RLN
+    A_dt = dt * A_H  # [R, L, H]
+    if starts_RL is not None:
+        A_dt = A_dt.masked_fill(starts_RL[..., None], float("-inf"))
+    xdt = x * dt[..., None]
+    if pad:
+        xdt = F.pad(xdt, (0, 0, 0, 0, 0, pad))
+        A_dt = F.pad(A_dt, (0, 0, 0, pad))
+        B = F.pad(B, (0, 0, 0, pad))
+        C = F.pad(C, (0, 0, 0, pad))
+    c = (L + pad) // Q
+    xdt = xdt.reshape(R, c, Q, H, P)
+    B = B.reshape(R, c, Q, N)
+    C = C.reshape(R, c, Q, N)
+    A_dt = A_dt.reshape(R, c, Q, H).permute(0, 3, 1, 2)  # [R, H, c, Q]
+    A_pre = torch.cumsum(A_dt, dim=-1)                    # sum_{k<=l}: decay from chunk start to l
+    # exclusive suffix sums computed directly (no cancellation): sum_{k>l} A_k
+    A_suf = torch.flip(torch.cumsum(torch.flip(F.pad(A_dt[..., 1:], (0, 1)), (-1,)), dim=-1), (-1,))
+    # 1. inside chunks
+    CB = torch.einsum("rcln,rcsn->rcls", C, B)           # [R, c, Q, Q]
+    M = CB.unsqueeze(1) * torch.exp(_segsum(A_dt))       # [R, H, c, Q(l), Q(s)]
+    y = torch.einsum("rhcls,rcshp->rclhp", M, xdt)
+    # 2. state at each chunk end from its own tokens
+    Bd = B.unsqueeze(1) * torch.exp(A_suf).unsqueeze(-1)  # [R, H, c, Q, N]
+    states = torch.einsum("rhcln,rclhp->rchpn", Bd, xdt)  # [R, c, H, P, N]
+    # 3. carry across chunks
+    a = torch.exp(A_pre[..., -1]).permute(0, 2, 1)[..., None, None].expand(R, c, H, P, N)
+    _, h_end = linear_recurrence_scan(a, states, dim=1)
+    h_in = _shift(h_end, 1, 1, 0.0)
+    # 4. contribution of the carried state
+    y_off = torch.einsum("rcln,rchpn->rclhp", C, h_in) * torch.exp(A_pre).permute(0, 2, 3, 1).unsqueeze(-1)
+    y = (y + y_off).reshape(R, c * Q, H, P)[:, :L]
+    if D_H is not None:
+        y = y + x_RLHP * D_H[:, None]
+    return y
+
+
+def ssd_flops_per_token(d_inner: int, d_state: int, chunk: int) -> int:
+    """Matmul FLOPs of :func:`ssd_chunked` per (padded) token: ``C B^T`` 2QN, the masked
+    intra-chunk product 2QE, chunk states 2EN, carried-state output 2EN (all counter-visible)."""
+    return 2 * chunk * d_state + 2 * chunk * d_inner + 4 * d_inner * d_state

@@ -61,14 +61,29 @@ def test_size_ladder_counts():
     assert R.get_config("neuromamba", "3.1M").depth == 12
 
 
+def test_mamba2_counts():
+    cfg = R.get_config("neuromamba", "3.1M", mixer="mamba2", headdim=32, d_state=64)
+    with torch.device("meta"):
+        model = R.build_pretrain_model(cfg)
+    counts = R.param_counts(cfg)
+    assert counts["encoder"] == _nparams(model.encoder)
+    assert counts["total"] == _nparams(model)
+    blk = model.encoder.blocks[0].mixer
+    assert blk.nheads == 12 and blk.in_proj.out_features == 2 * 384 + 2 * 64 + 12
+
+
 def test_real_build_matches_count_for_seed_size():
     model = R.build_pretrain_model(R.get_config("neuromamba", "3.1M"))
     assert _nparams(model.encoder) == 3_103_872
 
 
+MIXERS = [dict(mixer="mamba1"), dict(mixer="mamba2", headdim=16)]
+
+
+@pytest.mark.parametrize("mixer", MIXERS, ids=["mamba1", "mamba2"])
 @pytest.mark.parametrize("remove", [True, False])
-def test_dense_flops_match_flop_counter(remove):
-    cfg = _cfg(remove_background=remove)
+def test_dense_flops_match_flop_counter(remove, mixer):
+    cfg = _cfg(remove_background=remove, **mixer)
     model = R.build_pretrain_model(cfg)
     x, m = _batch()
     packed = model.encoder.tokenize(x, m)
@@ -79,9 +94,10 @@ def test_dense_flops_match_flop_counter(remove):
     # the backbone runs on every packed position; the head on all but the last of each row
     expect = (per_tok["dense"] - head) * rows * length + head * rows * (length - 1)
     assert counted == expect
-    # the scan count is the documented elementwise formula, 7 E S + 5 E per block
+    # the Mamba-1 scan count is the documented elementwise formula, 7 E S + 5 E per block
     E, S = cfg.d_inner, cfg.d_state
-    assert per_tok["scan"] == cfg.depth * (7 * E * S + 5 * E)
+    if cfg.mixer == "mamba1":
+        assert per_tok["scan"] == cfg.depth * (7 * E * S + 5 * E)
     fwd = flops_per_sample(cfg, num_tokens=100)
     assert fwd["forward"] == per_tok["total"] * 100 and fwd["train"] == 3 * fwd["forward"]
 
@@ -103,9 +119,10 @@ def test_background_removal_counts_tokens_and_flops():
     assert math.isclose(on / off, 0.364)
 
 
-def test_packed_samples_do_not_leak_state():
+@pytest.mark.parametrize("mixer", MIXERS, ids=["mamba1", "mamba2"])
+def test_packed_samples_do_not_leak_state(mixer):
     torch.manual_seed(0)
-    cfg = _cfg(depth=2)
+    cfg = _cfg(depth=2, **mixer)
     enc = R.build_pretrain_model(cfg).encoder.eval()
     x, m = _batch(B=3)
     m[2] = m[0]
@@ -138,9 +155,10 @@ def test_loss_ignores_removed_patches_and_positions_matter():
     assert not torch.equal(model(x2, brain_mask=m)["loss"], model(x, brain_mask=m)["loss"])
 
 
-def test_loss_falls_on_fixed_batch():
+@pytest.mark.parametrize("mixer", MIXERS, ids=["mamba1", "mamba2"])
+def test_loss_falls_on_fixed_batch(mixer):
     torch.manual_seed(0)
-    cfg = _cfg(depth=2)
+    cfg = _cfg(depth=2, **mixer)
     model = R.build_pretrain_model(cfg)
     x, m = _batch()
     # a learnable signal: smooth in time, so the next patch is predictable
@@ -196,7 +214,8 @@ def test_bad_inputs_raise_clear_errors():
 def test_bad_config_raises():
     for kw, field in ((dict(time_order="diagonal"), "time_order"), (dict(loss="huber"), "loss"),
                       (dict(embed_dim=36), "embed_dim"), (dict(scan_impl="cuda"), "scan_impl"),
-                      (dict(parametrization="ntk"), "parametrization"), (dict(img_size=(13, 18, 24, 6)), "divisible")):
+                      (dict(parametrization="ntk"), "parametrization"), (dict(mixer="mamba3"), "mixer"),
+                      (dict(mixer="mamba2", headdim=24), "headdim"), (dict(img_size=(13, 18, 24, 6)), "divisible")):
         with pytest.raises(ValueError, match=field):
             _cfg(**kw)
     with pytest.raises(ValueError, match="unknown NeuroMamba config field"):

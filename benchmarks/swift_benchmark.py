@@ -56,7 +56,8 @@ def _set_dynamo_limits() -> None:
 
 
 def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    """``none``: eager; ``block``: compile every encoder block, merge and the decoder in place
+    """``none``: eager; ``block``: compile every encoder block, merge, the patch embedding, the decoder
+    and the loss in place
     (compiled code is shared by blocks of the same shape); ``model``: compile the whole model."""
     if mode == "none":
         return model
@@ -66,9 +67,8 @@ def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     for stage in model.encoder.stages:
         for blk in stage.blocks:
             blk.compile()
-    for m in model.encoder.merges:
+    for m in [*model.encoder.merges, model.encoder.patch_embed, model.decoder, model.criterion]:
         m.compile()
-    model.decoder.compile()
     return model
 
 

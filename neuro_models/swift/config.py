@@ -55,9 +55,10 @@ class SwiftConfig:
     """Blocks per stage."""
     num_heads: tuple[int, ...] = (6, 12, 24, 48)
     """Attention heads per stage (scaled with width by ``with_width``: head dim stays fixed)."""
-    window_size: tuple[int, int, int, int] = (4, 4, 4, 5)
+    window_size: tuple[int, int, int, int] = (4, 4, 4, 2)
     """Attention window (wx, wy, wz, wt) in tokens. Clipped to the feature map in later stages
-    (and then not shifted there); must not exceed the first stage's grid."""
+    (and then not shifted there); must not exceed the first stage's grid. The default covers
+    4x4x4 patches and 4 frames (2 tokens of 2 frames), as v1's 4x4x4x4 window at patch 6x6x6x1."""
     mlp_ratio: float = 4.0
     """MLP hidden width / width."""
     qkv_bias: bool = True

@@ -239,6 +239,18 @@ def reconstruction_loss(cfg: SwiftConfig, pred_BXYZTP: torch.Tensor, x_BCXYZT: t
     return (err * w).sum() / w.sum().clamp_min(1.0)
 
 
+class MIMLoss(nn.Module):
+    """:func:`reconstruction_loss` as a module (so it can be compiled on its own)."""
+
+    def __init__(self, cfg: SwiftConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, pred_BXYZTP: torch.Tensor, x_BCXYZT: torch.Tensor, mask_BXYZT: torch.Tensor,
+                brain_mask_BXYZ: torch.Tensor | None = None) -> torch.Tensor:
+        return reconstruction_loss(self.cfg, pred_BXYZTP, x_BCXYZT, mask_BXYZT, brain_mask_BXYZ)
+
+
 class SimMIM(nn.Module):
     """SimMIM pre-training model around any SwiFT encoder.
 
@@ -254,6 +266,7 @@ class SimMIM(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(cfg.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.decoder = decoder
+        self.criterion = MIMLoss(cfg)
 
     def make_mask(self, batch_size: int, generator: torch.Generator | None = None,
                   device: torch.device | str | None = None) -> torch.Tensor:
@@ -274,7 +287,7 @@ class SimMIM(nn.Module):
             raise ValueError(f"mask shape {tuple(mask.shape)}; expected [B, *token grid] = {(B, *self.cfg.grid)}")
         feats = self.encoder(x_BCXYZT, mask, self.mask_token)
         pred = self.decoder(feats)
-        loss = reconstruction_loss(self.cfg, pred, x_BCXYZT, mask, brain_mask)
+        loss = self.criterion(pred, x_BCXYZT, mask, brain_mask)
         return {"loss": loss, "num_tokens": int(B * math.prod(mask.shape[1:])), "mask": mask, "pred": pred}
 
 

@@ -55,6 +55,16 @@ def _emit(obj: dict, table: pd.DataFrame | None, as_json: bool) -> None:
                 print(f"{k}: {v}")
         if table is not None:
             print(table.to_string(float_format=lambda x: f"{x:.6g}"))
+        for k, v in obj.items():
+            if k in ("params", "intervals", "vertices", "table", "ranking"):
+                continue  # already shown as the table
+            if isinstance(v, list) and v and isinstance(v[0], dict):
+                print(f"\n{k}:")
+                print(pd.DataFrame(v).to_string(float_format=lambda x: f"{x:.6g}"))
+            elif isinstance(v, dict):
+                print(f"\n{k}:")
+                for kk, vv in v.items():
+                    print(f"  {kk}: {vv}")
 
 
 def _fit(args) -> int:

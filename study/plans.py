@@ -113,8 +113,8 @@ def memory_estimate_gib(spec: RunSpec, world_size: int) -> float:
 # --------------------------------------------------------------------------------------------------
 # presets
 # --------------------------------------------------------------------------------------------------
-DEMO_WIDTHS = (8, 16, 24, 32)
-DEMO_BUDGETS = (2.0e9, 6.0e9, 1.8e10)
+DEMO_WIDTHS = (16, 32, 48, 64)
+DEMO_BUDGETS = (2.0e10, 6.0e10, 1.8e11)
 
 
 def demo(opts: Any = None) -> StudyPlan:
@@ -124,7 +124,7 @@ def demo(opts: Any = None) -> StudyPlan:
                    grid=(24, 24, 24), sequence_length=8, batch_size=4, lr=3e-3, schedule="cosine",
                    warmup_frac=0.1, eval_every=1000, eval_windows=16, checkpoint_every=10,
                    manifest=manifest, precision="fp32", seed=0)
-    specs = isoflop_grid(base, budgets=DEMO_BUDGETS, widths=DEMO_WIDTHS, min_steps=6, max_steps=400)
+    specs = isoflop_grid(base, budgets=DEMO_BUDGETS, widths=DEMO_WIDTHS, min_steps=8, max_steps=320)
     # data-mixture axis: the middle budget on the single noisiest cohort vs the diverse mixture
     mid = [s for s in specs if s.budget == DEMO_BUDGETS[1]]
     if mid:
@@ -132,6 +132,17 @@ def demo(opts: Any = None) -> StudyPlan:
         specs.append(one.replace(cohorts={"cohort_a": 1.0}))
     return StudyPlan(name="demo", specs=specs, description=demo.__doc__ or "",
                      cohort={"n_subjects": 48, "grid": (24, 24, 24), "n_frames": 24, "seed": 0})
+
+
+def smoke(opts: Any = None) -> StudyPlan:
+    """Two tiny runs on a 12-subject synthetic cohort: checks an installation or a cluster in a minute."""
+    manifest = getattr(opts, "manifest", None) or ""
+    base = RunSpec(study=getattr(opts, "study_name", None) or "smoke", family="swift_v2", size="debug",
+                   grid=(24, 24, 24), sequence_length=8, batch_size=4, lr=3e-3, budget_kind="steps", budget=6,
+                   eval_every=3, eval_windows=4, checkpoint_every=3, manifest=manifest, precision="fp32")
+    return StudyPlan(name="smoke", specs=[base.replace(width=16), base.replace(width=32)],
+                     description=smoke.__doc__ or "",
+                     cohort={"n_subjects": 12, "grid": (24, 24, 24), "n_frames": 16, "seed": 0})
 
 
 def _ladder(opts: Any, *, name: str, workers: int, budgets: Sequence[float], sizes: Sequence[str],
@@ -164,7 +175,8 @@ def aurora(opts: Any = None) -> StudyPlan:
                    sizes=("51M", "202M", "806M", "3B"), n_subjects=(2000, 8000, 32000))
 
 
-PRESETS: dict[str, Callable[[Any], StudyPlan]] = {"demo": demo, "polaris": polaris, "aurora": aurora}
+PRESETS: dict[str, Callable[[Any], StudyPlan]] = {"demo": demo, "smoke": smoke, "polaris": polaris,
+                                                   "aurora": aurora}
 
 
 def load_plan(preset: str, opts: Any = None) -> StudyPlan:

@@ -440,7 +440,7 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
             path = save(step) if save_now else None
             if is_best and path:
                 state["best_checkpoint"] = path
-            row = {**metrics, "step": step, "train_loss": train_loss, **val,
+            row = {**metrics, "run_id": spec.run_id, "step": step, "train_loss": train_loss, **val,
                    "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
                    "flops": state["flops"], "wall_time_s": state["wall_time_s"],
                    "is_final": step == n_steps, "status": "finished" if step == n_steps else "running",

@@ -1,0 +1,180 @@
+"""The train function: equivalences, exact resume, schedules, bad input, divergence."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from study import checkpoint as ckpt
+from study.devices import local_context
+from study.reporters import MemoryReporter
+from study.spec import RunSpec
+from study.train import BatchPlan, TrainingDiverged, lr_factor, micro_batch_positions, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def losses(rep: MemoryReporter) -> list[float]:
+    return [r["train_loss"] for r in rep.logs]
+
+
+def run(spec, **kw):
+    rep = MemoryReporter()
+    res = train(spec, local_context("cpu"), rep, **kw)
+    return rep, res
+
+
+def test_batch_plan_splits_global_batch_identically():
+    """W ranks x A micro-batches cover exactly the positions one process sees with W*A micro-batches."""
+    spec = RunSpec(batch_size=8, micro_batch_size=2)
+    one = BatchPlan.make(spec.replace(micro_batch_size=2), 1)
+    two = BatchPlan.make(spec, 2)
+    assert (one.accumulation, two.accumulation) == (4, 2)
+    for step in (0, 3):
+        single = micro_batch_positions(step, one, 0)
+        multi = micro_batch_positions(step, two, 0) + micro_batch_positions(step, two, 1)
+        assert single == multi
+        assert sorted(p for mb in single for p in mb) == list(range(step * 8, step * 8 + 8))
+
+
+def test_gradient_accumulation_equals_full_batch(mamba_spec):
+    full, _ = run(mamba_spec)
+    acc, _ = run(mamba_spec.replace(micro_batch_size=1))
+    a, b = losses(full), losses(acc)
+    assert len(a) == 6
+    assert a[-1] < a[0]  # it learns
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 1e-5 * abs(x)
+
+
+def test_interrupted_run_resumes_exactly(mamba_spec, tmp_path):
+    spec = mamba_spec.replace(checkpoint_every=3)
+    ref, _ = run(spec)
+    calls = {"n": 0}
+
+    def stop_after_three() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    first, res = run(spec, run_dir=tmp_path, should_stop=stop_after_three)
+    assert res.status == "stopped" and res.step == 3
+    last = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    assert last is not None and last.name == "step_0000003"
+    second, res2 = run(spec, run_dir=tmp_path, resume_from=last)
+    assert res2.status == "finished" and res2.step == 6
+    resumed = losses(first) + losses(second)
+    assert resumed == pytest.approx(losses(ref), rel=1e-7, abs=0)
+    assert second.reports[-1]["val_loss"] == pytest.approx(ref.reports[-1]["val_loss"], rel=1e-7)
+
+
+def test_checkpoint_of_another_run_is_refused(mamba_spec, tmp_path):
+    run(mamba_spec.replace(budget=2, eval_every=2), run_dir=tmp_path)
+    last = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    with pytest.raises(ckpt.CheckpointError, match="belongs to run"):
+        run(mamba_spec.replace(lr=5e-4), resume_from=last)
+
+
+def test_incomplete_checkpoint_is_never_trusted(mamba_spec, tmp_path):
+    run(mamba_spec.replace(budget=3, eval_every=3), run_dir=tmp_path)
+    last = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    (last / ckpt.COMPLETE).unlink()  # as if the writer died before the marker
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints") is None
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.load_trainer_state(last)
+
+
+def test_retention_keeps_last_k_and_best(mamba_spec, tmp_path):
+    spec = mamba_spec.replace(budget=6, eval_every=1, checkpoint_every=1, keep_last=2)
+    rep, _ = run(spec, run_dir=tmp_path)
+    kept = [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")]
+    vals = [r["val_loss"] for r in rep.reports]
+    best_step = 1 + vals.index(min(vals))
+    assert kept[-2:] == ["step_0000005", "step_0000006"]
+    assert f"step_{best_step:07d}" in kept and len(kept) <= 3
+
+
+def test_nan_loss_stops_with_step_and_last_checkpoint(mamba_spec, tmp_path, monkeypatch):
+    """Fault injection: the model's loss turns NaN at the 4th forward; the run names step and checkpoint."""
+    from neuro_models import registry as R
+
+    real_build = R.build_pretrain_model
+
+    def poisoned(cfg):
+        model = real_build(cfg)
+        forward, count = model.forward, {"n": 0}
+
+        def fwd(*a, **k):
+            out = forward(*a, **k)
+            if model.training:
+                count["n"] += 1
+                if count["n"] >= 4:
+                    out = {**out, "loss": out["loss"] * float("nan")}
+            return out
+
+        model.forward = fwd
+        return model
+
+    monkeypatch.setattr(R, "build_pretrain_model", poisoned)
+    with pytest.raises(TrainingDiverged) as err:
+        run(mamba_spec.replace(eval_every=2, checkpoint_every=2), run_dir=tmp_path)
+    assert err.value.step == 4
+    assert err.value.last_good.endswith("step_0000002")
+    assert "step 4" in str(err.value) and "step_0000002" in str(err.value)
+
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(batch_size=6, micro_batch_size=4), "micro_batch_size"),
+    (dict(manifest=""), "manifest"),
+])
+def test_bad_input_fails_before_compute(mamba_spec, change, needle):
+    with pytest.raises(ValueError, match=needle):
+        run(mamba_spec.replace(**change))
+
+
+def test_batch_that_does_not_divide_across_ranks():
+    with pytest.raises(ValueError, match="does not divide across world_size=3"):
+        BatchPlan.make(RunSpec(batch_size=8), 3)
+
+
+def test_lr_schedules():
+    spec = RunSpec(schedule="cosine", warmup_frac=0.1, min_lr_ratio=0.1)
+    f = [lr_factor(s, 100, spec) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in zip(f[10:], f[11:]))
+    wsd = RunSpec(schedule="wsd", warmup_frac=0.1, decay_frac=0.2, min_lr_ratio=0.0)
+    g = [lr_factor(s, 100, wsd) for s in range(100)]
+    assert g[10:80] == [1.0] * 70  # stable phase
+    assert g[99] == pytest.approx(0.0) and g[89] == pytest.approx(0.5)
+
+
+def _torchrun(spec: RunSpec, run_dir: Path, nproc: int = 2) -> list[float]:
+    spec_file = run_dir / "spec.json"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec_file.write_text(spec.to_json())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "0",
+           "-m", "study.launch_local", "--spec", str(spec_file), "--run-dir", str(run_dir)]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train_loss"] for r in rows if r["kind"] == "log"]
+
+
+def test_torchrun_two_ranks_matches_one_process_with_accumulation(mamba_spec, tmp_path):
+    ref, _ = run(mamba_spec.replace(micro_batch_size=2))
+    got = _torchrun(mamba_spec, tmp_path / "tr")
+    assert got == pytest.approx(losses(ref), rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_matches_ddp(mamba_spec, tmp_path, stage):
+    ddp = _torchrun(mamba_spec, tmp_path / "ddp")
+    ds = _torchrun(mamba_spec.replace(distributed="deepspeed", zero_stage=stage), tmp_path / f"ds{stage}")
+    assert ds == pytest.approx(ddp, rel=1e-5)

@@ -210,6 +210,10 @@ if [[ "$MODE" == node-agent ]]; then
   RAY_PID=$!
   # Stay up while Ray runs and the head's "running" marker exists (covers launchers that do not forward signals).
   while kill -0 "$RAY_PID" 2>/dev/null && [[ -e "$STATE/running" ]]; do sleep 1; done
+  if [[ -e "$STATE/running" ]]; then # Ray exited by itself: tell the head why (it fails fast while waiting)
+    echo "ray start exited: $(grep -v '^\s*$' "$STATE/nodes/$RANK.log" | tail -n 1)" >"$STATE/nodes/$RANK.error"
+    exit 1
+  fi
   exit 0
 fi
 

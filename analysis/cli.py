@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--value", default="value")
     r.add_argument("--direction", action="append", default=[], help="TASK=max|min (repeatable)")
     r.add_argument("--subset", action="append", default=[], help="NAME=task1,task2 (repeatable)")
-    r.add_argument("--missing", default="skip", choices=["skip", "drop_config", "drop_task", "error"])
+    r.add_argument("--missing", default="drop_config", choices=["drop_config", "skip", "drop_task", "error"],
+                   help="configurations missing a task of a subset: unranked there (default, the seed's #N/A)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=_rank)
     e = sub.add_parser("efficiency", help="strong/weak scaling efficiency table")

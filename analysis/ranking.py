@@ -14,7 +14,7 @@ DIRECTIONS = {"auroc": 1, "bacc": 1, "acc": 1, "accuracy": 1, "pearson_r": 1, "r
 
 
 def rank_configs(table: pd.DataFrame, *, directions: Mapping[str, int | str] | None = None,
-                 subsets: Mapping[str, Sequence[str]] | None = None, missing: str = "skip",
+                 subsets: Mapping[str, Sequence[str]] | None = None, missing: str = "drop_config",
                  ddof: int = 0) -> pd.DataFrame:
     """Rank configurations by the sum of direction-corrected z-scores over tasks.
 
@@ -29,9 +29,11 @@ def rank_configs(table: pd.DataFrame, *, directions: Mapping[str, int | str] | N
         with no known direction raises ``ValueError``.
     subsets : dict, optional
         Named task subsets ranked side by side (default: one subset ``"all"`` with every task).
-    missing : {"skip", "drop_config", "drop_task", "error"}
-        ``skip``: a missing cell adds nothing to the sum (its count is reported in ``n_missing__<subset>``);
-        ``drop_config``/``drop_task``: drop configurations/tasks with a missing cell; ``error``: raise.
+    missing : {"drop_config", "skip", "drop_task", "error"}
+        ``drop_config`` (default, the seed's ``#N/A``): a configuration missing a task of the subset is
+        left out of that subset's z-scores and gets no score or rank (NaN) there; ``skip``: a missing
+        cell adds nothing to the sum; ``drop_task``: drop the subset's tasks with a missing cell;
+        ``error``: raise. The count of missing cells is reported in ``n_missing__<subset>``.
     ddof : int
         Degrees of freedom of the per-task standard deviation (0: population).
 
@@ -39,7 +41,7 @@ def rank_configs(table: pd.DataFrame, *, directions: Mapping[str, int | str] | N
     -------
     pandas.DataFrame
         Per configuration and subset: ``score__<subset>``, ``rank__<subset>`` (1 = best; ties share
-        the lowest rank) and ``n_missing__<subset>``, plus the z-scores ``z__<task>``.
+        the lowest rank) and ``n_missing__<subset>``, plus the z-scores ``z__<subset>__<task>``.
     """
     if missing not in ("skip", "drop_config", "drop_task", "error"):
         raise ValueError(f"missing={missing!r}: allowed values are 'skip', 'drop_config', 'drop_task', 'error'")
@@ -64,6 +66,7 @@ def rank_configs(table: pd.DataFrame, *, directions: Mapping[str, int | str] | N
         if unknown:
             raise ValueError(f"subset {name!r}: unknown task(s) {unknown}; tasks are {list(df.columns)}")
         sub = df[list(tasks)]
+        n_missing = sub.isna().sum(axis=1)
         if sub.isna().any().any():
             if missing == "error":
                 cells = [(i, t) for t in sub.columns for i in sub.index[sub[t].isna()]]
@@ -81,10 +84,10 @@ def rank_configs(table: pd.DataFrame, *, directions: Mapping[str, int | str] | N
                              "configuration; z-scores are undefined")
         z = (sub - sub.mean(axis=0)) / std * pd.Series(sign)[sub.columns]
         for t in z.columns:
-            out[f"z__{t}"] = z[t]
+            out[f"z__{name}__{t}"] = z[t]
         score = z.sum(axis=1, min_count=1)
         out[f"score__{name}"] = score
         out[f"rank__{name}"] = score.rank(ascending=False, method="min")
-        out[f"n_missing__{name}"] = sub.isna().sum(axis=1)
+        out[f"n_missing__{name}"] = n_missing
     first = next(iter(subsets))
     return out.sort_values(f"rank__{first}", na_position="last")

@@ -17,7 +17,7 @@ def _table():
 
 def test_rank_by_direction_corrected_zscores():
     t = _table()
-    out = rank_configs(t, subsets={"all": list(t.columns), "no_adhd": ["age/mae", "sex/auroc"]})
+    out = rank_configs(t, subsets={"all": list(t.columns), "no_adhd": ["age/mae", "sex/auroc"]}, missing="skip")
     # hand computation for the subset without missing cells (population std)
     mae, sex = t["age/mae"], t["sex/auroc"]
     ref = -(mae - mae.mean()) / mae.std(ddof=0) + (sex - sex.mean()) / sex.std(ddof=0)
@@ -29,7 +29,14 @@ def test_rank_by_direction_corrected_zscores():
     assert flipped.loc["c1", "rank__s"] == 1
     dropped = rank_configs(t, missing="drop_config")  # a dropped configuration stays listed, unranked
     assert np.isnan(dropped.loc["c4", "rank__all"]) and dropped.index[-1] == "c4"
-    assert "z__ADHD/auroc" not in rank_configs(t, missing="drop_task").columns
+    assert "z__all__ADHD/auroc" not in rank_configs(t, missing="drop_task").columns
+    # default (the seed's #N/A): c4 lacks ADHD, so it is unranked in "all"; the others rank 1..3 among themselves
+    d = rank_configs(t, subsets={"all": list(t.columns), "no_adhd": ["age/mae", "sex/auroc"]})
+    assert np.isnan(d.loc["c4", "rank__all"]) and sorted(d["rank__all"].dropna()) == [1, 2, 3]
+    assert d.loc["c4", "rank__no_adhd"] == 2 and d.loc["c4", "n_missing__all"] == 1
+    sub = t.drop(index="c4")
+    zref = (sub["ADHD/auroc"] - sub["ADHD/auroc"].mean()) / sub["ADHD/auroc"].std(ddof=0)
+    np.testing.assert_allclose(d.loc[sub.index, "z__all__ADHD/auroc"], zref)
 
 
 def test_ranking_errors():

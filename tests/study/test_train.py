@@ -158,7 +158,7 @@ def _torchrun(spec: RunSpec, run_dir: Path, nproc: int = 2) -> list[float]:
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_file.write_text(spec.to_json())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "study.launch_local", "--spec", str(spec_file), "--run-dir", str(run_dir)]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

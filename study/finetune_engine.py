@@ -1,0 +1,489 @@
+"""Fine-tuning engine: ``train_finetune(spec, ctx, reporter)`` (reached through :func:`study.train.train`).
+
+One :class:`~study.spec.RunSpec` with ``task="finetune"`` trains an encoder + head on a manifest label
+(``spec.target``) with one of the seed's strategies (``spec.strategy``):
+
+============  ===========================================================================================
+scratch       no pre-trained weights, everything trainable (the seed's "From scratch" row)
+full          pre-trained encoder, everything trainable
+last_block    pre-trained encoder; only the last encoder *stage* (for SwiFT: the last Swin stage, 2 blocks
+              of full attention at 51M, i.e. the seed's "last block", ~28% of the 51M model), the final
+              norm and the head train. Families without stages use ``model.last_block_parameters()``.
+lora          pre-trained encoder frozen; LoRA adapters (``peft``, rank ``spec.lora_rank``, alpha = rank)
+              on every ``nn.Linear`` inside the encoder blocks (attention qkv/proj and MLP fc1/fc2 for
+              SwiFT) and the head train
+prompt        pre-trained encoder frozen; ``spec.prompt_tokens`` learnable tokens and the head train.
+              SwiFT prepends the prompts to the flattened token sequence of the last, full-attention
+              stage (windowed stages never see them): every token attends to them in each block of that
+              stage and they are dropped before pooling (see :mod:`neuro_models.swift.model`)
+frozen_mlp    pre-trained encoder frozen; a 2-layer MLP head (hidden width = encoder width) trains
+============  ===========================================================================================
+
+Every strategy except ``frozen_mlp`` uses a linear head on mean-pooled features. Frozen parameters have
+``requires_grad=False``, are left out of the optimizer and never move.
+
+Training reuses the pre-training engine's deterministic batch plan (:class:`study.train.BatchPlan`,
+:class:`study.train.SampleOrder`, per-step micro-batch positions), LR schedule, AdamW/MuAdamW,
+gradient accumulation, clipping, bf16 autocast on GPUs, DDP, checkpoints that resume exactly and the
+reporter protocol. Classification minimises BCE on a logit; regression minimises MSE on targets
+standardised with the mean/std of the *training subjects* and reports MAE in the target's own units.
+Evaluation predicts every window of the ``val`` (at each evaluation) and ``test`` (at the end) splits,
+averages window predictions per subject, and scores subjects (:mod:`study.metrics`). Test subjects
+are the manifest's downstream ``test`` split, which the data layer keeps out of pre-training.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from neuro_models import registry as R
+from study import checkpoint as ckpt
+from study.devices import DistContext, device_name
+from study.metrics import TASK_METRICS, score_subjects
+from study.reporters import Reporter
+from study.spec import STRATEGIES, RunSpec
+from study.train import (BatchPlan, SampleOrder, TrainingDiverged, TrainResult, _all_reduce_sum, _autocast, _barrier,
+                         _collate, _MicroBatches, _PositionDataset, lr_factor, make_optimizer, micro_batch_positions,
+                         model_config, total_steps)
+
+#: strategies that start from pre-trained weights
+NEEDS_WEIGHTS = tuple(s for s in STRATEGIES if s != "scratch")
+#: config fields that must agree between the exported weights and the fine-tuning model
+ARCH_FIELDS = ("family", "embed_dim", "depths", "num_heads", "patch_size", "in_chans", "img_size", "window_size",
+               "mlp_ratio", "qkv_bias", "last_layer_full_attention", "d_model", "n_layers", "d_state", "mixer",
+               "parametrization")
+
+
+def check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is not allowed; choose one of {list(STRATEGIES)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# weights
+# --------------------------------------------------------------------------------------------------
+def _norm(v: Any) -> Any:
+    return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def check_compatible(cfg: Any, info: dict[str, Any], path: str | os.PathLike) -> None:
+    """Raise :class:`study.checkpoint.CheckpointError` when exported weights belong to another model.
+
+    Compares the architecture fields (family, width, depths, heads, patch and input size, ...) of the
+    weights' stored config with ``cfg`` and names every difference.
+    """
+    stored = info.get("model_config") or {}
+    mine = cfg.__dict__ if not hasattr(cfg, "__dataclass_fields__") else {k: getattr(cfg, k)
+                                                                          for k in cfg.__dataclass_fields__}
+    diffs = [f"{k}: weights have {stored[k]!r}, the run asks for {mine[k]!r}"
+             for k in ARCH_FIELDS if k in stored and k in mine and _norm(stored[k]) != _norm(mine[k])]
+    if diffs:
+        spec = info.get("spec") or {}
+        raise ckpt.CheckpointError(
+            f"weights {path} (family={stored.get('family')!r}, size={stored.get('size')!r}, "
+            f"run {spec.get('run_id', '?') if isinstance(spec, dict) else '?'}) do not fit this model "
+            f"(family={getattr(cfg, 'family', None)!r}, size={getattr(cfg, 'size', None)!r}): " + "; ".join(diffs))
+
+
+def encoder_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``encoder.*`` entries of a pre-training state dict, prefix stripped."""
+    return {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+
+
+def load_encoder(model: nn.Module, sd: dict[str, torch.Tensor], path: str | os.PathLike = "<weights>") -> None:
+    """Load pre-trained encoder weights into ``model.encoder`` strictly (missing/extra/mis-shaped keys raise)."""
+    enc_sd = encoder_state(sd)
+    if not enc_sd:
+        raise ckpt.CheckpointError(f"weights {path} hold no 'encoder.*' tensors")
+    own = model.encoder.state_dict()
+    missing = sorted(set(own) - set(enc_sd))
+    extra = sorted(set(enc_sd) - set(own))
+    shapes = [f"{k}: {tuple(enc_sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in enc_sd and tuple(enc_sd[k].shape) != tuple(own[k].shape)]
+    if missing or extra or shapes:
+        raise ckpt.CheckpointError(f"weights {path} do not fit the encoder: missing {missing[:5]}, "
+                                   f"unexpected {extra[:5]}, shape mismatches {shapes[:5]}")
+    model.encoder.load_state_dict(enc_sd, strict=True)
+
+
+def load_weights(spec: RunSpec, cfg: Any) -> dict[str, torch.Tensor] | None:
+    """Exported weights for ``spec`` (``None`` for ``scratch``), checked against ``cfg`` before any compute."""
+    check_strategy(spec.strategy)
+    if spec.strategy == "scratch":
+        if spec.init_from:
+            raise ValueError(f"strategy='scratch' trains from random init; init_from={spec.init_from!r} must be None")
+        return None
+    if not spec.init_from:
+        raise ValueError(f"strategy={spec.strategy!r} needs init_from=<exported weights .safetensors>; "
+                         "use strategy='scratch' for random init")
+    sd, info = ckpt.load_exported(spec.init_from)
+    check_compatible(cfg, info, spec.init_from)
+    return sd
+
+
+# --------------------------------------------------------------------------------------------------
+# strategies
+# --------------------------------------------------------------------------------------------------
+def _mlp_hidden(cfg: Any, task: str) -> int:
+    """Hidden width of the ``frozen_mlp`` head: the encoder's output width (probed on the meta device)."""
+    probe_cfg = dataclasses.replace(cfg, parametrization="sp") if hasattr(cfg, "parametrization") else cfg
+    with torch.device("meta"):
+        probe = R.build_downstream_model(probe_cfg, task=task)
+    return int(probe.encoder.num_features)
+
+
+def last_block_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The seed's "last block": the last encoder stage (or block), the final norm and the head."""
+    enc = model.encoder
+    if hasattr(enc, "stages") and hasattr(enc, "norm"):
+        params = list(enc.stages[-1].parameters()) + list(enc.norm.parameters())
+        return params + list(model.head.parameters())
+    prompts = getattr(model, "prompts", None)
+    return [p for p in model.last_block_parameters() if p is not prompts]
+
+
+def lora_targets(encoder: nn.Module) -> list[str]:
+    """Names of the ``nn.Linear`` modules inside the encoder blocks (LoRA targets)."""
+    names = [n for n, m in encoder.named_modules() if isinstance(m, nn.Linear) and "blocks" in n.split(".")]
+    if not names:
+        raise ValueError(f"strategy='lora': the {type(encoder).__name__} encoder has no nn.Linear in its blocks")
+    return names
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float | None = None) -> list[str]:
+    """Inject LoRA adapters (``peft``) into the encoder's block linears in place; returns the targets."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if rank <= 0:
+        raise ValueError(f"lora_rank={rank} must be positive")
+    targets = lora_targets(model.encoder)
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=0.0,
+                        target_modules=targets, bias="none")
+    inject_adapter_in_model(config, model.encoder)
+    return targets
+
+
+def build_model(spec: RunSpec, cfg: Any, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The downstream model of ``spec`` with its strategy applied (weights loaded, trainable set marked).
+
+    Parameters
+    ----------
+    spec : RunSpec
+        Uses ``strategy``, ``task_type``, ``lora_rank``, ``prompt_tokens``, ``seed``.
+    cfg : model config
+        From :func:`study.train.model_config`.
+    weights : dict, optional
+        Pre-trained state dict (``encoder.*`` keys are used); ``None`` leaves the random init.
+
+    Returns
+    -------
+    nn.Module
+        With ``requires_grad`` set per the strategy.
+    """
+    check_strategy(spec.strategy)
+    kw: dict[str, Any] = {}
+    if spec.strategy == "prompt":
+        if spec.prompt_tokens <= 0:
+            raise ValueError(f"strategy='prompt' needs prompt_tokens > 0, got {spec.prompt_tokens}")
+        kw["prompt_tokens"] = spec.prompt_tokens
+    if spec.strategy == "frozen_mlp":
+        kw["hidden_dim"] = _mlp_hidden(cfg, spec.task_type)
+    torch.manual_seed(spec.seed)
+    model = R.build_downstream_model(cfg, task=spec.task_type, num_outputs=1, **kw)
+    if weights is not None:
+        load_encoder(model, weights, spec.init_from or "<weights>")
+    s = spec.strategy
+    if s in ("scratch", "full"):
+        trainable: Iterable[nn.Parameter] = list(model.parameters())
+    elif s == "last_block":
+        trainable = last_block_parameters(model)
+    elif s == "lora":
+        torch.manual_seed(spec.seed + 1)
+        add_lora(model, spec.lora_rank)
+        trainable = [p for n, p in model.encoder.named_parameters() if "lora_" in n] + list(model.head.parameters())
+    elif s == "prompt":
+        trainable = [model.prompts] + list(model.head.parameters())
+    else:  # frozen_mlp
+        trainable = list(model.head.parameters())
+    keep = {id(p) for p in trainable}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return model
+
+
+def trainable_summary(model: nn.Module) -> dict[str, float]:
+    """Parameter counts: total, trainable and the trainable fraction (LoRA adapters count as trainable)."""
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"n_params": total, "n_trainable": train, "trainable_frac": train / max(total, 1)}
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+def build_finetune_datasets(spec: RunSpec):
+    """Train / val / test :class:`data.datasets.WindowedDataset` with ``y`` = ``spec.target``."""
+    from data.datasets import WindowedDataset
+    from data.manifest import Manifest
+
+    if not spec.manifest:
+        raise ValueError("spec.manifest is empty: give the path of a cohort manifest (manifest.parquet)")
+    manifest = Manifest.load(spec.manifest)
+    if spec.target not in manifest.df.columns:
+        raise ValueError(f"target={spec.target!r} is not a manifest column; label columns: "
+                         f"{[c for c in manifest.df.columns if c.startswith('trait') or c not in ('subject', 'cohort', 'path', 'split')]}")
+    common = dict(sequence_length=spec.sequence_length, stride_within=spec.stride_within, scaling=spec.scaling,
+                  grid=tuple(spec.grid), target=spec.target, cohorts=dict(spec.cohorts) or None)
+    train_ds = WindowedDataset(manifest, split="train", stride_between=spec.stride_between,
+                               max_subjects=spec.n_subjects, **common)
+    val_ds = WindowedDataset(manifest, split="val", stride_between=1.0, **common)
+    test_ds = WindowedDataset(manifest, split="test", stride_between=1.0, **common)
+    return manifest, train_ds, val_ds, test_ds
+
+
+def target_stats(spec: RunSpec, train_ds) -> tuple[float, float]:
+    """Mean and std of the label over the training *subjects* (regression); (0, 1) for classification."""
+    if spec.task_type != "regression":
+        return 0.0, 1.0
+    df = train_ds.df.drop_duplicates(subset=["cohort", "subject"])
+    y = df[spec.target].astype("float64").to_numpy()
+    mean = float(y.mean())
+    std = float(y.std())
+    if not (std > 0 and math.isfinite(std)):
+        raise ValueError(f"target={spec.target!r} is constant over the training subjects: cannot standardise")
+    return mean, std
+
+
+def task_loss(task_type: str, out_B1: torch.Tensor, y_B: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits (classification) or MSE (regression, standardised targets)."""
+    out = out_B1.float().reshape(-1)
+    if task_type == "classification":
+        return F.binary_cross_entropy_with_logits(out, y_B.float())
+    return F.mse_loss(out, y_B.float())
+
+
+@torch.no_grad()
+def predict(model: nn.Module, ds, spec: RunSpec, ctx: DistContext, *, y_mean: float, y_std: float,
+            batch_size: int) -> tuple[list[str], list[float], list[float]]:
+    """Window outputs of every window of ``ds`` (logits, or predictions in target units), gathered on all ranks."""
+    was_training = model.training
+    model.eval()
+    idx = list(range(len(ds)))[ctx.rank::ctx.world_size]
+    subjects: list[str] = []
+    outputs: list[float] = []
+    targets: list[float] = []
+    for a in range(0, len(idx), batch_size):
+        batch = _collate([ds[i] for i in idx[a:a + batch_size]])
+        x = batch["x"].to(ctx.device)
+        bm = batch.get("brain_mask")
+        with _autocast(ctx, spec):
+            out = model(x, brain_mask=bm.to(ctx.device) if bm is not None else None)
+        o = out.float().reshape(-1).cpu().double()
+        if spec.task_type == "regression":
+            o = o * y_std + y_mean
+        outputs += o.tolist()
+        targets += batch["y"].double().tolist()
+        subjects += [f"{c}/{s}" for c, s in zip(batch["cohort"], batch["subject"])]
+    if was_training:
+        model.train()
+    if ctx.is_distributed and dist.is_initialized():
+        gathered: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(gathered, (subjects, outputs, targets))
+        subjects = [s for g in gathered for s in g[0]]
+        outputs = [o for g in gathered for o in g[1]]
+        targets = [t for g in gathered for t in g[2]]
+    return subjects, outputs, targets
+
+
+def evaluate_split(model, ds, spec, ctx, *, prefix: str, y_mean: float, y_std: float, batch_size: int
+                   ) -> dict[str, float]:
+    """Per-subject metrics of one split, keys prefixed (``val_auroc``, ``test_mae``, ...)."""
+    if len(ds) == 0:
+        return {}
+    subjects, outputs, targets = predict(model, ds, spec, ctx, y_mean=y_mean, y_std=y_std, batch_size=batch_size)
+    scores = score_subjects(spec.task_type, subjects, outputs, targets)
+    o = torch.tensor(outputs, dtype=torch.float64)
+    t = torch.tensor(targets, dtype=torch.float64)
+    if spec.task_type == "classification":
+        loss = float(F.binary_cross_entropy_with_logits(o, t))
+    else:
+        loss = float((((o - t) / y_std) ** 2).mean())
+    return {f"{prefix}_loss": loss, **{f"{prefix}_{k}": v for k, v in scores.items()}}
+
+
+# --------------------------------------------------------------------------------------------------
+# the fine-tuning run
+# --------------------------------------------------------------------------------------------------
+def train_finetune(spec: RunSpec, ctx: DistContext, reporter: Reporter, *,
+                   run_dir: str | os.PathLike | None = None, resume_from: str | os.PathLike | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Fine-tune one run (see the module docstring for the strategies).
+
+    Parameters
+    ----------
+    spec : RunSpec
+        ``task="finetune"``, with ``target``, ``task_type``, ``strategy`` and (except for ``scratch``)
+        ``init_from`` = an exported ``.safetensors`` file from :func:`study.checkpoint.export_weights`.
+    ctx : DistContext
+        Rank, world size and device (process group already initialised when distributed).
+    reporter : Reporter
+        ``log`` every ``log_every`` steps; ``report`` at each evaluation with per-subject validation
+        metrics, and at the end with test metrics (``test_auroc``/``test_bacc`` or ``test_mae``/
+        ``test_pearson_r``) and the trainable fraction.
+    run_dir, resume_from, should_stop
+        As in :func:`study.train.train`.
+
+    Returns
+    -------
+    TrainResult
+        ``final_metrics`` holds the last report row.
+    """
+    # ---- everything that can be wrong is checked before compute -------------------------------
+    if spec.task != "finetune":
+        raise ValueError(f"task={spec.task!r}: train_finetune needs task='finetune'")
+    check_strategy(spec.strategy)
+    if spec.task_type not in TASK_METRICS:
+        raise ValueError(f"task_type={spec.task_type!r}; allowed: {list(TASK_METRICS)}")
+    if spec.distributed != "ddp":
+        raise ValueError(f"distributed={spec.distributed!r} is not supported for fine-tuning; allowed: 'ddp' "
+                         "(exported weights load on any number of ranks)")
+    t_start = time.perf_counter()
+    plan = BatchPlan.make(spec, ctx.world_size)
+    device = ctx.device
+    cfg = model_config(spec)
+    weights = load_weights(spec, cfg)
+    fps = R.flops_per_sample(cfg)
+    tps = R.tokens_per_sample(cfg)
+    n_steps = total_steps(spec, flops_per_sample=fps["train"], tokens_per_sample=tps)
+    manifest, train_ds, val_ds, test_ds = build_finetune_datasets(spec)
+    order = SampleOrder(len(train_ds), spec.seed)
+    y_mean, y_std = target_stats(spec, train_ds)
+
+    model = build_model(spec, cfg, weights).to(device)
+    del weights
+    counts = trainable_summary(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, spec, params=trainable)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, n_steps, spec))
+    if ctx.is_distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type != "cpu" else None)
+    else:
+        net = model
+
+    state = {"step": 0, "samples_seen": 0, "wall_time_s": 0.0, "last_checkpoint": None}
+    if resume_from is not None:
+        loaded = ckpt.load_checkpoint(resume_from, rank=ctx.rank, model=model, optimizer=optimizer,
+                                      scheduler=scheduler, map_location=device)
+        if loaded.get("run_id") not in (None, spec.run_id):
+            raise ckpt.CheckpointError(f"checkpoint {resume_from} belongs to run {loaded.get('run_id')}, "
+                                       f"not {spec.run_id}")
+        state.update({k: loaded[k] for k in state if k in loaded})
+        state["last_checkpoint"] = str(resume_from)
+
+    ckpt_root = Path(run_dir) / "checkpoints" if run_dir is not None else None
+    barrier = _barrier(ctx)
+
+    def save(step: int) -> str | None:
+        if ckpt_root is None:
+            return None
+        path = ckpt.save_checkpoint(ckpt.step_dir(ckpt_root, step), rank=ctx.rank, barrier=barrier,
+                                    state={**state, "run_id": spec.run_id, "spec": spec.to_dict()},
+                                    model=model, optimizer=optimizer, scheduler=scheduler)
+        state["last_checkpoint"] = str(path)
+        if ctx.is_main:
+            ckpt.apply_retention(ckpt_root, keep_last=spec.keep_last)
+        return str(path)
+
+    eval_bs = plan.micro_batch
+    static = {"run_id": spec.run_id, "task": spec.target, "task_type": spec.task_type, "strategy": spec.strategy,
+              "init_from": spec.init_from, **counts, "target_mean": y_mean, "target_std": y_std,
+              "device_kind": device_name(device), "device_count": ctx.world_size, "total_steps": n_steps}
+
+    step = state["step"]
+    batches = iter(torch.utils.data.DataLoader(
+        _PositionDataset(train_ds, order), batch_sampler=_MicroBatches(step, n_steps, plan, ctx.rank),
+        collate_fn=_collate, num_workers=spec.num_workers, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if spec.num_workers else None))
+    wall_offset = state["wall_time_s"] - (time.perf_counter() - t_start)
+    window_t0, window_samples = time.perf_counter(), 0
+    metrics: dict[str, Any] = {}
+    status = "finished"
+    while step < n_steps:
+        if should_stop is not None and should_stop():
+            status = "stopped"
+            break
+        net.train()
+        micro = micro_batch_positions(step, plan, ctx.rank)
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        for a in range(len(micro)):
+            batch = next(batches)
+            x = batch["x"].to(device, non_blocking=True)
+            y = ((batch["y"] - y_mean) / y_std).to(device)
+            bm = batch.get("brain_mask")
+            bm = bm.to(device, non_blocking=True) if bm is not None else None
+            is_last = a == len(micro) - 1
+            sync = (net.no_sync() if isinstance(net, nn.parallel.DistributedDataParallel) and not is_last
+                    else contextlib.nullcontext())
+            with sync:
+                with _autocast(ctx, spec):
+                    out = net(x, brain_mask=bm)
+                loss = task_loss(spec.task_type, out, y)
+                (loss / plan.accumulation).backward()
+            loss_sum += loss.detach().double()
+        lr_now = optimizer.param_groups[0]["lr"]
+        if spec.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, spec.grad_clip))
+        else:
+            grads = [p.grad.detach().norm() for p in trainable if p.grad is not None]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        train_loss = float(_all_reduce_sum(loss_sum, ctx)) / (plan.accumulation * ctx.world_size)
+        step += 1
+        state["step"] = step
+        state["samples_seen"] += plan.global_batch
+        window_samples += plan.global_batch
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(step, train_loss, state["last_checkpoint"])
+        now = time.perf_counter()
+        state["wall_time_s"] = wall_offset + (now - t_start)
+        if step % spec.log_every == 0 or step == n_steps:
+            metrics = {"step": step, "train_loss": train_loss, "lr": lr_now, "grad_norm": grad_norm,
+                       "samples_seen": state["samples_seen"], "tokens_seen": state["samples_seen"] * tps,
+                       "samples_per_s": window_samples / max(now - window_t0, 1e-9),
+                       "wall_time_s": state["wall_time_s"]}
+            reporter.log(metrics)
+            window_t0, window_samples = now, 0
+        final = step == n_steps
+        if step % spec.eval_every == 0 or final:
+            row = {**static, **metrics, "step": step, "train_loss": train_loss,
+                   **evaluate_split(model, val_ds, spec, ctx, prefix="val", y_mean=y_mean, y_std=y_std,
+                                    batch_size=eval_bs)}
+            if final:
+                row.update(evaluate_split(model, test_ds, spec, ctx, prefix="test", y_mean=y_mean, y_std=y_std,
+                                          batch_size=eval_bs))
+            save_now = final or (spec.checkpoint_every and step % spec.checkpoint_every == 0)
+            path = save(step) if save_now else None
+            row.update({"is_final": final, "status": "finished" if final else "running",
+                        "samples_seen": state["samples_seen"], "wall_time_s": state["wall_time_s"]})
+            reporter.report(row, checkpoint_dir=path)
+            metrics = row
+
+    if status == "stopped":
+        path = save(step)
+        reporter.report({**static, **metrics, "step": step, "status": "stopped", "is_final": False,
+                         "samples_seen": state["samples_seen"]}, checkpoint_dir=path)
+    return TrainResult(run_id=spec.run_id, status=status, step=step, final_metrics=metrics,
+                       last_checkpoint=state["last_checkpoint"])
+

@@ -163,7 +163,7 @@ def model_config(spec: RunSpec):
     return cfg
 
 
-def build_datasets(spec: RunSpec):
+def build_datasets(spec: RunSpec, *, defer: bool = False):
     from data.datasets import WindowedDataset
     from data.manifest import Manifest
 
@@ -171,7 +171,7 @@ def build_datasets(spec: RunSpec):
         raise ValueError("spec.manifest is empty: give the path of a cohort manifest (manifest.parquet)")
     manifest = Manifest.load(spec.manifest)
     common = dict(sequence_length=spec.sequence_length, stride_within=spec.stride_within,
-                  scaling=spec.scaling, grid=tuple(spec.grid), target=spec.target)
+                  scaling=spec.scaling, grid=tuple(spec.grid), target=spec.target, defer=defer)
     cohorts = dict(spec.cohorts) or None
     train_ds = WindowedDataset(manifest, split="train", stride_between=spec.stride_between, cohorts=cohorts,
                                max_subjects=spec.n_subjects, **common)
@@ -181,12 +181,26 @@ def build_datasets(spec: RunSpec):
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"x": torch.stack([it["x"] for it in items])}
-    if "brain_mask" in items[0]:
-        out["brain_mask"] = torch.stack([it["brain_mask"] for it in items])
+    for key in ("brain_mask", "scale_coef"):
+        if key in items[0]:
+            out[key] = torch.stack([it[key] for it in items])
     if "y" in items[0]:
         out["y"] = torch.stack([torch.as_tensor(it["y"], dtype=torch.float32) for it in items])
     out["cohort"] = [it.get("cohort", "") for it in items]
     out["subject"] = [it.get("subject", "") for it in items]
+    return out
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move a collated batch to ``device``, finishing deferred (float16 + scale) inputs there."""
+    if "scale_coef" in batch:
+        from data.transforms import finish_on_device
+
+        return finish_on_device(batch, device)
+    out = dict(batch)
+    for key in ("x", "brain_mask", "y"):
+        if key in out:
+            out[key] = out[key].to(device, non_blocking=True)
     return out
 
 
@@ -271,7 +285,7 @@ def sample_masks(model: nn.Module, positions: list[int], seed: int, device: torc
 # --------------------------------------------------------------------------------------------------
 def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
           run_dir: str | os.PathLike | None = None, resume_from: str | os.PathLike | None = None,
-          should_stop: Callable[[], bool] | None = None, static_columns: dict[str, Any] | None = None,
+          should_stop: Callable[[], bool] | None = None, datasets: tuple | None = None,
           ) -> TrainResult:
     """Train one run.
 
@@ -289,6 +303,9 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
         A complete checkpoint directory to resume from (model, optimizer, scheduler, data position, RNG).
     should_stop : callable, optional
         Polled every step; when it returns True the run saves a checkpoint and returns ``status="stopped"``.
+    datasets : (train_dataset, val_dataset), optional
+        Use these instead of the spec's manifest (benchmarks with preloaded tensors, notebooks). Items
+        follow the ``WindowedDataset`` contract.
     """
     if spec.task == "finetune":
         from study.finetune_engine import train_finetune
@@ -306,7 +323,11 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
     n_steps = total_steps(spec, flops_per_sample=fps["train"], tokens_per_sample=tps)
     counts = R.param_counts(cfg)
 
-    manifest, train_ds, val_ds = build_datasets(spec)
+    if datasets is None:
+        # on accelerators the loader ships float16 stored values and the device finishes scaling/padding
+        _, train_ds, val_ds = build_datasets(spec, defer=device.type != "cpu")
+    else:
+        train_ds, val_ds = datasets
     order = SampleOrder(len(train_ds), spec.seed)
 
     torch.manual_seed(spec.seed)
@@ -372,10 +393,9 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         tokens = torch.zeros((), device=device, dtype=torch.float64)
         for a, positions in enumerate(micro):
-            batch = next(batches)
-            x = batch["x"].to(device, non_blocking=True)
+            batch = to_device(next(batches), device)
+            x = batch["x"]
             bm = batch.get("brain_mask")
-            bm = bm.to(device, non_blocking=True) if bm is not None else None
             mask = sample_masks(model, positions, spec.seed, device)
             is_last = a == len(micro) - 1
             sync_ctx = (net.no_sync() if isinstance(net, nn.parallel.DistributedDataParallel) and not is_last
@@ -472,10 +492,9 @@ def _evaluate(net, model: nn.Module, val_ds, spec: RunSpec, ctx: DistContext) ->
     sums: dict[str, list[float]] = {}
     for i in mine:
         item = val_ds[i]
-        batch = _collate([item])
-        x = batch["x"].to(ctx.device)
+        batch = to_device(_collate([item]), ctx.device)
+        x = batch["x"]
         bm = batch.get("brain_mask")
-        bm = bm.to(ctx.device) if bm is not None else None
         mask = sample_masks(model, [_VAL_SEED_OFFSET + i], spec.seed, ctx.device)
         with _autocast(ctx, spec):
             out = net(x, brain_mask=bm, mask=mask)

@@ -172,10 +172,40 @@ def summarize_study(store_dir, out_dir, *, loss_col: str = "val_loss", compute_c
         fig.savefig(out / "optimal_allocation.png", dpi=120)
         summary["plots"].append("optimal_allocation.png")
 
+    _finetune_and_benchmark(store_dir, out, summary)
+
     summary = _clean(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(_markdown(summary))
     return summary
+
+
+def _finetune_and_benchmark(store_dir, out: Path, summary: dict) -> None:
+    """Radar plot of the fine-tuning table and strong-scaling tables of the benchmark table, when present."""
+    from analysis.efficiency import scaling_table
+    from analysis.plots import plot_radar, plot_scaling
+
+    ft = read_table(store_dir, "finetune")
+    if not ft.empty and {"metric", "value", "task"} <= set(ft.columns):
+        metric = "auroc" if (ft["metric"] == "auroc").any() else str(ft["metric"].iloc[0])
+        group = "size" if "size" in ft.columns else "pretrain_run_id"
+        m = ft[ft["metric"] == metric].pivot_table(index=group, columns="task", values="value", aggfunc="mean")
+        summary["finetune"] = dict(metric=metric, table={str(k): v for k, v in m.to_dict(orient="index").items()})
+        if m.shape[1] >= 3:
+            plot_radar(m, title=f"Downstream tasks ({metric})").savefig(out / "finetune_radar.png", dpi=120)
+            summary["plots"].append("finetune_radar.png")
+    bench = read_table(store_dir, "benchmark")
+    if not bench.empty and {"name", "metric", "value", "device_count"} <= set(bench.columns):
+        thr = bench[bench["metric"].astype(str).str.contains("throughput")]
+        for name, g in thr.groupby("name"):
+            g = g.groupby("device_count", as_index=False)["value"].mean()
+            if len(g) < 2:
+                continue
+            t = scaling_table(g["device_count"], g["value"])
+            summary.setdefault("scaling", {})[str(name)] = t.to_dict(orient="records")
+            fn = f"scaling_{''.join(c if c.isalnum() else '_' for c in str(name))}.png"
+            plot_scaling(t, unit_label="devices").savefig(out / fn, dpi=120)
+            summary["plots"].append(fn)
 
 
 def _fmt(x) -> str:

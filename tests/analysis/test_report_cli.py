@@ -33,6 +33,12 @@ def test_final_rows_prefers_is_final_then_last_step(tmp_path):
 
 def test_summarize_study(synthetic_store, tmp_path):
     out = tmp_path / "report"
+    st = ResultsStore(synthetic_store)
+    st.append("finetune", [dict(run_id=f"ft-{s}-{t}-{r}", pretrain_run_id=s, size=s, task=t, task_type="classification",
+                                strategy="full", repeat=r, metric="auroc", value=0.6 + 0.01 * r + 0.05 * (s == "51M"))
+                           for s in ("51M", "202M") for t in ("sex", "ADHD", "MDD") for r in range(3)])
+    st.append("benchmark", [dict(name="train_throughput", metric="throughput", value=v, unit="samples/s", device="H100",
+                                 device_count=n, config="51M") for n, v in ((1, 100.0), (2, 190.0), (4, 360.0))])
     s = summarize_study(synthetic_store, out, n_boot=100)
     assert s["n_runs"] == 30 and s["n_final_points"] == 30
     pw = s["power_law"]
@@ -43,7 +49,10 @@ def test_summarize_study(synthetic_store, tmp_path):
     assert ch["params"]["beta"] == pytest.approx(LAW["beta"], abs=0.05)
     assert ch["intervals"]["beta"]["lo"] <= ch["params"]["beta"] <= ch["intervals"]["beta"]["hi"]
     assert len(ch["compute_optimal"]) == 7
-    for name in ("summary.json", "summary.md", "loss_vs_flops.png", "optimal_allocation.png"):
+    assert s["finetune"]["table"]["51M"]["sex"] == pytest.approx(0.66)
+    assert [round(r["efficiency_N1"], 3) for r in s["scaling"]["train_throughput"]] == [1.0, 0.95, 0.9]
+    for name in ("summary.json", "summary.md", "loss_vs_flops.png", "optimal_allocation.png", "finetune_radar.png",
+                 "scaling_train_throughput.png"):
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "summary.json").read_text())["n_runs"] == 30
     assert "Exponent interval excludes zero: **True**" in (out / "summary.md").read_text()

@@ -21,7 +21,6 @@ Errors (non-positive or missing values, too few points, no convergence) raise :c
 from __future__ import annotations
 
 import itertools
-import warnings
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 

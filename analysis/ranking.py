@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 
 __all__ = ["DIRECTIONS", "rank_configs"]

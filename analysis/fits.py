@@ -379,7 +379,7 @@ def fit_lse(obj: LogLSEObjective, starts_SP: np.ndarray, *, method: str = "batch
                     message=msgs[best], f_starts=f_all, x_starts=x_all, grad_max=gmax)
     if method != "batched":
         raise ValueError(f"method={method!r}: allowed values are 'batched' and 'scipy'")
-    x_all, f_all, _, _ = batched_lbfgs(obj, starts_SP)
+    x_all, f_all, n_it, conv = batched_lbfgs(obj, starts_SP)
     f_all = np.where(np.isfinite(f_all), f_all, np.inf)
     order = np.argsort(f_all, kind="stable")
     # polish the best few *distinct* optima with the reference algorithm
@@ -403,7 +403,9 @@ def fit_lse(obj: LogLSEObjective, starts_SP: np.ndarray, *, method: str = "batch
     # a polish that starts at an optimum can end in "ABNORMAL" (no further decrease possible): accept
     # it when the gradient vanishes
     return dict(theta=best.x, objective=float(best.fun), converged=bool(best.success or gmax <= GRAD_TOL),
-                message=str(best.message), f_starts=f_all, x_starts=x_all, grad_max=gmax)
+                message=str(best.message), f_starts=f_all, x_starts=x_all, grad_max=gmax,
+                starts_stopped=int(conv.sum()), starts_at_maxiter=int((~conv).sum()),
+                best_objective_at_maxiter=float(np.min(f_all[~conv])) if (~conv).any() else None)
 
 
 def _check_converged(res: dict, obj: LogLSEObjective, what: str) -> None:
@@ -465,7 +467,9 @@ def fit_chinchilla(N, D, L, *, grid: Mapping[str, Sequence[float]] | None = None
     return FitResult("chinchilla", res["theta"], _named("chinchilla", res["theta"]), res["objective"], len(L),
                      len(pts), at_best, res["converged"], res["message"], ("a", "b", "alpha", "beta", "e"),
                      delta=delta, reduction=reduction,
-                     extra=dict(_obj=obj, _data=dict(N=N, D=D, L=L)))
+                     extra=dict(_obj=obj, _data=dict(N=N, D=D, L=L), grad_max=res["grad_max"],
+                                **{k: res[k] for k in ("starts_stopped", "starts_at_maxiter", "best_objective_at_maxiter")
+                                   if k in res}))
 
 
 def fit_power_law(x, L, *, grid: Mapping[str, Sequence[float]] | None = None, delta: float | None = 1e-3,

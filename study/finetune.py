@@ -1,0 +1,345 @@
+"""Fine-tuning study: tasks x strategies x checkpoints x repeats, written as the seed's Table 2.
+
+Run the default study (synthetic cohort with planted labels, a tiny SwiFT v2 debug model pre-trained for
+a few steps first, every strategy, 3 repeats) on a laptop CPU in a few minutes::
+
+    python -m study.finetune --quick
+
+or on real data with exported weights (``study.checkpoint.export_weights``) of one or more pre-training runs::
+
+    python -m study.finetune --manifest cohort/manifest.parquet --weights w51M.safetensors w202M.safetensors \\
+        --tasks sex:classification age:regression --strategies scratch last_block lora --repeats 3 \\
+        --spec-json '{"size": "51M", "grid": [96, 96, 96], "sequence_length": 20, "batch_size": 16}'
+
+Outputs under ``<storage>/<study>/``:
+
+* ``store/finetune/part-*.parquet``: one results-store row per (run, task, strategy, repeat) with the
+  headline metric in ``metric``/``value`` (``auroc`` for classification, ``mae`` for regression) and every
+  metric as its own column (``auroc``, ``bacc``, ``mae``, ``pearson_r``), plus ``pretrain_run_id``, ``size``,
+  ``checkpoint``, the trainable fraction and the spec;
+* ``finetune_table.md`` / ``finetune_table.parquet``: rows = methods, columns = tasks, cells
+  ``mean ± std`` over repeats (sample std, ddof=1) with the % change against "From scratch" (↑ / ↓), the
+  best method of each task in bold — the layout of the seed's Table 2 (and Table 3 with several checkpoints);
+* ``runs/<run_id>/metrics.jsonl`` and checkpoints of every fine-tuning run.
+
+A run whose rows are already in the store is skipped, so an interrupted study resumes where it stopped.
+Runs execute in this process (the same :func:`study.train.train` that Ray Tune trials call).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from study import checkpoint as ckpt
+from study.metrics import HIGHER_IS_BETTER, TASK_METRICS
+from study.spec import STRATEGIES, RunSpec
+
+#: How each strategy is called in the table (the seed's wording where it has one)
+METHOD_NAMES: dict[str, str] = {
+    "scratch": "From scratch",
+    "full": "Fine-tuned all",
+    "last_block": "Fine-tuned last block",
+    "lora": "LoRA",
+    "prompt": "Prompt tuning",
+    "frozen_mlp": "Frozen encoder + MLP head",
+}
+DEFAULT_TASKS = ("trait_bin:classification", "trait_cont:regression")
+TABLE = "finetune"
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------------
+def parse_tasks(items: Sequence[str]) -> list[tuple[str, str]]:
+    """``["label:classification", ...]`` -> ``[(label, task_type), ...]``."""
+    out = []
+    for it in items:
+        target, _, task_type = it.partition(":")
+        if task_type not in TASK_METRICS or not target:
+            raise ValueError(f"task {it!r} must be '<label column>:<task type>' with task type in {list(TASK_METRICS)}")
+        out.append((target, task_type))
+    return out
+
+
+def base_spec(manifest: str, *, quick: bool, overrides: dict[str, Any] | None = None) -> RunSpec:
+    """Fine-tuning defaults: the debug SwiFT v2 on a 24^3 grid with 4-frame windows (``quick``) or 20 frames."""
+    kw: dict[str, Any] = dict(task="finetune", family="swift_v2", size="debug", grid=(24, 24, 24),
+                              sequence_length=4, batch_size=8, budget=20 if quick else 200, eval_every=10 if quick else 50,
+                              lr=1e-3, warmup_frac=0.1, precision="auto", manifest=manifest, target="trait_bin",
+                              log_every=5, study="finetune")
+    kw.update(overrides or {})
+    return RunSpec(**kw)
+
+
+def grid_specs(base: RunSpec, tasks: Sequence[tuple[str, str]], strategies: Sequence[str],
+               checkpoints: Sequence[str], repeats: int) -> list[tuple[RunSpec, str, int]]:
+    """``(spec, checkpoint label, repeat)`` of every cell; ``scratch`` runs once per task (no checkpoint).
+
+    ``checkpoints`` are weight files; their label is the file stem. Repeat ``r`` uses ``seed = base.seed + r``.
+    """
+    bad = [s for s in strategies if s not in STRATEGIES]
+    if bad:
+        raise ValueError(f"strategies {bad} are not allowed; choose from {list(STRATEGIES)}")
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be >= 1")
+    if any(s != "scratch" for s in strategies) and not checkpoints:
+        raise ValueError("strategies other than 'scratch' need at least one checkpoint (--weights)")
+    out = []
+    for target, task_type in tasks:
+        for strategy in strategies:
+            ckpts = ["scratch"] if strategy == "scratch" else list(checkpoints)
+            for c in ckpts:
+                for r in range(repeats):
+                    spec = base.replace(target=target, task_type=task_type, strategy=strategy,
+                                        init_from=None if c == "scratch" else str(c), seed=base.seed + r)
+                    out.append((spec, "scratch" if c == "scratch" else Path(c).stem, r))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# pre-training a tiny model and synthetic data (the default study)
+# --------------------------------------------------------------------------------------------------
+def ensure_cohort(root: Path, *, n_subjects: int = 40) -> str:
+    """A synthetic cohort (24^3, 16 frames) with a large downstream test split (30% of subjects)."""
+    from data.synthetic import generate_cohort
+
+    manifest = root / "manifest.parquet"
+    if manifest.exists():
+        return str(manifest)
+    return str(generate_cohort(root, n_subjects=n_subjects, grid=(24, 24, 24), n_frames=16, seed=0,
+                               progress=True, fractions=(0.5, 0.2, 0.3)))
+
+
+def pretrain_and_export(manifest: str, out_dir: Path, *, steps: int, ctx, overrides: dict[str, Any] | None = None
+                        ) -> Path:
+    """Pre-train the debug SwiFT v2 (MIM) on the train split for ``steps`` steps and export its weights."""
+    from study.train import model_config, train
+
+    kw: dict[str, Any] = dict(task="pretrain", family="swift_v2", size="debug", grid=(24, 24, 24), sequence_length=4,
+                              batch_size=8, budget=steps, eval_every=max(1, steps), lr=2e-3, manifest=manifest,
+                              study="finetune-pretrain", precision="auto")
+    kw.update({k: v for k, v in (overrides or {}).items() if k in ("family", "size", "grid", "sequence_length",
+                                                                  "width", "model_overrides", "parametrization")})
+    spec = RunSpec(**kw)
+    out = out_dir / f"{spec.run_id}.safetensors"
+    if out.exists():
+        return out
+    run_dir = out_dir / spec.run_id
+    resume = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    result = train(spec, ctx, None, run_dir=run_dir, resume_from=resume)
+    return ckpt.export_weights(result.last_checkpoint, out, model_config=model_config(spec), spec_json=spec.to_json(),
+                               mup_base_width=spec.mup_base_width)
+
+
+# --------------------------------------------------------------------------------------------------
+# running the grid
+# --------------------------------------------------------------------------------------------------
+def result_row(spec: RunSpec, checkpoint: str, repeat: int, final: dict[str, Any]) -> dict[str, Any]:
+    """The ``finetune`` table row of one finished run (test-split metrics)."""
+    pretrain_run_id, size = None, spec.size
+    if spec.init_from:
+        try:
+            _, info = ckpt.load_exported(spec.init_from)
+            pre = info.get("spec") or {}
+            pretrain_run_id = RunSpec.from_dict(pre).run_id if pre else None
+            size = pre.get("size", size)
+        except (ckpt.CheckpointError, ValueError, TypeError):
+            pass
+    metrics = TASK_METRICS[spec.task_type]
+    row = {"run_id": spec.run_id, "study": spec.study, "pretrain_run_id": pretrain_run_id, "checkpoint": checkpoint,
+           "family": spec.family, "size": size, "task": spec.target, "task_type": spec.task_type,
+           "strategy": spec.strategy, "method": METHOD_NAMES[spec.strategy], "repeat": repeat, "seed": spec.seed,
+           "metric": metrics[0], "value": float(final.get(f"test_{metrics[0]}", float("nan"))),
+           "n_params": final.get("n_params"), "n_trainable": final.get("n_trainable"),
+           "trainable_frac": final.get("trainable_frac"), "n_test_subjects": final.get("test_n_subjects"),
+           "steps": final.get("step"), "wall_time_s": final.get("wall_time_s")}
+    for m in metrics:
+        row[m] = float(final.get(f"test_{m}", float("nan")))
+        row[f"val_{m}"] = float(final.get(f"val_{m}", float("nan")))
+    row.update(spec.flat_columns())
+    return row
+
+
+def run_grid(cells: Sequence[tuple[RunSpec, str, int]], *, study_dir: Path, ctx, progress: bool = True
+             ) -> pd.DataFrame:
+    """Run every cell not yet in the store (in this process) and return the ``finetune`` table."""
+    from analysis.store import ResultsStore
+    from study.reporters import JSONLReporter
+    from study.train import train
+
+    store = ResultsStore(study_dir / "store")
+    done = set(store.read(TABLE)["run_id"]) if store.parts(TABLE) else set()
+    todo = [c for c in cells if c[0].run_id not in done]
+    bar = tqdm(todo, desc="fine-tune runs", disable=not progress)
+    for spec, label, repeat in bar:
+        bar.set_postfix_str(f"{spec.target}/{spec.strategy}/{label}/r{repeat}")
+        run_dir = study_dir / "runs" / spec.run_id
+        reporter = JSONLReporter(run_dir / "metrics.jsonl")
+        try:
+            resume = ckpt.latest_checkpoint(run_dir / "checkpoints")
+            result = train(spec, ctx, reporter, run_dir=run_dir, resume_from=resume)
+        finally:
+            reporter.close()
+        store.append(TABLE, [result_row(spec, label, repeat, result.final_metrics)])
+    df = store.read(TABLE)
+    ids = {c[0].run_id for c in cells}
+    return df[df["run_id"].isin(ids)].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# the seed's Table 2
+# --------------------------------------------------------------------------------------------------
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std (ddof=1) and count per (method, checkpoint, task) with the % change vs From scratch.
+
+    Returns one row per cell: ``method, strategy, checkpoint, task, metric, mean, std, n, pct_change, cell``.
+    """
+    rows = []
+    several = df.loc[df["strategy"] != "scratch", "checkpoint"].nunique() > 1
+    for (strategy, checkpoint, task, metric), g in df.groupby(["strategy", "checkpoint", "task", "metric"],
+                                                               sort=False):
+        v = g["value"].astype("float64").to_numpy()
+        rows.append({"method": METHOD_NAMES[strategy] + (f" [{checkpoint}]" if several and checkpoint != "scratch" else ""),
+                     "strategy": strategy, "checkpoint": checkpoint, "task": task, "metric": metric,
+                     "mean": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan"),
+                     "std": float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else float("nan"),
+                     "n": int(len(v))})
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    scratch = out[out["strategy"] == "scratch"].set_index("task")["mean"].to_dict()
+    pct = []
+    for r in out.itertuples():
+        s = scratch.get(r.task)
+        pct.append(float("nan") if r.strategy == "scratch" or s is None or not s else 100.0 * (r.mean - s) / abs(s))
+    out["pct_change"] = pct
+    out["cell"] = [_cell(r.mean, r.std, r.pct_change) for r in out.itertuples()]
+    order = {s: i for i, s in enumerate(STRATEGIES)}
+    return out.sort_values(["strategy", "checkpoint"], key=lambda c: c.map(order) if c.name == "strategy" else c,
+                           kind="stable").reset_index(drop=True)
+
+
+def _cell(mean: float, std: float, pct: float) -> str:
+    s = f"{mean:.3f} ± {std:.3f}" if np.isfinite(std) else f"{mean:.3f}"
+    if np.isfinite(pct):
+        s += f" ({abs(pct):.2f}%{'↑' if pct > 0 else '↓' if pct < 0 else ''})"
+    return s
+
+
+def table_markdown(summary: pd.DataFrame, *, title: str = "Downstream performance (test split, per subject)"
+                   ) -> str:
+    """The seed's Table 2 layout: rows = methods, columns = tasks, the best method per task in bold."""
+    if summary.empty:
+        return f"**{title}**\n\n(no results)\n"
+    tasks = list(dict.fromkeys(summary["task"]))
+    metric_of = summary.drop_duplicates("task").set_index("task")["metric"].to_dict()
+    best = {}
+    for t in tasks:
+        sub = summary[(summary["task"] == t) & summary["mean"].notna()]
+        if not sub.empty:
+            best[t] = (sub["mean"].idxmax() if HIGHER_IS_BETTER[metric_of[t]] else sub["mean"].idxmin())
+    head = ["Method"] + [f"{t} ({metric_of[t].upper()} {'↑' if HIGHER_IS_BETTER[metric_of[t]] else '↓'})"
+                         for t in tasks]
+    lines = [f"**{title}.** Mean ± std over repeats; % change vs From scratch in parentheses.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in dict.fromkeys(summary["method"]):
+        cells = [method]
+        for t in tasks:
+            sel = summary[(summary["method"] == method) & (summary["task"] == t)]
+            if sel.empty:
+                cells.append("-")
+                continue
+            text = sel["cell"].iloc[0]
+            cells.append(f"**{text}**" if best.get(t) == sel.index[0] else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    n = summary["n"].max()
+    lines += ["", f"Repeats per cell: {n}. Trainable fraction per method is in the `finetune` table."]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(df: pd.DataFrame, study_dir: Path) -> tuple[Path, Path, pd.DataFrame]:
+    summary = summarize(df)
+    md = study_dir / "finetune_table.md"
+    pq = study_dir / "finetune_table.parquet"
+    frac = df.groupby("method")["trainable_frac"].mean().to_dict() if "trainable_frac" in df else {}
+    text = table_markdown(summary)
+    if frac:
+        text += "\n| Method | trainable fraction |\n|---|---|\n" + "".join(
+            f"| {m} | {f:.1%} |\n" for m, f in frac.items())
+    md.write_text(text)
+    summary.to_parquet(pq, index=False)
+    return md, pq, summary
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--storage", default="runs", help="root folder of studies (default: runs)")
+    ap.add_argument("--study", default="finetune", help="study name: outputs go to <storage>/<study>/")
+    ap.add_argument("--manifest", default=None, help="cohort manifest; default: a synthetic cohort in <study>/cohort")
+    ap.add_argument("--weights", nargs="*", default=None,
+                    help="exported weights (.safetensors); default: pre-train the debug SwiFT v2 first")
+    ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="label:task_type ...")
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run")
+    ap.add_argument("--pretrain-steps", type=int, default=None, help="steps of the default pre-training")
+    ap.add_argument("--quick", action="store_true", help="tiny settings: runs on a 2-core CPU in a few minutes")
+    ap.add_argument("--spec-json", default=None, help="JSON object of RunSpec fields overriding the defaults")
+    ap.add_argument("--device", default=None, choices=["cuda", "xpu", "cpu"])
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from study.devices import context_from_env
+
+    try:
+        tasks = parse_tasks(args.tasks)
+        overrides = json.loads(args.spec_json) if args.spec_json else {}
+        if not isinstance(overrides, dict):
+            raise ValueError("--spec-json must be a JSON object of RunSpec fields")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    study_dir = Path(args.storage) / args.study
+    study_dir.mkdir(parents=True, exist_ok=True)
+    ctx = context_from_env(args.device)
+    t0 = time.perf_counter()
+    manifest = args.manifest or ensure_cohort(study_dir / "cohort")
+    if args.steps is not None:
+        overrides["budget"] = args.steps
+        overrides.setdefault("budget_kind", "steps")
+    try:
+        base = base_spec(manifest, quick=args.quick, overrides={"study": args.study, **overrides})
+        needs = any(s != "scratch" for s in args.strategies)
+        weights = list(args.weights or [])
+        if needs and not weights:
+            steps = args.pretrain_steps or (30 if args.quick else 300)
+            print(f"pre-training {base.family}/{base.size} for {steps} steps ...", flush=True)
+            weights = [str(pretrain_and_export(manifest, study_dir / "pretrained", steps=steps, ctx=ctx,
+                                               overrides=overrides))]
+        cells = grid_specs(base, tasks, args.strategies, weights, args.repeats)
+    except (ValueError, ckpt.CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    df = run_grid(cells, study_dir=study_dir, ctx=ctx, progress=not args.no_progress)
+    md, pq, _ = write_tables(df, study_dir)
+    print(md.read_text())
+    print(f"wrote {md} and {pq} ({len(df)} runs, {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

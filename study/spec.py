@@ -20,7 +20,7 @@ from typing import Any, Mapping
 #: Fields that do not change what a run computes (so they do not enter the run id). The manifest *path*
 #: is among them: a study records the manifest content hash and refuses to mix data versions.
 NON_SEMANTIC_FIELDS = frozenset({"study", "manifest", "num_workers", "checkpoint_every", "keep_last", "keep_best",
-                                 "micro_batch_size", "distributed", "zero_stage",
+                                 "micro_batch_size", "distributed", "zero_stage", "bad_data",
                                  "log_every", "notes"})
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -115,6 +115,9 @@ class RunSpec:
     lora_rank: int = 8
     prompt_tokens: int = 8
     # --- runtime --------------------------------------------------------------------------------
+    bad_data: str = "stop"
+    """Policy for unreadable subject files or non-finite windows met mid-training: ``stop`` (raise, naming
+    the file) or ``skip`` (use the next window and record the bad one in the reports)."""
     precision: str = "auto"
     distributed: str = "ddp"
     zero_stage: int = 1
@@ -139,6 +142,7 @@ class RunSpec:
         _choice("distributed", self.distributed, DISTRIBUTED)
         _choice("scaling", self.scaling, SCALINGS)
         _choice("task_type", self.task_type, ("classification", "regression"))
+        _choice("bad_data", self.bad_data, ("stop", "skip"))
         if not (self.budget > 0 and math.isfinite(self.budget)):
             raise ValueError(f"budget={self.budget!r} must be a positive finite number of {self.budget_kind}")
         if self.batch_size <= 0:

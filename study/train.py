@@ -187,6 +187,7 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     if "y" in items[0]:
         out["y"] = torch.stack([torch.as_tensor(it["y"], dtype=torch.float32) for it in items])
     out["cohort"] = [it.get("cohort", "") for it in items]
+    out["skipped"] = [msg for it in items for msg in it.get("skipped", ())]
     out["subject"] = [it.get("subject", "") for it in items]
     return out
 
@@ -218,17 +219,53 @@ class _MicroBatches:
         return (self.stop - self.start) * self.plan.accumulation
 
 
-class _PositionDataset(torch.utils.data.Dataset):
-    """Maps global sample positions to dataset items (so a DataLoader can prefetch in workers)."""
+class BadDataError(RuntimeError):
+    """A window could not be used (unreadable subject file, non-finite values); names the file."""
 
-    def __init__(self, ds, order: SampleOrder) -> None:
-        self.ds, self.order = ds, order
+
+#: how many following windows the ``skip`` policy tries before giving up
+_MAX_SKIP = 32
+
+
+class _PositionDataset(torch.utils.data.Dataset):
+    """Maps global sample positions to dataset items (so a DataLoader can prefetch in workers).
+
+    Applies the bad-data policy: a window whose file cannot be read, or whose values are not finite,
+    raises :class:`BadDataError` naming the file (``stop``) or is replaced by the next window of the
+    dataset and recorded in the item's ``skipped`` list (``skip``).
+    """
+
+    def __init__(self, ds, order: SampleOrder, policy: str = "stop") -> None:
+        self.ds, self.order, self.policy = ds, order, policy
 
     def __len__(self) -> int:  # pragma: no cover - positions are unbounded
         return 1 << 62
 
+    def _checked(self, idx: int) -> dict[str, Any]:
+        try:
+            item = self.ds[idx]
+        except (OSError, ValueError, KeyError) as exc:  # SubjectFileError is a ValueError
+            raise BadDataError(f"window {idx}: {exc}") from exc
+        if not bool(torch.isfinite(item["x"]).all()):
+            where = getattr(self.ds, "window", None)
+            src = where(idx)[0] if callable(where) else item.get("subject", "?")
+            raise BadDataError(f"window {idx} of {src} (subject {item.get('subject', '?')}): non-finite values")
+        return item
+
     def __getitem__(self, position: int) -> dict[str, Any]:
-        return self.ds[self.order.index(position)]
+        idx = self.order.index(position)
+        skipped: list[str] = []
+        for k in range(_MAX_SKIP):
+            try:
+                item = self._checked((idx + k) % len(self.ds))
+                if skipped:
+                    item = {**item, "skipped": skipped}
+                return item
+            except BadDataError as exc:
+                if self.policy == "stop":
+                    raise
+                skipped.append(str(exc))
+        raise BadDataError(f"{_MAX_SKIP} consecutive bad windows from position {position}: {skipped[-1]}")
 
 
 def make_optimizer(model: nn.Module, spec: RunSpec, params=None) -> torch.optim.Optimizer:
@@ -344,7 +381,7 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
     else:
         net = model
 
-    state = {"step": 0, "samples_seen": 0, "tokens_seen": 0, "flops": 0.0, "wall_time_s": 0.0,
+    state = {"step": 0, "samples_seen": 0, "tokens_seen": 0, "flops": 0.0, "wall_time_s": 0.0, "skipped": 0,
              "best_val_loss": None, "best_checkpoint": None, "last_checkpoint": None}
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(resume_from, rank=ctx.rank, model=model, optimizer=optimizer,
@@ -356,7 +393,7 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
         state["last_checkpoint"] = str(resume_from)
 
     ckpt_root = Path(run_dir) / "checkpoints" if run_dir is not None else None
-    loader_ds = _PositionDataset(train_ds, order)
+    loader_ds = _PositionDataset(train_ds, order, spec.bad_data)
     peak = peak_flops(device)
     barrier = _barrier(ctx)
 
@@ -394,6 +431,10 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
         tokens = torch.zeros((), device=device, dtype=torch.float64)
         for a, positions in enumerate(micro):
             batch = to_device(next(batches), device)
+            if batch["skipped"]:
+                state["skipped"] += len(batch["skipped"])
+                for msg in batch["skipped"]:
+                    reporter.log({"step": step, "bad_data_skipped": msg})
             x = batch["x"]
             bm = batch.get("brain_mask")
             mask = sample_masks(model, positions, spec.seed, device)
@@ -466,7 +507,7 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
                    "is_final": step == n_steps, "status": "finished" if step == n_steps else "running",
                    "n_params": counts["total"], "n_params_non_embedding": counts["non_embedding"],
                    "device_kind": device_name(device), "device_count": ctx.world_size,
-                   "total_steps": n_steps}
+                   "total_steps": n_steps, "bad_windows_skipped": state["skipped"]}
             reporter.report(row, checkpoint_dir=path)
             metrics = row
 

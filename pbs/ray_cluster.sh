@@ -24,6 +24,7 @@
 #   --state-dir DIR         shared job state (token, node registry)  [$NEUROX_STATE_DIR or ~/.neurox/ray]
 #   --tmp-base DIR          node-local base for Ray's temp dir (keep short)    [$NEUROX_TMP_BASE or /tmp]
 #   --launcher L            auto|mpiexec|pbsdsh|ssh|/path/to/mpiexec-like     [$NEUROX_LAUNCHER or auto]
+#                           (extra mpiexec arguments: $NEUROX_LAUNCHER_ARGS, else the profile's)
 #   --storage DIR --study-name NAME   the study's storage; enables walltime stop and chaining
 #   --stop-margin S         touch <storage>/<study>/STOP this many seconds before walltime ends [600]
 #   --chain N --job-script FILE       submit FILE again (afterany) up to N more times until the study completes
@@ -270,7 +271,9 @@ launch_cmds() { # prints (dry run) or runs the worker launch; sets LAUNCH_PIDS
         fi
       done ;;
     *)
-      local c=("$LAUNCHER" -n "${#WORKERS[@]}" --ppn 1 --hostfile "$hostfile" "${AGENT[@]}" --rank-offset 1)
+      local largs
+      read -r -a largs <<<"${NEUROX_LAUNCHER_ARGS:-$PROFILE_LAUNCHER_ARGS}"
+      local c=("$LAUNCHER" -n "${#WORKERS[@]}" --ppn 1 "${largs[@]}" --hostfile "$hostfile" "${AGENT[@]}" --rank-offset 1)
       if [[ $DRY_RUN -eq 1 ]]; then show "${c[@]}"
       else
         printf '%s\n' "${WORKERS[@]}" >"$hostfile"

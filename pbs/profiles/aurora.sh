@@ -6,7 +6,9 @@
 PROFILE_IFACE="${PROFILE_IFACE:-hsn0}"
 PROFILE_HOST_SUFFIX="${PROFILE_HOST_SUFFIX:-}"
 PROFILE_NUM_GPUS="${PROFILE_NUM_GPUS:-12}"
-export PROFILE_IFACE PROFILE_HOST_SUFFIX PROFILE_NUM_GPUS
+# PALS mpiexec: do not pin the node agent (and so all of Ray's processes on the node) to one core
+PROFILE_LAUNCHER_ARGS="${PROFILE_LAUNCHER_ARGS:---cpu-bind none}"
+export PROFILE_IFACE PROFILE_HOST_SUFFIX PROFILE_NUM_GPUS PROFILE_LAUNCHER_ARGS
 if [[ -z "${NEUROX_SKIP_MODULES:-}" ]] && command -v module >/dev/null 2>&1; then
   set +u  # module and conda scripts read unset variables
   module load frameworks   # PyTorch + IPEX/XPU, oneCCL bindings (torch "xccl" backend), Intel MPI

@@ -8,7 +8,7 @@ n="" hostfile=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -n) n="$2"; shift 2 ;;
-    --ppn) shift 2 ;;
+    --ppn | --cpu-bind) shift 2 ;;
     --hostfile) hostfile="$2"; shift 2 ;;
     *) break ;;
   esac

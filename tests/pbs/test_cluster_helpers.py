@@ -227,7 +227,7 @@ def test_dry_run_prints_plan_and_starts_nothing(tmp_path):
     assert "--dashboard-host 127.0.0.1" in out and "--num-gpus 12" in out  # Aurora: 12 tiles as Ray GPUs
     assert "--temp-dir /tmp/nx4242_0" in out and "--plasma-directory /dev/shm" in out
     assert "RAY_AUTH_MODE=token" in out and "state/4242/token" in out
-    assert "mpiexec -n 2 --ppn 1 --hostfile" in out and "--rank-offset 1" in out
+    assert "mpiexec -n 2 --ppn 1 --cpu-bind none --hostfile" in out  # PALS must not pin Ray to one core and "--rank-offset 1" in out
     assert "study/scaling_law.py" in out
     assert not (tmp_path / "state").exists()  # no token, no state: nothing started
 

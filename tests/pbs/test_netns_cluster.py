@@ -51,7 +51,9 @@ def cluster(tmp_path_factory):
     work = tmp_path_factory.mktemp("pbs_netns")
     nodes = NetnsNodes(3, work)
     jobid = _jobid()
-    c = ClusterProcess(nodes, work, jobid, "up", UP_ARGS, **FAST_HEALTH)
+    # the Aurora profile (modules skipped): 12 GPU tiles per node as Ray GPUs, its oneCCL/Level Zero environment
+    c = ClusterProcess(nodes, work, jobid, "up", ["--profile", "aurora", *UP_ARGS], NEUROX_SKIP_MODULES="1",
+                       **FAST_HEALTH)
     c.work = work
     try:
         assert c.wait_for("cluster is up", timeout=300), c.text()
@@ -74,15 +76,31 @@ def test_cluster_forms_with_all_nodes_and_is_locked_down(cluster):
     head_ip, dash_port = env["RAY_API_SERVER_ADDRESS"].rsplit("/", 1)[1].split(":")
     assert head_ip == nodes.ips[0] and env["RAY_ADDRESS"].startswith(nodes.ips[0] + ":")
     # every node joined with its high-speed address (not mgmt0), 1 CPU each
-    probe = ("import json, ray; ray.init(logging_level='ERROR'); "
-             "print(json.dumps([[n['NodeManagerAddress'], n['Resources'].get('CPU')] for n in ray.nodes() "
-             "if n['Alive']]))")
+    probe = """
+import json, os, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init(logging_level='ERROR')
+@ray.remote(num_cpus=0)
+def where():
+    return [ray.util.get_node_ip_address(), os.environ.get('ZE_FLAT_DEVICE_HIERARCHY'),
+            os.environ.get('CCL_PROCESS_LAUNCHER'), os.environ.get('RAY_AUTH_MODE')]
+nodes = [n for n in ray.nodes() if n['Alive']]
+seen = ray.get([where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n['NodeID'], soft=False)).remote()
+                for n in nodes])
+print(json.dumps({'nodes': [[n['NodeManagerAddress'], n['Resources'].get('CPU'), n['Resources'].get('GPU')]
+                            for n in nodes], 'seen': seen}))
+"""
     r = cluster.in_node(0, [sys.executable, "-c", probe],
                         env=dict(_client_env(cluster, cluster.work), RAY_ADDRESS=env["RAY_ADDRESS"]))
     assert r.returncode == 0, r.stderr[-2000:]
-    alive = json.loads(r.stdout.strip().splitlines()[-1])
-    assert sorted(ip for ip, _ in alive) == sorted(nodes.ips)
-    assert all(cpu == 1.0 for _, cpu in alive)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    alive = got["nodes"]
+    assert sorted(ip for ip, _, _ in alive) == sorted(nodes.ips)
+    assert all(cpu == 1.0 and gpu == 12.0 for _, cpu, gpu in alive), alive  # Aurora: 12 tiles per node
+    # the profile's environment reaches Ray workers on every node
+    assert sorted(s[0] for s in got["seen"]) == sorted(nodes.ips)
+    assert all(s[1:] == ["FLAT", "none", "token"] for s in got["seen"]), got["seen"]
+    assert "cannot import dpctl" in cluster.text()  # the profile warns that Ray cannot bind tiles here
     # token: fresh, 64 hex chars, 0600 in a 0700 directory, never printed
     tok_path = Path(env["RAY_AUTH_TOKEN_PATH"])
     token = tok_path.read_text()

@@ -122,7 +122,7 @@ def demo(opts: Any = None) -> StudyPlan:
     manifest = getattr(opts, "manifest", None) or ""
     base = RunSpec(study=getattr(opts, "study_name", None) or "demo", family="swift_v2", size="debug",
                    grid=(24, 24, 24), sequence_length=8, batch_size=4, lr=3e-3, schedule="cosine",
-                   warmup_frac=0.1, eval_every=1000, eval_windows=16, checkpoint_every=10,
+                   warmup_frac=0.1, eval_every=50, eval_windows=8, checkpoint_every=50,
                    manifest=manifest, precision="fp32", seed=0)
     specs = isoflop_grid(base, budgets=DEMO_BUDGETS, widths=DEMO_WIDTHS, min_steps=8, max_steps=320)
     # data-mixture axis: the middle budget on the single noisiest cohort vs the diverse mixture

@@ -490,14 +490,16 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
             reporter.log(metrics)
             window_t0, window_samples = now, 0
 
-        if step % spec.eval_every == 0 or step == n_steps:
+        ckpt_due = bool(spec.checkpoint_every) and step % spec.checkpoint_every == 0
+        if step % spec.eval_every == 0 or step == n_steps or ckpt_due:
+            # a checkpoint is always reported with a fresh evaluation (Ray attaches checkpoints to reports)
             val = evaluate()
             if state["best_val_loss"] is None or val["val_loss"] < state["best_val_loss"]:
                 state["best_val_loss"] = val["val_loss"]
                 is_best = True
             else:
                 is_best = False
-            save_now = step == n_steps or (spec.checkpoint_every and step % spec.checkpoint_every == 0)
+            save_now = step == n_steps or ckpt_due
             path = save(step) if save_now else None
             if is_best and path:
                 state["best_checkpoint"] = path

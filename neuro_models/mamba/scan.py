@@ -147,17 +147,22 @@ def _states(a: torch.Tensor, b: torch.Tensor, chunk: int) -> torch.Tensor:
     return h.reshape(R, nC * Q, E, N)[:, :L]
 
 
-def _ssm_fwd(u, delta, A, B, C, keep, chunk: int):
-    """SSM part of the scan, ``y_ssm[r, t, e] = sum_n C h`` (no skip, no gate)."""
+def _ssm_fwd(u, delta, A, B, C, D, z, keep, chunk: int):
+    """Scan output ``(sum_n C h + D u) * silu(z)`` for one block of channels (D, z optional)."""
     a = torch.exp(delta.unsqueeze(-1) * A)
     if keep is not None:
         a = a * keep[:, :, None, None]
     b = (delta * u).unsqueeze(-1) * B.unsqueeze(2)
     h = _states(a, b, chunk)
-    return (h * C.unsqueeze(2)).sum(-1)
+    y = (h * C.unsqueeze(2)).sum(-1)
+    if D is not None:
+        y = y + u * D
+    if z is not None:
+        y = y * F.silu(z)
+    return y
 
 
-def _ssm_bwd(dy, u, delta, A, B, C, keep, chunk: int):
+def _ssm_bwd(dy, u, delta, A, B, C, D, z, keep, chunk: int):
     """Gradients of :func:`_ssm_fwd` by recomputation and a reverse chunked scan."""
     a = torch.exp(delta.unsqueeze(-1) * A)
     if keep is not None:
@@ -165,6 +170,18 @@ def _ssm_bwd(dy, u, delta, A, B, C, keep, chunk: int):
     du_ = delta * u
     b = du_.unsqueeze(-1) * B.unsqueeze(2)
     h = _states(a, b, chunk)
+    dz = dD = None
+    if z is not None:
+        y = (h * C.unsqueeze(2)).sum(-1)
+        if D is not None:
+            y = y + u * D
+        sg = torch.sigmoid(z)
+        dz = dy * y * (sg * (1 + z * (1 - sg)))
+        dy = dy * (z * sg)
+    du_skip = None
+    if D is not None:
+        dD = (dy * u).sum((0, 1))
+        du_skip = dy * D
     dC = (dy.unsqueeze(-1) * h).sum(2)
     g = dy.unsqueeze(-1) * C.unsqueeze(2)              # dL/dh_t from y_t
     a_next = _shift(a.flip(1), 1, 1, 0.0)               # a_{t+1}, reversed in time
@@ -180,7 +197,9 @@ def _ssm_bwd(dy, u, delta, A, B, C, keep, chunk: int):
     dB = (dh * du_.unsqueeze(-1)).sum(2)
     ddelta = ddelta + d_du * u
     du = d_du * delta
-    return du, ddelta, dA, dB, dC
+    if du_skip is not None:
+        du = du + du_skip
+    return du, ddelta, dA, dB, dC, dD, dz
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,57 +207,71 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=True)
 
 
+def _sl(t, s, n):
+    return None if t is None else t[..., s:s + n]
+
+
 class _ChunkedSSM(torch.autograd.Function):
-    """Chunked SSM with a hand-written backward: saves only the ``[R, L, E]`` inputs and recomputes
-    the ``[R, L, E, N]`` states in backward, one block of channels at a time (channels are
-    independent), so memory stays ``O(R L E)`` plus one bounded block."""
+    """Chunked scan with a hand-written backward. It saves only its ``[R, L, E]`` inputs (in their
+    own dtype, e.g. bf16) and recomputes the ``[R, L, E, N]`` states in backward, one block of
+    channels at a time (channels are independent), so memory stays ``O(R L E)`` plus one bounded
+    block; the skip ``D u`` and the gate ``silu(z)`` are fused in. Computes in ``ctype``."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, keep, chunk, e_block, compiled):
-        ctx.save_for_backward(u, delta, A, B, C, keep)
-        ctx.chunk, ctx.e_block, ctx.compiled = chunk, e_block, compiled
+    def forward(ctx, u, delta, A, B, C, D, z, keep, chunk, e_block, compiled, ctype):
+        ctx.save_for_backward(u, delta, A, B, C, D, z, keep)
+        ctx.chunk, ctx.e_block, ctx.compiled, ctx.ctype = chunk, e_block, compiled, ctype
         fwd = _compiled(_ssm_fwd) if compiled else _ssm_fwd
+        cv = (lambda t: None if t is None else t.to(ctype))
+        Bc, Cc = cv(B), cv(C)
         E = u.shape[-1]
-        ys = [fwd(u[..., s:s + e_block], delta[..., s:s + e_block], A[s:s + e_block], B, C, keep, chunk)
+        ys = [fwd(cv(_sl(u, s, e_block)), cv(_sl(delta, s, e_block)), cv(A[s:s + e_block]), Bc, Cc,
+                  cv(None if D is None else D[s:s + e_block]), cv(_sl(z, s, e_block)), keep, chunk)
               for s in range(0, E, e_block)]
         return torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0]
 
     @staticmethod
     def backward(ctx, dy):
-        u, delta, A, B, C, keep = ctx.saved_tensors
+        u, delta, A, B, C, D, z, keep = ctx.saved_tensors
         bwd = _compiled(_ssm_bwd) if ctx.compiled else _ssm_bwd
+        ct = ctx.ctype
+        cv = (lambda t: None if t is None else t.to(ct))
+        Bc, Cc = cv(B), cv(C)
         E, eb = u.shape[-1], ctx.e_block
-        du, ddelta, dA = [], [], []
-        dB = torch.zeros_like(B)
-        dC = torch.zeros_like(C)
+        parts = [[] for _ in range(7)]
+        dB = torch.zeros_like(Bc)
+        dC = torch.zeros_like(Cc)
         for s in range(0, E, eb):
-            r = bwd(dy[..., s:s + eb].contiguous(), u[..., s:s + eb], delta[..., s:s + eb], A[s:s + eb], B, C, keep,
-                    ctx.chunk)
-            du.append(r[0])
-            ddelta.append(r[1])
-            dA.append(r[2])
+            r = bwd(cv(dy[..., s:s + eb]).contiguous(), cv(_sl(u, s, eb)), cv(_sl(delta, s, eb)), cv(A[s:s + eb]),
+                    Bc, Cc, cv(None if D is None else D[s:s + eb]), cv(_sl(z, s, eb)), keep, ctx.chunk)
+            for i in (0, 1, 2, 5, 6):
+                parts[i].append(r[i])
             dB += r[3]
             dC += r[4]
-        return torch.cat(du, -1), torch.cat(ddelta, -1), torch.cat(dA, 0), dB, dC, None, None, None, None
+
+        def cat(i, dim, like):
+            if like is None:
+                return None
+            return torch.cat(parts[i], dim).to(like.dtype)
+
+        return (cat(0, -1, u), cat(1, -1, delta), cat(2, 0, A), dB.to(B.dtype), dC.to(C.dtype),
+                cat(5, 0, D), cat(6, -1, z), None, None, None, None, None)
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, starts=None, chunk: int = 16, *,
                            max_block_elems: int = 1 << 27, compiled: bool = False):
     """Chunked parallel scan with the memory-lean custom backward (see module docstring).
 
-    ``max_block_elems`` bounds the ``[R, L, E_block, N]`` temporaries (channels are processed in
-    blocks); ``compiled`` runs the forward and backward cores through ``torch.compile``.
+    Inputs may be bf16; the scan computes in float32 (float64 when ``u`` is float64) and returns
+    that dtype. ``max_block_elems`` bounds the ``[R, L, E_block, N]`` temporaries (channels are
+    processed in blocks); ``compiled`` runs the forward and backward cores through ``torch.compile``.
     """
     R, L, E = u.shape
     N = A.shape[1]
+    ctype = torch.float64 if u.dtype == torch.float64 else torch.float32
     e_block = max(1, min(E, max_block_elems // max(1, R * L * N)))
-    keep = None if starts is None else (~starts).to(u.dtype)
-    y = _ChunkedSSM.apply(u, delta, A, B, C, keep, int(chunk), e_block, bool(compiled))
-    if D is not None:
-        y = y + u * D
-    if z is not None:
-        y = y * F.silu(z)
-    return y
+    keep = None if starts is None else (~starts).to(ctype)
+    return _ChunkedSSM.apply(u, delta, A, B, C, D, z, keep, int(chunk), e_block, bool(compiled), ctype)
 
 
 def selective_scan_chunked_autograd(u, delta, A, B, C, D=None, z=None, starts=None, chunk: int = 16):
@@ -285,24 +318,29 @@ def selective_scan(u_RLE, delta_RLE, A_EN, B_RLN, C_RLN, D_E=None, z_RLE=None, s
     """
     if impl not in SCAN_IMPLS:
         raise ValueError(f"scan impl={impl!r}; allowed: {SCAN_IMPLS}")
+    interior = starts_RL is not None and bool(starts_RL[:, 1:].any())
+    starts = starts_RL if interior else None
+    if impl in ("auto", "chunked", "compiled") and not (impl == "auto" and _mamba_ssm_scan is not None
+                                                         and u_RLE.is_cuda and not interior):
+        # the custom Function casts per channel block itself and saves the inputs in their dtype
+        return selective_scan_chunked(u_RLE, delta_RLE, A_EN, B_RLN, C_RLN, D_E, z_RLE, starts, chunk,
+                                      compiled=(impl == "compiled"))
     dt = torch.float64 if u_RLE.dtype == torch.float64 else torch.float32
     u, delta, B, C = (t.to(dt) for t in (u_RLE, delta_RLE, B_RLN, C_RLN))
     A = A_EN.to(dt)
     D = None if D_E is None else D_E.to(dt)
     z = None if z_RLE is None else z_RLE.to(dt)
-    interior = starts_RL is not None and bool(starts_RL[:, 1:].any())
     kernel_ok = (_mamba_ssm_scan is not None and u.is_cuda and not interior and dt == torch.float32)
     if impl == "mamba_ssm" and not kernel_ok:
         raise ValueError("scan impl='mamba_ssm' needs the mamba-ssm package, CUDA tensors, float32 and no "
                          "interior sequence starts (the kernel has no boundary input); use 'chunked'")
     if impl == "mamba_ssm" or (impl == "auto" and kernel_ok):
         return _scan_mamba_ssm(u, delta, A, B, C, D, z)
-    starts = starts_RL if interior else None
     if impl == "sequential":
         return selective_scan_sequential(u, delta, A, B, C, D, z, starts)
     if impl == "chunked_autograd":
         return selective_scan_chunked_autograd(u, delta, A, B, C, D, z, starts, chunk)
-    return selective_scan_chunked(u, delta, A, B, C, D, z, starts, chunk, compiled=(impl == "compiled"))
+    return selective_scan_chunked(u, delta, A, B, C, D, z, starts, chunk)
 
 
 def scan_flops_per_token(d_inner: int, d_state: int) -> int:

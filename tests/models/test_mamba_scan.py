@@ -170,3 +170,20 @@ def test_ssd_chunked_matches_sequential_values_and_grads(chunk):
     # a reset really cuts the past: the segment after a start equals that segment run alone
     alone = ssd_sequential(*(t.detach() for t in (x[:1, 13:], dt[:1, 13:], A, B[:1, 13:], C[:1, 13:], D)))
     assert torch.allclose(y[:1, 13:].detach(), alone, atol=1e-11, rtol=0)
+
+
+def test_bf16_inputs_are_computed_in_float32():
+    """Under autocast the mixer hands bf16 tensors to the scan: it computes in float32, returns float32
+    outputs and gives gradients in the inputs' dtypes, close to the float32 run."""
+    args32 = [a.detach().float() for a in _inputs()]
+    args16 = [a.bfloat16().requires_grad_() if a.dim() == 3 else a.clone().requires_grad_() for a in args32]
+    ref_in = [a.detach().float().requires_grad_() for a in args16]
+    y16 = selective_scan(*args16, impl="chunked")
+    y32 = selective_scan(*ref_in, impl="chunked")
+    assert y16.dtype == torch.float32
+    assert torch.allclose(y16, y32, atol=1e-5, rtol=1e-5)
+    g16 = torch.autograd.grad(y16.sum(), args16)
+    g32 = torch.autograd.grad(y32.sum(), ref_in)
+    for a, b, inp in zip(g16, g32, args16):
+        assert a.dtype == inp.dtype
+        assert torch.allclose(a.float(), b, atol=0.05 * b.abs().max().item() + 1e-6)

@@ -350,3 +350,35 @@ def test_fallback_launchers_form_the_cluster(two_nodes, tmp_path, launcher):
     assert json.loads(out.read_text()) == sorted(two_nodes.ips)
     assert "tearing down" in c.text()
     _nothing_left(two_nodes, jobid, c)
+
+
+@pytest.mark.slow
+def test_two_jobs_share_nodes_and_tear_down_independently(two_nodes, tmp_path):
+    ja = _jobid()
+    jb = str(int(ja) + 1)
+    a = ClusterProcess(two_nodes, tmp_path, ja, "up", UP_ARGS)
+    b = ClusterProcess(two_nodes, tmp_path, jb, "up", UP_ARGS)
+    try:
+        assert a.wait_for("cluster is up", 300), a.text()[-3000:]
+        assert b.wait_for("cluster is up", 300), b.text()[-3000:]
+        ea, eb = a.env_file(), b.env_file()
+        assert ea["RAY_ADDRESS"] != eb["RAY_ADDRESS"]
+        assert ea["RAY_API_SERVER_ADDRESS"] != eb["RAY_API_SERVER_ADDRESS"]
+        assert Path(ea["RAY_AUTH_TOKEN_PATH"]).read_text() != Path(eb["RAY_AUTH_TOKEN_PATH"]).read_text()
+        assert a.terminate() == 143
+        assert procs_of_job(ja) == [] and node_tmp_dirs(ja) == []
+        # job B is untouched: still both nodes, reachable with its own token
+        probe = ("import json, ray; ray.init(logging_level='ERROR'); "
+                 "print(json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))")
+        env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
+               "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": eb["RAY_AUTH_TOKEN_PATH"],
+               "RAY_ADDRESS": eb["RAY_ADDRESS"]}
+        r = b.in_node(0, [sys.executable, "-c", probe], env=env, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert json.loads(r.stdout.strip().splitlines()[-1]) == sorted(two_nodes.ips)
+        assert b.terminate() == 143
+        assert procs_of_job(jb) == [] and node_tmp_dirs(jb) == []
+    finally:
+        for c in (a, b):
+            if c.proc.poll() is None:
+                c.terminate()

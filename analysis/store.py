@@ -235,7 +235,15 @@ class ResultsStore:
         pandas.DataFrame
             Rows in write order; an empty frame if the table does not exist.
         """
-        df, _ = self._read_parts(self.parts(table))
+        for _ in range(100):
+            parts = self.parts(table)
+            df, used = self._read_parts(parts)
+            if len(used) == len(parts):
+                break
+            # a part vanished while reading: a compaction merged it, and its merged part (written
+            # before the deletion) is in the next listing
+        else:  # pragma: no cover - needs 100 compactions racing one read
+            raise RuntimeError(f"table {table!r}: parts kept vanishing while reading (compaction storm?)")
         df = self._dedup(table, df)
         if not internal and not df.empty:
             df = df.drop(columns=[c for c in INTERNAL_COLS if c in df.columns])

@@ -78,11 +78,27 @@ def _writer(args):
     return w
 
 
+def _reader(root, n_reads, q):
+    """Rows never disappear once visible, even while compactions delete the parts they came from."""
+    st, seen, ok = ResultsStore(root), set(), True
+    for _ in range(n_reads):
+        df = st.read("train")
+        keys = set(df["run_id"]) if len(df) else set()
+        ok &= seen <= keys
+        seen = keys
+    q.put(ok)
+
+
 def test_sixteen_concurrent_writers_with_compaction(tmp_path):
     ctx = mp.get_context("fork")
     n_appends = 6
+    q = ctx.Queue()
+    reader = ctx.Process(target=_reader, args=(str(tmp_path), 30, q))
+    reader.start()
     with ctx.Pool(16) as pool:
         assert sorted(pool.map(_writer, [(str(tmp_path), w, n_appends) for w in range(16)])) == list(range(16))
+    assert q.get(timeout=120) is True
+    reader.join(timeout=60)
     st = ResultsStore(tmp_path)
     df = st.read("train", internal=True)
     assert len(df) == 17
@@ -98,3 +114,23 @@ def test_sixteen_concurrent_writers_with_compaction(tmp_path):
     assert shared["writer"] == own.loc[own["_seq"].idxmax(), "writer"]
     st.compact("train")
     assert len(st.parts("train")) == 1 and len(st.read("train")) == 17
+
+
+class _CompactDuringRead(ResultsStore):
+    """Runs a compaction (by another store object) between listing the parts and reading them."""
+
+    raced = False
+
+    def _read_parts(self, parts):
+        if not self.raced and len(parts) > 1:
+            self.raced = True
+            assert ResultsStore(self.root).compact("train") == len(parts)
+        return super()._read_parts(parts)
+
+
+def test_read_survives_compaction_between_listing_and_reading(tmp_path):
+    for i in range(3):
+        ResultsStore(tmp_path).append("train", [_row(f"r{i}", 0, float(i))])
+    st = _CompactDuringRead(tmp_path)
+    df = st.read("train")
+    assert st.raced and sorted(df.run_id) == ["r0", "r1", "r2"]

@@ -109,7 +109,15 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="1.4M,3.1M,12M,41M")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny run (debug size, 4 frames, 1 step) to check the script")
+    ap.add_argument("--store", default=None, help="also append rows to the results store's 'benchmark' table here")
+    ap.add_argument("--from-json", default=None, help="do not run: convert an earlier JSON (Markdown, --store rows)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+        print(to_markdown(res))
+        if args.store:
+            print(f"{store_rows(res, args.store)} rows appended to {args.store}")
+        return 0
     t_start = time.perf_counter()
     device = torch.device(args.device)
     out_dir = Path(args.out)
@@ -124,7 +132,7 @@ def main(argv=None) -> int:
     res: dict = {
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "frames": T, "batch": args.batch, "mask": "MNI152 2mm brain mask in 96^3",
-        "mask_voxel_fraction": float(mask.mean()), "sections": {}, "errors": {},
+        "mask_voxel_fraction": float(mask.mean()), "main_size": main_size, "sections": {}, "errors": {},
     }
 
     def left() -> float:
@@ -300,7 +308,55 @@ def main(argv=None) -> int:
     res["total_s"] = time.perf_counter() - t_start
     save()
     print(to_markdown(res))
+    if args.store:
+        print(f"{store_rows(res, args.store)} rows appended to {args.store}")
     return 0
+
+
+def benchmark_rows(res: dict) -> list[dict]:
+    """Rows for the results store's ``benchmark`` table (name, metric, value, unit, device, device_count, config)."""
+    rows = []
+    s = res["sections"]
+
+    def add(metric, value, unit, config):
+        if value is not None:
+            rows.append({"name": "neuromamba", "metric": metric, "value": float(value), "unit": unit,
+                         "device": res["device"], "device_count": 1, "config": config})
+
+    base = f"T={res['frames']},batch={res['batch']}"
+    if "flops" in s:
+        f = s["flops"]
+        add("flops_reduction", f["flops_reduction"], "fraction", f"{f['size']},{base}")
+        add("train_flops_per_sample_removal", f["train_flops_removal"], "FLOP", f"{f['size']},{base}")
+        add("train_flops_per_sample_full", f["train_flops_full"], "FLOP", f"{f['size']},{base}")
+    for key in ("removal_chunked", "removal_compiled"):
+        if key in s:
+            r = s[key]
+            cfg = f"{res.get('main_size', '3.1M')},{base},scan={key.split('_')[1]}"
+            add("removal_speedup", r["speedup"], "x", cfg)
+            add("samples_per_s_removal", r["samples_per_s_removal"], "samples/s", cfg)
+            add("samples_per_s_full", r["samples_per_s_full"], "samples/s", cfg)
+    if "scan" in s:
+        for impl in ("chunked", "chunked_autograd", "compiled"):
+            r = s["scan"].get(impl, {})
+            if "fwd_bwd_ms" in r:
+                add("scan_fwd_bwd_ms", r["fwd_bwd_ms"], "ms", f"L={s['scan']['L']},E={s['scan']['E']},impl={impl}")
+    if "sizes" in s:
+        for name, r in s["sizes"].items():
+            if isinstance(r, dict) and "step_s" in r:
+                cfg = f"{name},{base},scan={s['sizes']['scan_impl']}"
+                add("tokens_per_s", r["tokens_per_s"], "tokens/s", cfg)
+                add("samples_per_s", r["samples_per_s"], "samples/s", cfg)
+                add("peak_mem_gib", r["peak_mem_gib"], "GiB", cfg)
+    return rows
+
+
+def store_rows(res: dict, store_dir: str) -> int:
+    from analysis.store import append_rows  # only here: the benchmark runs without pandas otherwise
+
+    rows = benchmark_rows(res)
+    append_rows(store_dir, "benchmark", rows)
+    return len(rows)
 
 
 def _f(v, fmt="{:.3g}"):

@@ -97,3 +97,12 @@ def test_three_hundred_small_subjects_in_about_a_minute(tmp_path):
     t0 = time.perf_counter()
     generate_cohort(tmp_path, n_subjects=300, grid=(48, 48, 48), n_frames=40, seed=0, progress=False, workers=2)
     assert time.perf_counter() - t0 < 90.0
+
+
+def test_demo_cli(tmp_path, capsys):
+    from data.synthetic import main
+
+    assert main(["--root", str(tmp_path), "--n-subjects", "5", "--grid", "20", "22", "18", "--frames", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "Manifest(5 files" in out and "x (1, 20, 22, 18, 8)" in out
+    assert (tmp_path / "manifest.parquet").exists()

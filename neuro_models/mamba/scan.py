@@ -259,7 +259,7 @@ class _ChunkedSSM(torch.autograd.Function):
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, starts=None, chunk: int = 16, *,
-                           max_block_elems: int = 1 << 27, compiled: bool = False):
+                           max_block_elems: int = 1 << 28, compiled: bool = False):
     """Chunked parallel scan with the memory-lean custom backward (see module docstring).
 
     Inputs may be bf16; the scan computes in float32 (float64 when ``u`` is float64) and returns

@@ -253,7 +253,11 @@ class WindowedDataset(torch.utils.data.Dataset):
             raise SubjectFileError(f"{self._paths[r]}: TR {h.info.tr} s disagrees with the manifest's "
                                    f"{float(row['tr'])} s")
         if self.grid is not None:
-            grid_placement(h.info.crop_shape, self.grid, self._paths[r])
+            try:
+                grid_placement(h.info.crop_shape, self.grid, self._paths[r])
+            except ValueError:
+                h.close()
+                raise
         self._handles[r] = h
         while len(self._handles) > self.max_open_files:
             _, old = self._handles.popitem(last=False)

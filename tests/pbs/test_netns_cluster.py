@@ -139,6 +139,13 @@ def test_job_without_token_is_refused(cluster, tmp_path):
     r = cluster.in_node(0, submit, env=bad_env, timeout=120)
     assert r.returncode != 0
     assert "403" in r.stdout + r.stderr or "Invalid" in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
+    # the GCS (gRPC) refuses a client without the token, and accepts one with it
+    gcs = ("from ray._raylet import GcsClient\n"
+           f"print(len(GcsClient(address='{env['RAY_ADDRESS']}').get_all_node_info(timeout=10)))\n")
+    r = cluster.in_node(0, [sys.executable, "-c", gcs], env=_client_env(cluster, tmp_path, token=False), timeout=120)
+    assert r.returncode != 0 and "nauthenticated" in r.stderr, (r.stdout + r.stderr)[-2000:]
+    r = cluster.in_node(0, [sys.executable, "-c", gcs], env=_client_env(cluster, tmp_path), timeout=120)
+    assert r.returncode == 0 and int(r.stdout.strip().splitlines()[-1]) >= 3, (r.stdout + r.stderr)[-2000:]
     # raw HTTP without the header is refused too, and the refused submissions created no job
     code = ("import sys, urllib.request, urllib.error\n"
             f"try:\n    urllib.request.urlopen('{api}/api/jobs/', timeout=10)\n"

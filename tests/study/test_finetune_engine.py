@@ -262,3 +262,25 @@ def test_resume_reproduces_uninterrupted_losses(ft_cohort, weights, tmp_path):
     assert len(a) == 4 and len(b) == 4
     np.testing.assert_allclose(b, a, rtol=1e-6)
     assert part.reports[-1]["test_auroc"] == pytest.approx(full.reports[-1]["test_auroc"], abs=1e-9)
+
+
+def test_batch_that_does_not_divide_across_ranks_errors_before_compute(weights):
+    spec = _spec(strategy="full", init_from=weights, batch_size=4, manifest="/nonexistent")
+    with pytest.raises(ValueError, match="does not divide across world_size=3"):
+        train(spec, DistContext(world_size=3))
+
+
+def test_nan_loss_stops_with_step_and_last_checkpoint(ft_cohort, tmp_path):
+    from study.train import TrainingDiverged
+
+    spec = _spec(strategy="full", manifest=ft_cohort)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cfg = model_config(RunSpec(family="swift_v2", size="debug", grid=GRID, sequence_length=T))
+    model = R.build_pretrain_model(cfg)
+    sd = model.state_dict()
+    sd["encoder.norm.weight"] = torch.full_like(sd["encoder.norm.weight"], float("nan"))
+    torch.save(sd, bad / "model.pt")
+    w = ckpt.export_weights(bad, tmp_path / "nan.safetensors", model_config=cfg, spec_json="{}")
+    with pytest.raises(TrainingDiverged, match="non-finite loss nan at step 1; last good checkpoint: none"):
+        train(spec.replace(init_from=str(w)), DistContext(), run_dir=tmp_path / "run")

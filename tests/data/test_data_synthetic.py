@@ -78,7 +78,7 @@ def test_traits_are_planted_learnable_not_trivial(tmp_path):
     mask = brain_mask(grid)
     maps = network_maps(mask, seed=11).astype(np.float64)          # (K, V)
     proj = np.linalg.pinv(maps.T)                                    # (K, V): voxel -> network time courses
-    feats, cont = [], []
+    feats, cont, coupling = [], [], []
     for p, tc in zip(m.df["path"], m.df["trait_cont"]):
         with SubjectReader(m.resolve(p)) as r:
             x = r.read_raw()[:, r.mask].astype(np.float64)           # (T, V)
@@ -86,10 +86,17 @@ def test_traits_are_planted_learnable_not_trivial(tmp_path):
         s = pct @ proj.T                                             # (T, K) network signals
         feats.append(np.log(s.std(axis=0)))
         cont.append(tc)
+        coupling.append(0.5 * (np.corrcoef(s[:, 0], s[:, 1])[0, 1] + np.corrcoef(s[:, 2], s[:, 3])[0, 1]))
     f = np.array(feats)
     score = (f - f.mean(0)) @ AMP_PATTERN[: f.shape[1]]
     r = np.corrcoef(score, cont)[0, 1]
     assert 0.5 < r < 0.99, r  # learnable, yet jitter keeps it from being an exact function
+    # trait_bin raises the coupling of network pairs (0,1), (2,3): separable, not perfectly
+    b = m.df["trait_bin"].to_numpy()
+    c = np.array(coupling)
+    assert 0 < b.sum() < len(b)
+    auroc = np.mean([(ci > cj) + 0.5 * (ci == cj) for ci in c[b == 1] for cj in c[b == 0]])
+    assert c[b == 1].mean() - c[b == 0].mean() > 0.2 and 0.75 < auroc < 1.0, (auroc, c[b == 1].mean(), c[b == 0].mean())
 
 
 @pytest.mark.slow

@@ -108,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=400.0, help="stop starting new sections after this")
     ap.add_argument("--sizes", default="1.4M,3.1M,12M,41M")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--sections", default="flops,removal_chunked,scan,removal_compiled,sizes",
+                    help="comma-separated sections to run, in the fixed order")
     ap.add_argument("--smoke", action="store_true", help="tiny run (debug size, 4 frames, 1 step) to check the script")
     ap.add_argument("--store", default=None, help="also append rows to the results store's 'benchmark' table here")
     ap.add_argument("--from-json", default=None, help="do not run: convert an earlier JSON (Markdown, --store rows)")
@@ -143,6 +145,8 @@ def main(argv=None) -> int:
         (out_dir / "mamba_benchmark.md").write_text(to_markdown(res))
 
     def section(name, fn, need_s=30.0):
+        if name not in args.sections.split(","):
+            return
         if left() < need_s:
             res["errors"][name] = f"skipped: {left():.0f} s of budget left"
             save()

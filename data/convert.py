@@ -87,8 +87,10 @@ def _resample(bold_XYZT: np.ndarray, mask: np.ndarray, affine: np.ndarray, shape
     zoom = [s / o for s, o in zip(shape, bold_XYZT.shape[:3])]
     out = np.stack([ndimage.zoom(bold_XYZT[..., t], zoom, order=1) for t in range(bold_XYZT.shape[3])], axis=-1)
     m = ndimage.zoom(mask.astype(np.float32), zoom, order=1) > 0.5
+    # ndimage.zoom (grid_mode=False) aligns corner voxel centres: in_index = out_index * (in - 1) / (out - 1)
+    step = [(o - 1) / (s - 1) if s > 1 else 1.0 for s, o in zip(shape, bold_XYZT.shape[:3])]
     aff = affine.copy()
-    aff[:3, :3] = affine[:3, :3] @ np.diag([1.0 / z for z in zoom])
+    aff[:3, :3] = affine[:3, :3] @ np.diag(step)
     return out.astype(np.float32), m, aff
 
 

@@ -189,3 +189,17 @@ def test_cli_module_and_entry_point(tmp_path):
                         str(nibabel_functional())], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "converted 1" in r.stdout and (tmp_path / "manifest.parquet").exists()
+
+
+def test_resample_to_grid(tmp_path):
+    rc = main(["nifti", "--out", str(tmp_path), "--resample-to", "34", "42", "6", "--no-progress",
+               str(nibabel_functional())])
+    assert rc == 0
+    bold, mask, info = read_subject_full(tmp_path / "nifti" / "functional.h5")
+    assert bold.shape == (34, 42, 6, 20) and info.orig_shape == (34, 42, 6)
+    src = nib.load(nibabel_functional())
+    # corner voxel centres stay put: output voxel (33, 41, 5) maps to input voxel (16, 20, 2)
+    np.testing.assert_allclose(info.affine @ [33, 41, 5, 1], src.affine @ [16, 20, 2, 1], atol=1e-9)
+    np.testing.assert_allclose(info.affine[:3, 3], src.affine[:3, 3])
+    ref = np.asarray(src.dataobj, dtype=np.float64)
+    assert abs(bold[mask].mean() - ref[ref.mean(axis=3) > 0.2 * np.percentile(ref.mean(axis=3), 98)].mean()) < 50

@@ -419,7 +419,7 @@ def stage(src: Path, dst: Path, rank: int, world: int, shard: bool) -> dict:
     for rel in chosen:
         out = dst / rel
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".part")
+        tmp = out.with_name(f"{out.name}.part{os.getpid()}")
         shutil.copyfile(src / rel, tmp)
         os.replace(tmp, out)
         nbytes += out.stat().st_size

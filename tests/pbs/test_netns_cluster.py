@@ -342,10 +342,28 @@ def test_fallback_launchers_form_the_cluster(two_nodes, tmp_path, launcher):
     import os
 
     out = tmp_path / "alive.json"
-    probe = ("import json, ray; ray.init(logging_level='ERROR'); "
-             f"json.dump(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']), open('{out}', 'w'))")
+    src = tmp_path / "cohort"
+    (src / "subjects").mkdir(parents=True)
+    (src / "manifest.parquet").write_bytes(b"m")
+    for i in range(3):
+        (src / "subjects" / f"sub-{i}.h5").write_bytes(b"x" * (10 + i))
+    local = tmp_path / "nodelocal"
+    probe = f"""
+import json, os, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init(logging_level='ERROR')
+@ray.remote(num_cpus=0)
+def staged():
+    d = os.environ['NEUROX_STAGED_DATA']
+    return [d, sorted(os.listdir(os.path.join(d, 'subjects')))]
+nodes = [n for n in ray.nodes() if n['Alive']]
+got = ray.get([staged.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n['NodeID'], soft=False)).remote()
+               for n in nodes])
+json.dump({{'alive': sorted(n['NodeManagerAddress'] for n in nodes), 'staged': got}}, open('{out}', 'w'))
+"""
     jobid = _jobid()
-    c = ClusterProcess(two_nodes, tmp_path, jobid, "run", UP_ARGS, [sys.executable, "-c", probe],
+    c = ClusterProcess(two_nodes, tmp_path, jobid, "run", UP_ARGS + ["--stage", str(src), "--stage-to", str(local)],
+                       [sys.executable, "-c", probe],
                        NEUROX_LAUNCHER=launcher, PATH=f"{HERE / 'fakebin'}:{Path(sys.executable).parent}:"
                                                        f"{os.environ['PATH']}")
     try:
@@ -354,8 +372,12 @@ def test_fallback_launchers_form_the_cluster(two_nodes, tmp_path, launcher):
         if c.proc.poll() is None:
             c.terminate()
     assert rc == 0, c.text()[-3000:]
-    assert json.loads(out.read_text()) == sorted(two_nodes.ips)
+    got = json.loads(out.read_text())
+    assert got["alive"] == sorted(two_nodes.ips)
+    # every node's Ray workers see the staged copy (node-local in a real allocation)
+    assert got["staged"] == [[str(local / f"neurox_{jobid}"), ["sub-0.h5", "sub-1.h5", "sub-2.h5"]]] * 2
     assert "tearing down" in c.text()
+    assert not (local / f"neurox_{jobid}").exists()  # staged data is removed at teardown
     _nothing_left(two_nodes, jobid, c)
 
 

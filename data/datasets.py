@@ -303,15 +303,12 @@ class WindowedDataset(torch.utils.data.Dataset):
     def _finish_cpu(self, out_XYZT: torch.Tensor, frames_TXYZ: torch.Tensor, h: SubjectReader, mul: float,
                     add: float, bg: float) -> None:
         """``out = where(mask, stored * mul + add, bg)`` with T last: one transposing copy + one fused pass."""
-        coef = getattr(h, "_neurox_coef", None)
-        if coef is None or coef[0] != (mul, add, bg):
-            m = torch.from_numpy(h.mask)[..., None]
-            mul_v = torch.where(m, torch.tensor(mul, dtype=torch.float32), torch.tensor(0.0))
-            add_v = torch.where(m, torch.tensor(add, dtype=torch.float32), torch.tensor(bg, dtype=torch.float32))
-            coef = ((mul, add, bg), mul_v, add_v)
-            h._neurox_coef = coef
+        # per-voxel coefficients (built per item: caching them per handle would cost 8 bytes/voxel x open files)
+        m = torch.from_numpy(h.mask)[..., None]
+        mul_v = torch.where(m, torch.tensor(mul, dtype=torch.float32), torch.tensor(0.0))
+        add_v = torch.where(m, torch.tensor(add, dtype=torch.float32), torch.tensor(bg, dtype=torch.float32))
         out_XYZT.copy_(frames_TXYZ.permute(1, 2, 3, 0))
-        out_XYZT.mul_(coef[1]).add_(coef[2])
+        out_XYZT.mul_(mul_v).add_(add_v)
 
     def __getitem__(self, i: int) -> dict:
         if i < 0:

@@ -187,3 +187,33 @@ def test_bf16_inputs_are_computed_in_float32():
     for a, b, inp in zip(g16, g32, args16):
         assert a.dtype == inp.dtype
         assert torch.allclose(a.float(), b, atol=0.05 * b.abs().max().item() + 1e-6)
+
+
+def _cuda_inputs(R=2, L=300, E=48, N=16):
+    args = [a.detach().float().cuda() for a in _inputs(R=R, L=L, E=E, N=N, seed=5)]
+    return [a.requires_grad_() for a in args]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not mamba_ssm_available(), reason="mamba-ssm is not installed")
+def test_mamba_ssm_kernel_matches_chunked_scan():
+    """Where the mamba-ssm CUDA kernel is importable, it and our scan agree (values and gradients)."""
+    args = _cuda_inputs()
+    y_k = selective_scan(*args, impl="mamba_ssm")
+    y_c = selective_scan(*args, impl="chunked")
+    assert torch.allclose(y_k, y_c, atol=1e-4, rtol=1e-3)
+    for a, b in zip(torch.autograd.grad(y_k.sum(), args), torch.autograd.grad(y_c.sum(), args)):
+        assert torch.allclose(a, b, atol=1e-3 * b.abs().max().item() + 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_compiled_scan_matches_chunked_on_gpu():
+    args = _cuda_inputs()
+    starts = torch.zeros(2, 300, dtype=torch.bool, device="cuda")
+    starts[1, 123] = True
+    y_c = selective_scan(*args, starts, impl="chunked")
+    y_t = selective_scan(*args, starts, impl="compiled")
+    assert torch.allclose(y_t, y_c, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(y_t.sum(), args), torch.autograd.grad(y_c.sum(), args)):
+        assert torch.allclose(a, b, atol=1e-4 * b.abs().max().item() + 1e-6)

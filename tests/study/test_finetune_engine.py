@@ -284,3 +284,32 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(ft_cohort, tmp_path):
     w = ckpt.export_weights(bad, tmp_path / "nan.safetensors", model_config=cfg, spec_json="{}")
     with pytest.raises(TrainingDiverged, match="non-finite loss nan at step 1; last good checkpoint: none"):
         train(spec.replace(init_from=str(w)), DistContext(), run_dir=tmp_path / "run")
+
+
+@pytest.mark.slow  # two torchrun processes start torch: ~30 s on 2 busy cores
+def test_torchrun_two_ranks_match_one_process(ft_cohort, weights, tmp_path):
+    """DDP fine-tuning on 2 gloo ranks == 1 process with accumulation: losses and per-subject test metric."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spec = _spec(strategy="lora", init_from=weights, manifest=ft_cohort, target="trait_cont",
+                 task_type="regression", budget=4, eval_every=2)
+    ref = MemoryReporter()
+    train(spec.replace(micro_batch_size=2), DistContext(), ref)
+    run_dir = tmp_path / "tr"
+    run_dir.mkdir()
+    (run_dir / "spec.json").write_text(spec.to_json())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "study.launch_local", "--spec", str(run_dir / "spec.json"), "--run-dir", str(run_dir)]
+    out = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    got = [r["train_loss"] for r in rows if r["kind"] == "log"]
+    assert got == pytest.approx([m["train_loss"] for m in ref.logs], rel=1e-5)
+    final = [r for r in rows if r["kind"] == "report"][-1]
+    assert final["test_mae"] == pytest.approx(ref.reports[-1]["test_mae"], rel=1e-5)
+    assert final["test_n_subjects"] == ref.reports[-1]["test_n_subjects"]

@@ -23,12 +23,15 @@ Outputs under ``<storage>/<study>/``:
 * ``runs/<run_id>/metrics.jsonl`` and checkpoints of every fine-tuning run.
 
 A run whose rows are already in the store is skipped, so an interrupted study resumes where it stopped.
-Runs execute in this process (the same :func:`study.train.train` that Ray Tune trials call).
+Runs execute in this process, or with ``--ray N`` each as a Ray Train job of ``N`` workers
+(:func:`study.launch_ray.fit_run`, the same path a Ray Tune trial of :mod:`study.sweep` takes); both call
+:func:`study.train.train`, which dispatches ``task="finetune"`` specs to :mod:`study.finetune_engine`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -168,12 +171,59 @@ def result_row(spec: RunSpec, checkpoint: str, repeat: int, final: dict[str, Any
     return row
 
 
-def run_grid(cells: Sequence[tuple[RunSpec, str, int]], *, study_dir: Path, ctx, progress: bool = True
-             ) -> pd.DataFrame:
-    """Run every cell not yet in the store (in this process) and return the ``finetune`` table."""
-    from analysis.store import ResultsStore
+def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to a Ray cluster (``address`` or ``$RAY_ADDRESS``) or start a local one."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")}
+    os.environ.update(env)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+    else:
+        repo = str(Path(__file__).resolve().parents[1])
+        pp = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {**env, "PYTHONPATH": pp}})
+
+
+def _run_in_process(spec: RunSpec, run_dir: Path, ctx) -> dict[str, Any]:
     from study.reporters import JSONLReporter
     from study.train import train
+
+    reporter = JSONLReporter(run_dir / "metrics.jsonl")
+    try:
+        resume = ckpt.latest_checkpoint(run_dir / "checkpoints")
+        return train(spec, ctx, reporter, run_dir=run_dir, resume_from=resume).final_metrics
+    finally:
+        reporter.close()
+
+
+def _run_on_ray(spec: RunSpec, storage: Path, *, num_workers: int, cpus_per_worker: float, device: str | None
+                ) -> dict[str, Any]:
+    """One fine-tuning run as a Ray Train ``TorchTrainer`` (``study.launch_ray.fit_run``); its last report."""
+    from study.launch_ray import fit_run
+
+    result = fit_run(spec, storage=str(storage), num_workers=num_workers, cpus_per_worker=cpus_per_worker,
+                     use_gpu=device == "cuda", device=device)
+    if result.error is not None:
+        raise RuntimeError(f"fine-tuning run {spec.run_id} failed under Ray Train: {result.error}")
+    return dict(result.metrics or {})
+
+
+def run_grid(cells: Sequence[tuple[RunSpec, str, int]], *, study_dir: Path, ctx=None, progress: bool = True,
+             ray_workers: int = 0, cpus_per_worker: float = 1.0, device: str | None = None) -> pd.DataFrame:
+    """Run every cell not yet in the store and return the ``finetune`` table.
+
+    ``ray_workers == 0`` runs each cell in this process (context ``ctx``); ``ray_workers = N`` runs each
+    as a Ray Train job with ``N`` workers (connect first with :func:`connect_ray`).
+    """
+    from analysis.store import ResultsStore
 
     store = ResultsStore(study_dir / "store")
     done = set(store.read(TABLE)["run_id"]) if store.parts(TABLE) else set()
@@ -181,14 +231,12 @@ def run_grid(cells: Sequence[tuple[RunSpec, str, int]], *, study_dir: Path, ctx,
     bar = tqdm(todo, desc="fine-tune runs", disable=not progress)
     for spec, label, repeat in bar:
         bar.set_postfix_str(f"{spec.target}/{spec.strategy}/{label}/r{repeat}")
-        run_dir = study_dir / "runs" / spec.run_id
-        reporter = JSONLReporter(run_dir / "metrics.jsonl")
-        try:
-            resume = ckpt.latest_checkpoint(run_dir / "checkpoints")
-            result = train(spec, ctx, reporter, run_dir=run_dir, resume_from=resume)
-        finally:
-            reporter.close()
-        store.append(TABLE, [result_row(spec, label, repeat, result.final_metrics)])
+        if ray_workers:
+            final = _run_on_ray(spec, study_dir / "ray", num_workers=ray_workers, cpus_per_worker=cpus_per_worker,
+                                device=device)
+        else:
+            final = _run_in_process(spec, study_dir / "runs" / spec.run_id, ctx)
+        store.append(TABLE, [result_row(spec, label, repeat, final)])
     df = store.read(TABLE)
     ids = {c[0].run_id for c in cells}
     return df[df["run_id"].isin(ids)].reset_index(drop=True)
@@ -297,6 +345,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="tiny settings: runs on a 2-core CPU in a few minutes")
     ap.add_argument("--spec-json", default=None, help="JSON object of RunSpec fields overriding the defaults")
     ap.add_argument("--device", default=None, choices=["cuda", "xpu", "cpu"])
+    ap.add_argument("--ray", type=int, default=0, metavar="WORKERS",
+                    help="run each fine-tuning run as a Ray Train job with this many workers (0: in this process)")
+    ap.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    ap.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -317,14 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     study_dir.mkdir(parents=True, exist_ok=True)
     ctx = context_from_env(args.device)
     t0 = time.perf_counter()
-    manifest = args.manifest or ensure_cohort(study_dir / "cohort")
+    manifest = str(Path(args.manifest or ensure_cohort(study_dir / "cohort")).resolve())
     if args.steps is not None:
         overrides["budget"] = args.steps
         overrides.setdefault("budget_kind", "steps")
     try:
         base = base_spec(manifest, quick=args.quick, overrides={"study": args.study, **overrides})
         needs = any(s != "scratch" for s in args.strategies)
-        weights = list(args.weights or [])
+        weights = [str(Path(w).resolve()) for w in (args.weights or [])]
         if needs and not weights:
             steps = args.pretrain_steps or (30 if args.quick else 300)
             print(f"pre-training {base.family}/{base.size} for {steps} steps ...", flush=True)
@@ -334,7 +386,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ckpt.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    df = run_grid(cells, study_dir=study_dir, ctx=ctx, progress=not args.no_progress)
+    cpw = 1.0
+    if args.ray:
+        import ray
+
+        connect_ray(args.ray_address, args.ray_cpus)
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        cpw = max(0.1, min(8.0, math.floor(90 * cpus / args.ray) / 100))  # leave room for the driver
+    df = run_grid(cells, study_dir=study_dir.resolve(), ctx=ctx, progress=not args.no_progress, ray_workers=args.ray,
+                  cpus_per_worker=cpw, device=args.device)
     md, pq, _ = write_tables(df, study_dir)
     print(md.read_text())
     print(f"wrote {md} and {pq} ({len(df)} runs, {time.perf_counter() - t0:.0f} s)")

@@ -104,3 +104,26 @@ def test_cli_end_to_end_three_repeats(small_cohort, tmp_path, capsys):
     assert FT.main(argv) == 0
     assert len(list((study / "store" / "finetune").glob("part-*.parquet"))) == parts
     assert np.isfinite(summary.loc[summary.task == "trait_cont", "mean"]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_train_workers_match_in_process(small_cohort, tmp_path):
+    """``--ray 2`` (each run a 2-worker Ray Train job) gives the in-process numbers."""
+    import ray
+
+    from analysis.store import read_table
+
+    common = ["--manifest", small_cohort, "--tasks", "trait_cont:regression", "--strategies", "scratch",
+              "--repeats", "1", "--steps", "2", "--no-progress", "--device", "cpu",
+              "--spec-json", json.dumps({"batch_size": 4, "eval_every": 2, "precision": "fp32"})]
+    assert FT.main(["--storage", str(tmp_path / "a"), *common]) == 0
+    try:
+        assert FT.main(["--storage", str(tmp_path / "b"), "--ray", "2", "--ray-cpus", "2", *common]) == 0
+    finally:
+        ray.shutdown()
+    a = read_table(tmp_path / "a" / "finetune" / "store", "finetune")
+    b = read_table(tmp_path / "b" / "finetune" / "store", "finetune")
+    assert len(a) == len(b) == 1 and a["run_id"][0] == b["run_id"][0]
+    assert b["mae"][0] == pytest.approx(a["mae"][0], rel=1e-5)
+    assert b["pearson_r"][0] == pytest.approx(a["pearson_r"][0], rel=1e-4)

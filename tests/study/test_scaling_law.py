@@ -17,12 +17,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 #: The demo plan, pinned: (run id, steps). A change here changes every user's default study.
 DEMO_PINNED = [
-    ("swift_v2-debug-w16-sp-F2e10-d9ed0512ae", 102), ("swift_v2-debug-w32-sp-F2e10-5c29e9303e", 33),
-    ("swift_v2-debug-w48-sp-F2e10-342f56c4bc", 16), ("swift_v2-debug-w64-sp-F2e10-8443aabcf4", 10),
-    ("swift_v2-debug-w16-sp-F6e10-7145813562", 304), ("swift_v2-debug-w32-sp-F6e10-5f9300557f", 98),
-    ("swift_v2-debug-w48-sp-F6e10-41d718d220", 48), ("swift_v2-debug-w64-sp-F6e10-7cd58b37a5", 28),
-    ("swift_v2-debug-w32-sp-F2e11-0137bd0efb", 294), ("swift_v2-debug-w48-sp-F2e11-9c84213b1b", 143),
-    ("swift_v2-debug-w64-sp-F2e11-0e490a617d", 84), ("swift_v2-debug-w48-sp-F6e10-a1385b409c", 48),
+    ('swift_v2-debug-w16-sp-F2e10-f23112c441', 102),
+    ('swift_v2-debug-w32-sp-F2e10-f525f9ffd2', 33),
+    ('swift_v2-debug-w48-sp-F2e10-7178e404e1', 16),
+    ('swift_v2-debug-w64-sp-F2e10-1bcce122f6', 10),
+    ('swift_v2-debug-w16-sp-F6e10-caf2cc6b46', 304),
+    ('swift_v2-debug-w32-sp-F6e10-f8d98fe63d', 98),
+    ('swift_v2-debug-w48-sp-F6e10-ecd2205414', 48),
+    ('swift_v2-debug-w64-sp-F6e10-85c138ae39', 28),
+    ('swift_v2-debug-w32-sp-F2e11-ffc9bb3227', 294),
+    ('swift_v2-debug-w48-sp-F2e11-05d29112e0', 143),
+    ('swift_v2-debug-w64-sp-F2e11-ab3eaacc26', 84),
+    ('swift_v2-debug-w48-sp-F6e10-fcfc17caf0', 48),
 ]
 
 

@@ -1,0 +1,221 @@
+"""Shared machinery of the study entry points (scaling_law, mutransfer, config_search, finetune).
+
+``run_plan`` does what every study does: check the storage, generate (once) or check the cohort,
+guard against mixing code/data versions, connect to Ray (embedded locally, or the cluster),
+skip finished runs, run the rest as Tune trials, and return where the results are.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+
+
+def fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def check_storage(storage: Path) -> None:
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+        probe = storage / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"storage path {storage} is not writable: {exc}") from exc
+
+
+def print_plan(plan, args) -> None:
+    from study.plans import memory_estimate_gib, run_summary
+
+    world = plan.num_workers
+    print(f"study plan {plan.name!r}: {len(plan.specs)} runs, {world} worker(s)/trial, "
+          f"{'GPU' if plan.use_gpu else 'CPU'}")
+    hdr = f"{'run_id':58s} {'params':>10s} {'steps':>7s} {'samples':>9s} {'FLOPs':>10s} {'GPU-h':>8s} {'mem GiB':>8s} fits"
+    print(hdr)
+    total_gpu_h = 0.0
+    for s in plan.specs:
+        r = run_summary(s)
+        gpu_h = r["flops"] / (args.gpu_peak_tflops * 1e12 * args.assumed_mfu) / 3600
+        total_gpu_h += gpu_h
+        mem = memory_estimate_gib(s, world)
+        fits = "yes" if mem < args.gpu_mem_gib else "NO"
+        print(f"{r['run_id']:58s} {r['params']:10.3g} {r['steps']:7d} {r['samples']:9d} {r['flops']:10.3g} "
+              f"{gpu_h:8.3g} {mem:8.2f} {fits}")
+    print(f"total: {total_gpu_h:.3g} GPU-hours at {args.assumed_mfu:.0%} MFU of {args.gpu_peak_tflops:g} TFLOP/s "
+          f"(model-state memory under ZeRO stage {plan.specs[0].zero_stage if plan.specs[0].distributed == 'deepspeed' else 0})")
+
+
+def ensure_cohort(plan, storage: Path) -> str:
+    """Generate (once) the plan's synthetic cohort under storage and return its manifest path."""
+    from data.synthetic import generate_cohort
+
+    key = "-".join(f"{k}{v}" for k, v in sorted(plan.cohort.items())).replace(" ", "").replace(",", "x")
+    root = storage / "cohorts" / key.replace("(", "").replace(")", "")
+    manifest = root / "manifest.parquet"
+    if manifest.exists():
+        return str(manifest)
+    print(f"generating synthetic cohort under {root} ...", flush=True)
+    return str(generate_cohort(root, progress=True, **plan.cohort))
+
+
+def study_guard(study_dir: Path, fingerprint: dict[str, Any], on_change: str, name: str,
+                storage: Path) -> tuple[str, Path]:
+    """Refuse (or version) a study whose code or data changed since it started."""
+    meta_file = study_dir / "study.json"
+    if not meta_file.exists():
+        study_dir.mkdir(parents=True, exist_ok=True)
+        meta_file.write_text(json.dumps(fingerprint, indent=1))
+        return name, study_dir
+    old = json.loads(meta_file.read_text())
+    changed = [k for k in ("source_hash", "data_manifest_hash") if old.get(k) != fingerprint.get(k)]
+    if not changed:
+        return name, study_dir
+    what = ", ".join(f"{k}: {old.get(k)} -> {fingerprint.get(k)}" for k in changed)
+    if on_change == "refuse":
+        raise ValueError(f"study {name!r} was started with other code or data ({what}); refusing to mix results. "
+                         f"Use a new --study-name or --on-change new-version")
+    v = 2
+    while (storage / f"{name}-v{v}" / "study.json").exists():
+        old_v = json.loads((storage / f"{name}-v{v}" / "study.json").read_text())
+        if all(old_v.get(k) == fingerprint.get(k) for k in ("source_hash", "data_manifest_hash")):
+            break
+        v += 1
+    new = f"{name}-v{v}"
+    print(f"code or data changed since study {name!r} started ({what}); continuing as new version {new!r}")
+    return study_guard(storage / new, fingerprint, "refuse", new, storage)
+
+
+def finished_runs(store_dir: Path) -> set[str]:
+    from analysis.store import read_table
+
+    try:
+        df = read_table(store_dir, "train")
+    except (FileNotFoundError, ValueError):
+        return set()
+    if df is None or df.empty or "is_final" not in df:
+        return set()
+    return set(df.loc[df["is_final"].fillna(False).astype(bool), "run_id"])
+
+
+def connect_ray(address: str | None, num_cpus: int | None, repo_root: Path) -> None:
+    import ray
+
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "WANDB_MODE": os.environ.get("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")}
+    os.environ.update(env)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+        except Exception as exc:  # ConnectionError, TimeoutError, RuntimeError depending on the failure
+            raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: {exc}") from exc
+    else:
+        pp = os.pathsep.join(p for p in (str(repo_root), os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {**env, "PYTHONPATH": pp}})
+
+
+
+
+def add_common_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options every study entry point takes."""
+    ap.add_argument("--study-name", default=None, help="name of the study (default: the preset's name)")
+    ap.add_argument("--storage", default="studies", help="shared-filesystem directory for everything durable")
+    ap.add_argument("--manifest", default=None, help="cohort manifest (Parquet); presets may generate a synthetic one")
+    ap.add_argument("--address", default=None,
+                    help="Ray address ('auto' inside a cluster or `ray job submit`); default: embedded local Ray")
+    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
+    ap.add_argument("--max-concurrent", type=int, default=None, help="cap on trials at once")
+    ap.add_argument("--asha", action="store_true", help="stop poor trials early (ASHA on val_loss)")
+    ap.add_argument("--wandb", action="store_true", help="log runs to W&B (offline unless a key is set)")
+    ap.add_argument("--on-change", choices=["refuse", "new-version"], default="refuse",
+                    help="what to do when code or data changed since the study started")
+    ap.add_argument("--walltime-s", type=float, default=None,
+                    help="stop trials gracefully (final checkpoint) this many seconds from now")
+    ap.add_argument("--no-report", action="store_true", help="skip the final analysis and plots")
+    return ap
+
+
+@dataclass
+class StudyRun:
+    name: str
+    study_dir: Path
+    store_dir: Path
+    specs: list
+    stop_file: Path
+    failed: int = 0
+
+    @property
+    def remaining(self) -> list:
+        done = finished_runs(self.store_dir)
+        return [s for s in self.specs if s.run_id not in done]
+
+
+def run_plan(plan, args: argparse.Namespace, *, repo_root: Path, lr_search=None) -> StudyRun:
+    """Execute ``plan``; raises ``ValueError`` / ``ConnectionError`` / ``RuntimeError`` on bad input."""
+    storage = Path(args.storage).resolve()
+    check_storage(storage)
+    manifest = args.manifest
+    if not manifest:
+        if plan.cohort is None:
+            raise ValueError(f"preset {plan.name!r} needs --manifest")
+        manifest = ensure_cohort(plan, storage)
+    if not Path(manifest).exists():
+        raise ValueError(f"manifest {manifest} does not exist")
+    specs = [s.replace(manifest=str(manifest)) for s in plan.specs]
+
+    from study.provenance import code_commit, manifest_content_hash, package_versions, source_hash
+
+    name = args.study_name or plan.name
+    fingerprint = {"source_hash": source_hash(), "code_commit": code_commit(),
+                   "data_manifest_hash": manifest_content_hash(str(manifest)),
+                   "package_versions": json.loads(package_versions()), "preset": plan.name,
+                   "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    name, study_dir = study_guard(storage / name, fingerprint, args.on_change, name, storage)
+    specs = [s.replace(study=name) for s in specs]
+    store_dir = study_dir / "store"
+    stop_file = study_dir / "STOP"
+    if stop_file.exists():  # left by the previous allocation's walltime guard
+        stop_file.unlink()
+    run = StudyRun(name=name, study_dir=study_dir, store_dir=store_dir, specs=specs, stop_file=stop_file)
+
+    done = finished_runs(store_dir)
+    todo = [s for s in specs if s.run_id not in done]
+    print(f"study {name!r}: {len(specs)} runs, {len(done & {s.run_id for s in specs})} already finished, "
+          f"{len(todo)} to run; results -> {store_dir}", flush=True)
+    if not todo:
+        return run
+    connect_ray(args.address, args.num_cpus, repo_root)
+    import ray
+
+    from study.sweep import placement, run_trials
+
+    try:
+        pl = placement(plan.num_workers, plan.use_gpu, args.max_concurrent)
+        ctx = {"train_storage": str(study_dir / "runs"), "store_dir": str(store_dir),
+               "num_workers": pl.num_workers, "use_gpu": pl.use_gpu, "cpus_per_worker": pl.cpus_per_worker,
+               "stop_file": str(stop_file), "manifest_hash": fingerprint["data_manifest_hash"],
+               "deadline": time.time() + args.walltime_s if args.walltime_s else None, "wandb": args.wandb}
+        if args.wandb:
+            os.environ.setdefault("WANDB_DIR", str(study_dir / "wandb"))
+        print(f"{pl.concurrency} trial(s) at once, {pl.num_workers} worker(s) x "
+              f"{'1 GPU' if pl.use_gpu else f'{pl.cpus_per_worker:g} CPU'} each", flush=True)
+        counts = run_trials(todo, ctx=ctx, storage=str(study_dir / "tune"), study=name,
+                            concurrency=pl.concurrency, lr_search=lr_search or plan.lr_search, asha=args.asha)
+    finally:
+        ray.shutdown()
+    run.failed = counts["failed"]
+    if run.failed:
+        print(f"warning: {run.failed} trial(s) failed; rerun the same command to retry them", file=sys.stderr)
+    return run

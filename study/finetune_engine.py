@@ -139,7 +139,8 @@ def _mlp_hidden(cfg: Any, task: str) -> int:
     probe_cfg = dataclasses.replace(cfg, parametrization="sp") if hasattr(cfg, "parametrization") else cfg
     with torch.device("meta"):
         probe = R.build_downstream_model(probe_cfg, task=task)
-    return int(probe.encoder.num_features)
+    width = getattr(probe.encoder, "num_features", None) or getattr(cfg, "embed_dim")
+    return int(width)
 
 
 def last_block_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -199,7 +200,13 @@ def build_model(spec: RunSpec, cfg: Any, weights: dict[str, torch.Tensor] | None
     if spec.strategy == "frozen_mlp":
         kw["hidden_dim"] = _mlp_hidden(cfg, spec.task_type)
     torch.manual_seed(spec.seed)
-    model = R.build_downstream_model(cfg, task=spec.task_type, num_outputs=1, **kw)
+    try:
+        model = R.build_downstream_model(cfg, task=spec.task_type, num_outputs=1, **kw)
+    except ValueError as exc:
+        if spec.strategy != "prompt":
+            raise
+        raise ValueError(f"strategy='prompt' is not supported by family {spec.family!r} ({exc}); allowed for it: "
+                         f"{[s for s in STRATEGIES if s != 'prompt']}") from exc
     if weights is not None:
         load_encoder(model, weights, spec.init_from or "<weights>")
     s = spec.strategy
@@ -240,8 +247,7 @@ def build_finetune_datasets(spec: RunSpec):
         raise ValueError("spec.manifest is empty: give the path of a cohort manifest (manifest.parquet)")
     manifest = Manifest.load(spec.manifest)
     if spec.target not in manifest.df.columns:
-        raise ValueError(f"target={spec.target!r} is not a manifest column; label columns: "
-                         f"{[c for c in manifest.df.columns if c.startswith('trait') or c not in ('subject', 'cohort', 'path', 'split')]}")
+        raise ValueError(f"target={spec.target!r} is not a manifest column; columns: {sorted(manifest.df.columns)}")
     common = dict(sequence_length=spec.sequence_length, stride_within=spec.stride_within, scaling=spec.scaling,
                   grid=tuple(spec.grid), target=spec.target, cohorts=dict(spec.cohorts) or None)
     train_ds = WindowedDataset(manifest, split="train", stride_between=spec.stride_between,

@@ -313,3 +313,27 @@ def test_torchrun_two_ranks_match_one_process(ft_cohort, weights, tmp_path):
     final = [r for r in rows if r["kind"] == "report"][-1]
     assert final["test_mae"] == pytest.approx(ref.reports[-1]["test_mae"], rel=1e-5)
     assert final["test_n_subjects"] == ref.reports[-1]["test_n_subjects"]
+
+
+@pytest.mark.parametrize("strategy", ["last_block", "lora", "frozen_mlp"])
+def test_neuromamba_strategies(strategy):
+    """Families without stages: last block = last Mamba block + norm + head; LoRA on the block linears."""
+    spec = _spec(family="neuromamba", sequence_length=8, strategy=strategy, init_from="unused")
+    model = FE.build_model(spec, model_config(spec), None)
+    names = _trainable(model)
+    if strategy == "last_block":
+        last = len(model.encoder.blocks) - 1
+        assert names == {n for n, _ in model.named_parameters()
+                         if n.startswith((f"encoder.blocks.{last}.", "encoder.norm_f.", "head."))}
+    elif strategy == "lora":
+        assert all("lora_" in n or n.startswith("head.") for n in names) and any("lora_" in n for n in names)
+    else:
+        assert all(n.startswith("head.") for n in names)
+    model(torch.randn(2, 1, *GRID, 8)).sum().backward()
+    assert all((p.grad is None) != p.requires_grad for p in model.parameters())
+
+
+def test_prompt_strategy_on_a_family_without_prompts_errors():
+    spec = _spec(family="neuromamba", sequence_length=8, strategy="prompt", init_from="unused")
+    with pytest.raises(ValueError, match="strategy='prompt' is not supported by family 'neuromamba'"):
+        FE.build_model(spec, model_config(spec), None)

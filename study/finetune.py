@@ -73,9 +73,11 @@ def parse_tasks(items: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def base_spec(manifest: str, *, quick: bool, overrides: dict[str, Any] | None = None) -> RunSpec:
-    """Fine-tuning defaults: the debug SwiFT v2 on a 24^3 grid with 4-frame windows (``quick``) or 20 frames."""
+    """Fine-tuning defaults: the debug SwiFT v2 on a 24^3 grid; ``quick``: 4-frame windows and 20 steps,
+    else 8-frame windows and 150 steps (where the planted labels start to be learned, see docs/finetune.md)."""
     kw: dict[str, Any] = dict(task="finetune", family="swift_v2", size="debug", grid=(24, 24, 24),
-                              sequence_length=4, batch_size=8, budget=20 if quick else 200, eval_every=10 if quick else 50,
+                              sequence_length=4 if quick else 8, batch_size=8, budget=20 if quick else 150,
+                              eval_every=10 if quick else 50,
                               lr=1e-3, warmup_frac=0.1, precision="auto", manifest=manifest, target="trait_bin",
                               log_every=5, study="finetune")
     kw.update(overrides or {})
@@ -110,28 +112,29 @@ def grid_specs(base: RunSpec, tasks: Sequence[tuple[str, str]], strategies: Sequ
 # --------------------------------------------------------------------------------------------------
 # pre-training a tiny model and synthetic data (the default study)
 # --------------------------------------------------------------------------------------------------
-def ensure_cohort(root: Path, *, n_subjects: int = 40) -> str:
-    """A synthetic cohort (24^3, 16 frames) with a large downstream test split (30% of subjects)."""
+def ensure_cohort(root: Path, *, n_subjects: int = 40, n_frames: int = 16) -> str:
+    """A synthetic cohort (24^3 grid) with a large downstream test split (30% of subjects)."""
     from data.synthetic import generate_cohort
 
     manifest = root / "manifest.parquet"
     if manifest.exists():
         return str(manifest)
-    return str(generate_cohort(root, n_subjects=n_subjects, grid=(24, 24, 24), n_frames=16, seed=0,
+    return str(generate_cohort(root, n_subjects=n_subjects, grid=(24, 24, 24), n_frames=n_frames, seed=0,
                                progress=True, fractions=(0.5, 0.2, 0.3)))
 
 
-def pretrain_and_export(manifest: str, out_dir: Path, *, steps: int, ctx, overrides: dict[str, Any] | None = None
-                        ) -> Path:
-    """Pre-train the debug SwiFT v2 (MIM) on the train split for ``steps`` steps and export its weights."""
+def pretrain_and_export(base: RunSpec, out_dir: Path, *, steps: int, ctx) -> Path:
+    """Pre-train ``base``'s model (MIM / next-token) on the train split for ``steps`` steps; export its weights.
+
+    The pre-training run takes the architecture and input fields of ``base`` (family, size, width, grid,
+    sequence length, overrides, parametrization, manifest) so its weights fit the fine-tuning runs.
+    """
     from study.train import model_config, train
 
-    kw: dict[str, Any] = dict(task="pretrain", family="swift_v2", size="debug", grid=(24, 24, 24), sequence_length=4,
-                              batch_size=8, budget=steps, eval_every=max(1, steps), lr=2e-3, manifest=manifest,
-                              study="finetune-pretrain", precision="auto")
-    kw.update({k: v for k, v in (overrides or {}).items() if k in ("family", "size", "grid", "sequence_length",
-                                                                  "width", "model_overrides", "parametrization")})
-    spec = RunSpec(**kw)
+    arch = {k: getattr(base, k) for k in ("family", "size", "width", "grid", "sequence_length", "model_overrides",
+                                          "parametrization", "mup_base_width", "manifest", "scaling")}
+    spec = RunSpec(task="pretrain", batch_size=8, budget=steps, eval_every=max(1, steps), lr=2e-3,
+                   study="finetune-pretrain", precision="auto", **arch)
     out = out_dir / f"{spec.run_id}.safetensors"
     if out.exists():
         return out
@@ -369,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     study_dir.mkdir(parents=True, exist_ok=True)
     ctx = context_from_env(args.device)
     t0 = time.perf_counter()
-    manifest = str(Path(args.manifest or ensure_cohort(study_dir / "cohort")).resolve())
+    if args.manifest is None:
+        args.manifest = (ensure_cohort(study_dir / "cohort_quick") if args.quick else
+                         ensure_cohort(study_dir / "cohort", n_subjects=80, n_frames=32))
+    manifest = str(Path(args.manifest).resolve())
     if args.steps is not None:
         overrides["budget"] = args.steps
         overrides.setdefault("budget_kind", "steps")
@@ -380,8 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         if needs and not weights:
             steps = args.pretrain_steps or (30 if args.quick else 300)
             print(f"pre-training {base.family}/{base.size} for {steps} steps ...", flush=True)
-            weights = [str(pretrain_and_export(manifest, study_dir / "pretrained", steps=steps, ctx=ctx,
-                                               overrides=overrides))]
+            weights = [str(pretrain_and_export(base, study_dir / "pretrained", steps=steps, ctx=ctx))]
         cells = grid_specs(base, tasks, args.strategies, weights, args.repeats)
     except (ValueError, ckpt.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -145,6 +145,16 @@ def pretrain_and_export(base: RunSpec, out_dir: Path, *, steps: int, ctx) -> Pat
                                mup_base_width=spec.mup_base_width)
 
 
+def check_weights(base: RunSpec, weights: Sequence[str]) -> None:
+    """Every weights file fits ``base``'s model (else :class:`study.checkpoint.CheckpointError`), before any run."""
+    from study.finetune_engine import load_weights
+    from study.train import model_config
+
+    cfg = model_config(base)
+    for w in weights:
+        load_weights(base.replace(strategy="full", init_from=str(w)), cfg)
+
+
 # --------------------------------------------------------------------------------------------------
 # running the grid
 # --------------------------------------------------------------------------------------------------
@@ -388,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pre-training {base.family}/{base.size} for {steps} steps ...", flush=True)
             weights = [str(pretrain_and_export(base, study_dir / "pretrained", steps=steps, ctx=ctx))]
         cells = grid_specs(base, tasks, args.strategies, weights, args.repeats)
+        if needs:
+            check_weights(base, weights)
     except (ValueError, ckpt.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -127,3 +127,21 @@ def test_ray_train_workers_match_in_process(small_cohort, tmp_path):
     assert len(a) == len(b) == 1 and a["run_id"][0] == b["run_id"][0]
     assert b["mae"][0] == pytest.approx(a["mae"][0], rel=1e-5)
     assert b["pearson_r"][0] == pytest.approx(a["pearson_r"][0], rel=1e-4)
+
+
+def test_cli_rejects_mismatched_weights_before_any_run(tmp_path, capsys):
+    import torch
+
+    from neuro_models import registry as R
+    from study import checkpoint as ckpt
+
+    cfg = R.get_config("swift_v2", "debug", img_size=(24, 24, 24, 4), embed_dim=24)  # another width
+    (tmp_path / "ck").mkdir()
+    torch.save(R.build_pretrain_model(cfg).state_dict(), tmp_path / "ck" / "model.pt")
+    w = ckpt.export_weights(tmp_path / "ck", tmp_path / "w24.safetensors", model_config=cfg, spec_json="{}")
+    manifest = tmp_path / "no_manifest_needed.parquet"
+    rc = FT.main(["--storage", str(tmp_path / "s"), "--manifest", str(manifest), "--weights", str(w),
+                  "--strategies", "scratch", "lora", "--no-progress", "--device", "cpu"])
+    assert rc == 2
+    assert "embed_dim: weights have 24, the run asks for 16" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "finetune" / "store").exists()

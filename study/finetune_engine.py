@@ -59,9 +59,9 @@ from study.train import (BatchPlan, SampleOrder, TrainingDiverged, TrainResult, 
 #: strategies that start from pre-trained weights
 NEEDS_WEIGHTS = tuple(s for s in STRATEGIES if s != "scratch")
 #: config fields that must agree between the exported weights and the fine-tuning model
-ARCH_FIELDS = ("family", "embed_dim", "depths", "num_heads", "patch_size", "in_chans", "img_size", "window_size",
-               "mlp_ratio", "qkv_bias", "last_layer_full_attention", "d_model", "n_layers", "d_state", "mixer",
-               "parametrization")
+ARCH_FIELDS = ("family", "embed_dim", "depths", "depth", "num_heads", "patch_size", "in_chans", "img_size",
+               "window_size", "mlp_ratio", "qkv_bias", "last_layer_full_attention", "mixer", "headdim", "d_state",
+               "d_conv", "expand", "dt_rank", "parametrization")
 
 
 def check_strategy(strategy: str) -> None:
@@ -88,10 +88,8 @@ def check_compatible(cfg: Any, info: dict[str, Any], path: str | os.PathLike) ->
     diffs = [f"{k}: weights have {stored[k]!r}, the run asks for {mine[k]!r}"
              for k in ARCH_FIELDS if k in stored and k in mine and _norm(stored[k]) != _norm(mine[k])]
     if diffs:
-        spec = info.get("spec") or {}
         raise ckpt.CheckpointError(
-            f"weights {path} (family={stored.get('family')!r}, size={stored.get('size')!r}, "
-            f"run {spec.get('run_id', '?') if isinstance(spec, dict) else '?'}) do not fit this model "
+            f"weights {path} (family={stored.get('family')!r}, size={stored.get('size')!r}) do not fit this model "
             f"(family={getattr(cfg, 'family', None)!r}, size={getattr(cfg, 'size', None)!r}): " + "; ".join(diffs))
 
 

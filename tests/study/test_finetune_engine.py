@@ -337,3 +337,18 @@ def test_prompt_strategy_on_a_family_without_prompts_errors():
     spec = _spec(family="neuromamba", sequence_length=8, strategy="prompt", init_from="unused")
     with pytest.raises(ValueError, match="strategy='prompt' is not supported by family 'neuromamba'"):
         FE.build_model(spec, model_config(spec), None)
+
+
+def test_zero_budget_and_missing_target_error():
+    with pytest.raises(ValueError, match="budget=0"):
+        _spec(budget=0)
+    with pytest.raises(ValueError, match="target"):
+        _spec(target=None)
+    with pytest.raises(ValueError, match="task_type='ranking'"):
+        _spec(task_type="ranking")
+
+
+def test_unknown_target_column_errors(ft_cohort):
+    spec = _spec(strategy="scratch", target="trait_missing", manifest=ft_cohort)
+    with pytest.raises(ValueError, match="target='trait_missing' is not a manifest column"):
+        train(spec, DistContext())

@@ -56,7 +56,7 @@ def test_objective_and_gradient_match_float64_reference(delta, reduction):
 
 
 def test_approach3_recovers_planted_parameters_full_grid():
-    N, D, L = planted(n=60, noise=0.005)
+    N, D, L = planted(n=40, noise=0.005)
     fit = fit_chinchilla(N, D, L)
     assert fit.n_starts == 4500 and fit.converged
     p = fit.params

@@ -106,6 +106,25 @@ def finished_runs(store_dir: Path) -> set[str]:
     return set(df.loc[df["is_final"].fillna(False).astype(bool), "run_id"])
 
 
+def probe_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast (seconds, not Ray's minutes of retries) when a ``host:port`` or ``ray://`` / ``http://``
+    address does not accept TCP connections. ``auto`` and ``local`` are left to Ray."""
+    import socket
+    from urllib.parse import urlparse
+
+    if address in ("auto", "local"):
+        return
+    hostport = urlparse(address).netloc if "://" in address else address
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: expected host:port")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: {exc}") from exc
+
+
 def connect_ray(address: str | None, num_cpus: int | None, repo_root: Path) -> None:
     import ray
 
@@ -116,6 +135,7 @@ def connect_ray(address: str | None, num_cpus: int | None, repo_root: Path) -> N
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        probe_address(address)
         try:
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
         except Exception as exc:  # ConnectionError, TimeoutError, RuntimeError depending on the failure

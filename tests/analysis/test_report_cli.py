@@ -34,13 +34,16 @@ def test_final_rows_prefers_is_final_then_last_step(tmp_path):
 def test_summarize_study(synthetic_store, tmp_path):
     out = tmp_path / "report"
     st = ResultsStore(synthetic_store)
+    # a trailing train-only log row (no validation loss) and a run that never evaluated: both skipped
+    st.append("train", [dict(run_id="r-1e+06-1e+15", step=10_000, train_loss=9.0, flops=1e20, val_loss=None),
+                        dict(run_id="never-evaluated", step=0, train_loss=9.0, flops=1e15, val_loss=None)])
     st.append("finetune", [dict(run_id=f"ft-{s}-{t}-{r}", pretrain_run_id=s, size=s, task=t, task_type="classification",
                                 strategy="full", repeat=r, metric="auroc", value=0.6 + 0.01 * r + 0.05 * (s == "51M"))
                            for s in ("51M", "202M") for t in ("sex", "ADHD", "MDD") for r in range(3)])
     st.append("benchmark", [dict(name="train_throughput", metric="throughput", value=v, unit="samples/s", device="H100",
                                  device_count=n, config="51M") for n, v in ((1, 100.0), (2, 190.0), (4, 360.0))])
     s = summarize_study(synthetic_store, out, n_boot=100)
-    assert s["n_runs"] == 30 and s["n_final_points"] == 30
+    assert s["n_runs"] == 31 and s["n_final_points"] == 30 and s["n_dropped"] == 1
     pw = s["power_law"]
     assert pw["exponent_excludes_zero"] is True and pw["intervals"]["alpha"]["lo"] > 0
     assert abs(s["extrapolation"]["rel_error"]) < 0.03
@@ -54,7 +57,7 @@ def test_summarize_study(synthetic_store, tmp_path):
     for name in ("summary.json", "summary.md", "loss_vs_flops.png", "optimal_allocation.png", "finetune_radar.png",
                  "scaling_train_throughput.png"):
         assert (out / name).stat().st_size > 0
-    assert json.loads((out / "summary.json").read_text())["n_runs"] == 30
+    assert json.loads((out / "summary.json").read_text())["n_runs"] == 31
     assert "Exponent interval excludes zero: **True**" in (out / "summary.md").read_text()
 
 

@@ -19,7 +19,7 @@ log=$OUT/session.log
 for s in $stages; do
   case $s in
     scaling)
-      python3 benchmarks/train_scaling.py --driver --sizes 51M 806M --steps 5 --warmup 2 \
+      python3 benchmarks/train_scaling.py --driver --sizes 51M 806M --steps 5 --warmup 2 --micro-51m 8 --micro-806m 2 \
         --out-dir "$OUT" --timeout 240 2>&1 | tee -a "$log" ;;
     loader)
       python3 benchmarks/loader_benchmark.py --root /tmp/nxload --grid 96 --subjects 16 --frames 60 \
@@ -28,7 +28,7 @@ for s in $stages; do
       python3 -c "import sys; sys.path.insert(0,'.'); from benchmarks.train_scaling import ensure_cohort; print(ensure_cohort(__import__('pathlib').Path('/tmp/nxcohort'), 24, 60))" 2>&1 | tail -2 | tee -a "$log"
       for d in hdf5 preloaded; do
         python3 -m torch.distributed.run --standalone --nproc-per-node 1 benchmarks/train_scaling.py --size 51M \
-          --mode weak --micro-batch 16 --steps 6 --warmup 2 --data $d --loader-workers 14 \
+          --mode weak --micro-batch 8 --steps 8 --warmup 3 --data $d --loader-workers 14 \
           --manifest /tmp/nxcohort/manifest.parquet --out "$OUT/input-$d.json" 2>&1 | tail -3 | tee -a "$log"
       done ;;
   esac

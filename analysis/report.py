@@ -90,12 +90,15 @@ def summarize_study(store_dir, out_dir, *, loss_col: str = "val_loss", compute_c
     for c in (loss_col, compute_col):
         if c not in df.columns:
             raise ValueError(f"results store {store_dir}: train table has no {c!r} column; columns are {list(df.columns)}")
-    fin = final_rows(df)
-    ok = np.isfinite(pd.to_numeric(fin[loss_col], errors="coerce")) & (pd.to_numeric(fin[loss_col], errors="coerce") > 0) \
-        & np.isfinite(pd.to_numeric(fin[compute_col], errors="coerce")) & (pd.to_numeric(fin[compute_col], errors="coerce") > 0)
-    summary: dict = dict(store=str(store_dir), n_runs=int(fin["run_id"].nunique()), n_final_points=int(ok.sum()),
-                         n_dropped=int((~ok).sum()), level=level, n_boot=n_boot, plots=[], errors=[])
-    fin = fin[ok.to_numpy()].reset_index(drop=True)
+    # the final row of a run is its last row with a usable loss and compute (train-only log rows
+    # without a validation loss are skipped); runs without any usable row are counted as dropped
+    lv = pd.to_numeric(df[loss_col], errors="coerce"); cv = pd.to_numeric(df[compute_col], errors="coerce")
+    ok = (np.isfinite(lv) & (lv > 0) & np.isfinite(cv) & (cv > 0)).to_numpy()
+    n_runs = int(df["run_id"].nunique()) if "run_id" in df.columns else 0
+    fin = final_rows(df[ok].reset_index(drop=True)) if ok.any() else df.iloc[:0]
+    summary: dict = dict(store=str(store_dir), n_runs=n_runs, n_final_points=int(len(fin)),
+                         n_dropped=n_runs - int(len(fin)), level=level, n_boot=n_boot, plots=[], errors=[])
+    fin = fin.reset_index(drop=True)
     C = fin[compute_col].to_numpy(float); L = fin[loss_col].to_numpy(float)
 
     # -- one-variable law on the compute frontier
@@ -213,7 +216,7 @@ def _fmt(x) -> str:
 
 def _markdown(s: dict) -> str:
     lines = [f"# Study summary", "", f"Store: `{s['store']}`; {s['n_runs']} runs, {s['n_final_points']} final points "
-             f"({s['n_dropped']} dropped for missing/non-positive loss or compute).", ""]
+             f"({s['n_dropped']} runs without a row with positive loss and compute).", ""]
     for key, title in (("power_law", "L(C) = E + A C^-alpha on the compute frontier"),
                        ("chinchilla", "Approach 3: L(N, D) = E + A/N^alpha + B/D^beta")):
         d = s.get(key, {})

@@ -33,7 +33,7 @@ from analysis._lbfgs import batched_lbfgs
 __all__ = [
     "FitError", "CHINCHILLA_GRID", "POWER_GRID", "LogLSEObjective", "FitResult", "check_positive",
     "fit_lse", "fit_power_law", "fit_chinchilla", "bootstrap_fit", "compute_optimal",
-    "extrapolation_check", "fit_isoflop", "IsoFLOPResult", "pareto_frontier", "fit_data_constrained",
+    "extrapolation_check", "overtraining", "fit_isoflop", "IsoFLOPResult", "pareto_frontier", "fit_data_constrained",
 ]
 
 
@@ -602,6 +602,28 @@ def compute_optimal(fit: FitResult, C, *, flops_per_param_token: float = 6.0, le
             out[f"{name}_hi"] = np.nanquantile(arr, 1 - q, axis=0)
             out[f"{name}_se"] = np.nanstd(arr, axis=0, ddof=1)
     return out
+
+
+def overtraining(fit: FitResult, C, tokens_per_param, *, flops_per_param_token: float = 6.0) -> pd.DataFrame:
+    """Loss of an approach-3 fit at budget ``C`` when trained with ``M`` tokens per parameter.
+
+    With ``C = k N D`` and ``D = M N``: ``N = sqrt(C / (k M))``, ``D = M N``. Comparing with
+    :func:`compute_optimal` shows the loss paid for over- (or under-) training at a fixed budget.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per (C, M): ``C, tokens_per_param, N, D, L``.
+    """
+    if fit.kind != "chinchilla":
+        raise FitError(f"overtraining needs an approach-3 (chinchilla) fit, got {fit.kind!r}")
+    C = check_positive("C (compute budget)", np.atleast_1d(C))
+    M = check_positive("tokens_per_param", np.atleast_1d(tokens_per_param))
+    CC, MM = np.meshgrid(C, M, indexing="ij")
+    N = np.sqrt(CC / (flops_per_param_token * MM))
+    D = MM * N
+    return pd.DataFrame(dict(C=CC.ravel(), tokens_per_param=MM.ravel(), N=N.ravel(), D=D.ravel(),
+                             L=fit.predict(N.ravel(), D.ravel())))
 
 
 def extrapolation_check(kind: str, data: Mapping[str, np.ndarray], *, n_holdout: int = 1,

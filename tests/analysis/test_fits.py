@@ -7,7 +7,7 @@ from scipy.optimize import minimize
 from scipy.special import huber, logsumexp
 
 from analysis.fits import (CHINCHILLA_GRID, FitError, LogLSEObjective, bootstrap_fit, compute_optimal,
-                           extrapolation_check, fit_chinchilla, fit_data_constrained, fit_isoflop,
+                           extrapolation_check, fit_chinchilla, overtraining, fit_data_constrained, fit_isoflop,
                            fit_power_law, pareto_frontier)
 
 TRUE = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al. (2022) approach-3 values
@@ -109,6 +109,10 @@ def test_bootstrap_chinchilla_and_compute_optimal():
         assert abs(np.log(Ns[np.argmin(Ls)] / n_opt)) < np.log(2) / 100 + 1e-9
     assert (co.N_opt_lo <= co.N_opt).all() and (co.N_opt <= co.N_opt_hi).all()
     assert np.all(np.diff(co.tokens_per_param) != 0)
+    # over-training: at the optimal tokens per parameter the loss is the optimum; 10x more costs loss
+    ot = overtraining(fit, co.C[0], [co.tokens_per_param[0], 10 * co.tokens_per_param[0]])
+    assert ot.L[0] == pytest.approx(co.L_opt[0], rel=1e-12) and ot.N[0] == pytest.approx(co.N_opt[0], rel=1e-12)
+    assert ot.L[1] > ot.L[0]
 
 
 def test_extrapolation_check_on_planted_law():

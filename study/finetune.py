@@ -326,6 +326,29 @@ def table_markdown(summary: pd.DataFrame, *, title: str = "Downstream performanc
     return "\n".join(lines) + "\n"
 
 
+def all_metrics_markdown(df: pd.DataFrame) -> str:
+    """Every per-subject metric (``auroc``, ``bacc``, ``mae``, ``pearson_r``) as ``mean ± std`` per method and task."""
+    cols = []
+    for task in dict.fromkeys(df["task"]):
+        ttype = df.loc[df["task"] == task, "task_type"].iloc[0] if "task_type" in df else None
+        for m in TASK_METRICS.get(ttype, ()):
+            if m in df:
+                cols.append((task, m))
+    if not cols:
+        return ""
+    lines = ["All test metrics (mean ± std over repeats):", "",
+             "| Method | " + " | ".join(f"{t} {m}" for t, m in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for method, g in df.groupby("method", sort=False):
+        cells = []
+        for t, m in cols:
+            v = g.loc[g["task"] == t, m].astype("float64").to_numpy()
+            v = v[np.isfinite(v)]
+            cells.append("-" if not v.size else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if v.size > 1
+                         else f"{v.mean():.3f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_tables(df: pd.DataFrame, study_dir: Path) -> tuple[Path, Path, pd.DataFrame]:
     summary = summarize(df)
     md = study_dir / "finetune_table.md"
@@ -335,6 +358,7 @@ def write_tables(df: pd.DataFrame, study_dir: Path) -> tuple[Path, Path, pd.Data
     if frac:
         text += "\n| Method | trainable fraction |\n|---|---|\n" + "".join(
             f"| {m} | {f:.1%} |\n" for m, f in frac.items())
+    text += "\n" + all_metrics_markdown(df)
     md.write_text(text)
     summary.to_parquet(pq, index=False)
     return md, pq, summary

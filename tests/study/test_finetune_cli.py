@@ -99,6 +99,7 @@ def test_cli_end_to_end_three_repeats(small_cohort, tmp_path, capsys):
     assert len(summary) == 4 and (summary["n"] == 3).all()
     md = (study / "finetune_table.md").read_text()
     assert "| From scratch |" in md and "| Fine-tuned last block |" in md and md.count("±") >= 4
+    assert "| Method | trait_bin auroc | trait_bin bacc | trait_cont mae | trait_cont pearson_r |" in md
     # a rerun finds every run in the store and trains nothing
     parts = len(list((study / "store" / "finetune").glob("part-*.parquet")))
     assert FT.main(argv) == 0

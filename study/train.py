@@ -415,7 +415,7 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
     step = state["step"]
     batches = iter(torch.utils.data.DataLoader(
         loader_ds, batch_sampler=_MicroBatches(step, n_steps, plan, ctx.rank), collate_fn=_collate,
-        num_workers=spec.num_workers, pin_memory=device.type == "cuda",
+        num_workers=spec.num_workers, pin_memory=device.type == "cuda" and datasets is None,
         persistent_workers=False, prefetch_factor=4 if spec.num_workers else None))
     window_t0, window_samples = time.perf_counter(), 0
     wall_offset = state["wall_time_s"] - (time.perf_counter() - t_start)

@@ -18,9 +18,10 @@ stages=${*:-scaling loader input}
 log=$OUT/session.log
 for s in $stages; do
   case $s in
-    scaling)
-      python3 benchmarks/train_scaling.py --driver --sizes 51M 806M --steps 5 --warmup 2 --micro-51m 8 --micro-806m 2 \
-        --out-dir "$OUT" --timeout 240 2>&1 | tee -a "$log" ;;
+    scaling|scaling-51M|scaling-806M)
+      sizes="51M 806M"; [[ $s == scaling-* ]] && sizes=${s#scaling-}
+      python3 benchmarks/train_scaling.py --driver --sizes $sizes --steps 5 --warmup 2 --micro-51m 8 --micro-806m 2 \
+        --out-dir "$OUT/$s" --timeout 240 2>&1 | grep -v Warning | tee -a "$log" ;;
     loader)
       python3 benchmarks/loader_benchmark.py --root /tmp/nxload --grid 96 --subjects 16 --frames 60 \
         --workers 0 2 16 --out-json "$OUT/loader.json" --out-md "$OUT/loader.md" 2>&1 | tail -40 | tee -a "$log" ;;

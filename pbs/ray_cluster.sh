@@ -34,6 +34,7 @@
 # Environment given to CMD: RAY_ADDRESS (GCS ip:port), RAY_API_SERVER_ADDRESS (http://ip:dashboard),
 # RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH, NEUROX_RAY_HEAD_IP, NEUROX_RAY_NUM_NODES, NEUROX_STAGED_DATA.
 # The token is never printed; it lives in <state-dir>/<job>/token (mode 0600) and is removed at teardown.
+{ # bash parses this whole block before running it, so updating the file (git pull) during a job is safe
 set -euo pipefail
 
 PBS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -44,7 +45,7 @@ log() { echo "ray_cluster: $*" >&2; }
 die() { log "$*"; exit 2; }
 helper() { "$PY" "$HELPER" "$@"; }
 
-usage() { sed -n '4,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; }
+usage() { sed -n '4,/^{ #/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; }
 
 # ------------------------------------------------------------------------------------------------ options
 MODE="${1:-}"
@@ -122,6 +123,7 @@ NUM_GPUS="${NUM_GPUS:-$PROFILE_NUM_GPUS}"
 [[ $SHARD -eq 1 && -z "$STAGE_SRC" ]] && die "--shard needs --stage SRC --stage-to DIR"
 
 export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
+unset RAY_AUTH_TOKEN # it would take precedence over this job's RAY_AUTH_TOKEN_PATH
 addr_args=()
 [[ -n "$IFACE" ]] && addr_args+=(--iface "$IFACE")
 [[ -n "$HOST_SUFFIX" ]] && addr_args+=(--host-suffix "$HOST_SUFFIX")
@@ -168,7 +170,7 @@ kill_tree() { # $1 = pid of a session leader started with setsid: TERM the proce
   local pid="$1" _
   kill -0 "$pid" 2>/dev/null || return 0
   kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+  for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
   kill -TERM -- "-$pid" 2>/dev/null || true
   sleep 0.5
   kill -KILL -- "-$pid" 2>/dev/null || true
@@ -322,10 +324,12 @@ teardown() {
   log "tearing down the Ray cluster (job $JOBKEY)"
   [[ -n "$WATCH_PID" ]] && kill "$WATCH_PID" 2>/dev/null
   [[ -n "$WAIT_PID" ]] && kill "$WAIT_PID" 2>/dev/null
+  # PBS SIGKILLs ~10 s (kill_delay) after SIGTERM: stop the worker nodes, the head and the command in parallel
+  rm -f "$STATE/running" # agents notice within ~1 s and clean their node
+  [[ -n "$HEAD_PID" ]] && kill -TERM "$HEAD_PID" 2>/dev/null
   [[ -n "$CMD_PID" ]] && kill_tree "$CMD_PID"
-  rm -f "$STATE/running"
   local _ pid
-  for _ in $(seq 1 60); do # agents notice the missing marker within ~1 s and clean their node
+  for _ in $(seq 1 40); do
     compgen -G "$STATE/nodes/*.json" >/dev/null || break
     sleep 0.5
   done
@@ -336,6 +340,11 @@ teardown() {
   [[ -n "$HEAD_PID" ]] && kill_tree "$HEAD_PID"
   helper cleanup --path "$HEAD_TMP" --grace 5 || true
   [[ -n "${STAGED_DIR:-}" ]] && rm -rf "$STAGED_DIR"
+  if [[ -d "$STATE" ]]; then # keep the bootstrap's logs (never the token) for a post-mortem
+    local logs="${NEUROX_LOG_DIR:-$STATE_BASE/logs}/$JOBKEY"
+    mkdir -p "$logs" && cp "$STATE"/*.log "$STATE"/nodes/*.log "$STATE"/nodes/*.error "$logs"/ 2>/dev/null
+    log "bootstrap logs kept in $logs"
+  fi
   rm -rf "$STATE"
   exit "$rc"
 }
@@ -426,3 +435,4 @@ if [[ -n "$STOP_FILE" ]]; then
   fi
 fi
 exit "$rc"
+}

@@ -52,8 +52,9 @@ def cluster(tmp_path_factory):
     nodes = NetnsNodes(3, work)
     jobid = _jobid()
     # the Aurora profile (modules skipped): 12 GPU tiles per node as Ray GPUs, its oneCCL/Level Zero environment
+    # A RAY_AUTH_TOKEN in the user's environment must not replace the job's token (Ray prefers it over the file).
     c = ClusterProcess(nodes, work, jobid, "up", ["--profile", "aurora", *UP_ARGS], NEUROX_SKIP_MODULES="1",
-                       **FAST_HEALTH)
+                       RAY_AUTH_TOKEN="f" * 64, **FAST_HEALTH)
     c.work = work
     try:
         assert c.wait_for("cluster is up", timeout=300), c.text()

@@ -432,11 +432,18 @@ def stage(src: Path, dst: Path, rank: int, world: int, shard: bool) -> dict:
 # --------------------------------------------------------------------------------------------
 # Cleanup
 # --------------------------------------------------------------------------------------------
+NODE_MARKER = "NEUROX_RAY_NODE_TMP"
+"""Environment variable set on each node's ``ray start`` (value: that node's Ray temp dir). Every Ray
+process of the node inherits it, also workers whose command line Ray renames (``ray::IDLE``)."""
+
+
 def procs_referencing(path: str) -> list[int]:
-    """PIDs (other than this one) whose command line mentions ``path`` (a job's Ray temp dir)."""
+    """PIDs (other than this one) of a node's Ray processes: the command line mentions ``path`` (the node's
+    Ray temp dir) or the environment holds ``NEUROX_RAY_NODE_TMP=<path>``."""
     pids = []
     me = os.getpid()
     needle = path.rstrip("/").encode()
+    marker = f"{NODE_MARKER}={path.rstrip('/')}".encode()
     for d in Path("/proc").iterdir():
         if not d.name.isdigit() or int(d.name) == me:
             continue
@@ -445,10 +452,15 @@ def procs_referencing(path: str) -> list[int]:
         except OSError:
             continue
         # match the path itself or the path followed by '/' (not a longer sibling like _10 vs _1)
-        for arg in cmd.split(b"\0"):
-            if re.search(re.escape(needle) + rb"(?:/|$)", arg):
-                pids.append(int(d.name))
-                break
+        if any(re.search(re.escape(needle) + rb"(?:/|$)", arg) for arg in cmd.split(b"\0")):
+            pids.append(int(d.name))
+            continue
+        try:
+            env = (d / "environ").read_bytes()
+        except OSError:  # another user's process, or gone
+            continue
+        if marker in env.split(b"\0"):
+            pids.append(int(d.name))
     return pids
 
 

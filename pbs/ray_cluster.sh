@@ -209,7 +209,8 @@ if [[ "$MODE" == node-agent ]]; then
   printf '{"rank": %d, "host": "%s", "ip": "%s", "pid": %d}\n' "$RANK" "$(hostname)" "$ip" $$ >"$REG.tmp"
   mv "$REG.tmp" "$REG"
   ray_node_args "$ip" "$TMP_DIR"
-  setsid "${RAY_CLI[@]}" start --address "$ADDRESS" "${NODE_ARGS[@]}" >"$STATE/nodes/$RANK.log" 2>&1 &
+  NEUROX_RAY_NODE_TMP="$TMP_DIR" setsid "${RAY_CLI[@]}" start --address "$ADDRESS" "${NODE_ARGS[@]}" \
+    >"$STATE/nodes/$RANK.log" 2>&1 &
   RAY_PID=$!
   # Stay up while Ray runs and the head's "running" marker exists (covers launchers that do not forward signals).
   while kill -0 "$RAY_PID" 2>/dev/null && [[ -e "$STATE/running" ]]; do sleep 1; done
@@ -360,7 +361,8 @@ touch "$STATE/running"
 stage_data 0 "$NNODES"
 
 log "starting head on ${HOSTS[0]} ($HEAD_IP:$GCS_PORT), $NNODES node(s)"
-setsid "${HEAD_CMD[@]}" >"$STATE/head.log" 2>&1 &
+# the marker variable is inherited by every Ray process of the node, so teardown finds them all
+NEUROX_RAY_NODE_TMP="$HEAD_TMP" setsid "${HEAD_CMD[@]}" >"$STATE/head.log" 2>&1 &
 HEAD_PID=$!
 launch_cmds
 # in the background so that PBS's SIGTERM is handled at once, not after the wait

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ClusterProcess, node_tmp_dirs, procs_of_job  # noqa: E402
-from netns import NetnsNodes, netns_unavailable_reason  # noqa: E402
+from pbs_harness import ClusterProcess, node_tmp_dirs, procs_of_job  # noqa: E402
+from pbs_netns import NetnsNodes, netns_unavailable_reason  # noqa: E402
 
 _reason = netns_unavailable_reason()
 pytestmark = [pytest.mark.netns, pytest.mark.slow,

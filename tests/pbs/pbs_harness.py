@@ -46,7 +46,11 @@ def procs_of_job(jobkey: str) -> list[str]:
             continue
         if stat.rsplit(")", 1)[1].split()[0] == "Z":
             continue
-        if pat.search(cmd):
+        try:
+            env = (d / "environ").read_bytes().decode(errors="replace")
+        except OSError:
+            env = ""
+        if pat.search(cmd) or f"NEUROX_RAY_NODE_TMP=/tmp/nx{jobkey}_" in env:
             out.append(f"{d.name}: {cmd[:200]}")
     return out
 

@@ -43,6 +43,7 @@ __all__ = ["TABLE_KEYS", "ResultsStore", "read_table", "append_rows"]
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "train": ("run_id", "step"),
     "finetune": ("run_id", "task", "strategy", "repeat"),
+    "finetune_steps": ("run_id", "step"),
     "benchmark": ("name", "config", "device", "device_count"),
 }
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from study import checkpoint as ckpt
 from study.devices import context_from_env
 from study.provenance import provenance
-from study.reporters import JSONLReporter, MultiReporter, RankZero, StoreReporter
+from study.reporters import JSONLReporter, MultiReporter, RankZero, StoreReporter, progress_table
 from study.spec import RunSpec
 from study.train import train
 
@@ -33,7 +33,8 @@ def build_reporter(spec: RunSpec, rank: int, run_dir: Path, *, store_dir: str | 
     if rank == 0 and store_dir:
         from analysis.store import ResultsStore
 
-        reporters.append(StoreReporter(ResultsStore(store_dir), static_row(spec, manifest_hash)))
+        reporters.append(StoreReporter(ResultsStore(store_dir), static_row(spec, manifest_hash),
+                                       table=progress_table(spec.task)))
     if rank == 0 and use_wandb:
         from study.wandb_reporter import WandbReporter
 

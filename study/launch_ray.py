@@ -69,7 +69,7 @@ def stop_checker(stop_file: str | None, deadline: float | None):
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function."""
     from study.launch_local import static_row
-    from study.reporters import StoreReporter
+    from study.reporters import StoreReporter, progress_table
     from study.train import train
 
     spec = RunSpec.from_dict(config["spec"])
@@ -79,7 +79,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from analysis.store import ResultsStore
 
         reporters.append(StoreReporter(ResultsStore(config["store_dir"]),
-                                       static_row(spec, config.get("manifest_hash"))))
+                                       static_row(spec, config.get("manifest_hash")), table=progress_table(spec.task)))
     if ctx.rank == 0 and config.get("wandb"):
         from study.wandb_reporter import WandbReporter
 

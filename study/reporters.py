@@ -86,10 +86,16 @@ class JSONLReporter(NullReporter):
             self._fh.close()
 
 
+def progress_table(task: str) -> str:
+    """Results-store table of a run's evaluation rows: ``train`` (pre-training) or ``finetune_steps``."""
+    return "train" if task == "pretrain" else "finetune_steps"
+
+
 class StoreReporter(NullReporter):
-    """Writes one results-store row per report (table ``train`` or ``finetune``).
+    """Writes one results-store row per report (table ``train``, or ``finetune_steps`` for fine-tuning).
 
     ``static`` holds the columns every row shares (run id, spec fields, provenance, parameter counts).
+    The per-cell summary of a fine-tuning study (table ``finetune``) is written by :mod:`study.finetune`.
     """
 
     def __init__(self, store, static: dict[str, Any], table: str = "train") -> None:

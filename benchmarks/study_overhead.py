@@ -1,0 +1,131 @@
+"""Study-machinery benchmarks: a trial's orchestration overhead, and ASHA's compute against the grid.
+
+1. Overhead: the same run (tiny SwiFT v2, ~``--target-s`` seconds of training) once in-process
+   (``study.train.train``) and once as a Ray Tune trial that fits a Ray Train ``TorchTrainer``
+   (``study.sweep.run_trials``); overhead = (trial wall time - in-process wall time) / in-process time.
+   Target: <= 10% of a 60 s trial.
+2. ASHA: an LR grid, first run to completion (the grid), then with ASHA (``--asha``); compute = optimizer
+   steps actually run (from the results store). Reports whether ASHA's best configuration is the grid's and
+   its compute as a fraction of the grid's. Target: <= 40%.
+
+Writes JSON and a Markdown table::
+
+    python benchmarks/study_overhead.py --out benchmarks/results/study_overhead
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def base_spec(manifest: str, steps: int):
+    from study.spec import RunSpec
+
+    return RunSpec(study="bench", family="swift_v2", size="debug", width=32, grid=(24, 24, 24), sequence_length=8,
+                   batch_size=4, budget=steps, eval_every=max(1, steps // 9), eval_windows=4, lr=3e-3,
+                   manifest=manifest, precision="fp32", checkpoint_every=0, schedule="constant", warmup_frac=0.0)
+
+
+def store_steps(store_dir: Path, run_ids) -> dict[str, dict]:
+    from analysis.store import read_table
+
+    df = read_table(store_dir, "train")
+    df = df[df.run_id.isin(set(run_ids))]
+    out = {}
+    for rid, g in df.groupby("run_id"):
+        last = g.sort_values("step").iloc[-1]
+        out[rid] = {"steps": int(last["step"]), "val_loss": float(last["val_loss"])}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results/study_overhead")
+    ap.add_argument("--target-s", type=float, default=60.0)
+    ap.add_argument("--asha-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0])
+    ap.add_argument("--asha-steps", type=int, default=81)
+    ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--skip-asha", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    from data.synthetic import generate_cohort
+    from study.devices import local_context
+    from study.reporters import MemoryReporter
+    from study.runner import connect_ray
+    from study.sweep import run_trials
+    from study.train import train
+
+    manifest = str(generate_cohort(work / "cohort", n_subjects=24, grid=(24, 24, 24), n_frames=16, seed=0,
+                                   progress=False))
+    res: dict = {"machine": os.uname().nodename, "cpus": os.cpu_count(),
+                 "load_avg_start": os.getloadavg()[0]}
+    connect_ray(None, os.cpu_count(), REPO)
+    import ray
+
+    ctx = {"train_storage": str(work / "runs"), "store_dir": str(work / "store"), "num_workers": 1,
+           "use_gpu": False, "cpus_per_worker": max(0.5, (os.cpu_count() or 1) - 0.02)}
+    if not args.skip_overhead:
+        probe = base_spec(manifest, 5)
+        t0 = time.perf_counter()
+        train(probe, local_context("cpu"), MemoryReporter())
+        per_step = (time.perf_counter() - t0) / 5
+        steps = max(10, int(args.target_s / per_step))
+        spec = base_spec(manifest, steps)
+        t0 = time.perf_counter()
+        train(spec, local_context("cpu"), MemoryReporter())
+        t_in = time.perf_counter() - t0
+        spec_t = spec.replace(seed=1)  # another run id so nothing is skipped
+        t0 = time.perf_counter()
+        run_trials([spec_t], ctx=ctx, storage=str(work / "tune"), study="overhead", concurrency=1)
+        t_trial = time.perf_counter() - t0
+        res["overhead"] = {"steps": steps, "in_process_s": t_in, "trial_s": t_trial,
+                           "overhead_frac": (t_trial - t_in) / t_in}
+        print(json.dumps(res["overhead"]), flush=True)
+    if not args.skip_asha:
+        specs = [base_spec(manifest, args.asha_steps).replace(lr=lr, seed=7) for lr in args.asha_lrs]
+        ids = [s.run_id for s in specs]
+        run_trials(specs, ctx={**ctx, "store_dir": str(work / "store_grid")}, storage=str(work / "tune"),
+                   study="grid", concurrency=max(1, (os.cpu_count() or 1)))
+        grid = store_steps(work / "store_grid", ids)
+        run_trials(specs, ctx={**ctx, "store_dir": str(work / "store_asha")}, storage=str(work / "tune"),
+                   study="asha", concurrency=max(1, (os.cpu_count() or 1)), asha=True, max_steps=args.asha_steps)
+        asha = store_steps(work / "store_asha", ids)
+        best_grid = min(grid, key=lambda k: grid[k]["val_loss"])
+        finished = {k: v for k, v in asha.items() if v["steps"] >= args.asha_steps}
+        best_asha = min(finished, key=lambda k: finished[k]["val_loss"]) if finished else None
+        res["asha"] = {"configs": len(specs), "grid_steps": sum(v["steps"] for v in grid.values()),
+                       "asha_steps": sum(v["steps"] for v in asha.values()), "grid_best": best_grid,
+                       "asha_best": best_asha, "same_best": best_grid == best_asha,
+                       "grid_best_val_loss": grid[best_grid]["val_loss"],
+                       "per_run": {k: {"grid": grid.get(k), "asha": asha.get(k)} for k in ids}}
+        res["asha"]["compute_frac"] = res["asha"]["asha_steps"] / res["asha"]["grid_steps"]
+        print(json.dumps({k: v for k, v in res["asha"].items() if k != "per_run"}), flush=True)
+    ray.shutdown()
+    res["load_avg_end"] = os.getloadavg()[0]
+    (out / "study_overhead.json").write_text(json.dumps(res, indent=1))
+    md = ["| benchmark | measured | target |", "|---|---|---|"]
+    if "overhead" in res:
+        o = res["overhead"]
+        md.append(f"| trial orchestration overhead ({o['steps']} steps, {o['in_process_s']:.0f} s in-process) | "
+                  f"{o['overhead_frac']:.1%} ({o['trial_s']:.0f} s as a Tune trial) | <= 10% |")
+    if "asha" in res:
+        a = res["asha"]
+        md.append(f"| ASHA compute vs grid ({a['configs']} LRs) | {a['compute_frac']:.1%} "
+                  f"({a['asha_steps']} / {a['grid_steps']} steps), best config found: {a['same_best']} | <= 40% |")
+    md.append(f"\nmachine: {res['cpus']} CPUs, load average {res['load_avg_start']:.1f} -> {res['load_avg_end']:.1f}")
+    (out / "study_overhead.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

@@ -75,19 +75,30 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+def _atomic_write(path: Path, write) -> None:
+    """Write through a Python file object (so a full disk raises ``OSError`` ENOSPC, not a C++ stream
+    error), fsync, rename; on failure remove the temporary file and raise :class:`CheckpointError`."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise CheckpointError(f"cannot write checkpoint file {path}: {exc}") from exc
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    _atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def save_checkpoint(path: str | os.PathLike, *, rank: int, barrier, state: dict[str, Any],
@@ -100,6 +111,17 @@ def save_checkpoint(path: str | os.PathLike, *, rank: int, barrier, state: dict[
     ignores.
     """
     path = Path(path)
+    try:
+        return _save_checkpoint(path, rank=rank, barrier=barrier, state=state, model=model,
+                                optimizer=optimizer, scheduler=scheduler, ds_engine=ds_engine)
+    except (OSError, RuntimeError) as exc:  # a full disk, a vanished mount: name the fallback
+        previous = [p for p in list_checkpoints(path.parent) if p != path]
+        raise CheckpointError(f"saving checkpoint {path} failed ({exc}); it is left without a {COMPLETE} marker "
+                              f"and will not be resumed from; last complete checkpoint: "
+                              f"{previous[-1] if previous else 'none'}") from exc
+
+
+def _save_checkpoint(path: Path, *, rank: int, barrier, state, model, optimizer, scheduler, ds_engine) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     marker = path / COMPLETE
     if rank == 0 and marker.exists():

@@ -83,6 +83,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ctx.rank == 0 and config.get("wandb"):
         from study.wandb_reporter import WandbReporter
 
+        if config.get("wandb_sweep_id"):
+            os.environ["NEUROX_WANDB_SWEEP_ID"] = config["wandb_sweep_id"]
         reporters.append(WandbReporter(spec, dir=config.get("wandb_dir"), group=spec.study))
     reporter = RankZero(ctx.rank, MultiReporter(reporters), all_ranks_report=RayReporter())
     resume = None
@@ -110,7 +112,7 @@ def fit_run(spec: RunSpec, *, storage: str, num_workers: int = 1, use_gpu: bool 
             cpus_per_worker: float = 1.0, store_dir: str | None = None, device: str | None = None,
             max_failures: int = 2, num_to_keep: int = 2, stop_file: str | None = None,
             deadline: float | None = None, manifest_hash: str | None = None, use_wandb: bool = False,
-            in_tune: bool = False):
+            wandb_sweep_id: str | None = None, in_tune: bool = False):
     """Run ``spec`` with a ``TorchTrainer`` and return Ray's ``Result``.
 
     ``storage`` (a shared-filesystem path) receives Ray's checkpoints under ``<storage>/<run_id>``;
@@ -126,7 +128,8 @@ def fit_run(spec: RunSpec, *, storage: str, num_workers: int = 1, use_gpu: bool 
         callbacks.append(TuneReportCallback())
     config = {"spec": spec.to_dict(), "store_dir": store_dir, "device": device or ("cuda" if use_gpu else "cpu"),
               "stop_file": stop_file, "deadline": deadline, "manifest_hash": manifest_hash,
-              "wandb": use_wandb, "wandb_dir": str(Path(storage) / "wandb") if use_wandb else None}
+              "wandb": use_wandb, "wandb_dir": str(Path(storage) / "wandb") if use_wandb else None,
+              "wandb_sweep_id": wandb_sweep_id}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,

@@ -228,7 +228,10 @@ def run_plan(plan, args: argparse.Namespace, *, repo_root: Path, lr_search=None)
                "stop_file": str(stop_file), "manifest_hash": fingerprint["data_manifest_hash"],
                "deadline": time.time() + args.walltime_s if args.walltime_s else None, "wandb": args.wandb}
         if args.wandb:
+            from study.wandb_reporter import create_sweep
+
             os.environ.setdefault("WANDB_DIR", str(study_dir / "wandb"))
+            ctx["wandb_sweep_id"] = create_sweep(name, todo)
         print(f"{pl.concurrency} trial(s) at once, {pl.num_workers} worker(s) x "
               f"{'1 GPU' if pl.use_gpu else f'{pl.cpus_per_worker:g} CPU'} each", flush=True)
         counts = run_trials(todo, ctx=ctx, storage=str(study_dir / "tune"), study=name,

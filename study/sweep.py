@@ -65,7 +65,7 @@ def trial(config: dict[str, Any]) -> None:
             cpus_per_worker=ctx["cpus_per_worker"], store_dir=ctx["store_dir"], device=ctx.get("device"),
             max_failures=ctx.get("max_failures", 2), stop_file=ctx.get("stop_file"),
             deadline=ctx.get("deadline"), manifest_hash=ctx.get("manifest_hash"),
-            use_wandb=ctx.get("wandb", False), in_tune=True)
+            use_wandb=ctx.get("wandb", False), wandb_sweep_id=ctx.get("wandb_sweep_id"), in_tune=True)
 
 
 class Progress(tune.Callback):

@@ -6,6 +6,7 @@ uploaded later with ``wandb sync <dir>/wandb/offline-run-*``. Keys are never log
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ class WandbReporter(NullReporter):
         import wandb
 
         self._wandb = wandb
+        if os.environ.get("NEUROX_WANDB_SWEEP_ID"):
+            os.environ.setdefault("WANDB_SWEEP_ID", os.environ["NEUROX_WANDB_SWEEP_ID"])
         d = Path(dir or ".")
         d.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=project or os.environ.get("WANDB_PROJECT", "neurox"),
@@ -47,3 +50,27 @@ class WandbReporter(NullReporter):
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def sweep_parameters(specs) -> dict:
+    """The spec fields that vary across ``specs``, as a W&B grid-sweep parameter block."""
+    dicts = [s.to_dict() for s in specs]
+    params = {}
+    for key in dicts[0]:
+        values = {json.dumps(d[key], default=list, sort_keys=True) for d in dicts}
+        if len(values) > 1:
+            params[key] = {"values": [json.loads(v) for v in sorted(values)]}
+    return params
+
+
+def create_sweep(study: str, specs, *, project: str | None = None) -> str | None:
+    """Register the study as a W&B sweep when online (so the dashboard shows parallel coordinates and
+    parameter importance over the varying spec fields); returns the sweep id, or None when offline.
+    Runs join it through ``WANDB_SWEEP_ID``."""
+    if wandb_mode() != "online" or not specs:
+        return None
+    import wandb
+
+    config = {"name": study, "method": "grid", "metric": {"name": "eval/val_loss", "goal": "minimize"},
+              "parameters": sweep_parameters(specs) or {"seed": {"values": [specs[0].seed]}}}
+    return wandb.sweep(config, project=project or os.environ.get("WANDB_PROJECT", "neurox"))

@@ -33,27 +33,6 @@ def check_storage(storage: Path) -> None:
         raise ValueError(f"storage path {storage} is not writable: {exc}") from exc
 
 
-def print_plan(plan, args) -> None:
-    from study.plans import memory_estimate_gib, run_summary
-
-    world = plan.num_workers
-    print(f"study plan {plan.name!r}: {len(plan.specs)} runs, {world} worker(s)/trial, "
-          f"{'GPU' if plan.use_gpu else 'CPU'}")
-    hdr = f"{'run_id':58s} {'params':>10s} {'steps':>7s} {'samples':>9s} {'FLOPs':>10s} {'GPU-h':>8s} {'mem GiB':>8s} fits"
-    print(hdr)
-    total_gpu_h = 0.0
-    for s in plan.specs:
-        r = run_summary(s)
-        gpu_h = r["flops"] / (args.gpu_peak_tflops * 1e12 * args.assumed_mfu) / 3600
-        total_gpu_h += gpu_h
-        mem = memory_estimate_gib(s, world)
-        fits = "yes" if mem < args.gpu_mem_gib else "NO"
-        print(f"{r['run_id']:58s} {r['params']:10.3g} {r['steps']:7d} {r['samples']:9d} {r['flops']:10.3g} "
-              f"{gpu_h:8.3g} {mem:8.2f} {fits}")
-    print(f"total: {total_gpu_h:.3g} GPU-hours at {args.assumed_mfu:.0%} MFU of {args.gpu_peak_tflops:g} TFLOP/s "
-          f"(model-state memory under ZeRO stage {plan.specs[0].zero_stage if plan.specs[0].distributed == 'deepspeed' else 0})")
-
-
 def ensure_cohort(plan, storage: Path) -> str:
     """Generate (once) the plan's synthetic cohort under storage and return its manifest path."""
     from data.synthetic import generate_cohort

@@ -14,6 +14,7 @@ holds the model config, the run spec and the muP base width, loadable on any num
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -28,6 +29,8 @@ import torch
 STATE_FILE = "trainer_state.json"
 COMPLETE = "COMPLETE"
 _STEP_RE = re.compile(r"^step_(\d+)$")
+#: Below this many free bytes a failed write is reported as a full disk.
+_FULL_BYTES = 1 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -86,11 +89,18 @@ def _atomic_write(path: Path, write) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
+        why = str(exc)
+        try:  # torch's zip writer hides ENOSPC behind "unexpected pos": say so when the disk is full
+            free = shutil.disk_usage(path.parent).free
+            if getattr(exc, "errno", None) == errno.ENOSPC or free < _FULL_BYTES:
+                why = f"{os.strerror(errno.ENOSPC)}, {free} bytes free ({exc})"
+        except OSError:
+            pass
         try:
             tmp.unlink()
         except OSError:
             pass
-        raise CheckpointError(f"cannot write checkpoint file {path}: {exc}") from exc
+        raise CheckpointError(f"cannot write checkpoint file {path}: {why}") from exc
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:

@@ -113,8 +113,8 @@ def memory_estimate_gib(spec: RunSpec, world_size: int) -> float:
 # --------------------------------------------------------------------------------------------------
 # presets
 # --------------------------------------------------------------------------------------------------
-DEMO_WIDTHS = (16, 32, 48, 64)
-DEMO_BUDGETS = (2.0e10, 6.0e10, 1.8e11)
+DEMO_WIDTHS = (16, 32, 48)
+DEMO_BUDGETS = (4.0e9, 8.0e9, 1.6e10, 3.2e10, 6.4e10)
 
 
 def demo(opts: Any = None) -> StudyPlan:
@@ -122,11 +122,11 @@ def demo(opts: Any = None) -> StudyPlan:
     manifest = getattr(opts, "manifest", None) or ""
     base = RunSpec(study=getattr(opts, "study_name", None) or "demo", family="swift_v2", size="debug",
                    grid=(24, 24, 24), sequence_length=8, batch_size=4, lr=3e-3, schedule="cosine",
-                   warmup_frac=0.1, eval_every=50, eval_windows=8, checkpoint_every=50,
+                   warmup_frac=0.1, eval_every=50, eval_windows=16, checkpoint_every=50,
                    manifest=manifest, precision="fp32", seed=0)
-    specs = isoflop_grid(base, budgets=DEMO_BUDGETS, widths=DEMO_WIDTHS, min_steps=8, max_steps=320)
+    specs = isoflop_grid(base, budgets=DEMO_BUDGETS, widths=DEMO_WIDTHS, min_steps=8, max_steps=400)
     # data-mixture axis: the middle budget on the single noisiest cohort vs the diverse mixture
-    mid = [s for s in specs if s.budget == DEMO_BUDGETS[1]]
+    mid = [s for s in specs if s.budget == DEMO_BUDGETS[2]]
     if mid:
         one = mid[len(mid) // 2]
         specs.append(one.replace(cohorts={"cohort_a": 1.0}))

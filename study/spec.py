@@ -175,7 +175,7 @@ class RunSpec:
     def run_id(self) -> str:
         width = f"-w{self.width}" if self.width else ""
         task = "" if self.task == "pretrain" else f"-ft-{self.strategy}"
-        budget = f"{self.budget_kind[0].upper()}{self.budget:.0e}".replace("+", "")
+        budget = f"{self.budget_kind[0].upper()}{self.budget:.3g}".replace("+", "")
         return f"{self.family}-{self.size}{width}-{self.parametrization}{task}-{budget}-{self.spec_hash}"
 
     # --- (de)serialisation ----------------------------------------------------------------------

@@ -175,7 +175,9 @@ def build_datasets(spec: RunSpec, *, defer: bool = False):
     cohorts = dict(spec.cohorts) or None
     train_ds = WindowedDataset(manifest, split="train", stride_between=spec.stride_between, cohorts=cohorts,
                                max_subjects=spec.n_subjects, **common)
-    val_ds = WindowedDataset(manifest, split="val", stride_between=1.0, cohorts=cohorts, **common)
+    # validation always covers every cohort (reported overall and per cohort), so runs trained on
+    # different mixtures are compared on the same windows
+    val_ds = WindowedDataset(manifest, split="val", stride_between=1.0, cohorts=None, **common)
     return manifest, train_ds, val_ds
 
 

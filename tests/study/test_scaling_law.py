@@ -17,18 +17,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 #: The demo plan, pinned: (run id, steps). A change here changes every user's default study.
 DEMO_PINNED = [
-    ('swift_v2-debug-w16-sp-F2e10-f23112c441', 102),
-    ('swift_v2-debug-w32-sp-F2e10-f525f9ffd2', 33),
-    ('swift_v2-debug-w48-sp-F2e10-7178e404e1', 16),
-    ('swift_v2-debug-w64-sp-F2e10-1bcce122f6', 10),
-    ('swift_v2-debug-w16-sp-F6e10-caf2cc6b46', 304),
-    ('swift_v2-debug-w32-sp-F6e10-f8d98fe63d', 98),
-    ('swift_v2-debug-w48-sp-F6e10-ecd2205414', 48),
-    ('swift_v2-debug-w64-sp-F6e10-85c138ae39', 28),
-    ('swift_v2-debug-w32-sp-F2e11-ffc9bb3227', 294),
-    ('swift_v2-debug-w48-sp-F2e11-05d29112e0', 143),
-    ('swift_v2-debug-w64-sp-F2e11-ab3eaacc26', 84),
-    ('swift_v2-debug-w48-sp-F6e10-fcfc17caf0', 48),
+    ('swift_v2-debug-w16-sp-F4e09-d54894c9f1', 21),
+    ('swift_v2-debug-w16-sp-F8e09-c0e4b5ed2c', 41),
+    ('swift_v2-debug-w32-sp-F8e09-65900d3d3d', 14),
+    ('swift_v2-debug-w16-sp-F1.6e10-128829b941', 82),
+    ('swift_v2-debug-w32-sp-F1.6e10-bdf3b57deb', 27),
+    ('swift_v2-debug-w48-sp-F1.6e10-d76b2fe2c4', 13),
+    ('swift_v2-debug-w16-sp-F3.2e10-2871f7287e', 163),
+    ('swift_v2-debug-w32-sp-F3.2e10-41d4422450', 53),
+    ('swift_v2-debug-w48-sp-F3.2e10-e9813f6b74', 26),
+    ('swift_v2-debug-w16-sp-F6.4e10-91f54d778b', 325),
+    ('swift_v2-debug-w32-sp-F6.4e10-22d962d793', 105),
+    ('swift_v2-debug-w48-sp-F6.4e10-f054734a58', 51),
+    ('swift_v2-debug-w32-sp-F1.6e10-b350f0e807', 27),
 ]
 
 
@@ -37,7 +38,7 @@ def test_demo_plan_is_pinned():
     got = [(s.run_id, run_summary(s)["steps"]) for s in plan.specs]
     assert got == DEMO_PINNED
     budgets = sorted({s.budget for s in plan.specs})
-    assert len(budgets) == 3  # IsoFLOP design: several sizes per budget
+    assert len(budgets) == 5  # IsoFLOP design: several sizes per budget
     assert sum(1 for s in plan.specs if s.cohorts) == 1  # the data-mixture axis
 
 

@@ -7,7 +7,7 @@ def test_run_id_is_deterministic_readable_and_semantic():
     a = RunSpec(size="debug", lr=1e-3, budget=20)
     b = RunSpec(size="debug", lr=1e-3, budget=20, study="other", num_workers=4, micro_batch_size=2)
     assert a.run_id == b.run_id  # study / runtime-only fields do not change what is computed
-    assert a.run_id.startswith("swift_v2-debug-sp-S2e01-")
+    assert a.run_id.startswith("swift_v2-debug-sp-S20-")
     assert RunSpec(size="debug", lr=2e-3, budget=20).run_id != a.run_id
     assert RunSpec(size="debug", lr=1e-3, budget=20, width=16).run_id.startswith("swift_v2-debug-w16-sp-")
 

@@ -83,8 +83,11 @@ class Progress(tune.Callback):
         print(f"[{self.study}] {el:6.0f}s  done {self.done}/{self.total}  running {self.running}  "
               f"failed {self.failed}  {best}{'  ' + note if note else ''}", file=self.stream, flush=True)
 
+    def _count_running(self, trials) -> None:
+        self.running = sum(1 for t in trials if t.status == "RUNNING")
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.running += 1
+        self._count_running(trials)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         v = result.get("val_loss")
@@ -92,11 +95,13 @@ class Progress(tune.Callback):
             self.best = (float(v), str(result.get("run_id", trial.trial_id)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.running = max(0, self.running - 1)
+        self._count_running(trials)
+        self.running = max(0, self.running - 1)  # the completing trial is still marked RUNNING here
         self.done += 1
         self._line()
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._count_running(trials)
         self.running = max(0, self.running - 1)
         self.failed += 1
         self._line(f"FAILED {trial.trial_id}")

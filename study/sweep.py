@@ -83,8 +83,8 @@ class Progress(tune.Callback):
         print(f"[{self.study}] {el:6.0f}s  done {self.done}/{self.total}  running {self.running}  "
               f"failed {self.failed}  {best}{'  ' + note if note else ''}", file=self.stream, flush=True)
 
-    def _count_running(self, trials) -> None:
-        self.running = sum(1 for t in trials if t.status == "RUNNING")
+    def _count_running(self, trials, ended=None) -> None:
+        self.running = sum(1 for t in trials if t.status == "RUNNING" and t is not ended)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._count_running(trials)
@@ -95,14 +95,12 @@ class Progress(tune.Callback):
             self.best = (float(v), str(result.get("run_id", trial.trial_id)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._count_running(trials)
-        self.running = max(0, self.running - 1)  # the completing trial is still marked RUNNING here
+        self._count_running(trials, ended=trial)
         self.done += 1
         self._line()
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._count_running(trials)
-        self.running = max(0, self.running - 1)
+        self._count_running(trials, ended=trial)
         self.failed += 1
         self._line(f"FAILED {trial.trial_id}")
 

@@ -78,6 +78,7 @@ def _sdpa_context(sdpa: str):
 
     if sdpa == "default":
         return contextlib.nullcontext()
+    torch.backends.cuda.enable_cudnn_sdp(True)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -133,9 +134,11 @@ def run_case(name: str, family: str, size: str, overrides: dict, batch: int, *, 
             return out["loss"]
 
         t_compile = time.perf_counter()
-        for _ in range(warmup):
+        for i in range(warmup):
             loss = step()
-        _sync(device)
+            _sync(device)
+            print(f"  [{name}] warmup step {i} done at {time.perf_counter() - t_compile:.1f}s", file=sys.stderr,
+                  flush=True)
         row["warmup_s"] = time.perf_counter() - t_compile
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -195,8 +198,10 @@ def cases(suite: str) -> list[tuple]:
     if suite == "ladder":
         for size, b in (("51M", 16), ("202M", 8), ("806M", 4), ("3B", 1)):
             out.append((f"ladder-{size}-b{b}", "swift_v2", size, {}, b))
-    if suite == "seqlen":
-        for fam, ov in (("swift_v2_revised", REVISED_51M), ("swift_v2", V1_51M)):
+    if suite.startswith("seqlen"):
+        fams = (("swift_v2_revised", REVISED_51M), ("swift_v2", V1_51M))
+        fams = fams[:1] if suite == "seqlen_revised" else fams[1:] if suite == "seqlen_v1" else fams
+        for fam, ov in fams:
             for b in (1, 8):
                 for T in (20, 40, 80, 160):
                     out.append((f"seqlen-{fam}-T{T}-b{b}", fam, "51M", {**ov, "img_size": (96, 96, 96, T)}, b))
@@ -222,7 +227,8 @@ def markdown(rows: list[dict], device_name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--suite", default="target", help="comma list of: smoke, target, revised, ladder, seqlen")
+    ap.add_argument("--suite", default="target", help="comma list of: smoke, target, revised, ladder, seqlen "
+                    "(seqlen_revised / seqlen_v1: one variant)")
     ap.add_argument("--compile", default="block", choices=["none", "block", "model"])
     ap.add_argument("--seqlen-compile", default="none", choices=["none", "block", "model"],
                     help="compile mode for the seqlen (memory) suite")
@@ -251,14 +257,14 @@ def main(argv: list[str] | None = None) -> int:
             skip = None
             if time.perf_counter() - t_start > args.time_budget:
                 skip = "skipped (time budget)"
-            elif suite == "seqlen" and (fam, b) in oom_series:
+            elif suite.startswith("seqlen") and (fam, b) in oom_series:
                 skip = "skipped (OOM at a shorter T)"  # a seqlen series stops growing T after its first OOM
             if skip:
                 rows.append(dict(name=name, family=fam, size=size, batch=b, img_size=list(ov.get("img_size", (0,) * 4)),
                                  compile="-", status=skip))
                 continue
-            mode = args.seqlen_compile if suite == "seqlen" else args.compile
-            steps = max(2, args.steps // 3) if suite == "seqlen" else args.steps
+            mode = args.seqlen_compile if suite.startswith("seqlen") else args.compile
+            steps = max(2, args.steps // 3) if suite.startswith("seqlen") else args.steps
             prof_dir = str(Path(args.out).parent) if name in args.profile.split(",") else None
             rows.append(run_case(name, fam, size, ov, b, compile_mode=mode, steps=steps,
                                  warmup=args.warmup if mode != "none" else 1, device=device, profile_dir=prof_dir))

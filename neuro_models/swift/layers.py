@@ -155,6 +155,18 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def _avoid_cudnn_sdpa() -> None:
+    """Keep SDPA off the cuDNN backend (process-wide; flash / memory-efficient stay on).
+
+    On H100 with torch 2.11, SDPA picks cuDNN attention for some of our shapes and it fails for
+    the very large numbers of short windows we batch ("mha_graph.execute ... is_good()"); flash and
+    memory-efficient kernels handle them. The switch is a no-op without CUDA and is set outside any
+    compiled region, so ``torch.compile`` is unaffected.
+    """
+    if hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over independent sequences ``[S, N, D]`` with fused SDPA.
 
@@ -165,6 +177,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, scale: float | None = None) -> None:
         super().__init__()
+        _avoid_cudnn_sdpa()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = scale if scale is not None else self.head_dim ** -0.5

@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-budget", type=float, default=float("inf"), help="skip cases after this many seconds")
     ap.add_argument("--variants", default="", help="comma list of extra runs of the target cases: "
                     "eager, noshift, cudnn, split, mask, ckpt")
+    ap.add_argument("--use-checkpoint", action="store_true", help="activation checkpointing in every case")
+    ap.add_argument("--batches", default="", help="comma list: only cases with these batch sizes")
     ap.add_argument("--shift-impl", default=None, choices=["mask", "split"], help="shift_impl for every case")
     ap.add_argument("--profile", default="", help="comma list of case names to profile (kernel tables)")
     ap.add_argument("--out", default="swift_benchmark.json")
@@ -254,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, fam, size, ov, b in cases(suite):
             if args.shift_impl:
                 ov = {**ov, "shift_impl": args.shift_impl}
+            if args.use_checkpoint:
+                ov = {**ov, "use_checkpoint": True}
+                name += "-ckpt"
+            if args.batches and str(b) not in args.batches.split(","):
+                continue
             skip = None
             if time.perf_counter() - t_start > args.time_budget:
                 skip = "skipped (time budget)"

@@ -133,7 +133,8 @@ class LogLSEObjective:
         s = ex[0] + ee
         for t in ex[1:]:
             s += t
-        r = np.log(s)
+        with np.errstate(divide="ignore"):  # an underflowed sum (log 0) takes the shifted path below
+            r = np.log(s)
         if np.abs(r).max(initial=0.0) < 600.0:
             r -= self.logy[None, :]
             return ex, ee, s, r

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = run.study_dir / "report"
         summary = summarize_study(run.store_dir, out_dir)
         print(f"report: {out_dir}")
-        print(summary.get("markdown", json.dumps(summary, indent=1, default=str)))
+        md = out_dir / "summary.md"
+        print(md.read_text() if md.exists() else json.dumps(summary, indent=1, default=str))
     return 1 if run.remaining and not run.stop_file.exists() else 0
 
 

@@ -52,6 +52,9 @@ class TrainingDiverged(RuntimeError):
         self.step, self.loss, self.last_good = step, loss, last_good
         super().__init__(f"non-finite loss {loss} at step {step}; last good checkpoint: {last_good or 'none'}")
 
+    def __reduce__(self):  # picklable: Ray ships a worker's exception to the driver
+        return (type(self), (self.step, self.loss, self.last_good))
+
 
 @dataclass
 class TrainResult:

@@ -67,10 +67,10 @@ class SwiftConfig:
     """Stochastic depth rate (linearly increasing over blocks)."""
     last_layer_full_attention: bool = True
     """Full (global) attention in the last stage instead of windows (SwiFT v1 default)."""
-    shift_impl: str = "mask"
-    """How shifted windows are computed (identical math): "mask" (Swin's region mask as an SDPA
-    bias) or "split" (mask-free: boundary windows split into half windows so SDPA can use flash
-    kernels; axes whose shift is not half the window fall back to "mask")."""
+    shift_impl: str = "split"
+    """How shifted windows are computed (identical math): "split" (mask-free: boundary windows are
+    split into half windows so SDPA can use flash kernels; falls back to "mask" when a shifted
+    axis's shift is not half its window) or "mask" (Swin's region mask as an SDPA bias)."""
     use_checkpoint: bool = False
     """Activation checkpointing of every block (saves memory, ~30% more compute)."""
     parametrization: str = "sp"

@@ -18,7 +18,9 @@ CASES = [
 
 @pytest.mark.parametrize("family,overrides", CASES)
 def test_analytic_flops_match_flop_counter(family, overrides):
-    cfg = R.get_config(family, "debug", embed_dim=32, num_heads=(2, 4), **overrides)
+    # analytic counts follow Swin's definition (full windows, masked entries included) = shift_impl "mask";
+    # "split" skips the masked-out blocks and does a little less attention work
+    cfg = R.get_config(family, "debug", embed_dim=32, num_heads=(2, 4), shift_impl="mask", **overrides)
     torch.manual_seed(0)
     model = R.build_pretrain_model(cfg)
     B = 2
@@ -32,6 +34,16 @@ def test_analytic_flops_match_flop_counter(family, overrides):
     assert analytic["train"] == pytest.approx(train, rel=0.05)
     # the matmul-only convention is exact here up to nothing: tighter than the 5% contract
     assert analytic["forward"] == pytest.approx(fwd, rel=1e-3)
+
+
+def test_split_does_no_more_work_than_counted():
+    cfg = R.get_config("swift_v2", "debug", img_size=(24, 36, 48, 6), shift_impl="split")
+    model = R.build_pretrain_model(cfg)
+    x = torch.randn(2, 1, *cfg.img_size)
+    mask = model.make_mask(2, generator=torch.Generator().manual_seed(0))
+    with sdpa_kernel(SDPBackend.MATH):
+        fwd = measure_flops(lambda: model(x, mask=mask)) / 2
+    assert 0.9 * R.flops_per_sample(cfg)["forward"] < fwd <= R.flops_per_sample(cfg)["forward"]
 
 
 def test_v1_reference_config_flops():

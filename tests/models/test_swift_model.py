@@ -303,7 +303,7 @@ def test_registry_errors_and_width():
     assert C.stage_window((2, 8, 4, 10), (4, 4, 4, 5)) == ((2, 4, 4, 5), (0, 2, 0, 2))
 
 
-@pytest.mark.parametrize("family", ["swift_v2", "swift_v2_revised"])
+@pytest.mark.parametrize("family", ["swift_v2", pytest.param("swift_v2_revised", marks=pytest.mark.slow)])
 def test_no_graph_breaks_under_torch_compile(family):
     """The whole pre-training forward traces into one dynamo graph (torch.compile-friendly)."""
     cfg = R.get_config(family, "debug")

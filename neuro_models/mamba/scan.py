@@ -23,8 +23,10 @@ Implementations (``impl``):
   inputs, like the CUDA kernel's.
 - ``"chunked_autograd"``: the same forward differentiated by autograd (stores every state; kept as
   a cross-check and for the benchmark).
-- ``"compiled"``: ``"chunked"`` with its forward and backward cores through ``torch.compile``
-  (the fast GPU path here; Inductor fuses the elementwise chain).
+- ``"compiled"``: ``"chunked"`` with its forward and backward cores through ``torch.compile``.
+  On an H100 it compiled for ~200 s and then ran 2.3x *slower* than ``"chunked"`` (whose
+  hand-written backward is 1.9x faster than autograd), so ``"auto"`` never picks it
+  (``benchmarks/results/mamba.md``).
 - ``"sequential"``: a plain loop over time steps; the float64 reference used by the tests.
 - ``"mamba_ssm"``: the CUDA kernel of the ``mamba-ssm`` package, used only when it is importable,
   the tensors are on CUDA and there are no interior sequence starts (the kernel has no boundary

@@ -18,7 +18,7 @@ encoder count that ``tests/models/test_swift_sizes.py`` checks within 1%.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..mup_utils import check_parametrization

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..mup_utils import apply_mup, readout_class

@@ -11,6 +11,7 @@ Inside a Tune trial, :func:`fit_run` adds Tune's ``TuneReportCallback`` so the t
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -70,7 +71,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function."""
     from study.launch_local import static_row
     from study.reporters import StoreReporter, progress_table
-    from study.train import train
+    from study.train import TrainingDiverged, train
 
     spec = RunSpec.from_dict(config["spec"])
     ctx = ray_context(config.get("device"))
@@ -95,8 +96,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         try:
             train(spec, ctx, reporter, run_dir=os.path.join(local, "run"), resume_from=resume,
                   should_stop=stop_checker(config.get("stop_file"), config.get("deadline")))
+        except TrainingDiverged as exc:  # name the durable checkpoint, not this worker's temporary copy
+            raise TrainingDiverged(exc.step, exc.loss,
+                                   durable_name(exc.last_good, config.get("run_storage"))) from None
         finally:
             reporter.close()
+
+
+def durable_name(local_checkpoint: str | None, run_storage: str | None) -> str | None:
+    """Describe a worker-local checkpoint (a temporary directory) by its step and the Ray storage that
+    holds its persisted copy."""
+    if not local_checkpoint or not run_storage:
+        return local_checkpoint
+    try:
+        step = json.loads((Path(local_checkpoint) / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return local_checkpoint
+    return f"step_{step:07d} (persisted by Ray under {run_storage}/checkpoint_*)"
 
 
 def scaling_for(num_workers: int, use_gpu: bool, cpus_per_worker: float = 1.0,
@@ -128,6 +144,7 @@ def fit_run(spec: RunSpec, *, storage: str, num_workers: int = 1, use_gpu: bool 
         callbacks.append(TuneReportCallback())
     config = {"spec": spec.to_dict(), "store_dir": store_dir, "device": device or ("cuda" if use_gpu else "cpu"),
               "stop_file": stop_file, "deadline": deadline, "manifest_hash": manifest_hash,
+              "run_storage": str(Path(storage) / spec.run_id),
               "wandb": use_wandb, "wandb_dir": str(Path(storage) / "wandb") if use_wandb else None,
               "wandb_sweep_id": wandb_sweep_id}
     trainer = TorchTrainer(

@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = run.specs[0].manifest
     cells = []
     for label, spec in labels.items():
-        ft_base = spec.replace(task="finetune", study=run.name, manifest=manifest, budget=args.finetune_steps,
+        ft_base = spec.replace(task="finetune", target=tasks[0][0], task_type=tasks[0][1], study=run.name,
+                               manifest=manifest, budget=args.finetune_steps,
                                eval_every=args.finetune_steps, lr=1e-3, batch_size=8)
         strategies = [args.strategy] + (["scratch"] if label == "default" else [])
         cells += grid_specs(ft_base, tasks, strategies, [str(weights[label])], args.repeats)

@@ -112,8 +112,6 @@ def connect_ray(address: str | None, num_cpus: int | None, repo_root: Path) -> N
            "WANDB_MODE": os.environ.get("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")}
     os.environ.update(env)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # the results store is the record; Tune's own CSV/JSON/TensorBoard trial loggers only add noise
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         probe_address(address)

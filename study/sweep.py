@@ -10,6 +10,7 @@ deadlock small machines), each Ray Train worker one GPU (GPU plans) or an equal 
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -25,6 +26,9 @@ from study.launch_ray import fit_run
 from study.spec import RunSpec
 
 TRIAL_DRIVER_CPU = 0.01
+
+# Tune's TensorBoard logger notes every non-scalar config value at INFO (our specs hold tuples)
+logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,8 @@ def trial(config: dict[str, Any]) -> None:
 class Progress(tune.Callback):
     """Live progress: runs done / running / failed and the best validation loss so far."""
 
-    def __init__(self, total: int, study: str, stream=sys.stdout) -> None:
-        self.total, self.study, self.stream = total, study, stream
+    def __init__(self, total: int, study: str) -> None:
+        self.total, self.study = total, study  # no stream attribute: Tune pickles its callbacks
         self.done = self.failed = self.running = 0
         self.best: tuple[float, str] | None = None
         self.t0 = time.time()
@@ -81,7 +85,7 @@ class Progress(tune.Callback):
         best = f"best val_loss {self.best[0]:.4f} ({self.best[1]})" if self.best else "best val_loss -"
         el = time.time() - self.t0
         print(f"[{self.study}] {el:6.0f}s  done {self.done}/{self.total}  running {self.running}  "
-              f"failed {self.failed}  {best}{'  ' + note if note else ''}", file=self.stream, flush=True)
+              f"failed {self.failed}  {best}{'  ' + note if note else ''}", file=sys.stdout, flush=True)
 
     def _count_running(self, trials, ended=None) -> None:
         self.running = sum(1 for t in trials if t.status == "RUNNING" and t is not ended)

@@ -402,6 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:  # the spec must describe a buildable model before anything is written or generated
+        from study.train import model_config
+
+        model_config(base_spec("", quick=args.quick, overrides={"study": args.study, **overrides}))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     study_dir = Path(args.storage) / args.study
     study_dir.mkdir(parents=True, exist_ok=True)
     ctx = context_from_env(args.device)
@@ -410,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         args.manifest = (ensure_cohort(study_dir / "cohort_quick") if args.quick else
                          ensure_cohort(study_dir / "cohort", n_subjects=80, n_frames=32))
     manifest = str(Path(args.manifest).resolve())
+    if not Path(manifest).is_file():
+        print(f"error: manifest {args.manifest} does not exist", file=sys.stderr)
+        return 2
     if args.steps is not None:
         overrides["budget"] = args.steps
         overrides.setdefault("budget_kind", "steps")

@@ -65,6 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: cannot read run spec {args.spec}: {exc}", file=sys.stderr)
         return 2
+    try:
+        from study.train import model_config
+
+        model_config(spec)  # unknown family / size / model field: fail before any process group or data
+        if spec.manifest and not Path(spec.manifest).is_file():
+            raise ValueError(f"manifest {spec.manifest} does not exist")
+    except ValueError as exc:
+        print(f"error: run spec {args.spec}: {exc}", file=sys.stderr)
+        return 2
     ctx = context_from_env(args.device)
     run_dir = Path(args.run_dir)
     resume = ckpt.latest_checkpoint(run_dir / "checkpoints") if args.resume else None

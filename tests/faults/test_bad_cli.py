@@ -17,10 +17,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-BUG_FT = ("study/finetune.py validates the manifest and the --spec-json fields only inside run_grid: "
-          "a traceback (exit 1) after the fine-tune grid started, instead of exit 2 before it")
-BUG_LL = ("study/launch_local.py: a spec with an unknown family passes RunSpec.from_json and fails later "
-          "with a traceback (exit 1) instead of 'error: ... family' and exit 2")
 
 # (module, argv with {t} = a fresh temp dir, expected exit code, text the message must contain)
 CASES = [
@@ -34,18 +30,16 @@ CASES = [
     ("study.finetune", ["--spec-json", "{{not json", "--storage", "{t}/f"], 2, "Expecting property name"),
     ("study.finetune", ["--spec-json", "[1, 2]", "--storage", "{t}/f"], 2, "must be a JSON object"),
     ("study.finetune", ["--strategies", "nope", "--storage", "{t}/f"], 2, "invalid choice: 'nope'"),
-    pytest.param("study.finetune", ["--quick", "--manifest", "{t}/none.parquet", "--strategies", "scratch",
-                                    "--storage", "{t}/f"], 2, "none.parquet",
-                 marks=pytest.mark.xfail(strict=True, reason=BUG_FT)),
+    ("study.finetune", ["--quick", "--manifest", "{t}/none.parquet", "--strategies", "scratch",
+                        "--storage", "{t}/f"], 2, "none.parquet does not exist"),
     pytest.param("study.finetune", ["--quick", "--spec-json", '{{"family": "nope"}}', "--strategies", "scratch",
                                     "--storage", "{t}/f"], 2, "family",
-                 marks=[pytest.mark.xfail(strict=True, reason=BUG_FT), pytest.mark.slow]),  # makes a cohort first
+                 marks=pytest.mark.slow),  # makes a cohort first
     ("study.launch_local", ["--spec", "{t}/missing.json", "--run-dir", "{t}/r"], 2, "cannot read run spec"),
     ("study.launch_local", ["--spec", "{t}/kind.json", "--run-dir", "{t}/r"], 2,
      "budget_kind='bogus' is not allowed; choose one of ['steps', 'samples', 'tokens', 'flops']"),
     ("study.launch_local", ["--spec", "{t}/garbage.json", "--run-dir", "{t}/r"], 2, "cannot read run spec"),
-    pytest.param("study.launch_local", ["--spec", "{t}/family.json", "--run-dir", "{t}/r"], 2, "family='nope'",
-                 marks=pytest.mark.xfail(strict=True, reason=BUG_LL)),
+    ("study.launch_local", ["--spec", "{t}/family.json", "--run-dir", "{t}/r"], 2, "family='nope'"),
     ("study.launch_local", ["--spec", "{t}/kind.json", "--run-dir", "{t}/r", "--device", "tpu"], 2,
      "invalid choice: 'tpu'"),
     ("analysis.cli", ["fit", "power", "{t}/missing.csv", "--x", "x", "--loss", "loss"], 2, "no such file"),

@@ -1,12 +1,6 @@
 """The train function: equivalences, exact resume, schedules, bad input, divergence."""
 from __future__ import annotations
 
-import json
-import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +10,6 @@ from study.devices import local_context
 from study.reporters import MemoryReporter
 from study.spec import RunSpec
 from study.train import BatchPlan, TrainingDiverged, lr_factor, micro_batch_positions, train
-
-REPO = Path(__file__).resolve().parents[2]
-
 
 def losses(rep: MemoryReporter) -> list[float]:
     return [r["train_loss"] for r in rep.logs]
@@ -153,28 +144,15 @@ def test_lr_schedules():
     assert g[99] == pytest.approx(0.0) and g[89] == pytest.approx(0.5)
 
 
-def _torchrun(spec: RunSpec, run_dir: Path, nproc: int = 2) -> list[float]:
-    spec_file = run_dir / "spec.json"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    spec_file.write_text(spec.to_json())
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "study.launch_local", "--spec", str(spec_file), "--run-dir", str(run_dir)]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["train_loss"] for r in rows if r["kind"] == "log"]
-
-
-def test_torchrun_two_ranks_matches_one_process_with_accumulation(mamba_spec, tmp_path):
+def test_torchrun_two_ranks_matches_one_process_with_accumulation(mamba_spec, tmp_path, torchrun_losses):
     ref, _ = run(mamba_spec.replace(micro_batch_size=2))
-    got = _torchrun(mamba_spec, tmp_path / "tr")
+    got = torchrun_losses(mamba_spec, tmp_path / "tr")
     assert got == pytest.approx(losses(ref), rel=1e-5)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
-def test_deepspeed_zero_matches_ddp(mamba_spec, tmp_path, stage):
-    ddp = _torchrun(mamba_spec, tmp_path / "ddp")
-    ds = _torchrun(mamba_spec.replace(distributed="deepspeed", zero_stage=stage), tmp_path / f"ds{stage}")
+def test_deepspeed_zero_matches_ddp(mamba_spec, tmp_path, stage, torchrun_losses):
+    ddp = torchrun_losses(mamba_spec, tmp_path / "ddp")
+    ds = torchrun_losses(mamba_spec.replace(distributed="deepspeed", zero_stage=stage), tmp_path / f"ds{stage}")
     assert ds == pytest.approx(ddp, rel=1e-5)

@@ -417,9 +417,6 @@ def main(argv: list[str] | None = None) -> int:
         args.manifest = (ensure_cohort(study_dir / "cohort_quick") if args.quick else
                          ensure_cohort(study_dir / "cohort", n_subjects=80, n_frames=32))
     manifest = str(Path(args.manifest).resolve())
-    if not Path(manifest).is_file():
-        print(f"error: manifest {args.manifest} does not exist", file=sys.stderr)
-        return 2
     if args.steps is not None:
         overrides["budget"] = args.steps
         overrides.setdefault("budget_kind", "steps")
@@ -427,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         base = base_spec(manifest, quick=args.quick, overrides={"study": args.study, **overrides})
         needs = any(s != "scratch" for s in args.strategies)
         weights = [str(Path(w).resolve()) for w in (args.weights or [])]
+        if needs and weights:
+            check_weights(base, weights)  # a weights file of another model fails before anything runs
+        if not Path(manifest).is_file():
+            raise ValueError(f"manifest {args.manifest} does not exist")
         if needs and not weights:
             steps = args.pretrain_steps or (30 if args.quick else 300)
             print(f"pre-training {base.family}/{base.size} for {steps} steps ...", flush=True)

@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--skip-asha", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     from data.synthetic import generate_cohort

@@ -75,10 +75,10 @@ def main() -> None:
     ctx = {"train_storage": str(work / "runs"), "store_dir": str(work / "store"), "num_workers": 1,
            "use_gpu": False, "cpus_per_worker": max(0.5, (os.cpu_count() or 1) - 0.02)}
     if not args.skip_overhead:
-        probe = base_spec(manifest, 5)
-        t0 = time.perf_counter()
-        train(probe, local_context("cpu"), MemoryReporter())
-        per_step = (time.perf_counter() - t0) / 5
+        probe = base_spec(manifest, 12)
+        rep = MemoryReporter()
+        train(probe, local_context("cpu"), rep)
+        per_step = 1.0 / max(1e-9, sorted(r["samples_per_s"] for r in rep.logs[2:])[len(rep.logs[2:]) // 2]) * probe.batch_size
         steps = max(10, int(args.target_s / per_step))
         spec = base_spec(manifest, steps)
         t0 = time.perf_counter()
@@ -89,7 +89,8 @@ def main() -> None:
         run_trials([spec_t], ctx=ctx, storage=str(work / "tune"), study="overhead", concurrency=1)
         t_trial = time.perf_counter() - t0
         res["overhead"] = {"steps": steps, "in_process_s": t_in, "trial_s": t_trial,
-                           "overhead_frac": (t_trial - t_in) / t_in}
+                           "overhead_s": t_trial - t_in, "overhead_frac": (t_trial - t_in) / t_in,
+                           "overhead_frac_of_60s": (t_trial - t_in) / 60.0}
         print(json.dumps(res["overhead"]), flush=True)
     if not args.skip_asha:
         specs = [base_spec(manifest, args.asha_steps).replace(lr=lr, seed=7) for lr in args.asha_lrs]

@@ -111,6 +111,9 @@ class Progress(tune.Callback):
 
 def _tuner(param_space: dict, *, ctx: dict, name: str, storage: str, concurrency: int,
            progress: Progress, num_samples: int = 1, search_alg=None, scheduler=None):
+    # Tune's function runner can emit a bookkeeping result (e.g. on trial end) without the trial's
+    # metrics; with a metric-driven scheduler/searcher its strict check would abort the whole sweep.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     trainable = tune.with_resources(trial, {"CPU": TRIAL_DRIVER_CPU})
     tune_config = tune.TuneConfig(num_samples=num_samples, max_concurrent_trials=concurrency,
                                   search_alg=search_alg, scheduler=scheduler,

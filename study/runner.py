@@ -121,7 +121,8 @@ def connect_ray(address: str | None, num_cpus: int | None, repo_root: Path) -> N
             raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: {exc}") from exc
     else:
         pp = os.pathsep.join(p for p in (str(repo_root), os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+        # embedded Ray: loopback only (plus Ray's default token authentication), no dashboard
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": {**env, "PYTHONPATH": pp}})
 
 

@@ -95,10 +95,13 @@ def main() -> None:
     if not args.skip_asha:
         specs = [base_spec(manifest, args.asha_steps).replace(lr=lr, seed=7) for lr in args.asha_lrs]
         ids = [s.run_id for s in specs]
-        run_trials(specs, ctx={**ctx, "store_dir": str(work / "store_grid")}, storage=str(work / "tune"),
+        # separate Train storage per phase: the same run ids would otherwise restore finished runs
+        run_trials(specs, ctx={**ctx, "store_dir": str(work / "store_grid"), "train_storage": str(work / "runs_grid")},
+                   storage=str(work / "tune"),
                    study="grid", concurrency=max(1, (os.cpu_count() or 1)))
         grid = store_steps(work / "store_grid", ids)
-        run_trials(specs, ctx={**ctx, "store_dir": str(work / "store_asha")}, storage=str(work / "tune"),
+        run_trials(specs, ctx={**ctx, "store_dir": str(work / "store_asha"), "train_storage": str(work / "runs_asha")},
+                   storage=str(work / "tune"),
                    study="asha", concurrency=max(1, (os.cpu_count() or 1)), asha=True, max_steps=args.asha_steps)
         asha = store_steps(work / "store_asha", ids)
         best_grid = min(grid, key=lambda k: grid[k]["val_loss"])

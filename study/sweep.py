@@ -65,11 +65,18 @@ def trial(config: dict[str, Any]) -> None:
         spec = spec.replace(lr=float(config["lr"]))
     ctx = config["ctx"]
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(ctx["cpus_per_worker"]))))
-    fit_run(spec, storage=ctx["train_storage"], num_workers=ctx["num_workers"], use_gpu=ctx["use_gpu"],
-            cpus_per_worker=ctx["cpus_per_worker"], store_dir=ctx["store_dir"], device=ctx.get("device"),
-            max_failures=ctx.get("max_failures", 2), stop_file=ctx.get("stop_file"),
-            deadline=ctx.get("deadline"), manifest_hash=ctx.get("manifest_hash"),
-            use_wandb=ctx.get("wandb", False), wandb_sweep_id=ctx.get("wandb_sweep_id"), in_tune=True)
+    result = fit_run(spec, storage=ctx["train_storage"], num_workers=ctx["num_workers"], use_gpu=ctx["use_gpu"],
+                     cpus_per_worker=ctx["cpus_per_worker"], store_dir=ctx["store_dir"], device=ctx.get("device"),
+                     max_failures=ctx.get("max_failures", 2), stop_file=ctx.get("stop_file"),
+                     deadline=ctx.get("deadline"), manifest_hash=ctx.get("manifest_hash"),
+                     use_wandb=ctx.get("wandb", False), wandb_sweep_id=ctx.get("wandb_sweep_id"), in_tune=True)
+    if getattr(result, "error", None):
+        raise result.error
+    # Train reports reach Tune through TuneReportCallback's queue; a short run can end before the last
+    # one is consumed, so hand the final metrics to Tune explicitly.
+    final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str, bool))}
+    if final:
+        tune.report(final)
 
 
 class Progress(tune.Callback):

@@ -1,0 +1,40 @@
+"""Layering: models never import data/study/ray/wandb; the train path never imports Ray, W&B or analysis."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def imported_roots(path: Path) -> set[str]:
+    """Top-level module names imported anywhere in a file (function-level imports included)."""
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "neuro_models").rglob("*.py")), ids=lambda p: str(p.relative_to(REPO)))
+def test_models_import_neither_data_nor_study_nor_ray(path):
+    assert not imported_roots(path) & {"data", "study", "ray", "wandb", "analysis"}
+
+
+TRAIN_PATH = ["study/train.py", "study/finetune_engine.py", "study/checkpoint.py", "study/spec.py",
+              "study/devices.py", "study/reporters.py", "study/metrics.py", "study/provenance.py"]
+
+
+@pytest.mark.parametrize("rel", TRAIN_PATH)
+def test_train_path_imports_no_ray_wandb_or_analysis(rel):
+    assert not imported_roots(REPO / rel) & {"ray", "wandb", "analysis"}, rel
+
+
+def test_checker_sees_function_level_imports(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    import ray.train\n    from wandb import init\n")
+    assert {"ray", "wandb"} <= imported_roots(f)

@@ -1,33 +1,12 @@
-"""Fixtures of the fault-injection suite: a tiny cohort, a fast NeuroMamba spec, a small tmpfs "disk".
-
-``tiny_cohort`` / ``mamba_spec`` mirror ``tests/study/conftest.py`` (conftest fixtures are not shared
-across sibling test folders).
-"""
+"""Fixtures of the fault-injection suite: a small tmpfs "disk" (``tiny_cohort`` / ``mamba_spec`` come
+from ``tests/conftest.py``)."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import uuid
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def tiny_cohort(tmp_path_factory):
-    """12 subjects, 24^3 x 16 frames, three cohorts: manifest path (str)."""
-    from data.synthetic import generate_cohort
-
-    root = tmp_path_factory.mktemp("cohort")
-    return str(generate_cohort(root, n_subjects=12, grid=(24, 24, 24), n_frames=16, seed=0, progress=False))
-
-
-@pytest.fixture
-def mamba_spec(tiny_cohort):
-    from study.spec import RunSpec
-
-    return RunSpec(family="neuromamba", size="debug", grid=(24, 24, 24), sequence_length=8, batch_size=4,
-                   budget=6, eval_every=3, eval_windows=4, manifest=tiny_cohort, precision="fp32", log_every=1)
 
 
 def _mount_tmpfs(path, size: str) -> None:

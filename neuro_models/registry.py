@@ -15,6 +15,7 @@ Examples
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 from typing import Any
@@ -78,6 +79,13 @@ def param_counts(cfg: Any) -> dict[str, int]:
 
 def flops_per_sample(cfg: Any) -> dict[str, float]:
     return _family_of(cfg).flops_per_sample(cfg)
+
+
+def mask_function(cfg: Any):
+    """``f(batch_size, *, generator, device) -> bool mask`` for a masked-modeling family (picklable, so loader
+    workers can make masks), or None for objectives without masks (NeuroMamba's next-token)."""
+    fn = getattr(_family_of(cfg), "make_mask", None)
+    return functools.partial(fn, cfg) if fn is not None else None
 
 
 def tokens_per_sample(cfg: Any) -> int:

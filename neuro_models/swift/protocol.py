@@ -1,0 +1,82 @@
+"""The family protocol shared by the SwiFT v2 variants (see :mod:`neuro_models.registry`).
+
+A variant differs only in its config defaults, its encoder and its decoder; everything else (muP base
+shapes, downstream models, counts, FLOPs, tokens, masks) is the same code, bound here once.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+from ..mup_utils import apply_mup
+from . import config as C
+from .counting import flops_per_sample as _flops, param_counts as _counts
+from .masking import make_mask
+from .model import DownstreamModel, SimMIM
+
+
+class SwiftFamily:
+    """One SwiFT v2 variant: ``config_kwargs(size)`` gives a named size's fields (before overrides),
+    ``encoder(cfg)`` and ``decoder(cfg, encoder)`` build the networks."""
+
+    def __init__(self, name: str, config_kwargs: Callable[[str], dict[str, Any]],
+                 encoder: Callable[[C.SwiftConfig], nn.Module],
+                 decoder: Callable[[C.SwiftConfig, nn.Module], nn.Module]) -> None:
+        self.name, self._config_kwargs, self._encoder, self._decoder = name, config_kwargs, encoder, decoder
+        self.SIZES = {size: self.get_config(size) for size in C.SIZE_NAMES}
+
+    def get_config(self, size: str, **overrides: Any) -> C.SwiftConfig:
+        """Config of a named size with field overrides (e.g. ``depths=(1, 1, 1, 1)`` to shrink it)."""
+        return C.SwiftConfig(**{**self._config_kwargs(size), "family": self.name, **overrides})
+
+    @staticmethod
+    def with_width(cfg: C.SwiftConfig, width: int) -> C.SwiftConfig:
+        return C.with_width(cfg, width)
+
+    def build_encoder(self, cfg: C.SwiftConfig) -> nn.Module:
+        return self._encoder(cfg)
+
+    def _bare_pretrain(self, cfg: C.SwiftConfig) -> nn.Module:
+        enc = self._encoder(cfg)
+        return SimMIM(cfg, enc, self._decoder(cfg, enc))
+
+    def _finish(self, model: nn.Module, builder, cfg: C.SwiftConfig) -> nn.Module:
+        if cfg.parametrization == "mup":
+            apply_mup(model, builder, cfg, with_width=self.with_width, base_width=cfg.mup_base_width)
+        return model
+
+    def build_pretrain_model(self, cfg: C.SwiftConfig) -> nn.Module:
+        """SimMIM model (encoder + mask token + decoder); muP base shapes set under ``"mup"``."""
+        return self._finish(self._bare_pretrain(cfg), self._bare_pretrain, cfg)
+
+    def build_downstream_model(self, cfg: C.SwiftConfig, *, task: str, num_outputs: int = 1,
+                               hidden_dim: int | None = None, dropout: float = 0.0,
+                               prompt_tokens: int = 0) -> nn.Module:
+        """Encoder + MLP head; ``prompt_tokens`` learnable prompts join the last (full-attention) stage."""
+        def builder(c: C.SwiftConfig) -> nn.Module:
+            return DownstreamModel(c, self._encoder(c), task=task, num_outputs=num_outputs, hidden_dim=hidden_dim,
+                                   dropout=dropout, prompt_tokens=prompt_tokens)
+
+        return self._finish(builder(cfg), builder, cfg)
+
+    def param_counts(self, cfg: C.SwiftConfig) -> dict[str, int]:
+        return _counts(cfg, self._bare_pretrain)
+
+    @staticmethod
+    def flops_per_sample(cfg: C.SwiftConfig) -> dict[str, float]:
+        return _flops(cfg)
+
+    @staticmethod
+    def tokens_per_sample(cfg: C.SwiftConfig) -> int:
+        g = cfg.grid
+        return int(g[0] * g[1] * g[2] * g[3])
+
+    def exports(self) -> dict[str, Any]:
+        """The module-level names of the family protocol, for a family module's ``globals().update``."""
+        return {"FAMILY": self.name, "SIZES": self.SIZES, "get_config": self.get_config,
+                "with_width": self.with_width, "build_encoder": self.build_encoder,
+                "_bare_pretrain": self._bare_pretrain, "build_pretrain_model": self.build_pretrain_model,
+                "build_downstream_model": self.build_downstream_model, "param_counts": self.param_counts,
+                "flops_per_sample": self.flops_per_sample, "tokens_per_sample": self.tokens_per_sample,
+                "make_mask": make_mask}

@@ -191,6 +191,8 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = torch.stack([it[key] for it in items])
     if "y" in items[0]:
         out["y"] = torch.stack([torch.as_tensor(it["y"], dtype=torch.float32) for it in items])
+    if "mask" in items[0]:
+        out["mask"] = torch.stack([it["mask"] for it in items])
     out["cohort"] = [it.get("cohort", "") for it in items]
     out["skipped"] = [msg for it in items for msg in it.get("skipped", ())]
     out["subject"] = [it.get("subject", "") for it in items]
@@ -202,11 +204,14 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     if "scale_coef" in batch:
         from data.transforms import finish_on_device
 
-        return finish_on_device(batch, device)
-    out = dict(batch)
-    for key in ("x", "brain_mask", "y"):
-        if key in out:
-            out[key] = out[key].to(device, non_blocking=True)
+        out = finish_on_device(batch, device)
+    else:
+        out = dict(batch)
+        for key in ("x", "brain_mask", "y"):
+            if key in out:
+                out[key] = out[key].to(device, non_blocking=True)
+    if "mask" in out:
+        out["mask"] = out["mask"].to(device, non_blocking=True)
     return out
 
 
@@ -240,8 +245,8 @@ class _PositionDataset(torch.utils.data.Dataset):
     dataset and recorded in the item's ``skipped`` list (``skip``).
     """
 
-    def __init__(self, ds, order: SampleOrder, policy: str = "stop") -> None:
-        self.ds, self.order, self.policy = ds, order, policy
+    def __init__(self, ds, order: SampleOrder, policy: str = "stop", masks: "PositionMasks | None" = None) -> None:
+        self.ds, self.order, self.policy, self.masks = ds, order, policy, masks
 
     def __len__(self) -> int:  # pragma: no cover - positions are unbounded
         return 1 << 62
@@ -265,6 +270,8 @@ class _PositionDataset(torch.utils.data.Dataset):
                 item = self._checked((idx + k) % len(self.ds))
                 if skipped:
                     item = {**item, "skipped": skipped}
+                if self.masks is not None:  # made here, i.e. in a loader worker, not on the training thread
+                    item = {**item, "mask": self.masks(position)}
                 return item
             except BadDataError as exc:
                 if self.policy == "stop":
@@ -308,18 +315,25 @@ def _all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return t
 
 
-def sample_masks(model: nn.Module, positions: list[int], seed: int, device: torch.device):
-    """Per-sample masks from generators seeded by global position (None for objectives without masks)."""
-    if not hasattr(model, "make_mask"):
+class PositionMasks:
+    """The masked-modeling mask of the sample at a global position: a CPU generator seeded by (seed, position),
+    so masks do not depend on world size, accumulation or loader workers. Picklable (loader workers)."""
+
+    def __init__(self, make_mask: Callable[..., torch.Tensor], seed: int) -> None:
+        self.make_mask, self.seed = make_mask, seed
+
+    def __call__(self, position: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + position) % (2**63 - 1))
+        return self.make_mask(1, generator=g, device=torch.device("cpu"))[0]
+
+
+def sample_masks(cfg, positions: list[int], seed: int, device: torch.device):
+    """Masks of the samples at ``positions`` (``[B, ...]`` on ``device``; None for objectives without masks)."""
+    fn = R.mask_function(cfg)
+    if fn is None:
         return None
-    masks = []
-    for p in positions:
-        g = torch.Generator().manual_seed((seed * 1_000_003 + p) % (2**63 - 1))
-        m = model.make_mask(1, generator=g, device=torch.device("cpu"))
-        if m is None:
-            return None
-        masks.append(m)
-    return torch.cat(masks).to(device)
+    masks = PositionMasks(fn, seed)
+    return torch.stack([masks(p) for p in positions]).to(device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,7 +412,9 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
         state["last_checkpoint"] = str(resume_from)
 
     ckpt_root = Path(run_dir) / "checkpoints" if run_dir is not None else None
-    loader_ds = _PositionDataset(train_ds, order, spec.bad_data)
+    mask_fn = R.mask_function(cfg)
+    loader_ds = _PositionDataset(train_ds, order, spec.bad_data,
+                                 masks=PositionMasks(mask_fn, spec.seed) if mask_fn is not None else None)
     peak = peak_flops(device)
     barrier = _barrier(ctx)
 
@@ -415,7 +431,7 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
         return str(path)
 
     def evaluate() -> dict[str, float]:
-        return _evaluate(net if engine is None else engine, model, val_ds, spec, ctx)
+        return _evaluate(net if engine is None else engine, cfg, val_ds, spec, ctx)
 
     step = state["step"]
     batches = iter(torch.utils.data.DataLoader(
@@ -426,6 +442,22 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
     wall_offset = state["wall_time_s"] - (time.perf_counter() - t_start)
     metrics: dict[str, Any] = {}
     status = "finished"
+    # The summed loss and token count stay on the device between log/evaluation/checkpoint steps: a host
+    # read every step would stall an accelerator while the next step's Python runs. Divergence is therefore
+    # detected at the next flush (at most ``log_every`` steps late); ``train_loss`` is the flushed steps' mean.
+    pending = torch.zeros(2, device=device, dtype=torch.float64)
+    pending_steps = 0
+
+    def flush() -> float:
+        nonlocal pending, pending_steps
+        reduced = _all_reduce_sum(pending, ctx).cpu()
+        loss = float(reduced[0]) / (max(pending_steps, 1) * plan.accumulation * ctx.world_size)
+        state["tokens_seen"] += int(round(float(reduced[1])))
+        pending, pending_steps = torch.zeros_like(pending), 0
+        if not math.isfinite(loss):
+            raise TrainingDiverged(step, loss, state["last_checkpoint"])
+        return loss
+
     while step < n_steps:
         if should_stop is not None and should_stop():
             status = "stopped"
@@ -442,7 +474,7 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
                     reporter.log({"step": step, "bad_data_skipped": msg})
             x = batch["x"]
             bm = batch.get("brain_mask")
-            mask = sample_masks(model, positions, spec.seed, device)
+            mask = batch.get("mask")
             is_last = a == len(micro) - 1
             sync_ctx = (net.no_sync() if isinstance(net, nn.parallel.DistributedDataParallel) and not is_last
                         else contextlib.nullcontext())
@@ -460,33 +492,35 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
         lr_now = optimizer.param_groups[0]["lr"]
         if engine is not None:
             grad_norm = engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            grad_norm = grad_norm if grad_norm is not None else float("nan")
         else:
             if spec.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip))
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
             else:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack(
+                grad_norm = (torch.linalg.vector_norm(torch.stack(
                     [p.grad.detach().norm() for p in model.parameters() if p.grad is not None])))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        reduced = _all_reduce_sum(torch.stack([loss_sum, tokens]), ctx)
-        train_loss = float(reduced[0]) / (plan.accumulation * ctx.world_size)
+        pending += torch.stack([loss_sum, tokens])
+        pending_steps += 1
         step += 1
         state["step"] = step
         state["samples_seen"] += plan.global_batch
-        state["tokens_seen"] += int(reduced[1])
         state["flops"] += plan.global_batch * fps["train"]
         window_samples += plan.global_batch
-        if not math.isfinite(train_loss):
-            raise TrainingDiverged(step, train_loss, state["last_checkpoint"])
+        ckpt_due = bool(spec.checkpoint_every) and step % spec.checkpoint_every == 0
+        eval_due = step % spec.eval_every == 0 or step == n_steps or ckpt_due
+        log_due = step % spec.log_every == 0 or step == n_steps
+        if log_due or eval_due:
+            train_loss = flush()
 
         now = time.perf_counter()
         state["wall_time_s"] = wall_offset + (now - t_start)
-        if step % spec.log_every == 0 or step == n_steps:
+        if log_due:
             dt = max(now - window_t0, 1e-9)
             sps = window_samples / dt
-            metrics = {"step": step, "train_loss": train_loss, "lr": lr_now, "grad_norm": grad_norm,
+            metrics = {"step": step, "train_loss": train_loss, "lr": lr_now, "grad_norm": float(grad_norm),
                        "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
                        "flops": state["flops"], "samples_per_s": sps, "tokens_per_s": sps * tps,
                        "wall_time_s": state["wall_time_s"]}
@@ -495,8 +529,7 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
             reporter.log(metrics)
             window_t0, window_samples = now, 0
 
-        ckpt_due = bool(spec.checkpoint_every) and step % spec.checkpoint_every == 0
-        if step % spec.eval_every == 0 or step == n_steps or ckpt_due:
+        if eval_due:
             # a checkpoint is always reported with a fresh evaluation (Ray attaches checkpoints to reports)
             val = evaluate()
             if state["best_val_loss"] is None or val["val_loss"] < state["best_val_loss"]:
@@ -519,6 +552,8 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
             metrics = row
 
     if status == "stopped":
+        if pending_steps:
+            metrics = {**metrics, "train_loss": flush()}
         path = save(step)
         reporter.report({**metrics, "step": step, "status": "stopped", "is_final": False,
                          "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
@@ -528,7 +563,7 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
 
 
 @torch.no_grad()
-def _evaluate(net, model: nn.Module, val_ds, spec: RunSpec, ctx: DistContext) -> dict[str, float]:
+def _evaluate(net, cfg, val_ds, spec: RunSpec, ctx: DistContext) -> dict[str, float]:
     """Mean validation loss over a fixed set of windows (fixed masks), overall and per cohort."""
     net.eval()
     n = min(spec.eval_windows, len(val_ds))
@@ -543,7 +578,7 @@ def _evaluate(net, model: nn.Module, val_ds, spec: RunSpec, ctx: DistContext) ->
         batch = to_device(_collate([item]), ctx.device)
         x = batch["x"]
         bm = batch.get("brain_mask")
-        mask = sample_masks(model, [_VAL_SEED_OFFSET + i], spec.seed, ctx.device)
+        mask = sample_masks(cfg, [_VAL_SEED_OFFSET + i], spec.seed, ctx.device)
         with _autocast(ctx, spec):
             out = net(x, brain_mask=bm, mask=mask)
         loss = float(out["loss"].float())

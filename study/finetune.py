@@ -185,24 +185,14 @@ def result_row(spec: RunSpec, checkpoint: str, repeat: int, final: dict[str, Any
 
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to a Ray cluster (``address`` or ``$RAY_ADDRESS``) or start a local one."""
-    import os
-
+    """Connect to a Ray cluster (``address`` or ``$RAY_ADDRESS``) or start a local one (loopback only):
+    :func:`study.runner.connect_ray`, unless this process is already connected."""
     import ray
 
-    if ray.is_initialized():
-        return
-    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")}
-    os.environ.update(env)
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
-    else:
-        repo = str(Path(__file__).resolve().parents[1])
-        pp = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {**env, "PYTHONPATH": pp}})
+    from study.runner import connect_ray as _connect
+
+    if not ray.is_initialized():
+        _connect(address, num_cpus, Path(__file__).resolve().parents[1])
 
 
 def _run_in_process(spec: RunSpec, run_dir: Path, ctx) -> dict[str, Any]:

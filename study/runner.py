@@ -80,9 +80,12 @@ def finished_runs(store_dir: Path) -> set[str]:
         df = read_table(store_dir, "train")
     except (FileNotFoundError, ValueError):
         return set()
-    if df is None or df.empty or "is_final" not in df:
+    if df is None or df.empty:
         return set()
-    return set(df.loc[df["is_final"].fillna(False).astype(bool), "run_id"])
+    done = df["is_final"].fillna(False).astype(bool) if "is_final" in df else False
+    if "status" in df:  # stopped by ASHA: judged, not to be rerun (study.sweep.record_early_stop)
+        done = done | (df["status"] == "early_stopped")
+    return set(df.loc[done, "run_id"]) if not isinstance(done, bool) else set()
 
 
 def probe_address(address: str, timeout: float = 5.0) -> None:
@@ -104,10 +107,17 @@ def probe_address(address: str, timeout: float = 5.0) -> None:
         raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: {exc}") from exc
 
 
+#: how long a trial's Train controller waits for its workers' resources (staged trials wait for a slot)
+WORKER_WAIT_S = 6 * 3600
+
+
 def connect_ray(address: str | None, num_cpus: int | None, repo_root: Path) -> None:
     import ray
 
     env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
+           # a staged trial's controller waits for its workers' resources while other trials train
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
+                                                                    str(WORKER_WAIT_S)),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "WANDB_MODE": os.environ.get("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")}
     os.environ.update(env)
@@ -121,9 +131,11 @@ def connect_ray(address: str | None, num_cpus: int | None, repo_root: Path) -> N
             raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: {exc}") from exc
     else:
         pp = os.pathsep.join(p for p in (str(repo_root), os.environ.get("PYTHONPATH", "")) if p)
-        # embedded Ray: loopback only (plus Ray's default token authentication), no dashboard
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": {**env, "PYTHONPATH": pp}})
+        # embedded Ray: loopback only, with Ray's default token authentication. The dashboard (also on
+        # loopback) serves the state API that Ray Train's PlacementGroupCleaner polls: without it a trial
+        # stopped by Tune (ASHA) leaks its workers' placement group and the next trial never starts.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+                 _node_ip_address="127.0.0.1", runtime_env={"env_vars": {**env, "PYTHONPATH": pp}})
 
 
 
@@ -215,7 +227,8 @@ def run_plan(plan, args: argparse.Namespace, *, repo_root: Path, lr_search=None)
         print(f"{pl.concurrency} trial(s) at once, {pl.num_workers} worker(s) x "
               f"{'1 GPU' if pl.use_gpu else f'{pl.cpus_per_worker:g} CPU'} each", flush=True)
         counts = run_trials(todo, ctx=ctx, storage=str(study_dir / "tune"), study=name,
-                            concurrency=pl.concurrency, lr_search=lr_search or plan.lr_search, asha=args.asha)
+                            concurrency=pl.concurrency, lr_search=lr_search or plan.lr_search, asha=args.asha,
+                            stage_ahead=pl.stage_ahead)
     finally:
         ray.shutdown()
     run.failed = counts["failed"]

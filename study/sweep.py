@@ -31,31 +31,62 @@ TRIAL_DRIVER_CPU = 0.01
 logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.WARNING)
 
 
+#: trials started ahead of a free slot: their Tune actor, Train controller and helper actors start while
+#: the running trials train, and their worker placement group waits; when a slot frees only the worker
+#: process remains to start (see ``benchmarks/study_overhead.py``)
+STAGE_AHEAD = int(os.environ.get("NEUROX_STAGE_AHEAD", "1"))
+
+
 @dataclass(frozen=True)
 class Placement:
     concurrency: int
     num_workers: int
     use_gpu: bool
     cpus_per_worker: float
+    stage_ahead: int = 0
+
+    @property
+    def max_concurrent_trials(self) -> int:
+        """Tune's limit: the trials that run plus the ones staged behind them."""
+        return self.concurrency + self.stage_ahead
 
 
-def placement(num_workers: int, use_gpu: bool, max_concurrent: int | None = None) -> Placement:
-    """Trials that fit the connected cluster at once, and CPUs per worker."""
-    res = ray.cluster_resources()
-    cpus, gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
+def plan_placement(cpus: float, gpus: float, num_workers: int, use_gpu: bool, max_concurrent: int | None = None,
+                   stage_ahead: int = STAGE_AHEAD) -> Placement:
+    """Trials that fit ``cpus``/``gpus`` at once and CPUs per worker (pure: no Ray call).
+
+    Every trial driver, staged ones included, holds :data:`TRIAL_DRIVER_CPU`; the rest of the CPUs is shared
+    by the running trials' workers (in steps of 0.01 CPU; GPU workers take at most 8 CPUs each).
+    """
+    if num_workers < 1:
+        raise ValueError(f"num_workers={num_workers}; allowed: >= 1")
     if use_gpu:
         if gpus < num_workers:
             raise RuntimeError(f"the plan needs {num_workers} GPUs per trial but the Ray cluster has {gpus:g}")
         conc = int(gpus // num_workers)
-        cpw = max(1.0, min(8.0, (cpus / conc - TRIAL_DRIVER_CPU) / num_workers))
-        cpw = math.floor(cpw)
     else:
         conc = max(1, int(cpus // num_workers))
-        cpw = (cpus / conc - TRIAL_DRIVER_CPU) / num_workers
-        cpw = math.floor(cpw * 100) / 100
     if max_concurrent:
         conc = min(conc, max_concurrent)
-    return Placement(concurrency=conc, num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpw)
+    drivers = (conc + stage_ahead) * TRIAL_DRIVER_CPU
+    cpw = (cpus - drivers) / (conc * num_workers)
+    if use_gpu:
+        cpw = min(8.0, cpw)
+        cpw = float(math.floor(cpw)) if cpw >= 1 else math.floor(cpw * 100) / 100
+    else:
+        cpw = math.floor(cpw * 100) / 100
+    if cpw <= 0:
+        raise RuntimeError(f"{cpus:g} CPUs cannot host {conc} trial(s) of {num_workers} worker(s)")
+    return Placement(concurrency=conc, num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpw,
+                     stage_ahead=stage_ahead)
+
+
+def placement(num_workers: int, use_gpu: bool, max_concurrent: int | None = None,
+              stage_ahead: int = STAGE_AHEAD) -> Placement:
+    """:func:`plan_placement` for the connected Ray cluster."""
+    res = ray.cluster_resources()
+    return plan_placement(float(res.get("CPU", 1)), float(res.get("GPU", 0)), num_workers, use_gpu,
+                          max_concurrent, stage_ahead)
 
 
 def trial(config: dict[str, Any]) -> None:
@@ -82,9 +113,10 @@ def trial(config: dict[str, Any]) -> None:
 class Progress(tune.Callback):
     """Live progress: runs done / running / failed and the best validation loss so far."""
 
-    def __init__(self, total: int, study: str) -> None:
+    def __init__(self, total: int, study: str, store_dir: str | None = None) -> None:
         self.total, self.study = total, study  # no stream attribute: Tune pickles its callbacks
-        self.done = self.failed = self.running = 0
+        self.store_dir = store_dir  # where early stops are recorded (see :func:`record_early_stop`)
+        self.done = self.failed = self.running = self.early_stopped = 0
         self.best: tuple[float, str] | None = None
         self.t0 = time.time()
 
@@ -108,7 +140,16 @@ class Progress(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._count_running(trials, ended=trial)
         self.done += 1
-        self._line()
+        note = ""
+        last = trial.last_result or {}
+        # ended while its last report said "running" (not final, not stopped by the walltime guard):
+        # the scheduler (ASHA) stopped it
+        if self.store_dir and last.get("status") == "running" and not last.get("is_final"):
+            self.early_stopped += 1
+            run_id = trial_run_id(trial.config)
+            step = record_early_stop(self.store_dir, run_id)
+            note = f"early-stopped {run_id} at step {step}"
+        self._line(note)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._count_running(trials, ended=trial)
@@ -116,13 +157,37 @@ class Progress(tune.Callback):
         self._line(f"FAILED {trial.trial_id}")
 
 
+def trial_run_id(config: dict[str, Any]) -> str:
+    spec = RunSpec.from_dict(config["spec"])
+    return (spec.replace(lr=float(config["lr"])) if "lr" in config else spec).run_id
+
+
+def record_early_stop(store_dir: str, run_id: str) -> int | None:
+    """Mark a run the scheduler stopped: its last stored row is re-emitted with ``status="early_stopped"``
+    (same key, so it replaces the row). The runner counts such runs as done, so a resumed study does not
+    rerun what ASHA already judged; analysis sees the loss the run reached. Returns that row's step."""
+    from analysis.store import append_rows, read_table
+
+    try:
+        df = read_table(store_dir, "train")
+    except (FileNotFoundError, ValueError):
+        return None
+    rows = df[df["run_id"] == run_id] if "run_id" in df else df.iloc[:0]
+    if rows.empty:
+        return None
+    last = rows.sort_values("step").iloc[-1].to_dict()
+    last.update(status="early_stopped", is_final=False)
+    append_rows(store_dir, "train", [{k: v for k, v in last.items() if not str(k).startswith("_")}])
+    return int(last["step"])
+
+
 def _tuner(param_space: dict, *, ctx: dict, name: str, storage: str, concurrency: int,
-           progress: Progress, num_samples: int = 1, search_alg=None, scheduler=None):
+           progress: Progress, num_samples: int = 1, search_alg=None, scheduler=None, stage_ahead: int = 0):
     # Tune's function runner can emit a bookkeeping result (e.g. on trial end) without the trial's
     # metrics; with a metric-driven scheduler/searcher its strict check would abort the whole sweep.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     trainable = tune.with_resources(trial, {"CPU": TRIAL_DRIVER_CPU})
-    tune_config = tune.TuneConfig(num_samples=num_samples, max_concurrent_trials=concurrency,
+    tune_config = tune.TuneConfig(num_samples=num_samples, max_concurrent_trials=concurrency + stage_ahead,
                                   search_alg=search_alg, scheduler=scheduler,
                                   metric="val_loss" if (search_alg or scheduler) else None,
                                   mode="min" if (search_alg or scheduler) else None)
@@ -141,21 +206,29 @@ def lr_groups(specs: Iterable[RunSpec]) -> dict[str, list[RunSpec]]:
 
 
 def run_trials(specs: list[RunSpec], *, ctx: dict, storage: str, study: str, concurrency: int,
-               lr_search=None, asha: bool = False, max_steps: int | None = None) -> dict[str, int]:
-    """Run ``specs`` (already filtered to what is not finished) and return trial counts."""
+               lr_search=None, asha: bool = False, max_steps: int | None = None,
+               stage_ahead: int = 0) -> dict[str, int]:
+    """Run ``specs`` (already filtered to what is not finished) and return trial counts.
+
+    ``concurrency`` trials run at once; ``stage_ahead`` more start early and wait for their workers'
+    resources (the placement must leave them :data:`TRIAL_DRIVER_CPU` each: :func:`plan_placement`).
+    With ``asha``, ``max_steps`` is the longest run's step count (default: unbounded): ASHA must never be
+    the one that ends a run at its last step, or it kills the trial while Train finishes it.
+    """
     progress = Progress(total=len(specs) if lr_search is None else
-                        len(lr_groups(specs)) * lr_search.n_trials, study=study)
+                        len(lr_groups(specs)) * lr_search.n_trials, study=study,
+                        store_dir=ctx.get("store_dir") if asha else None)
     progress._line("starting")
     scheduler = None
     if asha:
         from ray.tune.schedulers import ASHAScheduler
 
-        scheduler = ASHAScheduler(time_attr="step", max_t=max_steps or 10_000, grace_period=1,
-                                  reduction_factor=3)
+        scheduler = ASHAScheduler(time_attr="step", max_t=(max_steps + 1) if max_steps else 2**31,
+                                  grace_period=1, reduction_factor=3)
     if lr_search is None:
         tuner = _tuner({"spec": tune.grid_search([s.to_dict() for s in specs])}, ctx=ctx,
                        name=f"{study}-tune", storage=storage, concurrency=concurrency, progress=progress,
-                       scheduler=scheduler)
+                       scheduler=scheduler, stage_ahead=stage_ahead if len(specs) > concurrency else 0)
         tuner.fit()
     else:
         from ray.tune.search.optuna import OptunaSearch
@@ -165,6 +238,7 @@ def run_trials(specs: list[RunSpec], *, ctx: dict, storage: str, study: str, con
             tuner = _tuner({"spec": group[0].to_dict(), "lr": tune.loguniform(lr_search.low, lr_search.high)},
                            ctx=ctx, name=f"{study}-lr-{key}", storage=storage, concurrency=concurrency,
                            progress=progress, num_samples=lr_search.n_trials, search_alg=search,
-                           scheduler=scheduler)
+                           scheduler=scheduler,
+                           stage_ahead=stage_ahead if lr_search.n_trials > concurrency else 0)
             tuner.fit()
-    return {"done": progress.done, "failed": progress.failed}
+    return {"done": progress.done, "failed": progress.failed, "early_stopped": progress.early_stopped}

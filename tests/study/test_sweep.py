@@ -1,0 +1,115 @@
+"""Trial placement, staging and ASHA early stops (study.sweep)."""
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from analysis.store import append_rows, read_table
+from study.runner import finished_runs
+from study.spec import RunSpec
+from study.sweep import TRIAL_DRIVER_CPU, plan_placement, record_early_stop
+
+
+def _total_cpu(p) -> float:
+    return p.concurrency * p.num_workers * p.cpus_per_worker + p.max_concurrent_trials * TRIAL_DRIVER_CPU
+
+
+@pytest.mark.parametrize("cpus,gpus,nw,gpu,stage", [
+    (2, 0, 1, False, 1), (2, 0, 1, False, 0), (2, 0, 2, False, 1), (16, 0, 2, False, 1), (3, 0, 1, False, 1),
+    (16, 1, 1, True, 1), (64, 4, 1, True, 1), (4, 4, 1, True, 1), (8, 4, 2, True, 1), (208, 12, 1, True, 1),
+])
+def test_placement_fits_running_and_staged_trials(cpus, gpus, nw, gpu, stage):
+    p = plan_placement(cpus, gpus, nw, gpu, stage_ahead=stage)
+    assert p.max_concurrent_trials == p.concurrency + stage
+    assert p.cpus_per_worker > 0
+    # every running worker and every trial driver (staged ones too) fits at once
+    assert _total_cpu(p) <= cpus + 1e-9
+    if gpu:
+        assert p.concurrency == gpus // nw and p.cpus_per_worker <= 8
+    else:
+        assert p.concurrency == max(1, cpus // nw)
+
+
+def test_placement_numbers_on_the_ci_machine_and_an_aurora_node():
+    p = plan_placement(2, 0, 1, False, stage_ahead=1)  # two 1-worker trials, one staged
+    assert (p.concurrency, p.cpus_per_worker, p.max_concurrent_trials) == (2, 0.98, 3)
+    p = plan_placement(2, 0, 1, False, max_concurrent=1, stage_ahead=1)
+    assert (p.concurrency, p.cpus_per_worker, p.max_concurrent_trials) == (1, 1.98, 2)
+    # Aurora: 12 tiles, 208 cores -> 12 one-tile trials at 8 CPUs each, plus one staged
+    a = plan_placement(208, 12, 1, True, stage_ahead=1)
+    assert (a.concurrency, a.cpus_per_worker, a.max_concurrent_trials) == (12, 8.0, 13)
+    # fewer CPUs than GPUs: fractional CPUs per worker rather than an unschedulable 1
+    t = plan_placement(4, 4, 1, True, stage_ahead=1)
+    assert t.concurrency == 4 and math.isclose(t.cpus_per_worker, 0.98)
+
+
+def test_placement_rejects_impossible_plans():
+    with pytest.raises(RuntimeError, match="needs 4 GPUs"):
+        plan_placement(64, 2, 4, True)
+    with pytest.raises(ValueError, match="num_workers"):
+        plan_placement(2, 0, 0, False)
+    assert plan_placement(16, 0, 1, False, max_concurrent=3).concurrency == 3
+
+
+def _rows(run_id: str, steps, status="running"):
+    return [{"run_id": run_id, "step": s, "val_loss": 1.0 / s, "is_final": False, "status": status}
+            for s in steps]
+
+
+def test_early_stop_is_recorded_on_the_last_row_and_counts_as_done(tmp_path):
+    store = tmp_path / "store"
+    append_rows(store, "train", _rows("a", [1, 3]) + _rows("b", [1, 3, 9]))
+    append_rows(store, "train", [{"run_id": "c", "step": 9, "val_loss": 0.1, "is_final": True,
+                                  "status": "finished"}])
+    assert finished_runs(store) == {"c"}
+    assert record_early_stop(str(store), "a") == 3
+    df = read_table(store, "train")
+    assert len(df) == 6  # replaced, not added
+    a = df[df.run_id == "a"].set_index("step")
+    assert a.loc[3, "status"] == "early_stopped" and a.loc[1, "status"] == "running"
+    assert a.loc[3, "val_loss"] == pytest.approx(1 / 3)
+    assert finished_runs(store) == {"a", "c"}
+    assert record_early_stop(str(store), "nope") is None
+    assert record_early_stop(str(tmp_path / "empty"), "a") is None
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_asha_stops_a_poor_trial_and_the_next_trials_still_run(tiny_cohort, tmp_path):
+    """Regression: a trial stopped by ASHA used to leak its workers' placement group (Ray Train's
+    cleaner needs the dashboard's state API), and the next trial waited forever."""
+    import ray
+
+    from study.runner import connect_ray
+    from study.sweep import run_trials
+
+    base = RunSpec(study="asha", family="swift_v2", size="debug", width=16, grid=(24, 24, 24), sequence_length=8,
+                   batch_size=2, budget=6, eval_every=1, eval_windows=2, manifest=tiny_cohort, precision="fp32",
+                   checkpoint_every=0, schedule="constant", warmup_frac=0.0)
+    # grid order: two good LRs (one of them staged), then one too small to learn, then a good one
+    specs = [base.replace(lr=lr) for lr in (3e-3, 1e-2, 1e-7, 5e-3)]
+    connect_ray(None, 2, __import__("pathlib").Path(__file__).resolve().parents[2])
+    try:
+        ctx = {"train_storage": str(tmp_path / "runs"), "store_dir": str(tmp_path / "store"), "num_workers": 1,
+               "use_gpu": False, "cpus_per_worker": 1.98}
+        t0 = time.time()
+        counts = run_trials(specs, ctx=ctx, storage=str(tmp_path / "tune"), study="asha", concurrency=1,
+                            asha=True, max_steps=6, stage_ahead=1)
+        wall = time.time() - t0
+    finally:
+        ray.shutdown()
+    assert counts["failed"] == 0 and counts["done"] == 4
+    df = read_table(tmp_path / "store", "train")
+    assert set(df.run_id) == {s.run_id for s in specs}  # every trial ran, including those after a stop
+    # the LR too small to learn starts after a good trial has reported, so ASHA stops it at its first rung
+    bad = df[df.run_id == specs[2].run_id]
+    assert (bad["status"] == "early_stopped").any() and bad["step"].max() < 6
+    # a stopped trial's worker may still store a row or two before it is killed: the mark is on some row
+    marked = df.groupby("run_id")["status"].apply(lambda s: (s == "early_stopped").any())
+    assert counts["early_stopped"] == int(marked.sum()) >= 1
+    done = finished_runs(tmp_path / "store")
+    assert done == {s.run_id for s in specs}  # finished or judged: a rerun starts nothing
+    assert df[df.run_id == specs[1].run_id]["is_final"].any()  # the best LR ran to the end
+    assert wall < 400

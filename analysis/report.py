@@ -217,7 +217,7 @@ def _fmt(x) -> str:
 
 
 def _markdown(s: dict) -> str:
-    lines = [f"# Study summary", "", f"Store: `{s['store']}`; {s['n_runs']} runs, {s['n_final_points']} final points "
+    lines = ["# Study summary", "", f"Store: `{s['store']}`; {s['n_runs']} runs, {s['n_final_points']} final points "
              f"({s['n_dropped']} runs without a row with positive loss and compute).", ""]
     for key, title in (("power_law", "L(C) = E + A C^-alpha on the compute frontier"),
                        ("chinchilla", "Approach 3: L(N, D) = E + A/N^alpha + B/D^beta")):

@@ -60,7 +60,7 @@ _PART_COUNTER = itertools.count()
 
 def _writer_token() -> str:
     """A random token per process (regenerated after ``fork``)."""
-    global _WRITER_TOKEN, _WRITER_PID, _LAST_SEQ
+    global _WRITER_TOKEN, _WRITER_PID
     pid = os.getpid()
     if _WRITER_TOKEN is None or _WRITER_PID != pid:
         _WRITER_TOKEN = f"{pid:x}-{uuid.uuid4().hex[:12]}"

@@ -33,7 +33,6 @@ are the manifest's downstream ``test`` split, which the data layer keeps out of 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -52,9 +51,9 @@ from study.devices import DistContext, device_name
 from study.metrics import TASK_METRICS, score_subjects
 from study.reporters import Reporter
 from study.spec import STRATEGIES, RunSpec
-from study.train import (BatchPlan, SampleOrder, TrainingDiverged, TrainResult, _all_reduce_sum, _autocast, _barrier,
-                         _collate, _MicroBatches, _PositionDataset, lr_factor, make_optimizer, micro_batch_positions,
-                         model_config, total_steps)
+from study.train import (BatchPlan, SampleOrder, TrainResult, _autocast, _barrier, _collate,
+                         _MicroBatches, _PositionDataset, lr_factor, make_optimizer, model_config, run_steps,
+                         total_steps)
 
 #: strategies that start from pre-trained weights
 NEEDS_WEIGHTS = tuple(s for s in STRATEGIES if s != "scratch")
@@ -384,7 +383,8 @@ def train_finetune(spec: RunSpec, ctx: DistContext, reporter: Reporter, *,
     else:
         net = model
 
-    state = {"step": 0, "samples_seen": 0, "wall_time_s": 0.0, "last_checkpoint": None}
+    state = {"step": 0, "samples_seen": 0, "tokens_seen": 0, "wall_time_s": 0.0, "skipped": 0,
+             "last_checkpoint": None}
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(resume_from, rank=ctx.rank, model=model, optimizer=optimizer,
                                       scheduler=scheduler, map_location=device)
@@ -413,77 +413,39 @@ def train_finetune(spec: RunSpec, ctx: DistContext, reporter: Reporter, *,
               "init_from": spec.init_from, **counts, "target_mean": y_mean, "target_std": y_std,
               "device_kind": device_name(device), "device_count": ctx.world_size, "total_steps": n_steps}
 
-    step = state["step"]
     batches = iter(torch.utils.data.DataLoader(
-        _PositionDataset(train_ds, order), batch_sampler=_MicroBatches(step, n_steps, plan, ctx.rank),
+        _PositionDataset(train_ds, order), batch_sampler=_MicroBatches(state["step"], n_steps, plan, ctx.rank),
         collate_fn=_collate, num_workers=spec.num_workers, pin_memory=device.type == "cuda",
         prefetch_factor=4 if spec.num_workers else None))
-    wall_offset = state["wall_time_s"] - (time.perf_counter() - t_start)
-    window_t0, window_samples = time.perf_counter(), 0
-    metrics: dict[str, Any] = {}
-    status = "finished"
-    while step < n_steps:
-        if should_stop is not None and should_stop():
-            status = "stopped"
-            break
-        net.train()
-        micro = micro_batch_positions(step, plan, ctx.rank)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        for a in range(len(micro)):
-            batch = next(batches)
-            x = batch["x"].to(device, non_blocking=True)
-            y = ((batch["y"] - y_mean) / y_std).to(device)
-            bm = batch.get("brain_mask")
-            bm = bm.to(device, non_blocking=True) if bm is not None else None
-            is_last = a == len(micro) - 1
-            sync = (net.no_sync() if isinstance(net, nn.parallel.DistributedDataParallel) and not is_last
-                    else contextlib.nullcontext())
-            with sync:
-                with _autocast(ctx, spec):
-                    out = net(x, brain_mask=bm)
-                loss = task_loss(spec.task_type, out, y)
-                (loss / plan.accumulation).backward()
-            loss_sum += loss.detach().double()
-        lr_now = optimizer.param_groups[0]["lr"]
-        if spec.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, spec.grad_clip))
-        else:
-            grads = [p.grad.detach().norm() for p in trainable if p.grad is not None]
-            grad_norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        train_loss = float(_all_reduce_sum(loss_sum, ctx)) / (plan.accumulation * ctx.world_size)
-        step += 1
-        state["step"] = step
-        state["samples_seen"] += plan.global_batch
-        window_samples += plan.global_batch
-        if not math.isfinite(train_loss):
-            raise TrainingDiverged(step, train_loss, state["last_checkpoint"])
-        now = time.perf_counter()
-        state["wall_time_s"] = wall_offset + (now - t_start)
-        if step % spec.log_every == 0 or step == n_steps:
-            metrics = {"step": step, "train_loss": train_loss, "lr": lr_now, "grad_norm": grad_norm,
-                       "samples_seen": state["samples_seen"], "tokens_seen": state["samples_seen"] * tps,
-                       "samples_per_s": window_samples / max(now - window_t0, 1e-9),
-                       "wall_time_s": state["wall_time_s"]}
-            reporter.log(metrics)
-            window_t0, window_samples = now, 0
-        final = step == n_steps
-        if step % spec.eval_every == 0 or final:
-            row = {**static, **metrics, "step": step, "train_loss": train_loss,
-                   **evaluate_split(model, val_ds, spec, ctx, prefix="val", y_mean=y_mean, y_std=y_std,
-                                    batch_size=eval_bs)}
-            if final:
-                row.update(evaluate_split(model, test_ds, spec, ctx, prefix="test", y_mean=y_mean, y_std=y_std,
-                                          batch_size=eval_bs))
-            save_now = final or (spec.checkpoint_every and step % spec.checkpoint_every == 0)
-            path = save(step) if save_now else None
-            row.update({"is_final": final, "status": "finished" if final else "running",
-                        "samples_seen": state["samples_seen"], "wall_time_s": state["wall_time_s"]})
-            reporter.report(row, checkpoint_dir=path)
-            metrics = row
 
+    def forward_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, float]:
+        x = batch["x"].to(device, non_blocking=True)
+        y = ((batch["y"] - y_mean) / y_std).to(device)
+        bm = batch.get("brain_mask")
+        with _autocast(ctx, spec):
+            out = net(x, brain_mask=bm.to(device, non_blocking=True) if bm is not None else None)
+        return task_loss(spec.task_type, out, y), float(x.shape[0] * tps)
+
+    def on_eval(step: int, metrics: dict[str, Any], ckpt_due: bool) -> dict[str, Any]:
+        final = step == n_steps
+        row = {**static, **metrics,
+               **evaluate_split(model, val_ds, spec, ctx, prefix="val", y_mean=y_mean, y_std=y_std,
+                                batch_size=eval_bs)}
+        if final:
+            row.update(evaluate_split(model, test_ds, spec, ctx, prefix="test", y_mean=y_mean, y_std=y_std,
+                                      batch_size=eval_bs))
+        path = save(step) if (final or ckpt_due) else None
+        row.update({"is_final": final, "status": "finished" if final else "running",
+                    "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
+                    "wall_time_s": state["wall_time_s"]})
+        reporter.report(row, checkpoint_dir=path)
+        return row
+
+    status, metrics = run_steps(spec, ctx, plan, n_steps, state=state, batches=batches, net=net,
+                                optimizer=optimizer, scheduler=scheduler, engine=None, params=trainable,
+                                forward_loss=forward_loss, on_eval=on_eval, reporter=reporter,
+                                should_stop=should_stop, t_start=t_start, tokens_per_sample=tps)
+    step = state["step"]
     if status == "stopped":
         path = save(step)
         reporter.report({**static, **metrics, "step": step, "status": "stopped", "is_final": False,

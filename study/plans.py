@@ -19,9 +19,8 @@ data axis samples/tokens seen; never 6ND.
 from __future__ import annotations
 
 import importlib
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from neuro_models import registry as R
 from study.spec import RunSpec

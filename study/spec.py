@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 #: Fields that do not change what a run computes (so they do not enter the run id). The manifest *path*

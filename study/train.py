@@ -433,18 +433,74 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
     def evaluate() -> dict[str, float]:
         return _evaluate(net if engine is None else engine, cfg, val_ds, spec, ctx)
 
-    step = state["step"]
     batches = iter(torch.utils.data.DataLoader(
-        loader_ds, batch_sampler=_MicroBatches(step, n_steps, plan, ctx.rank), collate_fn=_collate,
+        loader_ds, batch_sampler=_MicroBatches(state["step"], n_steps, plan, ctx.rank), collate_fn=_collate,
         num_workers=spec.num_workers, pin_memory=device.type == "cuda" and datasets is None,
         persistent_workers=False, prefetch_factor=4 if spec.num_workers else None))
-    window_t0, window_samples = time.perf_counter(), 0
-    wall_offset = state["wall_time_s"] - (time.perf_counter() - t_start)
-    metrics: dict[str, Any] = {}
-    status = "finished"
-    # The summed loss and token count stay on the device between log/evaluation/checkpoint steps: a host
-    # read every step would stall an accelerator while the next step's Python runs. Divergence is therefore
-    # detected at the next flush (at most ``log_every`` steps late); ``train_loss`` is the flushed steps' mean.
+
+    def forward_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, float]:
+        batch = to_device(batch, device)
+        x = batch["x"]
+        with _autocast(ctx, spec):
+            out = net(x, brain_mask=batch.get("brain_mask"), mask=batch.get("mask"))
+        return out["loss"], float(out.get("num_tokens", x.shape[0] * tps))
+
+    def on_eval(step: int, metrics: dict[str, Any], ckpt_due: bool) -> dict[str, Any]:
+        # a checkpoint is always reported with a fresh evaluation (Ray attaches checkpoints to reports)
+        val = evaluate()
+        is_best = state["best_val_loss"] is None or val["val_loss"] < state["best_val_loss"]
+        if is_best:
+            state["best_val_loss"] = val["val_loss"]
+        path = save(step) if (step == n_steps or ckpt_due) else None
+        if is_best and path:
+            state["best_checkpoint"] = path
+        row = {**metrics, "run_id": spec.run_id, "step": step, **val,
+               "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
+               "flops": state["flops"], "wall_time_s": state["wall_time_s"],
+               "is_final": step == n_steps, "status": "finished" if step == n_steps else "running",
+               "n_params": counts["total"], "n_params_non_embedding": counts["non_embedding"],
+               "device_kind": device_name(device), "device_count": ctx.world_size,
+               "total_steps": n_steps, "bad_windows_skipped": state["skipped"]}
+        reporter.report(row, checkpoint_dir=path)
+        return row
+
+    status, metrics = run_steps(spec, ctx, plan, n_steps, state=state, batches=batches, net=net,
+                                optimizer=optimizer, scheduler=scheduler, engine=engine,
+                                params=list(model.parameters()), forward_loss=forward_loss, on_eval=on_eval,
+                                reporter=reporter, should_stop=should_stop, t_start=t_start,
+                                tokens_per_sample=tps, flops_per_sample=fps["train"], peak=peak)
+    step = state["step"]
+    if status == "stopped":
+        path = save(step)
+        reporter.report({**metrics, "step": step, "status": "stopped", "is_final": False,
+                         "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
+                         "flops": state["flops"], "wall_time_s": state["wall_time_s"]}, checkpoint_dir=path)
+    return TrainResult(run_id=spec.run_id, status=status, step=step, final_metrics=metrics,
+                       last_checkpoint=state["last_checkpoint"])
+
+
+def run_steps(spec: RunSpec, ctx: DistContext, plan: BatchPlan, n_steps: int, *, state: dict[str, Any], batches,
+              net, optimizer, scheduler, engine, params: list[nn.Parameter],
+              forward_loss: Callable[[dict[str, Any]], tuple[torch.Tensor, float]],
+              on_eval: Callable[[int, dict[str, Any], bool], dict[str, Any]], reporter: Reporter,
+              should_stop: Callable[[], bool] | None, t_start: float, tokens_per_sample: int,
+              flops_per_sample: float | None = None, peak: float | None = None) -> tuple[str, dict[str, Any]]:
+    """The optimizer-step loop of pre-training and fine-tuning, from ``state["step"]`` to ``n_steps``.
+
+    Per step: this rank's micro-batches (``forward_loss(batch) -> (loss, tokens)`` each; gradient
+    accumulation with DDP's ``no_sync`` or DeepSpeed's engine), clipping / gradient norm, the optimizer and
+    the LR scheduler. ``state`` (``step``, ``samples_seen``, ``tokens_seen``, ``wall_time_s``, ``skipped``
+    and, when ``flops_per_sample`` is given, ``flops``) is updated in place. ``reporter.log`` every
+    ``spec.log_every`` steps; ``on_eval(step, metrics, checkpoint_due)`` at each evaluation or checkpoint
+    step returns the row that becomes the latest metrics. Returns ``("finished" | "stopped", metrics)``;
+    on ``"stopped"`` (``should_stop()`` turned true) the caller saves and reports.
+
+    The summed loss and token count stay on the device between log/evaluation/checkpoint steps: a host
+    read every step would stall an accelerator while the next step's Python runs. Divergence is therefore
+    detected at the next flush (at most ``log_every`` steps late); ``train_loss`` is the flushed steps' mean.
+    """
+    device = ctx.device
+    step = state["step"]
     pending = torch.zeros(2, device=device, dtype=torch.float64)
     pending_steps = 0
 
@@ -458,47 +514,45 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
             raise TrainingDiverged(step, loss, state["last_checkpoint"])
         return loss
 
+    window_t0, window_samples = time.perf_counter(), 0
+    wall_offset = state["wall_time_s"] - (time.perf_counter() - t_start)
+    metrics: dict[str, Any] = {}
+    ddp = isinstance(net, nn.parallel.DistributedDataParallel)
     while step < n_steps:
         if should_stop is not None and should_stop():
-            status = "stopped"
-            break
+            if pending_steps:
+                metrics = {**metrics, "train_loss": flush()}
+            return "stopped", metrics
         net.train()
-        micro = micro_batch_positions(step, plan, ctx.rank)
+        n_micro = plan.accumulation
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         tokens = torch.zeros((), device=device, dtype=torch.float64)
-        for a, positions in enumerate(micro):
-            batch = to_device(next(batches), device)
+        for a in range(n_micro):
+            batch = next(batches)
             if batch["skipped"]:
-                state["skipped"] += len(batch["skipped"])
+                state["skipped"] = state.get("skipped", 0) + len(batch["skipped"])
                 for msg in batch["skipped"]:
                     reporter.log({"step": step, "bad_data_skipped": msg})
-            x = batch["x"]
-            bm = batch.get("brain_mask")
-            mask = batch.get("mask")
-            is_last = a == len(micro) - 1
-            sync_ctx = (net.no_sync() if isinstance(net, nn.parallel.DistributedDataParallel) and not is_last
-                        else contextlib.nullcontext())
+            sync_ctx = net.no_sync() if ddp and a < n_micro - 1 else contextlib.nullcontext()
             with sync_ctx:
-                with _autocast(ctx, spec):
-                    out = net(x, brain_mask=bm, mask=mask)
-                loss = out["loss"]
+                loss, n_tokens = forward_loss(batch)
                 if engine is not None:
                     engine.backward(loss)
                     engine.step()  # DeepSpeed counts micro-steps and updates only at the boundary
                 else:
                     (loss / plan.accumulation).backward()
             loss_sum += loss.detach().double()
-            tokens += float(out.get("num_tokens", x.shape[0] * tps))
+            tokens += n_tokens
         lr_now = optimizer.param_groups[0]["lr"]
         if engine is not None:
             grad_norm = engine.get_global_grad_norm()
             grad_norm = grad_norm if grad_norm is not None else float("nan")
         else:
             if spec.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
             else:
-                grad_norm = (torch.linalg.vector_norm(torch.stack(
-                    [p.grad.detach().norm() for p in model.parameters() if p.grad is not None])))
+                grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+                grad_norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else 0.0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -507,59 +561,31 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
         step += 1
         state["step"] = step
         state["samples_seen"] += plan.global_batch
-        state["flops"] += plan.global_batch * fps["train"]
+        if flops_per_sample is not None:
+            state["flops"] += plan.global_batch * flops_per_sample
         window_samples += plan.global_batch
         ckpt_due = bool(spec.checkpoint_every) and step % spec.checkpoint_every == 0
         eval_due = step % spec.eval_every == 0 or step == n_steps or ckpt_due
         log_due = step % spec.log_every == 0 or step == n_steps
         if log_due or eval_due:
             train_loss = flush()
-
         now = time.perf_counter()
         state["wall_time_s"] = wall_offset + (now - t_start)
         if log_due:
-            dt = max(now - window_t0, 1e-9)
-            sps = window_samples / dt
+            sps = window_samples / max(now - window_t0, 1e-9)
             metrics = {"step": step, "train_loss": train_loss, "lr": lr_now, "grad_norm": float(grad_norm),
                        "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
-                       "flops": state["flops"], "samples_per_s": sps, "tokens_per_s": sps * tps,
+                       "samples_per_s": sps, "tokens_per_s": sps * tokens_per_sample,
                        "wall_time_s": state["wall_time_s"]}
-            if peak:
-                metrics["mfu"] = sps * fps["train"] / (peak * ctx.world_size)
+            if flops_per_sample is not None:
+                metrics["flops"] = state["flops"]
+                if peak:
+                    metrics["mfu"] = sps * flops_per_sample / (peak * ctx.world_size)
             reporter.log(metrics)
             window_t0, window_samples = now, 0
-
         if eval_due:
-            # a checkpoint is always reported with a fresh evaluation (Ray attaches checkpoints to reports)
-            val = evaluate()
-            if state["best_val_loss"] is None or val["val_loss"] < state["best_val_loss"]:
-                state["best_val_loss"] = val["val_loss"]
-                is_best = True
-            else:
-                is_best = False
-            save_now = step == n_steps or ckpt_due
-            path = save(step) if save_now else None
-            if is_best and path:
-                state["best_checkpoint"] = path
-            row = {**metrics, "run_id": spec.run_id, "step": step, "train_loss": train_loss, **val,
-                   "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
-                   "flops": state["flops"], "wall_time_s": state["wall_time_s"],
-                   "is_final": step == n_steps, "status": "finished" if step == n_steps else "running",
-                   "n_params": counts["total"], "n_params_non_embedding": counts["non_embedding"],
-                   "device_kind": device_name(device), "device_count": ctx.world_size,
-                   "total_steps": n_steps, "bad_windows_skipped": state["skipped"]}
-            reporter.report(row, checkpoint_dir=path)
-            metrics = row
-
-    if status == "stopped":
-        if pending_steps:
-            metrics = {**metrics, "train_loss": flush()}
-        path = save(step)
-        reporter.report({**metrics, "step": step, "status": "stopped", "is_final": False,
-                         "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
-                         "flops": state["flops"], "wall_time_s": state["wall_time_s"]}, checkpoint_dir=path)
-    return TrainResult(run_id=spec.run_id, status=status, step=step, final_metrics=metrics,
-                       last_checkpoint=state["last_checkpoint"])
+            metrics = on_eval(step, {**metrics, "step": step, "train_loss": train_loss}, ckpt_due)
+    return "finished", metrics
 
 
 @torch.no_grad()

@@ -8,7 +8,6 @@ depth. ``EXPECTED_ENCODER_PARAMS`` holds the exact counts that the tests check.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 

@@ -352,3 +352,15 @@ def test_unknown_target_column_errors(ft_cohort):
     spec = _spec(strategy="scratch", target="trait_missing", manifest=ft_cohort)
     with pytest.raises(ValueError, match="target='trait_missing' is not a manifest column"):
         train(spec, DistContext())
+
+
+def test_checkpoints_follow_checkpoint_every_not_eval_every(ft_cohort, weights, tmp_path):
+    """A checkpoint step evaluates and saves even when it is not an evaluation step (shared step loop)."""
+    spec = _spec(strategy="lora", init_from=weights, manifest=ft_cohort, budget=4, eval_every=3,
+                 checkpoint_every=2, keep_last=5)
+    rep = MemoryReporter()
+    train(spec, DistContext(), rep, run_dir=tmp_path)
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert saved == ["step_0000002", "step_0000004"]
+    assert [r["step"] for r in rep.reports] == [2, 3, 4]
+    assert rep.reports[-1]["tokens_seen"] == rep.reports[-1]["samples_seen"] * R.tokens_per_sample(model_config(spec))

@@ -1,9 +1,10 @@
 """Study-machinery benchmarks: a trial's orchestration overhead, and ASHA's compute against the grid.
 
-1. Overhead: the same run (tiny SwiFT v2, ~``--target-s`` seconds of training) once in-process
-   (``study.train.train``) and once as a Ray Tune trial that fits a Ray Train ``TorchTrainer``
-   (``study.sweep.run_trials``); overhead = (trial wall time - in-process wall time) / in-process time.
-   Target: <= 10% of a 60 s trial.
+1. Overhead: ``--trials`` runs (tiny SwiFT v2, ~``--target-s`` seconds of training each) in-process
+   (``study.train.train``, one after another) and as one sweep of Ray Tune trials that each fit a Ray Train
+   ``TorchTrainer`` (``study.sweep.run_trials``, one trial at a time), with and without staging the next
+   trial (``--stage-ahead``); overhead per trial = (sweep wall time - in-process wall time) / trials,
+   reported as a fraction of the in-process run time. Target: <= 10% of a 60 s trial.
 2. ASHA: an LR grid, first run to completion (the grid), then with ASHA (``--asha``); compute = optimizer
    steps actually run (from the results store). Reports whether ASHA's best configuration is the grid's and
    its compute as a fraction of the grid's. Target: <= 40%.
@@ -45,12 +46,46 @@ def store_steps(store_dir: Path, run_ids) -> dict[str, dict]:
     return out
 
 
+PHASES = [("trial_start", "fit_call"), ("fit_call", "worker_start"), ("worker_start", "train_start"),
+          ("train_start", "loop_start"), ("loop_start", "loop_end"), ("loop_end", "train_returned"),
+          ("train_returned", "fit_returned")]
+
+
+def phases(trace_file: Path, run_ids: list[str]) -> dict[str, float]:
+    """Median seconds of each traced phase over ``run_ids`` (``study.trace`` marks), plus ``slot_gap``: from
+    one trial's ``fit_returned`` to the next trial's ``loop_start`` (the time a slot does no training)."""
+    import statistics
+
+    from study.trace import read
+
+    marks: dict[str, dict[str, float]] = {}
+    for m in read(trace_file):
+        if m.get("run") in run_ids:
+            marks.setdefault(m["run"], {}).setdefault(m["what"], m["t"])
+    out: dict[str, float] = {}
+    for a, b in PHASES:
+        d = [r[b] - r[a] for r in marks.values() if a in r and b in r]
+        if d:
+            out[f"{a}->{b}"] = statistics.median(d)
+    seq = sorted((r for r in marks.values() if "loop_start" in r and "fit_returned" in r), key=lambda r: r["loop_start"])
+    gaps = [nxt["loop_start"] - prev["fit_returned"] for prev, nxt in zip(seq, seq[1:])]
+    gaps += [nxt["loop_start"] - prev["loop_end"] for prev, nxt in zip(seq, seq[1:])]
+    if len(seq) > 1:
+        out["slot_gap(fit_returned->next loop_start)"] = statistics.median(gaps[:len(seq) - 1])
+        out["slot_gap(loop_end->next loop_start)"] = statistics.median(gaps[len(seq) - 1:])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/study_overhead")
     ap.add_argument("--target-s", type=float, default=60.0)
     ap.add_argument("--asha-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0])
+    ap.add_argument("--asha-n", type=int, default=None,
+                    help="instead of --asha-lrs: this many LRs log-spaced over [3e-4, 3]")
     ap.add_argument("--asha-steps", type=int, default=81)
+    ap.add_argument("--trials", type=int, default=3, help="runs in the overhead sweep")
+    ap.add_argument("--stage-ahead", type=int, nargs="+", default=[0, 1], help="staging settings to compare")
     ap.add_argument("--skip-overhead", action="store_true")
     ap.add_argument("--skip-asha", action="store_true")
     args = ap.parse_args()
@@ -62,47 +97,64 @@ def main() -> None:
     from study.devices import local_context
     from study.reporters import MemoryReporter
     from study.runner import connect_ray
-    from study.sweep import run_trials
+    from study.sweep import plan_placement, run_trials
     from study.train import train
 
     manifest = str(generate_cohort(work / "cohort", n_subjects=24, grid=(24, 24, 24), n_frames=16, seed=0,
                                    progress=False))
     res: dict = {"machine": os.uname().nodename, "cpus": os.cpu_count(),
                  "load_avg_start": os.getloadavg()[0]}
+    trace_file = work / "trace.jsonl"
+    trace_file.unlink(missing_ok=True)
+    os.environ["NEUROX_TRACE_FILE"] = str(trace_file)  # study.trace marks from driver and Ray workers
     connect_ray(None, os.cpu_count(), REPO)
     import ray
 
     ctx = {"train_storage": str(work / "runs"), "store_dir": str(work / "store"), "num_workers": 1,
-           "use_gpu": False, "cpus_per_worker": max(0.5, (os.cpu_count() or 1) - 0.02)}
+           "use_gpu": False, "cpus_per_worker": plan_placement(float(os.cpu_count() or 1), 0.0, 1, False,
+                                                               max_concurrent=1).cpus_per_worker}
     if not args.skip_overhead:
         probe = base_spec(manifest, 12)
         rep = MemoryReporter()
         train(probe, local_context("cpu"), rep)
         per_step = 1.0 / max(1e-9, sorted(r["samples_per_s"] for r in rep.logs[2:])[len(rep.logs[2:]) // 2]) * probe.batch_size
         steps = max(10, int(args.target_s / per_step))
-        spec = base_spec(manifest, steps)
+        specs = [base_spec(manifest, steps).replace(seed=100 + i) for i in range(args.trials)]
         t0 = time.perf_counter()
-        train(spec, local_context("cpu"), MemoryReporter())
+        for spec in specs:
+            train(spec, local_context("cpu"), MemoryReporter())
         t_in = time.perf_counter() - t0
-        spec_t = spec.replace(seed=1)  # another run id so nothing is skipped
-        t0 = time.perf_counter()
-        run_trials([spec_t], ctx=ctx, storage=str(work / "tune"), study="overhead", concurrency=1)
-        t_trial = time.perf_counter() - t0
-        res["overhead"] = {"steps": steps, "in_process_s": t_in, "trial_s": t_trial,
-                           "overhead_s": t_trial - t_in, "overhead_frac": (t_trial - t_in) / t_in,
-                           "overhead_frac_of_60s": (t_trial - t_in) / 60.0}
-        print(json.dumps(res["overhead"]), flush=True)
+        res["overhead"] = {"steps": steps, "trials": args.trials, "in_process_s": t_in,
+                           "in_process_per_run_s": t_in / args.trials, "by_stage_ahead": {}}
+        for k, stage in enumerate(args.stage_ahead):
+            pl = plan_placement(float(os.cpu_count() or 1), 0.0, 1, False, max_concurrent=1, stage_ahead=stage)
+            run_specs = [sp.replace(seed=1000 * (k + 1) + sp.seed) for sp in specs]  # new run ids: nothing skipped
+            t0 = time.perf_counter()
+            run_trials(run_specs, ctx={**ctx, "cpus_per_worker": pl.cpus_per_worker}, storage=str(work / "tune"),
+                       study=f"overhead-s{stage}", concurrency=1, stage_ahead=stage)
+            t_sweep = time.perf_counter() - t0
+            per_trial = (t_sweep - t_in) / args.trials
+            res["overhead"]["by_stage_ahead"][str(stage)] = {
+                "sweep_s": t_sweep, "overhead_per_trial_s": per_trial,
+                "overhead_frac": per_trial / (t_in / args.trials), "overhead_frac_of_60s": per_trial / 60.0}
+            res["overhead"]["by_stage_ahead"][str(stage)]["phases_s"] = phases(trace_file, [s.run_id for s in run_specs])
+            print(json.dumps({"stage_ahead": stage, **res["overhead"]["by_stage_ahead"][str(stage)]}), flush=True)
+        res["overhead"]["in_process_phases_s"] = phases(trace_file, [s.run_id for s in specs])
     if not args.skip_asha:
-        specs = [base_spec(manifest, args.asha_steps).replace(lr=lr, seed=7) for lr in args.asha_lrs]
+        lrs = args.asha_lrs if not args.asha_n else [float(f"{3e-4 * 1e4 ** (i / (args.asha_n - 1)):.3g}")
+                                                     for i in range(args.asha_n)]
+        specs = [base_spec(manifest, args.asha_steps).replace(lr=lr, seed=7) for lr in lrs]
+        pa = plan_placement(float(os.cpu_count() or 1), 0.0, 1, False, stage_ahead=0)
+        ctx = {**ctx, "cpus_per_worker": pa.cpus_per_worker}
         ids = [s.run_id for s in specs]
         # separate Train storage per phase: the same run ids would otherwise restore finished runs
         run_trials(specs, ctx={**ctx, "store_dir": str(work / "store_grid"), "train_storage": str(work / "runs_grid")},
                    storage=str(work / "tune"),
-                   study="grid", concurrency=max(1, (os.cpu_count() or 1)))
+                   study="grid", concurrency=pa.concurrency)
         grid = store_steps(work / "store_grid", ids)
         run_trials(specs, ctx={**ctx, "store_dir": str(work / "store_asha"), "train_storage": str(work / "runs_asha")},
                    storage=str(work / "tune"),
-                   study="asha", concurrency=max(1, (os.cpu_count() or 1)), asha=True, max_steps=args.asha_steps)
+                   study="asha", concurrency=pa.concurrency, asha=True, max_steps=args.asha_steps)
         asha = store_steps(work / "store_asha", ids)
         best_grid = min(grid, key=lambda k: grid[k]["val_loss"])
         finished = {k: v for k, v in asha.items() if v["steps"] >= args.asha_steps}
@@ -120,8 +172,11 @@ def main() -> None:
     md = ["| benchmark | measured | target |", "|---|---|---|"]
     if "overhead" in res:
         o = res["overhead"]
-        md.append(f"| trial orchestration overhead ({o['steps']} steps, {o['in_process_s']:.0f} s in-process) | "
-                  f"{o['overhead_frac']:.1%} ({o['trial_s']:.0f} s as a Tune trial) | <= 10% |")
+        for stage, r in o["by_stage_ahead"].items():
+            md.append(f"| trial orchestration overhead, stage_ahead={stage} ({o['trials']} runs of {o['steps']} steps, "
+                      f"{o['in_process_per_run_s']:.0f} s each in-process) | {r['overhead_frac']:.1%} "
+                      f"({r['overhead_per_trial_s']:.1f} s per trial; sweep {r['sweep_s']:.0f} s vs "
+                      f"{o['in_process_s']:.0f} s) | <= 10% |")
     if "asha" in res:
         a = res["asha"]
         md.append(f"| ASHA compute vs grid ({a['configs']} LRs) | {a['compute_frac']:.1%} "

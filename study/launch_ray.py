@@ -26,6 +26,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from study.devices import DistContext, backend_for, collective_env, detect_device_kind, select_device
 from study.reporters import MultiReporter, NullReporter, RankZero
 from study.spec import RunSpec
+from study.trace import mark
 
 
 class RayReporter(NullReporter):
@@ -74,6 +75,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from study.train import TrainingDiverged, train
 
     spec = RunSpec.from_dict(config["spec"])
+    mark("worker_start", run=spec.run_id)
     ctx = ray_context(config.get("device"))
     reporters = []
     if ctx.rank == 0 and config.get("store_dir"):
@@ -96,6 +98,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         try:
             train(spec, ctx, reporter, run_dir=os.path.join(local, "run"), resume_from=resume,
                   should_stop=stop_checker(config.get("stop_file"), config.get("deadline")))
+            mark("train_returned", run=spec.run_id)
         except TrainingDiverged as exc:  # name the durable checkpoint, not this worker's temporary copy
             raise TrainingDiverged(exc.step, exc.loss,
                                    durable_name(exc.last_good, config.get("run_storage"))) from None
@@ -157,4 +160,5 @@ def fit_run(spec: RunSpec, *, storage: str, num_workers: int = 1, use_gpu: bool 
                              checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
                              callbacks=callbacks or None),
     )
+    mark("fit_call", run=spec.run_id)
     return trainer.fit()

@@ -120,6 +120,8 @@ def connect_ray(address: str | None, num_cpus: int | None, repo_root: Path) -> N
                                                                     str(WORKER_WAIT_S)),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "WANDB_MODE": os.environ.get("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")}
+    if os.environ.get("NEUROX_TRACE_FILE"):  # phase marks (study.trace) from every worker
+        env["NEUROX_TRACE_FILE"] = os.environ["NEUROX_TRACE_FILE"]
     os.environ.update(env)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")

@@ -23,6 +23,7 @@ from ray import tune
 
 from study.launch_ray import fit_run
 from study.spec import RunSpec
+from study.trace import mark
 
 TRIAL_DRIVER_CPU = 0.01
 
@@ -93,6 +94,7 @@ def trial(config: dict[str, Any]) -> None:
     spec = RunSpec.from_dict(config["spec"])
     if "lr" in config:
         spec = spec.replace(lr=float(config["lr"]))
+    mark("trial_start", run=spec.run_id)
     ctx = config["ctx"]
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(ctx["cpus_per_worker"]))))
     result = fit_run(spec, storage=ctx["train_storage"], num_workers=ctx["num_workers"], use_gpu=ctx["use_gpu"],
@@ -100,6 +102,7 @@ def trial(config: dict[str, Any]) -> None:
                      max_failures=ctx.get("max_failures", 2), stop_file=ctx.get("stop_file"),
                      deadline=ctx.get("deadline"), manifest_hash=ctx.get("manifest_hash"),
                      use_wandb=ctx.get("wandb", False), wandb_sweep_id=ctx.get("wandb_sweep_id"), in_tune=True)
+    mark("fit_returned", run=spec.run_id)
     if getattr(result, "error", None):
         raise result.error
     # Train reports reach Tune through TuneReportCallback's queue; a short run can end before the last
@@ -204,6 +207,34 @@ def lr_groups(specs: Iterable[RunSpec]) -> dict[str, list[RunSpec]]:
     return groups
 
 
+def coarse_to_fine(n: int) -> list[int]:
+    """Indices ``0..n-1`` ordered ends and middle first, then ever finer midpoints (0, n-1, n/2, n/4, 3n/4, ...)."""
+    order: list[int] = []
+    seen: set[int] = set()
+    k = 1
+    while len(order) < n:
+        for j in range(k + 1):
+            i = round(j * (n - 1) / k) if n > 1 else 0
+            if i not in seen:
+                seen.add(i)
+                order.append(i)
+        k *= 2
+    return order
+
+
+def asha_order(specs: list[RunSpec]) -> list[RunSpec]:
+    """The order a grid runs in under ASHA: within each group of runs that differ only in LR, coarse-to-fine
+    over the sorted LRs. Asynchronous successive halving can only stop a trial that is worse than trials
+    already seen at the same rung, so an ascending LR grid (each run better than the last, up to the optimum)
+    is its worst case; spreading the first trials over the range gives it references early. Measured and
+    simulated in BENCHMARKS.md (study machinery)."""
+    out: list[RunSpec] = []
+    for group in lr_groups(specs).values():
+        ordered = sorted(group, key=lambda s: s.lr)
+        out += [ordered[i] for i in coarse_to_fine(len(ordered))]
+    return out
+
+
 def run_trials(specs: list[RunSpec], *, ctx: dict, storage: str, study: str, concurrency: int,
                lr_search=None, asha: bool = False, max_steps: int | None = None,
                stage_ahead: int = 0) -> dict[str, int]:
@@ -225,6 +256,8 @@ def run_trials(specs: list[RunSpec], *, ctx: dict, storage: str, study: str, con
         scheduler = ASHAScheduler(time_attr="step", max_t=(max_steps + 1) if max_steps else 2**31,
                                   grace_period=1, reduction_factor=3)
     if lr_search is None:
+        if asha:
+            specs = asha_order(specs)
         tuner = _tuner({"spec": tune.grid_search([s.to_dict() for s in specs])}, ctx=ctx,
                        name=f"{study}-tune", storage=storage, concurrency=concurrency, progress=progress,
                        scheduler=scheduler, stage_ahead=stage_ahead if len(specs) > concurrency else 0)

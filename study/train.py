@@ -40,6 +40,7 @@ from study import checkpoint as ckpt
 from study.devices import DistContext, device_name, peak_flops
 from study.reporters import NullReporter, Reporter
 from study.spec import RunSpec, model_overrides
+from study.trace import mark
 
 #: sample-position offset for validation masks, so they never collide with training ones
 _VAL_SEED_OFFSET = 1 << 40
@@ -369,6 +370,7 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
         return train_finetune(spec, ctx, reporter or NullReporter(), run_dir=run_dir, resume_from=resume_from,
                               should_stop=should_stop)
     reporter = reporter or NullReporter()
+    mark("train_start", run=spec.run_id)
     t_start = time.perf_counter()
     plan = BatchPlan.make(spec, ctx.world_size)
     device = ctx.device
@@ -464,11 +466,13 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
         reporter.report(row, checkpoint_dir=path)
         return row
 
+    mark("loop_start", run=spec.run_id)
     status, metrics = run_steps(spec, ctx, plan, n_steps, state=state, batches=batches, net=net,
                                 optimizer=optimizer, scheduler=scheduler, engine=engine,
                                 params=list(model.parameters()), forward_loss=forward_loss, on_eval=on_eval,
                                 reporter=reporter, should_stop=should_stop, t_start=t_start,
                                 tokens_per_sample=tps, flops_per_sample=fps["train"], peak=peak)
+    mark("loop_end", run=spec.run_id)
     step = state["step"]
     if status == "stopped":
         path = save(step)

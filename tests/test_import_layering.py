@@ -26,7 +26,7 @@ def test_models_import_neither_data_nor_study_nor_ray(path):
 
 
 TRAIN_PATH = ["study/train.py", "study/finetune_engine.py", "study/checkpoint.py", "study/spec.py",
-              "study/devices.py", "study/reporters.py", "study/metrics.py", "study/provenance.py"]
+              "study/devices.py", "study/reporters.py", "study/metrics.py", "study/provenance.py", "study/trace.py"]
 
 
 @pytest.mark.parametrize("rel", TRAIN_PATH)

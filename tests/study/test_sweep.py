@@ -113,3 +113,23 @@ def test_asha_stops_a_poor_trial_and_the_next_trials_still_run(tiny_cohort, tmp_
     assert done == {s.run_id for s in specs}  # finished or judged: a rerun starts nothing
     assert df[df.run_id == specs[1].run_id]["is_final"].any()  # the best LR ran to the end
     assert wall < 400
+
+
+def test_coarse_to_fine_order_covers_the_range_first():
+    from study.sweep import coarse_to_fine
+
+    assert coarse_to_fine(9) == [0, 8, 4, 2, 6, 1, 3, 5, 7]
+    assert coarse_to_fine(1) == [0] and coarse_to_fine(2) == [0, 1]
+    for n in (3, 5, 10, 27):
+        assert sorted(coarse_to_fine(n)) == list(range(n))
+
+
+def test_asha_order_is_coarse_to_fine_within_each_lr_group():
+    from study.sweep import asha_order
+
+    base = RunSpec(family="swift_v2", size="debug", budget=4)
+    lrs = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+    specs = [base.replace(lr=lr) for lr in lrs] + [base.replace(width=32, lr=lr) for lr in lrs[:3]]
+    got = [(s.width, s.lr) for s in asha_order(specs)]
+    w = base.width
+    assert got == [(w, 1e-4), (w, 1e-2), (w, 1e-3), (w, 3e-4), (w, 3e-3), (32, 1e-4), (32, 1e-3), (32, 3e-4)]

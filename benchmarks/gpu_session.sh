@@ -20,7 +20,7 @@ for s in $stages; do
   case $s in
     scaling|scaling-51M|scaling-806M)
       sizes="51M 806M"; [[ $s == scaling-* ]] && sizes=${s#scaling-}
-      steps="--steps 6 --warmup 2"; [[ $sizes == 51M ]] && steps="--steps 20 --warmup 5"
+      steps="--steps 6 --warmup 2"; [[ $sizes == 51M ]] && steps="--steps 40 --warmup 10 --log-every 10"
       python3 benchmarks/train_scaling.py --driver --sizes $sizes $steps --micro-51m 8 --micro-806m 2 \
         --out-dir "$OUT/$s" --timeout 240 2>&1 | grep -v Warning | tee -a "$log" ;;
     loader)

@@ -177,6 +177,16 @@ def main() -> None:
                       f"{o['in_process_per_run_s']:.0f} s each in-process) | {r['overhead_frac']:.1%} "
                       f"({r['overhead_per_trial_s']:.1f} s per trial; sweep {r['sweep_s']:.0f} s vs "
                       f"{o['in_process_s']:.0f} s) | <= 10% |")
+        names = [k for k in o["by_stage_ahead"][next(iter(o["by_stage_ahead"]))].get("phases_s", {})]
+        if names:
+            md += ["", "Median seconds per traced phase (`study.trace`), in-process vs as Tune trials:", "",
+                   "| phase | in-process | " + " | ".join(f"stage_ahead={k}" for k in o["by_stage_ahead"]) + " |",
+                   "|---|---|" + "---|" * len(o["by_stage_ahead"])]
+            for n in names:
+                ip = o.get("in_process_phases_s", {}).get(n)
+                md.append(f"| {n} | {'' if ip is None else f'{ip:.2f}'} | " + " | ".join(
+                    f"{r['phases_s'].get(n, float('nan')):.2f}" for r in o["by_stage_ahead"].values()) + " |")
+            md.append("")
     if "asha" in res:
         a = res["asha"]
         md.append(f"| ASHA compute vs grid ({a['configs']} LRs) | {a['compute_frac']:.1%} "

@@ -87,7 +87,8 @@ def run_one(args) -> dict:
                    batch_size=global_batch, micro_batch_size=micro, budget=args.warmup + args.steps,
                    eval_every=10**9, eval_windows=max(world, 2), distributed=args.dist, zero_stage=args.zero,
                    precision="bf16", num_workers=args.loader_workers if args.data == "hdf5" else 0,
-                   manifest=args.manifest or "", model_overrides=overrides, log_every=1, warmup_frac=0.0)
+                   manifest=args.manifest or "", model_overrides=overrides, log_every=args.log_every,
+                   warmup_frac=0.0)
     datasets = None
     if args.data == "preloaded":
         pool = PreloadedWindows(8, (args.grid,) * 3, args.T, ctx.device, seed=ctx.rank)
@@ -97,7 +98,8 @@ def run_one(args) -> dict:
     t0 = time.perf_counter()
     train(spec, ctx, rep, datasets=datasets)
     wall = time.perf_counter() - t0
-    sps = [r["samples_per_s"] for r in rep.logs][args.warmup:]
+    # throughput windows (log_every steps each) that start after the warm-up steps
+    sps = [r["samples_per_s"] for r in rep.logs if r["step"] - args.log_every >= args.warmup]
     peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else None
     peaks = torch.tensor([peak or 0.0], device=ctx.device)
     if world > 1:
@@ -149,7 +151,8 @@ def driver(args) -> None:
                str(Path(__file__).resolve()), "--size", size, "--mode", mode, "--global-batch", str(args.global_batch),
                "--micro-batch", str(micro), "--zero", str(args.zero), "--dist", args.dist, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--T", str(args.T), "--data", data, "--out", str(f),
-               "--loader-workers", str(args.loader_workers), "--patch-t", str(args.patch_t), "--grid", str(args.grid)]
+               "--loader-workers", str(args.loader_workers), "--patch-t", str(args.patch_t), "--grid", str(args.grid),
+               "--log-every", str(args.log_every)]
         if data == "hdf5":
             cmd += ["--manifest", args.manifest]
         t0 = time.time()
@@ -210,6 +213,8 @@ def main() -> None:
     ap.add_argument("--dist", default="deepspeed", choices=["deepspeed", "ddp"])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--log-every", type=int, default=1,
+                    help="log (and read the loss on the host) every N steps; throughput is per N-step window")
     ap.add_argument("--T", type=int, default=20)
     ap.add_argument("--grid", type=int, default=96)
     ap.add_argument("--patch-t", type=int, default=0, help="temporal patch (0: the size's default)")

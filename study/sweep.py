@@ -235,6 +235,17 @@ def asha_order(specs: list[RunSpec]) -> list[RunSpec]:
     return out
 
 
+def asha_batches(specs: list[RunSpec]) -> list[tuple[list[RunSpec], bool]]:
+    """Split a grid for ASHA: ``(runs, use_asha)`` per Tuner. ASHA compares trials at equal steps, which is
+    only fair between runs that differ in LR alone (a longer budget decays its LR later and looks worse
+    early); so each LR group of two or more runs gets its own Tuner with ASHA (coarse-to-fine order), and
+    runs with nothing to compare to share one Tuner without it."""
+    groups = list(lr_groups(specs).values())
+    singles = [g[0] for g in groups if len(g) == 1]
+    out = [(asha_order(g), True) for g in groups if len(g) > 1]
+    return ([(singles, False)] if singles else []) + out
+
+
 def run_trials(specs: list[RunSpec], *, ctx: dict, storage: str, study: str, concurrency: int,
                lr_search=None, asha: bool = False, max_steps: int | None = None,
                stage_ahead: int = 0) -> dict[str, int]:
@@ -249,19 +260,22 @@ def run_trials(specs: list[RunSpec], *, ctx: dict, storage: str, study: str, con
                         len(lr_groups(specs)) * lr_search.n_trials, study=study,
                         store_dir=ctx.get("store_dir") if asha else None)
     progress._line("starting")
-    scheduler = None
-    if asha:
+
+    def new_scheduler():  # one per Tuner: ASHA's rungs must not carry over between groups
         from ray.tune.schedulers import ASHAScheduler
 
-        scheduler = ASHAScheduler(time_attr="step", max_t=(max_steps + 1) if max_steps else 2**31,
-                                  grace_period=1, reduction_factor=3)
+        return ASHAScheduler(time_attr="step", max_t=(max_steps + 1) if max_steps else 2**31,
+                             grace_period=1, reduction_factor=3)
+
     if lr_search is None:
-        if asha:
-            specs = asha_order(specs)
-        tuner = _tuner({"spec": tune.grid_search([s.to_dict() for s in specs])}, ctx=ctx,
-                       name=f"{study}-tune", storage=storage, concurrency=concurrency, progress=progress,
-                       scheduler=scheduler, stage_ahead=stage_ahead if len(specs) > concurrency else 0)
-        tuner.fit()
+        batches = asha_batches(specs) if asha else [(specs, False)]
+        for k, (batch, use_asha) in enumerate(batches):
+            name = f"{study}-tune" if k == 0 else f"{study}-asha-{lr_groups(batch).popitem()[0]}"
+            tuner = _tuner({"spec": tune.grid_search([s.to_dict() for s in batch])}, ctx=ctx, name=name,
+                           storage=storage, concurrency=concurrency, progress=progress,
+                           scheduler=new_scheduler() if use_asha else None,
+                           stage_ahead=stage_ahead if len(batch) > concurrency else 0)
+            tuner.fit()
     else:
         from ray.tune.search.optuna import OptunaSearch
 
@@ -270,7 +284,7 @@ def run_trials(specs: list[RunSpec], *, ctx: dict, storage: str, study: str, con
             tuner = _tuner({"spec": group[0].to_dict(), "lr": tune.loguniform(lr_search.low, lr_search.high)},
                            ctx=ctx, name=f"{study}-lr-{key}", storage=storage, concurrency=concurrency,
                            progress=progress, num_samples=lr_search.n_trials, search_alg=search,
-                           scheduler=scheduler,
+                           scheduler=new_scheduler() if asha else None,
                            stage_ahead=stage_ahead if lr_search.n_trials > concurrency else 0)
             tuner.fit()
     return {"done": progress.done, "failed": progress.failed, "early_stopped": progress.early_stopped}

@@ -133,3 +133,17 @@ def test_asha_order_is_coarse_to_fine_within_each_lr_group():
     got = [(s.width, s.lr) for s in asha_order(specs)]
     w = base.width
     assert got == [(w, 1e-4), (w, 1e-2), (w, 1e-3), (w, 3e-4), (w, 3e-3), (32, 1e-4), (32, 1e-3), (32, 3e-4)]
+
+
+def test_asha_batches_compare_only_runs_that_differ_in_lr():
+    from study.sweep import asha_batches
+
+    base = RunSpec(family="swift_v2", size="debug", budget=4)
+    lr_group = [base.replace(lr=lr) for lr in (1e-3, 1e-2, 1e-4)]
+    other_budget = [base.replace(budget=8, lr=lr) for lr in (1e-3, 1e-2)]
+    lone = [base.replace(width=32), base.replace(width=48)]
+    batches = asha_batches(lr_group + lone + other_budget)
+    assert batches[0] == (lone, False)  # nothing to compare with: no ASHA
+    assert [(sorted(s.lr for s in b), a) for b, a in batches[1:]] == [([1e-4, 1e-3, 1e-2], True), ([1e-3, 1e-2], True)]
+    assert [s.lr for s in batches[1][0]] == [1e-4, 1e-2, 1e-3]  # coarse-to-fine
+    assert asha_batches(lr_group) == [([lr_group[2], lr_group[1], lr_group[0]], True)]

@@ -151,7 +151,8 @@ def add_common_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     help="Ray address ('auto' inside a cluster or `ray job submit`); default: embedded local Ray")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
     ap.add_argument("--max-concurrent", type=int, default=None, help="cap on trials at once")
-    ap.add_argument("--asha", action="store_true", help="stop poor trials early (ASHA on val_loss)")
+    ap.add_argument("--asha", action="store_true",
+                    help="stop poor trials early (ASHA on val_loss), comparing only runs that differ in LR alone")
     ap.add_argument("--wandb", action="store_true", help="log runs to W&B (offline unless a key is set)")
     ap.add_argument("--on-change", choices=["refuse", "new-version"], default="refuse",
                     help="what to do when code or data changed since the study started")

@@ -37,7 +37,6 @@ import dataclasses
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -51,9 +50,8 @@ from study.devices import DistContext, device_name
 from study.metrics import TASK_METRICS, score_subjects
 from study.reporters import Reporter
 from study.spec import STRATEGIES, RunSpec
-from study.train import (BatchPlan, SampleOrder, TrainResult, _autocast, _barrier, _collate,
-                         _MicroBatches, _PositionDataset, lr_factor, make_optimizer, model_config, run_steps,
-                         total_steps)
+from study.train import (BatchPlan, SampleOrder, TrainResult, _autocast, _collate, _MicroBatches, _PositionDataset,
+                         checkpoint_saver, lr_factor, make_optimizer, model_config, restore, run_steps, total_steps)
 
 #: strategies that start from pre-trained weights
 NEEDS_WEIGHTS = tuple(s for s in STRATEGIES if s != "scratch")
@@ -385,28 +383,9 @@ def train_finetune(spec: RunSpec, ctx: DistContext, reporter: Reporter, *,
 
     state = {"step": 0, "samples_seen": 0, "tokens_seen": 0, "wall_time_s": 0.0, "skipped": 0,
              "last_checkpoint": None}
-    if resume_from is not None:
-        loaded = ckpt.load_checkpoint(resume_from, rank=ctx.rank, model=model, optimizer=optimizer,
-                                      scheduler=scheduler, map_location=device)
-        if loaded.get("run_id") not in (None, spec.run_id):
-            raise ckpt.CheckpointError(f"checkpoint {resume_from} belongs to run {loaded.get('run_id')}, "
-                                       f"not {spec.run_id}")
-        state.update({k: loaded[k] for k in state if k in loaded})
-        state["last_checkpoint"] = str(resume_from)
-
-    ckpt_root = Path(run_dir) / "checkpoints" if run_dir is not None else None
-    barrier = _barrier(ctx)
-
-    def save(step: int) -> str | None:
-        if ckpt_root is None:
-            return None
-        path = ckpt.save_checkpoint(ckpt.step_dir(ckpt_root, step), rank=ctx.rank, barrier=barrier,
-                                    state={**state, "run_id": spec.run_id, "spec": spec.to_dict()},
-                                    model=model, optimizer=optimizer, scheduler=scheduler)
-        state["last_checkpoint"] = str(path)
-        if ctx.is_main:
-            ckpt.apply_retention(ckpt_root, keep_last=spec.keep_last)
-        return str(path)
+    objects = dict(model=model, optimizer=optimizer, scheduler=scheduler)
+    restore(state, resume_from, spec, ctx, **objects)
+    save = checkpoint_saver(run_dir, spec, ctx, state, **objects)
 
     eval_bs = plan.micro_batch
     static = {"run_id": spec.run_id, "task": spec.target, "task_type": spec.task_type, "strategy": spec.strategy,

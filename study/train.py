@@ -404,33 +404,13 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
 
     state = {"step": 0, "samples_seen": 0, "tokens_seen": 0, "flops": 0.0, "wall_time_s": 0.0, "skipped": 0,
              "best_val_loss": None, "best_checkpoint": None, "last_checkpoint": None}
-    if resume_from is not None:
-        loaded = ckpt.load_checkpoint(resume_from, rank=ctx.rank, model=model, optimizer=optimizer,
-                                      scheduler=scheduler, ds_engine=engine, map_location=device)
-        if loaded.get("run_id") not in (None, spec.run_id):
-            raise ckpt.CheckpointError(f"checkpoint {resume_from} belongs to run {loaded.get('run_id')}, "
-                                       f"not {spec.run_id}")
-        state.update({k: loaded[k] for k in state if k in loaded})
-        state["last_checkpoint"] = str(resume_from)
-
-    ckpt_root = Path(run_dir) / "checkpoints" if run_dir is not None else None
+    objects = dict(model=model, optimizer=optimizer, scheduler=scheduler, ds_engine=engine)
+    restore(state, resume_from, spec, ctx, **objects)
     mask_fn = R.mask_function(cfg)
     loader_ds = _PositionDataset(train_ds, order, spec.bad_data,
                                  masks=PositionMasks(mask_fn, spec.seed) if mask_fn is not None else None)
     peak = peak_flops(device)
-    barrier = _barrier(ctx)
-
-    def save(step: int) -> str | None:
-        if ckpt_root is None:
-            return None
-        path = ckpt.save_checkpoint(ckpt.step_dir(ckpt_root, step), rank=ctx.rank, barrier=barrier,
-                                    state={**state, "run_id": spec.run_id, "spec": spec.to_dict()},
-                                    model=model, optimizer=optimizer, scheduler=scheduler, ds_engine=engine)
-        state["last_checkpoint"] = str(path)
-        if ctx.is_main:
-            best = Path(state["best_checkpoint"]) if (spec.keep_best and state["best_checkpoint"]) else None
-            ckpt.apply_retention(ckpt_root, keep_last=spec.keep_last, best=best)
-        return str(path)
+    save = checkpoint_saver(run_dir, spec, ctx, state, **objects)
 
     def evaluate() -> dict[str, float]:
         return _evaluate(net if engine is None else engine, cfg, val_ds, spec, ctx)
@@ -481,6 +461,40 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
                          "flops": state["flops"], "wall_time_s": state["wall_time_s"]}, checkpoint_dir=path)
     return TrainResult(run_id=spec.run_id, status=status, step=step, final_metrics=metrics,
                        last_checkpoint=state["last_checkpoint"])
+
+
+def restore(state: dict[str, Any], resume_from, spec: RunSpec, ctx: DistContext, **objects) -> None:
+    """Load checkpoint ``resume_from`` (if any) into ``objects`` (model, optimizer, scheduler, ds_engine) and
+    the keys of ``state`` it holds; refuse a checkpoint of another run."""
+    if resume_from is None:
+        return
+    loaded = ckpt.load_checkpoint(resume_from, rank=ctx.rank, map_location=ctx.device, **objects)
+    if loaded.get("run_id") not in (None, spec.run_id):
+        raise ckpt.CheckpointError(f"checkpoint {resume_from} belongs to run {loaded.get('run_id')}, "
+                                   f"not {spec.run_id}")
+    state.update({k: loaded[k] for k in state if k in loaded})
+    state["last_checkpoint"] = str(resume_from)
+
+
+def checkpoint_saver(run_dir, spec: RunSpec, ctx: DistContext, state: dict[str, Any],
+                     **objects) -> Callable[[int], str | None]:
+    """``save(step)``: a complete checkpoint under ``run_dir/checkpoints`` (None without ``run_dir``), then
+    retention (the last ``spec.keep_last``, plus ``state["best_checkpoint"]`` when ``spec.keep_best``)."""
+    root = Path(run_dir) / "checkpoints" if run_dir is not None else None
+    barrier = _barrier(ctx)
+
+    def save(step: int) -> str | None:
+        if root is None:
+            return None
+        path = ckpt.save_checkpoint(ckpt.step_dir(root, step), rank=ctx.rank, barrier=barrier,
+                                    state={**state, "run_id": spec.run_id, "spec": spec.to_dict()}, **objects)
+        state["last_checkpoint"] = str(path)
+        if ctx.is_main:
+            best = state.get("best_checkpoint") if spec.keep_best else None
+            ckpt.apply_retention(root, keep_last=spec.keep_last, best=Path(best) if best else None)
+        return str(path)
+
+    return save
 
 
 def run_steps(spec: RunSpec, ctx: DistContext, plan: BatchPlan, n_steps: int, *, state: dict[str, Any], batches,

@@ -159,6 +159,59 @@ class Progress(tune.Callback):
         self._line(f"FAILED {trial.trial_id}")
 
 
+def release_orphaned_placement_groups() -> int:
+    """Remove placement groups whose creating actor is dead; returns how many.
+
+    A trial that Tune stops (ASHA) is killed with its Ray Train controller. Ray Train's own cleaner removes
+    the workers' placement group it was told about, but a controller killed while it restarts its worker
+    group can leave a *second* group that reaches the GCS after the controller died (seen on Ray 2.60:
+    such a group stays CREATED, is marked as created by a live actor, and holds the workers' CPUs, so the
+    next trial waits forever). Groups created by a driver (Tune's own trial groups) and detached groups are
+    never touched. Uses Ray's GCS tables (no dashboard needed); returns 0 if they cannot be read.
+    """
+    try:
+        from ray._private.state import state
+        from ray.core.generated import gcs_pb2
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        table = state._connect_and_get_accessor().get_placement_group_table()
+    except Exception:  # a Ray without these internals: rely on Ray Train's cleaner alone
+        return 0
+    data = gcs_pb2.PlacementGroupTableData
+    released = 0
+    for raw in table:
+        pg = data.FromString(raw)
+        if pg.state == data.REMOVED or pg.is_detached:
+            continue
+        creator = ray.ActorID(pg.creator_actor_id)
+        if creator.is_nil():
+            continue
+        if not pg.creator_actor_dead:
+            info = state.actor_table(creator.hex())
+            if not info or info.get("State") != "DEAD":
+                continue
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+        released += 1
+    return released
+
+
+class PlacementGroupJanitor(tune.Callback):
+    """Runs :func:`release_orphaned_placement_groups` every ``interval_s`` of Tune's loop."""
+
+    def __init__(self, interval_s: float = 5.0) -> None:
+        self.interval_s, self.last, self.released = interval_s, 0.0, 0
+
+    def on_step(self, iteration, trials, **info):
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            self.last = now
+            n = release_orphaned_placement_groups()
+            if n:
+                self.released += n
+                print(f"released {n} placement group(s) left by a stopped trial's Ray Train controller",
+                      flush=True)
+
+
 def trial_run_id(config: dict[str, Any]) -> str:
     spec = RunSpec.from_dict(config["spec"])
     return (spec.replace(lr=float(config["lr"])) if "lr" in config else spec).run_id
@@ -193,7 +246,8 @@ def _tuner(param_space: dict, *, ctx: dict, name: str, storage: str, concurrency
                                   search_alg=search_alg, scheduler=scheduler,
                                   metric="val_loss" if (search_alg or scheduler) else None,
                                   mode="min" if (search_alg or scheduler) else None)
-    run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=[progress], verbose=0,
+    callbacks = [progress, PlacementGroupJanitor()]
+    run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=0,
                                 failure_config=tune.FailureConfig(max_failures=ctx.get("trial_retries", 1)))
     return tune.Tuner(trainable, param_space={**param_space, "ctx": ctx}, tune_config=tune_config,
                       run_config=run_config)

@@ -86,32 +86,33 @@ def test_asha_stops_a_poor_trial_and_the_next_trials_still_run(tiny_cohort, tmp_
     from study.sweep import run_trials
 
     base = RunSpec(study="asha", family="swift_v2", size="debug", width=16, grid=(24, 24, 24), sequence_length=8,
-                   batch_size=2, budget=6, eval_every=1, eval_windows=2, manifest=tiny_cohort, precision="fp32",
+                   batch_size=2, budget=12, eval_every=1, eval_windows=2, manifest=tiny_cohort, precision="fp32",
                    checkpoint_every=0, schedule="constant", warmup_frac=0.0)
-    # grid order: two good LRs (one of them staged), then one too small to learn, then a good one
-    specs = [base.replace(lr=lr) for lr in (3e-3, 1e-2, 1e-7, 5e-3)]
+    # ASHA runs an LR group coarse-to-fine: 1e-8, 1e-2, 3e-3, then 1e-7 (judged against three finished
+    # trials: too small to learn, stopped at its first rung), then 5e-3
+    specs = [base.replace(lr=lr) for lr in (1e-2, 5e-3, 3e-3, 1e-7, 1e-8)]
     connect_ray(None, 2, __import__("pathlib").Path(__file__).resolve().parents[2])
     try:
         ctx = {"train_storage": str(tmp_path / "runs"), "store_dir": str(tmp_path / "store"), "num_workers": 1,
                "use_gpu": False, "cpus_per_worker": 1.98}
         t0 = time.time()
         counts = run_trials(specs, ctx=ctx, storage=str(tmp_path / "tune"), study="asha", concurrency=1,
-                            asha=True, max_steps=6, stage_ahead=1)
+                            asha=True, max_steps=12, stage_ahead=1)
         wall = time.time() - t0
     finally:
         ray.shutdown()
-    assert counts["failed"] == 0 and counts["done"] == 4
+    assert counts["failed"] == 0 and counts["done"] == 5
     df = read_table(tmp_path / "store", "train")
     assert set(df.run_id) == {s.run_id for s in specs}  # every trial ran, including those after a stop
-    # the LR too small to learn starts after a good trial has reported, so ASHA stops it at its first rung
-    bad = df[df.run_id == specs[2].run_id]
-    assert (bad["status"] == "early_stopped").any() and bad["step"].max() < 6
+    bad = df[df.run_id == specs[3].run_id]
+    assert (bad["status"] == "early_stopped").any() and bad["step"].max() < 12
     # a stopped trial's worker may still store a row or two before it is killed: the mark is on some row
     marked = df.groupby("run_id")["status"].apply(lambda s: (s == "early_stopped").any())
     assert counts["early_stopped"] == int(marked.sum()) >= 1
     done = finished_runs(tmp_path / "store")
     assert done == {s.run_id for s in specs}  # finished or judged: a rerun starts nothing
-    assert df[df.run_id == specs[1].run_id]["is_final"].any()  # the best LR ran to the end
+    assert df[df.run_id == specs[0].run_id]["is_final"].any()  # the best LR ran to the end
+    assert df[df.run_id == specs[4].run_id]["is_final"].any()  # the first trial had nothing to lose to
     assert wall < 400
 
 
@@ -147,3 +148,45 @@ def test_asha_batches_compare_only_runs_that_differ_in_lr():
     assert [(sorted(s.lr for s in b), a) for b, a in batches[1:]] == [([1e-4, 1e-3, 1e-2], True), ([1e-3, 1e-2], True)]
     assert [s.lr for s in batches[1][0]] == [1e-4, 1e-2, 1e-3]  # coarse-to-fine
     assert asha_batches(lr_group) == [([lr_group[2], lr_group[1], lr_group[0]], True)]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_janitor_releases_groups_of_dead_actors_only(tmp_path):
+    """A placement group created inside an actor outlives the actor while the job lives (Ray's rule); the
+    janitor removes it, and leaves groups created by the driver or by live actors alone."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from study.runner import connect_ray
+    from study.sweep import release_orphaned_placement_groups
+
+    connect_ray(None, 2, __import__("pathlib").Path(__file__).resolve().parents[2])
+    try:
+        @ray.remote(num_cpus=0)
+        class Maker:
+            def make(self, cpu):
+                pg = placement_group([{"CPU": cpu}])
+                ray.get(pg.ready())
+                return pg.id.hex()
+
+        dead, alive = Maker.remote(), Maker.remote()
+        orphan = ray.get(dead.make.remote(0.5))
+        kept = ray.get(alive.make.remote(0.25))
+        own = placement_group([{"CPU": 0.25}])
+        ray.get(own.ready())
+        ray.kill(dead)
+        time.sleep(2.0)
+        table = placement_group_table()
+        assert table[orphan]["state"] == "CREATED"  # leaked: the job still lives
+        deadline = time.time() + 30
+        released = 0
+        while released == 0 and time.time() < deadline:
+            released = release_orphaned_placement_groups()
+            time.sleep(0.5)
+        table = placement_group_table()
+        assert released == 1 and table[orphan]["state"] == "REMOVED"
+        assert table[kept]["state"] == "CREATED" and table[own.id.hex()]["state"] == "CREATED"
+        assert release_orphaned_placement_groups() == 0
+    finally:
+        ray.shutdown()

@@ -201,7 +201,7 @@ class PlacementGroupJanitor(tune.Callback):
     def __init__(self, interval_s: float = 5.0) -> None:
         self.interval_s, self.last, self.released = interval_s, 0.0, 0
 
-    def on_step(self, iteration, trials, **info):
+    def on_step_end(self, iteration, trials, **info):
         now = time.monotonic()
         if now - self.last >= self.interval_s:
             self.last = now

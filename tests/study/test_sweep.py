@@ -190,3 +190,13 @@ def test_janitor_releases_groups_of_dead_actors_only(tmp_path):
         assert release_orphaned_placement_groups() == 0
     finally:
         ray.shutdown()
+
+
+def test_janitor_overrides_a_real_tune_hook():
+    """The janitor only runs if Tune calls its hook: it must override a method Tune's Callback defines."""
+    from ray import tune
+
+    from study.sweep import PlacementGroupJanitor
+
+    hooks = [n for n in vars(PlacementGroupJanitor) if n.startswith("on_")]
+    assert hooks and all(callable(getattr(tune.Callback, n, None)) for n in hooks)

@@ -88,8 +88,8 @@ def test_asha_stops_a_poor_trial_and_the_next_trials_still_run(tiny_cohort, tmp_
     base = RunSpec(study="asha", family="swift_v2", size="debug", width=16, grid=(24, 24, 24), sequence_length=8,
                    batch_size=2, budget=12, eval_every=1, eval_windows=2, manifest=tiny_cohort, precision="fp32",
                    checkpoint_every=0, schedule="constant", warmup_frac=0.0)
-    # ASHA runs an LR group coarse-to-fine: 1e-8, 1e-2, 3e-3, then 1e-7 (judged against three finished
-    # trials: too small to learn, stopped at its first rung), then 5e-3
+    # ASHA runs an LR group coarse-to-fine: 1e-8 and 1e-2 (one of them staged: either may run first), 3e-3,
+    # then 1e-7 (judged against three finished trials: too small to learn, stopped at its first rung), 5e-3
     specs = [base.replace(lr=lr) for lr in (1e-2, 5e-3, 3e-3, 1e-7, 1e-8)]
     connect_ray(None, 2, __import__("pathlib").Path(__file__).resolve().parents[2])
     try:
@@ -112,7 +112,6 @@ def test_asha_stops_a_poor_trial_and_the_next_trials_still_run(tiny_cohort, tmp_
     done = finished_runs(tmp_path / "store")
     assert done == {s.run_id for s in specs}  # finished or judged: a rerun starts nothing
     assert df[df.run_id == specs[0].run_id]["is_final"].any()  # the best LR ran to the end
-    assert df[df.run_id == specs[4].run_id]["is_final"].any()  # the first trial had nothing to lose to
     assert wall < 400
 
 

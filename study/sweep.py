@@ -52,11 +52,13 @@ class Placement:
 
 
 def plan_placement(cpus: float, gpus: float, num_workers: int, use_gpu: bool, max_concurrent: int | None = None,
-                   stage_ahead: int = STAGE_AHEAD) -> Placement:
+                   stage_ahead: int = STAGE_AHEAD, node_cpus: float | None = None) -> Placement:
     """Trials that fit ``cpus``/``gpus`` at once and CPUs per worker (pure: no Ray call).
 
     Every trial driver, staged ones included, holds :data:`TRIAL_DRIVER_CPU`; the rest of the CPUs is shared
-    by the running trials' workers (in steps of 0.01 CPU; GPU workers take at most 8 CPUs each).
+    by the running trials' workers (in steps of 0.01 CPU; GPU workers take at most 8 CPUs each). A worker
+    lives on one node: with ``node_cpus`` (the largest node's CPUs) it never asks for more than that node can
+    give beside all the trial drivers.
     """
     if num_workers < 1:
         raise ValueError(f"num_workers={num_workers}; allowed: >= 1")
@@ -70,6 +72,8 @@ def plan_placement(cpus: float, gpus: float, num_workers: int, use_gpu: bool, ma
         conc = min(conc, max_concurrent)
     drivers = (conc + stage_ahead) * TRIAL_DRIVER_CPU
     cpw = (cpus - drivers) / (conc * num_workers)
+    if node_cpus:
+        cpw = min(cpw, node_cpus - drivers)
     if use_gpu:
         cpw = min(8.0, cpw)
         cpw = float(math.floor(cpw)) if cpw >= 1 else math.floor(cpw * 100) / 100
@@ -85,8 +89,10 @@ def placement(num_workers: int, use_gpu: bool, max_concurrent: int | None = None
               stage_ahead: int = STAGE_AHEAD) -> Placement:
     """:func:`plan_placement` for the connected Ray cluster."""
     res = ray.cluster_resources()
+    node_cpus = max((float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")),
+                    default=None)
     return plan_placement(float(res.get("CPU", 1)), float(res.get("GPU", 0)), num_workers, use_gpu,
-                          max_concurrent, stage_ahead)
+                          max_concurrent, stage_ahead, node_cpus=node_cpus or None)
 
 
 def trial(config: dict[str, Any]) -> None:

@@ -45,6 +45,15 @@ def test_placement_numbers_on_the_ci_machine_and_an_aurora_node():
     assert t.concurrency == 4 and math.isclose(t.cpus_per_worker, 0.98)
 
 
+def test_placement_never_asks_one_worker_for_more_than_a_node_has():
+    """3 nodes x 2 CPUs capped at 2 trials: each worker must still fit on one node beside the drivers."""
+    p = plan_placement(6, 0, 1, False, max_concurrent=2, stage_ahead=1, node_cpus=2)
+    assert p.concurrency == 2 and p.cpus_per_worker == 1.97
+    assert plan_placement(6, 0, 1, False, max_concurrent=2, stage_ahead=1).cpus_per_worker == 2.98  # one node
+    g = plan_placement(64, 8, 1, True, max_concurrent=2, stage_ahead=1, node_cpus=4)
+    assert g.cpus_per_worker == 3.0
+
+
 def test_placement_rejects_impossible_plans():
     with pytest.raises(RuntimeError, match="needs 4 GPUs"):
         plan_placement(64, 2, 4, True)

@@ -82,10 +82,10 @@ def finished_runs(store_dir: Path) -> set[str]:
         return set()
     if df is None or df.empty:
         return set()
-    done = df["is_final"].fillna(False).astype(bool) if "is_final" in df else False
+    done = df["is_final"].fillna(False).astype(bool) if "is_final" in df else df["run_id"].isna()
     if "status" in df:  # stopped by ASHA: judged, not to be rerun (study.sweep.record_early_stop)
-        done = done | (df["status"] == "early_stopped")
-    return set(df.loc[done, "run_id"]) if not isinstance(done, bool) else set()
+        done |= df["status"] == "early_stopped"
+    return set(df.loc[done, "run_id"])
 
 
 def probe_address(address: str, timeout: float = 5.0) -> None:
@@ -120,8 +120,10 @@ def connect_ray(address: str | None, num_cpus: int | None, repo_root: Path) -> N
                                                                     str(WORKER_WAIT_S)),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "WANDB_MODE": os.environ.get("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")}
-    if os.environ.get("NEUROX_TRACE_FILE"):  # phase marks (study.trace) from every worker
-        env["NEUROX_TRACE_FILE"] = os.environ["NEUROX_TRACE_FILE"]
+    from study import trace
+
+    if os.environ.get(trace.ENV):  # phase marks (study.trace) from every worker
+        env[trace.ENV] = os.environ[trace.ENV]
     os.environ.update(env)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")

@@ -97,9 +97,7 @@ def placement(num_workers: int, use_gpu: bool, max_concurrent: int | None = None
 
 def trial(config: dict[str, Any]) -> None:
     """Tune function trainable: one run = one ``TorchTrainer.fit`` (reports flow through TuneReportCallback)."""
-    spec = RunSpec.from_dict(config["spec"])
-    if "lr" in config:
-        spec = spec.replace(lr=float(config["lr"]))
+    spec = trial_spec(config)
     mark("trial_start", run=spec.run_id)
     ctx = config["ctx"]
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(ctx["cpus_per_worker"]))))
@@ -154,7 +152,7 @@ class Progress(tune.Callback):
         # the scheduler (ASHA) stopped it
         if self.store_dir and last.get("status") == "running" and not last.get("is_final"):
             self.early_stopped += 1
-            run_id = trial_run_id(trial.config)
+            run_id = trial_spec(trial.config).run_id
             step = record_early_stop(self.store_dir, run_id)
             note = f"early-stopped {run_id} at step {step}"
         self._line(note)
@@ -218,9 +216,10 @@ class PlacementGroupJanitor(tune.Callback):
                       flush=True)
 
 
-def trial_run_id(config: dict[str, Any]) -> str:
+def trial_spec(config: dict[str, Any]) -> RunSpec:
+    """The run a trial's config describes (an Optuna-suggested ``lr`` replaces the spec's)."""
     spec = RunSpec.from_dict(config["spec"])
-    return (spec.replace(lr=float(config["lr"])) if "lr" in config else spec).run_id
+    return spec.replace(lr=float(config["lr"])) if "lr" in config else spec
 
 
 def record_early_stop(store_dir: str, run_id: str) -> int | None:

@@ -548,7 +548,7 @@ def run_steps(spec: RunSpec, ctx: DistContext, plan: BatchPlan, n_steps: int, *,
         for a in range(n_micro):
             batch = next(batches)
             if batch["skipped"]:
-                state["skipped"] = state.get("skipped", 0) + len(batch["skipped"])
+                state["skipped"] += len(batch["skipped"])
                 for msg in batch["skipped"]:
                     reporter.log({"step": step, "bad_data_skipped": msg})
             sync_ctx = net.no_sync() if ddp and a < n_micro - 1 else contextlib.nullcontext()

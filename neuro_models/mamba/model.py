@@ -26,24 +26,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..heads import MLPHead
+from ..layers import DropPath
 from .config import NeuroMambaConfig
 from .scan import selective_scan, ssd_chunked
 from .tokens import (FourierPositions, Packed, keep_tokens, pack_kept, pack_rows, patchify, token_coords,
                      voxel_weights)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth on the residual branch, per row."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device) >= self.p
-        return x * keep.to(x.dtype) / (1.0 - self.p)
 
 
 class MambaMixer(nn.Module):

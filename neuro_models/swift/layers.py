@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import DropPath  # noqa: F401  (re-exported: the blocks import it from here)
+
 
 # --------------------------------------------------------------------------------------------------
 # window partition
@@ -127,21 +129,6 @@ def mask_to_bias(mask_WNN: torch.Tensor, batch: int, dtype: torch.dtype) -> torc
 # --------------------------------------------------------------------------------------------------
 # layers
 # --------------------------------------------------------------------------------------------------
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample with probability ``p``."""
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = float(p)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
-
-
 class Mlp(nn.Module):
     """Two-layer GELU MLP on the last axis."""
 
@@ -192,8 +179,29 @@ class Attention(nn.Module):
             cos, sin = rope[0].to(q.dtype), rope[1].to(q.dtype)
             q, k = rope_rotate(q, cos, sin), rope_rotate(k, cos, sin)
         bias = None if mask is None else mask_to_bias(mask, S // mask.shape[0], q.dtype)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        o = sdpa_chunked(q, k, v, bias, self.scale)
         return self.proj(o.transpose(1, 2).reshape(S, N, D))
+
+
+#: Most sequences one fused SDPA call takes. The flash and memory-efficient CUDA kernels put the batch of
+#: sequences in a grid dimension limited to 65535 blocks; the revised variant's temporal windows reach
+#: 65536 sequences already at batch 8, T = 20 (8 x 16^3 windows x 2) and failed with "CUDA error:
+#: invalid argument" (H100, torch 2.11). Larger batches run in chunks of this many sequences.
+SDPA_MAX_SEQUENCES = 32768
+
+
+def sdpa_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                 scale: float) -> torch.Tensor:
+    """``scaled_dot_product_attention`` over ``[S, H, N, E]``, in chunks of ``SDPA_MAX_SEQUENCES`` along ``S``."""
+    S = q.shape[0]
+    if S <= SDPA_MAX_SEQUENCES:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    outs = []
+    for i in range(0, S, SDPA_MAX_SEQUENCES):
+        sl = slice(i, i + SDPA_MAX_SEQUENCES)
+        outs.append(F.scaled_dot_product_attention(q[sl], k[sl], v[sl], attn_mask=None if bias is None else bias[sl],
+                                                   scale=scale))
+    return torch.cat(outs)
 
 
 def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -204,6 +212,8 @@ def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 class PatchEmbed(nn.Module):
     """Linear patch embedding: ``x_BCXYZT -> tokens [B, X', Y', Z', T', D]``."""
+
+    compile_region = True  # see neuro_models.layers.compile_regions
 
     def __init__(self, patch_size: tuple[int, int, int, int], in_chans: int, dim: int) -> None:
         super().__init__()
@@ -234,6 +244,8 @@ def unpatchify(p_BXYZTP: torch.Tensor, patch: tuple[int, ...], in_chans: int) ->
 
 class PatchMerging(nn.Module):
     """Merge 2x2x2 spatial neighbours (time untouched): ``[B, X, Y, Z, T, D] -> [B, X/2, Y/2, Z/2, T, 2D]``."""
+
+    compile_region = True  # see neuro_models.layers.compile_regions
 
     def __init__(self, dim: int) -> None:
         super().__init__()

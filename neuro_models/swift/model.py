@@ -39,6 +39,8 @@ def _scale(cfg: SwiftConfig, head_dim: int) -> float:
 class WindowBlock4D(nn.Module):
     """Swin block with 4D (shifted) window attention: ``[B, X, Y, Z, T, D] -> same``."""
 
+    compile_region = True  # see neuro_models.layers.compile_regions
+
     def __init__(self, dim: int, num_heads: int, window: tuple[int, ...], *, shifted: bool, mlp_ratio: float,
                  qkv_bias: bool, drop_path: float, scale: float, shift_impl: str = "mask") -> None:
         super().__init__()
@@ -72,6 +74,8 @@ class WindowBlock4D(nn.Module):
 
 class FullBlock(nn.Module):
     """Transformer block with full attention over a flat sequence ``[B, N, D]``."""
+
+    compile_region = True  # see neuro_models.layers.compile_regions
 
     def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float, qkv_bias: bool, drop_path: float,
                  scale: float) -> None:
@@ -198,6 +202,8 @@ class PixelShuffleDecoder(nn.Module):
     ``MuReadout`` under muP.
     """
 
+    compile_region = True  # see neuro_models.layers.compile_regions
+
     def __init__(self, in_dim: int, r: int, decoder_dim: int, patch_numel: int, readout: type) -> None:
         super().__init__()
         self.r = r
@@ -241,6 +247,8 @@ def reconstruction_loss(cfg: SwiftConfig, pred_BXYZTP: torch.Tensor, x_BCXYZT: t
 
 class MIMLoss(nn.Module):
     """:func:`reconstruction_loss` as a module (so it can be compiled on its own)."""
+
+    compile_region = True  # see neuro_models.layers.compile_regions
 
     def __init__(self, cfg: SwiftConfig) -> None:
         super().__init__()

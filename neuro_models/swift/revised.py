@@ -61,6 +61,8 @@ def window_coords(window: tuple[int, ...], device: torch.device | None = None) -
 class FactorizedBlock(nn.Module):
     """Temporal-then-spatial window attention block with RoPE and LayerScale."""
 
+    compile_region = True  # see neuro_models.layers.compile_regions
+
     def __init__(self, dim: int, num_heads: int, window: tuple[int, ...], *, shifted: bool, mlp_ratio: float,
                  qkv_bias: bool, drop_path: float, scale: float, layer_scale_init: float, rope_theta: float,
                  shift_impl: str = "mask") -> None:
@@ -161,6 +163,8 @@ class FactorizedPixelShuffleDecoder(nn.Module):
     time. Spatial expansion: the ``r^3`` sub-tokens are shuffled into space (first-stage grid), then
     GELU and a linear layer give the ``px*py*pz`` voxels of every frame.
     """
+
+    compile_region = True  # see neuro_models.layers.compile_regions
 
     def __init__(self, in_dim: int, r: int, decoder_dim: int, patch_size: tuple[int, ...], in_chans: int,
                  readout: type) -> None:

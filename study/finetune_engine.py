@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuro_models import registry as R
+from neuro_models.layers import compile_regions
 from study import checkpoint as ckpt
 from study.devices import DistContext, device_name
 from study.metrics import TASK_METRICS, score_subjects
@@ -220,6 +221,8 @@ def build_model(spec: RunSpec, cfg: Any, weights: dict[str, torch.Tensor] | None
     keep = {id(p) for p in trainable}
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
+    if spec.compile:  # after LoRA and freezing: both change what the compiled blocks compute
+        compile_regions(model)
     return model
 
 

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 #: is among them: a study records the manifest content hash and refuses to mix data versions.
 NON_SEMANTIC_FIELDS = frozenset({"study", "manifest", "num_workers", "checkpoint_every", "keep_last", "keep_best",
                                  "micro_batch_size", "distributed", "zero_stage", "bad_data",
-                                 "log_every", "notes"})
+                                 "log_every", "compile", "deepspeed_config", "notes"})
 
 SCHEDULES = ("cosine", "wsd", "constant")
 BUDGET_KINDS = ("steps", "samples", "tokens", "flops")
@@ -121,6 +121,9 @@ class RunSpec:
     precision: str = "auto"
     distributed: str = "ddp"
     zero_stage: int = 1
+    deepspeed_config: str = ""
+    """JSON object merged (recursively) over the DeepSpeed config the engine generates, e.g.
+    ``'{"zero_optimization": {"overlap_comm": true}}'``; batch sizes and the ZeRO stage stay the spec's."""
     seed: int = 0
     num_workers: int = 0
     checkpoint_every: int = 0
@@ -128,6 +131,10 @@ class RunSpec:
     keep_last: int = 2
     keep_best: bool = True
     log_every: int = 1
+    compile: bool = False
+    """Regional ``torch.compile`` of the model's blocks (``neuro_models.layers.compile_regions``): faster
+    steps on GPUs after a one-off compilation of a few minutes; numerically equivalent, so not part of
+    the run id."""
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -151,6 +158,13 @@ class RunSpec:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} must be positive or None")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be positive")
+        if self.deepspeed_config:
+            try:
+                extra = json.loads(self.deepspeed_config)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"deepspeed_config is not JSON: {exc}") from exc
+            if not isinstance(extra, dict):
+                raise ValueError(f"deepspeed_config must be a JSON object, got {type(extra).__name__}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage={self.zero_stage}; allowed: 0, 1, 2, 3")
         if not 0 <= self.warmup_frac < 1 or not 0 <= self.decay_frac <= 1:

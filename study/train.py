@@ -24,6 +24,7 @@ or under torchrun (two CPU ranks)::
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -34,8 +35,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import record_function
 
 from neuro_models import registry as R
+from neuro_models.layers import compile_regions
 from study import checkpoint as ckpt
 from study.devices import DistContext, device_name, peak_flops
 from study.reporters import NullReporter, Reporter
@@ -390,6 +393,8 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
 
     torch.manual_seed(spec.seed)
     model = R.build_pretrain_model(cfg).to(device)
+    if spec.compile:
+        compile_regions(model)
     optimizer = make_optimizer(model, spec)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, n_steps, spec))
 
@@ -553,27 +558,32 @@ def run_steps(spec: RunSpec, ctx: DistContext, plan: BatchPlan, n_steps: int, *,
                     reporter.log({"step": step, "bad_data_skipped": msg})
             sync_ctx = net.no_sync() if ddp and a < n_micro - 1 else contextlib.nullcontext()
             with sync_ctx:
-                loss, n_tokens = forward_loss(batch)
+                with record_function("neurox.forward"):
+                    loss, n_tokens = forward_loss(batch)
                 if engine is not None:
-                    engine.backward(loss)
-                    engine.step()  # DeepSpeed counts micro-steps and updates only at the boundary
+                    with record_function("neurox.backward"):
+                        engine.backward(loss)
+                    with record_function("neurox.engine_step"):
+                        engine.step()  # DeepSpeed counts micro-steps and updates only at the boundary
                 else:
-                    (loss / plan.accumulation).backward()
+                    with record_function("neurox.backward"):
+                        (loss / plan.accumulation).backward()
             loss_sum += loss.detach().double()
             tokens += n_tokens
         lr_now = optimizer.param_groups[0]["lr"]
-        if engine is not None:
-            grad_norm = engine.get_global_grad_norm()
-            grad_norm = grad_norm if grad_norm is not None else float("nan")
-        else:
-            if spec.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+        with record_function("neurox.optimizer_step"):
+            if engine is not None:
+                grad_norm = engine.get_global_grad_norm()
+                grad_norm = grad_norm if grad_norm is not None else float("nan")
             else:
-                grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-                grad_norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else 0.0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+                if spec.grad_clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+                else:
+                    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+                    grad_norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else 0.0
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
         pending += torch.stack([loss_sum, tokens])
         pending_steps += 1
         step += 1
@@ -664,6 +674,12 @@ def _deepspeed_engine(spec: RunSpec, ctx: DistContext, plan: BatchPlan, model, o
         "torch_autocast": {"enabled": use_bf16, "dtype": "bfloat16"},
         "zero_allow_untested_optimizer": True,
     }
+    if spec.deepspeed_config:
+        # the user's keys win, except the batch plan and the ZeRO stage, which the spec owns
+        pinned = {k: config[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                         "gradient_accumulation_steps")}
+        config = {**merge_config(config, json.loads(spec.deepspeed_config)), **pinned}
+        config["zero_optimization"] = {**config["zero_optimization"], "stage": spec.zero_stage}
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -674,6 +690,14 @@ def _deepspeed_engine(spec: RunSpec, ctx: DistContext, plan: BatchPlan, model, o
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=config, dist_init_required=False)
     return engine
+
+
+def merge_config(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in recursively (``extra`` wins; nested dicts merge key by key)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _free_port() -> int:

@@ -32,3 +32,13 @@ def test_bad_fields_raise_value_error_naming_the_field(field, value, needle):
 def test_unknown_field_is_rejected():
     with pytest.raises(ValueError, match="unknown RunSpec fields"):
         RunSpec.from_dict({"sise": "debug"})
+
+
+def test_deepspeed_config_must_be_a_json_object_and_is_not_semantic():
+    with pytest.raises(ValueError, match="deepspeed_config is not JSON"):
+        RunSpec(deepspeed_config="{overlap_comm: true}")
+    with pytest.raises(ValueError, match="JSON object"):
+        RunSpec(deepspeed_config="[1, 2]")
+    a = RunSpec(size="debug")
+    b = a.replace(deepspeed_config='{"zero_optimization": {"overlap_comm": true}}', compile=True)
+    assert a.run_id == b.run_id  # runtime knobs: same computation, same run

@@ -189,3 +189,24 @@ def test_loader_masks_equal_position_seeded_masks(tiny_cohort):
     assert got.dtype == torch.bool and torch.equal(got, want)
     assert not torch.equal(got[0], got[1])  # positions differ, masks differ
     assert R.mask_function(R.get_config("neuromamba", "debug")) is None
+
+
+def test_deepspeed_config_overrides_merge_but_the_batch_plan_and_stage_stay():
+    from study.train import merge_config
+
+    base = {"train_batch_size": 8, "zero_optimization": {"stage": 1}, "gradient_clipping": 1.0}
+    out = merge_config(base, {"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 0.5})
+    assert out == {"train_batch_size": 8, "zero_optimization": {"stage": 1, "overlap_comm": True},
+                   "gradient_clipping": 0.5}
+    assert base["zero_optimization"] == {"stage": 1}  # the input is not modified
+
+
+@pytest.mark.slow
+def test_compiled_regions_train_like_eager(tiny_cohort):
+    """RunSpec.compile=True (regional torch.compile, Inductor on CPU) gives the eager losses."""
+    spec = RunSpec(size="debug", grid=(24, 24, 24), sequence_length=8, batch_size=2, budget=3, eval_every=3,
+                   eval_windows=2, manifest=tiny_cohort, precision="fp32", log_every=1)
+    eager, _ = run(spec)
+    torch._dynamo.reset()
+    compiled, _ = run(spec.replace(compile=True))
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)

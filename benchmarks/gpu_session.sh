@@ -2,7 +2,7 @@
 # One call on a lent multi-GPU machine: unpack the carried Python deps, then run the training
 # scaling matrix (1/2/4 GPUs, strong + weak) and the 16-worker loader benchmark. Results -> $OUT.
 # Usage (device tool): carry .gpubundle and .whl; command: bash benchmarks/gpu_session.sh [stages...]
-# Stages: scaling loader input (default: all three).
+# Stages: scaling scaling-51M scaling-806M overlap-51M weak-806M train-profile train-compile overhead swift-cg loader input (default: scaling loader input).
 set -uo pipefail
 OUT=${OUT:-/tmp/neurox_out}
 mkdir -p "$OUT" /tmp/site
@@ -15,14 +15,47 @@ export TORCH_CUDA_ARCH_LIST=9.0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTIC
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
 stages=${*:-scaling loader input}
+NG=$(nvidia-smi -L | wc -l)  # GPUs on this machine
+OVERLAP='{"zero_optimization": {"overlap_comm": true, "contiguous_gradients": true}}'
+scaling() {  # stage name, then train_scaling.py driver arguments; per-run files stay in /tmp, the table comes back
+  local name=$1; shift
+  python3 benchmarks/train_scaling.py --driver "$@" --micro-51m 8 --micro-806m 2 --out-dir "/tmp/scal/$name" \
+    --timeout 240 2>&1 | grep -v Warning | tee -a "$log"
+  cp "/tmp/scal/$name/train_scaling.json" "$OUT/$name.json" 2>/dev/null
+}
 log=$OUT/session.log
 for s in $stages; do
   case $s in
     scaling|scaling-51M|scaling-806M)
       sizes="51M 806M"; [[ $s == scaling-* ]] && sizes=${s#scaling-}
-      steps="--steps 6 --warmup 2"; [[ $sizes == 51M ]] && steps="--steps 40 --warmup 10 --log-every 10"
-      python3 benchmarks/train_scaling.py --driver --sizes $sizes $steps --micro-51m 8 --micro-806m 2 \
-        --out-dir "$OUT/$s" --timeout 240 2>&1 | grep -v Warning | tee -a "$log" ;;
+      steps="--steps 6 --warmup 2"; [[ $sizes == 51M ]] && steps="--steps 30 --warmup 10 --log-every 10"
+      scaling "$s" --sizes $sizes $steps ;;
+    overlap-51M)  # DeepSpeed reducing gradients during the backward pass, all GPUs (compare with scaling-51M's 1 GPU)
+      scaling "$s" --sizes 51M --steps 30 --warmup 10 --log-every 10 --gpu-counts "$NG" --ds-config "$OVERLAP" ;;
+    weak-806M)  # 806M weak scaling, 1 and all GPUs
+      scaling "$s" --sizes 806M --modes weak --steps 6 --warmup 2 --gpu-counts 1 "$NG" ;;
+    weak-806M-overlap)  # the same with DeepSpeed's overlapped reduction, all GPUs
+      scaling "$s" --sizes 806M --modes weak --steps 6 --warmup 2 --gpu-counts "$NG" --ds-config "$OVERLAP" ;;
+    train-profile)  # 1 GPU, 51M micro-batch 8: where a train() step goes (DeepSpeed ZeRO-1 profiled; DDP and ZeRO-0)
+      for v in "deepspeed 1" "ddp 1" "deepspeed 0"; do
+        set -- $v
+        python3 -m torch.distributed.run --standalone --nproc-per-node 1 benchmarks/train_scaling.py --size 51M \
+          --mode weak --micro-batch 8 --steps 12 --warmup 6 --dist "$1" --zero "$2" --out "/tmp/tp-$1-$2.json" \
+          $([[ $v == "deepspeed 1" ]] && echo --profile-dir "$OUT") 2>&1 | grep '^{' | tee -a "$log"
+      done ;;
+    train-compile)  # 1 GPU, 51M micro-batch 8 through train(): eager vs RunSpec.compile (DDP, then DeepSpeed ZeRO-1)
+      for v in "ddp" "ddp --compile" "deepspeed --compile"; do
+        timeout 300 python3 -m torch.distributed.run --standalone --nproc-per-node 1 benchmarks/train_scaling.py \
+          --size 51M --mode weak --micro-batch 8 --steps 20 --warmup 10 --log-every 10 --dist $v \
+          --out "/tmp/tc.json" 2>&1 | grep '^{' | tee -a "$log"
+      done ;;
+    overhead)  # trial orchestration overhead on this host's cores (CPU trials; the CPU box has 2 cores)
+      timeout 290 python3 benchmarks/study_overhead.py --skip-asha --trials 3 --target-s 30 --stage-ahead 1 \
+        --out /tmp/so 2>&1 | grep -v -i warn | tail -30 | tee -a "$log"
+      cp /tmp/so/study_overhead.json "$OUT/overhead.json" 2>/dev/null; cp /tmp/so/study_overhead.md "$OUT/overhead.md" 2>/dev/null ;;
+    swift-cg)  # compiled blocks with CUDA graphs (reduce-overhead), v1 reference config, batch 16, cuDNN attention
+      timeout 330 python3 benchmarks/swift_benchmark.py --suite target --batches 16 --compile block-cg --sdpa cudnn \
+        --steps 10 --warmup 3 --out "$OUT/target_cg.json" 2>&1 | grep -v -i -E "warn|detach|row\[" | tee -a "$log" ;;
     loader)
       python3 benchmarks/loader_benchmark.py --root /tmp/nxload --grid 96 --subjects 16 --frames 60 \
         --workers 0 2 16 --out-json "$OUT/loader.json" --out-md "$OUT/loader.md" 2>&1 | tail -40 | tee -a "$log" ;;

@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neuro_models import registry as R  # noqa: E402
+from neuro_models.layers import compile_regions  # noqa: E402
 
 PEAK_MEASURED = 780e12
 PEAK_DATASHEET = 989e12
@@ -55,36 +56,40 @@ def _set_dynamo_limits() -> None:
 
 
 def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    """``none``: eager; ``block``: compile every encoder block, merge, the patch embedding, the decoder
-    and the loss in place
-    (compiled code is shared by blocks of the same shape); ``model``: compile the whole model."""
+    """``none``: eager; ``block`` (``block-cg``: with CUDA graphs, ``mode="reduce-overhead"``): regional compilation (``neuro_models.layers.compile_regions``: every
+    encoder block, patch embedding and merging, the decoder and the loss, static shapes; blocks of one
+    shape share compiled code); ``model``: ``torch.compile`` of the whole model."""
     if mode == "none":
         return model
     _set_dynamo_limits()
     if mode == "model":
-        return torch.compile(model)
-    for stage in model.encoder.stages:
-        for blk in stage.blocks:
-            blk.compile()
-    for m in [*model.encoder.merges, model.encoder.patch_embed, model.decoder, model.criterion]:
-        m.compile()
+        return torch.compile(model, dynamic=False)
+    compile_regions(model, **({"mode": "reduce-overhead"} if mode == "block-cg" else {}))
     return model
 
 
 def _sdpa_context(sdpa: str):
-    """``default``: PyTorch's kernel choice; ``cudnn``: prefer cuDNN attention (supports a bias)."""
+    """``default``: PyTorch's kernel choice (flash first; the model turns cuDNN off); ``cudnn``: prefer cuDNN
+    attention only; ``efficient``: the memory-efficient kernel only (flash and cuDNN off). Global backend flags,
+    so a compiled region traced inside the context uses the same kernel."""
     import contextlib
 
     if sdpa == "default":
         return contextlib.nullcontext()
-    torch.backends.cuda.enable_cudnn_sdp(True)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    try:
-        return sdpa_kernel(order, set_priority=True)
-    except TypeError:  # older torch without set_priority
-        return sdpa_kernel(order)
+    @contextlib.contextmanager
+    def flags(flash: bool, efficient: bool, cudnn: bool):
+        b = torch.backends.cuda
+        old = (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled())
+        b.enable_flash_sdp(flash), b.enable_mem_efficient_sdp(efficient), b.enable_cudnn_sdp(cudnn)
+        try:
+            yield
+        finally:
+            b.enable_flash_sdp(old[0]), b.enable_mem_efficient_sdp(old[1]), b.enable_cudnn_sdp(old[2])
+
+    if sdpa == "efficient":
+        return flags(False, True, False)
+    return flags(False, False, True) if sdpa == "cudnn" else contextlib.nullcontext()
 
 
 def run_case(name: str, family: str, size: str, overrides: dict, batch: int, *, compile_mode: str, steps: int,
@@ -125,6 +130,8 @@ def run_case(name: str, family: str, size: str, overrides: dict, batch: int, *, 
         mask = model.make_mask(batch, generator=torch.Generator().manual_seed(0), device=device)
 
         def step() -> float:
+            if compile_mode == "block-cg":
+                torch.compiler.cudagraph_mark_step_begin()
             with _sdpa_context(sdpa), torch.autocast(device_type=device.type, dtype=torch.bfloat16):
                 out = net(x, brain_mask=brain, mask=mask)
             out["loss"].backward()
@@ -228,17 +235,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--suite", default="target", help="comma list of: smoke, target, revised, ladder, seqlen "
                     "(seqlen_revised / seqlen_v1: one variant)")
-    ap.add_argument("--compile", default="block", choices=["none", "block", "model"])
+    ap.add_argument("--compile", default="block", choices=["none", "block", "block-cg", "model"])
     ap.add_argument("--seqlen-compile", default="none", choices=["none", "block", "model"],
                     help="compile mode for the seqlen (memory) suite")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--time-budget", type=float, default=float("inf"), help="skip cases after this many seconds")
     ap.add_argument("--variants", default="", help="comma list of extra runs of the target cases: "
-                    "eager, noshift, cudnn, split, mask, ckpt")
+                    "eager, noshift, cudnn, efficient, split, mask, ckpt")
     ap.add_argument("--use-checkpoint", action="store_true", help="activation checkpointing in every case")
     ap.add_argument("--batches", default="", help="comma list: only cases with these batch sizes")
     ap.add_argument("--shift-impl", default=None, choices=["mask", "split"], help="shift_impl for every case")
+    ap.add_argument("--sdpa", default="default", choices=["default", "efficient", "cudnn"],
+                    help="attention kernel for every case (see _sdpa_context)")
     ap.add_argument("--profile", default="", help="comma list of case names to profile (kernel tables)")
     ap.add_argument("--out", default="swift_benchmark.json")
     ap.add_argument("--md", default=None)
@@ -273,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             steps = max(2, args.steps // 3) if suite.startswith("seqlen") else args.steps
             prof_dir = str(Path(args.out).parent) if name in args.profile.split(",") else None
             rows.append(run_case(name, fam, size, ov, b, compile_mode=mode, steps=steps,
-                                 warmup=args.warmup if mode != "none" else 1, device=device, profile_dir=prof_dir))
+                                 warmup=args.warmup if mode != "none" else 1, device=device, profile_dir=prof_dir,
+                                 sdpa=args.sdpa))
             if rows[-1]["status"] == "OOM":
                 oom_series.add((fam, b))
             if suite == "target":
@@ -284,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(run_case(name, fam, size, ov, b, device=device, steps=args.steps,
                                          compile_mode="none" if v == "eager" else mode,
                                          warmup=1 if v == "eager" else args.warmup,
-                                         variant="" if v in ("eager", "cudnn") else v,
-                                         sdpa="cudnn" if v == "cudnn" else "default", profile_dir=vdir))
+                                         variant="" if v in ("eager", "cudnn", "efficient") else v,
+                                         sdpa=v if v in ("cudnn", "efficient") else "default", profile_dir=vdir))
                     _write(args, rows, device_name, t_start)
             _write(args, rows, device_name, t_start)
     print(_write(args, rows, device_name, t_start))

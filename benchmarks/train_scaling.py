@@ -88,16 +88,43 @@ def run_one(args) -> dict:
                    eval_every=10**9, eval_windows=max(world, 2), distributed=args.dist, zero_stage=args.zero,
                    precision="bf16", num_workers=args.loader_workers if args.data == "hdf5" else 0,
                    manifest=args.manifest or "", model_overrides=overrides, log_every=args.log_every,
-                   warmup_frac=0.0)
+                   warmup_frac=0.0, compile=args.compile,
+                   deepspeed_config=args.ds_config)
     datasets = None
     if args.data == "preloaded":
         pool = PreloadedWindows(8, (args.grid,) * 3, args.T, ctx.device, seed=ctx.rank)
         datasets = (pool, pool)
     torch.cuda.reset_peak_memory_stats() if ctx.device.type == "cuda" else None
     rep = MemoryReporter()
+    prof = None
+    if args.profile_dir and ctx.rank == 0:
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+
+        def write_tables(p) -> None:
+            Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
+            keys = ("cuda_time_total", "cpu_time_total") if ctx.device.type == "cuda" else ("cpu_time_total",)
+            for key in keys:
+                table = p.key_averages().table(sort_by=key, row_limit=35, max_name_column_width=80)
+                name = f"profile_{args.size}_{args.dist}_z{args.zero}_{key.split('_')[0]}.txt"
+                Path(args.profile_dir, name).write_text(table)
+
+        prof = profile(activities=acts, schedule=schedule(wait=args.warmup, warmup=1, active=3, repeat=1),
+                       on_trace_ready=write_tables)
+        prof.start()
+        log = rep.log
+
+        def log_and_step(row, _log=log):  # one profiler step per optimizer step (log_every must be 1)
+            _log(row)
+            prof.step()
+
+        rep.log = log_and_step
     t0 = time.perf_counter()
     train(spec, ctx, rep, datasets=datasets)
     wall = time.perf_counter() - t0
+    if prof is not None:
+        prof.stop()
     # throughput windows (log_every steps each) that start after the warm-up steps
     sps = [r["samples_per_s"] for r in rep.logs if r["step"] - args.log_every >= args.warmup]
     peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else None
@@ -112,8 +139,8 @@ def run_one(args) -> dict:
     cfg = model_config(spec)
     fps = R.flops_per_sample(cfg)["train"]
     out = {"family": args.family, "size": args.size, "mode": args.mode, "gpus": world, "global_batch": global_batch,
-           "micro_batch": micro, "accumulation": global_batch // (micro * world), "zero_stage": args.zero,
-           "dist": args.dist, "data": args.data, "loader_workers": spec.num_workers, "T": args.T,
+           "micro_batch": micro, "accumulation": global_batch // (micro * world), "zero_stage": args.zero, "ds_config": args.ds_config,
+           "dist": args.dist, "compile": args.compile, "data": args.data, "loader_workers": spec.num_workers, "T": args.T,
            "patch_size": list(cfg.patch_size), "samples_per_s": statistics.median(sps) if sps else None,
            "samples_per_s_all": sps, "peak_mem_gib": float(peaks.item()), "wall_s": wall,
            "params": R.param_counts(cfg)["total"], "train_flops_per_sample": fps,
@@ -133,7 +160,7 @@ def driver(args) -> None:
     import torch
 
     n_gpu = torch.cuda.device_count()
-    counts = [g for g in (1, 2, 4, 8) if g <= n_gpu] or [1]
+    counts = [g for g in (args.gpu_counts or (1, 2, 4, 8)) if g <= n_gpu] or [1]
     results = []
     plans = []
     for size in args.sizes:
@@ -152,7 +179,8 @@ def driver(args) -> None:
                "--micro-batch", str(micro), "--zero", str(args.zero), "--dist", args.dist, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--T", str(args.T), "--data", data, "--out", str(f),
                "--loader-workers", str(args.loader_workers), "--patch-t", str(args.patch_t), "--grid", str(args.grid),
-               "--log-every", str(args.log_every)]
+               "--log-every", str(args.log_every)] + (["--compile"] if args.compile else []) \
+            + (["--ds-config", args.ds_config] if args.ds_config else [])
         if data == "hdf5":
             cmd += ["--manifest", args.manifest]
         t0 = time.time()
@@ -215,6 +243,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--log-every", type=int, default=1,
                     help="log (and read the loss on the host) every N steps; throughput is per N-step window")
+    ap.add_argument("--profile-dir", default=None, help="rank 0: kernel/CPU tables of 3 steps after warm-up")
+    ap.add_argument("--gpu-counts", type=int, nargs="+", default=None, help="GPU counts to run (default 1 2 4 8)")
+    ap.add_argument("--ds-config", default="", help="JSON merged over the DeepSpeed config (RunSpec.deepspeed_config)")
+    ap.add_argument("--compile", action="store_true", help="regional torch.compile (RunSpec.compile)")
     ap.add_argument("--T", type=int, default=20)
     ap.add_argument("--grid", type=int, default=96)
     ap.add_argument("--patch-t", type=int, default=0, help="temporal patch (0: the size's default)")

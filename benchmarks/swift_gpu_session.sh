@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One call on a lent single-GPU machine: the SwiFT v2 speed/memory benchmarks of issue #3.
+# Usage (device tool, no carry needed: torch is in the image): bash benchmarks/swift_gpu_session.sh [stages...]
+# Stages: target (compiled + eager v1 reference config, b16/b8, two kernel profiles), attention (SDPA backends on
+# the block shapes), best-attention (compiled b16 with the fastest non-default backend, if any), revised (memory vs
+# T of the factorized variant, eager, with and without activation checkpointing), ladder (sizes 51M..3B, eager),
+# ladder-compiled. Results -> $OUT (JSON per stage, profiles, session.log; at most 8 files come back).
+set -uo pipefail
+OUT=${OUT:-/tmp/neurox_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+log=$OUT/session.log
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; python3 -c "import torch; print('torch', torch.__version__)"; nproc; } | tee -a "$log"
+bench() { local t=$1; shift; timeout "$t" python3 benchmarks/swift_benchmark.py "$@" 2>&1 | grep -v -i -E "warn|detach|row\[" | tee -a "$log"; }
+for s in ${*:-target revised ladder}; do
+  echo "== $s $(date +%T)" | tee -a "$log"
+  case $s in
+    target) bench "${TARGET_S:-330}" --suite target --compile block --variants eager --steps 10 --warmup 3 \
+              --time-budget "${TARGET_BUDGET_S:-240}" --profile v1cfg-51M-b16,v1cfg-51M-b8-eager --out "$OUT/target.json" ;;
+    attention) timeout 120 python3 benchmarks/attention_backends.py --batch 16 8 --out "$OUT/attention.json" 2>&1 | tee -a "$log" ;;
+    best-attention)
+      best=$(python3 -c "
+import json; r=[x for x in json.load(open('$OUT/attention.json'))['rows'] if x['batch']==16]
+t={b: sum(x[b]*x['calls'] for x in r) for b in ('flash','efficient','cudnn') if all(isinstance(x[b], float) for x in r)}
+print(min(t, key=t.get))")
+      echo "fastest SDPA backend over a b16 step: $best" | tee -a "$log"
+      [[ $best == flash ]] || bench 300 --suite target --batches 16 --compile block --sdpa "$best" --steps 10 --warmup 3 \
+        --profile v1cfg-51M-b16 --out "$OUT/target_$best.json" ;;
+    revised) bench 150 --suite seqlen_revised --seqlen-compile none --steps 6 --out "$OUT/revised.json"
+             bench 100 --suite seqlen_revised --seqlen-compile none --use-checkpoint --batches 8 --steps 6 \
+               --out "$OUT/revised_ckpt.json" ;;
+    ladder) bench 100 --suite ladder --compile none --steps 6 --out "$OUT/ladder.json" ;;
+    ladder-compiled) bench 300 --suite ladder --compile block --steps 6 --time-budget 240 --out "$OUT/ladder_compiled.json" ;;
+  esac
+done

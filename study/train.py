@@ -661,25 +661,7 @@ def _deepspeed_engine(spec: RunSpec, ctx: DistContext, plan: BatchPlan, model, o
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    use_bf16 = spec.precision == "bf16" or (spec.precision == "auto" and ctx.device.type in ("cuda", "xpu"))
-    config = {
-        "train_batch_size": plan.global_batch,
-        "train_micro_batch_size_per_gpu": plan.micro_batch,
-        "gradient_accumulation_steps": plan.accumulation,
-        "gradient_clipping": spec.grad_clip,
-        "zero_optimization": {"stage": spec.zero_stage},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-        # keep fp32 master weights and autocast like DDP, so ZeRO runs match DDP numerics
-        "torch_autocast": {"enabled": use_bf16, "dtype": "bfloat16"},
-        "zero_allow_untested_optimizer": True,
-    }
-    if spec.deepspeed_config:
-        # the user's keys win, except the batch plan and the ZeRO stage, which the spec owns
-        pinned = {k: config[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
-                                         "gradient_accumulation_steps")}
-        config = {**merge_config(config, json.loads(spec.deepspeed_config)), **pinned}
-        config["zero_optimization"] = {**config["zero_optimization"], "stage": spec.zero_stage}
+    config = deepspeed_config(spec, plan, ctx.device.type)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -690,6 +672,26 @@ def _deepspeed_engine(spec: RunSpec, ctx: DistContext, plan: BatchPlan, model, o
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=config, dist_init_required=False)
     return engine
+
+
+def deepspeed_config(spec: RunSpec, plan: BatchPlan, device_type: str) -> dict[str, Any]:
+    """The DeepSpeed config of a run: generated from the spec, ``spec.deepspeed_config`` merged over it, and
+    the batch plan and ZeRO stage always the spec's (an override of those keys is ignored)."""
+    use_bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device_type in ("cuda", "xpu"))
+    config = {
+        "gradient_clipping": spec.grad_clip,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        # keep fp32 master weights and autocast like DDP, so ZeRO runs match DDP numerics
+        "torch_autocast": {"enabled": use_bf16, "dtype": "bfloat16"},
+        "zero_allow_untested_optimizer": True,
+    }
+    if spec.deepspeed_config:
+        config = merge_config(config, json.loads(spec.deepspeed_config))
+    return merge_config(config, {"train_batch_size": plan.global_batch,
+                                 "train_micro_batch_size_per_gpu": plan.micro_batch,
+                                 "gradient_accumulation_steps": plan.accumulation,
+                                 "zero_optimization": {"stage": spec.zero_stage}})
 
 
 def merge_config(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

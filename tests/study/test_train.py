@@ -201,6 +201,21 @@ def test_deepspeed_config_overrides_merge_but_the_batch_plan_and_stage_stay():
     assert base["zero_optimization"] == {"stage": 1}  # the input is not modified
 
 
+def test_deepspeed_config_keeps_the_specs_batch_plan_and_stage():
+    from study.train import deepspeed_config
+
+    spec = RunSpec(batch_size=8, micro_batch_size=2, zero_stage=2, distributed="deepspeed",
+                   deepspeed_config='{"train_batch_size": 999, "gradient_accumulation_steps": 7, '
+                                    '"zero_optimization": {"stage": 3, "overlap_comm": true}, "gradient_clipping": 0.5}')
+    plan = BatchPlan.make(spec, 2)
+    cfg = deepspeed_config(spec, plan, "cuda")
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == \
+        (8, 2, 2)
+    assert cfg["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert cfg["gradient_clipping"] == 0.5 and cfg["torch_autocast"]["enabled"]
+    assert not deepspeed_config(spec.replace(deepspeed_config=""), plan, "cpu")["torch_autocast"]["enabled"]
+
+
 @pytest.mark.slow
 def test_compiled_regions_train_like_eager(tiny_cohort):
     """RunSpec.compile=True (regional torch.compile, Inductor on CPU) gives the eager losses."""

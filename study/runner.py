@@ -74,6 +74,8 @@ def study_guard(study_dir: Path, fingerprint: dict[str, Any], on_change: str, na
 
 
 def finished_runs(store_dir: Path) -> set[str]:
+    import pandas as pd
+
     from analysis.store import read_table
 
     try:
@@ -82,7 +84,7 @@ def finished_runs(store_dir: Path) -> set[str]:
         return set()
     if df is None or df.empty:
         return set()
-    done = df["is_final"].fillna(False).astype(bool) if "is_final" in df else df["run_id"].isna()
+    done = df["is_final"].fillna(False).astype(bool) if "is_final" in df else pd.Series(False, index=df.index)
     if "status" in df:  # stopped by ASHA: judged, not to be rerun (study.sweep.record_early_stop)
         done |= df["status"] == "early_stopped"
     return set(df.loc[done, "run_id"])

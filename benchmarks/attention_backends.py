@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from neuro_models import registry as R  # noqa: E402
 from neuro_models.swift.config import stage_window  # noqa: E402
 
-V1_51M = dict(patch_size=(6, 6, 6, 1), window_size=(4, 4, 4, 4), mask_patch_size=(12, 12, 12, 2))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from swift_benchmark import V1_51M  # noqa: E402  (the reference configuration the SwiFT benchmark times)
 
 
 def attention_shapes(cfg, batch: int) -> list[dict]:

@@ -2,7 +2,7 @@
 # One call on a lent multi-GPU machine: unpack the carried Python deps, then run the training
 # scaling matrix (1/2/4 GPUs, strong + weak) and the 16-worker loader benchmark. Results -> $OUT.
 # Usage (device tool): carry .gpubundle and .whl; command: bash benchmarks/gpu_session.sh [stages...]
-# Stages: scaling scaling-51M scaling-806M scaling-51M-compiled overlap-51M weak-806M train-profile train-compile overhead swift-cg loader input (default: scaling loader input).
+# Stages: scaling scaling-51M scaling-806M scaling-51M-compiled overlap-51M weak-806M train-profile train-compile overhead loader input (default: scaling loader input).
 set -uo pipefail
 OUT=${OUT:-/tmp/neurox_out}
 mkdir -p "$OUT" /tmp/site
@@ -56,9 +56,6 @@ for s in $stages; do
       timeout 290 python3 benchmarks/study_overhead.py --skip-asha --trials 3 --target-s 30 --stage-ahead 1 \
         --out /tmp/so 2>&1 | grep -v -i warn | tail -30 | tee -a "$log"
       cp /tmp/so/study_overhead.json "$OUT/overhead.json" 2>/dev/null; cp /tmp/so/study_overhead.md "$OUT/overhead.md" 2>/dev/null ;;
-    swift-cg)  # compiled blocks with CUDA graphs (reduce-overhead), v1 reference config, batch 16, cuDNN attention
-      timeout 330 python3 benchmarks/swift_benchmark.py --suite target --batches 16 --compile block-cg --sdpa cudnn \
-        --steps 10 --warmup 3 --out "$OUT/target_cg.json" 2>&1 | grep -v -i -E "warn|detach|row\[" | tee -a "$log" ;;
     loader)
       python3 benchmarks/loader_benchmark.py --root /tmp/nxload --grid 96 --subjects 16 --frames 60 \
         --workers 0 2 16 --out-json "$OUT/loader.json" --out-md "$OUT/loader.md" 2>&1 | tail -40 | tee -a "$log" ;;

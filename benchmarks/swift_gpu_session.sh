@@ -2,9 +2,10 @@
 # One call on a lent single-GPU machine: the SwiFT v2 speed/memory benchmarks of issue #3.
 # Usage (device tool, no carry needed: torch is in the image): bash benchmarks/swift_gpu_session.sh [stages...]
 # Stages: target (compiled + eager v1 reference config, b16/b8, two kernel profiles), attention (SDPA backends on
-# the block shapes), best-attention (compiled b16 with the fastest non-default backend, if any), revised (memory vs
-# T of the factorized variant, eager, with and without activation checkpointing), ladder (sizes 51M..3B, eager),
-# ladder-compiled. Results -> $OUT (JSON per stage, profiles, session.log; at most 8 files come back).
+# the block shapes), cuda-graphs (compiled b16 with CUDA graphs and cuDNN attention), best-attention (compiled
+# b16 with the fastest non-default backend, if any), revised (memory vs T of the factorized variant, eager, with
+# and without activation checkpointing), ladder (sizes 51M..3B, eager), ladder-compiled.
+# Results -> $OUT (JSON per stage, profiles, session.log; at most 8 files come back).
 set -uo pipefail
 OUT=${OUT:-/tmp/neurox_out}
 mkdir -p "$OUT"
@@ -29,6 +30,8 @@ print(min(t, key=t.get))")
     revised) bench 150 --suite seqlen_revised --seqlen-compile none --steps 6 --out "$OUT/revised.json"
              bench 100 --suite seqlen_revised --seqlen-compile none --use-checkpoint --batches 8 --steps 6 \
                --out "$OUT/revised_ckpt.json" ;;
+    cuda-graphs) bench 330 --suite target --batches 16 --compile block-cg --sdpa cudnn --steps 10 --warmup 3 \
+                   --out "$OUT/target_cg.json" ;;
     ladder) bench 100 --suite ladder --compile none --steps 6 --out "$OUT/ladder.json" ;;
     ladder-compiled) bench 300 --suite ladder --compile block --steps 6 --time-budget 240 --out "$OUT/ladder_compiled.json" ;;
   esac

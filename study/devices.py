@@ -59,6 +59,19 @@ def detect_device_kind(prefer: str | None = None) -> str:
     return "cpu"
 
 
+def gpu_kind(env: dict[str, str] | None = None) -> str:
+    """The accelerator a GPU plan runs on, decided where no accelerator may be visible (a trial driver holds
+    none, so Ray hides them from it): ``$NEUROX_DEVICE`` if it names one, ``xpu`` when
+    ``$NEUROX_DIST_BACKEND`` is ``xccl`` (both set by ``pbs/profiles/aurora.sh``), else ``cuda``."""
+    env = os.environ if env is None else env
+    named = env.get("NEUROX_DEVICE", "")
+    if named in ("cuda", "xpu"):
+        return named
+    if named and named != "cpu":
+        raise ValueError(f"NEUROX_DEVICE={named!r}; allowed: 'cuda', 'xpu', 'cpu'")
+    return "xpu" if env.get("NEUROX_DIST_BACKEND") in ("xccl", "ccl") else "cuda"
+
+
 def backend_for(kind: str) -> str:
     """torch.distributed backend for a device kind."""
     return {"cuda": "nccl", "xpu": "xccl", "cpu": "gloo"}[kind]

@@ -20,6 +20,8 @@ if [[ -z "${NEUROX_SKIP_MODULES:-}" ]] && command -v module >/dev/null 2>&1; the
 fi
 export ZE_FLAT_DEVICE_HIERARCHY=FLAT
 export NEUROX_DIST_BACKEND="${NEUROX_DIST_BACKEND:-xccl}"
+# GPU plans run on XPU tiles: decided by the trial driver, which sees no accelerator (study.devices.gpu_kind)
+export NEUROX_DEVICE="${NEUROX_DEVICE:-xpu}"
 # oneCCL: ranks are started by Ray, not by mpiexec, so CCL must not look for an MPI/PMI launcher.
 export CCL_PROCESS_LAUNCHER=none
 export CCL_ATL_TRANSPORT="${CCL_ATL_TRANSPORT:-ofi}"

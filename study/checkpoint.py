@@ -63,6 +63,22 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def newest(paths) -> Path | None:
+    """The complete checkpoint with the highest step among ``paths`` (directories of any name, e.g. Ray Train's
+    ``checkpoint_<time>`` copies beside our ``step_*``); ``None`` if none is complete."""
+    best: tuple[int, Path] | None = None
+    for p in paths:
+        if p is None or not is_complete(p):
+            continue
+        try:
+            step = int(json.loads((Path(p) / STATE_FILE).read_text())["step"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if best is None or step > best[0]:
+            best = (step, Path(p))
+    return best[1] if best else None
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

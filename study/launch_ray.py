@@ -8,6 +8,13 @@ shards are merged into one checkpoint directory in storage).
 
 Inside a Tune trial, :func:`fit_run` adds Tune's ``TuneReportCallback`` so the trial sees every report
 (Optuna, ASHA). Outside Tune it is a plain blocking ``fit``.
+
+:func:`run_inline` is the single-worker alternative for sweeps: the Tune trial actor holds the worker's
+resources and calls :func:`study.train.train` itself, and Tune reuses the actor for the next trial. A trial
+then starts no Train controller, worker process or helper actors (about 10 s of process starts and imports
+per trial on a 2-core machine; BENCHMARKS.md, study machinery). Checkpoints go straight to the run's storage
+(``<storage>/<run_id>/inline/checkpoints``); either launcher resumes from the newest checkpoint of both
+(:func:`resume_point`).
 """
 from __future__ import annotations
 
@@ -23,19 +30,48 @@ import ray.train
 import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-from study.devices import DistContext, backend_for, collective_env, detect_device_kind, select_device
+from study import checkpoint as ckpt
+from study.devices import DistContext, backend_for, collective_env, detect_device_kind, gpu_kind, select_device
 from study.reporters import MultiReporter, NullReporter, RankZero
 from study.spec import RunSpec
 from study.trace import mark
+
+
+#: subdirectory of ``<storage>/<run_id>`` where inline trials keep their run directory (checkpoints)
+INLINE_DIR = "inline"
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
 class RayReporter(NullReporter):
     """``ray.train.report`` with the checkpoint directory, on every rank."""
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
-        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
-        ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(clean, checkpoint=ckpt)
+        ray.train.report(_scalars(metrics),
+                         checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+
+class TuneReporter(NullReporter):
+    """``ray.tune.report`` of each evaluation (inline trials). The checkpoint is not handed to Tune: train()
+    already wrote it to the run's storage, where :func:`resume_point` finds it. When Tune stops the trial
+    (ASHA), this call ends the training thread (``SystemExit``) after the row is stored."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        from ray import tune
+
+        tune.report(_scalars(metrics))
+
+
+def resume_point(run_storage: str | os.PathLike | None) -> Path | None:
+    """The newest complete checkpoint of a run: the ones an inline trial wrote
+    (``<run_storage>/inline/checkpoints/step_*``) and the ones Ray Train persisted (``<run_storage>/checkpoint_*``),
+    so a study rerun with the other launcher continues the run instead of restarting it."""
+    if not run_storage:
+        return None
+    root = Path(run_storage)
+    return ckpt.newest(ckpt.list_checkpoints(root / INLINE_DIR / "checkpoints") + sorted(root.glob("checkpoint_*")))
 
 
 def ray_context(device: str | None) -> DistContext:
@@ -68,6 +104,11 @@ def stop_checker(stop_file: str | None, deadline: float | None):
     return should_stop
 
 
+def _any_stop(*checks):
+    checks = [c for c in checks if c is not None]
+    return (lambda: any(c() for c in checks)) if checks else None
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function."""
     from study.launch_local import static_row
@@ -95,6 +136,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="neurox-") as local:
         if checkpoint is not None:
             resume = checkpoint.to_directory(os.path.join(local, "resume"))
+        else:  # Ray has none of this run; an inline trial of an earlier study run may have
+            resume = resume_point(config.get("run_storage"))
         try:
             train(spec, ctx, reporter, run_dir=os.path.join(local, "run"), resume_from=resume,
                   should_stop=stop_checker(config.get("stop_file"), config.get("deadline")))
@@ -139,13 +182,13 @@ def fit_run(spec: RunSpec, *, storage: str, num_workers: int = 1, use_gpu: bool 
     """
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    kind = "cuda" if use_gpu else (device or "cpu")
+    kind = device or (gpu_kind() if use_gpu else "cpu")  # cuda, or xpu on Aurora (NEUROX_DEVICE)
     callbacks = []
     if in_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
-    config = {"spec": spec.to_dict(), "store_dir": store_dir, "device": device or ("cuda" if use_gpu else "cpu"),
+    config = {"spec": spec.to_dict(), "store_dir": store_dir, "device": kind,
               "stop_file": stop_file, "deadline": deadline, "manifest_hash": manifest_hash,
               "run_storage": str(Path(storage) / spec.run_id),
               "wandb": use_wandb, "wandb_dir": str(Path(storage) / "wandb") if use_wandb else None,
@@ -162,3 +205,62 @@ def fit_run(spec: RunSpec, *, storage: str, num_workers: int = 1, use_gpu: bool 
     )
     mark("fit_call", run=spec.run_id)
     return trainer.fit()
+
+
+def run_inline(spec: RunSpec, *, storage: str, store_dir: str | None = None, device: str | None = None,
+               use_gpu: bool = False, stop_file: str | None = None, deadline: float | None = None,
+               manifest_hash: str | None = None, use_wandb: bool = False, wandb_sweep_id: str | None = None,
+               extra_reporter=None, should_stop=None):
+    """Train ``spec`` in this process: a Tune trial actor that holds one worker's resources (Ray already
+    isolated its GPU/XPU tile). Returns :class:`study.train.TrainResult`.
+
+    The process group of one that DeepSpeed needs gets a fresh loopback port, and it is destroyed at the end
+    with the run's device memory, so a reused actor starts the next trial clean. Results go to the store,
+    W&B and Tune (:class:`TuneReporter`, or ``extra_reporter``) exactly as from a Ray Train worker.
+    ``should_stop`` (polled every step, like ``train``'s) stops the run beside the STOP file and deadline.
+    """
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    from study.launch_local import static_row
+    from study.reporters import MultiReporter, StoreReporter, progress_table
+    from study.train import free_port, train
+
+    mark("worker_start", run=spec.run_id)
+    kind = detect_device_kind(device or (gpu_kind() if use_gpu else "cpu"))
+    os.environ.update(collective_env(kind, local_rank=0, local_world_size=1))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+                      WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1,
+                      device=select_device(kind, 0, isolated=True), backend=backend_for(kind))
+    reporters = []
+    if store_dir:
+        from analysis.store import ResultsStore
+
+        reporters.append(StoreReporter(ResultsStore(store_dir), static_row(spec, manifest_hash),
+                                       table=progress_table(spec.task)))
+    if use_wandb:
+        from study.wandb_reporter import WandbReporter
+
+        if wandb_sweep_id:
+            os.environ["NEUROX_WANDB_SWEEP_ID"] = wandb_sweep_id
+        reporters.append(WandbReporter(spec, dir=str(Path(storage) / "wandb"), group=spec.study))
+    reporters.append(extra_reporter if extra_reporter is not None else TuneReporter())
+    reporter = MultiReporter(reporters)
+    run_storage = Path(storage) / spec.run_id
+    try:
+        result = train(spec, ctx, reporter, run_dir=run_storage / INLINE_DIR, resume_from=resume_point(run_storage),
+                       should_stop=_any_stop(stop_checker(stop_file, deadline), should_stop))
+        mark("train_returned", run=spec.run_id)
+        return result
+    finally:
+        reporter.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        gc.collect()
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif ctx.device.type == "xpu" and hasattr(torch, "xpu"):
+            torch.xpu.empty_cache()

@@ -163,6 +163,11 @@ def add_common_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--walltime-s", type=float, default=None,
                     help="stop trials gracefully (final checkpoint) this many seconds from now")
     ap.add_argument("--no-report", action="store_true", help="skip the final analysis and plots")
+    ap.add_argument("--trial-launcher", choices=["auto", "inline", "ray-train"], default="auto",
+                    help="how a trial trains: 'inline' runs train() in the Tune trial actor and reuses it for the "
+                         "next trial (one worker per run; no per-trial process starts), 'ray-train' fits a Ray "
+                         "Train TorchTrainer per trial (any number of workers, worker-level restarts); 'auto': "
+                         "inline for one-worker runs")
     return ap
 
 
@@ -221,8 +226,10 @@ def run_plan(plan, args: argparse.Namespace, *, repo_root: Path, lr_search=None)
     from study.sweep import placement, run_trials
 
     try:
-        pl = placement(plan.num_workers, plan.use_gpu, args.max_concurrent)
-        ctx = {"train_storage": str(study_dir / "runs"), "store_dir": str(store_dir),
+        pl = placement(plan.num_workers, plan.use_gpu, args.max_concurrent,
+                       launcher=getattr(args, "trial_launcher", "auto"))
+        ctx = {"launcher": pl.launcher, "trial_resources": pl.trial_resources,
+               "train_storage": str(study_dir / "runs"), "store_dir": str(store_dir),
                "num_workers": pl.num_workers, "use_gpu": pl.use_gpu, "cpus_per_worker": pl.cpus_per_worker,
                "stop_file": str(stop_file), "manifest_hash": fingerprint["data_manifest_hash"],
                "deadline": time.time() + args.walltime_s if args.walltime_s else None, "wandb": args.wandb}
@@ -232,7 +239,8 @@ def run_plan(plan, args: argparse.Namespace, *, repo_root: Path, lr_search=None)
             os.environ.setdefault("WANDB_DIR", str(study_dir / "wandb"))
             ctx["wandb_sweep_id"] = create_sweep(name, todo)
         print(f"{pl.concurrency} trial(s) at once, {pl.num_workers} worker(s) x "
-              f"{'1 GPU' if pl.use_gpu else f'{pl.cpus_per_worker:g} CPU'} each", flush=True)
+              f"{'1 GPU' if pl.use_gpu else f'{pl.cpus_per_worker:g} CPU'} each, {pl.launcher} launcher",
+              flush=True)
         counts = run_trials(todo, ctx=ctx, storage=str(study_dir / "tune"), study=name,
                             concurrency=pl.concurrency, lr_search=lr_search or plan.lr_search, asha=args.asha,
                             stage_ahead=pl.stage_ahead)

@@ -1,4 +1,12 @@
-"""Run a study's specs as Ray Tune trials; each trial fits a Ray Train ``TorchTrainer`` (Train V2 pattern).
+"""Run a study's specs as Ray Tune trials.
+
+Two trial launchers (``ctx["launcher"]``):
+
+* ``"ray-train"``: each trial fits a Ray Train ``TorchTrainer`` (Train V2 pattern): any number of workers,
+  DeepSpeed across them, Ray Train's worker-level restarts. The trial driver holds 0.01 CPU.
+* ``"inline"`` (single-worker runs, the default for them): the trial actor holds the worker's resources and
+  calls ``train()`` itself (:func:`study.launch_ray.run_inline`), and Tune reuses the actor across trials, so
+  a trial starts no new process. Failures are retried by Tune from the run's newest checkpoint.
 
 * Grid runs: one Tuner over ``tune.grid_search`` of the spec dicts.
 * LR search: Optuna (``OptunaSearch``) takes no grid axes, so runs that differ only in LR are grouped
@@ -44,24 +52,47 @@ class Placement:
     use_gpu: bool
     cpus_per_worker: float
     stage_ahead: int = 0
+    inline: bool = False
 
     @property
     def max_concurrent_trials(self) -> int:
         """Tune's limit: the trials that run plus the ones staged behind them."""
         return self.concurrency + self.stage_ahead
 
+    @property
+    def launcher(self) -> str:
+        return "inline" if self.inline else "ray-train"
+
+    @property
+    def trial_resources(self) -> dict[str, float]:
+        """What one Tune trial actor holds: the worker's share (inline) or a driver's sliver (Ray Train)."""
+        if not self.inline:
+            return {"CPU": TRIAL_DRIVER_CPU}
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {})}
+
 
 def plan_placement(cpus: float, gpus: float, num_workers: int, use_gpu: bool, max_concurrent: int | None = None,
-                   stage_ahead: int = STAGE_AHEAD, node_cpus: float | None = None) -> Placement:
+                   stage_ahead: int = STAGE_AHEAD, node_cpus: float | None = None,
+                   launcher: str = "auto") -> Placement:
     """Trials that fit ``cpus``/``gpus`` at once and CPUs per worker (pure: no Ray call).
 
-    Every trial driver, staged ones included, holds :data:`TRIAL_DRIVER_CPU`; the rest of the CPUs is shared
-    by the running trials' workers (in steps of 0.01 CPU; GPU workers take at most 8 CPUs each). A worker
-    lives on one node: with ``node_cpus`` (the largest node's CPUs) it never asks for more than that node can
-    give beside all the trial drivers.
+    ``launcher``: ``"inline"``, ``"ray-train"`` or ``"auto"`` (inline when a run has one worker).
+    Ray Train trials: every trial driver, staged ones included, holds :data:`TRIAL_DRIVER_CPU`; the rest of
+    the CPUs is shared by the running trials' workers. Inline trials are their own worker: no driver share
+    and no staging (a reused actor has nothing left to start). CPUs go in steps of 0.01; GPU workers take at
+    most 8 CPUs each. A worker lives on one node: with ``node_cpus`` (the largest node's CPUs) it never asks
+    for more than that node can give beside all the trial drivers.
     """
     if num_workers < 1:
         raise ValueError(f"num_workers={num_workers}; allowed: >= 1")
+    if launcher not in ("auto", "inline", "ray-train"):
+        raise ValueError(f"launcher={launcher!r}; allowed: auto, inline, ray-train")
+    inline = launcher == "inline" or (launcher == "auto" and num_workers == 1)
+    if inline and num_workers != 1:
+        raise ValueError(f"the inline launcher runs one worker per trial; this plan has {num_workers}: "
+                         f"use --trial-launcher ray-train")
+    if inline:
+        stage_ahead = 0
     if use_gpu:
         if gpus < num_workers:
             raise RuntimeError(f"the plan needs {num_workers} GPUs per trial but the Ray cluster has {gpus:g}")
@@ -70,7 +101,7 @@ def plan_placement(cpus: float, gpus: float, num_workers: int, use_gpu: bool, ma
         conc = max(1, int(cpus // num_workers))
     if max_concurrent:
         conc = min(conc, max_concurrent)
-    drivers = (conc + stage_ahead) * TRIAL_DRIVER_CPU
+    drivers = 0.0 if inline else (conc + stage_ahead) * TRIAL_DRIVER_CPU
     cpw = (cpus - drivers) / (conc * num_workers)
     if node_cpus:
         cpw = min(cpw, node_cpus - drivers)
@@ -82,24 +113,34 @@ def plan_placement(cpus: float, gpus: float, num_workers: int, use_gpu: bool, ma
     if cpw <= 0:
         raise RuntimeError(f"{cpus:g} CPUs cannot host {conc} trial(s) of {num_workers} worker(s)")
     return Placement(concurrency=conc, num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpw,
-                     stage_ahead=stage_ahead)
+                     stage_ahead=stage_ahead, inline=inline)
 
 
 def placement(num_workers: int, use_gpu: bool, max_concurrent: int | None = None,
-              stage_ahead: int = STAGE_AHEAD) -> Placement:
+              stage_ahead: int = STAGE_AHEAD, launcher: str = "auto") -> Placement:
     """:func:`plan_placement` for the connected Ray cluster."""
     res = ray.cluster_resources()
     node_cpus = max((float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")),
                     default=None)
     return plan_placement(float(res.get("CPU", 1)), float(res.get("GPU", 0)), num_workers, use_gpu,
-                          max_concurrent, stage_ahead, node_cpus=node_cpus or None)
+                          max_concurrent, stage_ahead, node_cpus=node_cpus or None, launcher=launcher)
 
 
 def trial(config: dict[str, Any]) -> None:
-    """Tune function trainable: one run = one ``TorchTrainer.fit`` (reports flow through TuneReportCallback)."""
+    """Tune function trainable: one run = ``train()`` in this actor (inline launcher) or one
+    ``TorchTrainer.fit`` (reports flow through TuneReportCallback)."""
     spec = trial_spec(config)
     mark("trial_start", run=spec.run_id)
     ctx = config["ctx"]
+    if ctx.get("launcher") == "inline":
+        from study.launch_ray import run_inline
+
+        run_inline(spec, storage=ctx["train_storage"], store_dir=ctx["store_dir"], device=ctx.get("device"),
+                   use_gpu=ctx["use_gpu"], stop_file=ctx.get("stop_file"), deadline=ctx.get("deadline"),
+                   manifest_hash=ctx.get("manifest_hash"), use_wandb=ctx.get("wandb", False),
+                   wandb_sweep_id=ctx.get("wandb_sweep_id"))
+        mark("fit_returned", run=spec.run_id)
+        return
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(ctx["cpus_per_worker"]))))
     result = fit_run(spec, storage=ctx["train_storage"], num_workers=ctx["num_workers"], use_gpu=ctx["use_gpu"],
                      cpus_per_worker=ctx["cpus_per_worker"], store_dir=ctx["store_dir"], device=ctx.get("device"),
@@ -246,14 +287,17 @@ def _tuner(param_space: dict, *, ctx: dict, name: str, storage: str, concurrency
     # Tune's function runner can emit a bookkeeping result (e.g. on trial end) without the trial's
     # metrics; with a metric-driven scheduler/searcher its strict check would abort the whole sweep.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    trainable = tune.with_resources(trial, {"CPU": TRIAL_DRIVER_CPU})
+    inline = ctx.get("launcher") == "inline"
+    trainable = tune.with_resources(trial, ctx.get("trial_resources") or {"CPU": TRIAL_DRIVER_CPU})
     tune_config = tune.TuneConfig(num_samples=num_samples, max_concurrent_trials=concurrency + stage_ahead,
-                                  search_alg=search_alg, scheduler=scheduler,
+                                  search_alg=search_alg, scheduler=scheduler, reuse_actors=inline,
                                   metric="val_loss" if (search_alg or scheduler) else None,
                                   mode="min" if (search_alg or scheduler) else None)
-    callbacks = [progress, PlacementGroupJanitor()]
+    callbacks = [progress] + ([] if inline else [PlacementGroupJanitor()])
+    # inline trials have no Ray Train restarts below them: Tune's retries take Train's share too
+    retries = ctx.get("trial_retries", 1) + (ctx.get("max_failures", 2) if inline else 0)
     run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=0,
-                                failure_config=tune.FailureConfig(max_failures=ctx.get("trial_retries", 1)))
+                                failure_config=tune.FailureConfig(max_failures=retries))
     return tune.Tuner(trainable, param_space={**param_space, "ctx": ctx}, tune_config=tune_config,
                       run_config=run_config)
 

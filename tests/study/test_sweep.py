@@ -21,7 +21,7 @@ def _total_cpu(p) -> float:
     (16, 1, 1, True, 1), (64, 4, 1, True, 1), (4, 4, 1, True, 1), (8, 4, 2, True, 1), (208, 12, 1, True, 1),
 ])
 def test_placement_fits_running_and_staged_trials(cpus, gpus, nw, gpu, stage):
-    p = plan_placement(cpus, gpus, nw, gpu, stage_ahead=stage)
+    p = plan_placement(cpus, gpus, nw, gpu, stage_ahead=stage, launcher="ray-train")
     assert p.max_concurrent_trials == p.concurrency + stage
     assert p.cpus_per_worker > 0
     # every running worker and every trial driver (staged ones too) fits at once
@@ -33,24 +33,24 @@ def test_placement_fits_running_and_staged_trials(cpus, gpus, nw, gpu, stage):
 
 
 def test_placement_numbers_on_the_ci_machine_and_an_aurora_node():
-    p = plan_placement(2, 0, 1, False, stage_ahead=1)  # two 1-worker trials, one staged
+    p = plan_placement(2, 0, 1, False, stage_ahead=1, launcher="ray-train")  # two 1-worker trials, one staged
     assert (p.concurrency, p.cpus_per_worker, p.max_concurrent_trials) == (2, 0.98, 3)
-    p = plan_placement(2, 0, 1, False, max_concurrent=1, stage_ahead=1)
+    p = plan_placement(2, 0, 1, False, max_concurrent=1, stage_ahead=1, launcher="ray-train")
     assert (p.concurrency, p.cpus_per_worker, p.max_concurrent_trials) == (1, 1.98, 2)
     # Aurora: 12 tiles, 208 cores -> 12 one-tile trials at 8 CPUs each, plus one staged
-    a = plan_placement(208, 12, 1, True, stage_ahead=1)
+    a = plan_placement(208, 12, 1, True, stage_ahead=1, launcher="ray-train")
     assert (a.concurrency, a.cpus_per_worker, a.max_concurrent_trials) == (12, 8.0, 13)
     # fewer CPUs than GPUs: fractional CPUs per worker rather than an unschedulable 1
-    t = plan_placement(4, 4, 1, True, stage_ahead=1)
+    t = plan_placement(4, 4, 1, True, stage_ahead=1, launcher="ray-train")
     assert t.concurrency == 4 and math.isclose(t.cpus_per_worker, 0.98)
 
 
 def test_placement_never_asks_one_worker_for_more_than_a_node_has():
     """3 nodes x 2 CPUs capped at 2 trials: each worker must still fit on one node beside the drivers."""
-    p = plan_placement(6, 0, 1, False, max_concurrent=2, stage_ahead=1, node_cpus=2)
+    p = plan_placement(6, 0, 1, False, max_concurrent=2, stage_ahead=1, launcher="ray-train", node_cpus=2)
     assert p.concurrency == 2 and p.cpus_per_worker == 1.97
-    assert plan_placement(6, 0, 1, False, max_concurrent=2, stage_ahead=1).cpus_per_worker == 2.98  # one node
-    g = plan_placement(64, 8, 1, True, max_concurrent=2, stage_ahead=1, node_cpus=4)
+    assert plan_placement(6, 0, 1, False, max_concurrent=2, stage_ahead=1, launcher="ray-train").cpus_per_worker == 2.98  # one node
+    g = plan_placement(64, 8, 1, True, max_concurrent=2, stage_ahead=1, launcher="ray-train", node_cpus=4)
     assert g.cpus_per_worker == 3.0
 
 
@@ -60,6 +60,37 @@ def test_placement_rejects_impossible_plans():
     with pytest.raises(ValueError, match="num_workers"):
         plan_placement(2, 0, 0, False)
     assert plan_placement(16, 0, 1, False, max_concurrent=3).concurrency == 3
+
+
+@pytest.mark.parametrize("cpus,gpus,gpu,cap", [(2, 0, False, None), (2, 0, False, 1), (16, 0, False, 3),
+                                              (208, 12, True, None), (64, 4, True, 2), (4, 4, True, None)])
+def test_inline_trials_are_their_own_worker(cpus, gpus, gpu, cap):
+    """auto picks inline for one-worker runs: no driver sliver, no staging, the trial actor holds it all."""
+    p = plan_placement(cpus, gpus, 1, gpu, max_concurrent=cap, stage_ahead=1)
+    assert p.inline and p.launcher == "inline" and p.stage_ahead == 0
+    assert p.max_concurrent_trials == p.concurrency
+    res = p.trial_resources
+    assert res["CPU"] == p.cpus_per_worker and res.get("GPU", 0) == (1.0 if gpu else 0)
+    assert p.concurrency * res["CPU"] <= cpus + 1e-9
+    if gpu:
+        assert p.concurrency == min(gpus, cap or gpus) and p.cpus_per_worker <= 8
+
+
+def test_inline_placement_numbers():
+    assert plan_placement(2, 0, 1, False, max_concurrent=1).cpus_per_worker == 2.0  # the whole CI box
+    assert plan_placement(2, 0, 1, False).cpus_per_worker == 1.0  # two trials at once
+    a = plan_placement(208, 12, 1, True)  # Aurora: 12 one-tile trials, 8 CPUs each, actors reused
+    assert (a.concurrency, a.cpus_per_worker, a.trial_resources) == (12, 8.0, {"CPU": 8.0, "GPU": 1.0})
+    r = plan_placement(2, 0, 1, False, stage_ahead=1, launcher="ray-train")
+    assert not r.inline and r.trial_resources == {"CPU": TRIAL_DRIVER_CPU}
+    assert plan_placement(16, 0, 2, False).launcher == "ray-train"  # auto: several workers need Ray Train
+
+
+def test_inline_launcher_refuses_multi_worker_runs():
+    with pytest.raises(ValueError, match="one worker per trial"):
+        plan_placement(16, 0, 2, False, launcher="inline")
+    with pytest.raises(ValueError, match="launcher="):
+        plan_placement(16, 0, 1, False, launcher="torchrun")
 
 
 def _rows(run_id: str, steps, status="running"):

@@ -1,0 +1,161 @@
+"""Inline trials (study.launch_ray.run_inline): train() in the Tune trial actor, actors reused across trials.
+
+Held to the same golden losses as the other launchers; stops, resumes (from its own or Ray Train's
+checkpoints), leaves no process group behind, and survives ASHA stopping a trial in a reused actor.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from analysis.store import read_table
+from study import checkpoint as ckpt
+from study.reporters import MemoryReporter
+from test_golden import GOLDEN, REL, golden_spec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _fake_checkpoint(path: Path, step: int, complete: bool = True) -> Path:
+    path.mkdir(parents=True)
+    (path / ckpt.STATE_FILE).write_text(json.dumps({"step": step}))
+    if complete:
+        (path / ckpt.COMPLETE).write_text("ok\n")
+    return path
+
+
+def test_resume_point_takes_the_newest_step_of_either_launcher(tmp_path):
+    from study.launch_ray import INLINE_DIR, resume_point
+
+    run = tmp_path / "run"
+    assert resume_point(run) is None and resume_point(None) is None
+    inline = run / INLINE_DIR / "checkpoints"
+    _fake_checkpoint(inline / "step_0000010", 10)
+    assert resume_point(run) == inline / "step_0000010"
+    # Ray Train's persisted copies are named by time, not step: the step in trainer_state.json decides
+    newer = _fake_checkpoint(run / "checkpoint_2026-11-26_10-00-00.000000", 15)
+    _fake_checkpoint(run / "checkpoint_2026-11-26_11-00-00.000000", 20, complete=False)  # never trusted
+    _fake_checkpoint(run / "checkpoint_2026-11-26_09-00-00.000000", 5)
+    assert resume_point(run) == newer
+    _fake_checkpoint(inline / "step_0000030", 30)
+    assert resume_point(run) == inline / "step_0000030"
+
+
+def test_inline_run_stops_resumes_and_reproduces_the_golden_losses(tiny_cohort, tmp_path):
+    """A stop checkpoints (here after step 7; the PBS walltime guard's STOP file before the first step); the
+    rerun resumes from it; together the calls log the golden losses of one uninterrupted plain-python run.
+    No process group survives a call."""
+    import torch.distributed as dist
+
+    from study.launch_ray import INLINE_DIR, run_inline
+
+    golden = json.loads(GOLDEN.read_text())["losses"]
+    spec = golden_spec(tiny_cohort).replace(eval_every=5, checkpoint_every=5)
+    stop = tmp_path / "STOP"
+    stop.write_text("")
+    store = tmp_path / "store"
+    r0 = run_inline(spec, storage=str(tmp_path / "runs"), store_dir=str(store), stop_file=str(stop),
+                    extra_reporter=MemoryReporter())
+    assert r0.status == "stopped" and r0.step == 0
+    stop.unlink()
+    first = MemoryReporter()
+    r1 = run_inline(spec, storage=str(tmp_path / "runs"), store_dir=str(store), extra_reporter=first,
+                    should_stop=lambda: len(first.logs) >= 7)
+    assert r1.status == "stopped" and r1.step == 7
+    assert not dist.is_initialized()
+    assert ckpt.latest_checkpoint(tmp_path / "runs" / spec.run_id / INLINE_DIR / "checkpoints").name == "step_0000007"
+    second = MemoryReporter()
+    r2 = run_inline(spec, storage=str(tmp_path / "runs"), store_dir=str(store), extra_reporter=second)
+    assert r2.status == "finished" and r2.step == 20
+    assert not dist.is_initialized()
+    losses = {r["step"]: r["train_loss"] for r in first.logs + second.logs if "train_loss" in r}
+    assert sorted(losses) == list(range(1, 21))
+    for step, loss in losses.items():
+        assert loss == pytest.approx(golden[step - 1], rel=REL)
+    rows = read_table(store, "train").sort_values("step")
+    final = rows[rows["is_final"].astype(bool)]
+    assert len(final) == 1 and int(final["step"].iloc[0]) == 20 and int(final["device_count"].iloc[0]) == 1
+
+
+@pytest.fixture
+def trace_file(tmp_path, monkeypatch):
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("NEUROX_TRACE_FILE", str(path))
+    return path
+
+
+def _ctx(tmp_path, cpus: float = 2.0) -> dict:
+    from study.sweep import plan_placement
+
+    pl = plan_placement(cpus, 0, 1, False, max_concurrent=1)
+    assert pl.launcher == "inline"
+    return {"launcher": pl.launcher, "trial_resources": pl.trial_resources, "train_storage": str(tmp_path / "runs"),
+            "store_dir": str(tmp_path / "store"), "num_workers": 1, "use_gpu": False,
+            "cpus_per_worker": pl.cpus_per_worker}
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_inline_sweep_reuses_one_actor_and_reproduces_golden_losses(tiny_cohort, tmp_path, trace_file):
+    from study.runner import connect_ray, finished_runs
+    from study.sweep import run_trials
+    from study.trace import read
+
+    golden = json.loads(GOLDEN.read_text())["losses"]
+    base = golden_spec(tiny_cohort).replace(eval_every=5, checkpoint_every=10)
+    specs = [base, base.replace(seed=1), base.replace(seed=2)]
+    connect_ray(None, 2, REPO)
+    import ray
+
+    try:
+        counts = run_trials(specs, ctx=_ctx(tmp_path), storage=str(tmp_path / "tune"), study="inline",
+                            concurrency=1)
+    finally:
+        ray.shutdown()
+    assert counts == {"done": 3, "failed": 0, "early_stopped": 0}
+    rows = read_table(tmp_path / "store", "train")
+    first = rows[rows.run_id == base.run_id].sort_values("step")
+    assert list(first["step"]) == [5, 10, 15, 20]
+    for _, row in first.iterrows():
+        assert row["train_loss"] == pytest.approx(golden[int(row["step"]) - 1], rel=REL)
+    assert finished_runs(tmp_path / "store") == {s.run_id for s in specs}
+    # every trial trained in the same (reused) actor process: no per-trial process start
+    starts = [m for m in read(trace_file) if m["what"] == "train_start"]
+    assert len(starts) == 3 and len({m["pid"] for m in starts}) == 1
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_asha_stops_an_inline_trial_and_the_reused_actor_runs_the_next(tiny_cohort, tmp_path, trace_file):
+    """ASHA's stop ends the training thread inside ``tune.report`` (after the row is stored); the actor is
+    reset or replaced and the remaining trials still run."""
+    from study.runner import connect_ray, finished_runs
+    from study.spec import RunSpec
+    from study.sweep import run_trials
+
+    base = RunSpec(study="asha", family="swift_v2", size="debug", width=16, grid=(24, 24, 24), sequence_length=8,
+                   batch_size=2, budget=12, eval_every=1, eval_windows=2, manifest=tiny_cohort, precision="fp32",
+                   checkpoint_every=0, schedule="constant", warmup_frac=0.0)
+    specs = [base.replace(lr=lr) for lr in (1e-2, 5e-3, 3e-3, 1e-7, 1e-8)]
+    connect_ray(None, 2, REPO)
+    import ray
+
+    try:
+        t0 = time.time()
+        counts = run_trials(specs, ctx=_ctx(tmp_path), storage=str(tmp_path / "tune"), study="asha",
+                            concurrency=1, asha=True, max_steps=12)
+        wall = time.time() - t0
+    finally:
+        ray.shutdown()
+    assert counts["failed"] == 0 and counts["done"] == 5
+    df = read_table(tmp_path / "store", "train")
+    assert set(df.run_id) == {s.run_id for s in specs}
+    stopped = df[df.run_id == specs[3].run_id]
+    assert (stopped["status"] == "early_stopped").any() and stopped["step"].max() < 12
+    assert counts["early_stopped"] >= 1
+    assert finished_runs(tmp_path / "store") == {s.run_id for s in specs}
+    assert df[df.run_id == specs[0].run_id]["is_final"].any()
+    assert wall < 300

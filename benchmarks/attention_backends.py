@@ -4,7 +4,8 @@ The SwiFT v1 reference configuration has head dim 16 in every stage (embed 96, h
 windows of 4x4x4x4 = 256 tokens; FlashAttention-2 pads head dims below 32, so which SDPA kernel runs
 matters. For each attention call of one (unshifted) block per stage, at the given batch, this times
 ``scaled_dot_product_attention`` forward + backward in bf16 under each backend (flash,
-memory-efficient, cuDNN) and reports ms per call and the best backend. Writes JSON and a Markdown table.
+memory-efficient, cuDNN) and compiled ``flex_attention`` (Triton kernels generated for the head dim, no
+padding to 32), and reports ms per call and the best backend. Writes JSON and a Markdown table.
 
     python benchmarks/attention_backends.py --batch 16 --out attn.json --md attn.md
 """
@@ -44,24 +45,39 @@ def attention_shapes(cfg, batch: int) -> list[dict]:
     return out
 
 
+_FLEX = None
+
+
+def _flex():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
 def time_backend(shape: dict, backend, device, iters: int) -> float | str:
+    import contextlib
+
     from torch.nn.attention import sdpa_kernel
 
     S, H, N, E = shape["S"], shape["H"], shape["N"], shape["E"]
     q, k, v = (torch.randn(S, H, N, E, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     g = torch.randn(S, H, N, E, device=device, dtype=torch.bfloat16)
+    attn = _flex() if backend == "flex" else F.scaled_dot_product_attention
     try:
-        with sdpa_kernel([backend]):
+        with contextlib.nullcontext() if backend == "flex" else sdpa_kernel([backend]):
             for i in range(iters + 2):
                 if i == 2:
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                o = F.scaled_dot_product_attention(q, k, v)
+                o = attn(q, k, v)
                 o.backward(g)
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) / iters * 1e3
-    except RuntimeError as e:  # backend refuses the shape
-        return f"unsupported: {str(e).splitlines()[0][:80]}"
+    except Exception as e:  # backend refuses the shape (RuntimeError; Inductor/Triton errors for flex)
+        return f"unsupported: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
 
 
 def main() -> int:
@@ -78,7 +94,7 @@ def main() -> int:
 
     torch.backends.cuda.enable_cudnn_sdp(True)
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "cudnn": SDPBackend.CUDNN_ATTENTION}
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "flex": "flex"}
     device = torch.device("cuda")
     cfg = R.get_config("swift_v2", "51M", **V1_51M)
     rows = []

@@ -2,7 +2,11 @@
 # One call on a lent multi-GPU machine: unpack the carried Python deps, then run the training
 # scaling matrix (1/2/4 GPUs, strong + weak) and the 16-worker loader benchmark. Results -> $OUT.
 # Usage (device tool): carry .gpubundle and .whl; command: bash benchmarks/gpu_session.sh [stages...]
-# Stages: scaling scaling-51M scaling-806M scaling-51M-compiled overlap-51M weak-806M train-profile train-compile overhead loader input (default: scaling loader input).
+# Stages: scaling scaling-51M scaling-806M scaling-51M-compiled overlap-51M weak-806M train-profile train-compile
+# train-compile-zero overhead loader input save-inductor-cache (default: scaling loader input).
+# Compiled runs share one Inductor cache (/tmp/inductor-cache); a carried .gpucache/inductor.tar.xz (written by the
+# save-inductor-cache stage of an earlier call, same torch/Triton and GPU model) seeds it, so ranks skip the ~3 min
+# compile.
 set -uo pipefail
 OUT=${OUT:-/tmp/neurox_out}
 mkdir -p "$OUT" /tmp/site
@@ -12,7 +16,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export TORCH_CUDA_ARCH_LIST=9.0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
+if [[ -f .gpucache/inductor.tar.xz ]]; then tar -xJf .gpucache/inductor.tar.xz -C /tmp && echo "inductor cache seeded: $(du -sh /tmp/inductor-cache | cut -f1)"; fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
 stages=${*:-scaling loader input}
 NG=$(nvidia-smi -L | wc -l)  # GPUs on this machine
@@ -32,7 +37,8 @@ for s in $stages; do
       scaling "$s" --sizes $sizes $steps ;;
     scaling-51M-compiled)  # the 51M matrix with compiled blocks and ZeRO-0 (the host-bound step's remedy; each
       # rank compiles ~3 min on a fresh machine, then Inductor's cache serves later runs)
-      SCALING_TIMEOUT=480 scaling "$s" --sizes 51M --steps 30 --warmup 10 --log-every 10 --compile --zero 0 ;;
+      SCALING_TIMEOUT=480 scaling "$s" --sizes 51M --steps "${STEPS_51M:-30}" --warmup 10 --log-every 10 --compile \
+        --zero 0 ${GPU_COUNTS:+--gpu-counts $GPU_COUNTS} ;;
     overlap-51M)  # DeepSpeed reducing gradients during the backward pass, all GPUs (compare with scaling-51M's 1 GPU)
       scaling "$s" --sizes 51M --steps 30 --warmup 10 --log-every 10 --gpu-counts "$NG" --ds-config "$OVERLAP" ;;
     weak-806M)  # 806M weak scaling, 1 and all GPUs
@@ -52,8 +58,16 @@ for s in $stages; do
           --size 51M --mode weak --micro-batch 8 --steps 20 --warmup 10 --log-every 10 --dist $v \
           --out "/tmp/tc.json" 2>&1 | grep '^{' | tee -a "$log"
       done ;;
+    train-compile-zero)  # 1 GPU, 51M micro-batch 8 through train(), all compiled: DeepSpeed ZeRO-0 vs ZeRO-1 vs DDP
+      for v in "deepspeed --zero 0" "deepspeed --zero 1" "ddp"; do
+        timeout 300 python3 -m torch.distributed.run --standalone --nproc-per-node 1 benchmarks/train_scaling.py \
+          --size 51M --mode weak --micro-batch 8 --steps 20 --warmup 10 --log-every 10 --compile --dist $v \
+          --out "/tmp/tcz.json" 2>&1 | grep '^{' | tee -a "$log"
+      done ;;
+    save-inductor-cache)  # the compiled kernels of this call, for the next call to carry as .gpucache/inductor.tar.xz
+      tar -cJf "$OUT/inductor.tar.xz" -C /tmp inductor-cache && ls -la "$OUT/inductor.tar.xz" | tee -a "$log" ;;
     overhead)  # trial orchestration overhead on this host's cores (CPU trials; the CPU box has 2 cores)
-      timeout 290 python3 benchmarks/study_overhead.py --skip-asha --trials 3 --target-s 30 --stage-ahead 1 \
+      timeout 290 python3 benchmarks/study_overhead.py --skip-asha --trials 3 --target-s 30 --variants inline ray-train+stage \
         --out /tmp/so 2>&1 | grep -v -i warn | tail -30 | tee -a "$log"
       cp /tmp/so/study_overhead.json "$OUT/overhead.json" 2>/dev/null; cp /tmp/so/study_overhead.md "$OUT/overhead.md" 2>/dev/null ;;
     loader)

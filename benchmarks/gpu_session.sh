@@ -65,7 +65,7 @@ for s in $stages; do
           --out "/tmp/tcz.json" 2>&1 | grep '^{' | tee -a "$log"
       done ;;
     save-inductor-cache)  # the compiled kernels of this call, for the next call to carry as .gpucache/inductor.tar.xz
-      tar -cJf "$OUT/inductor.tar.xz" -C /tmp inductor-cache && ls -la "$OUT/inductor.tar.xz" | tee -a "$log" ;;
+      tar -I "xz -T0 -6" -cf "$OUT/inductor.tar.xz" -C /tmp inductor-cache && ls -la "$OUT/inductor.tar.xz" | tee -a "$log" ;;
     overhead)  # trial orchestration overhead on this host's cores (CPU trials; the CPU box has 2 cores)
       timeout 290 python3 benchmarks/study_overhead.py --skip-asha --trials 3 --target-s 30 --variants inline ray-train+stage \
         --out /tmp/so 2>&1 | grep -v -i warn | tail -30 | tee -a "$log"

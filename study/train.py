@@ -203,6 +203,16 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _h2d(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without stalling the host: a copy from pageable memory to a CUDA device waits for
+    the stream to drain first (CUDA's documented behaviour, ``non_blocking`` or not), which would make every
+    micro-step wait for the previous one's GPU work. CPU tensors are staged through pinned memory (PyTorch's
+    caching host allocator) unless the loader already pinned them."""
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Move a collated batch to ``device``, finishing deferred (float16 + scale) inputs there."""
     if "scale_coef" in batch:
@@ -213,9 +223,9 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         out = dict(batch)
         for key in ("x", "brain_mask", "y"):
             if key in out:
-                out[key] = out[key].to(device, non_blocking=True)
+                out[key] = _h2d(out[key], device)
     if "mask" in out:
-        out["mask"] = out["mask"].to(device, non_blocking=True)
+        out["mask"] = _h2d(out["mask"], device)
     return out
 
 
@@ -541,6 +551,9 @@ def run_steps(spec: RunSpec, ctx: DistContext, plan: BatchPlan, n_steps: int, *,
     wall_offset = state["wall_time_s"] - (time.perf_counter() - t_start)
     metrics: dict[str, Any] = {}
     ddp = isinstance(net, nn.parallel.DistributedDataParallel)
+    # DeepSpeed ZeRO-0 leaves clipping to us (deepspeed_config): after the boundary micro-step's backward,
+    # which all-reduced the gradients, and before the engine's optimizer step
+    own_clip = engine is not None and spec.zero_stage == 0
     while step < n_steps:
         if should_stop is not None and should_stop():
             if pending_steps:
@@ -563,6 +576,8 @@ def run_steps(spec: RunSpec, ctx: DistContext, plan: BatchPlan, n_steps: int, *,
                 if engine is not None:
                     with record_function("neurox.backward"):
                         engine.backward(loss)
+                    if own_clip and a == n_micro - 1:
+                        grad_norm = clip_gradients(params, spec.grad_clip)
                     with record_function("neurox.engine_step"):
                         engine.step()  # DeepSpeed counts micro-steps and updates only at the boundary
                 else:
@@ -573,14 +588,11 @@ def run_steps(spec: RunSpec, ctx: DistContext, plan: BatchPlan, n_steps: int, *,
         lr_now = optimizer.param_groups[0]["lr"]
         with record_function("neurox.optimizer_step"):
             if engine is not None:
-                grad_norm = engine.get_global_grad_norm()
-                grad_norm = grad_norm if grad_norm is not None else float("nan")
+                if not own_clip:
+                    grad_norm = engine.get_global_grad_norm()
+                    grad_norm = grad_norm if grad_norm is not None else float("nan")
             else:
-                if spec.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
-                else:
-                    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-                    grad_norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else 0.0
+                grad_norm = clip_gradients(params, spec.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
@@ -614,6 +626,14 @@ def run_steps(spec: RunSpec, ctx: DistContext, plan: BatchPlan, n_steps: int, *,
         if eval_due:
             metrics = on_eval(step, {**metrics, "step": step, "train_loss": train_loss}, ckpt_due)
     return "finished", metrics
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor | float:
+    """Global gradient 2-norm (a device tensor: no host read), clipped to ``max_norm`` when it is > 0."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(grads)) if grads else 0.0
 
 
 @torch.no_grad()
@@ -679,7 +699,9 @@ def deepspeed_config(spec: RunSpec, plan: BatchPlan, device_type: str) -> dict[s
     the batch plan and ZeRO stage always the spec's (an override of those keys is ignored)."""
     use_bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device_type in ("cuda", "xpu"))
     config = {
-        "gradient_clipping": spec.grad_clip,
+        # ZeRO-0: the step loop clips (run_steps): DeepSpeed's own clip_grad_norm_ builds two CUDA tensors from
+        # Python lists per step (each a host-device sync) and leaves the engine's grad norm unset
+        "gradient_clipping": 0.0 if spec.zero_stage == 0 else spec.grad_clip,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
         # keep fp32 master weights and autocast like DDP, so ZeRO runs match DDP numerics

@@ -1,6 +1,7 @@
 """The train function: equivalences, exact resume, schedules, bad input, divergence."""
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -150,8 +151,32 @@ def test_torchrun_two_ranks_matches_one_process_with_accumulation(mamba_spec, tm
     assert got == pytest.approx(losses(ref), rel=1e-5)
 
 
+def test_deepspeed_zero0_clips_in_the_loop_like_plain_pytorch(tiny_cohort):
+    """ZeRO-0 leaves clipping to the step loop (no host syncs in DeepSpeed's clip): same losses and the same
+    reported gradient norm as a plain single-process run, where DeepSpeed used to report none (NaN)."""
+    import torch.distributed as dist
+
+    from study.train import deepspeed_config
+    from test_golden import golden_spec
+
+    spec = golden_spec(tiny_cohort).replace(budget=8, grad_clip=0.05)
+    plain, _ = run(spec)
+    try:
+        zero0, _ = run(spec.replace(distributed="deepspeed", zero_stage=0))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert losses(zero0) == pytest.approx(losses(plain), rel=1e-5)
+    norms = [r["grad_norm"] for r in zero0.logs]
+    assert all(math.isfinite(n) for n in norms) and max(norms) > 0.05  # clipping was active
+    assert norms == pytest.approx([r["grad_norm"] for r in plain.logs], rel=1e-5)
+    plan = BatchPlan.make(spec, 1)
+    assert deepspeed_config(spec.replace(zero_stage=0), plan, "cuda")["gradient_clipping"] == 0.0
+    assert deepspeed_config(spec.replace(zero_stage=1), plan, "cuda")["gradient_clipping"] == 0.05
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_deepspeed_zero_matches_ddp(mamba_spec, tmp_path, stage, torchrun_losses):
     ddp = torchrun_losses(mamba_spec, tmp_path / "ddp")
     ds = torchrun_losses(mamba_spec.replace(distributed="deepspeed", zero_stage=stage), tmp_path / f"ds{stage}")

@@ -2,7 +2,7 @@
 # One call on a lent multi-GPU machine: unpack the carried Python deps, then run the training
 # scaling matrix (1/2/4 GPUs, strong + weak) and the 16-worker loader benchmark. Results -> $OUT.
 # Usage (device tool): carry .gpubundle and .whl; command: bash benchmarks/gpu_session.sh [stages...]
-# Stages: scaling scaling-51M scaling-806M scaling-51M-compiled overlap-51M weak-806M train-profile train-compile
+# Stages: scaling scaling-51M scaling-806M scaling-51M-compiled scaling-51M-zero0 overlap-51M weak-806M train-profile train-compile
 # train-compile-zero overhead loader input save-inductor-cache (default: scaling loader input).
 # Compiled runs share one Inductor cache (/tmp/inductor-cache); a carried .gpucache/inductor.tar.xz (written by the
 # save-inductor-cache stage of an earlier call, same torch/Triton and GPU model) seeds it, so ranks skip the ~3 min
@@ -24,7 +24,7 @@ NG=$(nvidia-smi -L | wc -l)  # GPUs on this machine
 OVERLAP='{"zero_optimization": {"overlap_comm": true, "contiguous_gradients": true}}'
 scaling() {  # stage name, then train_scaling.py driver arguments; per-run files stay in /tmp, the table comes back
   local name=$1; shift
-  python3 benchmarks/train_scaling.py --driver "$@" --micro-51m 8 --micro-806m 2 --out-dir "/tmp/scal/$name" \
+  python3 benchmarks/train_scaling.py --driver "$@" --micro-51m "${MICRO_51M:-8}" --micro-806m 2 --out-dir "/tmp/scal/$name" \
     --timeout "${SCALING_TIMEOUT:-240}" 2>&1 | grep -v Warning | tee -a "$log"
   cp "/tmp/scal/$name/train_scaling.json" "$OUT/$name.json" 2>/dev/null
 }
@@ -39,6 +39,9 @@ for s in $stages; do
       # rank compiles ~3 min on a fresh machine, then Inductor's cache serves later runs)
       SCALING_TIMEOUT=480 scaling "$s" --sizes 51M --steps "${STEPS_51M:-30}" --warmup 10 --log-every 10 --compile \
         --zero 0 ${GPU_COUNTS:+--gpu-counts $GPU_COUNTS} ;;
+    scaling-51M-zero0)  # the 51M matrix, eager, ZeRO-0 (MICRO_51M=16: enough GPU work per step to hide the host)
+      scaling "$s" --sizes 51M --steps "${STEPS_51M:-30}" --warmup 10 --log-every 10 --zero 0 \
+        ${GPU_COUNTS:+--gpu-counts $GPU_COUNTS} ;;
     overlap-51M)  # DeepSpeed reducing gradients during the backward pass, all GPUs (compare with scaling-51M's 1 GPU)
       scaling "$s" --sizes 51M --steps 30 --warmup 10 --log-every 10 --gpu-counts "$NG" --ds-config "$OVERLAP" ;;
     weak-806M)  # 806M weak scaling, 1 and all GPUs

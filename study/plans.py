@@ -144,6 +144,16 @@ def smoke(opts: Any = None) -> StudyPlan:
                      cohort={"n_subjects": 12, "grid": (24, 24, 24), "n_frames": 16, "seed": 0})
 
 
+#: ZeRO stage of a ladder size: replicated optimizer state (ZeRO-0) while it is small, partitioned (ZeRO-1) from
+#: 806M up. ZeRO-1's per-parameter gradient hooks and bucket copies cost a 51M step 27% on an H100 (72 vs 99
+#: samples/s compiled, BENCHMARKS.md), and 202M's replicated fp32 Adam state is 2.4 GiB; 806M's is 9.6 GiB.
+LADDER_ZERO_STAGE = {"51M": 0, "202M": 0}
+
+
+def ladder_zero_stage(size: str) -> int:
+    return LADDER_ZERO_STAGE.get(size, 1)
+
+
 def _ladder(opts: Any, *, name: str, workers: int, budgets: Sequence[float], sizes: Sequence[str],
             n_subjects: Sequence[int]) -> StudyPlan:
     manifest = getattr(opts, "manifest", None)
@@ -157,7 +167,8 @@ def _ladder(opts: Any, *, name: str, workers: int, budgets: Sequence[float], siz
     for c in budgets:
         for size in sizes:
             for n in n_subjects:
-                specs.append(base.replace(size=size, budget_kind="flops", budget=float(c), n_subjects=n))
+                specs.append(base.replace(size=size, budget_kind="flops", budget=float(c), n_subjects=n,
+                                          zero_stage=ladder_zero_stage(size)))
     return StudyPlan(name=name, specs=specs, num_workers=workers, use_gpu=True,
                      description=f"SwiFT v2 ladder {list(sizes)} x subjects {list(n_subjects)} x budgets")
 

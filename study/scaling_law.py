@@ -50,7 +50,8 @@ def print_plan(plan, args) -> None:
     world = plan.num_workers
     print(f"study plan {plan.name!r}: {len(plan.specs)} runs, {world} worker(s)/trial, "
           f"{'GPU' if plan.use_gpu else 'CPU'}")
-    hdr = f"{'run_id':58s} {'params':>10s} {'steps':>7s} {'samples':>9s} {'FLOPs':>10s} {'GPU-h':>8s} {'mem GiB':>8s} fits"
+    hdr = (f"{'run_id':58s} {'params':>10s} {'steps':>7s} {'samples':>9s} {'FLOPs':>10s} {'GPU-h':>8s} "
+           f"{'ZeRO':>4s} {'mem GiB':>8s} fits")
     print(hdr)
     total_gpu_h = 0.0
     for s in plan.specs:
@@ -59,10 +60,11 @@ def print_plan(plan, args) -> None:
         total_gpu_h += gpu_h
         mem = memory_estimate_gib(s, world)
         fits = "yes" if mem < args.gpu_mem_gib else "NO"
+        zero = s.zero_stage if s.distributed == "deepspeed" else "-"
         print(f"{r['run_id']:58s} {r['params']:10.3g} {r['steps']:7d} {r['samples']:9d} {r['flops']:10.3g} "
-              f"{gpu_h:8.3g} {mem:8.2f} {fits}")
+              f"{gpu_h:8.3g} {zero!s:>4s} {mem:8.2f} {fits}")
     print(f"total: {total_gpu_h:.3g} GPU-hours at {args.assumed_mfu:.0%} MFU of {args.gpu_peak_tflops:g} TFLOP/s "
-          f"(model-state memory under ZeRO stage {plan.specs[0].zero_stage if plan.specs[0].distributed == 'deepspeed' else 0})")
+          f"(mem: model-state memory per device under each run's ZeRO stage; '-' = DDP)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,20 @@ def test_dry_run_prints_runs_flops_gpu_hours_and_fit(capsys):
     assert "GPU-hours" in out and DEMO_PINNED[0][0] in out and " yes" in out
 
 
+def test_ladder_presets_replicate_small_models_and_partition_large_ones(tmp_path):
+    """51M/202M train with ZeRO-0 (ZeRO-1's hooks cost a 51M step 27%), 806M and 3B with ZeRO-1, and every
+    run's model state fits an 80 GB card under its stage."""
+    from types import SimpleNamespace
+
+    from study.plans import load_plan, memory_estimate_gib
+
+    plan = load_plan("aurora", SimpleNamespace(manifest=str(tmp_path / "m.parquet")))
+    stages = {s.size: s.zero_stage for s in plan.specs}
+    assert stages == {"51M": 0, "202M": 0, "806M": 1, "3B": 1}
+    assert all(s.distributed == "deepspeed" for s in plan.specs)
+    assert max(memory_estimate_gib(s, plan.num_workers) for s in plan.specs) < 80
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--preset", "nope"], "unknown preset"),
     (["--preset", "polaris"], "--manifest"),

@@ -104,6 +104,28 @@ def stop_checker(stop_file: str | None, deadline: float | None):
     return should_stop
 
 
+def study_reporters(spec: RunSpec, *, store_dir: str | None, manifest_hash: str | None,
+                    wandb_dir: str | None, wandb_sweep_id: str | None = None) -> list:
+    """The reporters a study run's rank 0 feeds: the results store (with the run's static columns) and, when
+    ``wandb_dir`` is given, W&B (grouped by study, in the sweep ``wandb_sweep_id`` if any)."""
+    from study.launch_local import static_row
+    from study.reporters import StoreReporter, progress_table
+
+    reporters = []
+    if store_dir:
+        from analysis.store import ResultsStore
+
+        reporters.append(StoreReporter(ResultsStore(store_dir), static_row(spec, manifest_hash),
+                                       table=progress_table(spec.task)))
+    if wandb_dir:
+        from study.wandb_reporter import WandbReporter
+
+        if wandb_sweep_id:
+            os.environ["NEUROX_WANDB_SWEEP_ID"] = wandb_sweep_id
+        reporters.append(WandbReporter(spec, dir=wandb_dir, group=spec.study))
+    return reporters
+
+
 def _any_stop(*checks):
     checks = [c for c in checks if c is not None]
     return (lambda: any(c() for c in checks)) if checks else None
@@ -111,25 +133,14 @@ def _any_stop(*checks):
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function."""
-    from study.launch_local import static_row
-    from study.reporters import StoreReporter, progress_table
     from study.train import TrainingDiverged, train
 
     spec = RunSpec.from_dict(config["spec"])
     mark("worker_start", run=spec.run_id)
     ctx = ray_context(config.get("device"))
-    reporters = []
-    if ctx.rank == 0 and config.get("store_dir"):
-        from analysis.store import ResultsStore
-
-        reporters.append(StoreReporter(ResultsStore(config["store_dir"]),
-                                       static_row(spec, config.get("manifest_hash")), table=progress_table(spec.task)))
-    if ctx.rank == 0 and config.get("wandb"):
-        from study.wandb_reporter import WandbReporter
-
-        if config.get("wandb_sweep_id"):
-            os.environ["NEUROX_WANDB_SWEEP_ID"] = config["wandb_sweep_id"]
-        reporters.append(WandbReporter(spec, dir=config.get("wandb_dir"), group=spec.study))
+    reporters = study_reporters(spec, store_dir=config.get("store_dir"), manifest_hash=config.get("manifest_hash"),
+                                wandb_dir=config.get("wandb_dir") if config.get("wandb") else None,
+                                wandb_sweep_id=config.get("wandb_sweep_id")) if ctx.rank == 0 else []
     reporter = RankZero(ctx.rank, MultiReporter(reporters), all_ranks_report=RayReporter())
     resume = None
     checkpoint = ray.train.get_checkpoint()
@@ -224,8 +235,6 @@ def run_inline(spec: RunSpec, *, storage: str, store_dir: str | None = None, dev
     import torch
     import torch.distributed as dist
 
-    from study.launch_local import static_row
-    from study.reporters import MultiReporter, StoreReporter, progress_table
     from study.train import free_port, train
 
     mark("worker_start", run=spec.run_id)
@@ -235,18 +244,9 @@ def run_inline(spec: RunSpec, *, storage: str, store_dir: str | None = None, dev
                       WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     ctx = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1,
                       device=select_device(kind, 0, isolated=True), backend=backend_for(kind))
-    reporters = []
-    if store_dir:
-        from analysis.store import ResultsStore
-
-        reporters.append(StoreReporter(ResultsStore(store_dir), static_row(spec, manifest_hash),
-                                       table=progress_table(spec.task)))
-    if use_wandb:
-        from study.wandb_reporter import WandbReporter
-
-        if wandb_sweep_id:
-            os.environ["NEUROX_WANDB_SWEEP_ID"] = wandb_sweep_id
-        reporters.append(WandbReporter(spec, dir=str(Path(storage) / "wandb"), group=spec.study))
+    reporters = study_reporters(spec, store_dir=store_dir, manifest_hash=manifest_hash,
+                                wandb_dir=str(Path(storage) / "wandb") if use_wandb else None,
+                                wandb_sweep_id=wandb_sweep_id)
     reporters.append(extra_reporter if extra_reporter is not None else TuneReporter())
     reporter = MultiReporter(reporters)
     run_storage = Path(storage) / spec.run_id

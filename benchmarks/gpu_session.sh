@@ -3,7 +3,7 @@
 # scaling matrix (1/2/4 GPUs, strong + weak) and the 16-worker loader benchmark. Results -> $OUT.
 # Usage (device tool): carry .gpubundle and .whl; command: bash benchmarks/gpu_session.sh [stages...]
 # Stages: scaling scaling-51M scaling-806M scaling-51M-compiled scaling-51M-zero0 overlap-51M weak-806M train-profile train-compile
-# train-compile-zero overhead loader input save-inductor-cache (default: scaling loader input).
+# train-compile-zero inline-gpu overhead loader input save-inductor-cache (default: scaling loader input).
 # Compiled runs share one Inductor cache (/tmp/inductor-cache); a carried .gpucache/inductor.tar.xz (written by the
 # save-inductor-cache stage of an earlier call, same torch/Triton and GPU model) seeds it, so ranks skip the ~3 min
 # compile.
@@ -69,6 +69,20 @@ for s in $stages; do
       done ;;
     save-inductor-cache)  # the compiled kernels of this call, for the next call to carry as .gpucache/inductor.tar.xz
       tar -I "xz -T0 -6" -cf "$OUT/inductor.tar.xz" -C /tmp inductor-cache && ls -la "$OUT/inductor.tar.xz" | tee -a "$log" ;;
+    inline-gpu)  # the smoke-gpu study on this machine's GPUs: one-worker trials inline in reused Tune actors,
+      # then the same plan with a TorchTrainer per trial; rows, devices and trial processes per launcher
+      for l in inline ray-train; do
+        export NEUROX_TRACE_FILE=/tmp/trace-$l.jsonl; rm -f "$NEUROX_TRACE_FILE"; t0=$(date +%s)
+        timeout 240 python3 study/scaling_law.py --preset smoke-gpu --storage /tmp/nxst --study-name "smoke-gpu-$l" \
+          --trial-launcher $l --no-report 2>&1 | grep -E "launcher|done [0-9]|error|Error" | tail -6 | tee -a "$log"
+        echo "$l: study wall $(( $(date +%s) - t0 )) s" | tee -a "$log"
+        python3 -c "
+from analysis.store import read_table; from study.trace import read
+df = read_table('/tmp/nxst/smoke-gpu-$l/store', 'train')
+print(df[['run_id', 'step', 'train_loss', 'val_loss', 'device_kind', 'device_count', 'is_final']].to_string())
+m = [x for x in read('$NEUROX_TRACE_FILE') if x['what'] == 'train_start']
+print('$l: train_start pids', [x['pid'] for x in m])" 2>&1 | tail -12 | tee -a "$log"
+      done ;;
     overhead)  # trial orchestration overhead on this host's cores (CPU trials; the CPU box has 2 cores)
       timeout 290 python3 benchmarks/study_overhead.py --skip-asha --trials 3 --target-s 30 --variants inline ray-train+stage \
         --out /tmp/so 2>&1 | grep -v -i warn | tail -30 | tee -a "$log"

@@ -225,8 +225,10 @@ def run_inline(spec: RunSpec, *, storage: str, store_dir: str | None = None, dev
     """Train ``spec`` in this process: a Tune trial actor that holds one worker's resources (Ray already
     isolated its GPU/XPU tile). Returns :class:`study.train.TrainResult`.
 
-    The process group of one that DeepSpeed needs gets a fresh loopback port, and it is destroyed at the end
-    with the run's device memory, so a reused actor starts the next trial clean. Results go to the store,
+    The process group of one that DeepSpeed needs is created (on a free loopback port) by the actor's first
+    DeepSpeed trial and kept for the actor's life: DeepSpeed caches its groups, so a group destroyed and made
+    again breaks the next trial ("Group ... is not registered", seen on an H100). The run's device memory is
+    released at the end, so a reused actor starts the next trial clean. Results go to the store,
     W&B and Tune (:class:`TuneReporter`, or ``extra_reporter``) exactly as from a Ray Train worker.
     ``should_stop`` (polled every step, like ``train``'s) stops the run beside the STOP file and deadline.
     """
@@ -240,8 +242,9 @@ def run_inline(spec: RunSpec, *, storage: str, store_dir: str | None = None, dev
     mark("worker_start", run=spec.run_id)
     kind = detect_device_kind(device or (gpu_kind() if use_gpu else "cpu"))
     os.environ.update(collective_env(kind, local_rank=0, local_world_size=1))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
-                      WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    if not dist.is_initialized():  # several trial actors share a node: each takes its own port
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+                          WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     ctx = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1,
                       device=select_device(kind, 0, isolated=True), backend=backend_for(kind))
     reporters = study_reporters(spec, store_dir=store_dir, manifest_hash=manifest_hash,
@@ -257,8 +260,6 @@ def run_inline(spec: RunSpec, *, storage: str, store_dir: str | None = None, dev
         return result
     finally:
         reporter.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
         gc.collect()
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -144,6 +144,19 @@ def smoke(opts: Any = None) -> StudyPlan:
                      cohort={"n_subjects": 12, "grid": (24, 24, 24), "n_frames": 16, "seed": 0})
 
 
+def smoke_gpu(opts: Any = None) -> StudyPlan:
+    """Three tiny runs on one GPU (or XPU tile) each, DeepSpeed ZeRO-0 in bf16, on a 12-subject synthetic
+    cohort: checks a GPU node's installation (device isolation, NCCL/xccl process group, trial reuse)."""
+    manifest = getattr(opts, "manifest", None) or ""
+    base = RunSpec(study=getattr(opts, "study_name", None) or "smoke-gpu", family="swift_v2", size="debug",
+                   grid=(24, 24, 24), sequence_length=8, batch_size=4, lr=3e-3, budget_kind="steps", budget=20,
+                   eval_every=10, eval_windows=4, checkpoint_every=10, manifest=manifest, precision="bf16",
+                   distributed="deepspeed", zero_stage=0)
+    return StudyPlan(name="smoke-gpu", specs=[base.replace(width=w) for w in (16, 32, 48)], use_gpu=True,
+                     description=smoke_gpu.__doc__ or "",
+                     cohort={"n_subjects": 12, "grid": (24, 24, 24), "n_frames": 16, "seed": 0})
+
+
 #: ZeRO stage of a ladder size: replicated optimizer state (ZeRO-0) while it is small, partitioned (ZeRO-1) from
 #: 806M up. ZeRO-1's per-parameter gradient hooks and bucket copies cost a 51M step 27% on an H100 (72 vs 99
 #: samples/s compiled, BENCHMARKS.md), and 202M's replicated fp32 Adam state is 2.4 GiB; 806M's is 9.6 GiB.
@@ -185,7 +198,8 @@ def aurora(opts: Any = None) -> StudyPlan:
                    sizes=("51M", "202M", "806M", "3B"), n_subjects=(2000, 8000, 32000))
 
 
-PRESETS: dict[str, Callable[[Any], StudyPlan]] = {"demo": demo, "smoke": smoke, "polaris": polaris,
+PRESETS: dict[str, Callable[[Any], StudyPlan]] = {"demo": demo, "smoke": smoke, "smoke-gpu": smoke_gpu,
+                                                   "polaris": polaris,
                                                    "aurora": aurora}
 
 

@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from study.runner import add_common_args
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="demo", help="demo | smoke | polaris | aurora | pkg.module:function")
+    ap.add_argument("--preset", default="demo", help="demo | smoke | smoke-gpu | polaris | aurora | pkg.module:function")
     add_common_args(ap)
     ap.add_argument("--lr-search", type=int, default=0, metavar="N",
                     help="Optuna search of the LR per run group with N trials each (0: use the plan's LRs)")

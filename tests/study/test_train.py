@@ -161,11 +161,9 @@ def test_deepspeed_zero0_clips_in_the_loop_like_plain_pytorch(tiny_cohort):
 
     spec = golden_spec(tiny_cohort).replace(budget=8, grad_clip=0.05)
     plain, _ = run(spec)
-    try:
-        zero0, _ = run(spec.replace(distributed="deepspeed", zero_stage=0))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # the world-of-one group DeepSpeed makes stays (DeepSpeed caches it; study.launch_ray.run_inline relies on it)
+    zero0, _ = run(spec.replace(distributed="deepspeed", zero_stage=0))
+    assert dist.get_world_size() == 1
     assert losses(zero0) == pytest.approx(losses(plain), rel=1e-5)
     norms = [r["grad_norm"] for r in zero0.logs]
     assert all(math.isfinite(n) for n in norms) and max(norms) > 0.05  # clipping was active

@@ -1,0 +1,94 @@
+"""An inline trial's actor process SIGKILLed mid-run: Tune retries the trial in a new actor, which resumes from
+the run's newest checkpoint in storage; every evaluation is stored once, with the uninterrupted run's numbers.
+
+Inline trials (one worker: ``train()`` in the reused Tune trial actor) have no Ray Train worker group to
+restart, so this is their whole failure path. The victim is found among *this test's* descendants by its
+process title ``ray::ImplicitFunc`` (Tune's function-trainable actor).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.faults]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def trial_actors() -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "ray::ImplicitFunc" in " ".join(p.cmdline()):
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_inline_trial_actor_sigkill_resumes_from_checkpoint(mamba_spec, tmp_path):
+    import ray
+
+    from analysis.store import read_table
+    from study import checkpoint as ckpt
+    from study.devices import local_context
+    from study.launch_ray import INLINE_DIR
+    from study.reporters import MemoryReporter
+    from study.runner import connect_ray
+    from study.sweep import plan_placement, run_trials
+    from study.train import train
+
+    spec = mamba_spec.replace(budget=24, checkpoint_every=3, eval_every=3, eval_windows=2)
+    ref = MemoryReporter()  # the uninterrupted run
+    train(spec, local_context("cpu"), ref)
+
+    pl = plan_placement(2, 0, 1, False, max_concurrent=1)
+    store, runs = tmp_path / "store", tmp_path / "runs"
+    ctx = {"launcher": pl.launcher, "trial_resources": pl.trial_resources, "train_storage": str(runs),
+           "store_dir": str(store), "num_workers": 1, "use_gpu": False, "cpus_per_worker": pl.cpus_per_worker}
+    ckpt_root = runs / spec.run_id / INLINE_DIR / "checkpoints"
+    connect_ray(None, 2, REPO)
+    box: dict = {}
+    try:
+        sweeper = threading.Thread(target=lambda: box.update(counts=run_trials(
+            [spec], ctx=ctx, storage=str(tmp_path / "tune"), study="kill", concurrency=1)))
+        sweeper.start()
+        t0 = time.time()
+        while time.time() - t0 < 300 and sweeper.is_alive() and ckpt.latest_checkpoint(ckpt_root) is None:
+            time.sleep(0.05)
+        assert sweeper.is_alive(), "the run finished before a fault could be injected"
+        at_kill = ckpt.latest_checkpoint(ckpt_root)
+        step_at_kill = int(at_kill.name.split("_")[1])
+        victims = trial_actors()
+        assert len(victims) == 1, victims
+        kill_ns = time.time_ns()
+        os.kill(victims[0].pid, signal.SIGKILL)
+        sweeper.join(timeout=400)
+        assert not sweeper.is_alive()
+    finally:
+        ray.shutdown()
+    assert box["counts"] == {"done": 1, "failed": 0, "early_stopped": 0}
+
+    raw = pd.concat([pd.read_parquet(p) for p in sorted((store / "train").glob("part-*.parquet"))],
+                    ignore_index=True)
+    after = raw[raw["_seq"] > kill_ns]
+    assert len(after), "no row after the kill"
+    # the retry resumed from the checkpoint that existed at the kill (or a newer one): nothing before it redone
+    assert after["step"].min() > step_at_kill
+    rows = read_table(store, "train").sort_values("step")
+    assert list(rows["step"]) == list(range(3, 25, 3))  # every evaluation exactly once
+    assert rows["is_final"].sum() == 1 and bool(rows["is_final"].iloc[-1])
+    want = {r["step"]: r for r in ref.reports}
+    for _, row in rows.iterrows():
+        assert row["train_loss"] == pytest.approx(want[row["step"]]["train_loss"], rel=1e-6), row["step"]
+        assert row["val_loss"] == pytest.approx(want[row["step"]]["val_loss"], rel=1e-6), row["step"]
+    print(f"\nFAULT inline-actor-sigkill: checkpoint step at kill {step_at_kill}, first step after the retry "
+          f"{after['step'].min()}, rows re-emitted {len(raw) - len(rows)}, total {time.time() - t0:.1f} s")

@@ -16,7 +16,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 
-def test_exploding_run_fails_alone_and_is_recorded(tiny_cohort, tmp_path):
+@pytest.mark.parametrize("launcher", ["inline", "ray-train"])
+def test_exploding_run_fails_alone_and_is_recorded(tiny_cohort, tmp_path, launcher):
     from analysis.store import read_table
 
     sys.path.insert(0, str(HERE))
@@ -25,7 +26,7 @@ def test_exploding_run_fails_alone_and_is_recorded(tiny_cohort, tmp_path):
     good1, bad, good2 = diverging().specs
     cmd = [sys.executable, "study/scaling_law.py", "--preset", "faults_plans:diverging", "--study-name", "div",
            "--manifest", tiny_cohort, "--storage", str(tmp_path), "--num-cpus", "2", "--max-concurrent", "1",
-           "--no-report"]
+           "--no-report", "--trial-launcher", launcher]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE)])}
     t0 = time.time()
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -42,10 +43,13 @@ def test_exploding_run_fails_alone_and_is_recorded(tiny_cohort, tmp_path):
     errors = [p.read_text(errors="replace") for p in (tmp_path / "div").rglob("error.txt")]
     blob = "\n".join(errors) + text
     assert "non-finite loss nan at step 2" in blob, blob[-3000:]
-    # ... as the durable copy in Ray's storage, not the worker's deleted temporary directory
-    assert f"last good checkpoint: step_0000001 (persisted by Ray under {tmp_path}/div/runs/{bad.run_id}" in blob
+    # ... as a durable checkpoint in the study's storage, never a worker's deleted temporary directory: Ray
+    # Train's persisted copy, or the inline trial's own run directory
+    durable = {"ray-train": f"last good checkpoint: step_0000001 (persisted by Ray under {tmp_path}/div/runs/{bad.run_id}",
+               "inline": f"last good checkpoint: {tmp_path}/div/runs/{bad.run_id}/inline/checkpoints/step_0000001"}
+    assert durable[launcher] in blob
     assert "last good checkpoint: /tmp/neurox-" not in blob
     assert "health check failed" not in blob and "TypeError" not in blob
     attempts = blob.count("non-finite loss nan at step 2")
-    print(f"\nFAULT divergence-in-study: 3 runs, 1 diverging; study took {elapsed:.0f} s; "
+    print(f"\nFAULT divergence-in-study ({launcher}): 3 runs, 1 diverging; study took {elapsed:.0f} s; "
           f"error texts naming the divergence: {attempts}")

@@ -29,7 +29,10 @@ def _runner_ready() -> str | None:
     return None if r.returncode == 0 else (r.stdout + r.stderr).strip().splitlines()[-1]
 
 
-def test_scaling_law_study_runs_on_the_cluster(tmp_path):
+@pytest.mark.parametrize("launcher,trainer_class", [("inline", "ImplicitFunc"), ("ray-train", "RayTrainWorker")])
+def test_scaling_law_study_runs_on_the_cluster(tmp_path, launcher, trainer_class):
+    """The study trains on several nodes: inline trials in Tune's trial actors (``ImplicitFunc``), or Ray Train
+    workers (``RayTrainWorker``) with ``--trial-launcher ray-train``."""
     why = _runner_ready()
     if why:
         pytest.skip(f"study/scaling_law.py cannot plan the tiny study here: {why}")
@@ -47,14 +50,15 @@ def test_scaling_law_study_runs_on_the_cluster(tmp_path):
                   "RAY_API_SERVER_ADDRESS": env_file["RAY_API_SERVER_ADDRESS"], "RAY_USAGE_STATS_ENABLED": "0"}
         submit = ["ray", "job", "submit", "--working-dir", ".", "--", "env", "PYTHONPATH=tests/pbs", "python",
                   "study/scaling_law.py", "--preset", "tiny_plan:plan", "--address", "auto", "--storage",
-                  str(storage), "--study-name", name, "--max-concurrent", "2", "--no-report"]
+                  str(storage), "--study-name", name, "--max-concurrent", "2", "--no-report",
+                  "--trial-launcher", launcher]
         r = c.in_node(0, submit, env=client, timeout=900)
         assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
         probe = ("import json, ray\n"
                  "from ray.util.state import list_actors\n"
                  "ray.init(logging_level='ERROR')\n"
                  "ip = {n['NodeID']: n['NodeManagerAddress'] for n in ray.nodes()}\n"
-                 "acts = list_actors(filters=[('class_name', '=', 'RayTrainWorker')], limit=1000, detail=True)\n"
+                 f"acts = list_actors(filters=[('class_name', '=', '{trainer_class}')], limit=1000, detail=True)\n"
                  "print(json.dumps(sorted({ip.get(a.node_id) for a in acts})))\n")
         r = c.in_node(0, [sys.executable, "-c", probe], env=dict(client, RAY_ADDRESS=env_file["RAY_ADDRESS"]))
         assert r.returncode == 0, r.stderr[-3000:]

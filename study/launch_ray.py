@@ -64,14 +64,45 @@ class TuneReporter(NullReporter):
         tune.report(_scalars(metrics))
 
 
-def resume_point(run_storage: str | os.PathLike | None) -> Path | None:
+def resume_point(run_storage: str | os.PathLike | None, stored_steps: set[int] | None = None) -> Path | None:
     """The newest complete checkpoint of a run: the ones an inline trial wrote
     (``<run_storage>/inline/checkpoints/step_*``) and the ones Ray Train persisted (``<run_storage>/checkpoint_*``),
-    so a study rerun with the other launcher continues the run instead of restarting it."""
+    so a study rerun with the other launcher continues the run instead of restarting it.
+
+    ``stored_steps`` (the steps whose result row is in the store) excludes checkpoints whose row was never
+    written: a checkpoint is complete before its evaluation row is appended, so a process killed in between
+    would otherwise resume past a row it never stored (seen in the inline SIGKILL fault test). The run then
+    resumes from an earlier checkpoint (or the start) and re-emits that row with the same numbers."""
     if not run_storage:
         return None
     root = Path(run_storage)
-    return ckpt.newest(ckpt.list_checkpoints(root / INLINE_DIR / "checkpoints") + sorted(root.glob("checkpoint_*")))
+    found = ckpt.list_checkpoints(root / INLINE_DIR / "checkpoints") + sorted(root.glob("checkpoint_*"))
+    if stored_steps is not None:
+        found = [c for c in found if _checkpoint_step(c) in stored_steps]
+    return ckpt.newest(found)
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    try:
+        return int(json.loads((path / ckpt.STATE_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def stored_steps(store_dir: str | os.PathLike | None, spec: RunSpec) -> set[int] | None:
+    """Steps of ``spec``'s rows in the results store (``None`` without a store: no filtering)."""
+    if not store_dir:
+        return None
+    from analysis.store import read_table
+    from study.reporters import progress_table
+
+    try:
+        df = read_table(store_dir, progress_table(spec.task))
+    except (FileNotFoundError, ValueError):
+        return set()
+    if df is None or df.empty or "run_id" not in df:
+        return set()
+    return {int(s) for s in df.loc[df["run_id"] == spec.run_id, "step"]}
 
 
 def ray_context(device: str | None) -> DistContext:
@@ -148,7 +179,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if checkpoint is not None:
             resume = checkpoint.to_directory(os.path.join(local, "resume"))
         else:  # Ray has none of this run; an inline trial of an earlier study run may have
-            resume = resume_point(config.get("run_storage"))
+            resume = resume_point(config.get("run_storage"), stored_steps(config.get("store_dir"), spec))
         try:
             train(spec, ctx, reporter, run_dir=os.path.join(local, "run"), resume_from=resume,
                   should_stop=stop_checker(config.get("stop_file"), config.get("deadline")))
@@ -254,7 +285,8 @@ def run_inline(spec: RunSpec, *, storage: str, store_dir: str | None = None, dev
     reporter = MultiReporter(reporters)
     run_storage = Path(storage) / spec.run_id
     try:
-        result = train(spec, ctx, reporter, run_dir=run_storage / INLINE_DIR, resume_from=resume_point(run_storage),
+        resume = resume_point(run_storage, stored_steps(store_dir, spec))
+        result = train(spec, ctx, reporter, run_dir=run_storage / INLINE_DIR, resume_from=resume,
                        should_stop=_any_stop(stop_checker(stop_file, deadline), should_stop))
         mark("train_returned", run=spec.run_id)
         return result

@@ -80,6 +80,35 @@ def test_inline_run_stops_resumes_and_reproduces_the_golden_losses(tiny_cohort, 
     assert len(final) == 1 and int(final["step"].iloc[0]) == 20 and int(final["device_count"].iloc[0]) == 1
 
 
+def test_a_checkpoint_whose_row_was_never_stored_is_not_resumed_from(tiny_cohort, tmp_path):
+    """A checkpoint is complete before its evaluation row is appended; a kill in between (seen in the SIGKILL
+    fault test) must not make the retry resume past that row. The row of step 10 is removed from the store as
+    if the process had died there: the rerun resumes from step 5, re-emits 10, and every row is back once."""
+    import pandas as pd
+
+    from study.launch_ray import resume_point, run_inline, stored_steps
+
+    golden = json.loads(GOLDEN.read_text())["losses"]
+    spec = golden_spec(tiny_cohort).replace(eval_every=5, checkpoint_every=5, keep_last=5)  # step 5 is kept
+    store, runs = tmp_path / "store", tmp_path / "runs"
+    rep = MemoryReporter()
+    r1 = run_inline(spec, storage=str(runs), store_dir=str(store), extra_reporter=rep,
+                    should_stop=lambda: len(rep.logs) >= 12)
+    assert r1.status == "stopped" and r1.step == 12
+    for part in (store / "train").glob("part-*.parquet"):  # "the process died before this append"
+        if set(pd.read_parquet(part)["step"]) & {10, 12}:
+            part.unlink()
+    assert stored_steps(store, spec) == {5}
+    assert resume_point(runs / spec.run_id).name == "step_0000012"  # unfiltered: would skip rows 10 and 12
+    assert resume_point(runs / spec.run_id, stored_steps(store, spec)).name == "step_0000005"
+    r2 = run_inline(spec, storage=str(runs), store_dir=str(store), extra_reporter=MemoryReporter())
+    assert r2.status == "finished"
+    rows = read_table(store, "train").sort_values("step")
+    assert list(rows["step"]) == [5, 10, 15, 20]
+    for _, row in rows.iterrows():
+        assert row["train_loss"] == pytest.approx(golden[int(row["step"]) - 1], rel=REL)
+
+
 def test_deepspeed_trials_follow_each_other_in_one_process(tiny_cohort, tmp_path):
     """Regression (H100, smoke-gpu preset): the second DeepSpeed trial in a reused actor failed with "Group ...
     is not registered" because the first trial destroyed the process group DeepSpeed had cached. Each run

@@ -63,20 +63,42 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step recorded in a checkpoint directory's trainer state (``None`` if it cannot be read)."""
+    try:
+        return int(json.loads((Path(path) / STATE_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def newest(paths) -> Path | None:
     """The complete checkpoint with the highest step among ``paths`` (directories of any name, e.g. Ray Train's
     ``checkpoint_<time>`` copies beside our ``step_*``); ``None`` if none is complete."""
-    best: tuple[int, Path] | None = None
-    for p in paths:
-        if p is None or not is_complete(p):
-            continue
-        try:
-            step = int(json.loads((Path(p) / STATE_FILE).read_text())["step"])
-        except (OSError, ValueError, KeyError):
-            continue
-        if best is None or step > best[0]:
-            best = (step, Path(p))
-    return best[1] if best else None
+    steps = [(checkpoint_step(p), Path(p)) for p in paths if p is not None and is_complete(p)]
+    steps = [(s, p) for s, p in steps if s is not None]
+    return max(steps, key=lambda sp: sp[0])[1] if steps else None
+
+
+#: subdirectory of a run's storage (``<storage>/<run_id>``) where inline trials keep their run directory
+INLINE_DIR = "inline"
+
+
+def resume_point(run_storage: str | os.PathLike | None, stored_steps: set[int] | None = None) -> Path | None:
+    """The newest complete checkpoint of a run in a study's storage: the ones an inline trial wrote
+    (``<run_storage>/inline/checkpoints/step_*``) and the ones Ray Train persisted (``<run_storage>/checkpoint_*``),
+    so a study rerun with the other launcher continues the run instead of restarting it.
+
+    ``stored_steps`` (the steps whose result row is in the store) excludes checkpoints whose row was never
+    written: a checkpoint is complete before its evaluation row is appended, so a process killed in between
+    would otherwise resume past a row it never stored (seen in the inline SIGKILL fault test). The run then
+    resumes from an earlier checkpoint (or the start) and re-emits that row with the same numbers."""
+    if not run_storage:
+        return None
+    root = Path(run_storage)
+    found = list_checkpoints(root / INLINE_DIR / "checkpoints") + sorted(root.glob("checkpoint_*"))
+    if stored_steps is not None:
+        found = [c for c in found if checkpoint_step(c) in stored_steps]
+    return newest(found)
 
 
 def rng_state() -> dict[str, Any]:

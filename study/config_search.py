@@ -88,14 +88,15 @@ def plan_config_search(opts: Any, *, grid: int, seq: int, steps: int, size: str 
     return plan, labels
 
 
-def latest_ray_checkpoint(train_storage: Path, run_id: str) -> Path:
-    """The newest complete checkpoint Ray Train persisted for ``run_id``."""
+def latest_run_checkpoint(train_storage: Path, run_id: str) -> Path:
+    """The newest complete checkpoint of ``run_id``, whichever trial launcher wrote it (inline trials keep
+    theirs in the run's own directory, Ray Train persists ``checkpoint_*`` copies)."""
     from study import checkpoint as ckpt
 
-    cands = [p for p in (train_storage / run_id).glob("checkpoint_*") if ckpt.is_complete(p)]
-    if not cands:
+    found = ckpt.resume_point(train_storage / run_id)
+    if found is None:
         raise FileNotFoundError(f"no complete checkpoint of {run_id} under {train_storage / run_id}")
-    return max(cands, key=lambda p: ckpt.load_trainer_state(p)["step"])
+    return found
 
 
 def export_all(run, labels: dict[str, RunSpec], out_dir: Path) -> dict[str, Path]:
@@ -108,7 +109,7 @@ def export_all(run, labels: dict[str, RunSpec], out_dir: Path) -> dict[str, Path
         spec = by_id[s.run_id]
         f = out_dir / f"{label}.safetensors"
         if not f.exists():
-            c = latest_ray_checkpoint(run.study_dir / "runs", spec.run_id)
+            c = latest_run_checkpoint(run.study_dir / "runs", spec.run_id)
             ckpt.export_weights(c, f, model_config=model_config(spec), spec_json=spec.to_json(),
                                 mup_base_width=spec.mup_base_width)
         out[label] = f

@@ -14,11 +14,10 @@ resources and calls :func:`study.train.train` itself, and Tune reuses the actor 
 then starts no Train controller, worker process or helper actors (about 10 s of process starts and imports
 per trial on a 2-core machine; BENCHMARKS.md, study machinery). Checkpoints go straight to the run's storage
 (``<storage>/<run_id>/inline/checkpoints``); either launcher resumes from the newest checkpoint of both
-(:func:`resume_point`).
+(:func:`study.checkpoint.resume_point`).
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -30,15 +29,11 @@ import ray.train
 import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-from study import checkpoint as ckpt
+from study.checkpoint import INLINE_DIR, checkpoint_step, resume_point
 from study.devices import DistContext, backend_for, collective_env, detect_device_kind, gpu_kind, select_device
 from study.reporters import MultiReporter, NullReporter, RankZero
 from study.spec import RunSpec
 from study.trace import mark
-
-
-#: subdirectory of ``<storage>/<run_id>`` where inline trials keep their run directory (checkpoints)
-INLINE_DIR = "inline"
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -55,38 +50,13 @@ class RayReporter(NullReporter):
 
 class TuneReporter(NullReporter):
     """``ray.tune.report`` of each evaluation (inline trials). The checkpoint is not handed to Tune: train()
-    already wrote it to the run's storage, where :func:`resume_point` finds it. When Tune stops the trial
+    already wrote it to the run's storage, where :func:`study.checkpoint.resume_point` finds it. When Tune stops the trial
     (ASHA), this call ends the training thread (``SystemExit``) after the row is stored."""
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         from ray import tune
 
         tune.report(_scalars(metrics))
-
-
-def resume_point(run_storage: str | os.PathLike | None, stored_steps: set[int] | None = None) -> Path | None:
-    """The newest complete checkpoint of a run: the ones an inline trial wrote
-    (``<run_storage>/inline/checkpoints/step_*``) and the ones Ray Train persisted (``<run_storage>/checkpoint_*``),
-    so a study rerun with the other launcher continues the run instead of restarting it.
-
-    ``stored_steps`` (the steps whose result row is in the store) excludes checkpoints whose row was never
-    written: a checkpoint is complete before its evaluation row is appended, so a process killed in between
-    would otherwise resume past a row it never stored (seen in the inline SIGKILL fault test). The run then
-    resumes from an earlier checkpoint (or the start) and re-emits that row with the same numbers."""
-    if not run_storage:
-        return None
-    root = Path(run_storage)
-    found = ckpt.list_checkpoints(root / INLINE_DIR / "checkpoints") + sorted(root.glob("checkpoint_*"))
-    if stored_steps is not None:
-        found = [c for c in found if _checkpoint_step(c) in stored_steps]
-    return ckpt.newest(found)
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    try:
-        return int(json.loads((path / ckpt.STATE_FILE).read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def stored_steps(store_dir: str | os.PathLike | None, spec: RunSpec) -> set[int] | None:
@@ -196,9 +166,8 @@ def durable_name(local_checkpoint: str | None, run_storage: str | None) -> str |
     holds its persisted copy."""
     if not local_checkpoint or not run_storage:
         return local_checkpoint
-    try:
-        step = json.loads((Path(local_checkpoint) / "trainer_state.json").read_text())["step"]
-    except (OSError, ValueError, KeyError):
+    step = checkpoint_step(local_checkpoint)
+    if step is None:
         return local_checkpoint
     return f"step_{step:07d} (persisted by Ray under {run_storage}/checkpoint_*)"
 

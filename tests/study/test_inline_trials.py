@@ -28,7 +28,7 @@ def _fake_checkpoint(path: Path, step: int, complete: bool = True) -> Path:
 
 
 def test_resume_point_takes_the_newest_step_of_either_launcher(tmp_path):
-    from study.launch_ray import INLINE_DIR, resume_point
+    from study.checkpoint import INLINE_DIR, resume_point
 
     run = tmp_path / "run"
     assert resume_point(run) is None and resume_point(None) is None
@@ -44,13 +44,29 @@ def test_resume_point_takes_the_newest_step_of_either_launcher(tmp_path):
     assert resume_point(run) == inline / "step_0000030"
 
 
+def test_config_search_exports_from_either_launchers_checkpoints(tmp_path):
+    """Regression: config search's fine-tuning exports looked only for Ray Train's ``checkpoint_*`` copies, so
+    a pre-training run trained inline (the default for one-worker runs) had "no complete checkpoint"."""
+    from study.checkpoint import INLINE_DIR
+    from study.config_search import latest_run_checkpoint
+
+    runs = tmp_path / "runs"
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint of r1"):
+        latest_run_checkpoint(runs, "r1")
+    inline = _fake_checkpoint(runs / "r1" / INLINE_DIR / "checkpoints" / "step_0000020", 20)
+    assert latest_run_checkpoint(runs, "r1") == inline
+    ray_copy = _fake_checkpoint(runs / "r2" / "checkpoint_2026-11-26_10-00-00.000000", 20)
+    assert latest_run_checkpoint(runs, "r2") == ray_copy
+
+
 def test_inline_run_stops_resumes_and_reproduces_the_golden_losses(tiny_cohort, tmp_path):
     """A stop checkpoints (here after step 7; the PBS walltime guard's STOP file before the first step); the
     rerun resumes from it; together the calls log the golden losses of one uninterrupted plain-python run.
     No process group is left behind other than a world of one."""
     import torch.distributed as dist
 
-    from study.launch_ray import INLINE_DIR, run_inline
+    from study.checkpoint import INLINE_DIR
+    from study.launch_ray import run_inline
 
     golden = json.loads(GOLDEN.read_text())["losses"]
     spec = golden_spec(tiny_cohort).replace(eval_every=5, checkpoint_every=5)
@@ -86,7 +102,8 @@ def test_a_checkpoint_whose_row_was_never_stored_is_not_resumed_from(tiny_cohort
     if the process had died there: the rerun resumes from step 5, re-emits 10, and every row is back once."""
     import pandas as pd
 
-    from study.launch_ray import resume_point, run_inline, stored_steps
+    from study.checkpoint import resume_point
+    from study.launch_ray import run_inline, stored_steps
 
     golden = json.loads(GOLDEN.read_text())["losses"]
     spec = golden_spec(tiny_cohort).replace(eval_every=5, checkpoint_every=5, keep_last=5)  # step 5 is kept

@@ -52,17 +52,23 @@ PHASES = [("trial_start", "fit_call"), ("fit_call", "worker_start"), ("worker_st
           ("train_returned", "fit_returned")]
 
 
-def phases(trace_file: Path, run_ids: list[str]) -> dict[str, float]:
-    """Median seconds of each traced phase over ``run_ids`` (``study.trace`` marks), plus ``slot_gap``: from
-    one trial's ``fit_returned`` to the next trial's ``loop_start`` (the time a slot does no training)."""
-    import statistics
-
+def run_marks(trace_file: Path, run_ids: list[str]) -> dict[str, dict[str, float]]:
+    """``{run_id: {mark: first time}}`` of the ``study.trace`` marks of ``run_ids``."""
     from study.trace import read
 
     marks: dict[str, dict[str, float]] = {}
     for m in read(trace_file):
         if m.get("run") in run_ids:
             marks.setdefault(m["run"], {}).setdefault(m["what"], m["t"])
+    return marks
+
+
+def phases(trace_file: Path, run_ids: list[str]) -> dict[str, float]:
+    """Median seconds of each traced phase over ``run_ids`` (``study.trace`` marks), plus ``slot_gap``: from
+    one trial's ``fit_returned`` to the next trial's ``loop_start`` (the time a slot does no training)."""
+    import statistics
+
+    marks = run_marks(trace_file, run_ids)
     out: dict[str, float] = {}
     for a, b in PHASES:
         d = [r[b] - r[a] for r in marks.values() if a in r and b in r]
@@ -79,12 +85,7 @@ def phases(trace_file: Path, run_ids: list[str]) -> dict[str, float]:
 
 def loop_seconds(trace_file: Path, run_ids: list[str]) -> float:
     """Total seconds the runs spent in their training loops (``loop_start`` -> ``loop_end`` marks)."""
-    from study.trace import read
-
-    marks: dict[str, dict[str, float]] = {}
-    for m in read(trace_file):
-        if m.get("run") in run_ids:
-            marks.setdefault(m["run"], {}).setdefault(m["what"], m["t"])
+    marks = run_marks(trace_file, run_ids)
     return sum(r["loop_end"] - r["loop_start"] for r in marks.values() if "loop_start" in r and "loop_end" in r)
 
 

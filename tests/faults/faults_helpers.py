@@ -4,6 +4,21 @@ from __future__ import annotations
 import os
 
 
+def ray_processes(title: str) -> list:
+    """Processes started by *this* process's Ray runtime whose command line (Ray's process title) contains
+    ``title``, e.g. ``RayTrainWorker`` or ``ray::ImplicitFunc``: other users' Ray processes are never matched."""
+    import psutil
+
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if title in " ".join(p.cmdline()):
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
 def fill_disk(disk, leave_bytes: int = 0):
     """Fill ``disk`` with a ballast file until ENOSPC, then free ``leave_bytes``; returns the ballast path."""
     ballast = disk / "ballast.bin"

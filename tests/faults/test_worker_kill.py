@@ -16,6 +16,7 @@ import time
 import pandas as pd
 import psutil
 import pytest
+from faults_helpers import ray_processes
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
 
@@ -40,14 +41,7 @@ def ray_local():
 
 def train_workers() -> list[psutil.Process]:
     """Ray Train worker processes started by this process's Ray runtime."""
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                out.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return out
+    return ray_processes("RayTrainWorker")
 
 
 def registered_step(run_storage) -> int | None:

@@ -24,6 +24,7 @@ or under torchrun (two CPU ranks)::
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -512,7 +513,34 @@ def checkpoint_saver(run_dir, spec: RunSpec, ctx: DistContext, state: dict[str, 
     return save
 
 
-def run_steps(spec: RunSpec, ctx: DistContext, plan: BatchPlan, n_steps: int, *, state: dict[str, Any], batches,
+@contextlib.contextmanager
+def manual_gc(every: int):
+    """Python's automatic garbage collector off for the block when ``every`` > 0 (the loop then collects
+    every ``every`` steps, see ``RunSpec.gc_every``). Objects alive on entry (modules, datasets, the
+    launcher's state) are frozen out of later collections, which keeps each one short; both are undone
+    on exit, so a reused trial process gets its collector back."""
+    if every <= 0:
+        yield
+        return
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if was_enabled:
+            gc.enable()
+
+
+def run_steps(spec: RunSpec, ctx: DistContext, plan: BatchPlan, n_steps: int, **kwargs) -> tuple[str, dict[str, Any]]:
+    """The optimizer-step loop (see :func:`_run_steps`), under ``RunSpec.gc_every``'s collector policy."""
+    with manual_gc(spec.gc_every):
+        return _run_steps(spec, ctx, plan, n_steps, **kwargs)
+
+
+def _run_steps(spec: RunSpec, ctx: DistContext, plan: BatchPlan, n_steps: int, *, state: dict[str, Any], batches,
               net, optimizer, scheduler, engine, params: list[nn.Parameter],
               forward_loss: Callable[[dict[str, Any]], tuple[torch.Tensor, float]],
               on_eval: Callable[[int, dict[str, Any], bool], dict[str, Any]], reporter: Reporter,
@@ -599,6 +627,8 @@ def run_steps(spec: RunSpec, ctx: DistContext, plan: BatchPlan, n_steps: int, *,
         pending += torch.stack([loss_sum, tokens])
         pending_steps += 1
         step += 1
+        if spec.gc_every and step % spec.gc_every == 0:
+            gc.collect()  # every rank at the same step: one short common pause instead of one per rank
         state["step"] = step
         state["samples_seen"] += plan.global_batch
         if flops_per_sample is not None:

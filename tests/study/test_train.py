@@ -248,3 +248,57 @@ def test_compiled_regions_train_like_eager(tiny_cohort):
     torch._dynamo.reset()
     compiled, _ = run(spec.replace(compile=True))
     assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)
+
+
+def test_manual_gc_restores_the_collector_even_on_error():
+    import gc
+
+    from study.train import manual_gc
+
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with manual_gc(0):
+        assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with manual_gc(5):
+            assert not gc.isenabled() and gc.get_freeze_count() > 0
+            raise RuntimeError("boom")
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize("every", [0, 4])
+def test_gc_every_collects_by_hand_at_the_same_steps_only(tiny_cohort, every):
+    """``gc_every=N``: no automatic collection inside the step loop, one full collection at entry and one
+    every N steps (the same steps on every rank); ``0`` leaves Python's collector alone. Same losses."""
+    import gc
+
+    spec = RunSpec(family="swift_v2", size="debug", width=16, grid=(24, 24, 24), sequence_length=8, batch_size=2,
+                   budget=10, eval_every=10, eval_windows=2, manifest=tiny_cohort, precision="fp32", lr=3e-3,
+                   log_every=1)
+    ref, _ = run(spec.replace(gc_every=0))
+    seen: list[tuple[int, bool]] = []
+    in_loop = {"on": False}
+
+    def cb(phase, info):
+        if phase == "start" and in_loop["on"]:
+            seen.append((info["generation"], gc.isenabled()))
+
+    rep = MemoryReporter()
+    log = rep.log
+
+    def log_step(row):  # log_every=1: called once per step, inside the loop
+        in_loop["on"] = True
+        log(row)
+
+    rep.log = log_step
+    gc.callbacks.append(cb)
+    try:
+        train(spec.replace(gc_every=every), local_context("cpu"), rep)
+    finally:
+        gc.callbacks.remove(cb)
+    assert [r["train_loss"] for r in rep.logs] == losses(ref)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    if every:
+        # after the first step's log: manual full collections at steps 4 and 8, nothing automatic
+        assert seen == [(2, False), (2, False)]
+    else:
+        assert seen and all(enabled for _, enabled in seen)  # the automatic collector ran inside the loop

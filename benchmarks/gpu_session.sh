@@ -3,10 +3,10 @@
 # scaling matrix (1/2/4 GPUs, strong + weak) and the 16-worker loader benchmark. Results -> $OUT.
 # Usage (device tool): carry .gpubundle and .whl; command: bash benchmarks/gpu_session.sh [stages...]
 # Stages: scaling scaling-51M scaling-806M scaling-51M-compiled scaling-51M-zero0 overlap-51M weak-806M train-profile train-compile
-# train-compile-zero inline-gpu overhead loader input save-inductor-cache (default: scaling loader input).
+# train-compile-zero scaling-diag inline-gpu overhead loader input save-inductor-cache (default: scaling loader input).
 # Compiled runs share one Inductor cache (/tmp/inductor-cache); a carried .gpucache/inductor.tar.xz (written by the
 # save-inductor-cache stage of an earlier call, same torch/Triton and GPU model) seeds it, so ranks skip the ~3 min
-# compile.
+# compile. Environment: MICRO_51M, STEPS_51M, GLOBAL_BATCH (strong mode), GPU_COUNTS, GC_EVERY (RunSpec.gc_every).
 set -uo pipefail
 OUT=${OUT:-/tmp/neurox_out}
 mkdir -p "$OUT" /tmp/site
@@ -25,7 +25,7 @@ OVERLAP='{"zero_optimization": {"overlap_comm": true, "contiguous_gradients": tr
 scaling() {  # stage name, then train_scaling.py driver arguments; per-run files stay in /tmp, the table comes back
   local name=$1; shift
   python3 benchmarks/train_scaling.py --driver "$@" --micro-51m "${MICRO_51M:-8}" --micro-806m 2 --out-dir "/tmp/scal/$name" \
-    --timeout "${SCALING_TIMEOUT:-240}" 2>&1 | grep -v Warning | tee -a "$log"
+    ${GC_EVERY:+--gc-every $GC_EVERY} ${GLOBAL_BATCH:+--global-batch $GLOBAL_BATCH} --timeout "${SCALING_TIMEOUT:-240}" 2>&1 | grep -v Warning | tee -a "$log"
   cp "/tmp/scal/$name/train_scaling.json" "$OUT/$name.json" 2>/dev/null
 }
 log=$OUT/session.log
@@ -39,7 +39,8 @@ for s in $stages; do
       # rank compiles ~3 min on a fresh machine, then Inductor's cache serves later runs)
       SCALING_TIMEOUT=480 scaling "$s" --sizes 51M --steps "${STEPS_51M:-30}" --warmup 10 --log-every 10 --compile \
         --zero 0 ${GPU_COUNTS:+--gpu-counts $GPU_COUNTS} ;;
-    scaling-51M-zero0)  # the 51M matrix, eager, ZeRO-0 (MICRO_51M=16: enough GPU work per step to hide the host)
+    scaling-51M-zero0)  # the 51M matrix, eager, ZeRO-0; MICRO_51M=32 GLOBAL_BATCH=128 gives each GPU enough work per
+      # micro-step to hide the host (session 5: 4 GPUs strong 95.8%, weak 97.1%; at 16 per GPU 81-99% run to run)
       scaling "$s" --sizes 51M --steps "${STEPS_51M:-30}" --warmup 10 --log-every 10 --zero 0 \
         ${GPU_COUNTS:+--gpu-counts $GPU_COUNTS} ;;
     overlap-51M)  # DeepSpeed reducing gradients during the backward pass, all GPUs (compare with scaling-51M's 1 GPU)
@@ -67,6 +68,29 @@ for s in $stages; do
           --size 51M --mode weak --micro-batch 8 --steps 20 --warmup 10 --log-every 10 --compile --dist $v \
           --out "/tmp/tcz.json" 2>&1 | grep '^{' | tee -a "$log"
       done ;;
+    scaling-diag)  # why all GPUs lose per-GPU rate on the 51M (eager, ZeRO-0, MICRO_51M per GPU, weak): GPU clocks
+      # and power every second; each GPU's rate with all of them busy in independent 1-GPU runs (no collective);
+      # kernel tables of every rank for 1 GPU and all GPUs (a rank waiting for a slower one shows it as
+      # all-reduce time); then 1 GPU and all GPUs with RunSpec.gc_every (collector by hand, same step on all ranks)
+      nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,clocks_throttle_reasons.active \
+        --format=csv -l 1 > "$OUT/smi.csv" 2>&1 & smi=$!
+      one=(benchmarks/train_scaling.py --size 51M --mode weak --micro-batch "${MICRO_51M:-16}" --zero 0 --log-every 10)
+      pids=(); for i in $(seq 0 $((NG - 1))); do
+        CUDA_VISIBLE_DEVICES=$i timeout 300 python3 -m torch.distributed.run --standalone --nproc-per-node 1 "${one[@]}" \
+          --steps 30 --warmup 10 --out "/tmp/ind-$i.json" > "/tmp/ind-$i.log" 2>&1 & pids+=($!)
+      done; wait "${pids[@]}"
+      for i in $(seq 0 $((NG - 1))); do echo "independent GPU $i: $(python3 -c "import json; r=json.load(open('/tmp/ind-$i.json')); print(round(r['samples_per_s'],1), [round(x,1) for x in r['samples_per_s_all']])" 2>&1 | tail -1)" | tee -a "$log"; done
+      for g in 1 "$NG"; do
+        timeout 300 python3 -m torch.distributed.run --standalone --nproc-per-node "$g" "${one[@]}" --steps 30 --warmup 10 \
+          --profile-dir /tmp/prof --profile-all-ranks --out "/tmp/prof-$g.json" 2>&1 | grep '^{' | tee -a "$log"
+      done
+      tar -czf "$OUT/profiles.tar.gz" -C /tmp prof
+      for g in 1 "$NG"; do for gc in 0 10; do
+        timeout 300 python3 -m torch.distributed.run --standalone --nproc-per-node "$g" "${one[@]}" --steps 40 --warmup 10 \
+          --gc-every $gc --out "/tmp/gc-$g-$gc.json" 2>&1 | grep '^{' | cut -c1-400 | tee -a "$log"
+        python3 -c "import json; r=json.load(open('/tmp/gc-$g-$gc.json')); print('gpus $g gc_every $gc windows', [round(x,1) for x in r['samples_per_s_all']])" | tee -a "$log"
+      done; done
+      kill $smi ;;
     save-inductor-cache)  # the compiled kernels of this call, for the next call to carry as .gpucache/inductor.tar.xz
       tar -I "xz -T0 -6" -cf "$OUT/inductor.tar.xz" -C /tmp inductor-cache && ls -la "$OUT/inductor.tar.xz" | tee -a "$log" ;;
     inline-gpu)  # the smoke-gpu study on this machine's GPUs: one-worker trials inline in reused Tune actors,

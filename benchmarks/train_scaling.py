@@ -90,6 +90,8 @@ def run_one(args) -> dict:
                    manifest=args.manifest or "", model_overrides=overrides, log_every=args.log_every,
                    warmup_frac=0.0, compile=args.compile,
                    deepspeed_config=args.ds_config)
+    if args.gc_every is not None:
+        spec = spec.replace(gc_every=args.gc_every)
     datasets = None
     if args.data == "preloaded":
         pool = PreloadedWindows(8, (args.grid,) * 3, args.T, ctx.device, seed=ctx.rank)
@@ -97,7 +99,7 @@ def run_one(args) -> dict:
     torch.cuda.reset_peak_memory_stats() if ctx.device.type == "cuda" else None
     rep = MemoryReporter()
     prof = None
-    if args.profile_dir and ctx.rank == 0:
+    if args.profile_dir and (ctx.rank == 0 or args.profile_all_ranks):
         from torch.profiler import ProfilerActivity, profile, schedule
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
@@ -108,14 +110,20 @@ def run_one(args) -> dict:
             for key in keys:
                 table = p.key_averages().table(sort_by=key, row_limit=35, max_name_column_width=80)
                 name = f"profile_{args.size}_{args.dist}_z{args.zero}_{key.split('_')[0]}.txt"
+                if args.profile_all_ranks:
+                    name = name.replace(".txt", f"_{args.mode}_g{world}_r{ctx.rank}.txt")
                 Path(args.profile_dir, name).write_text(table)
 
-        prof = profile(activities=acts, schedule=schedule(wait=args.warmup, warmup=1, active=3, repeat=1),
+        # one profiler step per log (every --log-every optimizer steps): skip the warm-up, then warm the
+        # profiler for one log window and record 3 steps (log_every 1) or one window of log_every steps
+        wait = -(-args.warmup // args.log_every)
+        prof = profile(activities=acts, schedule=schedule(wait=wait, warmup=1, active=3 if args.log_every == 1 else 1,
+                                                          repeat=1),
                        on_trace_ready=write_tables)
         prof.start()
         log = rep.log
 
-        def log_and_step(row, _log=log):  # one profiler step per optimizer step (log_every must be 1)
+        def log_and_step(row, _log=log):  # one profiler step per log
             _log(row)
             prof.step()
 
@@ -140,7 +148,7 @@ def run_one(args) -> dict:
     fps = R.flops_per_sample(cfg)["train"]
     out = {"family": args.family, "size": args.size, "mode": args.mode, "gpus": world, "global_batch": global_batch,
            "micro_batch": micro, "accumulation": global_batch // (micro * world), "zero_stage": args.zero, "ds_config": args.ds_config,
-           "dist": args.dist, "compile": args.compile, "data": args.data, "loader_workers": spec.num_workers, "T": args.T,
+           "dist": args.dist, "compile": args.compile, "gc_every": spec.gc_every, "data": args.data, "loader_workers": spec.num_workers, "T": args.T,
            "patch_size": list(cfg.patch_size), "samples_per_s": statistics.median(sps) if sps else None,
            "samples_per_s_all": sps, "peak_mem_gib": float(peaks.item()), "wall_s": wall,
            "params": R.param_counts(cfg)["total"], "train_flops_per_sample": fps,
@@ -179,7 +187,7 @@ def driver(args) -> None:
                "--micro-batch", str(micro), "--zero", str(args.zero), "--dist", args.dist, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--T", str(args.T), "--data", data, "--out", str(f),
                "--loader-workers", str(args.loader_workers), "--patch-t", str(args.patch_t), "--grid", str(args.grid),
-               "--log-every", str(args.log_every)] + (["--compile"] if args.compile else []) \
+               "--log-every", str(args.log_every)] + ([] if args.gc_every is None else ["--gc-every", str(args.gc_every)]) + (["--compile"] if args.compile else []) \
             + (["--ds-config", args.ds_config] if args.ds_config else [])
         if data == "hdf5":
             cmd += ["--manifest", args.manifest]
@@ -243,9 +251,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--log-every", type=int, default=1,
                     help="log (and read the loss on the host) every N steps; throughput is per N-step window")
-    ap.add_argument("--profile-dir", default=None, help="rank 0: kernel/CPU tables of 3 steps after warm-up")
+    ap.add_argument("--profile-dir", default=None,
+                    help="rank 0: kernel/CPU tables of 3 steps (or one --log-every window) after warm-up")
+    ap.add_argument("--profile-all-ranks", action="store_true",
+                    help="profile every rank (file names carry mode, GPU count and rank): a rank that waits for "
+                         "a slower one shows it as collective-kernel time")
     ap.add_argument("--gpu-counts", type=int, nargs="+", default=None, help="GPU counts to run (default 1 2 4 8)")
     ap.add_argument("--ds-config", default="", help="JSON merged over the DeepSpeed config (RunSpec.deepspeed_config)")
+    ap.add_argument("--gc-every", type=int, default=None,
+                    help="RunSpec.gc_every: collect garbage by hand every N steps on all ranks (0: Python's automatic "
+                         "collector; default: RunSpec's)")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile (RunSpec.compile)")
     ap.add_argument("--T", type=int, default=20)
     ap.add_argument("--grid", type=int, default=96)

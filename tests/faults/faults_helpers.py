@@ -19,6 +19,23 @@ def ray_processes(title: str) -> list:
     return out
 
 
+def assert_rows_equal_reference(store, ref_reports: list[dict], steps: list[int]):
+    """The store's train rows are exactly ``steps`` (each once, the last one final) and carry the losses of
+    the uninterrupted reference run (rel 1e-6). Returns the rows."""
+    import pytest
+
+    from analysis.store import read_table
+
+    rows = read_table(store, "train").sort_values("step")
+    assert list(rows["step"]) == steps  # every evaluation exactly once
+    assert rows["is_final"].sum() == 1 and bool(rows["is_final"].iloc[-1])
+    want = {r["step"]: r for r in ref_reports}
+    for _, row in rows.iterrows():
+        assert row["train_loss"] == pytest.approx(want[row["step"]]["train_loss"], rel=1e-6), row["step"]
+        assert row["val_loss"] == pytest.approx(want[row["step"]]["val_loss"], rel=1e-6), row["step"]
+    return rows
+
+
 def fill_disk(disk, leave_bytes: int = 0):
     """Fill ``disk`` with a ballast file until ENOSPC, then free ``leave_bytes``; returns the ballast path."""
     ballast = disk / "ballast.bin"

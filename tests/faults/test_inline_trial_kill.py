@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from faults_helpers import ray_processes
+from faults_helpers import assert_rows_equal_reference, ray_processes
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
 
@@ -26,7 +26,6 @@ REPO = Path(__file__).resolve().parents[2]
 def test_inline_trial_actor_sigkill_resumes_from_checkpoint(mamba_spec, tmp_path):
     import ray
 
-    from analysis.store import read_table
     from study import checkpoint as ckpt
     from study.checkpoint import INLINE_DIR
     from study.devices import local_context
@@ -74,12 +73,6 @@ def test_inline_trial_actor_sigkill_resumes_from_checkpoint(mamba_spec, tmp_path
     stored_at_kill = set(raw.loc[raw["_seq"] < kill_ns, "step"])
     step_at_kill = max((s for s in ckpt_steps_at_kill if s in stored_at_kill), default=0)
     assert after["step"].min() > step_at_kill
-    rows = read_table(store, "train").sort_values("step")
-    assert list(rows["step"]) == list(range(3, 25, 3))  # every evaluation exactly once
-    assert rows["is_final"].sum() == 1 and bool(rows["is_final"].iloc[-1])
-    want = {r["step"]: r for r in ref.reports}
-    for _, row in rows.iterrows():
-        assert row["train_loss"] == pytest.approx(want[row["step"]]["train_loss"], rel=1e-6), row["step"]
-        assert row["val_loss"] == pytest.approx(want[row["step"]]["val_loss"], rel=1e-6), row["step"]
+    rows = assert_rows_equal_reference(store, ref.reports, list(range(3, 25, 3)))
     print(f"\nFAULT inline-actor-sigkill: checkpoint step at kill {step_at_kill}, first step after the retry "
           f"{after['step'].min()}, rows re-emitted {len(raw) - len(rows)}, total {time.time() - t0:.1f} s")

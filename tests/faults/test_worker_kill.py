@@ -16,7 +16,7 @@ import time
 import pandas as pd
 import psutil
 import pytest
-from faults_helpers import ray_processes
+from faults_helpers import assert_rows_equal_reference, ray_processes
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
 
@@ -65,7 +65,6 @@ def raw_rows(store_dir) -> pd.DataFrame:
 
 
 def test_worker_sigkill_resumes_from_last_checkpoint(ray_local, mamba_spec, tmp_path):
-    from analysis.store import read_table
     from study.devices import local_context
     from study.launch_ray import fit_run
     from study.reporters import MemoryReporter
@@ -112,13 +111,7 @@ def test_worker_sigkill_resumes_from_last_checkpoint(ray_local, mamba_spec, tmp_
     # rows up to that step were never recomputed
     assert after_kill["step"].min() > ckpt_at_kill
     assert (raw[raw["step"] <= ckpt_at_kill].groupby("step").size() == 1).all()
-    rows = read_table(store, "train").sort_values("step")
-    assert list(rows["step"]) == list(range(3, 25, 3))  # every evaluation exactly once
-    assert rows["is_final"].sum() == 1 and bool(rows["is_final"].iloc[-1])
-    want = {r["step"]: r for r in ref.reports}
-    for _, row in rows.iterrows():
-        assert row["train_loss"] == pytest.approx(want[row["step"]]["train_loss"], rel=1e-6), row["step"]
-        assert row["val_loss"] == pytest.approx(want[row["step"]]["val_loss"], rel=1e-6), row["step"]
+    rows = assert_rows_equal_reference(store, ref.reports, list(range(3, 25, 3)))
     # a re-emitted row (evaluated before the kill, redone after it) carries the same numbers
     for step, g in raw.groupby("step"):
         assert g["train_loss"].max() == pytest.approx(g["train_loss"].min(), rel=1e-6), step

@@ -94,11 +94,13 @@ for s in $stages; do
     save-inductor-cache)  # the compiled kernels of this call, for the next call to carry as .gpucache/inductor.tar.xz
       tar -I "xz -T0 -6" -cf "$OUT/inductor.tar.xz" -C /tmp inductor-cache && ls -la "$OUT/inductor.tar.xz" | tee -a "$log" ;;
     inline-gpu)  # the smoke-gpu study on this machine's GPUs: one-worker trials inline in reused Tune actors,
-      # then the same plan with a TorchTrainer per trial; rows, devices and trial processes per launcher
+      # then the same plan with a TorchTrainer per trial; rows, devices and trial processes per launcher.
+      # INLINE_CONCURRENT (default 1) caps trials at once, so that a multi-GPU host also reuses an actor for
+      # a second DeepSpeed trial (session 5 on 4 GPUs ran the 3 trials at once: no reuse was exercised)
       for l in inline ray-train; do
         export NEUROX_TRACE_FILE=/tmp/trace-$l.jsonl; rm -f "$NEUROX_TRACE_FILE"; t0=$(date +%s)
         timeout 240 python3 study/scaling_law.py --preset smoke-gpu --storage /tmp/nxst --study-name "smoke-gpu-$l" \
-          --trial-launcher $l --no-report 2>&1 | grep -E "launcher|done [0-9]|error|Error" | tail -6 | tee -a "$log"
+          --trial-launcher $l --max-concurrent "${INLINE_CONCURRENT:-1}" --no-report 2>&1 | grep -E "launcher|done [0-9]|error|Error" | tail -6 | tee -a "$log"
         echo "$l: study wall $(( $(date +%s) - t0 )) s" | tee -a "$log"
         python3 -c "
 from analysis.store import read_table; from study.trace import read

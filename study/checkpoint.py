@@ -71,14 +71,6 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
         return None
 
 
-def newest(paths) -> Path | None:
-    """The complete checkpoint with the highest step among ``paths`` (directories of any name, e.g. Ray Train's
-    ``checkpoint_<time>`` copies beside our ``step_*``); ``None`` if none is complete."""
-    steps = [(checkpoint_step(p), Path(p)) for p in paths if p is not None and is_complete(p)]
-    steps = [(s, p) for s, p in steps if s is not None]
-    return max(steps, key=lambda sp: sp[0])[1] if steps else None
-
-
 #: subdirectory of a run's storage (``<storage>/<run_id>``) where inline trials keep their run directory
 INLINE_DIR = "inline"
 
@@ -95,10 +87,11 @@ def resume_point(run_storage: str | os.PathLike | None, stored_steps: set[int] |
     if not run_storage:
         return None
     root = Path(run_storage)
+    # directories of either name: our step_* and Ray Train's checkpoint_<time> copies; each state file read once
     found = list_checkpoints(root / INLINE_DIR / "checkpoints") + sorted(root.glob("checkpoint_*"))
-    if stored_steps is not None:
-        found = [c for c in found if checkpoint_step(c) in stored_steps]
-    return newest(found)
+    steps = [(checkpoint_step(c), c) for c in found if is_complete(c)]
+    steps = [(s, c) for s, c in steps if s is not None and (stored_steps is None or s in stored_steps)]
+    return max(steps, key=lambda sc: sc[0])[1] if steps else None
 
 
 def rng_state() -> dict[str, Any]:

@@ -125,14 +125,13 @@ def main() -> None:
     connect_ray(None, os.cpu_count(), REPO)
     import ray
 
-    ctx = {"train_storage": str(work / "runs"), "store_dir": str(work / "store"), "num_workers": 1, "use_gpu": False}
+    dirs = {"train_storage": str(work / "runs"), "store_dir": str(work / "store")}
 
-    def placed(launcher: str, stage: int = 0, max_concurrent: int | None = 1) -> dict:
-        """``ctx`` with one launcher's placement on this machine's CPUs"""
+    def placed(launcher: str, stage: int = 0, max_concurrent: int | None = 1):
+        """One launcher's placement on this machine's CPUs, and the trial context with it."""
         pl = plan_placement(float(os.cpu_count() or 1), 0.0, 1, False, max_concurrent=max_concurrent,
                             stage_ahead=stage, launcher=launcher)
-        return {**ctx, "launcher": pl.launcher, "trial_resources": pl.trial_resources,
-                "cpus_per_worker": pl.cpus_per_worker, "_placement": pl}
+        return {**dirs, **pl.trial_ctx()}, pl
     if not args.skip_overhead:
         probe = base_spec(manifest, 12)
         rep = MemoryReporter()
@@ -147,8 +146,7 @@ def main() -> None:
         res["overhead"] = {"steps": steps, "trials": args.trials, "in_process_s": t_in,
                            "in_process_per_run_s": t_in / args.trials, "by_variant": {}}
         for k, variant in enumerate(args.variants):
-            c = placed("inline" if variant == "inline" else "ray-train", stage=int(variant.endswith("+stage")))
-            pl = c.pop("_placement")
+            c, pl = placed("inline" if variant == "inline" else "ray-train", stage=int(variant.endswith("+stage")))
             run_specs = [sp.replace(seed=1000 * (k + 1) + sp.seed) for sp in specs]  # new run ids: nothing skipped
             t0 = time.perf_counter()
             run_trials(run_specs, ctx=c, storage=str(work / "tune"), study=f"overhead-{variant}", concurrency=1,
@@ -171,8 +169,7 @@ def main() -> None:
         lrs = args.asha_lrs if not args.asha_n else [float(f"{3e-4 * 1e4 ** (i / (args.asha_n - 1)):.3g}")
                                                      for i in range(args.asha_n)]
         specs = [base_spec(manifest, args.asha_steps).replace(lr=lr, seed=7) for lr in lrs]
-        ctx = placed(args.asha_launcher, max_concurrent=None)
-        pa = ctx.pop("_placement")
+        ctx, pa = placed(args.asha_launcher, max_concurrent=None)
         ids = [s.run_id for s in specs]
         # separate Train storage per phase: the same run ids would otherwise restore finished runs
         run_trials(specs, ctx={**ctx, "store_dir": str(work / "store_grid"), "train_storage": str(work / "runs_grid")},

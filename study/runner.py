@@ -228,9 +228,7 @@ def run_plan(plan, args: argparse.Namespace, *, repo_root: Path, lr_search=None)
     try:
         pl = placement(plan.num_workers, plan.use_gpu, args.max_concurrent,
                        launcher=getattr(args, "trial_launcher", "auto"))
-        ctx = {"launcher": pl.launcher, "trial_resources": pl.trial_resources,
-               "train_storage": str(study_dir / "runs"), "store_dir": str(store_dir),
-               "num_workers": pl.num_workers, "use_gpu": pl.use_gpu, "cpus_per_worker": pl.cpus_per_worker,
+        ctx = {**pl.trial_ctx(), "train_storage": str(study_dir / "runs"), "store_dir": str(store_dir),
                "stop_file": str(stop_file), "manifest_hash": fingerprint["data_manifest_hash"],
                "deadline": time.time() + args.walltime_s if args.walltime_s else None, "wandb": args.wandb}
         if args.wandb:

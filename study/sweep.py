@@ -70,6 +70,11 @@ class Placement:
             return {"CPU": TRIAL_DRIVER_CPU}
         return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {})}
 
+    def trial_ctx(self) -> dict[str, Any]:
+        """The placement's keys of a sweep's trial context (``run_trials(ctx=...)``)."""
+        return {"launcher": self.launcher, "trial_resources": self.trial_resources, "num_workers": self.num_workers,
+                "use_gpu": self.use_gpu, "cpus_per_worker": self.cpus_per_worker}
+
 
 def plan_placement(cpus: float, gpus: float, num_workers: int, use_gpu: bool, max_concurrent: int | None = None,
                    stage_ahead: int = STAGE_AHEAD, node_cpus: float | None = None,

@@ -40,8 +40,7 @@ def test_inline_trial_actor_sigkill_resumes_from_checkpoint(mamba_spec, tmp_path
 
     pl = plan_placement(2, 0, 1, False, max_concurrent=1)
     store, runs = tmp_path / "store", tmp_path / "runs"
-    ctx = {"launcher": pl.launcher, "trial_resources": pl.trial_resources, "train_storage": str(runs),
-           "store_dir": str(store), "num_workers": 1, "use_gpu": False, "cpus_per_worker": pl.cpus_per_worker}
+    ctx = {**pl.trial_ctx(), "train_storage": str(runs), "store_dir": str(store)}
     ckpt_root = runs / spec.run_id / INLINE_DIR / "checkpoints"
     connect_ray(None, 2, REPO)
     box: dict = {}

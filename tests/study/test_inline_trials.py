@@ -154,9 +154,7 @@ def _ctx(tmp_path, cpus: float = 2.0) -> dict:
 
     pl = plan_placement(cpus, 0, 1, False, max_concurrent=1)
     assert pl.launcher == "inline"
-    return {"launcher": pl.launcher, "trial_resources": pl.trial_resources, "train_storage": str(tmp_path / "runs"),
-            "store_dir": str(tmp_path / "store"), "num_workers": 1, "use_gpu": False,
-            "cpus_per_worker": pl.cpus_per_worker}
+    return {**pl.trial_ctx(), "train_storage": str(tmp_path / "runs"), "store_dir": str(tmp_path / "store")}
 
 
 @pytest.mark.ray

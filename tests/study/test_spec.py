@@ -42,3 +42,10 @@ def test_deepspeed_config_must_be_a_json_object_and_is_not_semantic():
     a = RunSpec(size="debug")
     b = a.replace(deepspeed_config='{"zero_optimization": {"overlap_comm": true}}', compile=True)
     assert a.run_id == b.run_id  # runtime knobs: same computation, same run
+
+
+def test_gc_every_is_a_non_negative_runtime_knob():
+    with pytest.raises(ValueError, match="gc_every=-1 must be >= 0"):
+        RunSpec(gc_every=-1)
+    a = RunSpec(size="debug")
+    assert a.gc_every == 10 and a.replace(gc_every=0).run_id == a.run_id  # same computation, same run

@@ -271,9 +271,9 @@ def test_gc_every_collects_by_hand_at_the_same_steps_only(tiny_cohort, every):
     every N steps (the same steps on every rank); ``0`` leaves Python's collector alone. Same losses."""
     import gc
 
-    spec = RunSpec(family="swift_v2", size="debug", width=16, grid=(24, 24, 24), sequence_length=8, batch_size=2,
-                   budget=10, eval_every=10, eval_windows=2, manifest=tiny_cohort, precision="fp32", lr=3e-3,
-                   log_every=1)
+    from test_golden import golden_spec
+
+    spec = golden_spec(tiny_cohort).replace(budget=10, eval_every=10)
     ref, _ = run(spec.replace(gc_every=0))
     seen: list[tuple[int, bool]] = []
     in_loop = {"on": False}

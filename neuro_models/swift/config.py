@@ -26,6 +26,7 @@ from ..mup_utils import check_parametrization
 MASKING_TYPES = ("random", "tube", "temporal")
 LOSS_TYPES = ("l1", "l2", "huber")
 SHIFT_IMPLS = ("mask", "split")
+ATTN_IMPLS = ("sdpa", "flex", "auto")  # == neuro_models.swift.layers.ATTN_IMPLS (config imports no torch)
 
 
 def _tuple(v: Any, n: int, name: str) -> tuple[int, ...]:
@@ -71,6 +72,19 @@ class SwiftConfig:
     """How shifted windows are computed (identical math): "split" (mask-free: boundary windows are
     split into half windows so SDPA can use flash kernels; falls back to "mask" when a shifted
     axis's shift is not half its window) or "mask" (Swin's region mask as an SDPA bias)."""
+    attn_impl: str = "auto"
+    """Window-attention kernel of the 4D family (identical math; the revised family always uses SDPA):
+    "sdpa" (fused scaled_dot_product_attention, shifted windows per ``shift_impl``), "flex"
+    (FlexAttention: Triton kernels generated for the head dim, and a shifted block is one call with Swin's
+    regions as a block mask; needs ``torch.compile``d blocks to be fast and, in torch 2.13, a GPU for the
+    backward pass) or "auto" (FlexAttention inside compiled blocks on CUDA, where it was faster than every
+    SDPA kernel for every window block of the 51M; SDPA otherwise, so eager, CPU and XPU runs are
+    unchanged)."""
+    bf16_residual: bool = False
+    """Under bf16 autocast, keep the encoder's residual stream (block inputs and outputs, from the position
+    embedding on) in bf16 instead of float32. Norms still compute in float32 and weights stay float32
+    (Megatron-LM's default, ``fp32_residual_connection=False``). Halves the bytes of the residual adds and
+    norm reads, which dominate the memory-bound first stages. No effect without autocast."""
     use_checkpoint: bool = False
     """Activation checkpointing of every block (saves memory, ~30% more compute)."""
     parametrization: str = "sp"
@@ -188,6 +202,8 @@ def validate(cfg: SwiftConfig) -> None:
         raise ValueError(f"masking_type={cfg.masking_type!r}; allowed: {MASKING_TYPES}")
     if cfg.shift_impl not in SHIFT_IMPLS:
         raise ValueError(f"shift_impl={cfg.shift_impl!r}; allowed: {SHIFT_IMPLS}")
+    if cfg.attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl={cfg.attn_impl!r}; allowed: {ATTN_IMPLS}")
     if cfg.loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={cfg.loss_type!r}; allowed: {LOSS_TYPES}")
     if cfg.mup_base_width <= 0:

@@ -12,6 +12,7 @@ windows of the batch.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -127,6 +128,91 @@ def mask_to_bias(mask_WNN: torch.Tensor, batch: int, dtype: torch.dtype) -> torc
 
 
 # --------------------------------------------------------------------------------------------------
+# FlexAttention over windows (Triton kernels generated for the head dim; Swin's regions as a block mask)
+# --------------------------------------------------------------------------------------------------
+#: ``SwiftConfig.attn_impl`` values: "sdpa" (fused SDPA; shifted windows split or masked, see
+#: ``shift_impl``), "flex" (always FlexAttention), "auto" (FlexAttention in compiled code on CUDA).
+ATTN_IMPLS = ("sdpa", "flex", "auto")
+
+def region_mask_mod(dims: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...],
+                    device: torch.device | None = None):
+    """FlexAttention ``mask_mod`` of Swin's shifted-window regions (same rule as :func:`shifted_window_mask`).
+
+    Sequence ``b`` is window ``b % W`` of the rolled map (windows in :func:`window_partition` order), so one
+    function serves any number of samples. Along a shifted axis only the last window holds two regions
+    (offsets ``< w - s`` and ``>= w - s``); two tokens may attend iff they share the region on every axis.
+    The test runs on two small tables (bit ``j`` = shifted axis ``j``): per token of a window, the axes on
+    which it lies past the cut; per window, the axes on which it is the last window. Two tokens conflict
+    iff they differ on a bit the window has. (Index arithmetic per axis instead was 1.34x slower for the
+    whole shifted stage-1 block on H100: 22.7 vs 16.9 ms, BENCHMARKS.md.)
+    """
+    k = len(dims)
+    counts = [g // w for g, w in zip(dims, window)]
+    W = math.prod(counts)
+    n = torch.arange(math.prod(window), device=device)
+    wl = torch.arange(W, device=device)
+    tok = torch.zeros_like(n, dtype=torch.int32)
+    win = torch.zeros_like(wl, dtype=torch.int32)
+    for j, a in enumerate(a for a in range(k) if shift[a]):
+        offset = (n // math.prod(window[a + 1:])) % window[a]
+        tok |= (offset >= window[a] - shift[a]).int() << j
+        win |= (((wl // math.prod(counts[a + 1:])) % counts[a]) == counts[a] - 1).int() << j
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ((tok[q_idx] ^ tok[kv_idx]) & win[b % W]) == 0
+
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=32)
+def region_block_mask(dims: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...], num_seq: int,
+                      device: torch.device):
+    """Cached FlexAttention ``BlockMask`` of :func:`region_mask_mod` for ``num_seq`` windows (a multiple of
+    the windows per sample ``W``): built for ``W`` windows and tiled, so it never evaluates the mask over
+    the whole batch. Build it outside compiled code (the encoder's stage loop does) and pass it in."""
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+    W = math.prod(g // w for g, w in zip(dims, window))
+    if num_seq % W:
+        raise ValueError(f"num_seq={num_seq} is not a multiple of the {W} windows per sample")
+    N = math.prod(window)
+    mm = region_mask_mod(dims, window, shift, device)
+    base = create_block_mask(mm, B=W, H=None, Q_LEN=N, KV_LEN=N, device=device)
+    reps = num_seq // W
+
+    def tile(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.repeat(reps, *([1] * (t.ndim - 1)))
+
+    return BlockMask.from_kv_blocks(tile(base.kv_num_blocks), tile(base.kv_indices), tile(base.full_kv_num_blocks),
+                                    tile(base.full_kv_indices), BLOCK_SIZE=base.BLOCK_SIZE, mask_mod=mm,
+                                    seq_lengths=(N, N))
+
+
+def flex_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float) -> torch.Tensor:
+    """``flex_attention`` over ``[S, H, N, E]``; without a block mask in chunks of ``SDPA_MAX_SEQUENCES``
+    (the batch is a grid axis of the kernels too). With a block mask ``S`` must fit one call."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    S = q.shape[0]
+    if S <= SDPA_MAX_SEQUENCES:
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+    if block_mask is not None:
+        raise ValueError(f"{S} sequences with a block mask; at most {SDPA_MAX_SEQUENCES} per call")
+    return torch.cat([flex_attention(q[i:i + SDPA_MAX_SEQUENCES], k[i:i + SDPA_MAX_SEQUENCES],
+                                     v[i:i + SDPA_MAX_SEQUENCES], scale=scale)
+                      for i in range(0, S, SDPA_MAX_SEQUENCES)])
+
+
+def use_flex(attn_impl: str, device: torch.device) -> bool:
+    """Whether window attention runs FlexAttention (see ``ATTN_IMPLS``). "auto" takes it only inside
+    ``torch.compile`` on CUDA: there it was faster than every SDPA kernel for every window block of the 51M
+    (fwd + bwd GPU time on H100, BENCHMARKS.md); eager FlexAttention materialises the scores."""
+    if attn_impl == "auto":
+        return device.type == "cuda" and torch.compiler.is_compiling()
+    return attn_impl == "flex"
+
+
+# --------------------------------------------------------------------------------------------------
 # layers
 # --------------------------------------------------------------------------------------------------
 class Mlp(nn.Module):
@@ -171,15 +257,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x_SND: torch.Tensor, mask: torch.Tensor | None = None, rope=None) -> torch.Tensor:
+    def forward(self, x_SND: torch.Tensor, mask: torch.Tensor | None = None, rope=None, *, flex: bool = False,
+                block_mask=None) -> torch.Tensor:
+        """``flex=True`` runs FlexAttention with the optional ``block_mask`` instead of SDPA with ``mask``."""
         S, N, D = x_SND.shape
         qkv = self.qkv(x_SND).reshape(S, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [S, H, N, E]
         if rope is not None:
             cos, sin = rope[0].to(q.dtype), rope[1].to(q.dtype)
             q, k = rope_rotate(q, cos, sin), rope_rotate(k, cos, sin)
-        bias = None if mask is None else mask_to_bias(mask, S // mask.shape[0], q.dtype)
-        o = sdpa_chunked(q, k, v, bias, self.scale)
+        if flex:
+            o = flex_attention_chunked(q, k, v, block_mask, self.scale)
+        else:
+            bias = None if mask is None else mask_to_bias(mask, S // mask.shape[0], q.dtype)
+            o = sdpa_chunked(q, k, v, bias, self.scale)
         return self.proj(o.transpose(1, 2).reshape(S, N, D))
 
 
@@ -220,8 +311,14 @@ class PatchEmbed(nn.Module):
         self.patch_size = tuple(patch_size)
         self.proj = nn.Linear(in_chans * math.prod(patch_size), dim)
 
-    def forward(self, x_BCXYZT: torch.Tensor) -> torch.Tensor:
-        return self.proj(patchify(x_BCXYZT, self.patch_size))
+    def forward(self, x_BCXYZT: torch.Tensor, mask_BXYZT: torch.Tensor | None = None,
+                mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens, with the masked ones replaced by ``mask_token`` (SimMIM) when ``mask_BXYZT`` is given
+        (inside the compiled region, so the replacement fuses with the layout copy)."""
+        tok = self.proj(patchify(x_BCXYZT, self.patch_size))
+        if mask_BXYZT is not None:
+            tok = torch.where(mask_BXYZT.unsqueeze(-1), mask_token.to(tok.dtype), tok)
+        return tok
 
 
 def patchify(x_BCXYZT: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:

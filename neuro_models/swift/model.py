@@ -27,8 +27,9 @@ from torch.utils.checkpoint import checkpoint
 from ..heads import MLPHead
 from ..mup_utils import attention_scale, readout_class
 from .config import SwiftConfig, stage_window
-from .layers import (Attention, DropPath, Mlp, PatchEmbed, PatchMerging, can_split, patchify, shifted_window_mask,
-                     split_window_attention, window_partition, window_reverse)
+from .layers import (SDPA_MAX_SEQUENCES, Attention, DropPath, Mlp, PatchEmbed, PatchMerging, can_split, patchify,
+                     region_block_mask, shifted_window_mask, split_window_attention, use_flex, window_partition,
+                     window_reverse)
 from .masking import make_mask
 
 
@@ -37,31 +38,56 @@ def _scale(cfg: SwiftConfig, head_dim: int) -> float:
 
 
 class WindowBlock4D(nn.Module):
-    """Swin block with 4D (shifted) window attention: ``[B, X, Y, Z, T, D] -> same``."""
+    """Swin block with 4D (shifted) window attention: ``[B, X, Y, Z, T, D] -> same``.
+
+    ``attn_impl`` (see ``neuro_models.swift.layers.ATTN_IMPLS``): with FlexAttention a shifted block runs one
+    call over the full windows with Swin's regions as a block mask (``forward``'s ``block_mask``, built by
+    :meth:`flex_block_mask` outside compiled code); with SDPA it splits or masks per ``shift_impl``.
+    """
 
     compile_region = True  # see neuro_models.layers.compile_regions
 
     def __init__(self, dim: int, num_heads: int, window: tuple[int, ...], *, shifted: bool, mlp_ratio: float,
-                 qkv_bias: bool, drop_path: float, scale: float, shift_impl: str = "mask") -> None:
+                 qkv_bias: bool, drop_path: float, scale: float, shift_impl: str = "mask",
+                 attn_impl: str = "auto") -> None:
         super().__init__()
         self.window = tuple(window)
         self.shifted = shifted
         self.shift_impl = shift_impl
+        self.attn_impl = attn_impl
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, scale=scale)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x_BXYZTD: torch.Tensor) -> torch.Tensor:
+    def _windows(self, x_BXYZTD: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]:
         dims = tuple(x_BXYZTD.shape[1:5])
         win, shift = stage_window(dims, self.window)
         if not self.shifted:
             shift = (0, 0, 0, 0)
+        seq = x_BXYZTD.shape[0] * math.prod([g // w for g, w in zip(dims, win)])
+        return dims, win, shift, seq
+
+    def flex_block_mask(self, x_BXYZTD: torch.Tensor):
+        """The region ``BlockMask`` this block's FlexAttention needs for input ``x``, or ``None`` (no shift here,
+        SDPA, or too many windows for one call: then the block uses SDPA). Cached per shape."""
+        dims, win, shift, seq = self._windows(x_BXYZTD)
+        if (not any(shift) or self.attn_impl == "sdpa" or seq > SDPA_MAX_SEQUENCES
+                or (self.attn_impl == "auto" and x_BXYZTD.device.type != "cuda")):
+            return None
+        return region_block_mask(dims, win, shift, seq, x_BXYZTD.device)
+
+    def forward(self, x_BXYZTD: torch.Tensor, block_mask=None) -> torch.Tensor:
+        dims, win, shift, seq = self._windows(x_BXYZTD)
+        flex = use_flex(self.attn_impl, x_BXYZTD.device) and (
+            block_mask is not None or not any(shift))
         h = self.norm1(x_BXYZTD)
         if any(shift):
             h = torch.roll(h, shifts=tuple(-s for s in shift), dims=(1, 2, 3, 4))
-        if any(shift) and self.shift_impl == "split" and can_split(win, shift):
+        if flex:
+            o = window_reverse(self.attn(window_partition(h, win), flex=True, block_mask=block_mask), win, dims)
+        elif any(shift) and self.shift_impl == "split" and can_split(win, shift):
             o = split_window_attention(self.attn, h, win, shift)
         else:
             mask = shifted_window_mask(dims, win, shift, device=h.device)
@@ -91,12 +117,25 @@ class FullBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class PositionEmbedding(nn.Module):
-    """Learned absolute position embedding: spatial ``[X, Y, Z, D]`` plus temporal ``[T, D]``."""
+def residual_dtype(x: torch.Tensor, bf16_residual: bool) -> torch.Tensor:
+    """``x`` in the autocast dtype when ``bf16_residual`` and autocast is on (see ``SwiftConfig.bf16_residual``)."""
+    if bf16_residual and torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
 
-    def __init__(self, dim: int, grid: tuple[int, int, int, int]) -> None:
+
+class PositionEmbedding(nn.Module):
+    """Learned absolute position embedding: spatial ``[X, Y, Z, D]`` plus temporal ``[T, D]``.
+
+    ``bf16_residual``: return the sum in the autocast dtype (the residual stream's dtype from here on).
+    """
+
+    compile_region = True  # see neuro_models.layers.compile_regions (two adds and a cast in one kernel)
+
+    def __init__(self, dim: int, grid: tuple[int, int, int, int], bf16_residual: bool = False) -> None:
         super().__init__()
         X, Y, Z, T = grid
+        self.bf16_residual = bf16_residual
         self.pos_embed = nn.Parameter(torch.zeros(1, X, Y, Z, 1, dim))
         self.time_embed = nn.Parameter(torch.zeros(1, 1, 1, 1, T, dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -107,7 +146,7 @@ class PositionEmbedding(nn.Module):
         if T > self.time_embed.shape[4]:
             raise ValueError(f"input has {T} time tokens, more than the configured {self.time_embed.shape[4]} "
                              "(img_size[3] / patch_size[3])")
-        return x_BXYZTD + self.pos_embed + self.time_embed[:, :, :, :, :T]
+        return residual_dtype(x_BXYZTD + self.pos_embed + self.time_embed[:, :, :, :, :T], self.bf16_residual)
 
 
 class Stage(nn.Module):
@@ -128,10 +167,15 @@ class Stage(nn.Module):
                 P = prompts_PD.shape[0]
                 x = torch.cat([prompts_PD.to(x.dtype).unsqueeze(0).expand(shape[0], -1, -1), x], dim=1)
         for blk in self.blocks:
+            # a FlexAttention block mask is built here, outside the (compiled) blocks, and cached per shape
+            extra = ()
+            if hasattr(blk, "flex_block_mask"):
+                bm = blk.flex_block_mask(x)
+                extra = () if bm is None else (bm,)
             if self.use_checkpoint and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint(blk, x, *extra, use_reentrant=False)
             else:
-                x = blk(x)
+                x = blk(x, *extra)
         if self.full:
             x = x[:, P:].reshape(shape)
         return x
@@ -150,7 +194,7 @@ class SwiftEncoder(nn.Module):
         self.cfg = cfg
         dims, grids = cfg.stage_dims(), cfg.stage_grids()
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
-        self.pos_embeds = nn.ModuleList(PositionEmbedding(d, g) for d, g in zip(dims, grids))
+        self.pos_embeds = nn.ModuleList(PositionEmbedding(d, g, cfg.bf16_residual) for d, g in zip(dims, grids))
         dpr = iter(drop_path_rates(cfg))
         self.stages = nn.ModuleList()
         self.merges = nn.ModuleList()
@@ -161,7 +205,7 @@ class SwiftEncoder(nn.Module):
                 blocks = [FullBlock(d, h, drop_path=next(dpr), **kw) for _ in range(depth)]
             else:
                 blocks = [WindowBlock4D(d, h, cfg.window_size, shifted=bool(i % 2), drop_path=next(dpr),
-                                        shift_impl=cfg.shift_impl, **kw)
+                                        shift_impl=cfg.shift_impl, attn_impl=cfg.attn_impl, **kw)
                           for i in range(depth)]
             self.stages.append(Stage(blocks, cfg.use_checkpoint, full))
             if s < cfg.num_stages - 1:
@@ -174,10 +218,7 @@ class SwiftEncoder(nn.Module):
         """Patch embedding with masked tokens replaced by ``mask_token`` (SimMIM)."""
         if x_BCXYZT.ndim != 6:
             raise ValueError(f"expected input [B, C, X, Y, Z, T], got shape {tuple(x_BCXYZT.shape)}")
-        tok = self.patch_embed(x_BCXYZT)
-        if mask_BXYZT is not None:
-            tok = torch.where(mask_BXYZT.unsqueeze(-1), mask_token.to(tok.dtype), tok)
-        return tok
+        return self.patch_embed(x_BCXYZT, mask_BXYZT, mask_token)
 
     def forward(self, x_BCXYZT: torch.Tensor, mask_BXYZT: torch.Tensor | None = None,
                 mask_token: torch.Tensor | None = None, prompts_PD: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch import nn
 from .config import SwiftConfig, stage_window
 from .layers import (Attention, DropPath, Mlp, PatchEmbed, PatchMerging, can_split, rope_rotate, shifted_window_mask,
                      split_window_attention, window_partition, window_reverse)
-from .model import Stage, _scale, drop_path_rates
+from .model import Stage, _scale, drop_path_rates, residual_dtype
 
 
 def rope_tables(pos_NA: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32
@@ -142,13 +142,11 @@ class RevisedEncoder(nn.Module):
                 mask_token: torch.Tensor | None = None, prompts_PD: torch.Tensor | None = None) -> torch.Tensor:
         if x_BCXYZT.ndim != 6:
             raise ValueError(f"expected input [B, C, X, Y, Z, T], got shape {tuple(x_BCXYZT.shape)}")
-        x = self.patch_embed(x_BCXYZT)
-        if mask_BXYZT is not None:
-            x = torch.where(mask_BXYZT.unsqueeze(-1), mask_token.to(x.dtype), x)
+        x = residual_dtype(self.patch_embed(x_BCXYZT, mask_BXYZT, mask_token), self.cfg.bf16_residual)
         for s, stage in enumerate(self.stages):
             x = stage(x)
             if s < len(self.merges):
-                x = self.merges[s](x)
+                x = residual_dtype(self.merges[s](x), self.cfg.bf16_residual)
         return self.norm(x)
 
     def last_block(self) -> nn.Module:

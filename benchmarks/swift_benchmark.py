@@ -109,7 +109,7 @@ def run_case(name: str, family: str, size: str, overrides: dict, batch: int, *, 
     row = dict(name=name + (f"-{variant}" if variant else "") + (f"-{sdpa}" if sdpa != "default" else ""),
                family=family, size=size, batch=batch, img_size=list(cfg.img_size),
                patch_size=list(cfg.patch_size), window_size=list(cfg.window_size), compile=compile_mode,
-               shift_impl=cfg.shift_impl,
+               shift_impl=cfg.shift_impl, attn_impl=cfg.attn_impl, bf16_residual=cfg.bf16_residual,
                use_checkpoint=cfg.use_checkpoint, params=R.param_counts(cfg)["total"],
                encoder_params=R.param_counts(cfg)["encoder"], train_flops_per_sample=R.flops_per_sample(cfg)["train"])
     model = opt = None
@@ -221,13 +221,13 @@ def cases(suite: str) -> list[tuple]:
 
 def markdown(rows: list[dict], device_name: str) -> str:
     lines = [f"Device: {device_name}", "",
-             "| case | batch | T | compile | shift | samples/s | TFLOP/s | MFU (780) | MFU (989) | peak alloc GiB | "
+             "| case | batch | T | compile | shift | attention | samples/s | TFLOP/s | MFU (780) | MFU (989) | peak alloc GiB | "
              "peak reserved GiB | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def f(k, fmt="{:.1f}"):
             return fmt.format(r[k]) if k in r else "-"
-        lines.append(f"| {r['name']} | {r['batch']} | {r['img_size'][3]} | {r['compile']} | {r.get('shift_impl', '-')} | {f('samples_per_s')} | "
+        lines.append(f"| {r['name']} | {r['batch']} | {r['img_size'][3]} | {r['compile']} | {r.get('shift_impl', '-')} | {r.get('attn_impl', '-')} | {f('samples_per_s')} | "
                      f"{f('tflops')} | {f('mfu_measured_780', '{:.1%}')} | {f('mfu_datasheet_989', '{:.1%}')} | "
                      f"{f('peak_alloc_gib')} | {f('peak_reserved_gib')} | {r['status']} |")
     return "\n".join(lines) + "\n"
@@ -248,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--use-checkpoint", action="store_true", help="activation checkpointing in every case")
     ap.add_argument("--batches", default="", help="comma list: only cases with these batch sizes")
     ap.add_argument("--shift-impl", default=None, choices=["mask", "split"], help="shift_impl for every case")
+    ap.add_argument("--attn-impl", default=None, choices=["sdpa", "flex", "auto"],
+                    help="SwiftConfig.attn_impl for every case (4D family)")
+    ap.add_argument("--bf16-residual", action="store_true", help="SwiftConfig.bf16_residual in every case")
     ap.add_argument("--sdpa", default="default", choices=["default", "efficient", "cudnn"],
                     help="attention kernel for every case (see _sdpa_context)")
     ap.add_argument("--profile", default="", help="comma list of case names to profile (kernel tables)")
@@ -266,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, fam, size, ov, b in cases(suite):
             if args.shift_impl:
                 ov = {**ov, "shift_impl": args.shift_impl}
+            if args.bf16_residual:
+                ov = {**ov, "bf16_residual": True}
+                name += "-bf16res"
+            if args.attn_impl and fam == "swift_v2":
+                ov = {**ov, "attn_impl": args.attn_impl}
+                name += f"-{args.attn_impl}"
             if args.use_checkpoint:
                 ov = {**ov, "use_checkpoint": True}
                 name += "-ckpt"

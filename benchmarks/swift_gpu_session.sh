@@ -4,12 +4,16 @@
 # Stages: target (compiled + eager v1 reference config, b16/b8, two kernel profiles), attention (SDPA backends on
 # the block shapes), cuda-graphs (compiled b16 with CUDA graphs and cuDNN attention), best-attention (compiled
 # b16 with the fastest non-default backend, if any), revised (memory vs T of the factorized variant, eager, with
-# and without activation checkpointing), ladder (sizes 51M..3B, eager), ladder-compiled.
+# and without activation checkpointing), ladder (sizes 51M..3B, eager), ladder-compiled, blocks (per-block fwd+bwd
+# of every attention implementation + the FlexAttention numerics check: swift_blocks.py), flex (compiled b16 with
+# CUDA graphs, attn_impl=auto: FlexAttention for stages 1-2, cuDNN for the rest).
+# Inductor's cache lives in .gpucache/inductor-swift (git-ignored), so a warm machine's later call reuses it.
 # Results -> $OUT (JSON per stage, profiles, session.log; at most 8 files come back).
 set -uo pipefail
 OUT=${OUT:-/tmp/neurox_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.gpucache/inductor-swift}
 log=$OUT/session.log
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; python3 -c "import torch; print('torch', torch.__version__)"; nproc; } | tee -a "$log"
 bench() { local t=$1; shift; timeout "$t" python3 benchmarks/swift_benchmark.py "$@" 2>&1 | grep -v -i -E "warn|detach|row\[" | tee -a "$log"; }
@@ -32,6 +36,16 @@ print(min(t, key=t.get))")
                --out "$OUT/revised_ckpt.json" ;;
     cuda-graphs) bench 330 --suite target --batches 16 --compile block-cg --sdpa cudnn --steps 10 --warmup 3 \
                    --out "$OUT/target_cg.json" ;;
+    blocks) plan=${BLOCK_PLAN:-s1:sdpa-cudnn,s1:flex,s1-shift:sdpa-cudnn,s1-shift:flex,s2:sdpa-cudnn,s2:flex,s2-shift:sdpa-cudnn,s2-shift:flex,s3:sdpa-cudnn,s3:flex,s3-shift:sdpa-cudnn,s3-shift:flex,s4-full:sdpa-cudnn,s1:flex-bf16,s1-shift:flex-bf16,s2:flex-bf16,s2-shift:flex-bf16}
+            timeout "${BLOCKS_S:-450}" python3 benchmarks/swift_blocks.py ${BLOCK_CHECK---check} ${BLOCK_PROFILE:+--profile} --plan "$plan" \
+              --time-budget "${BLOCKS_BUDGET_S:-400}" --out "$OUT/blocks.json" --md "$OUT/blocks.md" 2>&1 \
+              | grep -v -i -E "warn" | tee -a "$log" ;;
+    flex) bench "${FLEX_S:-400}" --suite target --batches 16 --compile block-cg --sdpa cudnn --attn-impl auto --steps 10 \
+            --warmup 3 --profile v1cfg-51M-b16-auto --out "$OUT/target_flex.json" ;;
+    best) bench "${BEST_S:-300}" --suite target --batches 16 --compile block-cg --sdpa cudnn --attn-impl auto --bf16-residual \
+            --steps 20 --warmup 3 --profile v1cfg-51M-b16-bf16res-auto --out "$OUT/target_best.json" ;;
+    baseline) bench "${BASELINE_S:-330}" --suite target --batches 16 --compile block-cg --sdpa cudnn --steps 20 --warmup 3 \
+                --out "$OUT/target_baseline.json" ;;
     ladder) bench 100 --suite ladder --compile none --steps 6 --out "$OUT/ladder.json" ;;
     ladder-compiled) bench 300 --suite ladder --compile block --steps 6 --time-budget 240 --out "$OUT/ladder_compiled.json" ;;
   esac

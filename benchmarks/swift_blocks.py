@@ -1,0 +1,258 @@
+"""Per-block SwiFT timing: forward + backward of each encoder block kind of the 51M (SwiFT v1 configuration)
+at its real shape, under each attention implementation, plus a GPU numerics check of FlexAttention.
+
+Why: the full-model benchmark (``swift_benchmark.py``) gives one number per configuration and costs ~3 minutes
+of compilation each; compiling one block takes seconds, so every kernel choice can be compared on one host in
+one call. The step estimate weights each block kind by how often the 51M has it (stage 1: one regular, one
+shifted; stage 2 likewise; stage 3: nine of each; stage 4: two full-attention blocks); patch embedding,
+merging, decoder, loss and optimizer are not included.
+
+Variants (``--variants``):
+
+* ``sdpa``: ``attn_impl="sdpa"`` (shifted blocks split into mask-free boxes), PyTorch's SDPA kernel choice;
+* ``sdpa-cudnn``: the same with cuDNN attention (the fastest SDPA kernel on H100 for these shapes);
+* ``flex``: ``attn_impl="flex"`` (one FlexAttention call per block, Swin's regions as a block mask);
+* ``auto``: ``attn_impl="auto"`` with cuDNN for the SDPA calls (what the full-model run uses);
+* ``flex-bf16``: ``flex`` with the block's parameters and activations in bf16 (no autocast): the ceiling of a
+  bf16 residual stream;
+* ``-bf16res`` suffix (e.g. ``flex-bf16res``): autocast as usual, but the block's input (the residual stream) in
+  bf16, as ``SwiftConfig.bf16_residual`` gives;
+* ``-mat`` suffix: compiled with ``mode="max-autotune-no-cudagraphs"`` (Triton matmul templates with fused
+  epilogues, autotuned).
+
+``--check`` compares, on a reduced input (every stage-1 axis shifted), the compiled model's loss and gradients
+under FlexAttention against SDPA in float32, and the bf16-autocast error of each against float32.
+
+Example (one GPU)::
+
+    python benchmarks/swift_blocks.py --check --variants sdpa-cudnn,flex,auto --out blocks.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from neuro_models import registry as R  # noqa: E402
+from neuro_models.layers import compile_regions  # noqa: E402
+
+V1_51M = dict(patch_size=(6, 6, 6, 1), window_size=(4, 4, 4, 4), mask_patch_size=(12, 12, 12, 2))
+#: (case, stage, shifted, blocks of this kind in the 51M)
+CASES = {"s1": (0, False, 1), "s1-shift": (0, True, 1), "s2": (1, False, 1), "s2-shift": (1, True, 1),
+         "s3": (2, False, 9), "s3-shift": (2, True, 9), "s4-full": (3, False, 2)}
+
+
+@contextlib.contextmanager
+def sdpa_flags(cudnn: bool):
+    """Prefer cuDNN attention (flash and memory-efficient off) when ``cudnn``; global flags, so compiled code
+    traced inside uses the same kernel."""
+    b = torch.backends.cuda
+    old = (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled())
+    if cudnn:
+        b.enable_flash_sdp(False), b.enable_mem_efficient_sdp(False), b.enable_cudnn_sdp(True)
+    try:
+        yield
+    finally:
+        b.enable_flash_sdp(old[0]), b.enable_mem_efficient_sdp(old[1]), b.enable_cudnn_sdp(old[2])
+
+
+def _impl(variant: str) -> str:
+    return "sdpa" if variant.startswith("sdpa") else "auto" if variant.startswith("auto") else "flex"
+
+
+def _kernel_profile(fn, iters: int = 3, top: int = 12) -> dict:
+    """GPU time per iteration (sum of all kernels: launch gaps excluded) and the top kernels, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    ev = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    ev.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in ev) / 1e3 / iters
+    return dict(gpu_ms=total, kernels=[[e.key[:90], round(e.self_device_time_total / 1e3 / iters, 3), e.count // iters]
+                                       for e in ev[:top]])
+
+
+def time_block(case: str, variant: str, batch: int, iters: int, warmup: int, device: torch.device,
+               profile: bool = False) -> dict:
+    stage, shifted, count = CASES[case]
+    cfg = R.get_config("swift_v2", "51M", **V1_51M, attn_impl=_impl(variant))
+    enc = R.build_pretrain_model(cfg).encoder
+    blk = enc.stages[stage].blocks[int(shifted)].to(device).train()
+    grid = cfg.stage_grids()[stage]
+    dim = cfg.stage_dims()[stage]
+    bf16 = "bf16" in variant.replace("bf16res", "")
+    dtype = torch.bfloat16 if bf16 or "bf16res" in variant else torch.float32
+    if bf16:
+        blk = blk.to(torch.bfloat16)
+    full = stage == cfg.num_stages - 1
+    shape = (batch, math.prod(grid), dim) if full else (batch, *grid, dim)
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(shape, device=device, dtype=dtype)
+    torch._dynamo.reset()
+    compile_regions(blk, **({"mode": "max-autotune-no-cudagraphs"} if "mat" in variant.split("-") else {}))
+    bm = blk.flex_block_mask(x) if hasattr(blk, "flex_block_mask") else None
+    extra = () if bm is None else (bm,)
+    autocast = contextlib.nullcontext() if bf16 else torch.autocast("cuda", dtype=torch.bfloat16)
+    row = dict(case=case, variant=variant, batch=batch, count=count, shape=list(shape), block_mask=bm is not None)
+
+    def fwd_bwd():
+        with sdpa_flags("cudnn" in variant or variant.startswith("auto")), autocast:
+            y = blk(x, *extra)
+        y.backward(g)
+
+    try:
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            fwd_bwd()
+        torch.cuda.synchronize()
+        row["compile_s"] = time.perf_counter() - t0
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fwd_bwd()
+        end.record()
+        torch.cuda.synchronize()
+        row["ms"] = start.elapsed_time(end) / iters
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if profile:
+            row.update(_kernel_profile(fwd_bwd))
+        row["status"] = "ok"
+    except Exception as e:  # noqa: BLE001 - a benchmark records failures and goes on
+        row["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def check_numerics(device: torch.device) -> dict:
+    """FlexAttention vs SDPA on the SimMIM model (51M widths, input 48^3 x 8: stage 1 shifts on all four axes,
+    stages 2-3 on time only): float32 loss and gradients, and each one's bf16-autocast error against the
+    float32 SDPA reference (FlexAttention also with ``bf16_residual``). The window blocks are compiled under
+    FlexAttention (its fused kernels are what training runs) and eager under SDPA."""
+    cfg = R.get_config("swift_v2", "51M", **{**V1_51M, "img_size": (48, 48, 48, 8)}, drop_path_rate=0.0)
+    x = torch.randn(2, 1, *cfg.img_size, device=device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # a float32 reference, not TF32
+    out: dict = {}
+    grads: dict = {}
+    for impl, prec in (("sdpa", "fp32"), ("sdpa", "bf16"), ("flex", "fp32"), ("flex", "bf16"), ("flex", "bf16res")):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        model = R.build_pretrain_model(cfg.replace(attn_impl=impl, bf16_residual=prec == "bf16res")).to(device)
+        if impl == "flex":
+            for m in model.modules():
+                if hasattr(m, "flex_block_mask"):
+                    m.compile(dynamic=False)
+        mask = model.make_mask(2, generator=torch.Generator().manual_seed(0), device=device)
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if prec != "fp32" else contextlib.nullcontext()
+        with ctx:
+            loss = model(x, mask=mask)["loss"]
+        loss.backward()
+        out[f"loss_{impl}_{prec}"] = float(loss)
+        grads[(impl, prec)] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    ref = grads[("sdpa", "fp32")]
+
+    def rel(a: torch.Tensor) -> float:
+        return float((a - ref).norm() / ref.norm())
+
+    out["grad_rel_err_flex_fp32"] = rel(grads[("flex", "fp32")])
+    out["grad_rel_err_sdpa_bf16"] = rel(grads[("sdpa", "bf16")])
+    out["grad_rel_err_flex_bf16"] = rel(grads[("flex", "bf16")])
+    out["grad_rel_err_flex_bf16_residual"] = rel(grads[("flex", "bf16res")])
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def markdown(rows: list[dict], device_name: str, variants: list[str]) -> str:
+    lines = [f"Device: {device_name}; fwd + bwd ms per block call (batch {rows[0]['batch'] if rows else '-'}); "
+             "in parentheses GPU (kernel) time per call; the step sum uses GPU time where measured", "",
+             "| block | count in 51M | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+    by = {(r["case"], r["variant"]): r for r in rows}
+    totals = dict.fromkeys(variants, 0.0)
+    for case in dict.fromkeys(r["case"] for r in rows):
+        cells = []
+        for v in variants:
+            r = by.get((case, v))
+            ok = r is not None and r["status"] == "ok"
+            gpu = f" ({r['gpu_ms']:.2f})" if ok and "gpu_ms" in r else ""
+            cells.append(f"{r['ms']:.2f}{gpu}" if ok else (r["status"][:40] if r else "-"))
+            if ok:
+                totals[v] += r.get("gpu_ms", r["ms"]) * r["count"]
+        lines.append(f"| {case} | {CASES[case][2]} | " + " | ".join(cells) + " |")
+    lines.append("| **blocks per step** | | " + " | ".join(f"**{totals[v]:.1f}**" for v in variants) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma list of {list(CASES)}")
+    ap.add_argument("--variants", default="sdpa-cudnn,flex,auto")
+    ap.add_argument("--plan", default="", help="comma list of case:variant pairs to run instead of cases x variants")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="record GPU time per call and the top kernels")
+    ap.add_argument("--check", action="store_true", help="run the FlexAttention numerics check first")
+    ap.add_argument("--time-budget", type=float, default=float("inf"), help="skip cases after this many seconds")
+    ap.add_argument("--out", default="swift_blocks.json")
+    ap.add_argument("--md", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (FlexAttention has no CPU backward in torch 2.13)")
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    import torch._dynamo.config as dc
+
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(dc, name):
+            setattr(dc, name, 256)
+    t_start = time.perf_counter()
+    meta = dict(device=torch.cuda.get_device_name(device), torch=torch.__version__)
+    result: dict = dict(meta=meta, rows=[])
+    variants = args.variants.split(",")
+
+    def write() -> str:
+        meta["wall_s"] = time.perf_counter() - t_start
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        md = markdown(result["rows"], meta["device"], variants)
+        if args.md:
+            Path(args.md).write_text(md)
+        return md
+
+    if args.check:
+        try:
+            result["check"] = check_numerics(device)
+        except Exception as e:  # noqa: BLE001
+            result["check"] = dict(status=f"error: {type(e).__name__}: {str(e)[:500]}")
+            print(json.dumps(result["check"]), flush=True)
+        write()
+    plan = ([tuple(p.split(":")) for p in args.plan.split(",")] if args.plan
+            else [(c, v) for c in args.cases.split(",") for v in variants])
+    if args.plan:
+        variants = list(dict.fromkeys(v for _, v in plan))
+    for case, v in plan:
+        if time.perf_counter() - t_start > args.time_budget:
+            result["rows"].append(dict(case=case, variant=v, batch=args.batch, count=CASES[case][2],
+                                       status="skipped (time budget)"))
+            continue
+        result["rows"].append(time_block(case, v, args.batch, args.iters, args.warmup, device, args.profile))
+        torch.cuda.empty_cache()
+        write()
+    print(write())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

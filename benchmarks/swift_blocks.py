@@ -43,25 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neuro_models import registry as R  # noqa: E402
 from neuro_models.layers import compile_regions  # noqa: E402
+from swift_benchmark import V1_51M, _sdpa_context, _set_dynamo_limits  # noqa: E402  (this script's folder)
 
-V1_51M = dict(patch_size=(6, 6, 6, 1), window_size=(4, 4, 4, 4), mask_patch_size=(12, 12, 12, 2))
 #: (case, stage, shifted, blocks of this kind in the 51M)
 CASES = {"s1": (0, False, 1), "s1-shift": (0, True, 1), "s2": (1, False, 1), "s2-shift": (1, True, 1),
          "s3": (2, False, 9), "s3-shift": (2, True, 9), "s4-full": (3, False, 2)}
-
-
-@contextlib.contextmanager
-def sdpa_flags(cudnn: bool):
-    """Prefer cuDNN attention (flash and memory-efficient off) when ``cudnn``; global flags, so compiled code
-    traced inside uses the same kernel."""
-    b = torch.backends.cuda
-    old = (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled())
-    if cudnn:
-        b.enable_flash_sdp(False), b.enable_mem_efficient_sdp(False), b.enable_cudnn_sdp(True)
-    try:
-        yield
-    finally:
-        b.enable_flash_sdp(old[0]), b.enable_mem_efficient_sdp(old[1]), b.enable_cudnn_sdp(old[2])
 
 
 def _impl(variant: str) -> str:
@@ -107,7 +93,8 @@ def time_block(case: str, variant: str, batch: int, iters: int, warmup: int, dev
     row = dict(case=case, variant=variant, batch=batch, count=count, shape=list(shape), block_mask=bm is not None)
 
     def fwd_bwd():
-        with sdpa_flags("cudnn" in variant or variant.startswith("auto")), autocast:
+        cudnn = "cudnn" in variant or variant.startswith("auto")
+        with _sdpa_context("cudnn" if cudnn else "default"), autocast:
             y = blk(x, *extra)
         y.backward(g)
 
@@ -213,11 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("needs a CUDA GPU (FlexAttention has no CPU backward in torch 2.13)")
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
-    import torch._dynamo.config as dc
-
-    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
-        if hasattr(dc, name):
-            setattr(dc, name, 256)
+    _set_dynamo_limits()
     t_start = time.perf_counter()
     meta = dict(device=torch.cuda.get_device_name(device), torch=torch.__version__)
     result: dict = dict(meta=meta, rows=[])

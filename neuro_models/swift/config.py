@@ -26,7 +26,7 @@ from ..mup_utils import check_parametrization
 MASKING_TYPES = ("random", "tube", "temporal")
 LOSS_TYPES = ("l1", "l2", "huber")
 SHIFT_IMPLS = ("mask", "split")
-ATTN_IMPLS = ("sdpa", "flex", "auto")  # == neuro_models.swift.layers.ATTN_IMPLS (config imports no torch)
+ATTN_IMPLS = ("sdpa", "flex", "auto")  # chosen per call by neuro_models.swift.layers.use_flex
 
 
 def _tuple(v: Any, n: int, name: str) -> tuple[int, ...]:

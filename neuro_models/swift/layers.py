@@ -130,9 +130,8 @@ def mask_to_bias(mask_WNN: torch.Tensor, batch: int, dtype: torch.dtype) -> torc
 # --------------------------------------------------------------------------------------------------
 # FlexAttention over windows (Triton kernels generated for the head dim; Swin's regions as a block mask)
 # --------------------------------------------------------------------------------------------------
-#: ``SwiftConfig.attn_impl`` values: "sdpa" (fused SDPA; shifted windows split or masked, see
-#: ``shift_impl``), "flex" (always FlexAttention), "auto" (FlexAttention in compiled code on CUDA).
-ATTN_IMPLS = ("sdpa", "flex", "auto")
+# Which implementation runs is ``SwiftConfig.attn_impl`` (values: ``config.ATTN_IMPLS``); see :func:`use_flex`.
+
 
 def region_mask_mod(dims: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...],
                     device: torch.device | None = None):
@@ -203,13 +202,17 @@ def flex_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                       for i in range(0, S, SDPA_MAX_SEQUENCES)])
 
 
+def flex_eligible(attn_impl: str, device: torch.device) -> bool:
+    """Whether ``attn_impl`` may run FlexAttention on ``device`` at all ("flex" anywhere, "auto" on CUDA):
+    what the uncompiled stage loop can know when it decides to build a block mask."""
+    return attn_impl == "flex" or (attn_impl == "auto" and device.type == "cuda")
+
+
 def use_flex(attn_impl: str, device: torch.device) -> bool:
-    """Whether window attention runs FlexAttention (see ``ATTN_IMPLS``). "auto" takes it only inside
+    """Whether window attention runs FlexAttention (``SwiftConfig.attn_impl``). "auto" takes it only inside
     ``torch.compile`` on CUDA: there it was faster than every SDPA kernel for every window block of the 51M
     (fwd + bwd GPU time on H100, BENCHMARKS.md); eager FlexAttention materialises the scores."""
-    if attn_impl == "auto":
-        return device.type == "cuda" and torch.compiler.is_compiling()
-    return attn_impl == "flex"
+    return flex_eligible(attn_impl, device) and (attn_impl == "flex" or torch.compiler.is_compiling())
 
 
 # --------------------------------------------------------------------------------------------------

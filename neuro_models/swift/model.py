@@ -28,8 +28,8 @@ from ..heads import MLPHead
 from ..mup_utils import attention_scale, readout_class
 from .config import SwiftConfig, stage_window
 from .layers import (SDPA_MAX_SEQUENCES, Attention, DropPath, Mlp, PatchEmbed, PatchMerging, can_split, patchify,
-                     region_block_mask, shifted_window_mask, split_window_attention, use_flex, window_partition,
-                     window_reverse)
+                     flex_eligible, region_block_mask, shifted_window_mask, split_window_attention, use_flex,
+                     window_partition, window_reverse)
 from .masking import make_mask
 
 
@@ -40,7 +40,7 @@ def _scale(cfg: SwiftConfig, head_dim: int) -> float:
 class WindowBlock4D(nn.Module):
     """Swin block with 4D (shifted) window attention: ``[B, X, Y, Z, T, D] -> same``.
 
-    ``attn_impl`` (see ``neuro_models.swift.layers.ATTN_IMPLS``): with FlexAttention a shifted block runs one
+    ``attn_impl`` (see ``SwiftConfig.attn_impl``): with FlexAttention a shifted block runs one
     call over the full windows with Swin's regions as a block mask (``forward``'s ``block_mask``, built by
     :meth:`flex_block_mask` outside compiled code); with SDPA it splits or masks per ``shift_impl``.
     """
@@ -73,8 +73,7 @@ class WindowBlock4D(nn.Module):
         """The region ``BlockMask`` this block's FlexAttention needs for input ``x``, or ``None`` (no shift here,
         SDPA, or too many windows for one call: then the block uses SDPA). Cached per shape."""
         dims, win, shift, seq = self._windows(x_BXYZTD)
-        if (not any(shift) or self.attn_impl == "sdpa" or seq > SDPA_MAX_SEQUENCES
-                or (self.attn_impl == "auto" and x_BXYZTD.device.type != "cuda")):
+        if not any(shift) or seq > SDPA_MAX_SEQUENCES or not flex_eligible(self.attn_impl, x_BXYZTD.device):
             return None
         return region_block_mask(dims, win, shift, seq, x_BXYZTD.device)
 

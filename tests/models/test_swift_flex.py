@@ -101,6 +101,9 @@ def test_use_flex_selection(monkeypatch):
     cpu, cuda, xpu = torch.device("cpu"), torch.device("cuda"), torch.device("xpu")
     assert L.use_flex("flex", cpu) and not L.use_flex("sdpa", cuda)
     assert not L.use_flex("auto", cuda)  # eager: FlexAttention would materialise the scores
+    # what the stage loop can know (it builds block masks then): "auto" on CUDA, "flex" anywhere
+    assert L.flex_eligible("auto", cuda) and L.flex_eligible("flex", cpu)
+    assert not L.flex_eligible("auto", cpu) and not L.flex_eligible("auto", xpu) and not L.flex_eligible("sdpa", cuda)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert L.use_flex("auto", cuda)
     assert not L.use_flex("auto", cpu) and not L.use_flex("auto", xpu)  # no CPU backward; XPU unmeasured

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -55,16 +56,40 @@ def _set_dynamo_limits() -> None:
             setattr(dc, name, 256)
 
 
-def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    """``none``: eager; ``block`` (``block-cg``: with CUDA graphs, ``mode="reduce-overhead"``): regional compilation (``neuro_models.layers.compile_regions``: every
-    encoder block, patch embedding and merging, the decoder and the loss, static shapes; blocks of one
-    shape share compiled code); ``model``: ``torch.compile`` of the whole model."""
+#: ``block-cgs``: a region gets CUDA graphs when its stage's token map (batch x tokens x width) has at most this
+#: many elements. Larger regions are GPU-bound, and graphing them costs copies: CUDA-graph trees copy every input
+#: not produced by another graph into static memory (the 1.1 GB input batch twice per step, at the 51M's b16).
+CUDAGRAPH_MAX_ELEMENTS = 2**24
+
+
+def small_regions(cfg, batch: int):
+    """``region_kwargs`` for ``compile_regions``: CUDA graphs (``mode="reduce-overhead"``) for the blocks, position
+    embeddings and merges of stages whose token map is small (launch-bound), none elsewhere."""
+    small = [batch * math.prod(g) * d <= CUDAGRAPH_MAX_ELEMENTS for g, d in zip(cfg.stage_grids(), cfg.stage_dims())]
+
+    def kwargs(name: str, module: torch.nn.Module) -> dict:
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[0] == "encoder" and parts[1] in ("stages", "pos_embeds", "merges"):
+            return {"mode": "reduce-overhead"} if small[int(parts[2])] else {}
+        return {}
+
+    return kwargs
+
+
+def compile_model(model: torch.nn.Module, mode: str, cfg=None, batch: int = 0) -> torch.nn.Module:
+    """``none``: eager; ``block`` (``block-cg``: with CUDA graphs, ``mode="reduce-overhead"``; ``block-cgs``: CUDA
+    graphs for the small stages only, ``small_regions``): regional compilation (``neuro_models.layers.compile_regions``:
+    every encoder block, patch embedding and merging, the decoder and the loss, static shapes; blocks of one shape
+    share compiled code); ``model``: ``torch.compile`` of the whole model."""
     if mode == "none":
         return model
     _set_dynamo_limits()
     if mode == "model":
         return torch.compile(model, dynamic=False)
-    compile_regions(model, **({"mode": "reduce-overhead"} if mode == "block-cg" else {}))
+    if mode == "block-cgs":
+        compile_regions(model, small_regions(cfg, batch))
+    else:
+        compile_regions(model, **({"mode": "reduce-overhead"} if mode == "block-cg" else {}))
     return model
 
 
@@ -94,12 +119,13 @@ def _sdpa_context(sdpa: str):
 
 def run_case(name: str, family: str, size: str, overrides: dict, batch: int, *, compile_mode: str, steps: int,
              warmup: int, device: torch.device, variant: str = "", sdpa: str = "default",
-             profile_dir: str | None = None) -> dict:
+             profile_dir: str | None = None, select: bool = False) -> dict:
     """Time ``steps`` training steps after ``warmup``; returns a result row (``status`` OOM on OOM).
 
     ``variant="noshift"`` turns every shifted block into a regular one (an ablation that shows the
     cost of the Swin region mask; not a valid model); ``"split"``/``"mask"`` pick ``shift_impl``;
-    ``"ckpt"`` turns on activation checkpointing. ``profile_dir`` writes a kernel table there.
+    ``"ckpt"`` turns on activation checkpointing. ``profile_dir`` writes a kernel table there. ``select``: SimMIM's
+    token selection (``exact_mask=True``: the masks come from ``make_mask``).
     """
     if variant in ("split", "mask"):
         overrides = {**overrides, "shift_impl": variant}
@@ -111,7 +137,10 @@ def run_case(name: str, family: str, size: str, overrides: dict, batch: int, *, 
                patch_size=list(cfg.patch_size), window_size=list(cfg.window_size), compile=compile_mode,
                shift_impl=cfg.shift_impl, attn_impl=cfg.attn_impl, bf16_residual=cfg.bf16_residual,
                use_checkpoint=cfg.use_checkpoint, params=R.param_counts(cfg)["total"],
-               encoder_params=R.param_counts(cfg)["encoder"], train_flops_per_sample=R.flops_per_sample(cfg)["train"])
+               encoder_params=R.param_counts(cfg)["encoder"], train_flops_per_sample=R.flops_per_sample(cfg)["train"],
+               token_select=select)
+    if select:
+        row["train_flops_selected"] = R.flops_per_sample(cfg).get("train_selected")
     model = opt = None
     try:
         torch.manual_seed(0)
@@ -122,7 +151,7 @@ def run_case(name: str, family: str, size: str, overrides: dict, batch: int, *, 
             for m in model.modules():
                 if hasattr(m, "shifted"):
                     m.shifted = False
-        net = compile_model(model, compile_mode)
+        net = compile_model(model, compile_mode, cfg, batch)
         fused = device.type == "cuda"
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=fused)
         x = torch.randn(batch, cfg.in_chans, *cfg.img_size, device=device)
@@ -130,10 +159,10 @@ def run_case(name: str, family: str, size: str, overrides: dict, batch: int, *, 
         mask = model.make_mask(batch, generator=torch.Generator().manual_seed(0), device=device)
 
         def step() -> float:
-            if compile_mode == "block-cg":
+            if compile_mode.startswith("block-cg"):
                 torch.compiler.cudagraph_mark_step_begin()
             with _sdpa_context(sdpa), torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-                out = net(x, brain_mask=brain, mask=mask)
+                out = net(x, brain_mask=brain, mask=mask, **({"exact_mask": True} if select else {}))
             out["loss"].backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -149,7 +178,9 @@ def run_case(name: str, family: str, size: str, overrides: dict, batch: int, *, 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        for _ in range(steps):
+        loss = step()  # the first step after a sync: the host's time to issue one step (launch-bound if ~ step_s)
+        row["host_step_ms"] = (time.perf_counter() - t0) * 1e3
+        for _ in range(steps - 1):
             loss = step()
         _sync(device)
         dt = time.perf_counter() - t0
@@ -163,7 +194,7 @@ def run_case(name: str, family: str, size: str, overrides: dict, batch: int, *, 
         if device.type == "cuda":
             row["peak_alloc_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
-            if compile_mode == "block-cg":  # CUDA-graph pools are reserved, not counted as allocated: report reserved
+            if compile_mode.startswith("block-cg"):  # CUDA-graph pools are reserved, not counted as allocated: report reserved
                 row["peak_alloc_gib"] = row["peak_reserved_gib"]
         row["status"] = "ok" if torch.isfinite(torch.tensor(row["loss"])) else "nonfinite"
         if profile_dir:
@@ -237,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--suite", default="target", help="comma list of: smoke, target, revised, ladder, seqlen "
                     "(seqlen_revised / seqlen_v1: one variant)")
-    ap.add_argument("--compile", default="block", choices=["none", "block", "block-cg", "model"])
+    ap.add_argument("--compile", default="block", choices=["none", "block", "block-cg", "block-cgs", "model"])
     ap.add_argument("--seqlen-compile", default="none", choices=["none", "block", "model"],
                     help="compile mode for the seqlen (memory) suite")
     ap.add_argument("--steps", type=int, default=10)
@@ -251,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attn-impl", default=None, choices=["sdpa", "flex", "auto"],
                     help="SwiftConfig.attn_impl for every case (4D family)")
     ap.add_argument("--bf16-residual", action="store_true", help="SwiftConfig.bf16_residual in every case")
+    ap.add_argument("--select", action="store_true", help="SimMIM token selection (exact_mask=True) in every case")
     ap.add_argument("--sdpa", default="default", choices=["default", "efficient", "cudnn"],
                     help="attention kernel for every case (see _sdpa_context)")
     ap.add_argument("--profile", default="", help="comma list of case names to profile (kernel tables)")
@@ -278,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.use_checkpoint:
                 ov = {**ov, "use_checkpoint": True}
                 name += "-ckpt"
+            if args.select:
+                name += "-select"
             if args.batches and str(b) not in args.batches.split(","):
                 continue
             skip = None
@@ -294,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             prof_dir = str(Path(args.out).parent) if name in args.profile.split(",") else None
             rows.append(run_case(name, fam, size, ov, b, compile_mode=mode, steps=steps,
                                  warmup=args.warmup if mode != "none" else 1, device=device, profile_dir=prof_dir,
-                                 sdpa=args.sdpa))
+                                 sdpa=args.sdpa, select=args.select))
             if rows[-1]["status"] == "OOM":
                 oom_series.add((fam, b))
             if suite == "target":
@@ -306,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                                          compile_mode="none" if v == "eager" else mode,
                                          warmup=1 if v == "eager" else args.warmup,
                                          variant="" if v in ("eager", "cudnn", "efficient") else v,
-                                         sdpa=v if v in ("cudnn", "efficient") else "default", profile_dir=vdir))
+                                         sdpa=v if v in ("cudnn", "efficient") else "default", profile_dir=vdir,
+                                         select=args.select))
                     _write(args, rows, device_name, t_start)
             _write(args, rows, device_name, t_start)
     print(_write(args, rows, device_name, t_start))

@@ -21,7 +21,11 @@ Variants (``--variants``):
   epilogues, autotuned).
 
 ``--check`` compares, on a reduced input (every stage-1 axis shifted), the compiled model's loss and gradients
-under FlexAttention against SDPA in float32, and the bf16-autocast error of each against float32.
+under FlexAttention against SDPA in float32, and the bf16-autocast error of each against float32; and the same
+with SimMIM's token selection (every region compiled).
+
+Cases ``embed`` (patch embedding + first position embedding) and ``head`` (decoder + loss) time the parts around
+the blocks, variants ``dense`` and ``select`` (token selection: ``SimMIM``'s docstring).
 
 Example (one GPU)::
 
@@ -48,6 +52,10 @@ from swift_benchmark import V1_51M, _sdpa_context, _set_dynamo_limits  # noqa: E
 #: (case, stage, shifted, blocks of this kind in the 51M)
 CASES = {"s1": (0, False, 1), "s1-shift": (0, True, 1), "s2": (1, False, 1), "s2-shift": (1, True, 1),
          "s3": (2, False, 9), "s3-shift": (2, True, 9), "s4-full": (3, False, 2)}
+#: the SimMIM parts around the encoder blocks, timed with ``time_region`` (variants ``dense``/``select``):
+#: ``embed`` = patch embedding (mask token included) + first position embedding; ``head`` = decoder + loss
+REGIONS = {"embed": (None, False, 1), "head": (None, False, 1)}
+ALL_CASES = {**CASES, **REGIONS}
 
 
 def _impl(variant: str) -> str:
@@ -98,6 +106,49 @@ def time_block(case: str, variant: str, batch: int, iters: int, warmup: int, dev
             y = blk(x, *extra)
         y.backward(g)
 
+    return _time(row, fwd_bwd, iters, warmup, profile)
+
+
+def time_region(case: str, variant: str, batch: int, iters: int, warmup: int, device: torch.device,
+                profile: bool = False) -> dict:
+    """Forward + backward of the SimMIM parts around the blocks (``REGIONS``) at the 51M's real shapes, compiled
+    like the full-model run (bf16 autocast, bf16 residual), with (``select``) or without (``dense``) token
+    selection: the patch embedding of the visible tokens only, the decoder tail and loss of the masked only."""
+    cfg = R.get_config("swift_v2", "51M", **V1_51M, bf16_residual=True)
+    model = R.build_pretrain_model(cfg).to(device).train()
+    x = torch.randn(batch, 1, *cfg.img_size, device=device)
+    brain = torch.ones(batch, *cfg.img_size[:3], dtype=torch.bool, device=device)
+    mask = model.make_mask(batch, generator=torch.Generator().manual_seed(0)).to(device)
+    visible = masked = None
+    if variant == "select":
+        from neuro_models.swift.masking import token_selection
+
+        visible, masked = token_selection(mask, model.num_masked)
+    torch._dynamo.reset()
+    enc = model.encoder
+    if case == "embed":
+        compile_regions(enc.patch_embed), compile_regions(enc.pos_embeds[0])
+        g = torch.randn(batch, *cfg.grid, cfg.embed_dim, device=device, dtype=torch.bfloat16)
+
+        def fwd_bwd():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = enc.pos_embeds[0](enc.patch_embed(x, mask, model.mask_token, visible))
+            y.backward(g)
+    else:
+        compile_regions(model.decoder), compile_regions(model.criterion)
+        grid = cfg.stage_grids()[-1]
+        f = torch.randn(batch, *grid, cfg.stage_dims()[-1], device=device, requires_grad=True)
+
+        def fwd_bwd():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model.criterion(model.decoder(f, masked), x, mask, brain, masked)
+            loss.backward()
+    row = dict(case=case, variant=variant, batch=batch, count=1, shape=list(x.shape), block_mask=False)
+    return _time(row, fwd_bwd, iters, warmup, profile)
+
+
+def _time(row: dict, fwd_bwd, iters: int, warmup: int, profile: bool) -> dict:
+    """Warm-up (compilation), CUDA-event time per call, peak memory and optionally the kernel profile."""
     try:
         t0 = time.perf_counter()
         for _ in range(warmup):
@@ -133,18 +184,22 @@ def check_numerics(device: torch.device) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False  # a float32 reference, not TF32
     out: dict = {}
     grads: dict = {}
-    for impl, prec in (("sdpa", "fp32"), ("sdpa", "bf16"), ("flex", "fp32"), ("flex", "bf16"), ("flex", "bf16res")):
+    for impl, prec in (("sdpa", "fp32"), ("sdpa", "bf16"), ("flex", "fp32"), ("flex", "bf16"), ("flex", "bf16res"),
+                       ("flex", "fp32-select"), ("flex", "bf16res-select")):
         torch.manual_seed(0)
         torch._dynamo.reset()
-        model = R.build_pretrain_model(cfg.replace(attn_impl=impl, bf16_residual=prec == "bf16res")).to(device)
-        if impl == "flex":
+        model = R.build_pretrain_model(cfg.replace(attn_impl=impl, bf16_residual="bf16res" in prec)).to(device)
+        select = prec.endswith("-select")
+        if impl == "flex":  # the blocks; with token selection every region, as training runs it
+            if select:
+                compile_regions(model)
             for m in model.modules():
-                if hasattr(m, "flex_block_mask"):
+                if hasattr(m, "flex_block_mask") and not select:
                     m.compile(dynamic=False)
         mask = model.make_mask(2, generator=torch.Generator().manual_seed(0), device=device)
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if prec != "fp32" else contextlib.nullcontext()
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if not prec.startswith("fp32") else contextlib.nullcontext()
         with ctx:
-            loss = model(x, mask=mask)["loss"]
+            loss = model(x, mask=mask, exact_mask=select)["loss"]
         loss.backward()
         out[f"loss_{impl}_{prec}"] = float(loss)
         grads[(impl, prec)] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -158,6 +213,9 @@ def check_numerics(device: torch.device) -> dict:
     out["grad_rel_err_sdpa_bf16"] = rel(grads[("sdpa", "bf16")])
     out["grad_rel_err_flex_bf16"] = rel(grads[("flex", "bf16")])
     out["grad_rel_err_flex_bf16_residual"] = rel(grads[("flex", "bf16res")])
+    # token selection (compiled regions): the same loss over the same voxels, so float32 agrees to rounding
+    out["grad_rel_err_select_fp32"] = rel(grads[("flex", "fp32-select")])
+    out["grad_rel_err_select_bf16_residual"] = rel(grads[("flex", "bf16res-select")])
     print(json.dumps(out), flush=True)
     return out
 
@@ -177,16 +235,17 @@ def markdown(rows: list[dict], device_name: str, variants: list[str]) -> str:
             cells.append(f"{r['ms']:.2f}{gpu}" if ok else (r["status"][:40] if r else "-"))
             if ok:
                 totals[v] += r.get("gpu_ms", r["ms"]) * r["count"]
-        lines.append(f"| {case} | {CASES[case][2]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {case} | {ALL_CASES[case][2]} | " + " | ".join(cells) + " |")
     lines.append("| **blocks per step** | | " + " | ".join(f"**{totals[v]:.1f}**" for v in variants) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default=",".join(CASES), help=f"comma list of {list(CASES)}")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma list of {list(ALL_CASES)}")
     ap.add_argument("--variants", default="sdpa-cudnn,flex,auto")
-    ap.add_argument("--plan", default="", help="comma list of case:variant pairs to run instead of cases x variants")
+    ap.add_argument("--plan", default="", help="comma list of case:variant pairs to run instead of cases x variants "
+                    "(none: only --check)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -221,16 +280,17 @@ def main(argv: list[str] | None = None) -> int:
             result["check"] = dict(status=f"error: {type(e).__name__}: {str(e)[:500]}")
             print(json.dumps(result["check"]), flush=True)
         write()
-    plan = ([tuple(p.split(":")) for p in args.plan.split(",")] if args.plan
+    plan = ([] if args.plan == "none" else [tuple(p.split(":")) for p in args.plan.split(",")] if args.plan
             else [(c, v) for c in args.cases.split(",") for v in variants])
     if args.plan:
         variants = list(dict.fromkeys(v for _, v in plan))
     for case, v in plan:
         if time.perf_counter() - t_start > args.time_budget:
-            result["rows"].append(dict(case=case, variant=v, batch=args.batch, count=CASES[case][2],
+            result["rows"].append(dict(case=case, variant=v, batch=args.batch, count=ALL_CASES[case][2],
                                        status="skipped (time budget)"))
             continue
-        result["rows"].append(time_block(case, v, args.batch, args.iters, args.warmup, device, args.profile))
+        timer = time_region if case in REGIONS else time_block
+        result["rows"].append(timer(case, v, args.batch, args.iters, args.warmup, device, args.profile))
         torch.cuda.empty_cache()
         write()
     print(write())

@@ -6,7 +6,10 @@
 # b16 with the fastest non-default backend, if any), revised (memory vs T of the factorized variant, eager, with
 # and without activation checkpointing), ladder (sizes 51M..3B, eager), ladder-compiled, blocks (per-block fwd+bwd
 # of every attention implementation + the FlexAttention numerics check: swift_blocks.py), flex (compiled b16 with
-# CUDA graphs, attn_impl=auto: FlexAttention for stages 1-2, cuDNN for the rest).
+# CUDA graphs, attn_impl=auto: FlexAttention for stages 1-2, cuDNN for the rest), best (+ bf16 residual),
+# baseline (session 3's best), regions (patch embedding / decoder + loss, dense vs token selection), check (GPU
+# numerics: FlexAttention and token selection), select (best + token selection), select-cgs (the same with CUDA
+# graphs for the small stages only).
 # Inductor's cache lives in .gpucache/inductor-swift (git-ignored), so a warm machine's later call reuses it.
 # Results -> $OUT (JSON per stage, profiles, session.log; at most 8 files come back).
 set -uo pipefail
@@ -46,6 +49,17 @@ print(min(t, key=t.get))")
             --steps 20 --warmup 3 --profile v1cfg-51M-b16-bf16res-auto --out "$OUT/target_best.json" ;;
     baseline) bench "${BASELINE_S:-330}" --suite target --batches 16 --compile block-cg --sdpa cudnn --steps 20 --warmup 3 \
                 --out "$OUT/target_baseline.json" ;;
+    regions) timeout "${REGIONS_S:-240}" python3 benchmarks/swift_blocks.py --profile \
+               --plan "${REGION_PLAN:-embed:dense,embed:select,head:dense,head:select}" --time-budget 200 \
+               --out "$OUT/regions.json" --md "$OUT/regions.md" 2>&1 | grep -v -i -E "warn" | tee -a "$log" ;;
+    check) timeout "${CHECK_S:-300}" python3 benchmarks/swift_blocks.py --check --plan none --out "$OUT/check.json" 2>&1 \
+             | grep -v -i -E "warn" | tee -a "$log" ;;
+    select) bench "${SELECT_S:-300}" --suite target --batches 16 --compile block-cg --sdpa cudnn --attn-impl auto \
+              --bf16-residual --select --steps 20 --warmup 3 --profile v1cfg-51M-b16-bf16res-auto-select \
+              --out "$OUT/target_select.json" ;;
+    select-cgs) bench "${SELECT_S:-300}" --suite target --batches 16 --compile block-cgs --sdpa cudnn --attn-impl auto \
+                  --bf16-residual --select --steps 20 --warmup 3 --profile v1cfg-51M-b16-bf16res-auto-select \
+                  --out "$OUT/target_select_cgs.json" ;;
     ladder) bench 100 --suite ladder --compile none --steps 6 --out "$OUT/ladder.json" ;;
     ladder-compiled) bench 300 --suite ladder --compile block --steps 6 --time-budget 240 --out "$OUT/ladder_compiled.json" ;;
   esac

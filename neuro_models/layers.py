@@ -1,6 +1,8 @@
 """Layers shared by the model families."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -45,7 +47,8 @@ class DropPath(nn.Module):
         return f"p={self._p}"
 
 
-def compile_regions(model: nn.Module, **compile_kwargs) -> list[str]:
+def compile_regions(model: nn.Module, region_kwargs: Callable[[str, nn.Module], dict] | None = None,
+                    **compile_kwargs) -> list[str]:
     """Regional compilation: ``torch.compile`` every outermost submodule whose class sets
     ``compile_region = True`` (encoder blocks, patch embedding and merging, decoders, losses), in place.
 
@@ -54,12 +57,14 @@ def compile_regions(model: nn.Module, **compile_kwargs) -> list[str]:
     one big graph: minutes less than ``torch.compile(model)`` and no graph break at the model's Python
     glue (mask handling, stage loops, checkpointing). Defaults to ``dynamic=False``: stages have
     different but fixed shapes, and automatic dynamic shapes would otherwise turn the second stage's
-    recompile into a slower symbolic-shape graph. Returns the qualified names compiled.
+    recompile into a slower symbolic-shape graph. ``region_kwargs(name, module)`` returns per-region
+    overrides of ``compile_kwargs`` (e.g. CUDA graphs only for launch-bound regions). Returns the qualified
+    names compiled.
     """
     compile_kwargs.setdefault("dynamic", False)
     done: list[str] = []
     for name, module in model.named_modules():
         if getattr(type(module), "compile_region", False) and not any(name.startswith(d + ".") for d in done):
-            module.compile(**compile_kwargs)
+            module.compile(**{**compile_kwargs, **(region_kwargs(name, module) if region_kwargs else {})})
             done.append(name)
     return done

@@ -342,6 +342,13 @@ class PositionMasks:
         return self.make_mask(1, generator=g, device=torch.device("cpu"))[0]
 
 
+def _mask_kwargs(mask: torch.Tensor | None) -> dict[str, Any]:
+    """The model's mask arguments. Every mask here comes from the family's ``make_mask`` (``PositionMasks``,
+    :func:`sample_masks`), so it masks the same number of tokens in every sample: ``exact_mask=True`` lets
+    SimMIM select tokens without checking the count on the device (a host synchronisation per step)."""
+    return {"mask": None} if mask is None else {"mask": mask, "exact_mask": True}
+
+
 def sample_masks(cfg, positions: list[int], seed: int, device: torch.device):
     """Masks of the samples at ``positions`` (``[B, ...]`` on ``device``; None for objectives without masks)."""
     fn = R.mask_function(cfg)
@@ -440,7 +447,7 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
         batch = to_device(batch, device)
         x = batch["x"]
         with _autocast(ctx, spec):
-            out = net(x, brain_mask=batch.get("brain_mask"), mask=batch.get("mask"))
+            out = net(x, brain_mask=batch.get("brain_mask"), **_mask_kwargs(batch.get("mask")))
         return out["loss"], float(out.get("num_tokens", x.shape[0] * tps))
 
     def on_eval(step: int, metrics: dict[str, Any], ckpt_due: bool) -> dict[str, Any]:
@@ -684,7 +691,7 @@ def _evaluate(net, cfg, val_ds, spec: RunSpec, ctx: DistContext) -> dict[str, fl
         bm = batch.get("brain_mask")
         mask = sample_masks(cfg, [_VAL_SEED_OFFSET + i], spec.seed, ctx.device)
         with _autocast(ctx, spec):
-            out = net(x, brain_mask=bm, mask=mask)
+            out = net(x, brain_mask=bm, **_mask_kwargs(mask))
         loss = float(out["loss"].float())
         for key in ("", item.get("cohort", "")):
             s = sums.setdefault(key, [0.0, 0.0])

@@ -11,8 +11,14 @@ sample, so the ratio is hit exactly (up to the cell granularity):
 Masks are drawn sample by sample from one ``torch.Generator`` on the CPU, so
 ``make_mask(2, g)`` equals ``cat(make_mask(1, g), make_mask(1, g))`` and the training engine can
 seed a generator per sample.
+
+Every mask of a config masks the same number of tokens per sample (:func:`masked_tokens_per_sample`), so the
+masked and the visible tokens have static counts: :func:`token_selection` lists them, and the SimMIM model
+embeds only the visible tokens and decodes only the masked ones (the loss sees nothing else).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -28,6 +34,33 @@ def _cells(cfg: SwiftConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
 def num_masked_cells(n_cells: int, ratio: float) -> int:
     """Cells masked per sample: ``round(ratio * n_cells)``, at least 1 and at most ``n_cells - 1``."""
     return min(max(int(round(ratio * n_cells)), 1), max(n_cells - 1, 1))
+
+
+def masked_tokens_per_sample(cfg: SwiftConfig) -> int:
+    """Tokens every mask of :func:`make_mask` masks in one sample (the same for all three masking types)."""
+    cell, (cx, cy, cz, ct) = _cells(cfg)
+    vol = math.prod(cell)
+    if cfg.masking_type == "random":
+        return num_masked_cells(cx * cy * cz * ct, cfg.mask_ratio) * vol
+    if cfg.masking_type == "tube":
+        return num_masked_cells(cx * cy * cz, cfg.mask_ratio) * ct * vol
+    return num_masked_cells(ct, cfg.mask_ratio) * cx * cy * cz * vol
+
+
+def token_selection(mask_BXYZT: torch.Tensor, num_masked: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat token indices (into the ``X'*Y'*Z'*T'`` grid, row-major) of each sample's visible and masked tokens:
+    ``(visible [B, N - num_masked], masked [B, num_masked])``, each ascending.
+
+    Exact only if every sample masks exactly ``num_masked`` tokens (true of :func:`make_mask`'s masks; the caller
+    checks other masks). One stable sort on the mask's device, no host synchronisation.
+    """
+    B = mask_BXYZT.shape[0]
+    flat = mask_BXYZT.reshape(B, -1)
+    N = flat.shape[1]
+    if not 0 < num_masked < N:
+        raise ValueError(f"num_masked={num_masked}; allowed: 1 .. {N - 1} (tokens per sample: {N})")
+    order = torch.argsort(flat.to(torch.uint8), dim=1, stable=True)
+    return order[:, : N - num_masked], order[:, N - num_masked:]
 
 
 def make_mask(cfg: SwiftConfig, batch_size: int, *, generator: torch.Generator | None = None,

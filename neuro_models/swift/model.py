@@ -27,10 +27,10 @@ from torch.utils.checkpoint import checkpoint
 from ..heads import MLPHead
 from ..mup_utils import attention_scale, readout_class
 from .config import SwiftConfig, stage_window
-from .layers import (SDPA_MAX_SEQUENCES, Attention, DropPath, Mlp, PatchEmbed, PatchMerging, can_split, patchify,
-                     flex_eligible, region_block_mask, shifted_window_mask, split_window_attention, use_flex,
+from .layers import (SDPA_MAX_SEQUENCES, Attention, DropPath, Mlp, PatchEmbed, PatchMerging, can_split, flex_eligible,
+                     gather_tokens, patchify, region_block_mask, shifted_window_mask, split_window_attention, use_flex,
                      window_partition, window_reverse)
-from .masking import make_mask
+from .masking import make_mask, masked_tokens_per_sample, token_selection
 
 
 def _scale(cfg: SwiftConfig, head_dim: int) -> float:
@@ -213,15 +213,17 @@ class SwiftEncoder(nn.Module):
         self.num_features = dims[-1]
 
     def embed(self, x_BCXYZT: torch.Tensor, mask_BXYZT: torch.Tensor | None = None,
-              mask_token: torch.Tensor | None = None) -> torch.Tensor:
-        """Patch embedding with masked tokens replaced by ``mask_token`` (SimMIM)."""
+              mask_token: torch.Tensor | None = None, visible_BK: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embedding with masked tokens replaced by ``mask_token`` (SimMIM); ``visible_BK``: see
+        ``PatchEmbed.forward``."""
         if x_BCXYZT.ndim != 6:
             raise ValueError(f"expected input [B, C, X, Y, Z, T], got shape {tuple(x_BCXYZT.shape)}")
-        return self.patch_embed(x_BCXYZT, mask_BXYZT, mask_token)
+        return self.patch_embed(x_BCXYZT, mask_BXYZT, mask_token, visible_BK)
 
     def forward(self, x_BCXYZT: torch.Tensor, mask_BXYZT: torch.Tensor | None = None,
-                mask_token: torch.Tensor | None = None, prompts_PD: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed(x_BCXYZT, mask_BXYZT, mask_token)
+                mask_token: torch.Tensor | None = None, prompts_PD: torch.Tensor | None = None,
+                visible_BK: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(x_BCXYZT, mask_BXYZT, mask_token, visible_BK)
         for s, stage in enumerate(self.stages):
             x = self.pos_embeds[s](x)
             x = stage(x, prompts_PD if s == len(self.stages) - 1 else None)
@@ -252,35 +254,55 @@ class PixelShuffleDecoder(nn.Module):
         self.act = nn.GELU()
         self.out = nn.Linear(decoder_dim, patch_numel)
 
-    def forward(self, f_BXYZTD: torch.Tensor) -> torch.Tensor:
+    def forward(self, f_BXYZTD: torch.Tensor, select_BM: torch.Tensor | None = None) -> torch.Tensor:
+        """Voxel patches of every first-stage token, or with ``select_BM`` (flat token indices per sample) only
+        of those: ``[B, M, P]``. Only the (light) expansion runs for every token."""
         B, X, Y, Z, T, _ = f_BXYZTD.shape
         r, c = self.r, self.decoder_dim
         h = self.expand(f_BXYZTD).reshape(B, X, Y, Z, T, r, r, r, c)
         h = h.permute(0, 1, 5, 2, 6, 3, 7, 4, 8).reshape(B, X * r, Y * r, Z * r, T, c)
+        if select_BM is not None:
+            h = gather_tokens(h, select_BM)
         return self.out(self.act(h))
 
 
 def reconstruction_loss(cfg: SwiftConfig, pred_BXYZTP: torch.Tensor, x_BCXYZT: torch.Tensor,
-                        mask_BXYZT: torch.Tensor, brain_mask_BXYZ: torch.Tensor | None) -> torch.Tensor:
+                        mask_BXYZT: torch.Tensor, brain_mask_BXYZ: torch.Tensor | None,
+                        select_BM: torch.Tensor | None = None) -> torch.Tensor:
     """Mean L1/L2/Huber error over masked voxels (and brain voxels when ``brain_only_loss``).
 
-    Unmasked tokens get zero weight, so they receive no gradient through the loss.
+    Unmasked tokens get zero weight, so they receive no gradient through the loss. With ``select_BM`` (the
+    flat indices of each sample's masked tokens, ``masking.token_selection``) ``pred`` holds only those tokens,
+    ``[B, M, P]``, and the target is gathered to match: the same mean over the same voxels.
     """
-    target = patchify(x_BCXYZT, cfg.patch_size).float()
-    err = pred_BXYZTP.float() - target
-    if cfg.loss_type == "l1":
-        err = err.abs()
-    elif cfg.loss_type == "l2":
-        err = err.square()
-    else:
-        err = F.huber_loss(pred_BXYZTP.float(), target, reduction="none", delta=cfg.huber_delta)
-    B, X, Y, Z, T, _ = err.shape
     px, py, pz, pt = cfg.patch_size
-    err = err.reshape(B, X, Y, Z, T, cfg.in_chans, px * py * pz, pt)
-    w = mask_BXYZT.to(err.dtype).reshape(B, X, Y, Z, T, 1, 1, 1)
+    acc = torch.promote_types(pred_BXYZTP.dtype, torch.float32)  # float32 under autocast, float64 stays float64
+    target = patchify(x_BCXYZT, cfg.patch_size)
+    bm = None
     if brain_mask_BXYZ is not None and cfg.brain_only_loss:
-        bm = patchify(brain_mask_BXYZ.to(err.dtype)[:, None, ..., None], (px, py, pz, 1))  # [B,X,Y,Z,1,pxpypz]
-        w = w * bm.reshape(B, X, Y, Z, 1, 1, px * py * pz, 1)
+        bm = patchify(brain_mask_BXYZ.to(acc)[:, None, ..., None], (px, py, pz, 1))  # [B, X, Y, Z, 1, pxpypz]
+    if select_BM is None:
+        B, X, Y, Z, T, _ = pred_BXYZTP.shape
+        w = mask_BXYZT.to(acc).reshape(B, X, Y, Z, T, 1, 1, 1)
+        if bm is not None:
+            w = w * bm.reshape(B, X, Y, Z, 1, 1, px * py * pz, 1)
+    else:
+        B, M = select_BM.shape
+        T = target.shape[4]
+        w = None
+        target = gather_tokens(target, select_BM)
+        if bm is not None:  # the brain weight of a token's voxels depends on its spatial position only
+            w = gather_tokens(bm, torch.div(select_BM, T, rounding_mode="floor")).reshape(B, M, 1, px * py * pz, 1)
+    pred, target = pred_BXYZTP.to(acc), target.to(acc)
+    if cfg.loss_type == "l1":
+        err = (pred - target).abs()
+    elif cfg.loss_type == "l2":
+        err = (pred - target).square()
+    else:
+        err = F.huber_loss(pred, target, reduction="none", delta=cfg.huber_delta)
+    err = err.reshape(*err.shape[:-1], cfg.in_chans, px * py * pz, pt)
+    if select_BM is not None and bm is None:  # every selected voxel counts
+        return err.mean()
     w = w.expand_as(err)
     return (err * w).sum() / w.sum().clamp_min(1.0)
 
@@ -295,16 +317,26 @@ class MIMLoss(nn.Module):
         self.cfg = cfg
 
     def forward(self, pred_BXYZTP: torch.Tensor, x_BCXYZT: torch.Tensor, mask_BXYZT: torch.Tensor,
-                brain_mask_BXYZ: torch.Tensor | None = None) -> torch.Tensor:
-        return reconstruction_loss(self.cfg, pred_BXYZTP, x_BCXYZT, mask_BXYZT, brain_mask_BXYZ)
+                brain_mask_BXYZ: torch.Tensor | None = None, select_BM: torch.Tensor | None = None) -> torch.Tensor:
+        return reconstruction_loss(self.cfg, pred_BXYZTP, x_BCXYZT, mask_BXYZT, brain_mask_BXYZ, select_BM)
 
 
 class SimMIM(nn.Module):
     """SimMIM pre-training model around any SwiFT encoder.
 
-    ``forward(x_BCXYZT, brain_mask=None, mask=None)`` returns ``dict(loss, num_tokens, mask, pred)``;
-    ``mask`` (bool ``[B, X', Y', Z', T']``, True = masked) defaults to :meth:`make_mask` drawn from
-    the global torch RNG.
+    ``forward(x_BCXYZT, brain_mask=None, mask=None, exact_mask=None)`` returns ``dict(loss, num_tokens, mask,
+    pred, pred_index)``; ``mask`` (bool ``[B, X', Y', Z', T']``, True = masked) defaults to :meth:`make_mask`
+    drawn from the global torch RNG.
+
+    Token selection: when every sample masks exactly ``masking.masked_tokens_per_sample(cfg)`` tokens (every mask
+    :meth:`make_mask` draws), the patch embedding projects only the visible tokens and the decoder's last layers
+    and the loss run only on the masked ones; the loss is the same mean over the same voxels. ``pred`` is then
+    ``[B, M, P]`` for the tokens ``pred_index`` (``[B, M]`` flat indices into the token grid; see
+    :meth:`full_prediction`), else the full ``[B, X', Y', Z', T', P]`` with ``pred_index=None``.
+    ``exact_mask``: ``True`` (the caller vouches for the count, e.g. the training engine, whose masks come from
+    :meth:`make_mask`), ``False`` (never select), ``None`` (select when the mask is drawn here or is a CPU tensor
+    with the exact count, checked on the host; a mask already on an accelerator is not checked, since that would
+    wait for the device, and takes the dense path).
     """
 
     def __init__(self, cfg: SwiftConfig, encoder: nn.Module, decoder: nn.Module) -> None:
@@ -315,28 +347,54 @@ class SimMIM(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.decoder = decoder
         self.criterion = MIMLoss(cfg)
+        self.num_masked = masked_tokens_per_sample(cfg)
 
     def make_mask(self, batch_size: int, generator: torch.Generator | None = None,
                   device: torch.device | str | None = None) -> torch.Tensor:
         """Token mask ``[B, X', Y', Z', T']`` (see :mod:`neuro_models.swift.masking`)."""
         return make_mask(self.cfg, batch_size, generator=generator, device=device)
 
+    def _exact(self, mask: torch.Tensor, exact_mask: bool | None) -> bool:
+        if not 0 < self.num_masked < math.prod(self.cfg.grid):  # everything masked: nothing to select
+            return False
+        if exact_mask is not None:
+            return bool(exact_mask)
+        if mask.device.type != "cpu" or torch.compiler.is_compiling():  # no host check without a sync / in a trace
+            return False
+        return bool((mask.reshape(mask.shape[0], -1).sum(1) == self.num_masked).all())
+
     def forward(self, x_BCXYZT: torch.Tensor, brain_mask: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> dict:
+                mask: torch.Tensor | None = None, exact_mask: bool | None = None) -> dict:
         B = x_BCXYZT.shape[0]
         if tuple(x_BCXYZT.shape[1:]) != (self.cfg.in_chans, *self.cfg.img_size):
             raise ValueError(f"input shape {tuple(x_BCXYZT.shape)} does not match the config: expected "
                              f"[B, in_chans={self.cfg.in_chans}, *img_size={self.cfg.img_size}]")
         if mask is None:
             g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-            mask = self.make_mask(B, generator=g, device=x_BCXYZT.device)
-        mask = mask.to(device=x_BCXYZT.device, dtype=torch.bool)
+            mask = self.make_mask(B, generator=g)
+            exact_mask = exact_mask is not False
         if tuple(mask.shape) != (B, *self.cfg.grid):
             raise ValueError(f"mask shape {tuple(mask.shape)}; expected [B, *token grid] = {(B, *self.cfg.grid)}")
-        feats = self.encoder(x_BCXYZT, mask, self.mask_token)
-        pred = self.decoder(feats)
-        loss = self.criterion(pred, x_BCXYZT, mask, brain_mask)
-        return {"loss": loss, "num_tokens": int(B * math.prod(mask.shape[1:])), "mask": mask, "pred": pred}
+        exact = self._exact(mask, exact_mask)
+        mask = mask.to(device=x_BCXYZT.device, dtype=torch.bool)
+        visible = masked = None
+        if exact:
+            visible, masked = token_selection(mask, self.num_masked)
+        feats = self.encoder(x_BCXYZT, mask, self.mask_token, visible_BK=visible)
+        pred = self.decoder(feats, masked)
+        loss = self.criterion(pred, x_BCXYZT, mask, brain_mask, masked)
+        return {"loss": loss, "num_tokens": int(B * math.prod(mask.shape[1:])), "mask": mask, "pred": pred,
+                "pred_index": masked}
+
+    def full_prediction(self, out: dict) -> torch.Tensor:
+        """``out["pred"]`` on the full token grid ``[B, X', Y', Z', T', P]`` (zeros where nothing was predicted)."""
+        pred, index = out["pred"], out["pred_index"]
+        if index is None:
+            return pred
+        B, M, P = pred.shape
+        full = pred.new_zeros(B, math.prod(self.cfg.grid), P)
+        full[torch.arange(B, device=index.device)[:, None], index] = pred
+        return full.reshape(B, *self.cfg.grid, P)
 
 
 class DownstreamModel(nn.Module):

@@ -77,6 +77,24 @@ def test_compile_regions_one_graph_per_block_shape(family):
     assert counter.frame_count < n_blocks + 4
 
 
+def test_compile_regions_per_region_overrides():
+    """``region_kwargs`` overrides the shared options per region (how CUDA graphs go to launch-bound regions only)."""
+    torch._dynamo.reset()
+    cfg = R.get_config("swift_v2", "debug")
+    model = R.build_pretrain_model(cfg)
+    shared, own = CompileCounter(), CompileCounter()
+    seen = []
+
+    def kwargs(name, module):
+        seen.append(name)
+        return {"backend": own} if name == "decoder" else {}
+
+    names = compile_regions(model, kwargs, backend=shared)
+    assert seen == names
+    model(torch.randn(1, cfg.in_chans, *cfg.img_size))
+    assert own.frame_count == 1 and shared.frame_count > 1
+
+
 def test_sdpa_chunks_large_sequence_batches_exactly(monkeypatch):
     """Fused CUDA SDPA kernels take at most 65535 sequences; larger batches run in chunks, same result."""
     from neuro_models.swift import layers

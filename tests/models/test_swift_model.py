@@ -181,7 +181,9 @@ def test_debug_forward_backward_distinct_axes():
     brain = torch.ones(2, 24, 36, 48, dtype=torch.bool)
     mask = model.make_mask(2, generator=torch.Generator().manual_seed(0))
     out = model(x, brain_mask=brain, mask=mask)
-    assert out["pred"].shape == (2, 4, 6, 8, 6, 216)
+    n_masked = int(mask[0].sum())
+    assert out["pred"].shape == (2, n_masked, 216)  # token selection: only masked tokens are decoded
+    assert model.full_prediction(out).shape == (2, 4, 6, 8, 6, 216)
     assert out["num_tokens"] == 2 * 4 * 6 * 8 * 6 == 2 * R.tokens_per_sample(cfg)
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
@@ -304,13 +306,15 @@ def test_registry_errors_and_width():
     assert C.stage_window((2, 8, 4, 10), (4, 4, 4, 5)) == ((2, 4, 4, 5), (0, 2, 0, 2))
 
 
+@pytest.mark.parametrize("exact_mask", [None, True])
 @pytest.mark.parametrize("family", ["swift_v2", pytest.param("swift_v2_revised", marks=pytest.mark.slow)])
-def test_no_graph_breaks_under_torch_compile(family):
-    """The whole pre-training forward traces into one dynamo graph (torch.compile-friendly)."""
+def test_no_graph_breaks_under_torch_compile(family, exact_mask):
+    """The whole pre-training forward traces into one dynamo graph (torch.compile-friendly), with and
+    without token selection (``None``: the mask's count is not checked inside a trace: dense path)."""
     cfg = R.get_config(family, "debug")
     model = R.build_pretrain_model(cfg)
     x = _x((2, 1, 24, 24, 24, 4))
     mask = model.make_mask(2, generator=torch.Generator().manual_seed(0))
-    explanation = torch._dynamo.explain(model)(x, mask=mask)
+    explanation = torch._dynamo.explain(model)(x, mask=mask, exact_mask=exact_mask)
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
     assert explanation.graph_count == 1

@@ -17,6 +17,7 @@ Variants (``--variants``):
   bf16 residual stream;
 * ``-bf16res`` suffix (e.g. ``flex-bf16res``): autocast as usual, but the block's input (the residual stream) in
   bf16, as ``SwiftConfig.bf16_residual`` gives;
+* ``-ko<A>+<B>`` suffix: FlexAttention ``kernel_options`` from ``KERNEL_OPTIONS`` (block sizes, warps, stages);
 * ``-mat`` suffix: compiled with ``mode="max-autotune-no-cudagraphs"`` (Triton matmul templates with fused
   epilogues, autotuned).
 
@@ -58,6 +59,32 @@ REGIONS = {"embed": (None, False, 1), "head": (None, False, 1)}
 ALL_CASES = {**CASES, **REGIONS}
 
 
+#: FlexAttention ``kernel_options`` sets for the ``-ko<name>`` variant suffix (e.g. ``flex-bf16res-koF1``): head dim
+#: 16, 256-token windows. ``fwd_*`` apply to the forward kernel, ``bwd_*`` to the backward ones.
+KERNEL_OPTIONS = {
+    "F1": dict(fwd_BLOCK_M=128, fwd_BLOCK_N=128, fwd_num_warps=8, fwd_num_stages=2),
+    "F2": dict(fwd_BLOCK_M=64, fwd_BLOCK_N=128, fwd_num_warps=4, fwd_num_stages=2),
+    "F3": dict(fwd_BLOCK_M=64, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=2),
+    "B1": dict(bwd_BLOCK_M1=64, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=64, bwd_num_warps=8, bwd_num_stages=2),
+    "B2": dict(bwd_BLOCK_M1=32, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=32, bwd_num_warps=4, bwd_num_stages=3),
+    "B3": dict(bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64, bwd_num_warps=4, bwd_num_stages=3),
+    "B4": dict(bwd_BLOCK_M1=128, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=128, bwd_num_warps=8,
+               bwd_num_stages=1),
+    "S": dict(ROWS_GUARANTEED_SAFE=True),  # every query attends at least to itself in every window and region
+}
+
+
+def _kernel_options(variant: str) -> dict | None:
+    """Merged ``KERNEL_OPTIONS`` of a variant's ``-ko<A>+<B>...`` suffix, or None."""
+    for part in variant.split("-"):
+        if part.startswith("ko"):
+            out: dict = {}
+            for name in part[2:].split("+"):
+                out.update(KERNEL_OPTIONS[name])
+            return out
+    return None
+
+
 def _impl(variant: str) -> str:
     return "sdpa" if variant.startswith("sdpa") else "auto" if variant.startswith("auto") else "flex"
 
@@ -94,6 +121,9 @@ def time_block(case: str, variant: str, batch: int, iters: int, warmup: int, dev
     x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn(shape, device=device, dtype=dtype)
     torch._dynamo.reset()
+    from neuro_models.swift import layers as swift_layers
+
+    swift_layers.FLEX_KERNEL_OPTIONS = _kernel_options(variant)  # read when the block is traced (first call)
     compile_regions(blk, **({"mode": "max-autotune-no-cudagraphs"} if "mat" in variant.split("-") else {}))
     bm = blk.flex_block_mask(x) if hasattr(blk, "flex_block_mask") else None
     extra = () if bm is None else (bm,)

@@ -187,18 +187,25 @@ def region_block_mask(dims: tuple[int, ...], window: tuple[int, ...], shift: tup
                                     seq_lengths=(N, N))
 
 
+#: Extra ``kernel_options`` for every FlexAttention call (block sizes, warps, stages; see
+#: ``torch.nn.attention.flex_attention.FlexKernelOptions``), or None for PyTorch's defaults. Read when a block is
+#: traced, so a change needs a fresh compile. ``benchmarks/swift_blocks.py`` sweeps it.
+FLEX_KERNEL_OPTIONS: dict | None = None
+
+
 def flex_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float) -> torch.Tensor:
     """``flex_attention`` over ``[S, H, N, E]``; without a block mask in chunks of ``SDPA_MAX_SEQUENCES``
     (the batch is a grid axis of the kernels too). With a block mask ``S`` must fit one call."""
     from torch.nn.attention.flex_attention import flex_attention
 
     S = q.shape[0]
+    kw = {"kernel_options": dict(FLEX_KERNEL_OPTIONS)} if FLEX_KERNEL_OPTIONS else {}
     if S <= SDPA_MAX_SEQUENCES:
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, **kw)
     if block_mask is not None:
         raise ValueError(f"{S} sequences with a block mask; at most {SDPA_MAX_SEQUENCES} per call")
     return torch.cat([flex_attention(q[i:i + SDPA_MAX_SEQUENCES], k[i:i + SDPA_MAX_SEQUENCES],
-                                     v[i:i + SDPA_MAX_SEQUENCES], scale=scale)
+                                     v[i:i + SDPA_MAX_SEQUENCES], scale=scale, **kw)
                       for i in range(0, S, SDPA_MAX_SEQUENCES)])
 
 

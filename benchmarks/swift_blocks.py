@@ -70,12 +70,17 @@ KERNEL_OPTIONS = {
     "B3": dict(bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64, bwd_num_warps=4, bwd_num_stages=3),
     "B4": dict(bwd_BLOCK_M1=128, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=128, bwd_num_warps=8,
                bwd_num_stages=1),
+    "B5": dict(bwd_BLOCK_M1=16, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=16, bwd_num_warps=4, bwd_num_stages=3),
+    "B6": dict(bwd_BLOCK_M1=32, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=32, bwd_num_warps=4, bwd_num_stages=4),
+    "B7": dict(bwd_BLOCK_M1=32, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=32, bwd_num_warps=4, bwd_num_stages=3),
+    "B8": dict(bwd_BLOCK_M1=32, bwd_BLOCK_N1=256, bwd_BLOCK_M2=256, bwd_BLOCK_N2=32, bwd_num_warps=8, bwd_num_stages=2),
+    "P": {},  # PyTorch's defaults (without ko: the model's, flex_kernel_options)
     "S": dict(ROWS_GUARANTEED_SAFE=True),  # every query attends at least to itself in every window and region
 }
 
 
 def _kernel_options(variant: str) -> dict | None:
-    """Merged ``KERNEL_OPTIONS`` of a variant's ``-ko<A>+<B>...`` suffix, or None."""
+    """Merged ``KERNEL_OPTIONS`` of a variant's ``-ko<A>+<B>...`` suffix, or None (the model's defaults)."""
     for part in variant.split("-"):
         if part.startswith("ko"):
             out: dict = {}

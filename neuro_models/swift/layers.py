@@ -187,10 +187,24 @@ def region_block_mask(dims: tuple[int, ...], window: tuple[int, ...], shift: tup
                                     seq_lengths=(N, N))
 
 
-#: Extra ``kernel_options`` for every FlexAttention call (block sizes, warps, stages; see
-#: ``torch.nn.attention.flex_attention.FlexKernelOptions``), or None for PyTorch's defaults. Read when a block is
-#: traced, so a change needs a fresh compile. ``benchmarks/swift_blocks.py`` sweeps it.
+#: ``kernel_options`` for every FlexAttention call (block sizes, warps, stages; see
+#: ``torch.nn.attention.flex_attention.FlexKernelOptions``); None: :func:`flex_kernel_options`'s defaults, ``{}``:
+#: PyTorch's. Read when a block is traced, so a change needs a fresh compile. ``benchmarks/swift_blocks.py`` sweeps it.
 FLEX_KERNEL_OPTIONS: dict | None = None
+
+#: Backward blocks for small head dims on CUDA: 32-query x 128-key tiles (dK/dV loop) and 128 x 32 (dQ loop), 4
+#: warps, 3 stages. H100, head dim 16, 256-token windows, fwd + bwd of a compiled block (swift_blocks.py sweep,
+#: BENCHMARKS.md): attention backward 2.83 -> 2.38 ms at stage 1 and 0.182 -> 0.159 ms at stage 3, against PyTorch's
+#: default and six other tilings; no forward tiling beat the default.
+SMALL_HEAD_BWD_OPTIONS = dict(bwd_BLOCK_M1=32, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=32, bwd_num_warps=4,
+                              bwd_num_stages=3)
+
+
+def flex_kernel_options(head_dim: int, device: torch.device) -> dict:
+    """The ``kernel_options`` of a FlexAttention call (``FLEX_KERNEL_OPTIONS`` if set)."""
+    if FLEX_KERNEL_OPTIONS is not None:
+        return dict(FLEX_KERNEL_OPTIONS)
+    return dict(SMALL_HEAD_BWD_OPTIONS) if device.type == "cuda" and head_dim <= 32 else {}
 
 
 def flex_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float) -> torch.Tensor:
@@ -199,7 +213,8 @@ def flex_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     from torch.nn.attention.flex_attention import flex_attention
 
     S = q.shape[0]
-    kw = {"kernel_options": dict(FLEX_KERNEL_OPTIONS)} if FLEX_KERNEL_OPTIONS else {}
+    opts = flex_kernel_options(q.shape[-1], q.device)
+    kw = {"kernel_options": opts} if opts else {}
     if S <= SDPA_MAX_SEQUENCES:
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, **kw)
     if block_mask is not None:
@@ -341,7 +356,9 @@ class PatchEmbed(nn.Module):
         B, *grid, _ = patches.shape
         rows = torch.arange(B, device=visible_BK.device)[:, None]
         tok_vis = self.proj(gather_tokens(patches, visible_BK))  # [B, K, D]
-        full = mask_token.to(tok_vis.dtype).expand(B, math.prod(grid), tok_vis.shape[-1])
+        # a materialised fill, not an expanded view: Inductor (torch 2.11/2.13) miscompiles index_put into the
+        # expand of a dtype cast (wrong tokens under bf16 autocast; tests/models/test_swift_select.py)
+        full = mask_token.to(tok_vis.dtype).expand(B, math.prod(grid), tok_vis.shape[-1]).contiguous()
         return full.index_put((rows, visible_BK), tok_vis).reshape(B, *grid, tok_vis.shape[-1])
 
 

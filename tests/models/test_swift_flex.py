@@ -182,3 +182,16 @@ def test_bf16_residual_trains_like_float32_residual():
             curves[bf16].append(loss.item())
     assert curves[True][-1] < 0.93 * curves[True][0], curves[True]
     assert abs(curves[True][-1] - curves[False][-1]) < 0.05 * curves[False][-1], curves
+
+
+def test_flex_kernel_options_selection(monkeypatch):
+    """Tuned backward tiles only for small heads on CUDA; PyTorch's defaults elsewhere; an override wins."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert L.flex_kernel_options(16, cuda) == L.SMALL_HEAD_BWD_OPTIONS
+    assert L.flex_kernel_options(64, cuda) == {} and L.flex_kernel_options(16, cpu) == {}
+    assert L.flex_kernel_options(16, torch.device("xpu")) == {}
+    assert all(k.startswith("bwd_") for k in L.SMALL_HEAD_BWD_OPTIONS)  # the forward keeps PyTorch's tiling
+    monkeypatch.setattr(L, "FLEX_KERNEL_OPTIONS", {})
+    assert L.flex_kernel_options(16, cuda) == {}
+    monkeypatch.setattr(L, "FLEX_KERNEL_OPTIONS", {"fwd_BLOCK_M": 64})
+    assert L.flex_kernel_options(16, cpu) == {"fwd_BLOCK_M": 64}

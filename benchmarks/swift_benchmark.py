@@ -138,7 +138,7 @@ def run_case(name: str, family: str, size: str, overrides: dict, batch: int, *, 
                shift_impl=cfg.shift_impl, attn_impl=cfg.attn_impl, bf16_residual=cfg.bf16_residual,
                use_checkpoint=cfg.use_checkpoint, params=R.param_counts(cfg)["total"],
                encoder_params=R.param_counts(cfg)["encoder"], train_flops_per_sample=R.flops_per_sample(cfg)["train"],
-               token_select=select)
+               token_select=select, fused_head=getattr(cfg, "fused_head", None))
     if select:
         row["train_flops_selected"] = R.flops_per_sample(cfg).get("train_selected")
     model = opt = None
@@ -283,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="SwiftConfig.attn_impl for every case (4D family)")
     ap.add_argument("--bf16-residual", action="store_true", help="SwiftConfig.bf16_residual in every case")
     ap.add_argument("--select", action="store_true", help="SimMIM token selection (exact_mask=True) in every case")
+    ap.add_argument("--no-fused-head", action="store_true", help="SwiftConfig.fused_head=False (the PyTorch decoder "
+                    "tail and loss) in every case")
+    ap.add_argument("--flex-options", default="model", choices=["model", "pytorch"],
+                    help="FlexAttention kernel_options: the model's tuned defaults or PyTorch's")
     ap.add_argument("--sdpa", default="default", choices=["default", "efficient", "cudnn"],
                     help="attention kernel for every case (see _sdpa_context)")
     ap.add_argument("--profile", default="", help="comma list of case names to profile (kernel tables)")
@@ -294,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if args.flex_options == "pytorch":
+        from neuro_models.swift import layers as swift_layers
+
+        swift_layers.FLEX_KERNEL_OPTIONS = {}
     t_start = time.perf_counter()
     rows: list[dict] = []
     oom_series: set = set()
@@ -312,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
                 name += "-ckpt"
             if args.select:
                 name += "-select"
+            if args.no_fused_head:
+                ov = {**ov, "fused_head": False}
+                name += "-torchhead"
+            if args.flex_options == "pytorch":
+                name += "-ptflex"
             if args.batches and str(b) not in args.batches.split(","):
                 continue
             skip = None

@@ -53,7 +53,8 @@ from swift_benchmark import V1_51M, _sdpa_context, _set_dynamo_limits  # noqa: E
 #: (case, stage, shifted, blocks of this kind in the 51M)
 CASES = {"s1": (0, False, 1), "s1-shift": (0, True, 1), "s2": (1, False, 1), "s2-shift": (1, True, 1),
          "s3": (2, False, 9), "s3-shift": (2, True, 9), "s4-full": (3, False, 2)}
-#: the SimMIM parts around the encoder blocks, timed with ``time_region`` (variants ``dense``/``select``):
+#: the SimMIM parts around the encoder blocks, timed with ``time_region`` (variants ``dense``/``select``; the head
+#: also ``fused``: ``SwiftConfig.fused_head``, the Triton decoder tail + loss):
 #: ``embed`` = patch embedding (mask token included) + first position embedding; ``head`` = decoder + loss
 REGIONS = {"embed": (None, False, 1), "head": (None, False, 1)}
 ALL_CASES = {**CASES, **REGIONS}
@@ -149,7 +150,7 @@ def time_region(case: str, variant: str, batch: int, iters: int, warmup: int, de
     """Forward + backward of the SimMIM parts around the blocks (``REGIONS``) at the 51M's real shapes, compiled
     like the full-model run (bf16 autocast, bf16 residual), with (``select``) or without (``dense``) token
     selection: the patch embedding of the visible tokens only, the decoder tail and loss of the masked only."""
-    cfg = R.get_config("swift_v2", "51M", **V1_51M, bf16_residual=True)
+    cfg = R.get_config("swift_v2", "51M", **V1_51M, bf16_residual=True, fused_head=variant == "fused")
     model = R.build_pretrain_model(cfg).to(device).train()
     x = torch.randn(batch, 1, *cfg.img_size, device=device)
     brain = torch.ones(batch, *cfg.img_size[:3], dtype=torch.bool, device=device)
@@ -176,7 +177,7 @@ def time_region(case: str, variant: str, batch: int, iters: int, warmup: int, de
 
         def fwd_bwd():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model.criterion(model.decoder(f, masked), x, mask, brain, masked)
+                loss = model.head(f, x, mask, brain, masked)[0]
             loss.backward()
     row = dict(case=case, variant=variant, batch=batch, count=1, shape=list(x.shape), block_mask=False)
     return _time(row, fwd_bwd, iters, warmup, profile)
@@ -220,11 +221,13 @@ def check_numerics(device: torch.device) -> dict:
     out: dict = {}
     grads: dict = {}
     for impl, prec in (("sdpa", "fp32"), ("sdpa", "bf16"), ("flex", "fp32"), ("flex", "bf16"), ("flex", "bf16res"),
-                       ("flex", "fp32-select"), ("flex", "bf16res-select")):
+                       ("flex", "fp32-select"), ("flex", "bf16res-select"), ("flex", "fp32-torchhead"),
+                       ("flex", "bf16res-select-torchhead")):
         torch.manual_seed(0)
         torch._dynamo.reset()
-        model = R.build_pretrain_model(cfg.replace(attn_impl=impl, bf16_residual="bf16res" in prec)).to(device)
-        select = prec.endswith("-select")
+        model = R.build_pretrain_model(cfg.replace(attn_impl=impl, bf16_residual="bf16res" in prec,
+                                                   fused_head="torchhead" not in prec)).to(device)
+        select = "select" in prec
         if impl == "flex":  # the blocks; with token selection every region, as training runs it
             if select:
                 compile_regions(model)
@@ -251,6 +254,9 @@ def check_numerics(device: torch.device) -> dict:
     # token selection (compiled regions): the same loss over the same voxels, so float32 agrees to rounding
     out["grad_rel_err_select_fp32"] = rel(grads[("flex", "fp32-select")])
     out["grad_rel_err_select_bf16_residual"] = rel(grads[("flex", "bf16res-select")])
+    # the fused Triton head (every run above, on CUDA) against the PyTorch decoder tail + loss
+    out["grad_rel_err_torch_head_fp32"] = rel(grads[("flex", "fp32-torchhead")])
+    out["grad_rel_err_torch_head_bf16_residual_select"] = rel(grads[("flex", "bf16res-select-torchhead")])
     print(json.dumps(out), flush=True)
     return out
 

@@ -8,8 +8,10 @@
 # of every attention implementation + the FlexAttention numerics check: swift_blocks.py), flex (compiled b16 with
 # CUDA graphs, attn_impl=auto: FlexAttention for stages 1-2, cuDNN for the rest), best (+ bf16 residual),
 # baseline (session 3's best), regions (patch embedding / decoder + loss, dense vs token selection), check (GPU
-# numerics: FlexAttention and token selection), select (best + token selection), select-cgs (the same with CUDA
-# graphs for the small stages only).
+# numerics: FlexAttention, token selection, fused head), select (token selection, CUDA graphs everywhere), select-cgs
+# (the current defaults: token selection, fused Triton head, tuned FlexAttention tiles, CUDA graphs for the small
+# stages only), select-cgs-torchhead (the same with the PyTorch head). "best" and "baseline" pin the older paths
+# (PyTorch head, PyTorch's FlexAttention tiles) so they reproduce session 6's numbers.
 # Inductor's cache lives in .gpucache/inductor-swift (git-ignored), so a warm machine's later call reuses it.
 # Results -> $OUT (JSON per stage, profiles, session.log; at most 8 files come back).
 set -uo pipefail
@@ -46,11 +48,13 @@ print(min(t, key=t.get))")
     flex) bench "${FLEX_S:-400}" --suite target --batches 16 --compile block-cg --sdpa cudnn --attn-impl auto --steps 10 \
             --warmup 3 --profile v1cfg-51M-b16-auto --out "$OUT/target_flex.json" ;;
     best) bench "${BEST_S:-300}" --suite target --batches 16 --compile block-cg --sdpa cudnn --attn-impl auto --bf16-residual \
-            --steps 20 --warmup 3 --profile v1cfg-51M-b16-bf16res-auto --out "$OUT/target_best.json" ;;
-    baseline) bench "${BASELINE_S:-330}" --suite target --batches 16 --compile block-cg --sdpa cudnn --steps 20 --warmup 3 \
+            --no-fused-head --flex-options pytorch --steps 20 --warmup 3 \
+            --profile v1cfg-51M-b16-bf16res-auto-torchhead-ptflex --out "$OUT/target_best.json" ;;
+    baseline) bench "${BASELINE_S:-330}" --suite target --batches 16 --compile block-cg --sdpa cudnn --no-fused-head \
+                --flex-options pytorch --steps 20 --warmup 3 \
                 --out "$OUT/target_baseline.json" ;;
     regions) timeout "${REGIONS_S:-240}" python3 benchmarks/swift_blocks.py --profile \
-               --plan "${REGION_PLAN:-embed:dense,embed:select,head:dense,head:select}" --time-budget 200 \
+               --plan "${REGION_PLAN:-embed:dense,embed:select,head:dense,head:select,head:fused}" --time-budget 200 \
                --out "$OUT/regions.json" --md "$OUT/regions.md" 2>&1 | grep -v -i -E "warn" | tee -a "$log" ;;
     check) timeout "${CHECK_S:-300}" python3 benchmarks/swift_blocks.py --check --plan none --out "$OUT/check.json" 2>&1 \
              | grep -v -i -E "warn" | tee -a "$log" ;;
@@ -60,6 +64,9 @@ print(min(t, key=t.get))")
     select-cgs) bench "${SELECT_S:-300}" --suite target --batches 16 --compile block-cgs --sdpa cudnn --attn-impl auto \
                   --bf16-residual --select --steps 20 --warmup 3 --profile v1cfg-51M-b16-bf16res-auto-select \
                   --out "$OUT/target_select_cgs.json" ;;
+    select-cgs-torchhead) bench "${SELECT_S:-300}" --suite target --batches 16 --compile block-cgs --sdpa cudnn \
+                  --attn-impl auto --bf16-residual --select --no-fused-head --steps 20 --warmup 3 \
+                  --out "$OUT/target_select_cgs_torchhead.json" ;;
     ladder) bench 100 --suite ladder --compile none --steps 6 --out "$OUT/ladder.json" ;;
     ladder-compiled) bench 300 --suite ladder --compile block --steps 6 --time-budget 240 --out "$OUT/ladder_compiled.json" ;;
   esac

@@ -85,6 +85,11 @@ class SwiftConfig:
     embedding on) in bf16 instead of float32. Norms still compute in float32 and weights stay float32
     (Megatron-LM's default, ``fp32_residual_connection=False``). Halves the bytes of the residual adds and
     norm reads, which dominate the memory-bound first stages. No effect without autocast."""
+    fused_head: bool = True
+    """4D family: on CUDA with Triton, compute the decoder's tail (GELU, linear to voxels) and the reconstruction
+    loss in one fused kernel (``neuro_models.swift.fused_head``: same loss, float32, the input read once instead of
+    a transposed read in both passes). Elsewhere, and inside a whole-model ``torch.compile`` trace, the PyTorch
+    path runs."""
     use_checkpoint: bool = False
     """Activation checkpointing of every block (saves memory, ~30% more compute)."""
     parametrization: str = "sp"

@@ -254,13 +254,17 @@ class PixelShuffleDecoder(nn.Module):
         self.act = nn.GELU()
         self.out = nn.Linear(decoder_dim, patch_numel)
 
-    def forward(self, f_BXYZTD: torch.Tensor, select_BM: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, f_BXYZTD: torch.Tensor, select_BM: torch.Tensor | None = None,
+                hidden_only: bool = False) -> torch.Tensor:
         """Voxel patches of every first-stage token, or with ``select_BM`` (flat token indices per sample) only
-        of those: ``[B, M, P]``. Only the (light) expansion runs for every token."""
+        of those: ``[B, M, P]``. Only the (light) expansion runs for every token. ``hidden_only``: the
+        first-stage hidden state before GELU, ``[B, X', Y', Z', T', decoder_dim]`` (for the fused head)."""
         B, X, Y, Z, T, _ = f_BXYZTD.shape
         r, c = self.r, self.decoder_dim
         h = self.expand(f_BXYZTD).reshape(B, X, Y, Z, T, r, r, r, c)
         h = h.permute(0, 1, 5, 2, 6, 3, 7, 4, 8).reshape(B, X * r, Y * r, Z * r, T, c)
+        if hidden_only:
+            return h
         if select_BM is not None:
             h = gather_tokens(h, select_BM)
         return self.out(self.act(h))
@@ -381,14 +385,41 @@ class SimMIM(nn.Module):
         if exact:
             visible, masked = token_selection(mask, self.num_masked)
         feats = self.encoder(x_BCXYZT, mask, self.mask_token, visible_BK=visible)
-        pred = self.decoder(feats, masked)
-        loss = self.criterion(pred, x_BCXYZT, mask, brain_mask, masked)
+        loss, pred, hidden = self.head(feats, x_BCXYZT, mask, brain_mask, masked)
         return {"loss": loss, "num_tokens": int(B * math.prod(mask.shape[1:])), "mask": mask, "pred": pred,
-                "pred_index": masked}
+                "pred_index": None if pred is None else masked, "hidden": hidden}
+
+    def uses_fused_head(self, x_BCXYZT: torch.Tensor) -> bool:
+        """Whether :meth:`head` runs the fused Triton kernel for this input (``SwiftConfig.fused_head``)."""
+        from . import fused_head
+
+        c = getattr(self.decoder, "decoder_dim", 0)
+        return (self.cfg.fused_head and isinstance(self.decoder, PixelShuffleDecoder) and c >= 16 and not c & (c - 1)
+                and fused_head.available(x_BCXYZT.device) and not torch.compiler.is_compiling())
+
+    def head(self, feats: torch.Tensor, x_BCXYZT: torch.Tensor, mask: torch.Tensor, brain_mask: torch.Tensor | None,
+             masked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Decoder + loss: ``(loss, pred, hidden)``. The fused kernel (:meth:`uses_fused_head`) returns no ``pred``
+        but the decoder's ``hidden`` state (``full_prediction`` recomputes the voxels from it); otherwise ``pred``
+        holds every token or, with ``masked``, the masked ones."""
+        if self.uses_fused_head(x_BCXYZT):
+            from .fused_head import fused_head_loss
+
+            h = self.decoder(feats, hidden_only=True)
+            bm = brain_mask if self.cfg.brain_only_loss else None
+            loss = fused_head_loss(h, self.decoder.out.weight, self.decoder.out.bias, x_BCXYZT, mask, bm,
+                                   self.cfg.patch_size, self.cfg.loss_type, self.cfg.huber_delta)
+            return loss, None, h
+        pred = self.decoder(feats, masked)
+        return self.criterion(pred, x_BCXYZT, mask, brain_mask, masked), pred, None
 
     def full_prediction(self, out: dict) -> torch.Tensor:
-        """``out["pred"]`` on the full token grid ``[B, X', Y', Z', T', P]`` (zeros where nothing was predicted)."""
+        """``out["pred"]`` on the full token grid ``[B, X', Y', Z', T', P]`` (zeros where nothing was predicted;
+        from the decoder's hidden state when the fused head ran)."""
         pred, index = out["pred"], out["pred_index"]
+        if pred is None:
+            h = out["hidden"]
+            return self.decoder.out(self.decoder.act(h.to(self.decoder.out.weight.dtype)))
         if index is None:
             return pred
         B, M, P = pred.shape

@@ -47,10 +47,14 @@ if triton is not None:
     def _head_loss_kernel(h_ptr, w_ptr, b_ptr, x_ptr, m_ptr, bm_ptr, dh_ptr, dw_part_ptr, db_part_ptr, loss_part_ptr,
                           n_patches, Xp, Yp, Zp, X, Y, Z, T, delta,
                           C: tl.constexpr, PX: tl.constexpr, PY: tl.constexpr, PZ: tl.constexpr, PT: tl.constexpr,
-                          TP: tl.constexpr, CD: tl.constexpr, P: tl.constexpr, P_PAD: tl.constexpr,
-                          TP_PAD: tl.constexpr, LOSS: tl.constexpr, HAS_BRAIN: tl.constexpr, NPROG: tl.constexpr):
+                          TP: tl.constexpr, CD: tl.constexpr, P: tl.constexpr, P_CHUNK: tl.constexpr,
+                          TP_PAD: tl.constexpr, LOSS: tl.constexpr, HAS_BRAIN: tl.constexpr, NPROG: tl.constexpr,
+                          PRECISION: tl.constexpr):
+        """Program (pid, cid): patch columns pid, pid + NPROG, ...; patch elements [cid * P_CHUNK, + P_CHUNK). The
+        chunks of one column add their share of d loss / d h atomically (dh starts at zero)."""
         pid = tl.program_id(0)
-        rp = tl.arange(0, P_PAD)   # patch element p = (((c * PX + i) * PY + j) * PZ + k) * PT + f
+        cid = tl.program_id(1)
+        rp = cid * P_CHUNK + tl.arange(0, P_CHUNK)  # patch element p = (((c * PX + i) * PY + j) * PZ + k) * PT + f
         rt = tl.arange(0, TP_PAD)  # time token of the column
         rc = tl.arange(0, CD)
         pmask = rp < P
@@ -61,12 +65,12 @@ if triton is not None:
         j = (s // PZ) % PY
         i = (s // (PZ * PY)) % PX
         c = s // (PZ * PY * PX)
-        W = tl.load(w_ptr + rp[:, None] * CD + rc[None, :], mask=pmask[:, None], other=0.0)  # [P_PAD, CD] fp32
+        W = tl.load(w_ptr + rp[:, None] * CD + rc[None, :], mask=pmask[:, None], other=0.0)  # [P_CHUNK, CD] fp32
         bias = tl.load(b_ptr + rp, mask=pmask, other=0.0)
         valid = pmask[:, None] & tmask[None, :]
-        dW = tl.zeros((P_PAD, CD), dtype=tl.float32)
-        db = tl.zeros((P_PAD,), dtype=tl.float32)
-        lsum = tl.zeros((P_PAD,), dtype=tl.float32)
+        dW = tl.zeros((P_CHUNK, CD), dtype=tl.float32)
+        db = tl.zeros((P_CHUNK,), dtype=tl.float32)
+        lsum = tl.zeros((P_CHUNK,), dtype=tl.float32)
         for patch in range(pid, n_patches, NPROG):
             patch64 = tl.cast(patch, tl.int64)
             z0 = patch64 % Zp
@@ -78,15 +82,14 @@ if triton is not None:
             hpre = tl.load(h_ptr + hoff, mask=tmask[:, None], other=0.0).to(tl.float32)  # [TP_PAD, CD]
             cdf = 0.5 * (1.0 + tl.math.erf(hpre * 0.7071067811865476))
             a = hpre * cdf  # exact GELU
-            pred = tl.dot(W, tl.trans(a), input_precision="ieee") + bias[:, None]  # [P_PAD, TP_PAD]
+            pred = tl.dot(W, tl.trans(a), input_precision=PRECISION) + bias[:, None]  # [P_CHUNK, TP_PAD]
             xo = (((((b * C + c[:, None]) * X + x0 * PX + i[:, None]) * Y + y0 * PY + j[:, None]) * Z
                    + z0 * PZ + k[:, None]) * T + rt[None, :] * PT + f[:, None])
             xv = tl.load(x_ptr + xo, mask=valid, other=0.0).to(tl.float32)
-            wgt = tl.load(m_ptr + tok, mask=tmask, other=0.0)[None, :] + tl.zeros((P_PAD, TP_PAD), dtype=tl.float32)
+            wgt = tl.where(valid, tl.load(m_ptr + tok, mask=tmask, other=0.0)[None, :], 0.0)
             if HAS_BRAIN:
                 bo = ((b * X + x0 * PX + i) * Y + y0 * PY + j) * Z + z0 * PZ + k
                 wgt = wgt * tl.load(bm_ptr + bo, mask=pmask, other=0.0)[:, None]
-            wgt = tl.where(valid, wgt, 0.0)
             d = pred - xv
             sgn = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
             if LOSS == 0:
@@ -102,14 +105,20 @@ if triton is not None:
                 g = tl.where(small, d, delta * sgn)
             lsum += tl.sum(loss * wgt, axis=1)
             g = g * wgt
-            dW += tl.dot(g, a, input_precision="ieee")  # [P_PAD, CD]
+            dW += tl.dot(g, a, input_precision=PRECISION)  # [P_CHUNK, CD]
             db += tl.sum(g, axis=1)
-            da = tl.dot(tl.trans(g), W, input_precision="ieee")  # [TP_PAD, CD]
+            da = tl.dot(tl.trans(g), W, input_precision=PRECISION)  # [TP_PAD, CD]: this chunk's share
             pdf = 0.3989422804014327 * tl.exp(-0.5 * hpre * hpre)
-            tl.store(dh_ptr + hoff, da * (cdf + hpre * pdf), mask=tmask[:, None])
+            tl.atomic_add(dh_ptr + hoff, da * (cdf + hpre * pdf), mask=tmask[:, None], sem="relaxed")
         tl.store(dw_part_ptr + pid * P * CD + rp[:, None] * CD + rc[None, :], dW, mask=pmask[:, None])
         tl.store(db_part_ptr + pid * P + rp, db, mask=pmask)
-        tl.store(loss_part_ptr + pid, tl.sum(lsum, axis=0))
+        tl.store(loss_part_ptr + pid * tl.num_programs(1) + cid, tl.sum(lsum, axis=0))
+
+
+#: patch elements per program (the rows of its tiles; a column's elements are split over programs to keep the
+#: [P_CHUNK, T'] tiles in registers) and programs per SM
+P_CHUNK = 64
+PROGRAMS_PER_SM = 4
 
 
 def _launch(h, weight, bias, x, m, bm, patch, loss_type: str, delta: float):
@@ -125,18 +134,18 @@ def _launch(h, weight, bias, x, m, bm, patch, loss_type: str, delta: float):
     n_patches = B * Xp * Yp * Zp
     dev = h.device
     n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2
-    nprog = max(1, min(n_patches, 4 * n_sm))
-    dh = torch.empty(h.shape, device=dev, dtype=torch.float32)
+    chunks = triton.cdiv(P, P_CHUNK)
+    nprog = max(1, min(n_patches, triton.cdiv(PROGRAMS_PER_SM * n_sm, chunks)))
+    dh = torch.zeros(h.shape, device=dev, dtype=torch.float32)
     dw_part = torch.empty(nprog, P, CD, device=dev, dtype=torch.float32)
     db_part = torch.empty(nprog, P, device=dev, dtype=torch.float32)
-    loss_part = torch.empty(nprog, device=dev, dtype=torch.float32)
-    P_PAD = max(16, triton.next_power_of_2(P))
-    TP_PAD = max(16, triton.next_power_of_2(Tp))
-    _head_loss_kernel[(nprog,)](
+    loss_part = torch.empty(nprog, chunks, device=dev, dtype=torch.float32)
+    _head_loss_kernel[(nprog, chunks)](
         h, weight.float().contiguous(), bias.float().contiguous(), x, m, bm if bm is not None else m, dh, dw_part,
         db_part, loss_part, n_patches, Xp, Yp, Zp, X, Y, Z, T, float(delta),
-        C=C, PX=px, PY=py, PZ=pz, PT=pt, TP=Tp, CD=CD, P=P, P_PAD=P_PAD, TP_PAD=TP_PAD,
-        LOSS=LOSS_CODES[loss_type], HAS_BRAIN=bm is not None, NPROG=nprog, num_warps=8 if P_PAD >= 512 else 4)
+        C=C, PX=px, PY=py, PZ=pz, PT=pt, TP=Tp, CD=CD, P=P, P_CHUNK=P_CHUNK,
+        TP_PAD=max(16, triton.next_power_of_2(Tp)), LOSS=LOSS_CODES[loss_type], HAS_BRAIN=bm is not None,
+        NPROG=nprog, PRECISION="tf32" if dev.type == "cuda" else "ieee", num_warps=4)
     return loss_part.sum(), dh, dw_part.sum(0), db_part.sum(0)
 
 

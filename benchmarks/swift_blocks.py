@@ -180,7 +180,13 @@ def time_region(case: str, variant: str, batch: int, iters: int, warmup: int, de
                 loss = model.head(f, x, mask, brain, masked)[0]
             loss.backward()
     row = dict(case=case, variant=variant, batch=batch, count=1, shape=list(x.shape), block_mask=False)
-    return _time(row, fwd_bwd, iters, warmup, profile)
+    row = _time(row, fwd_bwd, iters, warmup, profile)
+    if variant == "fused":  # the fused kernel's launch configurations, timed on its first call
+        from neuro_models.swift import fused_head
+
+        row["fused_head_tuning"] = {str(k[1:3]): v for k, v in fused_head._TUNED.items() if k[0] == "timings"}
+        print(json.dumps(row["fused_head_tuning"]), flush=True)
+    return row
 
 
 def _time(row: dict, fwd_bwd, iters: int, warmup: int, profile: bool) -> dict:
@@ -209,20 +215,25 @@ def _time(row: dict, fwd_bwd, iters: int, warmup: int, profile: bool) -> dict:
     return row
 
 
-def check_numerics(device: torch.device) -> dict:
-    """FlexAttention vs SDPA on the SimMIM model (51M widths, input 48^3 x 8: stage 1 shifts on all four axes,
-    stages 2-3 on time only): float32 loss and gradients, and each one's bf16-autocast error against the
-    float32 SDPA reference (FlexAttention also with ``bf16_residual``). The window blocks are compiled under
-    FlexAttention (its fused kernels are what training runs) and eager under SDPA."""
+#: (attention, precision[-select][-torchhead]) runs of ``check_numerics``; the first is the reference. Session 6
+#: checked sdpa/flex in bf16 without the bf16 residual (BENCHMARKS.md); ``--check-all`` adds them back.
+CHECK_RUNS = [("sdpa", "fp32"), ("flex", "bf16res"), ("flex", "fp32-select"), ("flex", "bf16res-select"),
+              ("flex", "fp32-torchhead"), ("flex", "bf16res-select-torchhead")]
+CHECK_ALL = CHECK_RUNS[:1] + [("sdpa", "bf16"), ("flex", "fp32"), ("flex", "bf16")] + CHECK_RUNS[1:]
+
+
+def check_numerics(device: torch.device, runs: list | None = None) -> dict:
+    """Numerics on the SimMIM model (51M widths, input 48^3 x 8: stage 1 shifts on all four axes, stages 2-3 on
+    time only) against the float32 SDPA reference: gradient relative L2 error of each run in ``runs`` (FlexAttention,
+    bf16 autocast with the bf16 residual, token selection, the PyTorch instead of the fused head). The window blocks
+    are compiled under FlexAttention (with token selection every region, as training runs it), eager under SDPA."""
     cfg = R.get_config("swift_v2", "51M", **{**V1_51M, "img_size": (48, 48, 48, 8)}, drop_path_rate=0.0)
     x = torch.randn(2, 1, *cfg.img_size, device=device)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # a float32 reference, not TF32
     out: dict = {}
     grads: dict = {}
-    for impl, prec in (("sdpa", "fp32"), ("sdpa", "bf16"), ("flex", "fp32"), ("flex", "bf16"), ("flex", "bf16res"),
-                       ("flex", "fp32-select"), ("flex", "bf16res-select"), ("flex", "fp32-torchhead"),
-                       ("flex", "bf16res-select-torchhead")):
+    for impl, prec in runs or CHECK_RUNS:
         torch.manual_seed(0)
         torch._dynamo.reset()
         model = R.build_pretrain_model(cfg.replace(attn_impl=impl, bf16_residual="bf16res" in prec,
@@ -247,16 +258,16 @@ def check_numerics(device: torch.device) -> dict:
     def rel(a: torch.Tensor) -> float:
         return float((a - ref).norm() / ref.norm())
 
-    out["grad_rel_err_flex_fp32"] = rel(grads[("flex", "fp32")])
-    out["grad_rel_err_sdpa_bf16"] = rel(grads[("sdpa", "bf16")])
-    out["grad_rel_err_flex_bf16"] = rel(grads[("flex", "bf16")])
-    out["grad_rel_err_flex_bf16_residual"] = rel(grads[("flex", "bf16res")])
-    # token selection (compiled regions): the same loss over the same voxels, so float32 agrees to rounding
-    out["grad_rel_err_select_fp32"] = rel(grads[("flex", "fp32-select")])
-    out["grad_rel_err_select_bf16_residual"] = rel(grads[("flex", "bf16res-select")])
-    # the fused Triton head (every run above, on CUDA) against the PyTorch decoder tail + loss
-    out["grad_rel_err_torch_head_fp32"] = rel(grads[("flex", "fp32-torchhead")])
-    out["grad_rel_err_torch_head_bf16_residual_select"] = rel(grads[("flex", "bf16res-select-torchhead")])
+    names = {("flex", "fp32"): "flex_fp32", ("sdpa", "bf16"): "sdpa_bf16", ("flex", "bf16"): "flex_bf16",
+             ("flex", "bf16res"): "flex_bf16_residual",
+             # token selection (compiled regions): the same loss over the same voxels, float32 agrees to rounding
+             ("flex", "fp32-select"): "select_fp32", ("flex", "bf16res-select"): "select_bf16_residual",
+             # the PyTorch decoder tail + loss instead of the fused Triton head (which every other run uses on CUDA)
+             ("flex", "fp32-torchhead"): "torch_head_fp32",
+             ("flex", "bf16res-select-torchhead"): "torch_head_bf16_residual_select"}
+    for run, name in names.items():
+        if run in grads:
+            out[f"grad_rel_err_{name}"] = rel(grads[run])
     print(json.dumps(out), flush=True)
     return out
 
@@ -291,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="record GPU time per call and the top kernels")
-    ap.add_argument("--check", action="store_true", help="run the FlexAttention numerics check first")
+    ap.add_argument("--check", action="store_true", help="run the numerics check first (CHECK_RUNS)")
+    ap.add_argument("--check-all", action="store_true", help="the check with session 6's runs too (CHECK_ALL)")
     ap.add_argument("--time-budget", type=float, default=float("inf"), help="skip cases after this many seconds")
     ap.add_argument("--out", default="swift_blocks.json")
     ap.add_argument("--md", default=None)
@@ -314,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.md).write_text(md)
         return md
 
-    if args.check:
+    if args.check or args.check_all:
         try:
-            result["check"] = check_numerics(device)
+            result["check"] = check_numerics(device, CHECK_ALL if args.check_all else CHECK_RUNS)
         except Exception as e:  # noqa: BLE001
             result["check"] = dict(status=f"error: {type(e).__name__}: {str(e)[:500]}")
             print(json.dumps(result["check"]), flush=True)

@@ -48,12 +48,12 @@ if triton is not None:
                           n_patches, Xp, Yp, Zp, X, Y, Z, T, delta,
                           C: tl.constexpr, PX: tl.constexpr, PY: tl.constexpr, PZ: tl.constexpr, PT: tl.constexpr,
                           TP: tl.constexpr, CD: tl.constexpr, P: tl.constexpr, P_CHUNK: tl.constexpr,
-                          TP_PAD: tl.constexpr, LOSS: tl.constexpr, HAS_BRAIN: tl.constexpr, NPROG: tl.constexpr,
-                          PRECISION: tl.constexpr):
-        """Program (pid, cid): patch columns pid, pid + NPROG, ...; patch elements [cid * P_CHUNK, + P_CHUNK). The
+                          TP_PAD: tl.constexpr, LOSS: tl.constexpr, HAS_BRAIN: tl.constexpr, PRECISION: tl.constexpr):
+        """Program (pid, cid): patch columns pid, pid + nprog, ...; patch elements [cid * P_CHUNK, + P_CHUNK). The
         chunks of one column add their share of d loss / d h atomically (dh starts at zero)."""
         pid = tl.program_id(0)
         cid = tl.program_id(1)
+        nprog = tl.num_programs(0)
         rp = cid * P_CHUNK + tl.arange(0, P_CHUNK)  # patch element p = (((c * PX + i) * PY + j) * PZ + k) * PT + f
         rt = tl.arange(0, TP_PAD)  # time token of the column
         rc = tl.arange(0, CD)
@@ -71,7 +71,7 @@ if triton is not None:
         dW = tl.zeros((P_CHUNK, CD), dtype=tl.float32)
         db = tl.zeros((P_CHUNK,), dtype=tl.float32)
         lsum = tl.zeros((P_CHUNK,), dtype=tl.float32)
-        for patch in range(pid, n_patches, NPROG):
+        for patch in range(pid, n_patches, nprog):
             patch64 = tl.cast(patch, tl.int64)
             z0 = patch64 % Zp
             y0 = (patch64 // Zp) % Yp
@@ -115,10 +115,28 @@ if triton is not None:
         tl.store(loss_part_ptr + pid * tl.num_programs(1) + cid, tl.sum(lsum, axis=0))
 
 
-#: patch elements per program (the rows of its tiles; a column's elements are split over programs to keep the
-#: [P_CHUNK, T'] tiles in registers) and programs per SM
-P_CHUNK = 64
-PROGRAMS_PER_SM = 4
+#: Launch configurations tried on the first call per shape (``_tune``): patch elements per program (a column's
+#: elements are split over programs, so the [P_CHUNK, T'] tiles stay in registers), warps, software-pipelining
+#: stages of the column loop, programs per SM. The kernel is latency-bound (a serial loop of small loads, three
+#: small dots and an atomic add), so concurrency decides; the best differs by card.
+CONFIGS = [dict(P_CHUNK=pc, num_warps=w, num_stages=st, PPS=pps)
+           for pc in (32, 64) for (w, st) in ((4, 1), (4, 3), (8, 3)) for pps in (8, 32)]
+_TUNED: dict = {}
+
+
+def _buffers(h, P: int, CD: int, n_sm: int, configs: list[dict]):
+    """Zeroed outputs, sized for the largest grid of ``configs`` (unused partial rows stay zero and sum to zero)."""
+    rows = max(_grid(h, P, n_sm, c)[0] for c in configs)
+    chunks = max(_grid(h, P, n_sm, c)[1] for c in configs)
+    dev = h.device
+    return (torch.zeros(h.shape, device=dev, dtype=torch.float32), torch.zeros(rows, P, CD, device=dev),
+            torch.zeros(rows, P, device=dev), torch.zeros(rows * chunks, device=dev))
+
+
+def _grid(h, P: int, n_sm: int, cfg: dict) -> tuple[int, int]:
+    B, Xp, Yp, Zp = h.shape[:4]
+    chunks = triton.cdiv(P, cfg["P_CHUNK"])
+    return max(1, min(B * Xp * Yp * Zp, triton.cdiv(cfg["PPS"] * n_sm, chunks))), chunks
 
 
 def _launch(h, weight, bias, x, m, bm, patch, loss_type: str, delta: float):
@@ -131,22 +149,52 @@ def _launch(h, weight, bias, x, m, bm, patch, loss_type: str, delta: float):
         raise ValueError(f"weight shape {tuple(weight.shape)}; expected [C*px*py*pz*pt, decoder_dim] = {(P, CD)}")
     if CD < 16 or CD & (CD - 1):
         raise ValueError(f"decoder_dim={CD}; the fused head needs a power of two >= 16 (tl.dot)")
-    n_patches = B * Xp * Yp * Zp
     dev = h.device
-    n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2
-    chunks = triton.cdiv(P, P_CHUNK)
-    nprog = max(1, min(n_patches, triton.cdiv(PROGRAMS_PER_SM * n_sm, chunks)))
-    dh = torch.zeros(h.shape, device=dev, dtype=torch.float32)
-    dw_part = torch.empty(nprog, P, CD, device=dev, dtype=torch.float32)
-    db_part = torch.empty(nprog, P, device=dev, dtype=torch.float32)
-    loss_part = torch.empty(nprog, chunks, device=dev, dtype=torch.float32)
-    _head_loss_kernel[(nprog, chunks)](
-        h, weight.float().contiguous(), bias.float().contiguous(), x, m, bm if bm is not None else m, dh, dw_part,
-        db_part, loss_part, n_patches, Xp, Yp, Zp, X, Y, Z, T, float(delta),
-        C=C, PX=px, PY=py, PZ=pz, PT=pt, TP=Tp, CD=CD, P=P, P_CHUNK=P_CHUNK,
-        TP_PAD=max(16, triton.next_power_of_2(Tp)), LOSS=LOSS_CODES[loss_type], HAS_BRAIN=bm is not None,
-        NPROG=nprog, PRECISION="tf32" if dev.type == "cuda" else "ieee", num_warps=4)
+    cuda = dev.type == "cuda"
+    n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if cuda else 2
+    w32, b32 = weight.float().contiguous(), bias.float().contiguous()
+    # TF32 tensor cores for a bf16 hidden state (the autocast path) or where PyTorch allows TF32 matmuls
+    prec = "tf32" if cuda and (h.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32) else "ieee"
+
+    def run(cfg: dict, bufs) -> None:
+        dh, dw_part, db_part, loss_part = bufs
+        _head_loss_kernel[_grid(h, P, n_sm, cfg)](
+            h, w32, b32, x, m, bm if bm is not None else m, dh, dw_part, db_part, loss_part,
+            B * Xp * Yp * Zp, Xp, Yp, Zp, X, Y, Z, T, float(delta),
+            C=C, PX=px, PY=py, PZ=pz, PT=pt, TP=Tp, CD=CD, P=P, P_CHUNK=cfg["P_CHUNK"],
+            TP_PAD=max(16, triton.next_power_of_2(Tp)), LOSS=LOSS_CODES[loss_type], HAS_BRAIN=bm is not None,
+            PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    key = (tuple(h.shape), h.dtype, tuple(x.shape), x.dtype, patch, loss_type, bm is not None, str(dev), prec)
+    cfg = _TUNED.get(key) or (_tune(key, run, lambda: _buffers(h, P, CD, n_sm, CONFIGS)) if cuda else CONFIGS[0])
+    bufs = _buffers(h, P, CD, n_sm, [cfg])
+    run(cfg, bufs)
+    dh, dw_part, db_part, loss_part = bufs
     return loss_part.sum(), dh, dw_part.sum(0), db_part.sum(0)
+
+
+def _tune(key, run, fresh) -> dict:
+    """Time every launch configuration once per shape (CUDA events, fresh buffers each) and keep the fastest."""
+    times = {}
+    for i, cfg in enumerate(CONFIGS):
+        bufs = fresh()
+        try:
+            run(cfg, bufs)  # compile
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(3):
+                run(cfg, bufs)
+            end.record()
+            torch.cuda.synchronize()
+            times[i] = start.elapsed_time(end) / 3
+        except Exception:  # noqa: BLE001 - a configuration the card cannot run (resources) is skipped
+            continue
+    if not times:
+        raise RuntimeError("no launch configuration of the fused head kernel ran")
+    best = CONFIGS[min(times, key=times.get)]
+    _TUNED[key] = best
+    _TUNED[("timings",) + key] = {str(CONFIGS[i]): round(t, 4) for i, t in times.items()}
+    return best
 
 
 class _FusedHeadLoss(torch.autograd.Function):

@@ -48,7 +48,8 @@ if triton is not None:
                           n_patches, Xp, Yp, Zp, X, Y, Z, T, delta,
                           C: tl.constexpr, PX: tl.constexpr, PY: tl.constexpr, PZ: tl.constexpr, PT: tl.constexpr,
                           TP: tl.constexpr, CD: tl.constexpr, P: tl.constexpr, P_CHUNK: tl.constexpr,
-                          TP_PAD: tl.constexpr, LOSS: tl.constexpr, HAS_BRAIN: tl.constexpr, PRECISION: tl.constexpr):
+                          TP_PAD: tl.constexpr, LOSS: tl.constexpr, HAS_BRAIN: tl.constexpr, PRECISION: tl.constexpr,
+                          ATOMIC: tl.constexpr):
         """Program (pid, cid): patch columns pid, pid + nprog, ...; patch elements [cid * P_CHUNK, + P_CHUNK). The
         chunks of one column add their share of d loss / d h atomically (dh starts at zero)."""
         pid = tl.program_id(0)
@@ -109,7 +110,10 @@ if triton is not None:
             db += tl.sum(g, axis=1)
             da = tl.dot(tl.trans(g), W, input_precision=PRECISION)  # [TP_PAD, CD]: this chunk's share
             pdf = 0.3989422804014327 * tl.exp(-0.5 * hpre * hpre)
-            tl.atomic_add(dh_ptr + hoff, da * (cdf + hpre * pdf), mask=tmask[:, None], sem="relaxed")
+            if ATOMIC:  # several chunks share the column
+                tl.atomic_add(dh_ptr + hoff, da * (cdf + hpre * pdf), mask=tmask[:, None], sem="relaxed")
+            else:
+                tl.store(dh_ptr + hoff, da * (cdf + hpre * pdf), mask=tmask[:, None])
         tl.store(dw_part_ptr + pid * P * CD + rp[:, None] * CD + rc[None, :], dW, mask=pmask[:, None])
         tl.store(db_part_ptr + pid * P + rp, db, mask=pmask)
         tl.store(loss_part_ptr + pid * tl.num_programs(1) + cid, tl.sum(lsum, axis=0))
@@ -118,9 +122,11 @@ if triton is not None:
 #: Launch configurations tried on the first call per shape (``_tune``): patch elements per program (a column's
 #: elements are split over programs, so the [P_CHUNK, T'] tiles stay in registers), warps, software-pipelining
 #: stages of the column loop, programs per SM. The kernel is latency-bound (a serial loop of small loads, three
-#: small dots and an atomic add), so concurrency decides; the best differs by card.
-CONFIGS = [dict(P_CHUNK=pc, num_warps=w, num_stages=st, PPS=pps)
-           for pc in (32, 64) for (w, st) in ((4, 1), (4, 3), (8, 3)) for pps in (8, 32)]
+#: small dots and a store). H100, 51M head at batch 16 (BENCHMARKS.md): programs per SM 8 vs 32 made no
+#: difference; 32-row chunks were 2x slower than 64-row ones and 3 pipeline stages beat 1 (3.69 vs 5.41 ms): the
+#: chunks of a column repeat its GELU and add their share of the hidden gradient atomically, so fewer, larger chunks.
+CONFIGS = [dict(P_CHUNK=pc, num_warps=w, num_stages=st, PPS=8)
+           for (pc, w, st) in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2), (256, 8, 3), (256, 16, 2))]
 _TUNED: dict = {}
 
 
@@ -163,7 +169,8 @@ def _launch(h, weight, bias, x, m, bm, patch, loss_type: str, delta: float):
             B * Xp * Yp * Zp, Xp, Yp, Zp, X, Y, Z, T, float(delta),
             C=C, PX=px, PY=py, PZ=pz, PT=pt, TP=Tp, CD=CD, P=P, P_CHUNK=cfg["P_CHUNK"],
             TP_PAD=max(16, triton.next_power_of_2(Tp)), LOSS=LOSS_CODES[loss_type], HAS_BRAIN=bm is not None,
-            PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            PRECISION=prec, ATOMIC=triton.cdiv(P, cfg["P_CHUNK"]) > 1, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
 
     key = (tuple(h.shape), h.dtype, tuple(x.shape), x.dtype, patch, loss_type, bm is not None, str(dev), prec)
     cfg = _TUNED.get(key) or (_tune(key, run, lambda: _buffers(h, P, CD, n_sm, CONFIGS)) if cuda else CONFIGS[0])

@@ -18,7 +18,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def kernel_matches_reference() -> None:
-    """Loss and gradients of the kernel (float32) against the PyTorch reference in float64."""
+    """Loss and gradients of the kernel (float32) against the PyTorch reference in float64, with the patch elements
+    split over several programs (atomic hidden gradient) and in one (stored)."""
+    configs = fused_head.CONFIGS
+    for first in (configs[0], max(configs, key=lambda c: c["P_CHUNK"])):
+        fused_head.CONFIGS = [first]  # on CPU the first configuration runs
+        _kernel_cases()
+    fused_head.CONFIGS = configs
+
+
+def _kernel_cases() -> None:
     torch.manual_seed(0)
     for C, patch, T, loss_type, brain in [(1, (6, 6, 6, 1), 6, "l1", True), (2, (6, 6, 6, 2), 8, "huber", False),
                                          (1, (6, 6, 6, 1), 5, "l2", True), (1, (4, 6, 2, 2), 6, "l1", False)]:

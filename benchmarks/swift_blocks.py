@@ -23,10 +23,10 @@ Variants (``--variants``):
 
 ``--check`` compares, on a reduced input (every stage-1 axis shifted), the compiled model's loss and gradients
 under FlexAttention against SDPA in float32, and the bf16-autocast error of each against float32; and the same
-with SimMIM's token selection (every region compiled).
+with SimMIM's token selection (every region compiled) and with the PyTorch instead of the fused head.
 
-Cases ``embed`` (patch embedding + first position embedding) and ``head`` (decoder + loss) time the parts around
-the blocks, variants ``dense`` and ``select`` (token selection: ``SimMIM``'s docstring).
+Cases ``embed`` (patch embedding + first position embedding; variants ``dense``, ``select``: token selection,
+``SimMIM``'s docstring) and ``head`` (decoder + loss; ``dense``, ``fused``) time the parts around the blocks.
 
 Example (one GPU)::
 
@@ -53,8 +53,9 @@ from swift_benchmark import V1_51M, _sdpa_context, _set_dynamo_limits  # noqa: E
 #: (case, stage, shifted, blocks of this kind in the 51M)
 CASES = {"s1": (0, False, 1), "s1-shift": (0, True, 1), "s2": (1, False, 1), "s2-shift": (1, True, 1),
          "s3": (2, False, 9), "s3-shift": (2, True, 9), "s4-full": (3, False, 2)}
-#: the SimMIM parts around the encoder blocks, timed with ``time_region`` (variants ``dense``/``select``; the head
-#: also ``fused``: ``SwiftConfig.fused_head``, the Triton decoder tail + loss):
+#: the SimMIM parts around the encoder blocks, timed with ``time_region``: ``embed`` with variants ``dense``/``select``
+#: (token selection), ``head`` with ``dense``/``fused`` (``SwiftConfig.fused_head``, the Triton decoder tail + loss).
+#: (Session 7 also timed a head that decoded only the masked tokens: slower, removed; BENCHMARKS.md.)
 #: ``embed`` = patch embedding (mask token included) + first position embedding; ``head`` = decoder + loss
 REGIONS = {"embed": (None, False, 1), "head": (None, False, 1)}
 ALL_CASES = {**CASES, **REGIONS}
@@ -148,18 +149,18 @@ def time_block(case: str, variant: str, batch: int, iters: int, warmup: int, dev
 def time_region(case: str, variant: str, batch: int, iters: int, warmup: int, device: torch.device,
                 profile: bool = False) -> dict:
     """Forward + backward of the SimMIM parts around the blocks (``REGIONS``) at the 51M's real shapes, compiled
-    like the full-model run (bf16 autocast, bf16 residual), with (``select``) or without (``dense``) token
-    selection: the patch embedding of the visible tokens only, the decoder tail and loss of the masked only."""
+    like the full-model run (bf16 autocast, bf16 residual): the patch embedding with (``select``) or without
+    (``dense``) token selection, the head as PyTorch (``dense``) or the fused Triton kernel (``fused``)."""
     cfg = R.get_config("swift_v2", "51M", **V1_51M, bf16_residual=True, fused_head=variant == "fused")
     model = R.build_pretrain_model(cfg).to(device).train()
     x = torch.randn(batch, 1, *cfg.img_size, device=device)
     brain = torch.ones(batch, *cfg.img_size[:3], dtype=torch.bool, device=device)
     mask = model.make_mask(batch, generator=torch.Generator().manual_seed(0)).to(device)
-    visible = masked = None
+    visible = None
     if variant == "select":
         from neuro_models.swift.masking import token_selection
 
-        visible, masked = token_selection(mask, model.num_masked)
+        visible = token_selection(mask, model.num_masked)[0]
     torch._dynamo.reset()
     enc = model.encoder
     if case == "embed":
@@ -177,7 +178,7 @@ def time_region(case: str, variant: str, batch: int, iters: int, warmup: int, de
 
         def fwd_bwd():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model.head(f, x, mask, brain, masked)[0]
+                loss = model.head(f, x, mask, brain)[0]
             loss.backward()
     row = dict(case=case, variant=variant, batch=batch, count=1, shape=list(x.shape), block_mask=False)
     row = _time(row, fwd_bwd, iters, warmup, profile)

@@ -54,7 +54,7 @@ print(min(t, key=t.get))")
                 --flex-options pytorch --steps 20 --warmup 3 \
                 --out "$OUT/target_baseline.json" ;;
     regions) timeout "${REGIONS_S:-240}" python3 benchmarks/swift_blocks.py --profile \
-               --plan "${REGION_PLAN:-embed:dense,embed:select,head:dense,head:select,head:fused}" --time-budget 200 \
+               --plan "${REGION_PLAN:-embed:dense,embed:select,head:dense,head:fused}" --time-budget 200 \
                --out "$OUT/regions.json" --md "$OUT/regions.md" 2>&1 | grep -v -i -E "warn" | tee -a "$log" ;;
     check) timeout "${CHECK_S:-300}" python3 benchmarks/swift_blocks.py --check --plan none --out "$OUT/check.json" 2>&1 \
              | grep -v -i -E "warn" | tee -a "$log" ;;

@@ -65,22 +65,16 @@ def encoder_flops(cfg: SwiftConfig, *, prompt_tokens: int = 0) -> dict[str, floa
     return out
 
 
-def _decoder_parts(cfg: SwiftConfig) -> tuple[float, float]:
-    """Forward FLOPs per sample of the decoder's expansion (every last-stage token) and of its tail (the last
-    linear layer, per first-stage token)."""
+def decoder_flops(cfg: SwiftConfig) -> float:
+    """Forward FLOPs of the reconstruction decoder per sample."""
     dims, grids = cfg.stage_dims(), cfg.stage_grids()
     r = 2 ** (cfg.num_stages - 1)
     L_last, L0 = math.prod(grids[-1]), math.prod(grids[0])
     px, py, pz, pt = cfg.patch_size
     if cfg.family == "swift_v2_revised":
-        return (lin(L_last, dims[-1], pt * r ** 3 * cfg.decoder_dim),
-                lin(L0 * pt, cfg.decoder_dim, px * py * pz * cfg.in_chans))
-    return lin(L_last, dims[-1], r ** 3 * cfg.decoder_dim), lin(L0, cfg.decoder_dim, cfg.in_chans * px * py * pz * pt)
-
-
-def decoder_flops(cfg: SwiftConfig) -> float:
-    """Forward FLOPs of the reconstruction decoder per sample."""
-    return sum(_decoder_parts(cfg))
+        return lin(L_last, dims[-1], pt * r ** 3 * cfg.decoder_dim) + lin(L0 * pt, cfg.decoder_dim,
+                                                                          px * py * pz * cfg.in_chans)
+    return lin(L_last, dims[-1], r ** 3 * cfg.decoder_dim) + lin(L0, cfg.decoder_dim, cfg.in_chans * px * py * pz * pt)
 
 
 def flops_per_sample(cfg: SwiftConfig) -> dict[str, float]:
@@ -89,15 +83,13 @@ def flops_per_sample(cfg: SwiftConfig) -> dict[str, float]:
 
     ``forward``/``train`` count the model as defined (every token embedded and decoded): the compute axis of the
     scaling laws and the MFU numerator. ``*_selected`` count what SimMIM's token selection executes (the patch
-    embedding of the visible tokens, the decoder tail of the masked ones; ``SimMIM``'s docstring).
+    embedding of the visible tokens only; ``SimMIM``'s docstring).
     """
     e = encoder_flops(cfg)
     enc = sum(e.values())
-    expand, tail = _decoder_parts(cfg)
-    fwd = enc + expand + tail
+    fwd = enc + decoder_flops(cfg)
     n, N = masked_tokens_per_sample(cfg), math.prod(cfg.grid)
-    masked = n / N if 0 < n < N else 1.0  # SimMIM selects nothing when every token is masked
-    pe_sel = (1.0 - masked) * e["patch_embed"] if masked < 1.0 else e["patch_embed"]
-    fwd_sel = enc - e["patch_embed"] + pe_sel + expand + masked * tail
+    pe_sel = (1.0 - n / N) * e["patch_embed"] if 0 < n < N else e["patch_embed"]  # all masked: nothing selected
+    fwd_sel = fwd - e["patch_embed"] + pe_sel
     return {"forward": float(fwd), "train": float(3 * fwd - e["patch_embed"]), "encoder_forward": float(enc),
             "forward_selected": float(fwd_sel), "train_selected": float(3 * fwd_sel - pe_sel)}

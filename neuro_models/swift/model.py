@@ -28,7 +28,7 @@ from ..heads import MLPHead
 from ..mup_utils import attention_scale, readout_class
 from .config import SwiftConfig, stage_window
 from .layers import (SDPA_MAX_SEQUENCES, Attention, DropPath, Mlp, PatchEmbed, PatchMerging, can_split, flex_eligible,
-                     gather_tokens, patchify, region_block_mask, shifted_window_mask, split_window_attention, use_flex,
+                     patchify, region_block_mask, shifted_window_mask, split_window_attention, use_flex,
                      window_partition, window_reverse)
 from .masking import make_mask, masked_tokens_per_sample, token_selection
 
@@ -254,59 +254,41 @@ class PixelShuffleDecoder(nn.Module):
         self.act = nn.GELU()
         self.out = nn.Linear(decoder_dim, patch_numel)
 
-    def forward(self, f_BXYZTD: torch.Tensor, select_BM: torch.Tensor | None = None,
-                hidden_only: bool = False) -> torch.Tensor:
-        """Voxel patches of every first-stage token, or with ``select_BM`` (flat token indices per sample) only
-        of those: ``[B, M, P]``. Only the (light) expansion runs for every token. ``hidden_only``: the
-        first-stage hidden state before GELU, ``[B, X', Y', Z', T', decoder_dim]`` (for the fused head)."""
+    def forward(self, f_BXYZTD: torch.Tensor, hidden_only: bool = False) -> torch.Tensor:
+        """Voxel patches of every first-stage token; ``hidden_only``: the first-stage hidden state before GELU,
+        ``[B, X', Y', Z', T', decoder_dim]`` (for the fused head)."""
         B, X, Y, Z, T, _ = f_BXYZTD.shape
         r, c = self.r, self.decoder_dim
         h = self.expand(f_BXYZTD).reshape(B, X, Y, Z, T, r, r, r, c)
         h = h.permute(0, 1, 5, 2, 6, 3, 7, 4, 8).reshape(B, X * r, Y * r, Z * r, T, c)
         if hidden_only:
             return h
-        if select_BM is not None:
-            h = gather_tokens(h, select_BM)
         return self.out(self.act(h))
 
 
 def reconstruction_loss(cfg: SwiftConfig, pred_BXYZTP: torch.Tensor, x_BCXYZT: torch.Tensor,
-                        mask_BXYZT: torch.Tensor, brain_mask_BXYZ: torch.Tensor | None,
-                        select_BM: torch.Tensor | None = None) -> torch.Tensor:
+                        mask_BXYZT: torch.Tensor, brain_mask_BXYZ: torch.Tensor | None) -> torch.Tensor:
     """Mean L1/L2/Huber error over masked voxels (and brain voxels when ``brain_only_loss``).
 
-    Unmasked tokens get zero weight, so they receive no gradient through the loss. With ``select_BM`` (the
-    flat indices of each sample's masked tokens, ``masking.token_selection``) ``pred`` holds only those tokens,
-    ``[B, M, P]``, and the target is gathered to match: the same mean over the same voxels.
+    Unmasked tokens get zero weight, so they receive no gradient through the loss. Computed in float32 (float64
+    stays float64).
     """
-    px, py, pz, pt = cfg.patch_size
-    acc = torch.promote_types(pred_BXYZTP.dtype, torch.float32)  # float32 under autocast, float64 stays float64
-    target = patchify(x_BCXYZT, cfg.patch_size)
-    bm = None
-    if brain_mask_BXYZ is not None and cfg.brain_only_loss:
-        bm = patchify(brain_mask_BXYZ.to(acc)[:, None, ..., None], (px, py, pz, 1))  # [B, X, Y, Z, 1, pxpypz]
-    if select_BM is None:
-        B, X, Y, Z, T, _ = pred_BXYZTP.shape
-        w = mask_BXYZT.to(acc).reshape(B, X, Y, Z, T, 1, 1, 1)
-        if bm is not None:
-            w = w * bm.reshape(B, X, Y, Z, 1, 1, px * py * pz, 1)
-    else:
-        B, M = select_BM.shape
-        T = target.shape[4]
-        w = None
-        target = gather_tokens(target, select_BM)
-        if bm is not None:  # the brain weight of a token's voxels depends on its spatial position only
-            w = gather_tokens(bm, torch.div(select_BM, T, rounding_mode="floor")).reshape(B, M, 1, px * py * pz, 1)
-    pred, target = pred_BXYZTP.to(acc), target.to(acc)
+    acc = torch.promote_types(pred_BXYZTP.dtype, torch.float32)
+    target = patchify(x_BCXYZT, cfg.patch_size).to(acc)
+    pred = pred_BXYZTP.to(acc)
     if cfg.loss_type == "l1":
         err = (pred - target).abs()
     elif cfg.loss_type == "l2":
         err = (pred - target).square()
     else:
         err = F.huber_loss(pred, target, reduction="none", delta=cfg.huber_delta)
-    err = err.reshape(*err.shape[:-1], cfg.in_chans, px * py * pz, pt)
-    if select_BM is not None and bm is None:  # every selected voxel counts
-        return err.mean()
+    B, X, Y, Z, T, _ = err.shape
+    px, py, pz, pt = cfg.patch_size
+    err = err.reshape(B, X, Y, Z, T, cfg.in_chans, px * py * pz, pt)
+    w = mask_BXYZT.to(acc).reshape(B, X, Y, Z, T, 1, 1, 1)
+    if brain_mask_BXYZ is not None and cfg.brain_only_loss:
+        bm = patchify(brain_mask_BXYZ.to(acc)[:, None, ..., None], (px, py, pz, 1))  # [B,X,Y,Z,1,pxpypz]
+        w = w * bm.reshape(B, X, Y, Z, 1, 1, px * py * pz, 1)
     w = w.expand_as(err)
     return (err * w).sum() / w.sum().clamp_min(1.0)
 
@@ -321,26 +303,27 @@ class MIMLoss(nn.Module):
         self.cfg = cfg
 
     def forward(self, pred_BXYZTP: torch.Tensor, x_BCXYZT: torch.Tensor, mask_BXYZT: torch.Tensor,
-                brain_mask_BXYZ: torch.Tensor | None = None, select_BM: torch.Tensor | None = None) -> torch.Tensor:
-        return reconstruction_loss(self.cfg, pred_BXYZTP, x_BCXYZT, mask_BXYZT, brain_mask_BXYZ, select_BM)
+                brain_mask_BXYZ: torch.Tensor | None = None) -> torch.Tensor:
+        return reconstruction_loss(self.cfg, pred_BXYZTP, x_BCXYZT, mask_BXYZT, brain_mask_BXYZ)
 
 
 class SimMIM(nn.Module):
     """SimMIM pre-training model around any SwiFT encoder.
 
     ``forward(x_BCXYZT, brain_mask=None, mask=None, exact_mask=None)`` returns ``dict(loss, num_tokens, mask,
-    pred, pred_index)``; ``mask`` (bool ``[B, X', Y', Z', T']``, True = masked) defaults to :meth:`make_mask`
-    drawn from the global torch RNG.
+    pred, hidden, token_selection)``; ``mask`` (bool ``[B, X', Y', Z', T']``, True = masked) defaults to :meth:`make_mask` drawn from
+    the global torch RNG. ``pred`` is the voxel prediction ``[B, X', Y', Z', T', P]``, or None when the fused head
+    ran (``SwiftConfig.fused_head``); :meth:`full_prediction` gives it in both cases (from ``hidden``, the decoder's
+    state before its last layers).
 
     Token selection: when every sample masks exactly ``masking.masked_tokens_per_sample(cfg)`` tokens (every mask
-    :meth:`make_mask` draws), the patch embedding projects only the visible tokens and the decoder's last layers
-    and the loss run only on the masked ones; the loss is the same mean over the same voxels. ``pred`` is then
-    ``[B, M, P]`` for the tokens ``pred_index`` (``[B, M]`` flat indices into the token grid; see
-    :meth:`full_prediction`), else the full ``[B, X', Y', Z', T', P]`` with ``pred_index=None``.
-    ``exact_mask``: ``True`` (the caller vouches for the count, e.g. the training engine, whose masks come from
-    :meth:`make_mask`), ``False`` (never select), ``None`` (select when the mask is drawn here or is a CPU tensor
-    with the exact count, checked on the host; a mask already on an accelerator is not checked, since that would
-    wait for the device, and takes the dense path).
+    :meth:`make_mask` draws), the patch embedding projects only the visible tokens (the masked ones are replaced by
+    the mask token anyway): the same tokens, from 40% of the input at mask ratio 0.6. ``exact_mask``: ``True`` (the
+    caller vouches for the count, e.g. the training engine, whose masks come from :meth:`make_mask`), ``False``
+    (never select), ``None`` (select when the mask is drawn here or is a CPU tensor with the exact count, checked
+    on the host; a mask already on an accelerator is not checked, since that would wait for the device).
+    (Decoding only the masked tokens too was slower on H100: the gathered target reads defeat the tiled transpose
+    of the dense loss; BENCHMARKS.md.)
     """
 
     def __init__(self, cfg: SwiftConfig, encoder: nn.Module, decoder: nn.Module) -> None:
@@ -381,13 +364,11 @@ class SimMIM(nn.Module):
             raise ValueError(f"mask shape {tuple(mask.shape)}; expected [B, *token grid] = {(B, *self.cfg.grid)}")
         exact = self._exact(mask, exact_mask)
         mask = mask.to(device=x_BCXYZT.device, dtype=torch.bool)
-        visible = masked = None
-        if exact:
-            visible, masked = token_selection(mask, self.num_masked)
+        visible = token_selection(mask, self.num_masked)[0] if exact else None
         feats = self.encoder(x_BCXYZT, mask, self.mask_token, visible_BK=visible)
-        loss, pred, hidden = self.head(feats, x_BCXYZT, mask, brain_mask, masked)
+        loss, pred, hidden = self.head(feats, x_BCXYZT, mask, brain_mask)
         return {"loss": loss, "num_tokens": int(B * math.prod(mask.shape[1:])), "mask": mask, "pred": pred,
-                "pred_index": None if pred is None else masked, "hidden": hidden}
+                "hidden": hidden, "token_selection": exact}
 
     def uses_fused_head(self, x_BCXYZT: torch.Tensor) -> bool:
         """Whether :meth:`head` runs the fused Triton kernel for this input (``SwiftConfig.fused_head``)."""
@@ -397,11 +378,10 @@ class SimMIM(nn.Module):
         return (self.cfg.fused_head and isinstance(self.decoder, PixelShuffleDecoder) and c >= 16 and not c & (c - 1)
                 and fused_head.available(x_BCXYZT.device) and not torch.compiler.is_compiling())
 
-    def head(self, feats: torch.Tensor, x_BCXYZT: torch.Tensor, mask: torch.Tensor, brain_mask: torch.Tensor | None,
-             masked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def head(self, feats: torch.Tensor, x_BCXYZT: torch.Tensor, mask: torch.Tensor, brain_mask: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Decoder + loss: ``(loss, pred, hidden)``. The fused kernel (:meth:`uses_fused_head`) returns no ``pred``
-        but the decoder's ``hidden`` state (``full_prediction`` recomputes the voxels from it); otherwise ``pred``
-        holds every token or, with ``masked``, the masked ones."""
+        but the decoder's ``hidden`` state; the PyTorch path returns ``pred`` and no ``hidden``."""
         if self.uses_fused_head(x_BCXYZT):
             from .fused_head import fused_head_loss
 
@@ -410,22 +390,16 @@ class SimMIM(nn.Module):
             loss = fused_head_loss(h, self.decoder.out.weight, self.decoder.out.bias, x_BCXYZT, mask, bm,
                                    self.cfg.patch_size, self.cfg.loss_type, self.cfg.huber_delta)
             return loss, None, h
-        pred = self.decoder(feats, masked)
-        return self.criterion(pred, x_BCXYZT, mask, brain_mask, masked), pred, None
+        pred = self.decoder(feats)
+        return self.criterion(pred, x_BCXYZT, mask, brain_mask), pred, None
 
     def full_prediction(self, out: dict) -> torch.Tensor:
-        """``out["pred"]`` on the full token grid ``[B, X', Y', Z', T', P]`` (zeros where nothing was predicted;
-        from the decoder's hidden state when the fused head ran)."""
-        pred, index = out["pred"], out["pred_index"]
-        if pred is None:
-            h = out["hidden"]
-            return self.decoder.out(self.decoder.act(h.to(self.decoder.out.weight.dtype)))
-        if index is None:
-            return pred
-        B, M, P = pred.shape
-        full = pred.new_zeros(B, math.prod(self.cfg.grid), P)
-        full[torch.arange(B, device=index.device)[:, None], index] = pred
-        return full.reshape(B, *self.cfg.grid, P)
+        """The voxel prediction ``[B, X', Y', Z', T', P]`` of a :meth:`forward` output (recomputed from the
+        decoder's hidden state when the fused head ran)."""
+        if out["pred"] is not None:
+            return out["pred"]
+        h = out["hidden"]
+        return self.decoder.out(self.decoder.act(h.to(self.decoder.out.weight.dtype)))
 
 
 class DownstreamModel(nn.Module):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import SwiftConfig, stage_window
-from .layers import (Attention, DropPath, Mlp, PatchEmbed, PatchMerging, can_split, gather_tokens, rope_rotate,
+from .layers import (Attention, DropPath, Mlp, PatchEmbed, PatchMerging, can_split, rope_rotate,
                      shifted_window_mask, split_window_attention, window_partition, window_reverse)
 from .model import Stage, _scale, drop_path_rates, residual_dtype
 
@@ -174,18 +174,12 @@ class FactorizedPixelShuffleDecoder(nn.Module):
         self.act = nn.GELU()
         self.spatial = nn.Linear(decoder_dim, px * py * pz * in_chans)
 
-    def forward(self, f_BXYZTD: torch.Tensor, select_BM: torch.Tensor | None = None) -> torch.Tensor:
-        """Voxel patches of every first-stage token, or with ``select_BM`` (flat token indices per sample) only of
-        those: ``[B, M, P]``. Only the temporal expansion runs for every token."""
+    def forward(self, f_BXYZTD: torch.Tensor) -> torch.Tensor:
         B, X, Y, Z, T, _ = f_BXYZTD.shape
         r, c, C = self.r, self.c, self.in_chans
         px, py, pz, pt = self.patch_size
         h = self.temporal(f_BXYZTD).reshape(B, X, Y, Z, T, pt, r, r, r, c)        # temporal expansion
         h = h.permute(0, 1, 6, 2, 7, 3, 8, 4, 5, 9)                                 # [B, X, r, Y, r, Z, r, T, pt, c]
-        if select_BM is not None:                                                   # -> [B, M, pt, c]
-            h = gather_tokens(h.reshape(B, X * r, Y * r, Z * r, T, pt * c), select_BM).reshape(B, -1, pt, c)
-            v = self.spatial(self.act(h)).reshape(B, -1, pt, C, px, py, pz)       # spatial expansion
-            return v.permute(0, 1, 3, 4, 5, 6, 2).reshape(B, -1, C * px * py * pz * pt)
         v = self.spatial(self.act(h)).reshape(B, X, r, Y, r, Z, r, T, pt, C, px, py, pz)  # spatial expansion
         v = v.permute(0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 8)                     # -> patch layout
         return v.reshape(B, X * r, Y * r, Z * r, T, C * px * py * pz * pt)

@@ -38,7 +38,7 @@ def test_analytic_flops_match_flop_counter(family, overrides):
     assert analytic["forward"] == pytest.approx(fwd, rel=1e-3)
     assert analytic["forward_selected"] == pytest.approx(fwd_sel, rel=1e-3)
     assert analytic["train_selected"] == pytest.approx(train_sel, rel=1e-3)
-    assert fwd_sel < 0.95 * fwd  # these small inputs make the embedding and decoder tail a visible share
+    assert fwd_sel < 0.98 * fwd  # these small inputs make the patch embedding a visible share
 
 
 def test_split_does_no_more_work_than_counted():

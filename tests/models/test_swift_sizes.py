@@ -56,6 +56,6 @@ def test_shrunk_real_size_runs():
     torch.manual_seed(0)
     model = R.build_pretrain_model(cfg)
     out = model(torch.randn(1, 1, 24, 24, 24, 4))
-    assert torch.isfinite(out["loss"]) and model.full_prediction(out).shape == (1, 4, 4, 4, 2, 432)
+    assert torch.isfinite(out["loss"]) and out["pred"].shape == (1, 4, 4, 4, 2, 432)
     with pytest.raises(ValueError, match="img_size"):
         model(torch.randn(1, 1, 24, 24, 24, 2))

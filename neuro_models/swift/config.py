@@ -88,7 +88,8 @@ class SwiftConfig:
     fused_head: bool = True
     """4D family: on CUDA with Triton, compute the decoder's tail (GELU, linear to voxels) and the reconstruction
     loss in one fused kernel (``neuro_models.swift.fused_head``: same loss, float32, the input read once instead of
-    a transposed read in both passes). Elsewhere, and inside a whole-model ``torch.compile`` trace, the PyTorch
+    a transposed read in both passes). Elsewhere (CPU, XPU, the revised family, decoder_dim not a power of two
+    >= 16, DeepSpeed ZeRO-3 partitioned weights) and inside a whole-model ``torch.compile`` trace, the PyTorch
     path runs."""
     use_checkpoint: bool = False
     """Activation checkpointing of every block (saves memory, ~30% more compute)."""

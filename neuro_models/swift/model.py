@@ -375,8 +375,11 @@ class SimMIM(nn.Module):
         from . import fused_head
 
         c = getattr(self.decoder, "decoder_dim", 0)
+        # a ZeRO-3 partitioned weight (DeepSpeed marks it with ds_id) is gathered only inside its module's forward,
+        # which the kernel bypasses: keep the PyTorch path there
+        partitioned = isinstance(self.decoder, PixelShuffleDecoder) and hasattr(self.decoder.out.weight, "ds_id")
         return (self.cfg.fused_head and isinstance(self.decoder, PixelShuffleDecoder) and c >= 16 and not c & (c - 1)
-                and fused_head.available(x_BCXYZT.device) and not torch.compiler.is_compiling())
+                and not partitioned and fused_head.available(x_BCXYZT.device) and not torch.compiler.is_compiling())
 
     def head(self, feats: torch.Tensor, x_BCXYZT: torch.Tensor, mask: torch.Tensor, brain_mask: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

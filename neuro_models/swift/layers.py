@@ -195,7 +195,7 @@ FLEX_KERNEL_OPTIONS: dict | None = None
 #: Backward blocks for small head dims on CUDA: 32-query x 128-key tiles (dK/dV loop) and 128 x 32 (dQ loop), 4
 #: warps, 3 stages. H100, head dim 16, 256-token windows, fwd + bwd of a compiled block (swift_blocks.py sweep,
 #: BENCHMARKS.md): attention backward 2.83 -> 2.38 ms at stage 1 and 0.182 -> 0.159 ms at stage 3, against PyTorch's
-#: default and six other tilings; no forward tiling beat the default.
+#: default and three other backward tilings; none of three forward tilings beat the default.
 SMALL_HEAD_BWD_OPTIONS = dict(bwd_BLOCK_M1=32, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=32, bwd_num_warps=4,
                               bwd_num_stages=3)
 

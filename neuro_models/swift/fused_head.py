@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from .layers import patchify
+
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs lack it
     import triton
     import triton.language as tl
@@ -126,11 +128,12 @@ if triton is not None:
 #: elements are split over programs, so the [P_CHUNK, T'] tiles stay in registers), warps, software-pipelining
 #: stages of the column loop, programs per SM. The kernel is latency-bound (a serial loop of small loads, three
 #: small dots and a store). H100, 51M head at batch 16 (BENCHMARKS.md): programs per SM 8 vs 32 made no
-#: difference; 32-row chunks were 2x slower than 64-row ones and 3 pipeline stages beat 1 (3.69 vs 5.41 ms): the
-#: chunks of a column repeat its GELU and add their share of the hidden gradient atomically, so fewer, larger chunks.
+#: difference; 3 pipeline stages beat 1 (3.69 vs 5.41 ms); 64-row chunks were fastest: 32 rows 2x slower, 128 and
+#: 256 rows (plain stores, no atomics) 5-60% slower. The fastest of these is picked per shape on the card in use.
 CONFIGS = [dict(P_CHUNK=pc, num_warps=w, num_stages=st, PPS=8)
            for (pc, w, st) in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2), (256, 8, 3), (256, 16, 2))]
-_TUNED: dict = {}
+_TUNED: dict = {}  # shape key -> the fastest configuration
+_TIMINGS: dict = {}  # shape key -> {configuration: ms}, for benchmarks
 
 
 def _buffers(h, P: int, CD: int, n_sm: int, configs: list[dict]):
@@ -203,7 +206,7 @@ def _tune(key, run, fresh) -> dict:
         raise RuntimeError("no launch configuration of the fused head kernel ran")
     best = CONFIGS[min(times, key=times.get)]
     _TUNED[key] = best
-    _TUNED[("timings",) + key] = {str(CONFIGS[i]): round(t, 4) for i, t in times.items()}
+    _TIMINGS[key] = {str(CONFIGS[i]): round(t, 4) for i, t in times.items()}
     return best
 
 
@@ -244,7 +247,7 @@ def fused_head_loss(h_BXYZTC: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     if brain_mask_BXYZ is not None:
         bm = brain_mask_BXYZ.to(torch.float32).contiguous()
         # brain voxels per spatial patch, x the masked tokens of that patch column, x channels and frames
-        per_patch = bm.reshape(B, bm.shape[1] // px, px, bm.shape[2] // py, py, bm.shape[3] // pz, pz).sum((2, 4, 6))
+        per_patch = patchify(bm[:, None, ..., None], (px, py, pz, 1)).sum(-1)[..., 0]  # [B, X', Y', Z']
         denom = (m.sum(-1) * per_patch).sum() * (C * pt)
     else:
         denom = m.sum() * (C * px * py * pz * pt)

@@ -14,7 +14,7 @@ seed a generator per sample.
 
 Every mask of a config masks the same number of tokens per sample (:func:`masked_tokens_per_sample`), so the
 masked and the visible tokens have static counts: :func:`token_selection` lists them, and the SimMIM model
-embeds only the visible tokens and decodes only the masked ones (the loss sees nothing else).
+embeds only the visible tokens (the masked ones are replaced by the mask token anyway).
 """
 from __future__ import annotations
 

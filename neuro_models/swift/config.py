@@ -91,6 +91,11 @@ class SwiftConfig:
     a transposed read in both passes). Elsewhere (CPU, XPU, the revised family, decoder_dim not a power of two
     >= 16, DeepSpeed ZeRO-3 partitioned weights) and inside a whole-model ``torch.compile`` trace, the PyTorch
     path runs."""
+    fused_mlp: bool = False
+    """4D family: on CUDA with Triton, under bf16/fp16 autocast, run the MLPs of widths <= 256 (the first two
+    stages of the v2 ladder's 51M) as fused Triton kernels that keep the 4x wider hidden activation on chip
+    (``neuro_models.swift.fused_mlp``; same math, the hidden activation recomputed in the backward). Elsewhere
+    (CPU, XPU, float32, wider MLPs, ZeRO-3 partitioned weights) the PyTorch path runs."""
     use_checkpoint: bool = False
     """Activation checkpointing of every block (saves memory, ~30% more compute)."""
     parametrization: str = "sp"

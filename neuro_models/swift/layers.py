@@ -241,15 +241,23 @@ def use_flex(attn_impl: str, device: torch.device) -> bool:
 # layers
 # --------------------------------------------------------------------------------------------------
 class Mlp(nn.Module):
-    """Two-layer GELU MLP on the last axis."""
+    """Two-layer GELU MLP on the last axis. With ``fused``, the Triton kernels of
+    ``neuro_models.swift.fused_mlp`` run it where they can (``fused_mlp.usable``: CUDA, bf16/fp16 compute, width
+    <= 256), keeping the hidden activations on chip; the PyTorch path runs everywhere else."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, fused: bool = False) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from . import fused_mlp
+
+            if fused_mlp.usable(x, self.fc1, self.fc2):
+                return fused_mlp.fused_mlp(x, self.fc1, self.fc2)
         return self.fc2(self.act(self.fc1(x)))
 
 

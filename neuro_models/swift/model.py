@@ -49,7 +49,7 @@ class WindowBlock4D(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, window: tuple[int, ...], *, shifted: bool, mlp_ratio: float,
                  qkv_bias: bool, drop_path: float, scale: float, shift_impl: str = "mask",
-                 attn_impl: str = "auto") -> None:
+                 attn_impl: str = "auto", fused_mlp: bool = False) -> None:
         super().__init__()
         self.window = tuple(window)
         self.shifted = shifted
@@ -59,7 +59,7 @@ class WindowBlock4D(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, scale=scale)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), fused=fused_mlp)
 
     def _windows(self, x_BXYZTD: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]:
         dims = tuple(x_BXYZTD.shape[1:5])
@@ -103,13 +103,13 @@ class FullBlock(nn.Module):
     compile_region = True  # see neuro_models.layers.compile_regions
 
     def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float, qkv_bias: bool, drop_path: float,
-                 scale: float) -> None:
+                 scale: float, fused_mlp: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, scale=scale)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), fused=fused_mlp)
 
     def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
         x = x_BND + self.drop_path(self.attn(self.norm1(x_BND)))
@@ -199,7 +199,8 @@ class SwiftEncoder(nn.Module):
         self.merges = nn.ModuleList()
         for s, (d, h, depth) in enumerate(zip(dims, cfg.num_heads, cfg.depths)):
             full = cfg.last_layer_full_attention and s == cfg.num_stages - 1
-            kw = dict(mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, scale=_scale(cfg, d // h))
+            kw = dict(mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, scale=_scale(cfg, d // h),
+                      fused_mlp=cfg.fused_mlp)
             if full:
                 blocks = [FullBlock(d, h, drop_path=next(dpr), **kw) for _ in range(depth)]
             else:

@@ -1,0 +1,264 @@
+"""Fused transformer MLP for CUDA: ``fc2(gelu(fc1(x)))`` with the hidden activations kept on chip.
+
+Why: in the first stages of the SwiFT v1 reference configuration (51M, 96^3 x 20, batch 16) a block sees 1.3 M
+tokens of width 96; the 4x wider hidden activation is 1 GB in bf16, and PyTorch's MLP writes and reads it (and its
+GELU and gradient) about eleven times per step: fc1, GELU, fc2 forward, then fc2 dgrad, GELU backward, both
+weight gradients and fc1 dgrad, each a separate memory-bound kernel (``swift_blocks.py`` profiles). Here
+
+* the forward kernel computes, per tile of tokens and per chunk of hidden units, ``h = x W1^T + b1``,
+  ``g = gelu(h)`` and accumulates ``g W2^T``: it reads x and writes y, nothing else;
+* the backward kernel recomputes ``h`` from x (nothing but x is saved), and writes ``g = gelu(h)`` and
+  ``dh = (dy W2) * gelu'(h)`` with the per-tile sums of ``dh`` (the fc1 bias gradient); the three matmuls left,
+  ``dx = dh W1``, ``dW1 = dh^T x`` and ``dW2 = dy^T g``, are plain GEMMs (cuBLAS).
+
+A first version also fused those three GEMMs into Triton kernels (input gradient per token tile; weight gradients
+per hidden chunk accumulated in registers): on H100 they took 1.97 + 2.90 ms against ~1.3 ms for cuBLAS, and the
+MLP of a stage-1 block went from 4.9 to 6.1 ms (BENCHMARKS.md, session 8). Recomputing ``h`` is cheap at this
+width (K = 96); the exact GELU's ``erf`` per hidden element is not, so it is evaluated once per pass.
+
+Semantics equal ``nn.Linear -> nn.GELU() (exact) -> nn.Linear`` under autocast: inputs and weights in the compute
+dtype (bf16 or fp16), products accumulated in float32, ``gelu(h)`` and ``dh`` rounded to the compute dtype before
+their matmuls (as autocast rounds the hidden activation and its gradient), the output in the compute dtype, weight
+gradients accumulated in float32 and returned in the weights' compute dtype. Used by ``Mlp`` when
+``SwiftConfig.fused_mlp`` is on, the width is at most ``MAX_DIM``, the tensors are on CUDA (or the Triton
+interpreter runs, for tests), the compute dtype is bf16/fp16 and the weights are not ZeRO-3 partitioned. It is a
+``torch.library`` custom op, so ``torch.compile``d blocks call it as one opaque kernel.
+
+Triton 3.9's interpreter computes ``tl.dot`` of bf16 tiles wrongly (fp16 and fp32 are right), so CPU tests run the
+kernels in fp16; bf16 is checked on the GPU (``benchmarks/swift_blocks.py --check``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs lack it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+#: widest MLP input the kernels take: the weight-gradient program keeps two [hidden chunk, width] float32
+#: accumulators in registers (stages 1-2 of the 51M: 96 and 192)
+MAX_DIM = 256
+
+
+#: the Triton interpreter is on (read once: ``available`` runs inside ``torch.compile`` traces)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernels can run for tensors on ``device`` (CUDA and Triton; the Triton interpreter,
+    ``TRITON_INTERPRET=1``, runs them on CPU tensors for tests)."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and _INTERPRET)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gelu(h):
+        return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+
+    @triton.jit
+    def _mlp_fwd_kernel(x_ptr, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr, y_ptr, M, C: tl.constexpr, H: tl.constexpr,
+                        CP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
+        """y[m] = gelu(x[m] W1^T + b1) W2^T + b2 for the BM rows of this program; W1^T is [C, H], W2^T [H, C]."""
+        rm = tl.cast(tl.program_id(0), tl.int64) * BM + tl.arange(0, BM)
+        rc = tl.arange(0, CP)
+        rh = tl.arange(0, BH)
+        mmask = rm < M
+        cmask = rc < C
+        xmask = mmask[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + rm[:, None] * C + rc[None, :], mask=xmask, other=0.0)
+        acc = tl.zeros((BM, CP), dtype=tl.float32)
+        for h0 in range(0, H, BH):
+            hh = h0 + rh
+            hmask = hh < H
+            w1t = tl.load(w1t_ptr + rc[:, None] * H + hh[None, :], mask=cmask[:, None] & hmask[None, :], other=0.0)
+            b1 = tl.load(b1_ptr + hh, mask=hmask, other=0.0).to(tl.float32)
+            g = _gelu(tl.dot(x, w1t) + b1[None, :])
+            w2t = tl.load(w2t_ptr + hh[:, None] * C + rc[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0)
+            acc = tl.dot(g.to(x.dtype), w2t, acc)
+        b2 = tl.load(b2_ptr + rc, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rm[:, None] * C + rc[None, :], (acc + b2[None, :]).to(y_ptr.dtype.element_ty), mask=xmask)
+
+    @triton.jit
+    def _mlp_dh_kernel(x_ptr, dy_ptr, w1t_ptr, b1_ptr, w2_ptr, g_ptr, dh_ptr, db1_ptr, M, C: tl.constexpr,
+                       H: tl.constexpr, CP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
+        """Program (j, i): rows [i BM, (i + 1) BM) and hidden units [j BH, (j + 1) BH): recompute
+        h = x W1^T + b1, store g = gelu(h) and dh = (dy W2) * gelu'(h) (compute dtype) and the rows' sum of dh
+        (float32) into row i of the partial bias gradient. The hidden chunk varies fastest, so the programs that
+        read the same x and dy rows run together and share them through L2."""
+        j = tl.program_id(0)
+        i = tl.program_id(1)
+        rm = tl.cast(i, tl.int64) * BM + tl.arange(0, BM)
+        rc = tl.arange(0, CP)
+        hh = j * BH + tl.arange(0, BH)
+        mmask = rm < M
+        cmask = rc < C
+        hmask = hh < H
+        xmask = mmask[:, None] & cmask[None, :]
+        wmask = cmask[:, None] & hmask[None, :]
+        x = tl.load(x_ptr + rm[:, None] * C + rc[None, :], mask=xmask, other=0.0)
+        dy = tl.load(dy_ptr + rm[:, None] * C + rc[None, :], mask=xmask, other=0.0)
+        w1t = tl.load(w1t_ptr + rc[:, None] * H + hh[None, :], mask=wmask, other=0.0)
+        b1 = tl.load(b1_ptr + hh, mask=hmask, other=0.0).to(tl.float32)
+        w2 = tl.load(w2_ptr + rc[:, None] * H + hh[None, :], mask=wmask, other=0.0)
+        h = tl.dot(x, w1t) + b1[None, :]
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        dh = tl.dot(dy, w2) * (cdf + h * 0.3989422804014327 * tl.exp(-0.5 * h * h))  # rows past M: dy = 0
+        omask = mmask[:, None] & hmask[None, :]
+        out = rm[:, None] * H + hh[None, :]
+        tl.store(g_ptr + out, (h * cdf).to(g_ptr.dtype.element_ty), mask=omask)
+        dh = dh.to(dh_ptr.dtype.element_ty)
+        tl.store(dh_ptr + out, dh, mask=omask)
+        tl.store(db1_ptr + tl.cast(i, tl.int64) * H + hh, tl.sum(dh.to(tl.float32), axis=0), mask=hmask)
+
+
+#: launch configurations tried on the first call per shape and kernel (``_tuned``): token rows per tile (BM),
+#: hidden units per chunk (BH), warps, software-pipelining stages; for the weight-gradient kernel also programs
+#: per SM over all hidden chunks (PPS).
+CONFIGS = {
+    "fwd": [dict(BM=bm, BH=bh, num_warps=w, num_stages=2) for (bm, bh, w) in
+            ((64, 64, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8))],
+    "dh": [dict(BM=bm, BH=bh, num_warps=w, num_stages=2) for (bm, bh, w) in
+           ((64, 64, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8), (64, 128, 4))],
+}
+_TUNED: dict = {}  # (kernel, shape key) -> the fastest configuration
+TIMINGS: dict = {}  # (kernel, shape key) -> {configuration: ms}, for benchmarks
+
+
+def _cp(C: int) -> int:
+    return max(16, triton.next_power_of_2(C))
+
+
+def _tuned(kind: str, key: tuple, run) -> dict:
+    """The launch configuration for ``kind`` at ``key``: on CUDA the fastest of ``CONFIGS[kind]`` (timed once per
+    shape with CUDA events, three runs each; a configuration the card cannot run is skipped), else the first."""
+    k = (kind, key)
+    if k in _TUNED:
+        return _TUNED[k]
+    configs = CONFIGS[kind]
+    if key[-1] != "cuda" or torch.cuda.is_current_stream_capturing():
+        return configs[0]
+    times = {}
+    for i, cfg in enumerate(configs):
+        try:
+            run(cfg)  # compile
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(3):
+                run(cfg)
+            end.record()
+            torch.cuda.synchronize()
+            times[i] = start.elapsed_time(end) / 3
+        except Exception:  # noqa: BLE001 - e.g. out of shared memory for this tile on this card
+            continue
+    if not times:
+        raise RuntimeError(f"no launch configuration of the fused MLP {kind} kernel ran")
+    _TUNED[k] = configs[min(times, key=times.get)]
+    TIMINGS[k] = {str(configs[i]): round(t, 4) for i, t in times.items()}
+    return _TUNED[k]
+
+
+def _forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    M, C = x.shape
+    H = w1.shape[0]
+    w1t, w2t = w1.t().contiguous(), w2.t().contiguous()
+    y = torch.empty_like(x)
+    key = (M, C, H, x.dtype, x.device.type)
+
+    def run(cfg):
+        _mlp_fwd_kernel[(triton.cdiv(M, cfg["BM"]),)](x, w1t, b1, w2t, b2, y, M, C=C, H=H, CP=_cp(C), BM=cfg["BM"],
+                                                        BH=cfg["BH"], num_warps=cfg["num_warps"],
+                                                        num_stages=cfg["num_stages"])
+
+    run(_tuned("fwd", key, run))
+    return y
+
+
+def _backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    M, C = x.shape
+    H = w1.shape[0]
+    w1t = w1.t().contiguous()
+    g = torch.empty(M, H, device=x.device, dtype=x.dtype)
+    dh = torch.empty_like(g)
+    key = (M, C, H, x.dtype, x.device.type)
+    parts: dict = {}
+
+    def run(cfg):
+        tiles = triton.cdiv(M, cfg["BM"])
+        parts["db1"] = torch.empty(tiles, H, device=x.device, dtype=torch.float32)
+        _mlp_dh_kernel[(triton.cdiv(H, cfg["BH"]), tiles)](x, dy, w1t, b1, w2, g, dh, parts["db1"], M, C=C, H=H,
+                                                            CP=_cp(C), BM=cfg["BM"], BH=cfg["BH"],
+                                                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    run(_tuned("dh", key, run))
+    # the three matmuls that remain are plain GEMMs (cuBLAS on CUDA), in the compute dtype with float32 accumulation
+    dx = dh @ w1
+    dw1 = dh.t() @ x
+    dw2 = dy.t() @ g
+    return dx, dw1, parts["db1"].sum(0).to(b1.dtype), dw2, dy.sum(0, dtype=torch.float32).to(w2.dtype)
+
+
+if triton is not None:
+
+    @torch.library.custom_op("neurox::fused_mlp", mutates_args=())
+    def fused_mlp_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+                     ) -> torch.Tensor:
+        return _forward(x, w1, b1, w2, b2)
+
+    @fused_mlp_op.register_fake
+    def _(x, w1, b1, w2, b2):
+        return torch.empty_like(x)
+
+    @torch.library.custom_op("neurox::fused_mlp_backward", mutates_args=())
+    def fused_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                              w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                         torch.Tensor]:
+        return _backward(dy.contiguous(), x, w1, b1, w2)
+
+    @fused_mlp_backward_op.register_fake
+    def _(dy, x, w1, b1, w2):
+        return (torch.empty_like(x), torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2),
+                x.new_empty(w2.shape[0], dtype=w2.dtype))
+
+    def _setup_context(ctx, inputs, output):
+        x, w1, b1, w2, _ = inputs
+        ctx.save_for_backward(x, w1, b1, w2)
+
+    def _backward_rule(ctx, dy):
+        x, w1, b1, w2 = ctx.saved_tensors
+        return fused_mlp_backward_op(dy, x, w1, b1, w2)
+
+    fused_mlp_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the MLP's matmuls run in: autocast's for ``x``'s device if it is on, else ``x``'s."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def usable(x: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> bool:
+    """Whether ``fused_mlp`` can replace ``fc2(gelu(fc1(x)))`` here (module docstring)."""
+    return (available(x.device) and fc1.in_features <= MAX_DIM and fc1.bias is not None and fc2.bias is not None
+            and compute_dtype(x) in (torch.bfloat16, torch.float16)
+            and not hasattr(fc1.weight, "ds_id") and not hasattr(fc2.weight, "ds_id"))
+
+
+def fused_mlp(x: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> torch.Tensor:
+    """``fc2(gelu(fc1(x)))`` over the last axis of ``x`` in the compute dtype (:func:`compute_dtype`)."""
+    dt = compute_dtype(x)
+    shape = x.shape
+    with torch.autocast(x.device.type, enabled=False):
+        y = fused_mlp_op(x.reshape(-1, shape[-1]).to(dt).contiguous(), fc1.weight.to(dt), fc1.bias.to(dt),
+                         fc2.weight.to(dt), fc2.bias.to(dt))
+    return y.reshape(shape)

@@ -1,0 +1,55 @@
+"""The fused MLP (Triton) on CPU through the Triton interpreter; on GPU see ``swift_blocks.py --check``."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from neuro_models import registry as R
+from neuro_models.swift import fused_mlp
+from neuro_models.swift.layers import Mlp
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(case: str) -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("fused_mlp_check.py")), case], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_kernels_match_float64_for_every_launch_configuration():
+    _run("kernel")
+
+
+def test_module_matches_pytorch_mlp_eager_and_compiled():
+    _run("module")
+
+
+def test_model_runs_fused_mlp_only_where_narrow_enough():
+    _run("model")
+
+
+def test_fused_mlp_is_off_by_default_and_not_used_where_it_cannot_run():
+    cfg = R.get_config("swift_v2", "debug")
+    assert not cfg.fused_mlp
+    blocks = [m for m in R.build_pretrain_model(cfg.replace(fused_mlp=True)).modules() if isinstance(m, Mlp)]
+    assert blocks and all(m.fused for m in blocks)
+    revised = R.build_pretrain_model(R.get_config("swift_v2_revised", "debug", fused_mlp=True))
+    assert not any(m.fused for m in revised.modules() if isinstance(m, Mlp))  # 4D family only
+    m = Mlp(16, 64, fused=True)
+    x = torch.randn(3, 16)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        assert not fused_mlp.available(torch.device("cpu")) and not fused_mlp.usable(x.half(), m.fc1, m.fc2)
+    assert not fused_mlp.usable(x, m.fc1, m.fc2)  # float32 compute keeps the PyTorch path
+    wide = Mlp(fused_mlp.MAX_DIM + 1, 8, fused=True)
+    assert not fused_mlp.usable(torch.randn(2, fused_mlp.MAX_DIM + 1).half(), wide.fc1, wide.fc2)
+    m.fc1.weight.ds_id = 7  # a DeepSpeed ZeRO-3 partitioned weight
+    assert not fused_mlp.usable(x.half(), m.fc1, m.fc2)
+    torch.testing.assert_close(m(x), m.fc2(m.act(m.fc1(x))))  # the PyTorch path where the kernels cannot run

@@ -3,7 +3,7 @@
 # scaling matrix (1/2/4 GPUs, strong + weak) and the 16-worker loader benchmark. Results -> $OUT.
 # Usage (device tool): carry .gpubundle and .whl; command: bash benchmarks/gpu_session.sh [stages...]
 # Stages: scaling scaling-51M scaling-806M scaling-51M-compiled scaling-51M-zero0 overlap-51M weak-806M train-profile train-compile
-# train-compile-zero train-flex scaling-diag inline-gpu overhead loader input save-inductor-cache (default: scaling loader input).
+# train-compile-zero train-flex train-defaults scaling-diag inline-gpu overhead loader input save-inductor-cache (default: scaling loader input).
 # Compiled runs share one Inductor cache (/tmp/inductor-cache); a carried .gpucache/inductor.tar.xz (written by the
 # save-inductor-cache stage of an earlier call, same torch/Triton and GPU model) seeds it, so ranks skip the ~3 min
 # compile. Environment: MICRO_51M, STEPS_51M, GLOBAL_BATCH (strong mode), GPU_COUNTS, GC_EVERY (RunSpec.gc_every).
@@ -73,6 +73,13 @@ for s in $stages; do
         timeout 330 python3 -m torch.distributed.run --standalone --nproc-per-node 1 benchmarks/train_scaling.py \
           --size 51M --mode weak --micro-batch 16 --steps 20 --warmup 10 --log-every 10 --compile --dist deepspeed \
           --zero 0 --attn-impl $a --out "/tmp/tf.json" 2>&1 | grep '^{' | tee -a "$log"
+      done ;;
+    train-defaults)  # 1 GPU, 51M (v2 ladder) micro-batch 16 through train(), compiled, ZeRO-0, the model's defaults
+      # (token selection, fused head, FlexAttention): as is, with the bf16 residual, and with the fused MLP too
+      for o in '{}' '{"bf16_residual": true}' '{"bf16_residual": true, "fused_mlp": true}'; do
+        timeout "${TRAIN_S:-200}" python3 -m torch.distributed.run --standalone --nproc-per-node 1 benchmarks/train_scaling.py \
+          --size 51M --mode weak --micro-batch 16 --steps 20 --warmup 10 --log-every 10 --compile --dist deepspeed \
+          --zero 0 --overrides "$o" --out "/tmp/td.json" 2>&1 | grep '^{' | tee -a "$log"
       done ;;
     scaling-diag)  # why all GPUs lose per-GPU rate on the 51M (eager, ZeRO-0, MICRO_51M per GPU, weak): GPU clocks
       # and power every second; each GPU's rate with all of them busy in independent 1-GPU runs (no collective);

@@ -138,7 +138,8 @@ def run_case(name: str, family: str, size: str, overrides: dict, batch: int, *, 
                shift_impl=cfg.shift_impl, attn_impl=cfg.attn_impl, bf16_residual=cfg.bf16_residual,
                use_checkpoint=cfg.use_checkpoint, params=R.param_counts(cfg)["total"],
                encoder_params=R.param_counts(cfg)["encoder"], train_flops_per_sample=R.flops_per_sample(cfg)["train"],
-               token_select=select, fused_head=getattr(cfg, "fused_head", None))
+               token_select=select, fused_head=getattr(cfg, "fused_head", None),
+               fused_mlp=getattr(cfg, "fused_mlp", None))
     if select:
         row["train_flops_selected"] = R.flops_per_sample(cfg).get("train_selected")
     model = opt = None
@@ -285,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--select", action="store_true", help="SimMIM token selection (exact_mask=True) in every case")
     ap.add_argument("--no-fused-head", action="store_true", help="SwiftConfig.fused_head=False (the PyTorch decoder "
                     "tail and loss) in every case")
+    ap.add_argument("--fused-mlp", action="store_true", help="SwiftConfig.fused_mlp=True (Triton MLP in stages 1-2) "
+                    "in every case")
     ap.add_argument("--flex-options", default="model", choices=["model", "pytorch"],
                     help="FlexAttention kernel_options: the model's tuned defaults or PyTorch's")
     ap.add_argument("--sdpa", default="default", choices=["default", "efficient", "cudnn"],
@@ -323,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.no_fused_head:
                 ov = {**ov, "fused_head": False}
                 name += "-torchhead"
+            if args.fused_mlp:
+                ov = {**ov, "fused_mlp": True}
+                name += "-fmlp"
             if args.flex_options == "pytorch":
                 name += "-ptflex"
             if args.batches and str(b) not in args.batches.split(","):

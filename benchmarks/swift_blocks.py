@@ -18,6 +18,8 @@ Variants (``--variants``):
 * ``-bf16res`` suffix (e.g. ``flex-bf16res``): autocast as usual, but the block's input (the residual stream) in
   bf16, as ``SwiftConfig.bf16_residual`` gives;
 * ``-ko<A>+<B>`` suffix: FlexAttention ``kernel_options`` from ``KERNEL_OPTIONS`` (block sizes, warps, stages);
+* ``-fmlp`` suffix: ``SwiftConfig.fused_mlp`` (the Triton MLP of ``neuro_models.swift.fused_mlp``; its launch
+  configurations, timed on the first call, are recorded in the row);
 * ``-mat`` suffix: compiled with ``mode="max-autotune-no-cudagraphs"`` (Triton matmul templates with fused
   epilogues, autotuned).
 
@@ -96,7 +98,11 @@ def _impl(variant: str) -> str:
     return "sdpa" if variant.startswith("sdpa") else "auto" if variant.startswith("auto") else "flex"
 
 
-def _kernel_profile(fn, iters: int = 3, top: int = 12) -> dict:
+#: kernels listed per profiled row (``--top``)
+TOP_KERNELS = 12
+
+
+def _kernel_profile(fn, iters: int = 3, top: int | None = None) -> dict:
     """GPU time per iteration (sum of all kernels: launch gaps excluded) and the top kernels, from the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -106,6 +112,7 @@ def _kernel_profile(fn, iters: int = 3, top: int = 12) -> dict:
         torch.cuda.synchronize()
     ev = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
     ev.sort(key=lambda e: -e.self_device_time_total)
+    top = top or TOP_KERNELS
     total = sum(e.self_device_time_total for e in ev) / 1e3 / iters
     return dict(gpu_ms=total, kernels=[[e.key[:90], round(e.self_device_time_total / 1e3 / iters, 3), e.count // iters]
                                        for e in ev[:top]])
@@ -114,7 +121,8 @@ def _kernel_profile(fn, iters: int = 3, top: int = 12) -> dict:
 def time_block(case: str, variant: str, batch: int, iters: int, warmup: int, device: torch.device,
                profile: bool = False) -> dict:
     stage, shifted, count = CASES[case]
-    cfg = R.get_config("swift_v2", "51M", **V1_51M, attn_impl=_impl(variant))
+    fmlp = "fmlp" in variant.split("-")
+    cfg = R.get_config("swift_v2", "51M", **V1_51M, attn_impl=_impl(variant), fused_mlp=fmlp)
     enc = R.build_pretrain_model(cfg).encoder
     blk = enc.stages[stage].blocks[int(shifted)].to(device).train()
     grid = cfg.stage_grids()[stage]
@@ -143,7 +151,12 @@ def time_block(case: str, variant: str, batch: int, iters: int, warmup: int, dev
             y = blk(x, *extra)
         y.backward(g)
 
-    return _time(row, fwd_bwd, iters, warmup, profile)
+    row = _time(row, fwd_bwd, iters, warmup, profile)
+    if fmlp:
+        from neuro_models.swift import fused_mlp
+
+        row["fused_mlp_tuning"] = {str(k): v for k, v in fused_mlp.TIMINGS.items()}
+    return row
 
 
 def time_region(case: str, variant: str, batch: int, iters: int, warmup: int, device: torch.device,
@@ -219,7 +232,7 @@ def _time(row: dict, fwd_bwd, iters: int, warmup: int, profile: bool) -> dict:
 #: (attention, precision[-select][-torchhead]) runs of ``check_numerics``; the first is the reference. Session 6
 #: checked sdpa/flex in bf16 without the bf16 residual (BENCHMARKS.md); ``--check-all`` adds them back.
 CHECK_RUNS = [("sdpa", "fp32"), ("flex", "bf16res"), ("flex", "fp32-select"), ("flex", "bf16res-select"),
-              ("flex", "fp32-torchhead"), ("flex", "bf16res-select-torchhead")]
+              ("flex", "fp32-torchhead"), ("flex", "bf16res-select-torchhead"), ("flex", "bf16res-select-fmlp")]
 CHECK_ALL = CHECK_RUNS[:1] + [("sdpa", "bf16"), ("flex", "fp32"), ("flex", "bf16")] + CHECK_RUNS[1:]
 
 
@@ -238,7 +251,8 @@ def check_numerics(device: torch.device, runs: list | None = None) -> dict:
         torch.manual_seed(0)
         torch._dynamo.reset()
         model = R.build_pretrain_model(cfg.replace(attn_impl=impl, bf16_residual="bf16res" in prec,
-                                                   fused_head="torchhead" not in prec)).to(device)
+                                                   fused_head="torchhead" not in prec,
+                                                   fused_mlp="fmlp" in prec)).to(device)
         select = "select" in prec
         if impl == "flex":  # the blocks; with token selection every region, as training runs it
             if select:
@@ -265,11 +279,45 @@ def check_numerics(device: torch.device, runs: list | None = None) -> dict:
              ("flex", "fp32-select"): "select_fp32", ("flex", "bf16res-select"): "select_bf16_residual",
              # the PyTorch decoder tail + loss instead of the fused Triton head (which every other run uses on CUDA)
              ("flex", "fp32-torchhead"): "torch_head_fp32",
-             ("flex", "bf16res-select-torchhead"): "torch_head_bf16_residual_select"}
+             ("flex", "bf16res-select-torchhead"): "torch_head_bf16_residual_select",
+             # the fused Triton MLP in stages 1-2 (bf16 only: float32 keeps the PyTorch MLP)
+             ("flex", "bf16res-select-fmlp"): "fused_mlp_bf16_residual_select"}
     for run, name in names.items():
         if run in grads:
             out[f"grad_rel_err_{name}"] = rel(grads[run])
+    out.update(check_fused_mlp(device))
     print(json.dumps(out), flush=True)
+    return out
+
+
+def check_fused_mlp(device: torch.device, rows: int = 65536) -> dict:
+    """The fused MLP kernels alone at the 51M's stage-1 and stage-2 widths, bf16: relative L2 error of the output
+    and every gradient against float64 on the same bf16 inputs, next to PyTorch's bf16 autocast MLP's error."""
+    from neuro_models.swift.fused_mlp import fused_mlp
+
+    out = {}
+    for C in (96, 192):
+        torch.manual_seed(0)
+        fc1, fc2 = torch.nn.Linear(C, 4 * C).to(device), torch.nn.Linear(4 * C, C).to(device)
+        x = torch.randn(rows, C, device=device).to(torch.bfloat16)
+        dy = torch.randn(rows, C, device=device).to(torch.bfloat16)
+        params = list(fc1.parameters()) + list(fc2.parameters())
+        ref = [p.detach().to(torch.bfloat16).double().requires_grad_() for p in params]
+        xr = x.double().requires_grad_()
+        yr = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(xr, *ref[:2])), *ref[2:])
+        yr.backward(dy.double())
+        want = [yr.detach(), xr.grad] + [p.grad for p in ref]
+        for name, fn in (("fused", lambda t: fused_mlp(t, fc1, fc2)),
+                         ("torch", lambda t: fc2(torch.nn.functional.gelu(fc1(t))))):
+            for p in params:
+                p.grad = None
+            xi = x.clone().requires_grad_()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = fn(xi)
+            y.backward(dy)
+            got = [y.detach(), xi.grad] + [p.grad for p in params]
+            for label, a, b in zip(("y", "dx", "dw1", "db1", "dw2", "db2"), got, want):
+                out[f"mlp{C}_{name}_{label}_rel_err"] = float((a.double() - b).norm() / b.norm())
     return out
 
 
@@ -303,8 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="record GPU time per call and the top kernels")
+    ap.add_argument("--top", type=int, default=12, help="kernels listed per profiled row")
     ap.add_argument("--check", action="store_true", help="run the numerics check first (CHECK_RUNS)")
     ap.add_argument("--check-all", action="store_true", help="the check with session 6's runs too (CHECK_ALL)")
+    ap.add_argument("--check-runs", default="", help="the check with these impl:precision runs only (the first "
+                    "must be sdpa:fp32, the reference), e.g. sdpa:fp32,flex:bf16res-select,flex:bf16res-select-fmlp")
     ap.add_argument("--time-budget", type=float, default=float("inf"), help="skip cases after this many seconds")
     ap.add_argument("--out", default="swift_blocks.json")
     ap.add_argument("--md", default=None)
@@ -312,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (FlexAttention has no CPU backward in torch 2.13)")
     device = torch.device("cuda")
+    global TOP_KERNELS
+    TOP_KERNELS = args.top
     torch.backends.cuda.matmul.allow_tf32 = True
     _set_dynamo_limits()
     t_start = time.perf_counter()
@@ -327,9 +380,11 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.md).write_text(md)
         return md
 
-    if args.check or args.check_all:
+    if args.check or args.check_all or args.check_runs:
+        runs = ([tuple(r.split(":")) for r in args.check_runs.split(",")] if args.check_runs
+                else CHECK_ALL if args.check_all else CHECK_RUNS)
         try:
-            result["check"] = check_numerics(device, CHECK_ALL if args.check_all else CHECK_RUNS)
+            result["check"] = check_numerics(device, runs)
         except Exception as e:  # noqa: BLE001
             result["check"] = dict(status=f"error: {type(e).__name__}: {str(e)[:500]}")
             print(json.dumps(result["check"]), flush=True)

@@ -10,7 +10,9 @@
 # baseline (session 3's best), regions (patch embedding / decoder + loss, dense vs token selection), check (GPU
 # numerics: FlexAttention, token selection, fused head), select (token selection, CUDA graphs everywhere), select-cgs
 # (the current defaults: token selection, fused Triton head, tuned FlexAttention tiles, CUDA graphs for the small
-# stages only), select-cgs-torchhead (the same with the PyTorch head). "best" and "baseline" pin the older paths
+# stages only), select-cgs-torchhead (the same with the PyTorch head), fmlp-blocks (stage-1/2 blocks with and
+# without the fused Triton MLP, 30-kernel profiles, and the numerics check of the fused MLP), select-cgs-fmlp
+# (select-cgs with SwiftConfig.fused_mlp). "best" and "baseline" pin the older paths
 # (PyTorch head, PyTorch's FlexAttention tiles) so they reproduce session 6's numbers.
 # Inductor's cache lives in .gpucache/inductor-swift (git-ignored), so a warm machine's later call reuses it.
 # Results -> $OUT (JSON per stage, profiles, session.log; at most 8 files come back).
@@ -67,6 +69,13 @@ print(min(t, key=t.get))")
     select-cgs-torchhead) bench "${SELECT_S:-300}" --suite target --batches 16 --compile block-cgs --sdpa cudnn \
                   --attn-impl auto --bf16-residual --select --no-fused-head --steps 20 --warmup 3 \
                   --out "$OUT/target_select_cgs_torchhead.json" ;;
+    fmlp-blocks) timeout "${BLOCKS_S:-300}" python3 benchmarks/swift_blocks.py --profile --top 30 \
+               --check-runs sdpa:fp32,flex:bf16res-select,flex:bf16res-select-fmlp \
+               --plan "${BLOCK_PLAN:-s1:flex-bf16res-fmlp,s1:flex-bf16res,s2:flex-bf16res-fmlp,s2:flex-bf16res,s1-shift:flex-bf16res-fmlp}" \
+               --time-budget "${BLOCKS_BUDGET_S:-250}" --out "$OUT/blocks.json" --md "$OUT/blocks.md" 2>&1 \
+               | grep -v -i -E "warn" | tee -a "$log" ;;
+    select-cgs-fmlp) bench "${SELECT_S:-300}" --suite target --batches 16 --compile block-cgs --sdpa cudnn --attn-impl auto \
+                  --bf16-residual --select --fused-mlp --steps 20 --warmup 3 --out "$OUT/target_select_cgs_fmlp.json" ;;
     ladder) bench 100 --suite ladder --compile none --steps 6 --out "$OUT/ladder.json" ;;
     ladder-compiled) bench 300 --suite ladder --compile block --steps 6 --time-budget 240 --out "$OUT/ladder_compiled.json" ;;
   esac

@@ -80,6 +80,7 @@ def run_one(args) -> dict:
     global_batch = args.global_batch if args.mode == "strong" else args.micro_batch * world
     micro = min(args.micro_batch, global_batch // world)
     overrides = {"attn_impl": args.attn_impl} if args.attn_impl else {}
+    overrides.update(json.loads(args.overrides))
     if args.patch_t:
         overrides["patch_size"] = (6, 6, 6, args.patch_t)
         overrides["mask_patch_size"] = (12, 12, 12, args.patch_t)
@@ -148,7 +149,7 @@ def run_one(args) -> dict:
     fps = R.flops_per_sample(cfg)["train"]
     out = {"family": args.family, "size": args.size, "mode": args.mode, "gpus": world, "global_batch": global_batch,
            "micro_batch": micro, "accumulation": global_batch // (micro * world), "zero_stage": args.zero, "ds_config": args.ds_config,
-           "dist": args.dist, "compile": args.compile, "attn_impl": getattr(cfg, "attn_impl", None), "gc_every": spec.gc_every, "data": args.data, "loader_workers": spec.num_workers, "T": args.T,
+           "dist": args.dist, "compile": args.compile, "attn_impl": getattr(cfg, "attn_impl", None), "overrides": args.overrides, "gc_every": spec.gc_every, "data": args.data, "loader_workers": spec.num_workers, "T": args.T,
            "patch_size": list(cfg.patch_size), "samples_per_s": statistics.median(sps) if sps else None,
            "samples_per_s_all": sps, "peak_mem_gib": float(peaks.item()), "wall_s": wall,
            "params": R.param_counts(cfg)["total"], "train_flops_per_sample": fps,
@@ -158,7 +159,7 @@ def run_one(args) -> dict:
     if ctx.rank == 0 and args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))
-        print(json.dumps({k: v for k, v in out.items() if k != "samples_per_s_all"}), flush=True)
+        print(json.dumps({**out, "samples_per_s_all": [round(v, 1) for v in sps]}), flush=True)
     return out
 
 
@@ -188,7 +189,8 @@ def driver(args) -> None:
                "--warmup", str(args.warmup), "--T", str(args.T), "--data", data, "--out", str(f),
                "--loader-workers", str(args.loader_workers), "--patch-t", str(args.patch_t), "--grid", str(args.grid),
                "--log-every", str(args.log_every)] + ([] if args.gc_every is None else ["--gc-every", str(args.gc_every)]) + (["--compile"] if args.compile else []) \
-            + (["--ds-config", args.ds_config] if args.ds_config else []) + (["--attn-impl", args.attn_impl] if args.attn_impl else [])
+            + (["--ds-config", args.ds_config] if args.ds_config else []) + (["--attn-impl", args.attn_impl] if args.attn_impl else []) \
+            + (["--overrides", args.overrides] if args.overrides != "{}" else [])
         if data == "hdf5":
             cmd += ["--manifest", args.manifest]
         t0 = time.time()
@@ -264,6 +266,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="regional torch.compile (RunSpec.compile)")
     ap.add_argument("--attn-impl", default=None, choices=["sdpa", "flex", "auto"],
                     help="SwiftConfig.attn_impl (model override; default: the config's)")
+    ap.add_argument("--overrides", default="{}", help='JSON of model config overrides (RunSpec.model_overrides), '
+                    'e.g. \'{"bf16_residual": true, "fused_mlp": true}\'')
     ap.add_argument("--T", type=int, default=20)
     ap.add_argument("--grid", type=int, default=96)
     ap.add_argument("--patch-t", type=int, default=0, help="temporal patch (0: the size's default)")

@@ -94,8 +94,9 @@ class SwiftConfig:
     fused_mlp: bool = False
     """4D family: on CUDA with Triton, under bf16/fp16 autocast, run the MLPs of widths <= 256 (the first two
     stages of the v2 ladder's 51M) as fused Triton kernels that keep the 4x wider hidden activation on chip
-    (``neuro_models.swift.fused_mlp``; same math, the hidden activation recomputed in the backward). Elsewhere
-    (CPU, XPU, float32, wider MLPs, ZeRO-3 partitioned weights) the PyTorch path runs."""
+    (``neuro_models.swift.fused_mlp``; same math, the hidden activation recomputed in the backward). A memory
+    option: on H100 the 51M's peak at batch 16 drops 18.3 -> 14.9 GiB for 1.4% less throughput (BENCHMARKS.md,
+    session 8). Elsewhere (CPU, XPU, float32, wider MLPs, ZeRO-3 partitioned weights) the PyTorch path runs."""
     use_checkpoint: bool = False
     """Activation checkpointing of every block (saves memory, ~30% more compute)."""
     parametrization: str = "sp"

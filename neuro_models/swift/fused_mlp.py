@@ -11,10 +11,17 @@ weight gradients and fc1 dgrad, each a separate memory-bound kernel (``swift_blo
   ``dh = (dy W2) * gelu'(h)`` with the per-tile sums of ``dh`` (the fc1 bias gradient); the three matmuls left,
   ``dx = dh W1``, ``dW1 = dh^T x`` and ``dW2 = dy^T g``, are plain GEMMs (cuBLAS).
 
-A first version also fused those three GEMMs into Triton kernels (input gradient per token tile; weight gradients
-per hidden chunk accumulated in registers): on H100 they took 1.97 + 2.90 ms against ~1.3 ms for cuBLAS, and the
-MLP of a stage-1 block went from 4.9 to 6.1 ms (BENCHMARKS.md, session 8). Recomputing ``h`` is cheap at this
-width (K = 96); the exact GELU's ``erf`` per hidden element is not, so it is evaluated once per pass.
+Measured (H100, that configuration, compiled blocks, bf16 residual; BENCHMARKS.md, session 8):
+
+* it saves memory: the saved hidden activation of every fused block is gone. Full model at batch 16: peak
+  18.3 -> 14.9 GiB; through ``train()`` (v2-ladder 51M): 10.0 -> 8.0 GiB;
+* it does not save time, so it is off by default. A stage-1 block: 14.15 -> 13.98 ms (forward kernel 1.27 ms
+  against 1.6 for fc1, GELU and fc2; backward kernel 1.93 ms, about twice its traffic because every hidden element
+  needs an ``erf`` and an ``exp`` on the CUDA cores); a stage-2 block 3.68 -> 4.33 ms (width 192 padded to 256).
+  Full model 235.2 -> 232.0 samples/s.
+* A first version also fused the three GEMMs of the backward (input gradient per token tile; weight gradients per
+  hidden chunk accumulated in registers): 1.97 + 2.90 ms against ~1.3 ms for cuBLAS; the stage-1 block went to
+  15.4 ms. Removed.
 
 Semantics equal ``nn.Linear -> nn.GELU() (exact) -> nn.Linear`` under autocast: inputs and weights in the compute
 dtype (bf16 or fp16), products accumulated in float32, ``gelu(h)`` and ``dh`` rounded to the compute dtype before

@@ -2,25 +2,17 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from interpreted import run_check  # this folder (pytest puts it on sys.path)
 
 from neuro_models import registry as R
 from neuro_models.swift import fused_head
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def _run(case: str) -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("fused_head_check.py")), case], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_check("fused_head_check.py", case)
 
 
 def test_kernel_matches_float64_reference():

@@ -29,6 +29,12 @@ def kernels_match_float64() -> None:
     for widths, hidden sizes and row counts that are not multiples of the tiles."""
     for kind in ("fwd", "dh"):
         assert fused_mlp.CONFIGS[kind], kind
+    x0 = torch.zeros(0, 24).half().requires_grad_()
+    p0 = [torch.randn(96, 24).half().requires_grad_(), torch.randn(96).half().requires_grad_(),
+          torch.randn(24, 96).half().requires_grad_(), torch.randn(24).half().requires_grad_()]
+    y0 = fused_mlp.fused_mlp_op(x0, *p0)
+    y0.sum().backward()  # no tokens: an empty output, zero weight gradients
+    assert y0.shape == (0, 24) and all(float(p.grad.abs().sum()) == 0 for p in p0)
     n_cfg = max(len(c) for c in fused_mlp.CONFIGS.values())
     for i in range(n_cfg):
         for (M, C, H) in [(200, 24, 96), (77, 40, 160), (64, 96, 384)]:

@@ -47,8 +47,8 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
     tl = None
 
-#: widest MLP input the kernels take: the weight-gradient program keeps two [hidden chunk, width] float32
-#: accumulators in registers (stages 1-2 of the 51M: 96 and 192)
+#: widest MLP input the kernels take: a program holds [rows, width] tiles of x (and dy) and [width, hidden chunk]
+#: weight tiles, the width padded to a power of two (measured at the 51M's stage-1/2 widths, 96 and 192)
 MAX_DIM = 256
 
 
@@ -127,8 +127,9 @@ if triton is not None:
 
 
 #: launch configurations tried on the first call per shape and kernel (``_tuned``): token rows per tile (BM),
-#: hidden units per chunk (BH), warps, software-pipelining stages; for the weight-gradient kernel also programs
-#: per SM over all hidden chunks (PPS).
+#: hidden units per chunk (BH), warps, software-pipelining stages. Picked on H100 (session 8; ``TIMINGS``, kept in
+#: ``swift_blocks.py`` rows): width 96: forward 128 x 64 with 4 warps, backward 64 x 64 with 4 warps; width 192:
+#: 128 x 64 with 8 warps for both.
 CONFIGS = {
     "fwd": [dict(BM=bm, BH=bh, num_warps=w, num_stages=2) for (bm, bh, w) in
             ((64, 64, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8))],

@@ -22,9 +22,12 @@ CUDA, Triton imports and the call is not being traced by ``torch.compile``; ever
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .layers import patchify
+from .triton_launch import available, fastest
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs lack it
     import triton
@@ -35,15 +38,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 LOSS_CODES = {"l1": 0, "l2": 1, "huber": 2}
 
-
-def available(device: torch.device) -> bool:
-    """Whether the fused kernel can run for tensors on ``device`` (CUDA and Triton; the Triton interpreter,
-    ``TRITON_INTERPRET=1``, runs it on CPU tensors for tests)."""
-    import os
-
-    if triton is None:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+__all__ = ["LOSS_CODES", "available", "fused_head_loss"]  # available: whether the kernel can run on a device
 
 
 if triton is not None:
@@ -187,27 +182,10 @@ def _launch(h, weight, bias, x, m, bm, patch, loss_type: str, delta: float):
 
 
 def _tune(key, run, fresh) -> dict:
-    """Time every launch configuration once per shape (CUDA events, fresh buffers each) and keep the fastest."""
-    times = {}
-    for i, cfg in enumerate(CONFIGS):
-        bufs = fresh()
-        try:
-            run(cfg, bufs)  # compile
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(3):
-                run(cfg, bufs)
-            end.record()
-            torch.cuda.synchronize()
-            times[i] = start.elapsed_time(end) / 3
-        except Exception:  # noqa: BLE001 - a configuration the card cannot run (resources) is skipped
-            continue
-    if not times:
-        raise RuntimeError("no launch configuration of the fused head kernel ran")
-    best = CONFIGS[min(times, key=times.get)]
-    _TUNED[key] = best
-    _TIMINGS[key] = {str(CONFIGS[i]): round(t, 4) for i, t in times.items()}
-    return best
+    """Time every launch configuration once per shape (fresh buffers each) and keep the fastest."""
+    _TUNED[key], _TIMINGS[key] = fastest(CONFIGS, lambda cfg: functools.partial(run, cfg, fresh()),
+                                         "fused head kernel")
+    return _TUNED[key]
 
 
 class _FusedHeadLoss(torch.autograd.Function):

@@ -36,9 +36,9 @@ kernels in fp16; bf16 is checked on the GPU (``benchmarks/swift_blocks.py --chec
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .triton_launch import available, fastest
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs lack it
     import triton
@@ -50,18 +50,6 @@ except ImportError:  # pragma: no cover - depends on the install
 #: widest MLP input the kernels take: a program holds [rows, width] tiles of x (and dy) and [width, hidden chunk]
 #: weight tiles, the width padded to a power of two (measured at the 51M's stage-1/2 widths, 96 and 192)
 MAX_DIM = 256
-
-
-#: the Triton interpreter is on (read once: ``available`` runs inside ``torch.compile`` traces)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def available(device: torch.device) -> bool:
-    """Whether the kernels can run for tensors on ``device`` (CUDA and Triton; the Triton interpreter,
-    ``TRITON_INTERPRET=1``, runs them on CPU tensors for tests)."""
-    if triton is None:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and _INTERPRET)
 
 
 if triton is not None:
@@ -153,23 +141,7 @@ def _tuned(kind: str, key: tuple, run) -> dict:
     configs = CONFIGS[kind]
     if key[-1] != "cuda" or torch.cuda.is_current_stream_capturing():
         return configs[0]
-    times = {}
-    for i, cfg in enumerate(configs):
-        try:
-            run(cfg)  # compile
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(3):
-                run(cfg)
-            end.record()
-            torch.cuda.synchronize()
-            times[i] = start.elapsed_time(end) / 3
-        except Exception:  # noqa: BLE001 - e.g. out of shared memory for this tile on this card
-            continue
-    if not times:
-        raise RuntimeError(f"no launch configuration of the fused MLP {kind} kernel ran")
-    _TUNED[k] = configs[min(times, key=times.get)]
-    TIMINGS[k] = {str(configs[i]): round(t, 4) for i, t in times.items()}
+    _TUNED[k], TIMINGS[k] = fastest(configs, lambda cfg: lambda: run(cfg), f"fused MLP {kind} kernel")
     return _TUNED[k]
 
 

@@ -1,0 +1,58 @@
+"""What the hand-written Triton kernels of the SwiFT family (``fused_head``, ``fused_mlp``) share: whether they can
+run on a device, and the per-shape choice of a launch configuration by timing each once."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import torch
+
+try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs lack it
+    import triton
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+#: the Triton interpreter is on (read once: ``available`` runs inside ``torch.compile`` traces)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device) -> bool:
+    """Whether Triton kernels can run for tensors on ``device``: CUDA with Triton installed, or CPU tensors under
+    the Triton interpreter (``TRITON_INTERPRET=1``, for tests)."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and INTERPRET)
+
+
+def fastest(configs: list[dict], make_run: Callable[[dict], Callable[[], None]], what: str,
+            repeats: int = 3) -> tuple[dict, dict[str, float]]:
+    """The fastest of ``configs`` and every configuration's time in ms (``{str(config): ms}``).
+
+    ``make_run(config)`` prepares one configuration (its buffers) and returns the call to time; it is called once
+    to compile, then timed over ``repeats`` calls (CUDA events on a GPU, the wall clock elsewhere). A configuration
+    that raises (e.g. out of shared memory on this card) is skipped; if none runs, ``RuntimeError`` names ``what``.
+    """
+    times = {}
+    for i, cfg in enumerate(configs):
+        try:
+            run = make_run(cfg)
+            run()  # compile
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(repeats):
+                    run()
+                end.record()
+                torch.cuda.synchronize()
+                times[i] = start.elapsed_time(end) / repeats
+            else:
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    run()
+                times[i] = (time.perf_counter() - t0) * 1e3 / repeats
+        except Exception:  # noqa: BLE001 - a configuration the card cannot run is skipped
+            continue
+    if not times:
+        raise RuntimeError(f"no launch configuration of the {what} ran")
+    return configs[min(times, key=times.get)], {str(configs[i]): round(t, 4) for i, t in times.items()}

@@ -145,7 +145,21 @@ def _tuned(kind: str, key: tuple, run) -> dict:
     return _TUNED[k]
 
 
+def _check_shapes(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> None:
+    """The kernels index raw pointers: a wrong shape would read out of bounds, so it is refused here."""
+    if x.dim() != 2 or w1.dim() != 2:
+        raise ValueError(f"x {tuple(x.shape)} and fc1 weight {tuple(w1.shape)} must be 2-D ([tokens, width], "
+                         "[hidden, width])")
+    (M, C), H = x.shape, w1.shape[0]
+    want = {"fc1 weight": (H, C), "fc1 bias": (H,), "fc2 weight": (C, H), "fc2 bias": (C,)}
+    for (name, shape), t in zip(want.items(), (w1, b1, w2, b2)):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)}; expected {shape} for x of shape {(M, C)} and hidden "
+                             f"width {H}")
+
+
 def _forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    _check_shapes(x, w1, b1, w2, b2)
     M, C = x.shape
     H = w1.shape[0]
     if M == 0:  # no tokens (no launch: a grid of zero programs is an error)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from interpreted import run_check  # this folder (pytest puts it on sys.path)
 
@@ -44,3 +45,14 @@ def test_fused_mlp_is_off_by_default_and_not_used_where_it_cannot_run():
     m.fc1.weight.ds_id = 7  # a DeepSpeed ZeRO-3 partitioned weight
     assert not fused_mlp.usable(x.half(), m.fc1, m.fc2)
     torch.testing.assert_close(m(x), m.fc2(m.act(m.fc1(x))))  # the PyTorch path where the kernels cannot run
+
+
+def test_fused_mlp_refuses_inconsistent_shapes():
+    pytest.importorskip("triton")
+    x, w1, b1, w2, b2 = torch.zeros(5, 16), torch.zeros(64, 16), torch.zeros(64), torch.zeros(16, 64), torch.zeros(16)
+    with pytest.raises(ValueError, match=r"fc2 weight shape \(64, 16\); expected \(16, 64\)"):
+        fused_mlp.fused_mlp_op(x, w1, b1, w2.t(), b2)
+    with pytest.raises(ValueError, match=r"fc1 bias shape \(63,\)"):
+        fused_mlp.fused_mlp_op(x, w1, b1[:63], w2, b2)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        fused_mlp.fused_mlp_op(x[None], w1, b1, w2, b2)

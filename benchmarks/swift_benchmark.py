@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neuro_models import registry as R  # noqa: E402
 from neuro_models.layers import compile_regions  # noqa: E402
+from neuro_models.swift.config import ATTN_IMPLS  # noqa: E402
 
 PEAK_MEASURED = 780e12
 PEAK_DATASHEET = 989e12
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--use-checkpoint", action="store_true", help="activation checkpointing in every case")
     ap.add_argument("--batches", default="", help="comma list: only cases with these batch sizes")
     ap.add_argument("--shift-impl", default=None, choices=["mask", "split"], help="shift_impl for every case")
-    ap.add_argument("--attn-impl", default=None, choices=["sdpa", "flex", "auto"],
+    ap.add_argument("--attn-impl", default=None, choices=list(ATTN_IMPLS),
                     help="SwiftConfig.attn_impl for every case (4D family)")
     ap.add_argument("--bf16-residual", action="store_true", help="SwiftConfig.bf16_residual in every case")
     ap.add_argument("--select", action="store_true", help="SimMIM token selection (exact_mask=True) in every case")

@@ -12,6 +12,8 @@ Variants (``--variants``):
 * ``sdpa``: ``attn_impl="sdpa"`` (shifted blocks split into mask-free boxes), PyTorch's SDPA kernel choice;
 * ``sdpa-cudnn``: the same with cuDNN attention (the fastest SDPA kernel on H100 for these shapes);
 * ``flex``: ``attn_impl="flex"`` (one FlexAttention call per block, Swin's regions as a block mask);
+* ``triton``: ``attn_impl="triton"`` (the window-attention kernels of ``neuro_models.swift.window_attn``; their
+  launch configurations, timed on the first call, are recorded in the row);
 * ``auto``: ``attn_impl="auto"`` with cuDNN for the SDPA calls (what the full-model run uses);
 * ``flex-bf16``: ``flex`` with the block's parameters and activations in bf16 (no autocast): the ceiling of a
   bf16 residual stream;
@@ -95,7 +97,10 @@ def _kernel_options(variant: str) -> dict | None:
 
 
 def _impl(variant: str) -> str:
-    return "sdpa" if variant.startswith("sdpa") else "auto" if variant.startswith("auto") else "flex"
+    for impl in ("sdpa", "auto", "triton"):
+        if variant.startswith(impl):
+            return impl
+    return "flex"
 
 
 #: kernels listed per profiled row (``--top``)
@@ -140,9 +145,10 @@ def time_block(case: str, variant: str, batch: int, iters: int, warmup: int, dev
 
     swift_layers.FLEX_KERNEL_OPTIONS = _kernel_options(variant)  # read when the block is traced (first call)
     compile_regions(blk, **({"mode": "max-autotune-no-cudagraphs"} if "mat" in variant.split("-") else {}))
-    bm = blk.flex_block_mask(x) if hasattr(blk, "flex_block_mask") else None
-    extra = () if bm is None else (bm,)
     autocast = contextlib.nullcontext() if bf16 else torch.autocast("cuda", dtype=torch.bfloat16)
+    with autocast:  # as the stage loop, which builds it under autocast (the Triton kernels need a bf16 compute dtype)
+        bm = blk.region_mask(x) if hasattr(blk, "region_mask") else None
+    extra = () if bm is None else (bm,)
     row = dict(case=case, variant=variant, batch=batch, count=count, shape=list(shape), block_mask=bm is not None)
 
     def fwd_bwd():
@@ -156,6 +162,10 @@ def time_block(case: str, variant: str, batch: int, iters: int, warmup: int, dev
         from neuro_models.swift import fused_mlp
 
         row["fused_mlp_tuning"] = {str(k): v for k, v in fused_mlp.TIMINGS.items()}
+    if _impl(variant) == "triton":
+        from neuro_models.swift import window_attn
+
+        row["window_attn_tuning"] = {str(k): v for k, v in window_attn.TIMINGS.items()}
     return row
 
 
@@ -254,11 +264,11 @@ def check_numerics(device: torch.device, runs: list | None = None) -> dict:
                                                    fused_head="torchhead" not in prec,
                                                    fused_mlp="fmlp" in prec)).to(device)
         select = "select" in prec
-        if impl == "flex":  # the blocks; with token selection every region, as training runs it
+        if impl in ("flex", "triton", "auto"):  # the blocks; with token selection every region, as training runs it
             if select:
                 compile_regions(model)
             for m in model.modules():
-                if hasattr(m, "flex_block_mask") and not select:
+                if hasattr(m, "region_mask") and not select:
                     m.compile(dynamic=False)
         mask = model.make_mask(2, generator=torch.Generator().manual_seed(0), device=device)
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if not prec.startswith("fp32") else contextlib.nullcontext()
@@ -281,12 +291,55 @@ def check_numerics(device: torch.device, runs: list | None = None) -> dict:
              ("flex", "fp32-torchhead"): "torch_head_fp32",
              ("flex", "bf16res-select-torchhead"): "torch_head_bf16_residual_select",
              # the fused Triton MLP in stages 1-2 (bf16 only: float32 keeps the PyTorch MLP)
-             ("flex", "bf16res-select-fmlp"): "fused_mlp_bf16_residual_select"}
+             ("flex", "bf16res-select-fmlp"): "fused_mlp_bf16_residual_select",
+             # the Triton window-attention kernels instead of FlexAttention (bf16 only: float32 runs SDPA)
+             ("triton", "bf16res-select"): "triton_attn_bf16_residual_select",
+             ("auto", "bf16res-select"): "auto_bf16_residual_select"}
     for run, name in names.items():
         if run in grads:
             out[f"grad_rel_err_{name}"] = rel(grads[run])
     out.update(check_fused_mlp(device))
+    out.update(check_window_attn(device))
     print(json.dumps(out), flush=True)
+    return out
+
+
+def check_window_attn(device: torch.device, samples: int = 2) -> dict:
+    """The Triton window-attention kernels alone at the 51M's stage-1 shape (256-token windows, 6 heads of 16, the
+    shifted block's regions), bf16: relative L2 error of the output and the q, k, v gradients against float64 on the
+    same bf16 inputs, next to the error of SDPA (bf16, the regions as a boolean mask) on the same inputs."""
+    from neuro_models.swift import layers as L
+    from neuro_models.swift import window_attn as WA
+
+    dims, win, shift, H, E = (16, 16, 16, 20), (4, 4, 4, 4), (2, 2, 2, 2), 6, 16
+    mask = L.shifted_window_mask(dims, win, shift, device=device)
+    W, N, _ = mask.shape
+    S = samples * W
+    torch.manual_seed(0)
+    qkv = (torch.randn(S, N, 3 * H * E, device=device) * 1.5).to(torch.bfloat16)
+    do = torch.randn(S, N, H * E, device=device).to(torch.bfloat16)
+    scale = E ** -0.5
+    tables = WA.region_bits(dims, win, shift, device)
+
+    def sdpa(t):
+        q, k, v = t.reshape(S, N, 3, H, E).permute(2, 0, 3, 1, 4).unbind(0)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(samples, 1, 1)[:, None],
+                                                             scale=scale)
+        return o.transpose(1, 2).reshape(S, N, H * E)
+
+    ref = qkv.double().requires_grad_()
+    yr = sdpa(ref)
+    yr.backward(do.double())
+    out = {}
+    for name, fn in (("triton", lambda t: WA.window_attention(t, H, scale, tables)), ("sdpa", sdpa)):
+        xi = qkv.clone().requires_grad_()
+        y = fn(xi)
+        y.backward(do)
+        D = H * E
+        for label, a, b in (("o", y, yr), ("dq", xi.grad[..., :D], ref.grad[..., :D]),
+                            ("dk", xi.grad[..., D:2 * D], ref.grad[..., D:2 * D]),
+                            ("dv", xi.grad[..., 2 * D:], ref.grad[..., 2 * D:])):
+            out[f"attn_{name}_{label}_rel_err"] = float((a.detach().double() - b.detach()).norm() / b.detach().norm())
     return out
 
 
@@ -354,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=12, help="kernels listed per profiled row")
     ap.add_argument("--check", action="store_true", help="run the numerics check first (CHECK_RUNS)")
     ap.add_argument("--check-all", action="store_true", help="the check with session 6's runs too (CHECK_ALL)")
+    ap.add_argument("--check-kernels", action="store_true", help="only the kernel-level checks (fused MLP, window "
+                    "attention against float64), no model runs")
     ap.add_argument("--check-runs", default="", help="the check with these impl:precision runs only (the first "
                     "must be sdpa:fp32, the reference), e.g. sdpa:fp32,flex:bf16res-select,flex:bf16res-select-fmlp")
     ap.add_argument("--time-budget", type=float, default=float("inf"), help="skip cases once this many seconds of "
@@ -381,6 +436,13 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.md).write_text(md)
         return md
 
+    if args.check_kernels and not (args.check or args.check_all or args.check_runs):
+        try:
+            result["check"] = {**check_fused_mlp(device), **check_window_attn(device)}
+        except Exception as e:  # noqa: BLE001
+            result["check"] = dict(status=f"error: {type(e).__name__}: {str(e)[:500]}")
+        print(json.dumps(result["check"]), flush=True)
+        write()
     if args.check or args.check_all or args.check_runs:
         runs = ([tuple(r.split(":")) for r in args.check_runs.split(",")] if args.check_runs
                 else CHECK_ALL if args.check_all else CHECK_RUNS)

@@ -12,7 +12,9 @@
 # (the current defaults: token selection, fused Triton head, tuned FlexAttention tiles, CUDA graphs for the small
 # stages only), select-cgs-torchhead (the same with the PyTorch head), fmlp-blocks (stage-1/2 blocks with and
 # without the fused Triton MLP, 30-kernel profiles, and the numerics check of the fused MLP), select-cgs-fmlp
-# (select-cgs with SwiftConfig.fused_mlp). "best" and "baseline" pin the older paths
+# (select-cgs with SwiftConfig.fused_mlp), attn-blocks (every window block under FlexAttention and the Triton window
+# attention, profiled, after the kernel-level numerics checks), attn-check (the model numerics check with the Triton
+# window attention), select-cgs-triton (select-cgs with attn_impl=triton). "best" and "baseline" pin the older paths
 # (PyTorch head, PyTorch's FlexAttention tiles) so they reproduce session 6's numbers.
 # Inductor's cache lives in .gpucache/inductor-swift (git-ignored), so a warm machine's later call reuses it.
 # Results -> $OUT (JSON per stage, profiles, session.log; at most 8 files come back).
@@ -76,6 +78,16 @@ print(min(t, key=t.get))")
                | grep -v -i -E "warn" | tee -a "$log" ;;
     select-cgs-fmlp) bench "${SELECT_S:-300}" --suite target --batches 16 --compile block-cgs --sdpa cudnn --attn-impl auto \
                   --bf16-residual --select --fused-mlp --steps 20 --warmup 3 --out "$OUT/target_select_cgs_fmlp.json" ;;
+    attn-blocks) timeout "${BLOCKS_S:-420}" python3 benchmarks/swift_blocks.py --profile --top 16 --check-kernels \
+               --plan "${BLOCK_PLAN:-s1:triton-bf16res,s1:flex-bf16res,s1-shift:triton-bf16res,s1-shift:flex-bf16res,s3:triton-bf16res,s3:flex-bf16res,s3-shift:triton-bf16res,s3-shift:flex-bf16res,s2:triton-bf16res,s2:flex-bf16res,s2-shift:triton-bf16res,s2-shift:flex-bf16res}" \
+               --time-budget "${BLOCKS_BUDGET_S:-360}" --out "$OUT/blocks.json" --md "$OUT/blocks.md" 2>&1 \
+               | grep -v -i -E "warn" | tee -a "$log" ;;
+    attn-check) timeout "${CHECK_S:-300}" python3 benchmarks/swift_blocks.py --plan none \
+                  --check-runs sdpa:fp32,flex:bf16res-select,triton:bf16res-select --out "$OUT/check.json" 2>&1 \
+                  | grep -v -i -E "warn" | tee -a "$log" ;;
+    select-cgs-triton) bench "${SELECT_S:-300}" --suite target --batches 16 --compile block-cgs --sdpa cudnn \
+                  --attn-impl triton --bf16-residual --select --steps 20 --warmup 3 \
+                  --out "$OUT/target_select_cgs_triton.json" ;;
     ladder) bench 100 --suite ladder --compile none --steps 6 --out "$OUT/ladder.json" ;;
     ladder-compiled) bench 300 --suite ladder --compile block --steps 6 --time-budget 240 --out "$OUT/ladder_compiled.json" ;;
   esac

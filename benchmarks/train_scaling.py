@@ -264,7 +264,7 @@ def main() -> None:
                     help="RunSpec.gc_every: collect garbage by hand every N steps on all ranks (0: Python's automatic "
                          "collector; default: RunSpec's)")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile (RunSpec.compile)")
-    ap.add_argument("--attn-impl", default=None, choices=["sdpa", "flex", "auto"],
+    ap.add_argument("--attn-impl", default=None, choices=["sdpa", "flex", "triton", "auto"],
                     help="SwiftConfig.attn_impl (model override; default: the config's)")
     ap.add_argument("--overrides", default="{}", help='JSON of model config overrides (RunSpec.model_overrides), '
                     'e.g. \'{"bf16_residual": true, "fused_mlp": true}\'')

@@ -26,7 +26,7 @@ from ..mup_utils import check_parametrization
 MASKING_TYPES = ("random", "tube", "temporal")
 LOSS_TYPES = ("l1", "l2", "huber")
 SHIFT_IMPLS = ("mask", "split")
-ATTN_IMPLS = ("sdpa", "flex", "auto")  # chosen per call by neuro_models.swift.layers.use_flex
+ATTN_IMPLS = ("sdpa", "flex", "triton", "auto")  # chosen per block call (neuro_models.swift.model.WindowBlock4D)
 
 
 def _tuple(v: Any, n: int, name: str) -> tuple[int, ...]:
@@ -77,9 +77,12 @@ class SwiftConfig:
     "sdpa" (fused scaled_dot_product_attention, shifted windows per ``shift_impl``), "flex"
     (FlexAttention: Triton kernels generated for the head dim, and a shifted block is one call with Swin's
     regions as a block mask; needs ``torch.compile``d blocks to be fast and, in torch 2.13, a GPU for the
-    backward pass) or "auto" (FlexAttention inside compiled blocks on CUDA, where it was faster than every
-    SDPA kernel for every window block of the 51M; SDPA otherwise, so eager, CPU and XPU runs are
-    unchanged)."""
+    backward pass), "triton" (``neuro_models.swift.window_attn``: a forward and a backward kernel written for
+    short windows and small heads, one program per window and head, Swin's regions as two small tables; eager
+    or compiled, on CUDA under bf16/fp16 autocast, for windows of <= 256 tokens and head dims 16-64 (a power of
+    two); SDPA elsewhere) or "auto": "triton" where it can run (on H100 it beat FlexAttention on every window
+    block of the 51M, and the whole model 235 -> 249 samples/s; BENCHMARKS.md, session 9), else FlexAttention
+    inside compiled blocks on CUDA (float32), else SDPA, so CPU and XPU runs are unchanged."""
     bf16_residual: bool = False
     """Under bf16 autocast, keep the encoder's residual stream (block inputs and outputs, from the position
     embedding on) in bf16 instead of float32. Norms still compute in float32 and weights stay float32

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import DropPath  # noqa: F401  (re-exported: the blocks import it from here)
+from .window_attn import region_bits
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,17 +146,8 @@ def region_mask_mod(dims: tuple[int, ...], window: tuple[int, ...], shift: tuple
     iff they differ on a bit the window has. (Index arithmetic per axis instead was 1.34x slower for the
     whole shifted stage-1 block on H100: 22.7 vs 16.9 ms, BENCHMARKS.md.)
     """
-    k = len(dims)
-    counts = [g // w for g, w in zip(dims, window)]
-    W = math.prod(counts)
-    n = torch.arange(math.prod(window), device=device)
-    wl = torch.arange(W, device=device)
-    tok = torch.zeros_like(n, dtype=torch.int32)
-    win = torch.zeros_like(wl, dtype=torch.int32)
-    for j, a in enumerate(a for a in range(k) if shift[a]):
-        offset = (n // math.prod(window[a + 1:])) % window[a]
-        tok |= (offset >= window[a] - shift[a]).int() << j
-        win |= (((wl // math.prod(counts[a + 1:])) % counts[a]) == counts[a] - 1).int() << j
+    tok, win = region_bits(dims, window, shift, device)
+    W = win.shape[0]
 
     def mask_mod(b, h, q_idx, kv_idx):
         return ((tok[q_idx] ^ tok[kv_idx]) & win[b % W]) == 0
@@ -291,9 +283,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x_SND: torch.Tensor, mask: torch.Tensor | None = None, rope=None, *, flex: bool = False,
-                block_mask=None) -> torch.Tensor:
-        """``flex=True`` runs FlexAttention with the optional ``block_mask`` instead of SDPA with ``mask``."""
+                block_mask=None, triton: bool = False, tables=None) -> torch.Tensor:
+        """``flex=True`` runs FlexAttention with the optional ``block_mask`` instead of SDPA with ``mask``;
+        ``triton=True`` the kernels of ``window_attn`` with the optional region ``tables`` (no ``rope``)."""
         S, N, D = x_SND.shape
+        if triton:
+            from .window_attn import window_attention
+
+            return self.proj(window_attention(self.qkv(x_SND), self.num_heads, self.scale, tables))
         qkv = self.qkv(x_SND).reshape(S, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [S, H, N, E]
         if rope is not None:

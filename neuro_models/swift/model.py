@@ -31,6 +31,8 @@ from .layers import (SDPA_MAX_SEQUENCES, Attention, DropPath, Mlp, PatchEmbed, P
                      patchify, region_block_mask, shifted_window_mask, split_window_attention, use_flex,
                      window_partition, window_reverse)
 from .masking import make_mask, masked_tokens_per_sample, token_selection
+from . import window_attn
+from .window_attn import RegionTables, region_tables
 
 
 def _scale(cfg: SwiftConfig, head_dim: int) -> float:
@@ -40,9 +42,9 @@ def _scale(cfg: SwiftConfig, head_dim: int) -> float:
 class WindowBlock4D(nn.Module):
     """Swin block with 4D (shifted) window attention: ``[B, X, Y, Z, T, D] -> same``.
 
-    ``attn_impl`` (see ``SwiftConfig.attn_impl``): with FlexAttention a shifted block runs one
-    call over the full windows with Swin's regions as a block mask (``forward``'s ``block_mask``, built by
-    :meth:`flex_block_mask` outside compiled code); with SDPA it splits or masks per ``shift_impl``.
+    ``attn_impl`` (see ``SwiftConfig.attn_impl``): with the Triton kernels or FlexAttention a shifted block runs
+    one call over the full windows with Swin's regions as tables or a block mask (``forward``'s ``block_mask``,
+    built by :meth:`region_mask` outside compiled code); with SDPA it splits or masks per ``shift_impl``.
     """
 
     compile_region = True  # see neuro_models.layers.compile_regions
@@ -69,22 +71,39 @@ class WindowBlock4D(nn.Module):
         seq = x_BXYZTD.shape[0] * math.prod([g // w for g, w in zip(dims, win)])
         return dims, win, shift, seq
 
-    def flex_block_mask(self, x_BXYZTD: torch.Tensor):
-        """The region ``BlockMask`` this block's FlexAttention needs for input ``x``, or ``None`` (no shift here,
-        SDPA, or too many windows for one call: then the block uses SDPA). Cached per shape."""
+    def _triton(self, x_BXYZTD: torch.Tensor, win: tuple[int, ...]) -> bool:
+        """Whether this block's window attention runs the Triton kernels (``attn_impl`` "triton" or "auto", where
+        ``window_attn.usable``: CUDA, bf16/fp16 compute, windows of <= 256 tokens, head dim 16-64)."""
+        return self.attn_impl in ("triton", "auto") and window_attn.usable(x_BXYZTD, math.prod(win),
+                                                                            self.attn.head_dim)
+
+    def region_mask(self, x_BXYZTD: torch.Tensor):
+        """What this shifted block's attention needs to mask Swin's regions for input ``x``, built outside
+        compiled code (the stage loop passes it to ``forward``) and cached per shape: the Triton kernels'
+        ``RegionTables``, FlexAttention's ``BlockMask``, or ``None`` (no shift here, or SDPA, which builds its
+        own mask; also when there are too many windows for one FlexAttention call)."""
         dims, win, shift, seq = self._windows(x_BXYZTD)
-        if not any(shift) or seq > SDPA_MAX_SEQUENCES or not flex_eligible(self.attn_impl, x_BXYZTD.device):
+        if not any(shift):
+            return None
+        if self._triton(x_BXYZTD, win):
+            return region_tables(dims, win, shift, x_BXYZTD.device)
+        if seq > SDPA_MAX_SEQUENCES or not flex_eligible(self.attn_impl, x_BXYZTD.device):
             return None
         return region_block_mask(dims, win, shift, seq, x_BXYZTD.device)
 
     def forward(self, x_BXYZTD: torch.Tensor, block_mask=None) -> torch.Tensor:
+        """``block_mask``: what :meth:`region_mask` returned for ``x`` (shifted blocks)."""
         dims, win, shift, seq = self._windows(x_BXYZTD)
-        flex = use_flex(self.attn_impl, x_BXYZTD.device) and (
-            block_mask is not None or not any(shift))
+        tables = block_mask if isinstance(block_mask, RegionTables) else None
+        triton = self._triton(x_BXYZTD, win) and (tables is not None or not any(shift))
+        flex = not triton and use_flex(self.attn_impl, x_BXYZTD.device) and (
+            (block_mask is not None and tables is None) or not any(shift))
         h = self.norm1(x_BXYZTD)
         if any(shift):
             h = torch.roll(h, shifts=tuple(-s for s in shift), dims=(1, 2, 3, 4))
-        if flex:
+        if triton:
+            o = window_reverse(self.attn(window_partition(h, win), tables=tables, triton=True), win, dims)
+        elif flex:
             o = window_reverse(self.attn(window_partition(h, win), flex=True, block_mask=block_mask), win, dims)
         elif any(shift) and self.shift_impl == "split" and can_split(win, shift):
             o = split_window_attention(self.attn, h, win, shift)
@@ -166,10 +185,10 @@ class Stage(nn.Module):
                 P = prompts_PD.shape[0]
                 x = torch.cat([prompts_PD.to(x.dtype).unsqueeze(0).expand(shape[0], -1, -1), x], dim=1)
         for blk in self.blocks:
-            # a FlexAttention block mask is built here, outside the (compiled) blocks, and cached per shape
+            # a shifted block's region mask is built here, outside the (compiled) blocks, and cached per shape
             extra = ()
-            if hasattr(blk, "flex_block_mask"):
-                bm = blk.flex_block_mask(x)
+            if hasattr(blk, "region_mask"):
+                bm = blk.region_mask(x)
                 extra = () if bm is None else (bm,)
             if self.use_checkpoint and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, *extra, use_reentrant=False)

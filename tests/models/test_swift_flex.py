@@ -55,8 +55,8 @@ def test_region_block_mask_tiles_like_a_direct_build(dims, window, shift):
 def test_flex_block_equals_sdpa_block(shifted, window):
     x = torch.randn(3, 4, 6, 2, 4, 32, generator=torch.Generator().manual_seed(1))
     sdpa, flex = _block("sdpa", shifted, window), _block("flex", shifted, window)
-    bm = flex.flex_block_mask(x)
-    assert (bm is not None) == shifted and sdpa.flex_block_mask(x) is None
+    bm = flex.region_mask(x)
+    assert (bm is not None) == shifted and sdpa.region_mask(x) is None
     with torch.no_grad():
         ref = sdpa(x)
         got = flex(x, *(() if bm is None else (bm,)))
@@ -125,7 +125,7 @@ def test_too_many_windows_for_one_flex_call_fall_back_to_sdpa(monkeypatch):
     blk = _block("flex", True)
     x = torch.randn(3, 4, 6, 2, 4, 32)  # 3 samples x 12 windows = 36 sequences
     monkeypatch.setattr("neuro_models.swift.model.SDPA_MAX_SEQUENCES", 20)
-    assert blk.flex_block_mask(x) is None
+    assert blk.region_mask(x) is None
     with torch.no_grad():
         torch.testing.assert_close(blk(x), _block("sdpa", True)(x), rtol=1e-5, atol=1e-5)
 

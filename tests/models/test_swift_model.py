@@ -281,7 +281,7 @@ def test_downstream_model_and_prompts(task, n_out):
     (dict(mask_ratio=1.0), "mask_ratio"),
     (dict(loss_type="mse"), "loss_type"),
     (dict(shift_impl="roll"), "shift_impl"),
-    (dict(attn_impl="triton"), "attn_impl"),
+    (dict(attn_impl="cudnn"), "attn_impl"),
     (dict(parametrization="ntk"), "parametrization"),
     (dict(depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)), "depths"),
 ])

@@ -69,6 +69,13 @@ if triton is not None:
         W = tl.load(w_ptr + rp[:, None] * CD + rc[None, :], mask=pmask[:, None], other=0.0)  # [P_CHUNK, CD] fp32
         bias = tl.load(b_ptr + rp, mask=pmask, other=0.0)
         valid = pmask[:, None] & tmask[None, :]
+        # offsets are split into a per-column scalar and a loop-invariant tile (int32), so the loop does no
+        # per-element index arithmetic: x[b, c, x0 PX + i, y0 PY + j, z0 PZ + k, t PT + f]
+        xin = (((tl.cast(c, tl.int64) * X + i) * Y + j) * Z + k) * T + f  # [P_CHUNK]
+        xtile = xin[:, None] + rt[None, :] * PT  # [P_CHUNK, TP_PAD]
+        htile = rt[:, None] * CD + rc[None, :]  # [TP_PAD, CD]
+        if HAS_BRAIN:
+            bin_ = (i * Y + j) * Z + k  # [P_CHUNK]
         dW = tl.zeros((P_CHUNK, CD), dtype=tl.float32)
         db = tl.zeros((P_CHUNK,), dtype=tl.float32)
         lsum = tl.zeros((P_CHUNK,), dtype=tl.float32)
@@ -78,19 +85,18 @@ if triton is not None:
             y0 = (patch64 // Zp) % Yp
             x0 = (patch64 // (Zp * Yp)) % Xp
             b = patch64 // (Zp * Yp * Xp)
-            tok = patch64 * TP + rt  # flat token index into [B, Xp, Yp, Zp, Tp]
-            hoff = tok[:, None] * CD + rc[None, :]
-            hpre = tl.load(h_ptr + hoff, mask=tmask[:, None], other=0.0).to(tl.float32)  # [TP_PAD, CD]
+            tok0 = patch64 * TP  # first token of the column in [B, Xp, Yp, Zp, Tp]
+            hcol = h_ptr + tok0 * CD
+            hpre = tl.load(hcol + htile, mask=tmask[:, None], other=0.0).to(tl.float32)  # [TP_PAD, CD]
             cdf = 0.5 * (1.0 + tl.math.erf(hpre * 0.7071067811865476))
             a = hpre * cdf  # exact GELU
             pred = tl.dot(W, tl.trans(a), input_precision=PRECISION) + bias[:, None]  # [P_CHUNK, TP_PAD]
-            xo = (((((b * C + c[:, None]) * X + x0 * PX + i[:, None]) * Y + y0 * PY + j[:, None]) * Z
-                   + z0 * PZ + k[:, None]) * T + rt[None, :] * PT + f[:, None])
-            xv = tl.load(x_ptr + xo, mask=valid, other=0.0).to(tl.float32)
-            wgt = tl.where(valid, tl.load(m_ptr + tok, mask=tmask, other=0.0)[None, :], 0.0)
+            xcol = ((((b * C) * X + x0 * PX) * Y + y0 * PY) * Z + z0 * PZ) * T
+            xv = tl.load(x_ptr + xcol + xtile, mask=valid, other=0.0).to(tl.float32)
+            wgt = tl.where(valid, tl.load(m_ptr + tok0 + rt, mask=tmask, other=0.0)[None, :], 0.0)
             if HAS_BRAIN:
-                bo = ((b * X + x0 * PX + i) * Y + y0 * PY + j) * Z + z0 * PZ + k
-                wgt = wgt * tl.load(bm_ptr + bo, mask=pmask, other=0.0)[:, None]
+                bcol = ((b * X + x0 * PX) * Y + y0 * PY) * Z + z0 * PZ
+                wgt = wgt * tl.load(bm_ptr + bcol + bin_, mask=pmask, other=0.0)[:, None]
             d = pred - xv
             sgn = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
             if LOSS == 0:
@@ -110,10 +116,11 @@ if triton is not None:
             db += tl.sum(g, axis=1)
             da = tl.dot(tl.trans(g), W, input_precision=PRECISION)  # [TP_PAD, CD]: this chunk's share
             pdf = 0.3989422804014327 * tl.exp(-0.5 * hpre * hpre)
+            dhcol = dh_ptr + tok0 * CD
             if ATOMIC:  # several chunks share the column
-                tl.atomic_add(dh_ptr + hoff, da * (cdf + hpre * pdf), mask=tmask[:, None], sem="relaxed")
+                tl.atomic_add(dhcol + htile, da * (cdf + hpre * pdf), mask=tmask[:, None], sem="relaxed")
             else:
-                tl.store(dh_ptr + hoff, da * (cdf + hpre * pdf), mask=tmask[:, None])
+                tl.store(dhcol + htile, da * (cdf + hpre * pdf), mask=tmask[:, None])
         tl.store(dw_part_ptr + pid * P * CD + rp[:, None] * CD + rc[None, :], dW, mask=pmask[:, None])
         tl.store(db_part_ptr + pid * P + rp, db, mask=pmask)
         tl.store(loss_part_ptr + pid * tl.num_programs(1) + cid, tl.sum(lsum, axis=0))

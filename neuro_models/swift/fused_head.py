@@ -133,7 +133,8 @@ if triton is not None:
 #: difference; 3 pipeline stages beat 1 (3.69 vs 5.41 ms); 64-row chunks were fastest: 32 rows 2x slower, 128 and
 #: 256 rows (plain stores, no atomics) 5-60% slower. The fastest of these is picked per shape on the card in use.
 CONFIGS = [dict(P_CHUNK=pc, num_warps=w, num_stages=st, PPS=8)
-           for (pc, w, st) in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2), (256, 8, 3), (256, 16, 2))]
+           for (pc, w, st) in ((64, 4, 3), (128, 4, 3), (128, 4, 4), (128, 4, 2), (128, 8, 3), (256, 8, 2),
+                               (256, 8, 3))]
 _TUNED: dict = {}  # shape key -> the fastest configuration
 _TIMINGS: dict = {}  # shape key -> {configuration: ms}, for benchmarks
 

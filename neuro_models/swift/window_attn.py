@@ -107,8 +107,11 @@ if triton is not None:
             q = tl.load(qkv_ptr + base + rm[:, None] * (3 * D) + re[None, :], mask=mmask[:, None], other=0.0)
             sc = tl.dot(q, kt) * qk_scale
             if MASKED:
-                rq = tl.load(tok_ptr + rm, mask=mmask, other=0) & wbits
-                sc = tl.where(rq[:, None] == rk[None, :], sc, float("-inf"))
+                if wbits != 0:  # only windows at the end of a shifted axis hold several regions
+                    rq = tl.load(tok_ptr + rm, mask=mmask, other=0) & wbits
+                    sc = tl.where(rq[:, None] == rk[None, :], sc, float("-inf"))
+                elif not EVEN:
+                    sc = tl.where(nmask[None, :], sc, float("-inf"))
             elif not EVEN:
                 sc = tl.where(nmask[None, :], sc, float("-inf"))
             m = tl.max(sc, 1)
@@ -121,11 +124,12 @@ if triton is not None:
     @triton.jit
     def _attn_bwd_kernel(qkv_ptr, o_ptr, do_ptr, lse_ptr, dqkv_ptr, tok_ptr, win_ptr, W, qk_scale, scale,
                          H: tl.constexpr, E: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr,
-                         MASKED: tl.constexpr, EVEN: tl.constexpr):
+                         MASKED: tl.constexpr, EVEN: tl.constexpr, DQT: tl.constexpr):
         """Program ``s * H + h``, in the transposed orientation (keys along rows), so that no register tile needs a
         transpose: per block of queries, P^T from the saved log-sum-exp, then dV += P^T dO,
-        dS^T = P^T (V dO^T - rowsum(dO O)), dK += scale dS^T Q, dQ^T = scale K^T dS^T (stored); dK and dV are stored
-        at the end. Transposed operands are loaded transposed from memory."""
+        dS^T = P^T (V dO^T - rowsum(dO O)), dK += scale dS^T Q and dQ (stored) as ``scale K^T dS^T`` (``DQT``: a dot
+        with only E rows) or ``scale (dS^T)^T K`` (one register transpose); dK and dV are stored at the end.
+        Transposed operands are loaded transposed from memory."""
         pid = tl.program_id(0)
         s = pid // H
         h = pid % H
@@ -136,7 +140,8 @@ if triton is not None:
         re = tl.arange(0, E)
         nmask = rn < N
         k = tl.load(qkv_ptr + base + D + rn[:, None] * (3 * D) + re[None, :], mask=nmask[:, None], other=0.0)
-        kt = tl.load(qkv_ptr + base + D + rn[None, :] * (3 * D) + re[:, None], mask=nmask[None, :], other=0.0)
+        if DQT:
+            kt = tl.load(qkv_ptr + base + D + rn[None, :] * (3 * D) + re[:, None], mask=nmask[None, :], other=0.0)
         v = tl.load(qkv_ptr + base + 2 * D + rn[:, None] * (3 * D) + re[None, :], mask=nmask[:, None], other=0.0)
         if MASKED:
             wbits = tl.load(win_ptr + s % W)
@@ -158,16 +163,24 @@ if triton is not None:
             lse = tl.load(lse_ptr + tl.cast(pid, tl.int64) * N + rm, mask=mmask, other=0.0)
             pt = tl.math.exp2(tl.dot(k, qt) * qk_scale - lse[None, :])  # [keys, queries]
             if MASKED:
-                rq = tl.load(tok_ptr + rm, mask=mmask, other=0) & wbits
-                pt = tl.where(rk[:, None] == rq[None, :], pt, 0.0)
+                if wbits != 0:
+                    rq = tl.load(tok_ptr + rm, mask=mmask, other=0) & wbits
+                    pt = tl.where(rk[:, None] == rq[None, :], pt, 0.0)
+                elif not EVEN:
+                    pt = tl.where(nmask[:, None], pt, 0.0)
             elif not EVEN:
                 pt = tl.where(nmask[:, None], pt, 0.0)
             dv = tl.dot(pt.to(do.dtype), do, dv)
             dst = (pt * (tl.dot(v, dot) - delta[None, :])).to(q.dtype)
             dk = tl.dot(dst, q, dk)
-            dqt = tl.dot(kt, dst) * scale  # [E, queries]
-            tl.store(dqkv_ptr + base + rm[None, :] * (3 * D) + re[:, None], dqt.to(dqkv_ptr.dtype.element_ty),
-                     mask=mmask[None, :])
+            if DQT:
+                dqt = tl.dot(kt, dst) * scale  # [E, queries]
+                tl.store(dqkv_ptr + base + rm[None, :] * (3 * D) + re[:, None], dqt.to(dqkv_ptr.dtype.element_ty),
+                         mask=mmask[None, :])
+            else:
+                dq = tl.dot(tl.trans(dst), k) * scale  # [queries, E]
+                tl.store(dqkv_ptr + base + rm[:, None] * (3 * D) + re[None, :], dq.to(dqkv_ptr.dtype.element_ty),
+                         mask=mmask[:, None])
         kv = base + rn[:, None] * (3 * D) + re[None, :]
         tl.store(dqkv_ptr + kv + D, (dk * scale).to(dqkv_ptr.dtype.element_ty), mask=nmask[:, None])
         tl.store(dqkv_ptr + kv + 2 * D, dv.to(dqkv_ptr.dtype.element_ty), mask=nmask[:, None])
@@ -177,9 +190,10 @@ if triton is not None:
 #: software-pipelining stages.
 CONFIGS = {
     "fwd": [dict(BM=bm, num_warps=w, num_stages=st) for (bm, w, st) in
-            ((64, 4, 2), (64, 4, 1), (128, 8, 2), (128, 4, 2), (32, 4, 2))],
-    "bwd": [dict(BM=bm, num_warps=w, num_stages=st) for (bm, w, st) in
-            ((32, 4, 2), (32, 4, 3), (32, 4, 1), (64, 4, 2), (64, 8, 1), (16, 4, 2))],
+            ((64, 4, 2), (64, 4, 3), (128, 4, 2), (32, 4, 2))],
+    "bwd": [dict(BM=bm, num_warps=w, num_stages=st, DQT=dqt) for (bm, w, st, dqt) in
+            ((32, 4, 3, True), (32, 4, 2, True), (32, 4, 4, True), (64, 4, 3, True), (32, 4, 3, False),
+             (64, 4, 3, False), (64, 8, 2, False))],
 }
 _TUNED: dict = {}  # (kernel, shape key) -> the fastest configuration
 TIMINGS: dict = {}  # (kernel, shape key) -> {configuration: ms}, for benchmarks
@@ -264,7 +278,8 @@ def _backward(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.T
 
     def run(cfg):
         _attn_bwd_kernel[(S * num_heads,)](qkv, o, do, lse, dqkv, tk, wn, W, scale * LOG2E, scale, BM=cfg["BM"],
-                                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **consts)
+                                           DQT=cfg["DQT"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                                           **consts)
 
     run(_tuned("bwd", key, run))
     return dqkv

@@ -76,7 +76,9 @@ for s in $stages; do
       done ;;
     train-defaults)  # 1 GPU, 51M (v2 ladder) micro-batch 16 through train(), compiled, ZeRO-0, the model's defaults
       # (token selection, fused head, FlexAttention): as is, with the bf16 residual, and with the fused MLP too
-      for o in '{}' '{"bf16_residual": true}' '{"bf16_residual": true, "fused_mlp": true}'; do
+      # TRAIN_OVERRIDES: a '|'-separated list of the JSON overrides to run instead
+      IFS='|' read -r -a overrides <<< "${TRAIN_OVERRIDES:-{\}|{\"bf16_residual\": true\}|{\"bf16_residual\": true, \"fused_mlp\": true\}}"
+      for o in "${overrides[@]}"; do
         timeout "${TRAIN_S:-200}" python3 -m torch.distributed.run --standalone --nproc-per-node 1 benchmarks/train_scaling.py \
           --size 51M --mode weak --micro-batch 16 --steps 20 --warmup 10 --log-every 10 --compile --dist deepspeed \
           --zero 0 --overrides "$o" --out "/tmp/td.json" 2>&1 | grep '^{' | tee -a "$log"

@@ -14,7 +14,7 @@
 # without the fused Triton MLP, 30-kernel profiles, and the numerics check of the fused MLP), select-cgs-fmlp
 # (select-cgs with SwiftConfig.fused_mlp), attn-blocks (every window block under FlexAttention and the Triton window
 # attention, profiled, after the kernel-level numerics checks), attn-check (the model numerics check with the Triton
-# window attention), select-cgs-triton (select-cgs with attn_impl=triton). "best" and "baseline" pin the older paths
+# window attention, which attn_impl=auto runs), select-cgs-triton (select-cgs with attn_impl=triton). "best" and "baseline" pin the older paths
 # (PyTorch head, PyTorch's FlexAttention tiles) so they reproduce session 6's numbers.
 # Inductor's cache lives in .gpucache/inductor-swift (git-ignored), so a warm machine's later call reuses it.
 # Results -> $OUT (JSON per stage, profiles, session.log; at most 8 files come back).
@@ -83,7 +83,7 @@ print(min(t, key=t.get))")
                --time-budget "${BLOCKS_BUDGET_S:-360}" --out "$OUT/blocks.json" --md "$OUT/blocks.md" 2>&1 \
                | grep -v -i -E "warn" | tee -a "$log" ;;
     attn-check) timeout "${CHECK_S:-300}" python3 benchmarks/swift_blocks.py --plan none \
-                  --check-runs sdpa:fp32,flex:bf16res-select,triton:bf16res-select --out "$OUT/check.json" 2>&1 \
+                  --check-runs sdpa:fp32,flex:bf16res-select,auto:bf16res-select --out "$OUT/check.json" 2>&1 \
                   | grep -v -i -E "warn" | tee -a "$log" ;;
     select-cgs-triton) bench "${SELECT_S:-300}" --suite target --batches 16 --compile block-cgs --sdpa cudnn \
                   --attn-impl triton --bf16-residual --select --steps 20 --warmup 3 \

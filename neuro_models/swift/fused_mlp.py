@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_launch import available, fastest
+from .triton_launch import available, compute_dtype, fastest
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs lack it
     import triton
@@ -236,14 +236,6 @@ if triton is not None:
         return fused_mlp_backward_op(dy, x, w1, b1, w2)
 
     fused_mlp_op.register_autograd(_backward_rule, setup_context=_setup_context)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the MLP's matmuls run in: autocast's for ``x``'s device if it is on, else ``x``'s."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
 
 
 def usable(x: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> bool:

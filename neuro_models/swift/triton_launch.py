@@ -1,5 +1,6 @@
-"""What the hand-written Triton kernels of the SwiFT family (``fused_head``, ``fused_mlp``) share: whether they can
-run on a device, and the per-shape choice of a launch configuration by timing each once."""
+"""What the hand-written Triton kernels of the SwiFT family (``fused_head``, ``fused_mlp``, ``window_attn``) share:
+whether they can run on a device, the dtype they compute in, and the per-shape choice of a launch configuration by
+timing each once."""
 from __future__ import annotations
 
 import os
@@ -23,6 +24,14 @@ def available(device: torch.device) -> bool:
     if triton is None:
         return False
     return device.type == "cuda" or (device.type == "cpu" and INTERPRET)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a layer computes in for input ``x``: autocast's for ``x``'s device if it is on, else ``x``'s."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
 
 
 def fastest(configs: list[dict], make_run: Callable[[dict], Callable[[], None]], what: str,

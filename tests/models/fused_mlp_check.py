@@ -9,6 +9,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from interpreted import fp16_loss_and_grads  # this folder
 
 from neuro_models import registry as R
 from neuro_models.swift import fused_mlp
@@ -102,15 +103,7 @@ def model_uses_it_in_narrow_stages() -> None:
     grads = {}
     try:
         for on in (False, True):
-            torch.manual_seed(0)
-            model = R.build_pretrain_model(cfg.replace(fused_mlp=on))
-            x = torch.randn(2, 1, *cfg.img_size)
-            mask = model.make_mask(2, generator=torch.Generator().manual_seed(0))
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = model(x, mask=mask)["loss"]
-            loss.backward()
-            grads[on] = (float(loss.detach()), torch.cat([p.grad.flatten().float() for p in model.parameters()
-                                                 if p.grad is not None]))
+            grads[on] = fp16_loss_and_grads(cfg.replace(fused_mlp=on))
     finally:
         fused_mlp.fused_mlp = orig
         fused_mlp.MAX_DIM = max_dim

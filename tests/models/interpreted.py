@@ -1,5 +1,5 @@
 """Run a check script of this folder in a subprocess under the Triton interpreter (``TRITON_INTERPRET=1`` must be
-set before Triton decorates a kernel, so not inside the shared pytest process)."""
+set before Triton decorates a kernel, so not inside the shared pytest process), and what those scripts share."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,3 +20,18 @@ def run_check(script: str, case: str) -> None:
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name(script)), case], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def fp16_loss_and_grads(cfg) -> tuple[float, torch.Tensor]:
+    """One SimMIM training step of ``build_pretrain_model(cfg)`` (seed 0, batch 2, fp16 autocast on CPU): the loss and
+    every parameter gradient, flattened (the check scripts compare a kernel against the PyTorch path with it)."""
+    from neuro_models import registry as R
+
+    torch.manual_seed(0)
+    model = R.build_pretrain_model(cfg)
+    x = torch.randn(2, 1, *cfg.img_size)
+    mask = model.make_mask(2, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(x, mask=mask)["loss"]
+    loss.backward()
+    return float(loss.detach()), torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])

@@ -9,6 +9,7 @@ import math
 import sys
 
 import torch
+from interpreted import fp16_loss_and_grads  # this folder
 
 from neuro_models import registry as R
 from neuro_models.swift import window_attn as WA
@@ -142,15 +143,7 @@ def model_trains_like_sdpa() -> None:
     grads = {}
     try:
         for impl in ("sdpa", "triton"):
-            torch.manual_seed(0)
-            model = R.build_pretrain_model(cfg.replace(attn_impl=impl))
-            x = torch.randn(2, 1, *cfg.img_size)
-            mask = model.make_mask(2, generator=torch.Generator().manual_seed(0))
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = model(x, mask=mask)["loss"]
-            loss.backward()
-            grads[impl] = (float(loss.detach()), torch.cat([p.grad.flatten().float() for p in model.parameters()
-                                                   if p.grad is not None]))
+            grads[impl] = fp16_loss_and_grads(cfg.replace(attn_impl=impl))
     finally:
         WA.window_attention = orig
     n_window_blocks = sum(d for d, full in zip(cfg.depths, [False] * (len(cfg.depths) - 1)

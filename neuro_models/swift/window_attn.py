@@ -80,11 +80,11 @@ def region_tables(dims: tuple[int, ...], window: tuple[int, ...], shift: tuple[i
 if triton is not None:
 
     @triton.jit
-    def _window_head(qkv_ptr, tok_ptr, win_ptr, W, H: tl.constexpr, E: tl.constexpr, N: tl.constexpr,
-                     NP: tl.constexpr, MASKED: tl.constexpr, EVEN: tl.constexpr):
-        """What both kernels' program ``s * H + h`` needs first: window ``s``, the offsets of its head ``h`` in qkv
-        and in O, its V tile ``[NP, E]``, key indices and mask, and (``MASKED``) the window's region bits and each
-        key's region (``-1`` for padded keys, which match no query; 0 elsewhere when not ``MASKED``)."""
+    def _attn_fwd_kernel(qkv_ptr, o_ptr, lse_ptr, tok_ptr, win_ptr, W, qk_scale, H: tl.constexpr, E: tl.constexpr,
+                         N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, MASKED: tl.constexpr,
+                         EVEN: tl.constexpr):
+        """Program ``s * H + h``: window ``s``, head ``h``. ``lse`` is in log2 units (scores times ``qk_scale``,
+        which includes log2(e)). With ``MASKED``, a token's region is ``tok & win[s % W]`` (one compare per score)."""
         pid = tl.program_id(0)
         s = pid // H
         h = pid % H
@@ -94,26 +94,13 @@ if triton is not None:
         rn = tl.arange(0, NP)
         re = tl.arange(0, E)
         nmask = rn < N
+        kt = tl.load(qkv_ptr + base + D + rn[None, :] * (3 * D) + re[:, None], mask=nmask[None, :], other=0.0)
         v = tl.load(qkv_ptr + base + 2 * D + rn[:, None] * (3 * D) + re[None, :], mask=nmask[:, None], other=0.0)
-        wbits = 0
-        rk = tl.zeros((NP,), dtype=tl.int32)
         if MASKED:
             wbits = tl.load(win_ptr + s % W)
             rk = tl.load(tok_ptr + rn, mask=nmask, other=-1) & wbits
             if not EVEN:
-                rk = tl.where(nmask, rk, -1)
-        return pid, s, base, obase, rn, re, nmask, v, wbits, rk
-
-    @triton.jit
-    def _attn_fwd_kernel(qkv_ptr, o_ptr, lse_ptr, tok_ptr, win_ptr, W, qk_scale, H: tl.constexpr, E: tl.constexpr,
-                         N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, MASKED: tl.constexpr,
-                         EVEN: tl.constexpr):
-        """Program ``s * H + h``: window ``s``, head ``h``. ``lse`` is in log2 units (scores times ``qk_scale``,
-        which includes log2(e)). With ``MASKED``, a token's region is ``tok & win[s % W]`` (one compare per score)."""
-        D: tl.constexpr = H * E
-        pid, s, base, obase, rn, re, nmask, v, wbits, rk = _window_head(qkv_ptr, tok_ptr, win_ptr, W, H, E, N, NP,
-                                                                          MASKED, EVEN)
-        kt = tl.load(qkv_ptr + base + D + rn[None, :] * (3 * D) + re[:, None], mask=nmask[None, :], other=0.0)
+                rk = tl.where(nmask, rk, -1)  # padded keys match no query
         for m0 in range(0, N, BM):
             rm = m0 + tl.arange(0, BM)
             mmask = rm < N
@@ -143,12 +130,24 @@ if triton is not None:
         dS^T = P^T (V dO^T - rowsum(dO O)), dK += scale dS^T Q and dQ (stored) as ``scale K^T dS^T`` (``DQT``: a dot
         with only E rows) or ``scale (dS^T)^T K`` (one register transpose); dK and dV are stored at the end.
         Transposed operands are loaded transposed from memory."""
+        pid = tl.program_id(0)
+        s = pid // H
+        h = pid % H
         D: tl.constexpr = H * E
-        pid, s, base, obase, rn, re, nmask, v, wbits, rk = _window_head(qkv_ptr, tok_ptr, win_ptr, W, H, E, N, NP,
-                                                                          MASKED, EVEN)
+        base = tl.cast(s, tl.int64) * (N * 3 * D) + h * E
+        obase = tl.cast(s, tl.int64) * (N * D) + h * E
+        rn = tl.arange(0, NP)
+        re = tl.arange(0, E)
+        nmask = rn < N
         k = tl.load(qkv_ptr + base + D + rn[:, None] * (3 * D) + re[None, :], mask=nmask[:, None], other=0.0)
         if DQT:
             kt = tl.load(qkv_ptr + base + D + rn[None, :] * (3 * D) + re[:, None], mask=nmask[None, :], other=0.0)
+        v = tl.load(qkv_ptr + base + 2 * D + rn[:, None] * (3 * D) + re[None, :], mask=nmask[:, None], other=0.0)
+        if MASKED:
+            wbits = tl.load(win_ptr + s % W)
+            rk = tl.load(tok_ptr + rn, mask=nmask, other=-1) & wbits
+            if not EVEN:
+                rk = tl.where(nmask, rk, -1)
         dk = tl.zeros((NP, E), dtype=tl.float32)
         dv = tl.zeros((NP, E), dtype=tl.float32)
         for m0 in range(0, N, BM):

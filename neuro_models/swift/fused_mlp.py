@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_launch import available, compute_dtype, fastest
+from .triton_launch import available, compute_dtype, tuned
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs lack it
     import triton
@@ -135,14 +135,7 @@ def _cp(C: int) -> int:
 def _tuned(kind: str, key: tuple, run) -> dict:
     """The launch configuration for ``kind`` at ``key``: on CUDA the fastest of ``CONFIGS[kind]`` (timed once per
     shape with CUDA events, three runs each; a configuration the card cannot run is skipped), else the first."""
-    k = (kind, key)
-    if k in _TUNED:
-        return _TUNED[k]
-    configs = CONFIGS[kind]
-    if key[-1] != "cuda" or torch.cuda.is_current_stream_capturing():
-        return configs[0]
-    _TUNED[k], TIMINGS[k] = fastest(configs, lambda cfg: lambda: run(cfg), f"fused MLP {kind} kernel")
-    return _TUNED[k]
+    return tuned(_TUNED, TIMINGS, (kind, key), CONFIGS[kind], run, f"fused MLP {kind} kernel", key[-1])
 
 
 def _check_shapes(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> None:

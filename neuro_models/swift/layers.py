@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import DropPath  # noqa: F401  (re-exported: the blocks import it from here)
-from .window_attn import region_bits
+from . import window_attn
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def region_mask_mod(dims: tuple[int, ...], window: tuple[int, ...], shift: tuple
     iff they differ on a bit the window has. (Index arithmetic per axis instead was 1.34x slower for the
     whole shifted stage-1 block on H100: 22.7 vs 16.9 ms, BENCHMARKS.md.)
     """
-    tok, win = region_bits(dims, window, shift, device)
+    tok, win = window_attn.region_bits(dims, window, shift, device)
     W = win.shape[0]
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -288,9 +288,7 @@ class Attention(nn.Module):
         ``triton=True`` the kernels of ``window_attn`` with the optional region ``tables`` (no ``rope``)."""
         S, N, D = x_SND.shape
         if triton:
-            from .window_attn import window_attention
-
-            return self.proj(window_attention(self.qkv(x_SND), self.num_heads, self.scale, tables))
+            return self.proj(window_attn.window_attention(self.qkv(x_SND), self.num_heads, self.scale, tables))
         qkv = self.qkv(x_SND).reshape(S, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [S, H, N, E]
         if rope is not None:

@@ -32,7 +32,6 @@ from .layers import (SDPA_MAX_SEQUENCES, Attention, DropPath, Mlp, PatchEmbed, P
                      window_partition, window_reverse)
 from .masking import make_mask, masked_tokens_per_sample, token_selection
 from . import window_attn
-from .window_attn import RegionTables, region_tables
 
 
 def _scale(cfg: SwiftConfig, head_dim: int) -> float:
@@ -86,7 +85,7 @@ class WindowBlock4D(nn.Module):
         if not any(shift):
             return None
         if self._triton(x_BXYZTD, win):
-            return region_tables(dims, win, shift, x_BXYZTD.device)
+            return window_attn.region_tables(dims, win, shift, x_BXYZTD.device)
         if seq > SDPA_MAX_SEQUENCES or not flex_eligible(self.attn_impl, x_BXYZTD.device):
             return None
         return region_block_mask(dims, win, shift, seq, x_BXYZTD.device)
@@ -94,7 +93,7 @@ class WindowBlock4D(nn.Module):
     def forward(self, x_BXYZTD: torch.Tensor, block_mask=None) -> torch.Tensor:
         """``block_mask``: what :meth:`region_mask` returned for ``x`` (shifted blocks)."""
         dims, win, shift, seq = self._windows(x_BXYZTD)
-        tables = block_mask if isinstance(block_mask, RegionTables) else None
+        tables = block_mask if isinstance(block_mask, window_attn.RegionTables) else None
         triton = self._triton(x_BXYZTD, win) and (tables is not None or not any(shift))
         flex = not triton and use_flex(self.attn_impl, x_BXYZTD.device) and (
             (block_mask is not None and tables is None) or not any(shift))

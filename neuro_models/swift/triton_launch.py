@@ -65,3 +65,15 @@ def fastest(configs: list[dict], make_run: Callable[[dict], Callable[[], None]],
     if not times:
         raise RuntimeError(f"no launch configuration of the {what} ran")
     return configs[min(times, key=times.get)], {str(configs[i]): round(t, 4) for i, t in times.items()}
+
+
+def tuned(cache: dict, timings: dict, k, configs: list[dict], run: Callable[[dict], None], what: str,
+          device_type: str) -> dict:
+    """The launch configuration cached at ``cache[k]``, else: on CUDA (and not while a CUDA graph is captured) the
+    :func:`fastest` of ``configs``, run by ``run(config)``, cached with its ``timings``; elsewhere the first."""
+    if k in cache:
+        return cache[k]
+    if device_type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return configs[0]
+    cache[k], timings[k] = fastest(configs, lambda cfg: lambda: run(cfg), what)
+    return cache[k]

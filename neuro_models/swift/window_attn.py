@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .triton_launch import available, compute_dtype, fastest
+from .triton_launch import available, compute_dtype, tuned
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs lack it
     import triton
@@ -213,14 +213,8 @@ def _configs(kind: str, tokens: int) -> list[dict]:
 def _tuned(kind: str, key: tuple, run) -> dict:
     """The launch configuration for ``kind`` at ``key``: on CUDA the fastest of ``CONFIGS[kind]`` (timed once per
     shape), else the first."""
-    k = (kind, key)
-    if k in _TUNED:
-        return _TUNED[k]
-    configs = _configs(kind, key[1])
-    if key[-1] != "cuda" or torch.cuda.is_current_stream_capturing():
-        return configs[0]
-    _TUNED[k], TIMINGS[k] = fastest(configs, lambda cfg: lambda: run(cfg), f"window attention {kind} kernel")
-    return _TUNED[k]
+    return tuned(_TUNED, TIMINGS, (kind, key), _configs(kind, key[1]), run, f"window attention {kind} kernel",
+                 key[-1])
 
 
 def _check(qkv: torch.Tensor, num_heads: int, tok: Optional[torch.Tensor], win: Optional[torch.Tensor]) -> None:
@@ -230,7 +224,7 @@ def _check(qkv: torch.Tensor, num_heads: int, tok: Optional[torch.Tensor], win: 
                          f"{num_heads} heads")
     S, N, C = qkv.shape
     E = C // (3 * num_heads)
-    if N > MAX_TOKENS or E < 16 or E > MAX_HEAD_DIM or E & (E - 1):
+    if not fits(max(N, 1), E):  # (no tokens: nothing to index)
         raise ValueError(f"{N} tokens per window and head dim {E}; the kernels take at most {MAX_TOKENS} tokens and "
                          f"a power-of-two head dim from 16 to {MAX_HEAD_DIM}")
     if (tok is None) != (win is None):
@@ -241,7 +235,7 @@ def _check(qkv: torch.Tensor, num_heads: int, tok: Optional[torch.Tensor], win: 
                          f"expected int32 [{N}] and int32 [W] with W dividing the {S} windows")
 
 
-def _launch_args(qkv: torch.Tensor, num_heads: int, scale: float, tok, win) -> tuple:
+def _launch_args(qkv: torch.Tensor, num_heads: int, tok, win) -> tuple:
     S, N, C = qkv.shape
     E = C // (3 * num_heads)
     masked = tok is not None
@@ -255,7 +249,7 @@ def _launch_args(qkv: torch.Tensor, num_heads: int, scale: float, tok, win) -> t
 
 def _forward(qkv: torch.Tensor, num_heads: int, scale: float, tok, win) -> tuple[torch.Tensor, torch.Tensor]:
     _check(qkv, num_heads, tok, win)
-    S, N, E, key, consts, (tk, wn, W) = _launch_args(qkv, num_heads, scale, tok, win)
+    S, N, E, key, consts, (tk, wn, W) = _launch_args(qkv, num_heads, tok, win)
     o = qkv.new_empty(S, N, num_heads * E)
     lse = torch.empty(S * num_heads, N, device=qkv.device, dtype=torch.float32)
     if S == 0:
@@ -271,7 +265,7 @@ def _forward(qkv: torch.Tensor, num_heads: int, scale: float, tok, win) -> tuple
 
 def _backward(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int, scale: float,
               tok, win) -> torch.Tensor:
-    S, N, E, key, consts, (tk, wn, W) = _launch_args(qkv, num_heads, scale, tok, win)
+    S, N, E, key, consts, (tk, wn, W) = _launch_args(qkv, num_heads, tok, win)
     dqkv = torch.empty_like(qkv)
     if S == 0:
         return dqkv

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neuro_models import registry as R  # noqa: E402
 from neuro_models.layers import compile_regions  # noqa: E402
-from neuro_models.swift.config import ATTN_IMPLS  # noqa: E402
+from neuro_models.swift.config import ATTN_IMPLS, MLP_IMPLS  # noqa: E402
 
 PEAK_MEASURED = 780e12
 PEAK_DATASHEET = 989e12
@@ -140,7 +140,7 @@ def run_case(name: str, family: str, size: str, overrides: dict, batch: int, *, 
                use_checkpoint=cfg.use_checkpoint, params=R.param_counts(cfg)["total"],
                encoder_params=R.param_counts(cfg)["encoder"], train_flops_per_sample=R.flops_per_sample(cfg)["train"],
                token_select=select, fused_head=getattr(cfg, "fused_head", None),
-               fused_mlp=getattr(cfg, "fused_mlp", None))
+               fused_mlp=getattr(cfg, "fused_mlp", None), mlp_impl=getattr(cfg, "mlp_impl", None))
     if select:
         row["train_flops_selected"] = R.flops_per_sample(cfg).get("train_selected")
     model = opt = None
@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                     "tail and loss) in every case")
     ap.add_argument("--fused-mlp", action="store_true", help="SwiftConfig.fused_mlp=True (Triton MLP in stages 1-2) "
                     "in every case")
+    ap.add_argument("--mlp-impl", default=None, choices=list(MLP_IMPLS),
+                    help="SwiftConfig.mlp_impl for every case (4D family)")
     ap.add_argument("--flex-options", default="model", choices=["model", "pytorch"],
                     help="FlexAttention kernel_options: the model's tuned defaults or PyTorch's")
     ap.add_argument("--sdpa", default="default", choices=["default", "efficient", "cudnn"],
@@ -330,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.fused_mlp:
                 ov = {**ov, "fused_mlp": True}
                 name += "-fmlp"
+            if args.mlp_impl and fam == "swift_v2":
+                ov = {**ov, "mlp_impl": args.mlp_impl}
+                name += f"-mlp{args.mlp_impl}"
             if args.flex_options == "pytorch":
                 name += "-ptflex"
             if args.batches and str(b) not in args.batches.split(","):

@@ -22,6 +22,9 @@ Variants (``--variants``):
 * ``-ko<A>+<B>`` suffix: FlexAttention ``kernel_options`` from ``KERNEL_OPTIONS`` (block sizes, warps, stages);
 * ``-fmlp`` suffix: ``SwiftConfig.fused_mlp`` (the Triton MLP of ``neuro_models.swift.fused_mlp``; its launch
   configurations, timed on the first call, are recorded in the row);
+* ``-gmlp`` suffix: ``SwiftConfig.mlp_impl="epilogue"`` (the MLP of ``neuro_models.swift.gelu_mlp``: GELU and the
+  bias gradients in the matmul epilogues; its launch configurations, timed on the first call, are recorded in the
+  row);
 * ``-mat`` suffix: compiled with ``mode="max-autotune-no-cudagraphs"`` (Triton matmul templates with fused
   epilogues, autotuned).
 
@@ -127,7 +130,9 @@ def time_block(case: str, variant: str, batch: int, iters: int, warmup: int, dev
                profile: bool = False) -> dict:
     stage, shifted, count = CASES[case]
     fmlp = "fmlp" in variant.split("-")
-    cfg = R.get_config("swift_v2", "51M", **V1_51M, attn_impl=_impl(variant), fused_mlp=fmlp)
+    gmlp = "gmlp" in variant.split("-")
+    cfg = R.get_config("swift_v2", "51M", **V1_51M, attn_impl=_impl(variant), fused_mlp=fmlp,
+                       mlp_impl="epilogue" if gmlp else "torch")
     enc = R.build_pretrain_model(cfg).encoder
     blk = enc.stages[stage].blocks[int(shifted)].to(device).train()
     grid = cfg.stage_grids()[stage]
@@ -162,6 +167,10 @@ def time_block(case: str, variant: str, batch: int, iters: int, warmup: int, dev
         from neuro_models.swift import fused_mlp
 
         row["fused_mlp_tuning"] = {str(k): v for k, v in fused_mlp.TIMINGS.items()}
+    if gmlp:
+        from neuro_models.swift import gelu_mlp
+
+        row["gelu_mlp_tuning"] = {str(k): v for k, v in gelu_mlp.TIMINGS.items()}
     if _impl(variant) == "triton":
         from neuro_models.swift import window_attn
 
@@ -262,7 +271,8 @@ def check_numerics(device: torch.device, runs: list | None = None) -> dict:
         torch._dynamo.reset()
         model = R.build_pretrain_model(cfg.replace(attn_impl=impl, bf16_residual="bf16res" in prec,
                                                    fused_head="torchhead" not in prec,
-                                                   fused_mlp="fmlp" in prec)).to(device)
+                                                   fused_mlp="fmlp" in prec,
+                                                   mlp_impl="epilogue" if "gmlp" in prec else "torch")).to(device)
         select = "select" in prec
         if impl in ("flex", "triton", "auto"):  # the blocks; with token selection every region, as training runs it
             if select:
@@ -294,7 +304,9 @@ def check_numerics(device: torch.device, runs: list | None = None) -> dict:
              ("flex", "bf16res-select-fmlp"): "fused_mlp_bf16_residual_select",
              # the Triton window-attention kernels instead of FlexAttention (bf16 only: float32 runs SDPA)
              ("triton", "bf16res-select"): "triton_attn_bf16_residual_select",
-             ("auto", "bf16res-select"): "auto_bf16_residual_select"}
+             ("auto", "bf16res-select"): "auto_bf16_residual_select",
+             # the MLP with GELU and bias gradients in the matmul epilogues (bf16 only: float32 keeps PyTorch's)
+             ("auto", "bf16res-select-gmlp"): "auto_gelu_mlp_bf16_residual_select"}
     for run, name in names.items():
         if run in grads:
             out[f"grad_rel_err_{name}"] = rel(grads[run])
@@ -344,12 +356,14 @@ def check_window_attn(device: torch.device, samples: int = 2) -> dict:
 
 
 def check_fused_mlp(device: torch.device, rows: int = 65536) -> dict:
-    """The fused MLP kernels alone at the 51M's stage-1 and stage-2 widths, bf16: relative L2 error of the output
-    and every gradient against float64 on the same bf16 inputs, next to PyTorch's bf16 autocast MLP's error."""
+    """The Triton MLPs alone (``fused``: ``fused_mlp``, widths 96 and 192; ``epilogue``: ``gelu_mlp``, the 51M's
+    four widths 96-768), bf16: relative L2 error of the output and every gradient against float64 on the same bf16
+    inputs, next to PyTorch's bf16 autocast MLP's error."""
     from neuro_models.swift.fused_mlp import fused_mlp
+    from neuro_models.swift.gelu_mlp import gelu_mlp
 
     out = {}
-    for C in (96, 192):
+    for C in (96, 192, 384, 768):
         torch.manual_seed(0)
         fc1, fc2 = torch.nn.Linear(C, 4 * C).to(device), torch.nn.Linear(4 * C, C).to(device)
         x = torch.randn(rows, C, device=device).to(torch.bfloat16)
@@ -360,8 +374,10 @@ def check_fused_mlp(device: torch.device, rows: int = 65536) -> dict:
         yr = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(xr, *ref[:2])), *ref[2:])
         yr.backward(dy.double())
         want = [yr.detach(), xr.grad] + [p.grad for p in ref]
-        for name, fn in (("fused", lambda t: fused_mlp(t, fc1, fc2)),
+        for name, fn in (("fused", lambda t: fused_mlp(t, fc1, fc2)), ("epilogue", lambda t: gelu_mlp(t, fc1, fc2)),
                          ("torch", lambda t: fc2(torch.nn.functional.gelu(fc1(t))))):
+            if name == "fused" and C > 256:
+                continue
             for p in params:
                 p.grad = None
             xi = x.clone().requires_grad_()

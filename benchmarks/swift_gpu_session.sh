@@ -14,7 +14,10 @@
 # without the fused Triton MLP, 30-kernel profiles, and the numerics check of the fused MLP), select-cgs-fmlp
 # (select-cgs with SwiftConfig.fused_mlp), attn-blocks (every window block under FlexAttention and the Triton window
 # attention, profiled, after the kernel-level numerics checks), attn-check (the model numerics check with the Triton
-# window attention, which attn_impl=auto runs), select-cgs-triton (select-cgs with attn_impl=triton). "best" and "baseline" pin the older paths
+# window attention, which attn_impl=auto runs), select-cgs-triton (select-cgs with attn_impl=triton), mlp-blocks
+# (every block kind with the PyTorch MLP and with SwiftConfig.mlp_impl=epilogue, profiled, after the kernel-level
+# numerics checks), mlp-check (the model numerics check with mlp_impl=epilogue), select-cgs-gmlp (select-cgs with
+# mlp_impl=epilogue). "best" and "baseline" pin the older paths
 # (PyTorch head, PyTorch's FlexAttention tiles) so they reproduce session 6's numbers.
 # Inductor's cache lives in .gpucache/inductor-swift (git-ignored), so a warm machine's later call reuses it.
 # Results -> $OUT (JSON per stage, profiles, session.log; at most 8 files come back).
@@ -88,6 +91,17 @@ print(min(t, key=t.get))")
     select-cgs-triton) bench "${SELECT_S:-300}" --suite target --batches 16 --compile block-cgs --sdpa cudnn \
                   --attn-impl triton --bf16-residual --select --steps 20 --warmup 3 \
                   --out "$OUT/target_select_cgs_triton.json" ;;
+    mlp-blocks) timeout "${BLOCKS_S:-420}" python3 benchmarks/swift_blocks.py --profile --top 16 --check-kernels \
+               --plan "${BLOCK_PLAN:-s1:triton-bf16res-gmlp,s1:triton-bf16res,s2-shift:triton-bf16res-gmlp,s2-shift:triton-bf16res,s3:triton-bf16res-gmlp,s3:triton-bf16res,s4-full:triton-bf16res-gmlp,s4-full:triton-bf16res,s1-shift:triton-bf16res-gmlp,s1-shift:triton-bf16res}" \
+               --time-budget "${BLOCKS_BUDGET_S:-360}" --out "$OUT/blocks.json" --md "$OUT/blocks.md" 2>&1 \
+               | grep -v -i -E "warn" | tee -a "$log" ;;
+    mlp-check) timeout "${CHECK_S:-300}" python3 benchmarks/swift_blocks.py --plan none \
+                  --check-runs sdpa:fp32,auto:bf16res-select,auto:bf16res-select-gmlp --out "$OUT/check.json" 2>&1 \
+                  | grep -v -i -E "warn" | tee -a "$log" ;;
+    select-cgs-gmlp) bench "${SELECT_S:-300}" --suite target --batches 16 --compile block-cgs --sdpa cudnn \
+                  --attn-impl auto --mlp-impl epilogue --bf16-residual --select --steps 20 --warmup 3 \
+                  ${SELECT_PROFILE:+--profile v1cfg-51M-b16-bf16res-auto-select-mlpepilogue} \
+                  --out "$OUT/target_select_cgs_gmlp.json" ;;
     ladder) bench 100 --suite ladder --compile none --steps 6 --out "$OUT/ladder.json" ;;
     ladder-compiled) bench 300 --suite ladder --compile block --steps 6 --time-budget 240 --out "$OUT/ladder_compiled.json" ;;
   esac

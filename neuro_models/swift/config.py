@@ -27,6 +27,7 @@ MASKING_TYPES = ("random", "tube", "temporal")
 LOSS_TYPES = ("l1", "l2", "huber")
 SHIFT_IMPLS = ("mask", "split")
 ATTN_IMPLS = ("sdpa", "flex", "triton", "auto")  # chosen per block call (neuro_models.swift.model.WindowBlock4D)
+MLP_IMPLS = ("torch", "epilogue", "auto")  # chosen per MLP call (neuro_models.swift.layers.Mlp)
 
 
 def _tuple(v: Any, n: int, name: str) -> tuple[int, ...]:
@@ -100,6 +101,12 @@ class SwiftConfig:
     (``neuro_models.swift.fused_mlp``; same math, the hidden activation recomputed in the backward). A memory
     option: on H100 the 51M's peak at batch 16 drops 18.3 -> 14.9 GiB for 1.4% less throughput (BENCHMARKS.md,
     session 8). Elsewhere (CPU, XPU, float32, wider MLPs, ZeRO-3 partitioned weights) the PyTorch path runs."""
+    mlp_impl: str = "torch"
+    """4D family, MLP kernels (identical math): "torch" (``nn.Linear``, ``nn.GELU``: cuBLAS plus Inductor's
+    pointwise kernels), "epilogue" (``neuro_models.swift.gelu_mlp``: the GELU in the epilogue of fc1's matmul and
+    GELU' with both bias gradients in the epilogue of fc2's input-gradient matmul, Triton; on CUDA under bf16/fp16
+    autocast, widths a multiple of 32; the PyTorch path elsewhere) or "auto" ("epilogue" where it can run).
+    ``fused_mlp`` takes precedence where it runs."""
     use_checkpoint: bool = False
     """Activation checkpointing of every block (saves memory, ~30% more compute)."""
     parametrization: str = "sp"
@@ -219,6 +226,8 @@ def validate(cfg: SwiftConfig) -> None:
         raise ValueError(f"shift_impl={cfg.shift_impl!r}; allowed: {SHIFT_IMPLS}")
     if cfg.attn_impl not in ATTN_IMPLS:
         raise ValueError(f"attn_impl={cfg.attn_impl!r}; allowed: {ATTN_IMPLS}")
+    if cfg.mlp_impl not in MLP_IMPLS:
+        raise ValueError(f"mlp_impl={cfg.mlp_impl!r}; allowed: {MLP_IMPLS}")
     if cfg.loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={cfg.loss_type!r}; allowed: {LOSS_TYPES}")
     if cfg.mup_base_width <= 0:

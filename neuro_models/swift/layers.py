@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import DropPath  # noqa: F401  (re-exported: the blocks import it from here)
-from . import window_attn
+from . import gelu_mlp, window_attn
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,14 +235,18 @@ def use_flex(attn_impl: str, device: torch.device) -> bool:
 class Mlp(nn.Module):
     """Two-layer GELU MLP on the last axis. With ``fused``, the Triton kernels of
     ``neuro_models.swift.fused_mlp`` run it where they can (``fused_mlp.usable``: CUDA, bf16/fp16 compute, width
-    <= 256), keeping the hidden activations on chip; the PyTorch path runs everywhere else."""
+    <= 256), keeping the hidden activations on chip; else with ``impl`` "epilogue" or "auto" those of
+    ``neuro_models.swift.gelu_mlp`` (``gelu_mlp.usable``: CUDA, bf16/fp16 compute, width a multiple of 32), the
+    GELU and the bias gradients in the matmuls' epilogues (``SwiftConfig.mlp_impl``); the PyTorch path runs
+    everywhere else."""
 
-    def __init__(self, dim: int, hidden: int, fused: bool = False) -> None:
+    def __init__(self, dim: int, hidden: int, fused: bool = False, impl: str = "torch") -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
         self.fused = fused
+        self.impl = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -250,6 +254,8 @@ class Mlp(nn.Module):
 
             if fused_mlp.usable(x, self.fc1, self.fc2):
                 return fused_mlp.fused_mlp(x, self.fc1, self.fc2)
+        if self.impl != "torch" and gelu_mlp.usable(x, self.fc1, self.fc2):
+            return gelu_mlp.gelu_mlp(x, self.fc1, self.fc2)
         return self.fc2(self.act(self.fc1(x)))
 
 

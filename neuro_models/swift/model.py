@@ -50,7 +50,7 @@ class WindowBlock4D(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, window: tuple[int, ...], *, shifted: bool, mlp_ratio: float,
                  qkv_bias: bool, drop_path: float, scale: float, shift_impl: str = "mask",
-                 attn_impl: str = "auto", fused_mlp: bool = False) -> None:
+                 attn_impl: str = "auto", fused_mlp: bool = False, mlp_impl: str = "torch") -> None:
         super().__init__()
         self.window = tuple(window)
         self.shifted = shifted
@@ -60,7 +60,7 @@ class WindowBlock4D(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, scale=scale)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), fused=fused_mlp)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), fused=fused_mlp, impl=mlp_impl)
 
     def _windows(self, x_BXYZTD: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]:
         dims = tuple(x_BXYZTD.shape[1:5])
@@ -121,13 +121,13 @@ class FullBlock(nn.Module):
     compile_region = True  # see neuro_models.layers.compile_regions
 
     def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float, qkv_bias: bool, drop_path: float,
-                 scale: float, fused_mlp: bool = False) -> None:
+                 scale: float, fused_mlp: bool = False, mlp_impl: str = "torch") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, scale=scale)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), fused=fused_mlp)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), fused=fused_mlp, impl=mlp_impl)
 
     def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
         x = x_BND + self.drop_path(self.attn(self.norm1(x_BND)))
@@ -218,7 +218,7 @@ class SwiftEncoder(nn.Module):
         for s, (d, h, depth) in enumerate(zip(dims, cfg.num_heads, cfg.depths)):
             full = cfg.last_layer_full_attention and s == cfg.num_stages - 1
             kw = dict(mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, scale=_scale(cfg, d // h),
-                      fused_mlp=cfg.fused_mlp)
+                      fused_mlp=cfg.fused_mlp, mlp_impl=cfg.mlp_impl)
             if full:
                 blocks = [FullBlock(d, h, drop_path=next(dpr), **kw) for _ in range(depth)]
             else:

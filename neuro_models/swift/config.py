@@ -101,12 +101,14 @@ class SwiftConfig:
     (``neuro_models.swift.fused_mlp``; same math, the hidden activation recomputed in the backward). A memory
     option: on H100 the 51M's peak at batch 16 drops 18.3 -> 14.9 GiB for 1.4% less throughput (BENCHMARKS.md,
     session 8). Elsewhere (CPU, XPU, float32, wider MLPs, ZeRO-3 partitioned weights) the PyTorch path runs."""
-    mlp_impl: str = "torch"
-    """4D family, MLP kernels (identical math): "torch" (``nn.Linear``, ``nn.GELU``: cuBLAS plus Inductor's
-    pointwise kernels), "epilogue" (``neuro_models.swift.gelu_mlp``: the GELU in the epilogue of fc1's matmul and
-    GELU' with both bias gradients in the epilogue of fc2's input-gradient matmul, Triton; on CUDA under bf16/fp16
-    autocast, widths a multiple of 32; the PyTorch path elsewhere) or "auto" ("epilogue" where it can run).
-    ``fused_mlp`` takes precedence where it runs."""
+    mlp_impl: str = "auto"
+    """4D family, MLP kernels (same math): "torch" (``nn.Linear``, ``nn.GELU``: cuBLAS plus Inductor's pointwise
+    kernels), "epilogue" (``neuro_models.swift.gelu_mlp``: GELU and GELU' in the epilogue of fc1's matmul, fc1's input
+    gradient times GELU' with both bias gradients in the epilogue of fc2's input-gradient matmul; Triton, on CUDA
+    under bf16/fp16 autocast, for widths that are multiples of 32 up to ``gelu_mlp.MAX_DIM`` = 256, the first two
+    stages of the 51M; the PyTorch path elsewhere) or "auto": "epilogue" where it can run (on H100 a stage-1 block
+    13.10 -> 12.33 ms and the whole model 256.0 -> 262.9 samples/s on one host; BENCHMARKS.md, session 10), so CPU
+    and XPU runs are unchanged. ``fused_mlp`` takes precedence where it runs."""
     use_checkpoint: bool = False
     """Activation checkpointing of every block (saves memory, ~30% more compute)."""
     parametrization: str = "sp"

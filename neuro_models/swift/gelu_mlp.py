@@ -1,31 +1,41 @@
 """The transformer MLP ``fc2(gelu(fc1(x)))`` with the GELU and the bias gradients in the epilogues of its matmuls
-(Triton, CUDA; ``SwiftConfig.mlp_impl="epilogue"``).
+(Triton, CUDA; ``SwiftConfig.mlp_impl``, "auto" by default).
 
 Why: in the first stages of the SwiFT v1 reference configuration (51M, 96^3 x 20, batch 16) a block's MLP sees
 1.3 M tokens of width 96; its 4x wider hidden activation is 1 GB in bf16, and the matmuls have K = 96, so every
 kernel that touches the hidden activation is bound by memory, not by the tensor cores. PyTorch (and Inductor, which
 fuses pointwise ops but not into cuBLAS calls) passes over it: fc1 writes ``h``; a GELU kernel reads ``h`` and
 writes ``g``; fc2's input-gradient GEMM writes ``dg``; a GELU-backward kernel reads ``dg`` and ``h`` and writes
-``dh``; a reduction reads ``dh`` again for fc1's bias gradient (``swift_blocks.py`` profiles: 0.73 + 1.03 + 0.34 ms
-per stage-1 block on H100 for the three non-GEMM passes). Here
+``dh``; a reduction reads ``dh`` again for fc1's bias gradient (``swift_blocks.py`` profiles, H100, per stage-1
+block: 0.73 + 1.03 + 0.34 ms for the three passes that are not matmuls). Here
 
-* the forward kernel computes ``h = x W1^T + b1`` per tile of tokens and hidden units and writes ``h`` and
-  ``g = gelu(h)`` from its epilogue (no separate GELU pass); fc2 is cuBLAS;
-* the backward kernel computes ``dg = dy W2`` per tile and writes ``dh = dg * gelu'(h)`` from its epilogue,
-  with the tile's column sums of ``dh`` (fc1's bias gradient) and of ``dy`` (fc2's); ``dg`` never reaches memory;
+* the forward kernel computes ``h = x W1^T + b1`` per tile of tokens and hidden units and, from its epilogue,
+  writes ``g = gelu(h)`` and ``d = gelu'(h)`` (no separate GELU pass); fc2 is cuBLAS;
+* the backward kernel computes ``dg = dy W2`` per tile and writes ``dh = dg * d`` from its epilogue, with the
+  tile's column sums of ``dh`` (fc1's bias gradient) and of ``dy`` (fc2's); ``dg`` never reaches memory, and the
+  backward needs no transcendental function (the GELU's erf and exp run once, in the forward);
 * the three other matmuls of the backward, ``dx = dh W1``, ``dW1 = dh^T x`` and ``dW2 = dy^T g``, are cuBLAS.
 
-``h`` and ``g`` are saved for the backward (what PyTorch's MLP saves too), so memory is unchanged; the other fused
-MLP (``fused_mlp``, ``SwiftConfig.fused_mlp``) trades time for memory instead by recomputing them.
+GELU and its slope share one exponential: ``Phi(h)`` from Abramowitz & Stegun 7.1.26 (``erfc(z) = p(t) exp(-z^2)``,
+|error| <= 1.5e-7) and ``phi(h)`` both take ``exp(-h^2 / 2)``. A first version computed ``erf`` (libdevice) in both
+kernels and saved ``h``: its kernels were slower than PyTorch's passes (backward 2.06 ms against 1.73), bound by
+the arithmetic of the epilogue.
+
+Measured (H100, that configuration, compiled blocks, bf16 residual; BENCHMARKS.md, session 10): stage-1 block
+13.10 -> 12.33 ms fwd + bwd (forward kernel 1.11 ms against 1.09 for fc1 + GELU, backward kernel 1.14 ms against
+1.73 for the input-gradient GEMM, GELU backward and bias reduction); stage-2 block 3.53 -> 3.50 ms; stage-3 block
+1.10 -> 1.18 ms (width 384: the matmuls dominate there), hence ``MAX_DIM``. Whole model 256.0 -> 262.9 samples/s on
+one host; peak memory 17.2 -> 18.3 GiB (``g`` and ``d`` are saved, where Inductor saved ``h`` and recomputed ``g``).
 
 Semantics equal ``nn.Linear -> nn.GELU() (exact) -> nn.Linear`` under autocast: inputs and weights in the compute
 dtype (bf16 or fp16), products accumulated in float32, ``h`` rounded to the compute dtype before the GELU (as
-autocast's fc1 output is), ``g`` and ``dh`` rounded before their matmuls; ``dg`` stays float32 in the epilogue
-(autocast rounds it once more: the kernel is at least as accurate); bias gradients are float32 sums of the rounded
-``dh`` and ``dy``. Used by ``Mlp`` where :func:`usable` holds: CUDA (or the Triton interpreter, for tests), bf16/fp16
-compute, width a multiple of ``K_STEP``, both biases, weights not ZeRO-3 partitioned. Both passes are
-``torch.library`` custom ops, so compiled blocks call them as opaque kernels. Triton 3.9's interpreter computes
-``tl.dot`` of bf16 tiles wrongly, so CPU tests run fp16; bf16 is checked on the GPU (``swift_blocks.py``).
+autocast's fc1 output is), ``g``, ``d`` and ``dh`` rounded before their matmuls; ``dg`` stays float32 in the epilogue
+where autocast rounds it; bias gradients are float32 sums of the rounded ``dh`` and ``dy``. bf16 error against
+float64 (width 96, 65,536 tokens): the input gradient 2.96e-3 against PyTorch's 2.93e-3. Used by ``Mlp`` where
+:func:`usable` holds: CUDA (or the Triton interpreter, for tests), bf16/fp16 compute, width a multiple of
+``K_STEP`` and at most ``MAX_DIM``, both biases, weights not ZeRO-3 partitioned. Both passes are ``torch.library``
+custom ops, so compiled blocks call them as opaque kernels. Triton 3.9's interpreter computes ``tl.dot`` of bf16
+tiles wrongly, so CPU tests run fp16; bf16 is checked on the GPU (``swift_blocks.py --check-kernels``).
 """
 from __future__ import annotations
 
@@ -98,12 +108,13 @@ if triton is not None:
 
     @triton.jit
     def _gelu_dgrad_kernel(dy_ptr, w_ptr, d_ptr, dh_ptr, db1_ptr, db2_ptr, M, C: tl.constexpr, H: tl.constexpr,
-                           BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PREFETCH: tl.constexpr):
+                           BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
         """Program (j, i): ``dh = (dy W) * d`` (``d = gelu'(h)`` from the forward) for rows [i BM, (i + 1) BM) and
         hidden units [j BH, (j + 1) BH) (``W`` is fc2's ``[C, H]`` weight), stored rounded, with the rows' sums of
         the rounded ``dh`` in row i of the partial fc1 bias gradient; programs j == 0 also store the rows' sums of
-        ``dy`` in row i of the partial fc2 bias gradient. Rows past M load dy = 0, so they add nothing. With
-        ``PREFETCH`` the tile of ``d`` is loaded before the matmul, so its memory latency overlaps the matmul's."""
+        ``dy`` in row i of the partial fc2 bias gradient. Rows past M load dy = 0, so they add nothing. (Loading the
+        tile of ``d`` before the matmul instead, to overlap its latency, was slower on H100: 1.29 vs 1.18 ms at
+        stage 1.)"""
         j = tl.program_id(0)
         i = tl.program_id(1)
         rm = tl.cast(i, tl.int64) * BM + tl.arange(0, BM)
@@ -116,8 +127,6 @@ if triton is not None:
         db2p = db2_ptr + tl.cast(i, tl.int64) * C + rk
         out = rm[:, None] * H + hh[None, :]
         omask = mmask[:, None] & hmask[None, :]
-        if PREFETCH:
-            d = tl.load(d_ptr + out, mask=omask, other=0.0)
         acc = tl.zeros((BM, BH), dtype=tl.float32)
         for _ in range(0, C, BK):
             a = tl.load(dyp, mask=mmask[:, None], other=0.0)
@@ -127,24 +136,22 @@ if triton is not None:
             dyp += BK
             wp += BK * H
             db2p += BK
-        if not PREFETCH:
-            d = tl.load(d_ptr + out, mask=omask, other=0.0)
+        d = tl.load(d_ptr + out, mask=omask, other=0.0)
         dh = (acc * d.to(tl.float32)).to(dh_ptr.dtype.element_ty)
         tl.store(dh_ptr + out, dh, mask=omask)
         tl.store(db1_ptr + tl.cast(i, tl.int64) * H + hh, tl.sum(dh.to(tl.float32), axis=0), mask=hmask)
 
 
 #: launch configurations tried on the first call per shape and kernel (``triton_launch.tuned``): token rows per tile
-#: (BM), hidden units per tile (BH), width chunk (BK), warps, pipeline stages, and for the backward whether the
-#: tile of ``gelu'(h)`` is loaded before the matmul (PREFETCH). H100, torch 2.11's Triton (session 10; timings in
-#: ``swift_blocks.py`` rows): at width 96 the 64 x 128 tiles with 4 warps were fastest in both passes. Left out
-#: because they computed wrong results there (correct under the interpreter): 8-warp 128 x 128 tiles (input
-#: gradients 2.8x PyTorch's error at width 96) and BK = 64 (relative error 0.15 at width 768).
+#: (BM), hidden units per tile (BH), width chunk (BK), warps, pipeline stages. H100, torch 2.11's Triton (session 10;
+#: timings in ``swift_blocks.py`` rows): at width 96 the 64 x 128 tiles with 4 warps and 3 stages were fastest in
+#: both passes (forward 1.13 ms, backward 1.18 ms at stage 1). Left out because they computed wrong results on that
+#: card (correct under the interpreter): 8-warp 128 x 128 tiles (input gradients 2.8x PyTorch's error at width 96)
+#: and BK = 64 (relative error 0.15 at width 768).
 CONFIGS = {
-    "fwd": [dict(BM=bm, BH=bh, BK=32, num_warps=w, num_stages=s) for (bm, bh, w, s) in
-            ((64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 2, 2), (32, 128, 4, 2))],
-    "bwd": [dict(BM=bm, BH=bh, BK=32, num_warps=w, num_stages=s, PREFETCH=p) for (bm, bh, w, s) in
-            ((64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 2, 2)) for p in (False, True)],
+    kind: [dict(BM=bm, BH=bh, BK=32, num_warps=w, num_stages=s) for (bm, bh, w, s) in
+           ((64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 2, 2), (32, 128, 4, 2))]
+    for kind in ("fwd", "bwd")
 }
 _TUNED: dict = {}  # (kernel, shape key) -> the fastest configuration
 TIMINGS: dict = {}  # (kernel, shape key) -> {configuration: ms}, for benchmarks
@@ -202,8 +209,8 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Ten
         parts["db1"] = torch.empty(tiles, H, device=x.device, dtype=torch.float32)
         parts["db2"] = torch.empty(tiles, C, device=x.device, dtype=torch.float32)
         _gelu_dgrad_kernel[_grid(M, H, cfg)](dy, w2, d, dh, parts["db1"], parts["db2"], M, C=C, H=H, BM=cfg["BM"],
-                                             BH=cfg["BH"], BK=cfg["BK"], PREFETCH=cfg["PREFETCH"],
-                                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                             BH=cfg["BH"], BK=cfg["BK"], num_warps=cfg["num_warps"],
+                                             num_stages=cfg["num_stages"])
 
     run(tuned(_TUNED, TIMINGS, ("bwd", key), CONFIGS["bwd"], run, "GELU MLP bwd kernel", key[-1]))
     # the three matmuls that remain are plain GEMMs (cuBLAS on CUDA), in the compute dtype with float32 accumulation

@@ -50,7 +50,7 @@ class WindowBlock4D(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, window: tuple[int, ...], *, shifted: bool, mlp_ratio: float,
                  qkv_bias: bool, drop_path: float, scale: float, shift_impl: str = "mask",
-                 attn_impl: str = "auto", fused_mlp: bool = False, mlp_impl: str = "torch") -> None:
+                 attn_impl: str = "auto", fused_mlp: bool = False, mlp_impl: str = "auto") -> None:
         super().__init__()
         self.window = tuple(window)
         self.shifted = shifted
@@ -121,7 +121,7 @@ class FullBlock(nn.Module):
     compile_region = True  # see neuro_models.layers.compile_regions
 
     def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float, qkv_bias: bool, drop_path: float,
-                 scale: float, fused_mlp: bool = False, mlp_impl: str = "torch") -> None:
+                 scale: float, fused_mlp: bool = False, mlp_impl: str = "auto") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, scale=scale)

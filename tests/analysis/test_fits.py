@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.optimize import minimize
 from scipy.special import huber, logsumexp
 
 from analysis.fits import (CHINCHILLA_GRID, FitError, LogLSEObjective, bootstrap_fit, compute_optimal,

@@ -9,15 +9,11 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from interpreted import fp16_loss_and_grads  # this folder
+from interpreted import fp16_loss_and_grads, fp16_module_step, rel  # this folder
 
 from neuro_models import registry as R
 from neuro_models.swift import fused_mlp
 from neuro_models.swift.layers import Mlp
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 #: fp16 rounds to 2^-11 (4.9e-4 relative); the kernels round the hidden activation and its gradient to fp16 before
@@ -67,18 +63,9 @@ def module_matches_pytorch_and_compiles() -> None:
     plain.load_state_dict(fused.state_dict())
     x = torch.randn(2, 5, 7, 24)
 
-    def run(mod):
-        for p in mod.parameters():
-            p.grad = None
-        xi = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.float16):
-            y = mod(xi)
-        y.float().square().sum().backward()
-        return [y.float(), xi.grad] + [p.grad for p in mod.parameters()]
-
-    eager = run(fused)
-    compiled = run(torch.compile(fused, fullgraph=True))
-    want = run(plain)
+    eager = fp16_module_step(fused, x)
+    compiled = fp16_module_step(torch.compile(fused, fullgraph=True), x)
+    want = fp16_module_step(plain, x)
     assert eager[0].shape == x.shape
     for a, b, c in zip(eager, compiled, want):
         assert torch.equal(a, b)

@@ -11,15 +11,11 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from interpreted import fp16_loss_and_grads  # this folder
+from interpreted import fp16_loss_and_grads, fp16_module_step, rel  # this folder
 
 from neuro_models import registry as R
 from neuro_models.swift import gelu_mlp
 from neuro_models.swift.layers import Mlp
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 #: fp16 rounds to 2^-11 (4.9e-4 relative); the kernels round h, g, gelu'(h) and dh to fp16 and accumulate in
@@ -105,15 +101,6 @@ def module_matches_pytorch_and_compiles() -> None:
     plain.load_state_dict(epi.state_dict())
     x = torch.randn(2, 5, 7, 32)
 
-    def run(mod):
-        for p in mod.parameters():
-            p.grad = None
-        xi = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.float16):
-            y = mod(xi)
-        y.float().square().sum().backward()
-        return [y.float(), xi.grad] + [p.grad for p in mod.parameters()]
-
     calls = []
     orig = gelu_mlp._backward
 
@@ -123,11 +110,11 @@ def module_matches_pytorch_and_compiles() -> None:
 
     gelu_mlp._backward = spy
     try:
-        eager = run(epi)
-        compiled = run(torch.compile(epi, fullgraph=True))
+        eager = fp16_module_step(epi, x)
+        compiled = fp16_module_step(torch.compile(epi, fullgraph=True), x)
     finally:
         gelu_mlp._backward = orig
-    want = run(plain)
+    want = fp16_module_step(plain, x)
     assert len(calls) == 2, calls  # both the eager and the compiled backward ran the kernel
     assert eager[0].shape == x.shape
     for a, b, c in zip(eager, compiled, want):

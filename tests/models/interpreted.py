@@ -35,3 +35,20 @@ def fp16_loss_and_grads(cfg) -> tuple[float, torch.Tensor]:
         loss = model(x, mask=mask)["loss"]
     loss.backward()
     return float(loss.detach()), torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of ``a`` against ``b``, in float64."""
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
+
+
+def fp16_module_step(mod: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Forward of ``mod`` on ``x`` under fp16 autocast (CPU) and backward of ``sum(y^2)``: ``[y, dx, *param grads]``
+    (the check scripts compare a Triton module with the PyTorch one, eager and compiled, with it)."""
+    for p in mod.parameters():
+        p.grad = None
+    xi = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = mod(xi)
+    y.float().square().sum().backward()
+    return [y.float(), xi.grad] + [p.grad for p in mod.parameters()]

@@ -8,7 +8,7 @@ import torch
 
 from neuro_models import registry as R
 from neuro_models.flops import measure_flops
-from neuro_models.mamba.config import EXPECTED_ENCODER_PARAMS, NeuroMambaConfig
+from neuro_models.mamba.config import EXPECTED_ENCODER_PARAMS
 from neuro_models.mamba.family import flops_per_sample, forward_flops_per_token
 from neuro_models.mamba.tokens import keep_tokens
 

@@ -34,6 +34,7 @@ def test_model_runs_epilogue_mlp_where_the_width_allows():
 
 
 def test_mlp_impl_reaches_every_4d_block_and_is_checked():
+    assert R.get_config("swift_v2", "debug").mlp_impl == "auto"  # the kernels wherever they can run
     cfg = R.get_config("swift_v2", "debug", mlp_impl="epilogue")
     blocks = [m for m in R.build_pretrain_model(cfg).modules() if isinstance(m, Mlp)]
     assert blocks and all(m.impl == "epilogue" for m in blocks)
@@ -51,6 +52,8 @@ def test_epilogue_mlp_is_not_used_where_it_cannot_run():
     assert not gelu_mlp.usable(x, m.fc1, m.fc2)  # float32 compute keeps the PyTorch path
     odd = Mlp(40, 160, impl="epilogue")
     assert not gelu_mlp.usable(torch.randn(2, 40).half(), odd.fc1, odd.fc2)  # width not a multiple of K_STEP
+    wide = Mlp(gelu_mlp.MAX_DIM + gelu_mlp.K_STEP, 8, impl="epilogue")
+    assert not gelu_mlp.usable(torch.randn(2, wide.fc1.in_features).half(), wide.fc1, wide.fc2)
     m.fc2.weight.ds_id = 7  # a DeepSpeed ZeRO-3 partitioned weight
     assert not gelu_mlp.usable(x.half(), m.fc1, m.fc2)
     torch.testing.assert_close(m(x), m.fc2(m.act(m.fc1(x))))  # the PyTorch path where the kernels cannot run

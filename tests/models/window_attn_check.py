@@ -9,16 +9,12 @@ import math
 import sys
 
 import torch
-from interpreted import fp16_loss_and_grads  # this folder
+from interpreted import fp16_loss_and_grads, rel  # this folder
 
 from neuro_models import registry as R
 from neuro_models.swift import window_attn as WA
 from neuro_models.swift.layers import shifted_window_mask
 from neuro_models.swift.model import WindowBlock4D
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
 
 
 #: fp16 rounds to 2^-11 (4.9e-4 relative); P and dS are rounded to fp16 before their matmuls (as FlashAttention

@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 
 from study import finetune as FT
-from study.spec import RunSpec
 
 
 def _base(**kw):

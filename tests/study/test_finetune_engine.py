@@ -1,7 +1,6 @@
 """Fine-tuning engine: strategies' trainable sets, frozen parameters, LoRA merge, weight loading, errors, resume."""
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest

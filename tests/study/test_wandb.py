@@ -1,7 +1,6 @@
 """W&B reporting in offline mode (the default without a key): runs land on disk and can be synced later."""
 from __future__ import annotations
 
-import pytest
 
 from study.spec import RunSpec
 from study.wandb_reporter import WandbReporter, create_sweep, sweep_parameters, wandb_mode

@@ -24,7 +24,8 @@ Variants (``--variants``):
   configurations, timed on the first call, are recorded in the row);
 * ``-gmlp`` suffix: ``SwiftConfig.mlp_impl="epilogue"`` (the MLP of ``neuro_models.swift.gelu_mlp``: GELU and the
   bias gradients in the matmul epilogues; its launch configurations, timed on the first call, are recorded in the
-  row);
+  row). Without it every variant (and every ``--check`` run without ``gmlp``) runs the PyTorch MLP
+  (``mlp_impl="torch"``), as before session 10, so rows stay comparable with earlier sessions;
 * ``-mat`` suffix: compiled with ``mode="max-autotune-no-cudagraphs"`` (Triton matmul templates with fused
   epilogues, autotuned).
 

@@ -9,15 +9,15 @@
 # CUDA graphs, attn_impl=auto: FlexAttention for stages 1-2, cuDNN for the rest), best (+ bf16 residual),
 # baseline (session 3's best), regions (patch embedding / decoder + loss, dense vs token selection), check (GPU
 # numerics: FlexAttention, token selection, fused head), select (token selection, CUDA graphs everywhere), select-cgs
-# (the current defaults: token selection, fused Triton head, tuned FlexAttention tiles, CUDA graphs for the small
-# stages only), select-cgs-torchhead (the same with the PyTorch head), fmlp-blocks (stage-1/2 blocks with and
+# (the current defaults: token selection, fused Triton head, Triton window attention, the epilogue MLP kernels,
+# CUDA graphs for the small stages only), select-cgs-torchhead (the same with the PyTorch head), fmlp-blocks (stage-1/2 blocks with and
 # without the fused Triton MLP, 30-kernel profiles, and the numerics check of the fused MLP), select-cgs-fmlp
 # (select-cgs with SwiftConfig.fused_mlp), attn-blocks (every window block under FlexAttention and the Triton window
 # attention, profiled, after the kernel-level numerics checks), attn-check (the model numerics check with the Triton
 # window attention, which attn_impl=auto runs), select-cgs-triton (select-cgs with attn_impl=triton), mlp-blocks
 # (every block kind with the PyTorch MLP and with SwiftConfig.mlp_impl=epilogue, profiled, after the kernel-level
 # numerics checks), mlp-check (the model numerics check with mlp_impl=epilogue), select-cgs-gmlp (select-cgs with
-# mlp_impl=epilogue). "best" and "baseline" pin the older paths
+# mlp_impl=epilogue; the same as select-cgs since mlp_impl=auto became the default). "best" and "baseline" pin the older paths
 # (PyTorch head, PyTorch's FlexAttention tiles) so they reproduce session 6's numbers.
 # Inductor's cache lives in .gpucache/inductor-swift (git-ignored), so a warm machine's later call reuses it.
 # Results -> $OUT (JSON per stage, profiles, session.log; at most 8 files come back).

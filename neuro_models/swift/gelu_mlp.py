@@ -18,7 +18,7 @@ block: 0.73 + 1.03 + 0.34 ms for the three passes that are not matmuls). Here
 
 GELU and its slope share one exponential: ``Phi(h)`` from Abramowitz & Stegun 7.1.26 (``erfc(z) = p(t) exp(-z^2)``,
 |error| <= 1.5e-7) and ``phi(h)`` both take ``exp(-h^2 / 2)``. A first version computed ``erf`` (libdevice) in both
-kernels and saved ``h``: its kernels were slower than PyTorch's passes (backward 2.06 ms against 1.73), bound by
+kernels and saved ``h``: its kernels were slower than PyTorch's passes (backward 2.05 ms against 1.73), bound by
 the arithmetic of the epilogue.
 
 Measured (H100, that configuration, compiled blocks, bf16 residual; BENCHMARKS.md, session 10): stage-1 block

@@ -360,6 +360,7 @@ def check_fused_mlp(device: torch.device, rows: int = 65536) -> dict:
     """The Triton MLPs alone (``fused``: ``fused_mlp``, widths 96 and 192; ``epilogue``: ``gelu_mlp``, the 51M's
     four widths 96-768), bf16: relative L2 error of the output and every gradient against float64 on the same bf16
     inputs, next to PyTorch's bf16 autocast MLP's error."""
+    from neuro_models.swift.fused_mlp import MAX_DIM as FUSED_MAX_DIM
     from neuro_models.swift.fused_mlp import fused_mlp
     from neuro_models.swift.gelu_mlp import gelu_mlp
 
@@ -377,7 +378,7 @@ def check_fused_mlp(device: torch.device, rows: int = 65536) -> dict:
         want = [yr.detach(), xr.grad] + [p.grad for p in ref]
         for name, fn in (("fused", lambda t: fused_mlp(t, fc1, fc2)), ("epilogue", lambda t: gelu_mlp(t, fc1, fc2)),
                          ("torch", lambda t: fc2(torch.nn.functional.gelu(fc1(t))))):
-            if name == "fused" and C > 256:
+            if name == "fused" and C > FUSED_MAX_DIM:
                 continue
             for p in params:
                 p.grad = None

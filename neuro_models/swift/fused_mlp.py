@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_launch import available, compute_dtype, tuned
+from .triton_launch import check_mlp_shapes, compute_dtype, mlp_usable, tuned
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs lack it
     import triton
@@ -138,21 +138,8 @@ def _tuned(kind: str, key: tuple, run) -> dict:
     return tuned(_TUNED, TIMINGS, (kind, key), CONFIGS[kind], run, f"fused MLP {kind} kernel", key[-1])
 
 
-def _check_shapes(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> None:
-    """The kernels index raw pointers: a wrong shape would read out of bounds, so it is refused here."""
-    if x.dim() != 2 or w1.dim() != 2:
-        raise ValueError(f"x {tuple(x.shape)} and fc1 weight {tuple(w1.shape)} must be 2-D ([tokens, width], "
-                         "[hidden, width])")
-    (M, C), H = x.shape, w1.shape[0]
-    want = {"fc1 weight": (H, C), "fc1 bias": (H,), "fc2 weight": (C, H), "fc2 bias": (C,)}
-    for (name, shape), t in zip(want.items(), (w1, b1, w2, b2)):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} shape {tuple(t.shape)}; expected {shape} for x of shape {(M, C)} and hidden "
-                             f"width {H}")
-
-
 def _forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-    _check_shapes(x, w1, b1, w2, b2)
+    check_mlp_shapes(x, w1, b1, w2, b2)
     M, C = x.shape
     H = w1.shape[0]
     if M == 0:  # no tokens (no launch: a grid of zero programs is an error)
@@ -233,9 +220,7 @@ if triton is not None:
 
 def usable(x: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> bool:
     """Whether ``fused_mlp`` can replace ``fc2(gelu(fc1(x)))`` here (module docstring)."""
-    return (available(x.device) and fc1.in_features <= MAX_DIM and fc1.bias is not None and fc2.bias is not None
-            and compute_dtype(x) in (torch.bfloat16, torch.float16)
-            and not hasattr(fc1.weight, "ds_id") and not hasattr(fc2.weight, "ds_id"))
+    return mlp_usable(x, fc1, fc2) and fc1.in_features <= MAX_DIM
 
 
 def fused_mlp(x: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> torch.Tensor:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_launch import available, compute_dtype, tuned
+from .triton_launch import check_mlp_shapes, compute_dtype, mlp_usable, tuned
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs lack it
     import triton
@@ -158,18 +158,10 @@ TIMINGS: dict = {}  # (kernel, shape key) -> {configuration: ms}, for benchmarks
 
 
 def _check_shapes(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> None:
-    """The kernels index raw pointers: a wrong shape would read out of bounds, so it is refused here."""
-    if x.dim() != 2 or w1.dim() != 2:
-        raise ValueError(f"x {tuple(x.shape)} and fc1 weight {tuple(w1.shape)} must be 2-D ([tokens, width], "
-                         "[hidden, width])")
-    (M, C), H = x.shape, w1.shape[0]
-    if C % K_STEP:
-        raise ValueError(f"width {C} is not a multiple of {K_STEP}")
-    want = {"fc1 weight": (H, C), "fc1 bias": (H,), "fc2 weight": (C, H), "fc2 bias": (C,)}
-    for (name, shape), t in zip(want.items(), (w1, b1, w2, b2)):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} shape {tuple(t.shape)}; expected {shape} for x of shape {(M, C)} and hidden "
-                             f"width {H}")
+    """The MLPs' shape rule (``triton_launch.check_mlp_shapes``), and a width the kernels step through without masks."""
+    check_mlp_shapes(x, w1, b1, w2, b2)
+    if x.shape[1] % K_STEP:
+        raise ValueError(f"width {x.shape[1]} is not a multiple of {K_STEP}")
 
 
 def _grid(M: int, H: int, cfg: dict) -> tuple[int, int]:
@@ -256,10 +248,7 @@ if triton is not None:
 
 def usable(x: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> bool:
     """Whether :func:`gelu_mlp` can replace ``fc2(gelu(fc1(x)))`` here (module docstring)."""
-    return (available(x.device) and fc1.in_features % K_STEP == 0 and fc1.in_features <= MAX_DIM
-            and fc1.bias is not None
-            and fc2.bias is not None and compute_dtype(x) in (torch.bfloat16, torch.float16)
-            and not hasattr(fc1.weight, "ds_id") and not hasattr(fc2.weight, "ds_id"))
+    return mlp_usable(x, fc1, fc2) and fc1.in_features % K_STEP == 0 and fc1.in_features <= MAX_DIM
 
 
 def gelu_mlp(x: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> torch.Tensor:

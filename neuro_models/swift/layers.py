@@ -236,7 +236,7 @@ class Mlp(nn.Module):
     """Two-layer GELU MLP on the last axis. With ``fused``, the Triton kernels of
     ``neuro_models.swift.fused_mlp`` run it where they can (``fused_mlp.usable``: CUDA, bf16/fp16 compute, width
     <= 256), keeping the hidden activations on chip; else with ``impl`` "epilogue" or "auto" those of
-    ``neuro_models.swift.gelu_mlp`` (``gelu_mlp.usable``: CUDA, bf16/fp16 compute, width a multiple of 32), the
+    ``neuro_models.swift.gelu_mlp`` (``gelu_mlp.usable``: CUDA, bf16/fp16 compute, width a multiple of 32 up to 256), the
     GELU and the bias gradients in the matmuls' epilogues (``SwiftConfig.mlp_impl``); the PyTorch path runs
     everywhere else."""
 

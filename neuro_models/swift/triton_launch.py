@@ -1,6 +1,6 @@
-"""What the hand-written Triton kernels of the SwiFT family (``fused_head``, ``fused_mlp``, ``window_attn``) share:
-whether they can run on a device, the dtype they compute in, and the per-shape choice of a launch configuration by
-timing each once."""
+"""What the hand-written Triton kernels of the SwiFT family (``fused_head``, ``fused_mlp``, ``gelu_mlp``,
+``window_attn``) share: whether they can run on a device, the dtype they compute in, the per-shape choice of a launch
+configuration by timing each once, and what the two MLPs require of their layers and tensors."""
 from __future__ import annotations
 
 import os
@@ -32,6 +32,28 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return x.dtype
+
+
+def mlp_usable(x: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> bool:
+    """What a Triton MLP (``fused_mlp``, ``gelu_mlp``) needs besides its own width rule: Triton for ``x``'s device, a
+    bf16/fp16 compute dtype, both biases, and whole weights (DeepSpeed ZeRO-3 marks partitioned ones with ``ds_id``)."""
+    return (available(x.device) and fc1.bias is not None and fc2.bias is not None
+            and compute_dtype(x) in (torch.bfloat16, torch.float16)
+            and not hasattr(fc1.weight, "ds_id") and not hasattr(fc2.weight, "ds_id"))
+
+
+def check_mlp_shapes(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> None:
+    """The MLP kernels index raw pointers: a wrong shape would read out of bounds, so it is refused here with a
+    ``ValueError`` that names the tensor."""
+    if x.dim() != 2 or w1.dim() != 2:
+        raise ValueError(f"x {tuple(x.shape)} and fc1 weight {tuple(w1.shape)} must be 2-D ([tokens, width], "
+                         "[hidden, width])")
+    (M, C), H = x.shape, w1.shape[0]
+    want = {"fc1 weight": (H, C), "fc1 bias": (H,), "fc2 weight": (C, H), "fc2 bias": (C,)}
+    for (name, shape), t in zip(want.items(), (w1, b1, w2, b2)):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)}; expected {shape} for x of shape {(M, C)} and hidden "
+                             f"width {H}")
 
 
 def fastest(configs: list[dict], make_run: Callable[[dict], Callable[[], None]], what: str,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from interpreted import fp16_loss_and_grads, fp16_module_step, rel  # this folder
 
 from neuro_models import registry as R
-from neuro_models.swift import fused_mlp
+from neuro_models.swift import fused_mlp, triton_launch
 from neuro_models.swift.layers import Mlp
 
 
@@ -101,7 +101,7 @@ def model_uses_it_in_narrow_stages() -> None:
 
 
 if __name__ == "__main__":
-    assert fused_mlp.available(torch.device("cpu")), "run with TRITON_INTERPRET=1"
+    assert triton_launch.available(torch.device("cpu")), "run with TRITON_INTERPRET=1"
     {"kernel": kernels_match_float64, "module": module_matches_pytorch_and_compiles,
      "model": model_uses_it_in_narrow_stages}[sys.argv[1]]()
     print("ok")

@@ -8,7 +8,7 @@ import torch
 from interpreted import run_check  # this folder (pytest puts it on sys.path)
 
 from neuro_models import registry as R
-from neuro_models.swift import fused_mlp
+from neuro_models.swift import fused_mlp, triton_launch
 from neuro_models.swift.layers import Mlp
 
 
@@ -38,7 +38,7 @@ def test_fused_mlp_is_off_by_default_and_not_used_where_it_cannot_run():
     m = Mlp(16, 64, fused=True)
     x = torch.randn(3, 16)
     if os.environ.get("TRITON_INTERPRET") != "1":
-        assert not fused_mlp.available(torch.device("cpu")) and not fused_mlp.usable(x.half(), m.fc1, m.fc2)
+        assert not triton_launch.available(torch.device("cpu")) and not fused_mlp.usable(x.half(), m.fc1, m.fc2)
     assert not fused_mlp.usable(x, m.fc1, m.fc2)  # float32 compute keeps the PyTorch path
     wide = Mlp(fused_mlp.MAX_DIM + 1, 8, fused=True)
     assert not fused_mlp.usable(torch.randn(2, fused_mlp.MAX_DIM + 1).half(), wide.fc1, wide.fc2)

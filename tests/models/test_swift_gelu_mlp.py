@@ -9,7 +9,7 @@ import torch
 from interpreted import run_check  # this folder (pytest puts it on sys.path)
 
 from neuro_models import registry as R
-from neuro_models.swift import gelu_mlp
+from neuro_models.swift import gelu_mlp, triton_launch
 from neuro_models.swift.layers import Mlp
 
 
@@ -48,7 +48,7 @@ def test_epilogue_mlp_is_not_used_where_it_cannot_run():
     m = Mlp(32, 128, impl="auto")
     x = torch.randn(3, 32)
     if os.environ.get("TRITON_INTERPRET") != "1":
-        assert not gelu_mlp.available(torch.device("cpu")) and not gelu_mlp.usable(x.half(), m.fc1, m.fc2)
+        assert not triton_launch.available(torch.device("cpu")) and not gelu_mlp.usable(x.half(), m.fc1, m.fc2)
     assert not gelu_mlp.usable(x, m.fc1, m.fc2)  # float32 compute keeps the PyTorch path
     odd = Mlp(40, 160, impl="epilogue")
     assert not gelu_mlp.usable(torch.randn(2, 40).half(), odd.fc1, odd.fc2)  # width not a multiple of K_STEP

@@ -46,7 +46,7 @@ def static_row(spec: RunSpec, manifest_hash: str | None = None) -> dict:
     """Columns every result row of ``spec`` carries (identity, spec fields, provenance)."""
     prov = provenance(spec.manifest, manifest_hash=manifest_hash)
     return {"run_id": spec.run_id, "study": spec.study, "family": spec.family, "size": spec.size,
-            "width": spec.width, "parametrization": spec.parametrization, "lr": spec.lr,
+            "width": spec.width, "parametrization": spec.parametrization, "lr": spec.lr, "base_lr": spec.lr,
             "batch_size": spec.batch_size, "n_subjects": spec.n_subjects,
             "mixture": json.dumps(spec.cohorts), "seed": spec.seed, **prov, **spec.flat_columns()}
 

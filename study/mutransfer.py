@@ -65,10 +65,12 @@ def analyse(store_dir: Path, out_dir: Path, specs: Sequence[RunSpec]) -> dict[st
 
     df = final_rows(read_table(store_dir, "train"))
     df = df[df["run_id"].isin({s.run_id for s in specs})].copy()
-    per_width, slopes = lr_transfer(df, lr_col="lr", loss_col="val_loss", width_col="width",
+    # the run's base LR, never a per-step optimizer LR (under MuAdamW a param group's LR is base / width mult)
+    df["base_lr"] = df["run_id"].map({s.run_id: s.lr for s in specs})
+    per_width, slopes = lr_transfer(df, lr_col="base_lr", loss_col="val_loss", width_col="width",
                                     param_col="parametrization")
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig = plot_lr_transfer(df, per_width, lr_col="lr", loss_col="val_loss", width_col="width")
+    fig = plot_lr_transfer(df, per_width, lr_col="base_lr", loss_col="val_loss", width_col="width")
     fig.savefig(out_dir / "mutransfer.png", dpi=120)
     per_width.to_csv(out_dir / "optimal_lr_per_width.csv", index=False)
     slopes.to_csv(out_dir / "lr_transfer_slopes.csv", index=False)

@@ -36,6 +36,12 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
 class NullReporter:
     def log(self, metrics: dict[str, Any]) -> None:
         pass
@@ -104,8 +110,13 @@ class StoreReporter(NullReporter):
         self.table = table
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
-        row = {**self.static, **{k: _jsonable(v) for k, v in metrics.items()}}
-        self.store.append(self.table, [row])
+        values = {k: _jsonable(v) for k, v in metrics.items()}
+        shadowed = sorted(k for k, v in values.items() if k in self.static and not _same(self.static[k], v))
+        if shadowed:  # a metric must never overwrite a run's identity (the old "lr" bug inverted µTransfer)
+            raise ValueError(f"metrics {shadowed} would overwrite the run's static columns of the same name "
+                             f"({ {k: self.static[k] for k in shadowed} } -> { {k: values[k] for k in shadowed} }); "
+                             "log them under another name")
+        self.store.append(self.table, [{**self.static, **values}])
 
 
 class MultiReporter(NullReporter):

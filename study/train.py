@@ -620,7 +620,10 @@ def _run_steps(spec: RunSpec, ctx: DistContext, plan: BatchPlan, n_steps: int, *
                         (loss / plan.accumulation).backward()
             loss_sum += loss.detach().double()
             tokens += n_tokens
-        lr_now = optimizer.param_groups[0]["lr"]
+        # the run's base LR times the schedule at this step: under muP, MuAdamW divides the matrix-like
+        # groups' LR by their width multiplier, so no param group's LR is the run's LR (the µTransfer
+        # analysis fits the base LR, stored as ``lr``/``base_lr`` in every row; this column never shadows it)
+        lr_step = spec.lr * lr_factor(step, n_steps, spec)
         with record_function("neurox.optimizer_step"):
             if engine is not None:
                 if not own_clip:
@@ -650,7 +653,7 @@ def _run_steps(spec: RunSpec, ctx: DistContext, plan: BatchPlan, n_steps: int, *
         state["wall_time_s"] = wall_offset + (now - t_start)
         if log_due:
             sps = window_samples / max(now - window_t0, 1e-9)
-            metrics = {"step": step, "train_loss": train_loss, "lr": lr_now, "grad_norm": float(grad_norm),
+            metrics = {"step": step, "train_loss": train_loss, "lr_step": lr_step, "grad_norm": float(grad_norm),
                        "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
                        "samples_per_s": sps, "tokens_per_s": sps * tokens_per_sample,
                        "wall_time_s": state["wall_time_s"]}

@@ -1,0 +1,65 @@
+"""µTransfer is fitted on each run's base LR, never on an optimizer group's width-scaled LR.
+
+Under muP, ``MuAdamW`` divides the LR of matrix-like parameter groups by their width multiplier. The
+training loop used to log ``optimizer.param_groups[0]["lr"]`` as ``lr``, which overwrote the run's base LR
+in the results store; the µTransfer analysis then fitted ``base_lr / width_mult`` and reported muP's flat
+optimum as a slope of -1 per log2 width ("does not transfer"). These tests fail on that code.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from analysis.report import final_rows
+from analysis.store import ResultsStore, read_table
+from study.devices import local_context
+from study.launch_local import static_row
+from study.mutransfer import analyse, plan_mutransfer
+from study.reporters import MultiReporter, StoreReporter
+from study.spec import RunSpec
+from study.train import lr_factor, train
+
+
+def test_stored_lr_of_a_mup_run_is_its_base_lr(tiny_cohort, tmp_path):
+    spec = RunSpec(family="swift_v2", size="debug", width=32, parametrization="mup", mup_base_width=16,
+                   lr=2.0 ** -6, grid=(24, 24, 24), sequence_length=4, batch_size=2, budget=3, eval_every=3,
+                   eval_windows=2, manifest=tiny_cohort, precision="fp32", schedule="cosine", warmup_frac=0.0)
+    store = ResultsStore(tmp_path / "store")
+    train(spec, local_context("cpu"), MultiReporter([StoreReporter(store, static_row(spec))]))
+    row = final_rows(read_table(tmp_path / "store", "train")).iloc[0]
+    assert row["lr"] == spec.lr and row["base_lr"] == spec.lr and row["spec.lr"] == spec.lr
+    # the schedule's LR of the last step, for dashboards: base LR x schedule, not a group's scaled LR
+    assert row["lr_step"] == pytest.approx(spec.lr * lr_factor(2, 3, spec))
+
+
+def test_a_metric_may_not_overwrite_a_runs_static_column(tmp_path):
+    rep = StoreReporter(ResultsStore(tmp_path), {"run_id": "r", "lr": 1e-3})
+    with pytest.raises(ValueError, match="overwrite.*'lr'"):
+        rep.report({"step": 1, "lr": 5e-4})
+    rep.report({"step": 1, "run_id": "r", "val_loss": 1.0})  # same value: fine
+    assert len(read_table(tmp_path, "train")) == 1
+
+
+def test_mutransfer_analysis_reads_the_base_lr_even_from_an_old_store(tmp_path):
+    """Rows as the old loop wrote them (``lr`` = base LR / width multiplier under muP) with a loss whose
+    optimum is 2^-7 at every width under muP and drifts by -1 per log2 width under SP."""
+    widths, lrs = (16, 32, 64, 128), [2.0 ** e for e in range(-11, -2)]
+    plan = plan_mutransfer(family="swift_v2", size="debug", widths=widths, lrs=lrs, base_width=16, steps=4)
+    jitter = dict(zip(widths, (0.04, -0.03, 0.02, -0.04)))  # the fitted optima are never exactly collinear
+    rows = []
+    for s in plan.specs:
+        mult = s.width / 16
+        opt = jitter[s.width] + (-7.0 if s.parametrization == "mup" else -7.0 - math.log2(mult))
+        logged = s.lr / mult if s.parametrization == "mup" else s.lr
+        rows.append({"run_id": s.run_id, "step": 4, "is_final": True, "width": s.width,
+                     "parametrization": s.parametrization, "lr": logged,
+                     "val_loss": 1.0 + 0.05 * (math.log2(s.lr) - opt) ** 2})
+    ResultsStore(tmp_path / "store").append("train", rows)
+    out = analyse(tmp_path / "store", tmp_path / "report", plan.specs)
+    slopes = {r["parametrization"]: r for r in out["slopes"]}
+    assert slopes["mup"]["slope"] == pytest.approx(-0.019, abs=1e-6) and slopes["mup"]["transfers"] is True
+    assert slopes["sp"]["slope"] == pytest.approx(-1.019, abs=1e-6) and slopes["sp"]["transfers"] is False
+    per = {(r["parametrization"], r["width"]): r["log2_lr_opt"] for r in out["per_width"]}
+    assert np.allclose([per[("mup", float(w))] for w in widths], [-7 + jitter[w] for w in widths])

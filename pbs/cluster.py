@@ -15,8 +15,10 @@ Usage (as run by the bootstrap)::
     python pbs/cluster.py token PATH                       # fresh 256-bit token, file mode 0600
     python pbs/cluster.py wait --address IP:PORT --state-dir D --nodefile F --timeout 300
     python pbs/cluster.py walltime                         # seconds left in this PBS job
+    python pbs/cluster.py private-dir --parent /tmp --per-user --name 123.9f3a_0   # new 0700 dir, printed
+    python pbs/cluster.py nonce                            # 8 random hex characters for per-job names
     python pbs/cluster.py stage --src DIR --dst DIR --rank R --world N [--shard]
-    python pbs/cluster.py cleanup --path /tmp/nx123_0      # kill processes using it, remove it
+    python pbs/cluster.py cleanup --path /tmp/nx-1000/123.9f3a_0 [--grace 2] [--kill-after 1]
 
 This module imports neither ``study`` nor ``ray`` at import time (``wait`` imports Ray lazily).
 """
@@ -27,11 +29,13 @@ import fcntl
 import ipaddress
 import json
 import os
+import pwd
 import re
 import secrets
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -212,6 +216,86 @@ def write_token(path: str | os.PathLike) -> None:
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
+
+
+# --------------------------------------------------------------------------------------------
+# Private per-job directories
+# --------------------------------------------------------------------------------------------
+#: what a name used in a path may look like (study names, job keys, run ids): no '/', no leading '.' or '-'
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _owner(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def user_dir(path: str | os.PathLike) -> Path:
+    """Make sure ``path`` is a real directory owned by this user with mode 0700 (created if missing).
+
+    It is the per-user parent of per-job directories (``/tmp/nx-<uid>``, ``<stage-to>/nx-<uid>``, the
+    state dir): nobody else can create, rename or read anything inside it. A path that exists as a symlink,
+    a non-directory or a directory of another user is refused (another user may have created it in advance
+    to read or replace a job's files); a directory of ours with group/other bits is tightened to 0700.
+
+    Raises
+    ------
+    ClusterError
+        Naming the path and its owner.
+    """
+    p = Path(path)
+    old = os.umask(0o077)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(p, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise ClusterError(f"cannot create directory {p}: {e.strerror}")
+    finally:
+        os.umask(old)
+    st = os.lstat(p)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ClusterError(f"{p} exists but is not a directory (a symlink or a file): refusing to use it; "
+                           "remove it or choose another base directory")
+    if st.st_uid != os.geteuid():
+        raise ClusterError(f"{p} belongs to {_owner(st.st_uid)}, not to you ({_owner(os.geteuid())}): refusing "
+                           "to use it (another user could read or replace this job's files); remove it or "
+                           "choose another base directory")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(p, 0o700)
+    return p
+
+
+def private_dir(parent: str | os.PathLike, name: str, per_user: bool = False) -> Path:
+    """Create the new directory ``parent/name`` (or ``parent/nx-<uid>/name``) with mode 0700 and return it.
+
+    The parent goes through :func:`user_dir`; the directory itself must not exist yet (``mkdir`` without
+    ``exist_ok``), so a directory planted in advance, or a second start of the same job, is refused.
+
+    Raises
+    ------
+    ClusterError
+        When ``name`` is not a plain name, the parent is not this user's, or the directory exists.
+    """
+    if not NAME_RE.fullmatch(name):
+        raise ClusterError(f"directory name {name!r} must match {NAME_RE.pattern}")
+    base = Path(parent) / f"nx-{os.geteuid()}" if per_user else Path(parent)
+    base = user_dir(base)
+    d = base / name
+    try:
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        st = os.lstat(d)
+        raise ClusterError(f"{d} already exists (owned by {_owner(st.st_uid)}): refusing to reuse it; another "
+                           "start of this job is running, or a crashed one left it (remove it)")
+    except OSError as e:
+        raise ClusterError(f"cannot create directory {d}: {e.strerror}")
+    os.chmod(d, 0o700)  # exactly 0700, whatever the umask
+    return d
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,6 +486,10 @@ def stage(src: Path, dst: Path, rank: int, world: int, shard: bool) -> dict:
     keeps those with ``index % world == rank``; every other file (manifest, metadata) is copied to
     every node. Writes ``dst/STAGED.json`` listing the subject files this node holds.
 
+    Copies are created mode 0600 and then given the source's owner bits only (a 0600 or 0644 source
+    becomes 0600, a 0444 one 0400): staged data is never more readable than the source, and ``dst``
+    should be a :func:`private_dir` (0700) so nobody else can reach it at all.
+
     Returns
     -------
     dict
@@ -416,16 +504,24 @@ def stage(src: Path, dst: Path, rank: int, world: int, shard: bool) -> dict:
     keep_subjects = subjects[rank::world] if shard else subjects
     chosen = [f for f in files if f.suffix not in SUBJECT_SUFFIXES] + keep_subjects
     nbytes = 0
-    for rel in chosen:
-        out = dst / rel
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f"{out.name}.part{os.getpid()}")
-        shutil.copyfile(src / rel, tmp)
-        os.replace(tmp, out)
-        nbytes += out.stat().st_size
-    info = {"rank": rank, "world": world, "shard": shard, "subjects": [str(f) for f in keep_subjects],
-            "bytes": nbytes}
-    (dst / "STAGED.json").write_text(json.dumps(info, indent=1))
+    old = os.umask(0o077)
+    try:
+        for rel in chosen:
+            out = dst / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f"{out.name}.part{os.getpid()}")
+            mode = stat.S_IMODE(os.stat(src / rel).st_mode) & 0o700
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as fo, open(src / rel, "rb") as fi:
+                shutil.copyfileobj(fi, fo, 16 << 20)
+                os.fchmod(fo.fileno(), mode)
+            os.replace(tmp, out)
+            nbytes += out.stat().st_size
+        info = {"rank": rank, "world": world, "shard": shard, "subjects": [str(f) for f in keep_subjects],
+                "bytes": nbytes}
+        (dst / "STAGED.json").write_text(json.dumps(info, indent=1))
+    finally:
+        os.umask(old)
     return info
 
 
@@ -437,15 +533,31 @@ NODE_MARKER = "NEUROX_RAY_NODE_TMP"
 process of the node inherits it, also workers whose command line Ray renames (``ray::IDLE``)."""
 
 
+def _proc_uid(pid_dir: Path) -> int | None:
+    """Real uid of a process (``/proc/<pid>/status``), or None when it is gone."""
+    try:
+        for line in (pid_dir / "status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def procs_referencing(path: str) -> list[int]:
     """PIDs (other than this one) of a node's Ray processes: the command line mentions ``path`` (the node's
-    Ray temp dir) or the environment holds ``NEUROX_RAY_NODE_TMP=<path>``."""
+    Ray temp dir) or the environment holds ``NEUROX_RAY_NODE_TMP=<path>``.
+
+    Only this user's processes count: another user's process that merely names the path (``tail -f`` of a
+    log, a planted command line) is neither signalled nor waited for, also when running as root."""
     pids = []
-    me = os.getpid()
+    me, uid = os.getpid(), os.geteuid()
     needle = path.rstrip("/").encode()
     marker = f"{NODE_MARKER}={path.rstrip('/')}".encode()
     for d in Path("/proc").iterdir():
         if not d.name.isdigit() or int(d.name) == me:
+            continue
+        if _proc_uid(d) != uid:
             continue
         try:
             cmd = (d / "cmdline").read_bytes()
@@ -457,34 +569,45 @@ def procs_referencing(path: str) -> list[int]:
             continue
         try:
             env = (d / "environ").read_bytes()
-        except OSError:  # another user's process, or gone
+        except OSError:  # gone
             continue
         if marker in env.split(b"\0"):
             pids.append(int(d.name))
     return pids
 
 
-def cleanup(path: str, grace_s: float = 10.0) -> int:
-    """SIGTERM every process using ``path``, SIGKILL survivors after ``grace_s``, then remove ``path``.
+def cleanup(path: str, grace_s: float = 10.0, kill_wait_s: float = 5.0) -> int:
+    """SIGTERM every process of this user using ``path``, SIGKILL survivors after ``grace_s`` (waiting at most
+    ``kill_wait_s`` more), then remove ``path`` if it is this user's directory.
 
-    Returns the number of processes that had to be signalled.
+    Another user's processes and a path owned by someone else are skipped (with a note on stderr), never a
+    traceback. Returns the number of processes that had to be signalled.
     """
     pids = procs_referencing(path)
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, kill_wait_s)):
         for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+            except PermissionError:  # changed owner (setuid exec) since the scan: not ours to stop
+                print(f"ray_cluster: process {pid} is not yours any more; left alone", file=sys.stderr)
         end = time.monotonic() + wait
         while time.monotonic() < end:
             pids = [p for p in pids if Path(f"/proc/{p}").exists() and not _is_zombie(p)]
             if not pids:
                 break
-            time.sleep(0.2)
+            time.sleep(0.1)
         if not pids:
             break
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return len(pids)
+    if st.st_uid != os.geteuid() or stat.S_ISLNK(st.st_mode):
+        print(f"ray_cluster: {path} is not your directory ({_owner(st.st_uid)}); not removing it", file=sys.stderr)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
     return len(pids)
 
 
@@ -536,6 +659,12 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("cleanup")
     a.add_argument("--path", required=True)
     a.add_argument("--grace", type=float, default=10.0)
+    a.add_argument("--kill-wait", type=float, default=5.0)
+    a = sub.add_parser("private-dir")
+    a.add_argument("--parent", required=True)
+    a.add_argument("--name", required=True)
+    a.add_argument("--per-user", action="store_true")
+    sub.add_parser("nonce")
     return p
 
 
@@ -566,7 +695,11 @@ def main(argv: list[str] | None = None) -> int:
             info = stage(Path(args.src), Path(args.dst), args.rank, args.world, args.shard)
             print(f"staged {len(info['subjects'])} subject files ({info['bytes']} bytes) to {args.dst}")
         elif args.cmd == "cleanup":
-            cleanup(args.path, args.grace)
+            cleanup(args.path, args.grace, args.kill_wait)
+        elif args.cmd == "private-dir":
+            print(private_dir(args.parent, args.name, args.per_user))
+        elif args.cmd == "nonce":
+            print(secrets.token_hex(4))
     except ClusterError as e:
         print(f"ray_cluster: {e}", file=sys.stderr)
         return e.code

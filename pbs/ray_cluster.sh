@@ -23,12 +23,15 @@
 #   --num-gpus N  --num-cpus N  --object-store-bytes N   per-node Ray resources
 #   --state-dir DIR         shared job state (token, node registry)  [$NEUROX_STATE_DIR or ~/.neurox/ray]
 #   --tmp-base DIR          node-local base for Ray's temp dir (keep short)    [$NEUROX_TMP_BASE or /tmp]
+#                           (each job's dirs: DIR/nx-<uid>/<job>.<random>_<rank>, mode 0700, see SECURITY.md)
 #   --launcher L            auto|mpiexec|pbsdsh|ssh|/path/to/mpiexec-like     [$NEUROX_LAUNCHER or auto]
 #                           (extra mpiexec arguments: $NEUROX_LAUNCHER_ARGS, else the profile's)
 #   --storage DIR --study-name NAME   the study's storage; enables walltime stop and chaining
 #   --stop-margin S         touch <storage>/<study>/STOP this many seconds before walltime ends [600]
 #   --chain N --job-script FILE       submit FILE again (afterany) up to N more times until the study completes
-#   --stage SRC --stage-to DIR [--shard]   copy the data directory to node-local DIR (a share of it with --shard)
+#   --stage SRC --stage-to DIR [--shard]   copy the data directory to node-local DIR/nx-<uid>/<job>.<random>
+#                           (a share of it with --shard); mode 0700, removed first at teardown
+#   --teardown-s S          finish teardown within S seconds of its start (below PBS's kill_delay)  [8]
 #   --dry-run               print what would run and exit
 #
 # Environment given to CMD: RAY_ADDRESS (GCS ip:port), RAY_API_SERVER_ADDRESS (http://ip:dashboard),
@@ -36,6 +39,7 @@
 # The token is never printed; it lives in <state-dir>/<job>/token (mode 0600) and is removed at teardown.
 { # bash parses this whole block before running it, so updating the file (git pull) during a job is safe
 set -euo pipefail
+umask 077 # every file and directory this job (and its Ray processes) creates is private to the user
 
 PBS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SELF="$PBS_DIR/ray_cluster.sh"
@@ -59,9 +63,9 @@ esac
 PROFILE=generic IFACE="" HOST_SUFFIX="" NODEFILE="${PBS_NODEFILE:-}" GCS_PORT="" DASH_PORT="" CLIENT_PORT=""
 JOIN_TIMEOUT=300 NUM_GPUS="" NUM_CPUS="" OBJ_BYTES="" STATE_BASE="${NEUROX_STATE_DIR:-$HOME/.neurox/ray}"
 TMP_BASE="${NEUROX_TMP_BASE:-/tmp}" LAUNCHER="${NEUROX_LAUNCHER:-auto}" STORAGE="" STUDY="" STOP_MARGIN=600
-CHAIN=0 JOB_SCRIPT="" STAGE_SRC="" STAGE_TO="" SHARD=0 DRY_RUN=0
+CHAIN=0 JOB_SCRIPT="" STAGE_SRC="" STAGE_TO="" SHARD=0 DRY_RUN=0 TEARDOWN_S=8
 # node-agent only
-ADDRESS="" STATE="" RANK="" RANK_OFFSET=0 WORLD="" JOBKEY=""
+ADDRESS="" STATE="" RANK="" RANK_OFFSET=0 WORLD="" JOBKEY="" NONCE=""
 CMD=()
 iface_set=0
 
@@ -91,6 +95,7 @@ while [[ $# -gt 0 ]]; do
     --stage) need "$@"; STAGE_SRC="$2"; shift 2 ;;
     --stage-to) need "$@"; STAGE_TO="$2"; shift 2 ;;
     --shard) SHARD=1; shift ;;
+    --teardown-s) need "$@"; int "$1" "$2"; TEARDOWN_S="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     --address) need "$@"; ADDRESS="$2"; shift 2 ;;
     --state) need "$@"; STATE="$2"; shift 2 ;;
@@ -98,6 +103,7 @@ while [[ $# -gt 0 ]]; do
     --rank-offset) need "$@"; int "$1" "$2"; RANK_OFFSET="$2"; shift 2 ;;
     --world) need "$@"; int "$1" "$2"; WORLD="$2"; shift 2 ;;
     --jobkey) need "$@"; JOBKEY="$2"; shift 2 ;;
+    --nonce) need "$@"; NONCE="$2"; shift 2 ;;
     --) shift; CMD=("$@"); break ;;
     *) die "unknown option '$1' (see: pbs/ray_cluster.sh --help)" ;;
   esac
@@ -121,6 +127,10 @@ fi
 NUM_GPUS="${NUM_GPUS:-$PROFILE_NUM_GPUS}"
 [[ -n "$STAGE_SRC" && -z "$STAGE_TO" ]] && die "--stage needs --stage-to (node-local directory, e.g. /dev/shm or /local/scratch)"
 [[ $SHARD -eq 1 && -z "$STAGE_SRC" ]] && die "--shard needs --stage SRC --stage-to DIR"
+NAME_RE='^[A-Za-z0-9][A-Za-z0-9._-]*$' # names used in paths (same rule as study.spec and pbs/cluster.py)
+[[ -z "$STUDY" || "$STUDY" =~ $NAME_RE ]] || die "--study-name '$STUDY' must match $NAME_RE (letters, digits, '.', '_', '-'; no '/')"
+[[ -z "$NONCE" || "$NONCE" =~ ^[0-9a-f]+$ ]] || die "--nonce must be hexadecimal"
+[[ $TEARDOWN_S -ge 2 ]] || die "--teardown-s must be at least 2"
 
 export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
 unset RAY_AUTH_TOKEN # it would take precedence over this job's RAY_AUTH_TOKEN_PATH
@@ -129,8 +139,9 @@ addr_args=()
 [[ -n "$HOST_SUFFIX" ]] && addr_args+=(--host-suffix "$HOST_SUFFIX")
 
 # Short, node-local Ray temp dir: Unix socket paths over ~107 bytes fail, and session dirs add ~60 bytes.
+# Private: it lives in the user's own 0700 dir DIR/nx-<uid> and has a random part (created by make_private).
 tmp_dir_for() {
-  local d="$TMP_BASE/nx${JOBKEY}_$1"
+  local d="$TMP_BASE/nx-$EUID/$JOBKEY.${NONCE}_$1"
   [[ ${#d} -le 40 ]] || die "Ray temp dir '$d' is ${#d} characters; keep it <= 40 (socket paths fail over 107 bytes): pass a shorter --tmp-base"
   echo "$d"
 }
@@ -155,27 +166,33 @@ ray_node_args() { # common `ray start` arguments for this node: $1 = ip, $2 = te
   return 0
 }
 
-stage_data() { # $1 = rank, $2 = world; exports NEUROX_STAGED_DATA
+make_private() { # $1 = directory to create (0700, must not exist) in the user's own 0700 dir $(dirname $1)
+  local parent="${1%/*}"
+  helper private-dir --parent "${parent%/*}" --per-user --name "${1##*/}" >/dev/null
+}
+
+stage_data() { # $1 = rank, $2 = world; exports NEUROX_STAGED_DATA (the same path on every node)
   [[ -z "$STAGE_SRC" ]] && return 0
-  STAGED_DIR="$STAGE_TO/neurox_$JOBKEY"
-  local shard_arg=()
+  local d="$STAGE_TO/nx-$EUID/$JOBKEY.$NONCE" shard_arg=()
   [[ $SHARD -eq 1 ]] && shard_arg=(--shard)
+  make_private "$d" || return 1
+  STAGED_DIR="$d" # only what this job created is removed at teardown
   helper stage --src "$STAGE_SRC" --dst "$STAGED_DIR" --rank "$1" --world "$2" "${shard_arg[@]}" >&2
   export NEUROX_STAGED_DATA="$STAGED_DIR"
 }
 
 show() { local out; printf -v out ' %q' "$@"; echo " $out"; } # one quoted command line (dry run)
 
-kill_tree() { # $1 = pid of a session leader started with setsid: TERM the process, then the whole group
-  local pid="$1" _
-  kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-  kill -TERM -- "-$pid" 2>/dev/null || true
-  sleep 0.5
-  kill -KILL -- "-$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
+now_ms() { local t="${EPOCHREALTIME//[.,]/}"; echo $((10#$t / 1000)); }
+
+signal_groups() { # $1 = signal, then pids of session leaders started with setsid: signal each whole group
+  local sig="$1" pid
+  shift
+  for pid in "$@"; do [[ -n "$pid" ]] && kill "-$sig" -- "-$pid" 2>/dev/null; done
+  return 0
 }
+
+any_alive() { local pid; for pid in "$@"; do [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && return 0; done; return 1; }
 
 # ------------------------------------------------------------------------------------------------ node agent
 if [[ "$MODE" == node-agent ]]; then
@@ -191,21 +208,30 @@ if [[ "$MODE" == node-agent ]]; then
   fail() { echo "$*" >"$STATE/nodes/$RANK.error"; die "node $RANK ($(hostname)): $*"; }
   [[ -r "$RAY_AUTH_TOKEN_PATH" ]] || fail "token file $RAY_AUTH_TOKEN_PATH not readable (state dir must be on a shared file system)"
   ip=$(helper addr "${addr_args[@]}" 2>&1) || fail "${ip#ray_cluster: }"
+  [[ -n "$NONCE" ]] || die "node-agent needs --nonce"
   TMP_DIR=$(tmp_dir_for "$RANK")
-  RAY_PID=""
+  RAY_PID="" TMP_MADE=0
+  # The head waits TEARDOWN_S for every agent; an agent notices the head's teardown within 0.5 s.
   agent_cleanup() {
-    local rc=$?
+    local rc=$? grace=$((TEARDOWN_S > 5 ? TEARDOWN_S - 5 : 1))
     trap - EXIT TERM INT HUP
     set +e
-    [[ -n "$RAY_PID" ]] && kill_tree "$RAY_PID"
-    helper cleanup --path "$TMP_DIR" --grace 5 || true
-    [[ -n "${STAGED_DIR:-}" ]] && rm -rf "$STAGED_DIR"
+    [[ -n "${STAGED_DIR:-}" ]] && rm -rf "$STAGED_DIR" & # sensitive data first, in parallel with the rest
+    signal_groups TERM "$RAY_PID"
+    [[ $TMP_MADE -eq 1 ]] && helper cleanup --path "$TMP_DIR" --grace "$grace" --kill-wait 1
+    signal_groups KILL "$RAY_PID"
+    wait "$!" 2>/dev/null
     rm -f "$REG"
     exit "$rc"
   }
   trap agent_cleanup EXIT
   trap 'exit 143' TERM INT HUP
-  stage_data "$RANK" "$WORLD" || fail "staging $STAGE_SRC to $STAGE_TO failed"
+  err=$(make_private "$TMP_DIR" 2>&1) || fail "${err#ray_cluster: }"
+  TMP_MADE=1
+  if ! stage_data "$RANK" "$WORLD" 2>"$STATE/nodes/$RANK.stage"; then
+    err=$(tail -n 1 "$STATE/nodes/$RANK.stage")
+    fail "staging $STAGE_SRC to $STAGE_TO failed: ${err#ray_cluster: }"
+  fi
   printf '{"rank": %d, "host": "%s", "ip": "%s", "pid": %d}\n' "$RANK" "$(hostname)" "$ip" $$ >"$REG.tmp"
   mv "$REG.tmp" "$REG"
   ray_node_args "$ip" "$TMP_DIR"
@@ -213,7 +239,7 @@ if [[ "$MODE" == node-agent ]]; then
     >"$STATE/nodes/$RANK.log" 2>&1 &
   RAY_PID=$!
   # Stay up while Ray runs and the head's "running" marker exists (covers launchers that do not forward signals).
-  while kill -0 "$RAY_PID" 2>/dev/null && [[ -e "$STATE/running" ]]; do sleep 1; done
+  while kill -0 "$RAY_PID" 2>/dev/null && [[ -e "$STATE/running" ]]; do sleep 0.5; done
   if [[ -e "$STATE/running" ]]; then # Ray exited by itself: tell the head why (it fails fast while waiting)
     echo "ray start exited: $(grep -v '^\s*$' "$STATE/nodes/$RANK.log" | tail -n 1)" >"$STATE/nodes/$RANK.error"
     exit 1
@@ -228,7 +254,8 @@ NNODES=${#HOSTS[@]}
 JOBKEY="${PBS_JOBID:-local$$}"
 JOBKEY="${JOBKEY%%.*}"
 JOBKEY="${JOBKEY//[^A-Za-z0-9]/}"
-STATE="$STATE_BASE/$JOBKEY"
+STATE="$STATE_BASE/$JOBKEY" # under the user's own 0700 state dir; the job id names it, so a second start is refused
+NONCE=$(helper nonce)         # random part of this job's node-local directory names
 HEAD_IP=$(helper addr "${addr_args[@]}") || exit 2
 for p in "$GCS_PORT" "$DASH_PORT" "$CLIENT_PORT"; do
   [[ -n "$p" ]] && { helper check-port --host "$HEAD_IP" --port "$p" || exit 2; }
@@ -248,7 +275,7 @@ case "$LAUNCHER" in
 esac
 
 AGENT=(env "NEUROX_PYTHON=$PY" "$SELF" node-agent --profile "$PROFILE" --address "$HEAD_IP:$GCS_PORT" --state "$STATE" --jobkey "$JOBKEY"
-  --world "$NNODES" --tmp-base "$TMP_BASE")
+  --world "$NNODES" --tmp-base "$TMP_BASE" --nonce "$NONCE" --teardown-s "$TEARDOWN_S")
 [[ -n "$IFACE" ]] && AGENT+=(--iface "$IFACE")
 [[ -n "$HOST_SUFFIX" ]] && AGENT+=(--host-suffix "$HOST_SUFFIX")
 [[ -n "$NUM_GPUS" ]] && AGENT+=(--num-gpus "$NUM_GPUS")
@@ -310,55 +337,68 @@ if [[ -n "$STORAGE" || -n "$STUDY" ]]; then
     log "study '$STUDY' is already complete ($CHAIN_DIR/complete); nothing to do"
     exit 0
   fi
-  [[ -e "$STOP_FILE" ]] && { log "removing the previous allocation's stop file $STOP_FILE (resuming)"; rm -f "$STOP_FILE"; }
 fi
 [[ $CHAIN -gt 0 && ( -z "$STOP_FILE" || -z "$JOB_SCRIPT" ) ]] && die "--chain needs --storage, --study-name and --job-script"
 
 # ------------------------------------------------------------------------------------------------ start
-HEAD_PID="" WATCH_PID="" WAIT_PID="" CMD_PID="" NEXT_JOB="" TORN=0 LAUNCH_PIDS=()
+# The state dir is created (exclusively) before the teardown trap is set: a second start in the same job stops
+# here without touching the running cluster's state, token or processes.
+err=$(helper private-dir --parent "$STATE_BASE" --name "$JOBKEY" 2>&1 >/dev/null) ||
+  die "state dir $STATE: ${err#ray_cluster: } (another cluster of job $JOBKEY runs, or a crashed one left it)"
+HEAD_PID="" WATCH_PID="" WAIT_PID="" CMD_PID="" CLEAN_PID="" RM_PID="" NEXT_JOB="" TORN=0 TMP_MADE=0 LAUNCH_PIDS=()
 teardown() {
-  local rc=$?
+  local rc=$? t0 deadline
   [[ $TORN -eq 1 ]] && return 0
   TORN=1
   trap - EXIT TERM INT HUP
   set +e # best effort from here on: one failed step must not skip the rest
-  log "tearing down the Ray cluster (job $JOBKEY)"
+  t0=$(now_ms)
+  deadline=$((t0 + TEARDOWN_S * 1000 - 1000)) # PBS SIGKILLs kill_delay (10 s) after SIGTERM: all in parallel
+  log "tearing down the Ray cluster (job $JOBKEY, within ${TEARDOWN_S} s)"
+  # sensitive things first: the token, then the staged data (removed in the background while the rest stops)
+  rm -f "$STATE/token"
+  [[ -n "${STAGED_DIR:-}" ]] && { rm -rf "$STAGED_DIR" & RM_PID=$!; }
+  rm -f "$STATE/running" # agents notice within 0.5 s and clean their node
   [[ -n "$WATCH_PID" ]] && kill "$WATCH_PID" 2>/dev/null
   [[ -n "$WAIT_PID" ]] && kill "$WAIT_PID" 2>/dev/null
-  # PBS SIGKILLs ~10 s (kill_delay) after SIGTERM: stop the worker nodes, the head and the command in parallel
-  rm -f "$STATE/running" # agents notice within ~1 s and clean their node
-  [[ -n "$HEAD_PID" ]] && kill -TERM "$HEAD_PID" 2>/dev/null
-  [[ -n "$CMD_PID" ]] && kill_tree "$CMD_PID"
-  local _ pid
-  for _ in $(seq 1 40); do
-    compgen -G "$STATE/nodes/*.json" >/dev/null || break
-    sleep 0.5
+  signal_groups TERM "$CMD_PID" "$HEAD_PID" "${LAUNCH_PIDS[@]}"
+  if [[ $TMP_MADE -eq 1 ]]; then # every process of the head's Ray node (also renamed workers), then its temp dir
+    helper cleanup --path "$HEAD_TMP" --grace $((TEARDOWN_S > 4 ? TEARDOWN_S - 4 : 1)) --kill-wait 1 &
+    CLEAN_PID=$!
+  fi
+  while [[ $(now_ms) -lt $deadline ]]; do
+    any_alive "$CMD_PID" "$HEAD_PID" "$CLEAN_PID" "$RM_PID" "${LAUNCH_PIDS[@]}" || compgen -G "$STATE/nodes/*.json" >/dev/null || break
+    sleep 0.1
   done
-  for pid in "${LAUNCH_PIDS[@]}"; do kill_tree "$pid"; done
   if compgen -G "$STATE/nodes/*.json" >/dev/null; then
     log "warning: these node agents did not report a clean exit: $(cd "$STATE/nodes" && echo ./*.json)"
   fi
-  [[ -n "$HEAD_PID" ]] && kill_tree "$HEAD_PID"
-  helper cleanup --path "$HEAD_TMP" --grace 5 || true
-  [[ -n "${STAGED_DIR:-}" ]] && rm -rf "$STAGED_DIR"
+  signal_groups KILL "$CMD_PID" "$HEAD_PID" "${LAUNCH_PIDS[@]}"
+  [[ -n "$CLEAN_PID" ]] && wait "$CLEAN_PID" 2>/dev/null
+  any_alive "$RM_PID" && log "warning: staged data $STAGED_DIR still being removed (private to you: mode 0700)"
   if [[ -d "$STATE" ]]; then # keep the bootstrap's logs (never the token) for a post-mortem
     local logs="${NEUROX_LOG_DIR:-$STATE_BASE/logs}/$JOBKEY"
     mkdir -p "$logs" && cp "$STATE"/*.log "$STATE"/nodes/*.log "$STATE"/nodes/*.error "$logs"/ 2>/dev/null
     log "bootstrap logs kept in $logs"
   fi
   rm -rf "$STATE"
+  log "teardown took $(($(now_ms) - t0)) ms"
   exit "$rc"
 }
 trap teardown EXIT
 trap 'log "received termination signal"; exit 143' TERM INT HUP
 
-[[ -e "$STATE" ]] && die "state dir $STATE exists: another cluster of job $JOBKEY runs (or crashed: remove it)"
-mkdir -p "$STATE/nodes"
-chmod 700 "$STATE"
+mkdir "$STATE/nodes"
 helper token "$STATE/token"
 export RAY_AUTH_TOKEN_PATH="$STATE/token"
 touch "$STATE/running"
-stage_data 0 "$NNODES"
+if [[ -n "$STOP_FILE" && -e "$STOP_FILE" ]]; then
+  log "removing the previous allocation's stop file $STOP_FILE (resuming)"
+  rm -f "$STOP_FILE"
+fi
+err=$(make_private "$HEAD_TMP" 2>&1) || die "${err#ray_cluster: }"
+TMP_MADE=1
+stage_data 0 "$NNODES" || die "staging $STAGE_SRC to $STAGE_TO failed"
 
 log "starting head on ${HOSTS[0]} ($HEAD_IP:$GCS_PORT), $NNODES node(s)"
 # the marker variable is inherited by every Ray process of the node, so teardown finds them all

@@ -16,13 +16,14 @@ done
 [[ -n "$n" && -n "$hostfile" && $# -gt 0 ]] || { echo "fake_mpiexec: usage: -n N --ppn 1 --hostfile F CMD..." >&2; exit 2; }
 mapfile -t hosts <"$hostfile"
 [[ ${#hosts[@]} -eq "$n" ]] || { echo "fake_mpiexec: -n $n but $hostfile lists ${#hosts[@]} hosts" >&2; exit 2; }
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 pids=()
 forward() { local p; for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
 trap forward TERM INT
 for i in "${!hosts[@]}"; do
   ns=$(awk -v h="${hosts[$i]}" '$1 == h {print $2}' "$NX_NETNS_MAP")
   [[ -n "$ns" ]] || { echo "fake_mpiexec: unknown host ${hosts[$i]}" >&2; exit 2; }
-  PMI_RANK=$i ip netns exec "$ns" "$@" &
+  PMI_RANK=$i ip netns exec "$ns" "$here/node_local.sh" "$@" &
   pids+=($!)
 done
 rc=0

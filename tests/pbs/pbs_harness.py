@@ -28,14 +28,17 @@ def job_env(nodes, workdir: Path, jobid: str, **extra: str) -> dict:
 
 
 def node_tmp_dirs(jobkey: str, base: str = "/tmp") -> list[str]:
-    """Ray temp dirs of this job still present on the (shared) node-local file system."""
-    return sorted(str(p) for p in Path(base).glob(f"nx{jobkey}_*"))
+    """Ray temp dirs of this job (``<base>/nx-<uid>/<jobkey>.<random>_<rank>``) still present on the (shared)
+    node-local file system, in rank order."""
+    found = Path(base).glob(f"nx-{os.geteuid()}/{jobkey}.*_*")
+    return sorted((str(p) for p in found), key=lambda d: int(d.rsplit("_", 1)[1]))
 
 
 def procs_of_job(jobkey: str) -> list[str]:
     """Command lines of live processes that belong to the job (its temp dirs or its node agents)."""
     out = []
-    pat = re.compile(rf"nx{jobkey}_\d|--jobkey {jobkey}\b|state/{jobkey}\b")
+    tmp = rf"/nx-\d+/{jobkey}\.[0-9a-f]+_\d"
+    pat = re.compile(rf"{tmp}|--jobkey {jobkey}\b|state/{jobkey}\b")
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -50,7 +53,7 @@ def procs_of_job(jobkey: str) -> list[str]:
             env = (d / "environ").read_bytes().decode(errors="replace")
         except OSError:
             env = ""
-        if pat.search(cmd) or f"NEUROX_RAY_NODE_TMP=/tmp/nx{jobkey}_" in env:
+        if pat.search(cmd) or re.search(rf"NEUROX_RAY_NODE_TMP=[^\0]*{tmp}", env):
             out.append(f"{d.name}: {cmd[:200]}")
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -228,7 +229,11 @@ def test_dry_run_prints_plan_and_starts_nothing(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "nodes: 3 (nodeA nodeB nodeC)" in out and "head: nodeA at 127.0.0.1" in out
     assert "--dashboard-host 127.0.0.1" in out and "--num-gpus 12" in out  # Aurora: 12 tiles as Ray GPUs
-    assert "--temp-dir /tmp/nx4242_0" in out and "--plasma-directory /dev/shm" in out
+    # Ray's temp dir: in this user's own dir, with a random part (the same one for every node of the job)
+    temp = re.search(r"--temp-dir (\S+)", out).group(1)
+    assert re.fullmatch(rf"/tmp/nx-{os.geteuid()}/4242\.[0-9a-f]{{8}}_0", temp), temp
+    assert "--plasma-directory /dev/shm" in out
+    assert f"--nonce {temp.split('.')[1].split('_')[0]}" in out
     assert "RAY_AUTH_MODE=token" in out and "state/4242/token" in out
     assert "mpiexec -n 2 --ppn 1 --cpu-bind none --hostfile" in out  # PALS must not pin Ray to one core and "--rank-offset 1" in out
     assert "study/scaling_law.py" in out

@@ -8,6 +8,7 @@ trials over to the others; SIGTERM (PBS's signal before the walltime kill) tears
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -60,8 +61,6 @@ def cluster(tmp_path_factory):
         if c.proc.poll() is None:
             c.terminate()
         nodes.close()
-        subprocess.run([sys.executable, str(REPO / "pbs" / "cluster.py"), "cleanup", "--path", f"/tmp/nx{jobid}_0",
-                        "--grace", "1"], check=False)
         for d in node_tmp_dirs(jobid):
             subprocess.run([sys.executable, str(REPO / "pbs" / "cluster.py"), "cleanup", "--path", d, "--grace", "1"],
                            check=False)
@@ -114,7 +113,11 @@ print(json.dumps({'nodes': [[n['NodeManagerAddress'], n['Resources'].get('CPU'),
     assert r.returncode != 0 and "Connection refused" in r.stderr
     # each node's Ray temp dir is node-local and short
     tmp = node_tmp_dirs(cluster.jobkey)
-    assert tmp == [f"/tmp/nx{cluster.jobkey}_{i}" for i in range(3)]
+    assert [d.rsplit("_", 1)[1] for d in tmp] == ["0", "1", "2"] and all(len(d) <= 40 for d in tmp), tmp
+    # private: in this user's 0700 dir, each 0700, with one random part shared by the job's nodes
+    assert {Path(d).parent for d in tmp} == {Path(f"/tmp/nx-{os.geteuid()}")}
+    assert all(Path(d).stat().st_mode & 0o777 == 0o700 for d in tmp + [f"/tmp/nx-{os.geteuid()}"])
+    assert len({Path(d).name.split("_")[0] for d in tmp}) == 1
 
 
 @pytest.mark.slow
@@ -197,6 +200,8 @@ def test_tune_sweep_places_trials_on_every_node(cluster, tmp_path):
 def test_killing_a_node_fails_its_trials_over(cluster, tmp_path):
     nodes = cluster.nodes
     victim_ip = nodes.ips[2]
+    victim_tmp = node_tmp_dirs(cluster.jobkey)[-1]
+    assert victim_tmp.endswith("_2")
     proc, trace, out = _submit_tune(cluster, tmp_path, trials=4, steps=14, step_s=0.5, wait=False)
     try:
         end = time.monotonic() + 240
@@ -242,10 +247,9 @@ def test_killing_a_node_fails_its_trials_over(cluster, tmp_path):
     assert moved, rows
     # node 2's agent noticed its Ray node died, cleaned its temp dir and deregistered
     end = time.monotonic() + 30
-    while time.monotonic() < end and (Path(f"/tmp/nx{cluster.jobkey}_2").exists()
-                                      or (cluster.state / "nodes" / "2.json").exists()):
+    while time.monotonic() < end and (Path(victim_tmp).exists() or (cluster.state / "nodes" / "2.json").exists()):
         time.sleep(0.5)
-    assert not Path(f"/tmp/nx{cluster.jobkey}_2").exists()
+    assert not Path(victim_tmp).exists()
     assert not (cluster.state / "nodes" / "2.json").exists()
 
 
@@ -360,8 +364,10 @@ got = ray.get([staged.options(scheduling_strategy=NodeAffinitySchedulingStrategy
 json.dump({{'alive': sorted(n['NodeManagerAddress'] for n in nodes), 'staged': got}}, open('{out}', 'w'))
 """
     jobid = _jobid()
+    local.mkdir()
+    # node 1's agent mounts its own tmpfs over `local` (tests/pbs/node_local.sh): node-local storage, as on a cluster
     c = ClusterProcess(two_nodes, tmp_path, jobid, "run", UP_ARGS + ["--stage", str(src), "--stage-to", str(local)],
-                       [sys.executable, "-c", probe],
+                       [sys.executable, "-c", probe], NX_NODE_LOCAL=str(local),
                        NEUROX_LAUNCHER=launcher, PATH=f"{HERE / 'fakebin'}:{Path(sys.executable).parent}:"
                                                        f"{os.environ['PATH']}")
     try:
@@ -372,10 +378,12 @@ json.dump({{'alive': sorted(n['NodeManagerAddress'] for n in nodes), 'staged': g
     assert rc == 0, c.text()[-3000:]
     got = json.loads(out.read_text())
     assert got["alive"] == sorted(two_nodes.ips)
-    # every node's Ray workers see the staged copy (node-local in a real allocation)
-    assert got["staged"] == [[str(local / f"neurox_{jobid}"), ["sub-0.h5", "sub-1.h5", "sub-2.h5"]]] * 2
+    # every node's Ray workers see their node's staged copy, at the same private path on every node
+    staged = got["staged"][0][0]
+    assert got["staged"] == [[staged, ["sub-0.h5", "sub-1.h5", "sub-2.h5"]]] * 2
+    assert Path(staged).parent == local / f"nx-{os.geteuid()}" and Path(staged).name.startswith(f"{jobid}.")
     assert "tearing down" in c.text()
-    assert not (local / f"neurox_{jobid}").exists()  # staged data is removed at teardown
+    assert not Path(staged).exists()  # staged data is removed at teardown
     _nothing_left(two_nodes, jobid, c)
 
 

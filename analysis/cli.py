@@ -10,6 +10,9 @@ Examples::
     python -m analysis rank results.csv --config config --task task --value value --subset no_ukb=ADHD,sex
     python -m analysis efficiency scaling.csv --units nodes --throughput samples_per_s --baseline 1 --baseline 64
     python -m analysis summarize <store_dir> <out_dir>
+
+Every fit reports ``valid`` and ``warnings`` (see :mod:`analysis.validity`); ``--strict`` turns a fit
+that is not a valid law into exit status 3.
 """
 from __future__ import annotations
 
@@ -24,7 +27,13 @@ import pandas as pd
 from analysis.fits import (CHINCHILLA_GRID, FitError, bootstrap_fit, compute_optimal, extrapolation_check,
                            fit_chinchilla, fit_isoflop, fit_power_law)
 
-__all__ = ["main", "read_any"]
+__all__ = ["main", "read_any", "EXIT_OK", "EXIT_BAD_INPUT", "EXIT_NOT_VALID"]
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_NOT_VALID = 0, 2, 3
+EXIT_CODES = """exit status:
+  0  success (a fit that is not a valid law is still reported, with valid: False and its warnings)
+  2  bad input or a fit that could not be done (the message says why, on stderr)
+  3  --strict and the result is not a valid law (see its warnings)"""
 
 
 def read_any(path: str) -> pd.DataFrame:
@@ -58,6 +67,8 @@ def _emit(obj: dict, table: pd.DataFrame | None, as_json: bool) -> None:
         for k, v in obj.items():
             if k in ("params", "intervals", "vertices", "table", "ranking"):
                 continue  # already shown as the table
+            if k == "warnings":
+                continue  # printed last
             if isinstance(v, list) and v and isinstance(v[0], dict):
                 print(f"\n{k}:")
                 print(pd.DataFrame(v).to_string(float_format=lambda x: f"{x:.6g}"))
@@ -65,6 +76,32 @@ def _emit(obj: dict, table: pd.DataFrame | None, as_json: bool) -> None:
                 print(f"\n{k}:")
                 for kk, vv in v.items():
                     print(f"  {kk}: {vv}")
+        _print_verdict(obj)
+
+
+def _print_verdict(obj: dict) -> None:
+    """Text output: say plainly whether the result is a law, then one line per warning."""
+    if "valid" not in obj:
+        return
+    if obj["valid"]:
+        print("\nvalid law: yes (no warning)")
+    else:
+        print("\nNOT A VALID LAW:")
+        for w in obj.get("warnings", []):
+            print(f"  warning: {w}")
+
+
+def _with_extrapolation(out: dict) -> dict:
+    """The command's verdict covers the extrapolation check too (its warnings prefixed)."""
+    e = out.get("extrapolation")
+    if e is not None and not e["valid"]:
+        out["warnings"] = list(out["warnings"]) + [f"extrapolation: {w}" for w in e["warnings"]]
+        out["valid"] = False
+    return out
+
+
+def _exit(valid: bool, strict: bool) -> int:
+    return EXIT_NOT_VALID if strict and not valid else EXIT_OK
 
 
 def _fit(args) -> int:
@@ -113,8 +150,9 @@ def _fit(args) -> int:
                           level=args.level)
         out = res.to_dict()
         table = res.vertices[["C", "n_runs", "opt", "L_min", "curvature", "inside"]]
+    out = _with_extrapolation(out)
     _emit(out, table, args.json)
-    return 0
+    return _exit(out["valid"], args.strict)
 
 
 def _mutransfer(args) -> int:
@@ -126,12 +164,18 @@ def _mutransfer(args) -> int:
     if args.plot:
         from analysis.plots import plot_lr_transfer
         plot_lr_transfer(df, per, lr_col=args.lr, loss_col=args.loss, width_col=args.width,
-                         param_col=args.param).savefig(args.plot, dpi=120)
+                         param_col=args.param, slopes=slopes).savefig(args.plot, dpi=120)
+    valid = bool(slopes["valid"].all()) if len(slopes) else False
     if args.json:
-        _emit(dict(per_width=per.to_dict(orient="records"), slopes=slopes.to_dict(orient="records")), None, True)
+        _emit(dict(per_width=per.to_dict(orient="records"), slopes=slopes.to_dict(orient="records"), valid=valid),
+              None, True)
     else:
-        print(per.to_string()); print(); print(slopes.to_string())
-    return 0
+        print(per.to_string()); print(); print(slopes.drop(columns=["warnings"], errors="ignore").to_string())
+        for r in slopes.itertuples():
+            print(f"\n{r.parametrization}: " + ("verdict trustworthy (no warning)" if r.valid else "VERDICT NOT TRUSTWORTHY:"))
+            for w in r.warnings:
+                print(f"  warning: {w}")
+    return _exit(valid, args.strict)
 
 
 def _rank(args) -> int:
@@ -174,9 +218,12 @@ def _summarize(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m analysis", description="NeuroX scaling-law analysis")
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="python -m analysis", description="NeuroX scaling-law analysis",
+                                epilog=EXIT_CODES, formatter_class=raw)
     sub = p.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fit", help="fit a scaling law to a table of runs")
+    f = sub.add_parser("fit", help="fit a scaling law to a table of runs", epilog=EXIT_CODES, formatter_class=raw,
+                       description="Fit a scaling law; the output says whether it is a valid law (valid, warnings).")
     f.add_argument("form", choices=["chinchilla", "power", "isoflop"])
     f.add_argument("file")
     f.add_argument("--params", help="column with parameter counts N")
@@ -195,11 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--flops-per-param-token", type=float, default=6.0)
     f.add_argument("--weighted", action="store_true", help="isoflop: weight the power law by runs per budget")
     f.add_argument("--json", action="store_true")
+    f.add_argument("--strict", action="store_true",
+                   help="exit with status 3 when the fit (or its --holdout extrapolation) is not a valid law")
     f.set_defaults(func=_fit)
-    m = sub.add_parser("mutransfer", help="optimal LR per width and its drift (SP vs muP)")
+    m = sub.add_parser("mutransfer", help="optimal LR per width and its drift (SP vs muP)", epilog=EXIT_CODES,
+                       formatter_class=raw)
     m.add_argument("file"); m.add_argument("--lr", default="lr"); m.add_argument("--loss", default="val_loss")
     m.add_argument("--width", default="width"); m.add_argument("--param", default="parametrization")
     m.add_argument("--window", type=int, default=2); m.add_argument("--plot"); m.add_argument("--json", action="store_true")
+    m.add_argument("--strict", action="store_true",
+                   help="exit with status 3 when a parametrization's transfer verdict is not trustworthy")
     m.set_defaults(func=_mutransfer)
     r = sub.add_parser("rank", help="rank configurations by summed z-scores (long table: config, task, value)")
     r.add_argument("file"); r.add_argument("--config", default="config"); r.add_argument("--task", default="task")
@@ -224,10 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Entry point of ``python -m analysis``; returns the exit status (2 on bad input, with the message)."""
+    """Entry point of ``python -m analysis``; returns the exit status: 0, 2 on bad input (with the
+    message), 3 with ``--strict`` when the result is not a valid law."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (FitError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT

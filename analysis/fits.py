@@ -29,11 +29,12 @@ import pandas as pd
 from scipy.optimize import minimize
 
 from analysis._lbfgs import batched_lbfgs
+from analysis.validity import THRESHOLDS, Thresholds, Validity, check_validity
 
 __all__ = [
     "FitError", "CHINCHILLA_GRID", "POWER_GRID", "LogLSEObjective", "FitResult", "check_positive",
     "fit_lse", "fit_power_law", "fit_chinchilla", "bootstrap_fit", "compute_optimal",
-    "extrapolation_check", "overtraining", "fit_isoflop", "IsoFLOPResult", "pareto_frontier", "fit_data_constrained",
+    "extrapolation_check", "extrapolation_validity", "overtraining", "fit_isoflop", "IsoFLOPResult", "pareto_frontier", "fit_data_constrained",
 ]
 
 
@@ -264,6 +265,9 @@ class FitResult:
         SciPy L-BFGS-B reported success on the polish of the best start.
     bootstrap : pandas.DataFrame or None
         One row per replicate (named parameters), after :func:`bootstrap_fit`.
+    valid, warnings : bool, list of str
+        Whether the result is a law, and why not (:meth:`check`, at the 95% level; the rules are
+        those of :func:`analysis.validity.check_validity`).
     """
 
     kind: str
@@ -300,8 +304,43 @@ class FitResult:
                              lo=float(np.quantile(col, q)), hi=float(np.quantile(col, 1 - q))))
         return pd.DataFrame(rows).set_index("param")
 
+    def check(self, level: float = 0.95, thresholds: Thresholds = THRESHOLDS) -> Validity:
+        """Is this fit a law? Exponents > 0 (and, when bootstrapped, their intervals excluding 0 and
+        every SE below its estimate), ``E`` away from 0 and below the lowest loss, enough distinct
+        sizes/tokens (or x), few failed bootstrap replicates (see :mod:`analysis.validity`)."""
+        p = self.params
+        data = self.extra.get("_data", {})
+        L = data.get("L")
+        names = ("E", "A", "B", "alpha", "beta") if self.kind == "chinchilla" else ("E", "A", "alpha")
+        expo = ("alpha", "beta") if self.kind == "chinchilla" else ("alpha",)
+        if self.kind == "chinchilla":
+            distinct = {"sizes N": (len(np.unique(data["N"])), thresholds.min_distinct_chinchilla),
+                        "token counts D": (len(np.unique(data["D"])), thresholds.min_distinct_chinchilla)} if data else {}
+        else:
+            distinct = {"x values": (len(np.unique(data["x"])), thresholds.min_distinct_power)} if data else {}
+        intervals = se = boot = None
+        if self.bootstrap is not None:
+            iv = self.intervals(level)
+            intervals = {k: (iv.loc[k, "lo"], iv.loc[k, "hi"]) for k in expo}
+            se = {k: (p[k], iv.loc[k, "se"]) for k in names}
+            boot = (int(self.extra.get("bootstrap_failed", 0)),
+                    int(self.extra.get("bootstrap_attempted", len(self.bootstrap))))
+        return check_validity(exponents={k: p[k] for k in expo}, exponent_of=dict(alpha="N", beta="D") if
+                              self.kind == "chinchilla" else dict(alpha="x"), intervals=intervals, level=level, se=se,
+                              asymptote=("E", p["E"], float(np.min(L))) if L is not None else None,
+                              distinct=distinct, bootstrap=boot, thresholds=thresholds)
+
+    @property
+    def valid(self) -> bool:
+        return self.check().valid
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.check().warnings
+
     def to_dict(self, level: float = 0.95) -> dict:
-        """JSON-ready summary (parameters, objective, intervals when bootstrapped)."""
+        """JSON-ready summary (parameters, objective, intervals when bootstrapped, ``valid`` and
+        ``warnings`` from :meth:`check` at ``level``)."""
         out = dict(kind=self.kind, params={k: float(v) for k, v in self.params.items()},
                    objective=self.objective, n_points=self.n_points, n_starts=self.n_starts,
                    starts_at_best=self.starts_at_best, converged=self.converged, delta=self.delta,
@@ -312,6 +351,7 @@ class FitResult:
             out["n_bootstrap"] = int(len(self.bootstrap))
             out["intervals"] = {k: dict(se=r.se, lo=r.lo, hi=r.hi) for k, r in iv.iterrows()}
         out.update({k: v for k, v in self.extra.items() if not k.startswith("_")})
+        out.update(self.check(level).to_dict())
         return out
 
 
@@ -524,7 +564,15 @@ def bootstrap_fit(fit: FitResult, n_boot: int = 1000, *, seed: int = 0, groups=N
     Returns
     -------
     FitResult
-        ``fit`` with ``bootstrap`` set (one row per replicate, named parameters).
+        ``fit`` with ``bootstrap`` set (one row per replicate with finite parameters) and
+        ``extra["bootstrap_attempted"]``, ``extra["bootstrap_failed"]`` (replicates with non-finite
+        parameters, dropped, or stopped without meeting a convergence criterion, kept): more than
+        :attr:`~analysis.validity.Thresholds.max_bootstrap_failed` failed makes the fit not valid.
+
+    Raises
+    ------
+    FitError
+        When fewer than half of the replicates have finite parameters.
     """
     if n_boot < 2:
         raise ValueError(f"n_boot={n_boot}: needs at least 2 replicates")
@@ -550,11 +598,17 @@ def bootstrap_fit(fit: FitResult, n_boot: int = 1000, *, seed: int = 0, groups=N
             it = tqdm(it, desc="bootstrap polish", leave=False)
         for i in it:
             res = minimize(bobj.scipy_fun(i), X[i], jac=True, method="L-BFGS-B", options=SCIPY_OPTIONS)
+            conv[i] |= bool(res.success)
             if res.fun <= F[i]:
                 X[i], F[i] = res.x, res.fun
-    ok = np.all(np.isfinite(X), axis=1)
-    if ok.mean() < 0.95:
-        raise FitError(f"bootstrap: {int((~ok).sum())} of {n_boot} refits did not converge")
+    ok = np.all(np.isfinite(X), axis=1) & np.isfinite(F)
+    # a replicate fails when its parameters are not finite (dropped) or neither the batched run nor the
+    # SciPy polish stopped on its own criteria (kept, counted); many failures mark the fit not valid
+    fit.extra["bootstrap_attempted"] = int(n_boot)
+    fit.extra["bootstrap_failed"] = int((~ok | ~conv).sum())
+    if ok.sum() < max(2, n_boot // 2):
+        raise FitError(f"bootstrap: {int((~ok).sum())} of {n_boot} refits gave non-finite parameters; "
+                       "too few are left for intervals")
     df = _named_batch(fit.kind, X[ok], fit.x_scale)
     df["objective"] = F[ok]
     fit.bootstrap = df
@@ -645,7 +699,8 @@ def extrapolation_check(kind: str, data: Mapping[str, np.ndarray], *, n_holdout:
     -------
     dict
         ``n_train, n_holdout, predicted, actual, rel_error`` (per held-out row),
-        ``mean_abs_rel_error`` and the fit on the reduced data (``params``).
+        ``mean_abs_rel_error``, the fit on the reduced data (``params``) and ``valid``/``warnings``
+        (:func:`extrapolation_validity`).
     """
     L = np.asarray(data["L"], dtype=np.float64)
     if compute is None:
@@ -669,7 +724,17 @@ def extrapolation_check(kind: str, data: Mapping[str, np.ndarray], *, n_holdout:
     return dict(n_train=int(tr.sum()), n_holdout=int(hold.sum()), holdout_budgets=budgets[-n_holdout:].tolist(),
                 predicted=pred.tolist(), actual=L[hold].tolist(), rel_error=rel.tolist(),
                 mean_abs_rel_error=float(np.mean(np.abs(rel))),
-                params={k: float(v) for k, v in f.params.items()})
+                params={k: float(v) for k, v in f.params.items()}, **extrapolation_validity(rel, f).to_dict())
+
+
+def extrapolation_validity(rel_error, fit: FitResult | None = None, thresholds: Thresholds = THRESHOLDS) -> Validity:
+    """Validity of an extrapolation: every held-out relative error within
+    ``thresholds.max_extrapolation_error``, and the fit on the smaller budgets itself a law (its
+    warnings are prefixed ``"fit on the smaller budgets: "``)."""
+    w = check_validity(extrapolation=rel_error, thresholds=thresholds).warnings
+    if fit is not None:
+        w = w + [f"fit on the smaller budgets: {x}" for x in fit.check(thresholds=thresholds).warnings]
+    return Validity(w)
 
 
 def pareto_frontier(x, L) -> np.ndarray:
@@ -699,6 +764,12 @@ class IsoFLOPResult:
         ``opt = coef * C**exponent`` (least squares in log-log space).
     exponent_ci : tuple
         95% interval of the exponent (bootstrap percentile when bootstrapped, else t-based).
+    level : float
+        Level of ``exponent_ci``.
+    bootstrap_failed : int
+        Bootstrap replicates dropped because a budget's parabola had no minimum.
+    valid, warnings : bool, list of str
+        Whether ``opt = coef * C**exponent`` is a law, and why not (:meth:`check`).
     """
 
     variable: str
@@ -708,14 +779,42 @@ class IsoFLOPResult:
     exponent_se: float
     exponent_ci: tuple
     bootstrap: pd.DataFrame | None = None
+    level: float = 0.95
+    bootstrap_failed: int = 0
 
     def predict_opt(self, C) -> np.ndarray:
         return self.coef * np.asarray(C, dtype=np.float64) ** self.exponent
 
+    def check(self, thresholds: Thresholds = THRESHOLDS) -> Validity:
+        """Is ``opt ~ C**a`` a law? ``0 < a < 1`` (both N_opt and D_opt = C / (6 N_opt) grow with C),
+        its interval excluding 0, its SE below it, enough budgets, every vertex inside the sizes
+        sampled at its budget, few failed bootstrap replicates (see :mod:`analysis.validity`)."""
+        name = f"a in {self.variable}_opt ~ C^a"
+        v = self.vertices
+        optima = [(f"budget C={r.C:.3g}: {self.variable}_opt", r.opt, r.size_min, r.size_max)
+                  for r in v.itertuples()] if "size_min" in v.columns else []
+        n_boot = 0 if self.bootstrap is None else len(self.bootstrap) + self.bootstrap_failed
+        return check_validity(exponents={name: self.exponent}, exponent_range={name: (0.0, 1.0)},
+                              exponent_of={name: "N_opt and D_opt = C / (6 N_opt) must both grow with C"},
+                              intervals={name: self.exponent_ci}, level=self.level,
+                              se={name: (self.exponent, self.exponent_se)},
+                              distinct={"IsoFLOP budgets": (len(v), thresholds.min_budgets_isoflop)},
+                              bootstrap=(self.bootstrap_failed, n_boot) if n_boot else None, optima=optima,
+                              thresholds=thresholds)
+
+    @property
+    def valid(self) -> bool:
+        return self.check().valid
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.check().warnings
+
     def to_dict(self) -> dict:
         return dict(variable=self.variable, exponent=self.exponent, coef=self.coef, exponent_se=self.exponent_se,
                     exponent_ci=list(self.exponent_ci), vertices=self.vertices.to_dict(orient="records"),
-                    n_bootstrap=0 if self.bootstrap is None else len(self.bootstrap))
+                    n_bootstrap=0 if self.bootstrap is None else len(self.bootstrap),
+                    n_bootstrap_failed=self.bootstrap_failed, **self.check().to_dict())
 
 
 def _isoflop_vertices(C, S, L, variable):
@@ -732,7 +831,8 @@ def _isoflop_vertices(C, S, L, variable):
                            f"(curvature {p2:.3g}); the budget's runs do not bracket a minimum")
         v = -p1 / (2 * p2)
         rows.append(dict(C=c, n_runs=int(m.sum()), log_opt=v, opt=np.exp(v), L_min=p0 - p1 * p1 / (4 * p2),
-                         curvature=p2, p2=p2, p1=p1, p0=p0, inside=bool(s.min() <= v <= s.max())))
+                         curvature=p2, p2=p2, p1=p1, p0=p0, inside=bool(s.min() <= v <= s.max()),
+                         size_min=float(S[m].min()), size_max=float(S[m].max())))
     return pd.DataFrame(rows)
 
 
@@ -763,13 +863,15 @@ def fit_isoflop(C, size, L, *, variable: str = "N", weighted: bool = False, n_bo
         Weight the log-log regression by the number of runs per budget.
     n_boot : int
         Bootstrap replicates (runs resampled within each budget) for the exponent interval; 0 uses
-        the t-based interval of the regression.
+        the t-based interval of the regression. Replicates where a budget has no minimum are
+        dropped and counted (``bootstrap_failed``).
 
     Raises
     ------
     FitError
-        Missing or non-positive values, fewer than 3 budgets, a budget with fewer than 3 sizes or a
-        parabola without a minimum.
+        Missing or non-positive values, fewer than 3 budgets, a budget with fewer than 3 sizes, a
+        parabola without a minimum, or a bootstrap where fewer than half of the replicates had a
+        minimum in every budget.
     """
     from scipy import stats
 
@@ -803,14 +905,15 @@ def fit_isoflop(C, size, L, *, variable: str = "N", weighted: bool = False, n_bo
                 continue
             sl, ic = _loglog_fit(v["C"].to_numpy(), v["opt"].to_numpy(), v["n_runs"].to_numpy(float) if weighted else None)
             rows.append(dict(exponent=sl, log_coef=ic))
-        if len(rows) < 0.9 * n_boot:
+        if len(rows) < max(2, n_boot // 2):
             raise FitError(f"approach 2 bootstrap: only {len(rows)} of {n_boot} replicates had a minimum "
                            "in every budget; the profiles are too flat or too sparse")
         boot = pd.DataFrame(rows)
         q = (1 - level) / 2
         se = float(boot["exponent"].std(ddof=1))
         ci = (float(boot["exponent"].quantile(q)), float(boot["exponent"].quantile(1 - q)))
-    return IsoFLOPResult(variable, vert, float(slope), float(np.exp(icpt)), se, tuple(map(float, ci)), boot)
+    return IsoFLOPResult(variable, vert, float(slope), float(np.exp(icpt)), se, tuple(map(float, ci)), boot,
+                         level=level, bootstrap_failed=n_boot - (0 if boot is None else len(boot)))
 
 
 # ---------------------------------------------------------------------------------------- data-constrained
@@ -827,7 +930,8 @@ def fit_data_constrained(N, D, U, L, *, base: FitResult | None = None, R_star_gr
     Returns
     -------
     dict
-        ``params`` (``E, A, B, alpha, beta, R_star``), ``objective``, ``converged``.
+        ``params`` (``E, A, B, alpha, beta, R_star``), ``objective``, ``converged``, ``valid`` and
+        ``warnings`` (exponents > 0, ``E`` away from its bounds, >= 3 distinct N and U).
     """
     N = check_positive("N (parameters)", N); D = check_positive("D (tokens)", D)
     U = check_positive("U (unique tokens)", U); L = check_positive("L (loss)", L)
@@ -870,6 +974,10 @@ def fit_data_constrained(N, D, U, L, *, base: FitResult | None = None, R_star_gr
     a, b, al, be, e, lr = best.x
     if not np.all(np.isfinite(best.x)):
         raise FitError("data-constrained fit did not converge (non-finite parameters)")
+    validity = check_validity(exponents=dict(alpha=al, beta=be), exponent_of=dict(alpha="N", beta="D_eff"), asymptote=("E", float(np.exp(e)), float(L.min())),
+                              distinct={"sizes N": (len(np.unique(N)), THRESHOLDS.min_distinct_chinchilla),
+                                        "unique-token counts U": (len(np.unique(U)), THRESHOLDS.min_distinct_chinchilla)})
     return dict(params=dict(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(al),
                             beta=float(be), R_star=float(np.exp(lr))),
-                objective=float(best.fun), converged=bool(best.success), message=str(best.message))
+                objective=float(best.fun), converged=bool(best.success), message=str(best.message),
+                **validity.to_dict())

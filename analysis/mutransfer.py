@@ -6,8 +6,9 @@ import pandas as pd
 from scipy import stats
 
 from analysis.fits import FitError, check_positive
+from analysis.validity import THRESHOLDS, Thresholds, check_validity
 
-__all__ = ["optimal_lr", "lr_transfer"]
+__all__ = ["optimal_lr", "lr_transfer", "slope_validity"]
 
 
 def optimal_lr(lr, loss, *, window: int = 2) -> dict:
@@ -24,7 +25,9 @@ def optimal_lr(lr, loss, *, window: int = 2) -> dict:
     -------
     dict
         ``log2_lr_opt, lr_opt, loss_opt, curvature, n_points, interior`` (vertex inside the fitted
-        range) and ``best_lr`` (the best grid point).
+        range), ``best_lr`` (the best grid point), ``at_grid_edge`` (the best grid point is the smallest
+        or largest LR with a finite loss: the optimum may lie outside the grid), ``log2_grid_lo``,
+        ``log2_grid_hi`` (that range) and ``log2_fit_lo``, ``log2_fit_hi`` (the points fitted).
     """
     lr = check_positive("lr", lr)
     loss = np.asarray(loss, dtype=np.float64)
@@ -43,7 +46,32 @@ def optimal_lr(lr, loss, *, window: int = 2) -> dict:
         raise FitError(f"optimal LR: the loss is not convex in log2 lr around the best point (curvature {p2:.3g})")
     v = -p1 / (2 * p2)
     return dict(log2_lr_opt=float(v), lr_opt=float(2 ** v), loss_opt=float(p0 - p1 * p1 / (4 * p2)), curvature=float(p2),
-                n_points=int(len(sub)), interior=bool(sub.x.min() <= v <= sub.x.max()), best_lr=float(2 ** g.x.iloc[i]))
+                n_points=int(len(sub)), interior=bool(sub.x.min() <= v <= sub.x.max()), best_lr=float(2 ** g.x.iloc[i]),
+                at_grid_edge=bool(i in (0, len(g) - 1)), log2_grid_lo=float(g.x.iloc[0]), log2_grid_hi=float(g.x.iloc[-1]),
+                log2_fit_lo=float(sub.x.min()), log2_fit_hi=float(sub.x.max()))
+
+
+def slope_validity(par, per_width: pd.DataFrame, slope_row: dict, thresholds: Thresholds = THRESHOLDS):
+    """Can the transfer verdict of one parametrization be trusted?
+
+    Not when there are fewer than ``thresholds.min_widths_mutransfer`` widths, when the slope
+    interval is missing or wider than ``+-thresholds.max_slope_halfwidth``, or when at some width the
+    best LR is at the edge of the LR grid (or the quadratic's vertex falls outside the points it was
+    fitted on): then the optimum was not bracketed and LR* is a guess.
+
+    Returns
+    -------
+    analysis.validity.Validity
+    """
+    optima = []
+    for r in per_width.itertuples():
+        if r.at_grid_edge:
+            optima.append((f"{par} width {r.width:g}: best log2 LR", np.log2(r.best_lr), r.log2_grid_lo, r.log2_grid_hi))
+        else:
+            optima.append((f"{par} width {r.width:g}: log2 LR*", r.log2_lr_opt, r.log2_fit_lo, r.log2_fit_hi))
+    return check_validity(distinct={"widths": (len(per_width), thresholds.min_widths_mutransfer)},
+                          wide={f"{par} slope": (slope_row["lo"], slope_row["hi"], thresholds.max_slope_halfwidth)},
+                          optima=optima, thresholds=thresholds)
 
 
 def lr_transfer(df: pd.DataFrame, *, lr_col: str = "lr", loss_col: str = "val_loss", width_col: str = "width",
@@ -64,7 +92,8 @@ def lr_transfer(df: pd.DataFrame, *, lr_col: str = "lr", loss_col: str = "val_lo
         ``parametrization, width`` + the fields of :func:`optimal_lr`.
     slopes : pandas.DataFrame
         Per parametrization: ``slope, se, lo, hi, n_widths, transfers`` (the interval contains 0:
-        the optimal LR does not drift with width, which muP should give and SP should not).
+        the optimal LR does not drift with width, which muP should give and SP should not), ``valid``
+        and ``warnings`` (:func:`slope_validity`: whether that verdict can be trusted).
     """
     for c in (lr_col, loss_col, width_col):
         if c not in df.columns:
@@ -85,6 +114,7 @@ def lr_transfer(df: pd.DataFrame, *, lr_col: str = "lr", loss_col: str = "val_lo
             lo = hi = float("nan")
         else:
             continue
-        slopes.append(dict(parametrization=par, slope=float(res.slope), se=float(res.stderr), lo=float(lo),
-                           hi=float(hi), n_widths=len(pw), transfers=bool(lo <= 0 <= hi) if np.isfinite(lo) else None))
+        row = dict(parametrization=par, slope=float(res.slope), se=float(res.stderr), lo=float(lo),
+                   hi=float(hi), n_widths=len(pw), transfers=bool(lo <= 0 <= hi) if np.isfinite(lo) else None)
+        slopes.append({**row, **slope_validity(par, pw, row).to_dict()})
     return pd.DataFrame(rows), pd.DataFrame(slopes)

@@ -28,6 +28,14 @@ def power_law_band(fit: FitResult, x, level: float = 0.95) -> tuple[np.ndarray, 
     return np.nanquantile(pred, q, axis=0), np.nanquantile(pred, 1 - q, axis=0)
 
 
+NOT_A_LAW = "not a valid law"
+
+
+def _law_style(valid: bool, label: str) -> dict:
+    """Line style of a fitted law: solid when valid, dashed and labelled :data:`NOT_A_LAW` when not."""
+    return dict(ls="-", label=label) if valid else dict(ls="--", label=f"{NOT_A_LAW}: {label}")
+
+
 def plot_loss_vs_flops(C, L, *, fit: FitResult | None = None, frontier: Sequence[int] | None = None,
                        curves: pd.DataFrame | None = None, labels=None, extend: float = 10.0,
                        title: str = "Loss vs compute") -> Figure:
@@ -38,7 +46,8 @@ def plot_loss_vs_flops(C, L, *, fit: FitResult | None = None, frontier: Sequence
     C, L : array-like
         Compute and loss of the (final) points.
     fit : FitResult, optional
-        One-variable fit ``L(C)``; its bootstrap replicates give the band.
+        One-variable fit ``L(C)``; its bootstrap replicates give the band. A fit that is not a valid
+        law (``fit.valid`` False) is drawn dashed and labelled "not a valid law", never as a solid line.
     frontier : sequence of int, optional
         Indices of the frontier points (highlighted).
     curves : pandas.DataFrame, optional
@@ -64,8 +73,8 @@ def plot_loss_vs_flops(C, L, *, fit: FitResult | None = None, frontier: Sequence
     if fit is not None:
         xs = np.geomspace(C.min(), C.max() * extend, 200)
         p = fit.params
-        ax.plot(xs, fit.predict(xs), "r-", zorder=5,
-                label=f"L = {p['E']:.3g} + {p['A']:.3g} C^-{p['alpha']:.3g}")
+        law = f"L = {p['E']:.3g} + {p['A']:.3g} C^-{p['alpha']:.3g}"
+        ax.plot(xs, fit.predict(xs), **_law_style(fit.valid, law), color="r", zorder=5)
         if fit.bootstrap is not None:
             lo, hi = power_law_band(fit, xs)
             ax.fill_between(xs, lo, hi, color="r", alpha=0.2, zorder=2, label="95% band")
@@ -77,7 +86,8 @@ def plot_loss_vs_flops(C, L, *, fit: FitResult | None = None, frontier: Sequence
 
 
 def plot_isoflop(C, size, L, result: IsoFLOPResult) -> Figure:
-    """IsoFLOP curves (loss vs size per budget) with the parabola fits and their vertices."""
+    """IsoFLOP curves (loss vs size per budget) with the parabola fits and their vertices; the power law of
+    the vertices is dashed and labelled "not a valid law" when ``result.valid`` is False."""
     fig = Figure(figsize=(10, 4.2))
     ax, ax2 = fig.subplots(1, 2)
     C = np.asarray(C, float); S = np.asarray(size, float); L = np.asarray(L, float)
@@ -93,19 +103,23 @@ def plot_isoflop(C, size, L, result: IsoFLOPResult) -> Figure:
     ax.legend(fontsize=7)
     ax2.loglog(budgets, result.vertices["opt"], "k*", ms=10, label="vertices")
     xs = np.geomspace(budgets.min(), budgets.max() * 10, 50)
-    ax2.loglog(xs, result.predict_opt(xs), "r-",
-               label=f"{result.variable}_opt ∝ C^{result.exponent:.3f} [{result.exponent_ci[0]:.3f}, {result.exponent_ci[1]:.3f}]")
+    ax2.loglog(xs, result.predict_opt(xs), color="r", **_law_style(
+        result.valid, f"{result.variable}_opt ∝ C^{result.exponent:.3f} [{result.exponent_ci[0]:.3f}, "
+                      f"{result.exponent_ci[1]:.3f}]"))
     ax2.set_xlabel("C (FLOPs)"); ax2.set_ylabel(f"{result.variable}_opt"); ax2.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def plot_optimal_allocation(table: pd.DataFrame) -> Figure:
-    """N_opt and D_opt against C (from :func:`analysis.fits.compute_optimal`), with intervals when present."""
+def plot_optimal_allocation(table: pd.DataFrame, *, valid: bool = True) -> Figure:
+    """N_opt and D_opt against C (from :func:`analysis.fits.compute_optimal`), with intervals when present.
+
+    ``valid=False`` (the approach-3 fit is not a valid law) draws the lines dashed and labelled so.
+    """
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.add_subplot()
     for name, col in (("N_opt", "C0"), ("D_opt", "C1")):
-        ax.loglog(table["C"], table[name], "-", color=col, label=name)
+        ax.loglog(table["C"], table[name], color=col, **_law_style(valid, name))
         if f"{name}_lo" in table:
             ax.fill_between(table["C"], table[f"{name}_lo"], table[f"{name}_hi"], color=col, alpha=0.2)
     ax.set_xlabel("C (FLOPs)"); ax.set_ylabel("parameters / tokens"); ax.legend()
@@ -115,9 +129,13 @@ def plot_optimal_allocation(table: pd.DataFrame) -> Figure:
 
 
 def plot_lr_transfer(df: pd.DataFrame, per_width: pd.DataFrame | None = None, *, lr_col: str = "lr",
-                     loss_col: str = "val_loss", width_col: str = "width", param_col: str = "parametrization"
-                     ) -> Figure:
-    """Loss against learning rate per width, one panel per parametrization (SP | muP), LR* marked."""
+                     loss_col: str = "val_loss", width_col: str = "width", param_col: str = "parametrization",
+                     slopes: pd.DataFrame | None = None) -> Figure:
+    """Loss against learning rate per width, one panel per parametrization (SP | muP), LR* marked.
+
+    With ``slopes`` (from :func:`analysis.mutransfer.lr_transfer`) each panel's title gives the slope
+    and the verdict, or says that the verdict is not trustworthy (``valid`` False).
+    """
     pars = list(pd.unique(df[param_col])) if param_col in df.columns else ["all"]
     fig = Figure(figsize=(5 * len(pars), 4))
     axes = np.atleast_1d(fig.subplots(1, len(pars), sharey=True))
@@ -133,7 +151,13 @@ def plot_lr_transfer(df: pd.DataFrame, per_width: pd.DataFrame | None = None, *,
                 r = per_width[(per_width.parametrization == par) & (per_width.width == float(w))]
                 if len(r):
                     ax.axvline(r.lr_opt.iloc[0], color=f"C{i % 10}", ls=":", lw=1)
-        ax.set_xscale("log", base=2); ax.set_xlabel("learning rate"); ax.set_title(str(par))
+        title = str(par)
+        if slopes is not None and len(slopes) and (slopes.parametrization == par).any():
+            r = slopes[slopes.parametrization == par].iloc[0]
+            title += f": slope {r.slope:+.2f} [{r.lo:+.2f}, {r.hi:+.2f}]"
+            if "valid" in r and not r.valid:
+                title += "\nverdict not trustworthy (see warnings)"
+        ax.set_xscale("log", base=2); ax.set_xlabel("learning rate"); ax.set_title(title, fontsize=9)
     axes[0].set_ylabel("loss"); axes[-1].legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.fits import (FitError, bootstrap_fit, compute_optimal, fit_chinchilla, fit_power_law,
-                           pareto_frontier)
+from analysis.fits import (FitError, bootstrap_fit, compute_optimal, extrapolation_validity, fit_chinchilla,
+                           fit_isoflop, fit_power_law, pareto_frontier)
 from analysis.store import read_table
 
 __all__ = ["final_rows", "summarize_study"]
@@ -74,7 +74,11 @@ def summarize_study(store_dir, out_dir, *, loss_col: str = "val_loss", compute_c
         ``n_runs, n_final_points, power_law`` (parameters, intervals, ``exponent_excludes_zero``,
         ``frontier_points``), ``extrapolation`` (relative error predicting the largest run from the
         others), ``chinchilla`` (approach 3 with intervals and compute-optimal allocations, or the
-        reason it was skipped), ``plots`` (file names) and ``errors``. Parts that cannot be fitted carry an
+        reason it was skipped; an allocation that cannot be computed gives ``compute_optimal_error``),
+        ``isoflop`` (approach 2 over the planned FLOP budgets, when the table has ``budget`` and
+        ``budget_kind``), ``plots`` (file names), ``errors`` and ``warnings``. Each fitted part
+        carries ``valid`` and ``warnings`` (:mod:`analysis.validity`); the top-level ``warnings``
+        repeats them all, prefixed with the part's key. Parts that cannot be fitted carry an
         ``error`` message instead of numbers.
 
     Raises
@@ -97,7 +101,8 @@ def summarize_study(store_dir, out_dir, *, loss_col: str = "val_loss", compute_c
     n_runs = int(df["run_id"].nunique()) if "run_id" in df.columns else 0
     fin = final_rows(df[ok].reset_index(drop=True)) if ok.any() else df.iloc[:0]
     summary: dict = dict(store=str(store_dir), n_runs=n_runs, n_final_points=int(len(fin)),
-                         n_dropped=n_runs - int(len(fin)), level=level, n_boot=n_boot, plots=[], errors=[])
+                         n_dropped=n_runs - int(len(fin)), level=level, n_boot=n_boot, plots=[], errors=[],
+                         warnings=[])
     fin = fin.reset_index(drop=True)
     C = fin[compute_col].to_numpy(float); L = fin[loss_col].to_numpy(float)
 
@@ -129,9 +134,11 @@ def summarize_study(store_dir, out_dir, *, loss_col: str = "val_loss", compute_c
         f = fit_power_law(C[use], L[use])
         big = np.nonzero(top)[0][np.argmin(L[top])]
         pred = float(f.predict([C[big]])[0])
+        rel = (pred - L[big]) / L[big]
         summary["extrapolation"] = dict(run_id=str(fin["run_id"].iloc[big]), compute=float(C[big]), actual=float(L[big]),
-                                        predicted=pred, rel_error=(pred - L[big]) / L[big], n_fit=int(len(use)),
-                                        fitted_on="frontier" if len(use) == len(fr) else "all smaller runs")
+                                        predicted=pred, rel_error=rel, n_fit=int(len(use)),
+                                        fitted_on="frontier" if len(use) == len(fr) else "all smaller runs",
+                                        **extrapolation_validity(rel, f).to_dict())
     except (FitError, ValueError) as exc:
         summary["extrapolation"] = dict(error=str(exc))
 
@@ -145,18 +152,29 @@ def summarize_study(store_dir, out_dir, *, loss_col: str = "val_loss", compute_c
         if nN >= 3 and nD >= 3 and good.sum() >= 8:
             try:
                 chin = bootstrap_fit(fit_chinchilla(N[good], D[good], L[good]), n_boot, seed=seed)
-                d = chin.to_dict(level)
-                budgets = np.geomspace(C.min(), C.max() * 100, 7)
-                d["compute_optimal"] = compute_optimal(chin, budgets, level=level).to_dict(orient="records")
-                summary["chinchilla"] = d
+                summary["chinchilla"] = d = chin.to_dict(level)
             except (FitError, ValueError) as exc:
                 summary["chinchilla"] = dict(error=str(exc))
                 summary["errors"].append(f"approach 3: {exc}")
+            if chin is not None:
+                try:  # an allocation needs alpha, beta > 0: an invalid fit keeps its numbers and warnings
+                    budgets = np.geomspace(C.min(), C.max() * 100, 7)
+                    d["compute_optimal"] = compute_optimal(chin, budgets, level=level).to_dict(orient="records")
+                except (FitError, ValueError) as exc:
+                    d["compute_optimal_error"] = str(exc)
+                    summary["errors"].append(f"approach 3: {exc}")
         else:
             summary["chinchilla"] = dict(skipped=f"needs >= 3 distinct {params_col} and {data_col} values and >= 8 runs; "
                                                  f"got {nN}, {nD} and {int(good.sum())}")
     else:
         summary["chinchilla"] = dict(skipped=f"train table lacks {params_col!r} or {data_col!r}")
+
+    summary["isoflop"] = _isoflop(fin, L, params_col)
+
+    # every law's warnings in one list (each prefixed with its section), for a reader of the JSON
+    for key in ("power_law", "extrapolation", "chinchilla", "isoflop"):
+        for w in summary[key].get("warnings", []):
+            summary["warnings"].append(f"{key}: {w}")
 
     # -- plots
     from analysis.plots import plot_loss_vs_flops, plot_optimal_allocation
@@ -172,7 +190,8 @@ def summarize_study(store_dir, out_dir, *, loss_col: str = "val_loss", compute_c
         fig.savefig(out / "loss_vs_flops.png", dpi=120)
         summary["plots"].append("loss_vs_flops.png")
     if chin is not None and "compute_optimal" in summary["chinchilla"]:
-        fig = plot_optimal_allocation(pd.DataFrame(summary["chinchilla"]["compute_optimal"]))
+        fig = plot_optimal_allocation(pd.DataFrame(summary["chinchilla"]["compute_optimal"]),
+                                      valid=summary["chinchilla"]["valid"])
         fig.savefig(out / "optimal_allocation.png", dpi=120)
         summary["plots"].append("optimal_allocation.png")
 
@@ -182,6 +201,34 @@ def summarize_study(store_dir, out_dir, *, loss_col: str = "val_loss", compute_c
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(_markdown(summary))
     return summary
+
+
+def _isoflop(fin: pd.DataFrame, L: np.ndarray, params_col: str) -> dict:
+    """Approach 2 on the runs of a FLOP-budget study (``budget_kind == "flops"``): per planned budget a
+    parabola of loss in log N, then ``N_opt ~ C^a``. Budgets with fewer than 3 distinct sizes are left
+    out (named in ``budgets_left_out``); runs off the study's most common data mixture (``cohorts``)
+    are left out so a mixture ablation does not bend a profile."""
+    if not {"budget", "budget_kind", params_col} <= set(fin.columns):
+        return dict(skipped=f"train table lacks 'budget', 'budget_kind' or {params_col!r}")
+    m = (fin["budget_kind"] == "flops").to_numpy(dtype=bool, copy=True)
+    if "cohorts" in fin.columns and m.any():
+        mix = fin["cohorts"].astype(str)
+        m &= (mix == mix[m].mode().iloc[0]).to_numpy()
+    B = pd.to_numeric(fin["budget"], errors="coerce").to_numpy(float)
+    N = pd.to_numeric(fin[params_col], errors="coerce").to_numpy(float)
+    m &= np.isfinite(B) & (B > 0) & np.isfinite(N) & (N > 0)
+    counts = {b: len(np.unique(N[m & (B == b)])) for b in np.unique(B[m])}
+    keep = [b for b, k in counts.items() if k >= 3]
+    left_out = [b for b, k in counts.items() if k < 3]
+    if len(keep) < 3:
+        return dict(skipped=f"needs >= 3 FLOP budgets with >= 3 distinct {params_col} each; got {len(keep)}")
+    m &= np.isin(B, keep)
+    try:
+        d = fit_isoflop(B[m], N[m], L[m], variable=params_col).to_dict()
+    except (FitError, ValueError) as exc:
+        return dict(error=str(exc))
+    d["budgets_left_out"] = left_out
+    return d
 
 
 def _finetune_and_benchmark(store_dir, out: Path, summary: dict) -> None:
@@ -226,18 +273,37 @@ def _markdown(s: dict) -> str:
         if "params" not in d:
             lines += [d.get("error") or d.get("skipped", "not fitted"), ""]
             continue
-        lines += [f"| param | estimate | SE | {int(100 * s['level'])}% interval |", "|---|---|---|---|"]
+        lines += [*_verdict(d), f"| param | estimate | SE | {int(100 * s['level'])}% interval |", "|---|---|---|---|"]
         for k, v in d["params"].items():
             iv = d.get("intervals", {}).get(k, {})
             lines.append(f"| {k} | {_fmt(v)} | {_fmt(iv.get('se'))} | [{_fmt(iv.get('lo'))}, {_fmt(iv.get('hi'))}] |")
         if key == "power_law":
             lines += ["", f"Exponent interval excludes zero: **{d['exponent_excludes_zero']}** "
                           f"({d['fitted_on']}, {d['frontier_points']} frontier points)."]
+        if "compute_optimal_error" in d:
+            lines += ["", f"No compute-optimal allocation: {d['compute_optimal_error']}"]
         lines.append("")
+    d = s.get("isoflop", {})
+    lines += ["## Approach 2 (IsoFLOP profiles): N_opt ~ C^a", ""]
+    if "exponent" not in d:
+        lines += [d.get("error") or d.get("skipped", "not fitted"), ""]
+    else:
+        lines += [*_verdict(d), f"a = {d['exponent']:.4g} (SE {_fmt(d['exponent_se'])}, interval "
+                  f"[{_fmt(d['exponent_ci'][0])}, {_fmt(d['exponent_ci'][1])}]) over {len(d['vertices'])} budgets.", ""]
     e = s.get("extrapolation", {})
     lines += ["## Extrapolation", ""]
-    lines.append(e["error"] if "error" in e else
-                 f"Best run at the largest budget `{e['run_id']}` (C = {e['compute']:.3g}): predicted {e['predicted']:.4g}, "
-                 f"actual {e['actual']:.4g}, relative error {100 * e['rel_error']:+.2f}% (fit on {e['n_fit']} points).")
+    if "error" in e:
+        lines.append(e["error"])
+    else:
+        lines += [*_verdict(e),
+                  f"Best run at the largest budget `{e['run_id']}` (C = {e['compute']:.3g}): predicted {e['predicted']:.4g}, "
+                  f"actual {e['actual']:.4g}, relative error {100 * e['rel_error']:+.2f}% (fit on {e['n_fit']} points)."]
     lines += ["", *[f"![{p}]({p})" for p in s["plots"]], ""]
     return "\n".join(lines)
+
+
+def _verdict(d: dict) -> list[str]:
+    """Markdown lines saying whether a fit is a valid law, with its warnings."""
+    if d.get("valid", True):
+        return ["Valid law: **yes** (no warning).", ""]
+    return ["Valid law: **NO**, not a law as fitted:", "", *[f"- {w}" for w in d.get("warnings", [])], ""]

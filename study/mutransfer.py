@@ -28,6 +28,7 @@ import argparse
 import json
 from typing import Any, Sequence
 
+from study.lr_transfer import TRANSFER_FILE, TransferredLR, pooled_base_lr
 from study.plans import StudyPlan
 from study.spec import RunSpec
 
@@ -77,9 +78,39 @@ def analyse(store_dir: Path, out_dir: Path, specs: Sequence[RunSpec]) -> dict[st
     md = ["# µTransfer", "", "Optimal LR per width (quadratic in log2 LR around the best point):", "",
           per_width.to_markdown(index=False), "", "Slope of log2 LR* against log2 width (95% interval):", "",
           slopes.to_markdown(index=False), ""]
+    out = {"per_width": per_width.to_dict("records"), "slopes": slopes.to_dict("records"),
+           "plot": str(out_dir / "mutransfer.png")}
+    art = transfer_artifact(per_width, slopes, specs, lrs=sorted({s.lr for s in specs}))
+    if art is not None:
+        path = art.write(out_dir / TRANSFER_FILE)
+        md += ["Transferred base LR (consume with `study/scaling_law.py --lr-from <this study>`):", "",
+               f"- {art.describe()}", *[f"- warning: {w}" for w in art.warnings], f"- written to {path}", ""]
+        out["transfer"] = art.to_dict()
     (out_dir / "mutransfer.md").write_text("\n".join(md))
-    return {"per_width": per_width.to_dict("records"), "slopes": slopes.to_dict("records"),
-            "markdown": "\n".join(md), "plot": str(out_dir / "mutransfer.png")}
+    return {**out, "markdown": "\n".join(md)}
+
+
+def transfer_artifact(per_width, slopes, specs: Sequence[RunSpec], *, lrs: Sequence[float]) -> TransferredLR | None:
+    """The muP result as a :class:`~study.lr_transfer.TransferredLR`, or None without muP runs."""
+    mup = per_width[per_width["parametrization"] == "mup"] if len(per_width) else per_width
+    srow = slopes[slopes["parametrization"] == "mup"] if len(slopes) else slopes
+    if len(mup) < 2 or not len(srow):
+        return None
+    srow = srow.iloc[0]
+    lr, lo, hi = pooled_base_lr(mup["log2_lr_opt"])
+    sp = slopes[slopes["parametrization"] == "sp"]
+    first = next(s for s in specs if s.parametrization == "mup")
+    warnings = [str(w) for w in (srow.get("warnings") if isinstance(srow.get("warnings"), (list, tuple)) else [])]
+    lo_grid, hi_grid = min(lrs), max(lrs)
+    for r in mup.itertuples():
+        if not r.interior or r.best_lr in (lo_grid, hi_grid):
+            warnings.append(f"width {int(r.width)}: the best LR {r.best_lr:.3g} is at the edge of the grid or the "
+                            f"fitted optimum {r.lr_opt:.3g} lies outside the points fitted; widen --lrs")
+    return TransferredLR(family=first.family, size=first.size, base_width=int(first.mup_base_width),
+                         base_lr=lr, lr_lo=lo, lr_hi=hi, widths=tuple(int(w) for w in sorted(mup["width"])),
+                         slope=float(srow["slope"]), slope_lo=float(srow["lo"]), slope_hi=float(srow["hi"]),
+                         sp_slope=float(sp["slope"].iloc[0]) if len(sp) else None, study=first.study,
+                         warnings=tuple(warnings))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

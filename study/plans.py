@@ -167,15 +167,84 @@ def ladder_zero_stage(size: str) -> int:
     return LADDER_ZERO_STAGE.get(size, 1)
 
 
+#: base LR of a ladder that was given no µTransfer result (the seed's 51M LR; not tuned for any other size)
+LADDER_DEFAULT_LR = 5e-4
+
+
+@dataclass(frozen=True)
+class LadderLR:
+    """How every size of a ladder gets its LR: parametrization, muP base width, base LR, and why."""
+
+    parametrization: str
+    base_width: int | None
+    lr: float
+    source: str
+    transferred: bool
+
+
+def ladder_lr(opts: Any, family: str, sizes: Sequence[str]) -> LadderLR:
+    """The ladder's LR rule from ``--parametrization`` (default muP) and ``--lr-from``.
+
+    Under muP with a µTransfer result, every size trains at the result's base LR with its base width (the
+    LR that was optimal at every width of the sweep). Without one, muP runs at the preset's default base LR
+    with the smallest size's width as the base, and the source says it was not transferred. SP must be asked
+    for (``--parametrization sp``): one LR for every size, which biases fitted exponents.
+    """
+    par = getattr(opts, "parametrization", None) or "mup"
+    if par not in ("mup", "sp"):
+        raise ValueError(f"--parametrization {par!r}; allowed: 'mup', 'sp'")
+    lr_from = getattr(opts, "lr_from", None)
+    smallest = R.get_config(family, sizes[0])
+    if lr_from:
+        if par == "sp":
+            raise ValueError("--lr-from gives a muP base LR; it does not apply with --parametrization sp")
+        from study.lr_transfer import TransferredLR
+
+        art = TransferredLR.load(lr_from, storage=getattr(opts, "storage", None))
+        check_transfer_applies(art, family, sizes)
+        return LadderLR("mup", art.base_width, art.base_lr, art.describe(), True)
+    if par == "mup":
+        bw = int(smallest.embed_dim)
+        return LadderLR("mup", bw, LADDER_DEFAULT_LR,
+                        f"{LADDER_DEFAULT_LR:g} at muP base width {bw} ({sizes[0]}): the preset's default, NOT "
+                        "transferred; run study/mutransfer.py for this family and size and pass --lr-from <study>",
+                        False)
+    return LadderLR("sp", None, LADDER_DEFAULT_LR,
+                    f"{LADDER_DEFAULT_LR:g} for every size under SP (--parametrization sp): not tuned per size; "
+                    "SP's optimal LR drifts with width, so exponents fitted on this ladder are biased "
+                    "(Porian et al. 2024)", False)
+
+
+def check_transfer_applies(art: Any, family: str, sizes: Sequence[str]) -> None:
+    """Refuse a µTransfer result from another family, or from a size that differs from the ladder's in
+    more than width (muP transfers the LR across width only)."""
+    import dataclasses
+
+    if art.family != family:
+        raise ValueError(f"--lr-from {art.source}: the µTransfer study trained family {art.family!r}, the ladder "
+                         f"trains {family!r}")
+    ref = R.with_width(R.get_config(family, art.size), art.base_width)
+    for size in sizes:
+        cfg = R.with_width(R.get_config(family, size), art.base_width)
+        diff = sorted(k for k, v in dataclasses.asdict(cfg).items()
+                      if k != "size" and v != getattr(ref, k))
+        if diff:
+            raise ValueError(f"--lr-from {art.source}: size {size!r} differs from the µTransfer study's size "
+                             f"{art.size!r} in {diff}, not only in width; muP transfers the LR across width only "
+                             f"(run study/mutransfer.py --size {size})")
+
+
 def _ladder(opts: Any, *, name: str, workers: int, budgets: Sequence[float], sizes: Sequence[str],
             n_subjects: Sequence[int]) -> StudyPlan:
     manifest = getattr(opts, "manifest", None)
     if not manifest:
         raise ValueError(f"preset {name!r} trains on real data: pass --manifest <cohort manifest.parquet>")
+    rule = ladder_lr(opts, "swift_v2", sizes)
     base = RunSpec(study=getattr(opts, "study_name", None) or name, family="swift_v2", size=sizes[0],
-                   grid=(96, 96, 96), sequence_length=20, batch_size=8 * workers, lr=5e-4, schedule="wsd",
+                   grid=(96, 96, 96), sequence_length=20, batch_size=8 * workers, lr=rule.lr, schedule="wsd",
                    warmup_frac=0.02, eval_every=500, eval_windows=256, checkpoint_every=500,
-                   manifest=manifest, distributed="deepspeed", zero_stage=1, precision="bf16", num_workers=6)
+                   manifest=manifest, distributed="deepspeed", zero_stage=1, precision="bf16", num_workers=6,
+                   parametrization=rule.parametrization, mup_base_width=rule.base_width)
     specs = []
     for c in budgets:
         for size in sizes:
@@ -183,7 +252,8 @@ def _ladder(opts: Any, *, name: str, workers: int, budgets: Sequence[float], siz
                 specs.append(base.replace(size=size, budget_kind="flops", budget=float(c), n_subjects=n,
                                           zero_stage=ladder_zero_stage(size)))
     return StudyPlan(name=name, specs=specs, num_workers=workers, use_gpu=True,
-                     description=f"SwiFT v2 ladder {list(sizes)} x subjects {list(n_subjects)} x budgets")
+                     description=f"SwiFT v2 ladder {list(sizes)} x subjects {list(n_subjects)} x budgets",
+                     extra={"lr_source": rule.source, "lr_transferred": rule.transferred})
 
 
 def polaris(opts: Any = None) -> StudyPlan:

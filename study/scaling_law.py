@@ -37,6 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_common_args(ap)
     ap.add_argument("--lr-search", type=int, default=0, metavar="N",
                     help="Optuna search of the LR per run group with N trials each (0: use the plan's LRs)")
+    ap.add_argument("--parametrization", choices=["mup", "sp"], default=None,
+                    help="ladder presets (polaris, aurora): muP (default) or SP; SP trains every size at one LR")
+    ap.add_argument("--lr-from", default=None, metavar="STUDY_OR_FILE",
+                    help="ladder presets: take the muP base width and base LR from a µTransfer study "
+                         "(its folder, its name under --storage, or its report/lr_transfer.json)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     ap.add_argument("--gpu-mem-gib", type=float, default=80.0, help="device memory for the --dry-run fit check")
     ap.add_argument("--gpu-peak-tflops", type=float, default=989.0, help="per-device peak for GPU-hour estimates")
@@ -51,7 +56,7 @@ def print_plan(plan, args) -> None:
     print(f"study plan {plan.name!r}: {len(plan.specs)} runs, {world} worker(s)/trial, "
           f"{'GPU' if plan.use_gpu else 'CPU'}")
     hdr = (f"{'run_id':58s} {'params':>10s} {'steps':>7s} {'samples':>9s} {'FLOPs':>10s} {'GPU-h':>8s} "
-           f"{'ZeRO':>4s} {'mem GiB':>8s} fits")
+           f"{'ZeRO':>4s} {'mem GiB':>8s} fits {'param':>5s} {'base w':>6s} {'lr':>9s}")
     print(hdr)
     total_gpu_h = 0.0
     for s in plan.specs:
@@ -61,10 +66,22 @@ def print_plan(plan, args) -> None:
         mem = memory_estimate_gib(s, world)
         fits = "yes" if mem < args.gpu_mem_gib else "NO"
         zero = s.zero_stage if s.distributed == "deepspeed" else "-"
+        base_w = s.mup_base_width if s.parametrization == "mup" and s.mup_base_width else "-"
         print(f"{r['run_id']:58s} {r['params']:10.3g} {r['steps']:7d} {r['samples']:9d} {r['flops']:10.3g} "
-              f"{gpu_h:8.3g} {zero!s:>4s} {mem:8.2f} {fits}")
+              f"{gpu_h:8.3g} {zero!s:>4s} {mem:8.2f} {fits:>4s} {s.parametrization:>5s} {base_w!s:>6s} {s.lr:9.3g}")
+    print(f"LR: {lr_source(plan)}")
     print(f"total: {total_gpu_h:.3g} GPU-hours at {args.assumed_mfu:.0%} MFU of {args.gpu_peak_tflops:g} TFLOP/s "
           f"(mem: model-state memory per device under each run's ZeRO stage; '-' = DDP)")
+
+
+def lr_source(plan) -> str:
+    """Where the plan's LRs come from: a ladder's rule, or the preset's own values (not transferred)."""
+    if plan.extra.get("lr_source"):
+        return plan.extra["lr_source"]
+    lrs = sorted({s.lr for s in plan.specs})
+    pars = sorted({s.parametrization for s in plan.specs})
+    return (f"{', '.join(f'{x:g}' for x in lrs)} ({'/'.join(pars)}) as set by preset {plan.name!r}; "
+            "not transferred from a µTransfer study")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print_plan(plan, args)
         return 0
+    print(f"LR: {lr_source(plan)}", flush=True)
     try:
         run = run_plan(plan, args, repo_root=repo_root,
                        lr_search=LRSearch(n_trials=args.lr_search) if args.lr_search else None)

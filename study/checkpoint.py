@@ -3,20 +3,30 @@
 Layout of one checkpoint directory (``.../step_000120``)::
 
     trainer_state.json     step, samples/tokens/FLOPs seen, wall time, best validation loss, spec
-    rng_rank{r}.pt         python / numpy / torch (CPU and device) RNG states of every rank
+    rng_rank{r}.pt         python / numpy / torch (CPU, CUDA, XPU) RNG states of every rank, as tensors and
+                           plain types only (format ``neurox-rng-v2``)
     model.pt optim.pt sched.pt       (DDP / single process: written by rank 0)
     ds/                    DeepSpeed's own per-rank checkpoint (model, optimizer and ZeRO shards)
     COMPLETE               written last: a directory without it is never trusted by a resume
 
 Exports are world-size independent: one ``.safetensors`` file (ZeRO shards gathered) whose metadata
 holds the model config, the run spec and the muP base width, loadable on any number of devices.
+
+Loading never runs code from a file: a run resumes automatically from shared project storage, where another
+user may be able to plant a file. Every ``.pt`` file is read with ``torch.load(weights_only=True)`` (tensors,
+dicts, lists, tuples, numbers, strings, None), plus, for RNG files written before the ``neurox-rng-v2``
+format, numpy's array reconstruction for uint32 arrays (:data:`LEGACY_RNG_GLOBALS`). A file that needs
+anything else raises :class:`CheckpointError` naming the file and what it asked for. DeepSpeed's own
+checkpoint files go through the same check (:func:`_check_ds_files`) before DeepSpeed reads them.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -94,19 +104,136 @@ def resume_point(run_storage: str | os.PathLike | None, stored_steps: set[int] |
     return max(steps, key=lambda sc: sc[0])[1] if steps else None
 
 
+RNG_FORMAT = "neurox-rng-v2"
+
+
+def _xpu_available() -> bool:
+    return hasattr(torch, "xpu") and torch.xpu.is_available()
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain types (loadable with ``weights_only=True``).
+
+    Python's Mersenne Twister (624 words + position) and numpy's (``MT19937`` key, position, cached Gaussian)
+    are stored as int64 tensors plus numbers; torch's CPU, CUDA and XPU generator states are byte tensors.
+    """
+    version, words, gauss = random.getstate()
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"format": RNG_FORMAT,
+             "python": {"version": int(version), "state": torch.tensor(words, dtype=torch.int64),
+                        "gauss_next": gauss},
+             "numpy": {"kind": str(kind), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if _xpu_available():
+        state["xpu"] = torch.xpu.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore states saved by :func:`rng_state` (or the pre-v2 format: Python tuple, numpy tuple)."""
+    py, npy = state["python"], state["numpy"]
+    if isinstance(py, dict):
+        random.setstate((py["version"], tuple(int(w) for w in py["state"].tolist()), py["gauss_next"]))
+    else:  # pre-v2: random.getstate() as is
+        random.setstate(py)
+    if isinstance(npy, dict):
+        np.random.set_state((npy["kind"], npy["key"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                             npy["cached_gaussian"]))
+    else:  # pre-v2: np.random.get_state() as is
+        np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "xpu" in state and _xpu_available():
+        torch.xpu.set_rng_state_all(state["xpu"])
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a plain numpy array needs (numpy 1 and 2 name the module differently)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+#: extra globals a pre-v2 RNG file (numpy's MT19937 key as a uint32 ndarray) may use; constructors of plain
+#: arrays and dtypes, not callables that run code
+LEGACY_RNG_GLOBALS = _numpy_array_globals()
+
+
+def safe_load(path: str | os.PathLike, *, map_location: Any = "cpu", extra_globals: list | None = None) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain types (plus ``extra_globals``) only.
+
+    Raises
+    ------
+    CheckpointError
+        When the file needs anything else (an object whose unpickling could run code): names the file and
+        the globals it asked for; nothing from it is executed.
+    """
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(list(extra_globals or [])):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        try:
+            wanted = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # not a zip checkpoint: the unpickler's own message says what it met
+            wanted = []
+        allowed = {f"{g.__module__}.{g.__qualname__}" for g in (extra_globals or [])}
+        wanted = [g for g in wanted if g not in allowed]
+        what = f"it asks for {', '.join(wanted)}" if wanted else str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"refusing to load {path}: it needs more than tensors and plain types ({what}); "
+                              "loading it could run code planted in it. Checkpoints written by NeuroX never "
+                              "need that: was this file replaced?") from exc
+
+
+def _deepspeed_globals() -> list:
+    """Plain-data classes DeepSpeed pickles into its ZeRO optimizer files (an enum, a dataclass, the loss
+    scaler's attributes); nothing else is allowed while DeepSpeed reads a checkpoint."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def _weights_only_everywhere(allowed: list, where: Path):
+    """Force ``weights_only=True`` on every ``torch.load`` inside (DeepSpeed passes ``weights_only=False``),
+    allowing ``allowed`` besides tensors and plain types; an unpickling error names ``where``."""
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    old = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"refusing to load the DeepSpeed checkpoint {where}: a file needs more than tensors, "
+                              f"plain types and {[g.__name__ for g in allowed]} "
+                              f"({str(exc).strip().splitlines()[0]}); loading it could run code planted in it") from exc
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def _check_ds_files(ds_dir: Path, allowed: list) -> None:
+    """Name the first DeepSpeed file that needs globals beyond ``allowed`` (read without unpickling)."""
+    names = {f"{g.__module__}.{g.__qualname__}" for g in allowed}
+    for f in sorted(ds_dir.rglob("*.pt")):
+        try:
+            wanted = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(f) if g not in names]
+        except Exception as exc:  # not a zip archive, truncated, ...
+            raise CheckpointError(f"cannot read DeepSpeed checkpoint file {f}: {exc}") from exc
+        if wanted:
+            raise CheckpointError(f"refusing to load {f}: it needs more than tensors and plain types (it asks for "
+                                  f"{', '.join(wanted)}); loading it could run code planted in it. Checkpoints "
+                                  "written by NeuroX never need that: was this file replaced?")
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -196,16 +323,19 @@ def load_checkpoint(path: str | os.PathLike, *, rank: int, model=None, optimizer
     path = Path(path)
     state = load_trainer_state(path)
     if ds_engine is not None:
-        load_path, _ = ds_engine.load_checkpoint(str(path / "ds"), tag="ds")
+        allowed = _deepspeed_globals()
+        _check_ds_files(path / "ds", allowed)
+        with _weights_only_everywhere(allowed, path / "ds"):
+            load_path, _ = ds_engine.load_checkpoint(str(path / "ds"), tag="ds")
         if load_path is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint under {path / 'ds'}")
     else:
-        model.load_state_dict(torch.load(path / "model.pt", map_location=map_location, weights_only=True))
-        optimizer.load_state_dict(torch.load(path / "optim.pt", map_location=map_location, weights_only=False))
-        scheduler.load_state_dict(torch.load(path / "sched.pt", map_location=map_location, weights_only=False))
+        model.load_state_dict(safe_load(path / "model.pt", map_location=map_location))
+        optimizer.load_state_dict(safe_load(path / "optim.pt", map_location=map_location))
+        scheduler.load_state_dict(safe_load(path / "sched.pt", map_location=map_location))
     rng_file = path / f"rng_rank{rank}.pt"
     if rng_file.exists():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+        set_rng_state(safe_load(rng_file, extra_globals=LEGACY_RNG_GLOBALS))
     return state
 
 
@@ -245,9 +375,12 @@ def consolidated_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if (path / "ds").is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(path / "ds"), tag="ds")
+        allowed = _deepspeed_globals()
+        _check_ds_files(path / "ds", allowed)
+        with _weights_only_everywhere(allowed, path / "ds"):
+            return get_fp32_state_dict_from_zero_checkpoint(str(path / "ds"), tag="ds")
     if (path / "model.pt").exists():
-        return torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+        return safe_load(path / "model.pt")
     raise CheckpointError(f"{path} holds neither model.pt nor a DeepSpeed checkpoint")
 
 

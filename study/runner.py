@@ -33,6 +33,19 @@ def check_storage(storage: Path) -> None:
         raise ValueError(f"storage path {storage} is not writable: {exc}") from exc
 
 
+def confined(storage: Path, *parts: str) -> Path:
+    """``storage/parts...`` resolved (symlinks included), refused with ``ValueError`` when it leaves ``storage``.
+
+    Study names are checked against :data:`study.spec.NAME_PATTERN` first, so this only catches a symlink
+    inside the storage that points elsewhere (another user's folder on shared project storage)."""
+    root = Path(storage).resolve()
+    path = root.joinpath(*parts).resolve()
+    if path != root and root not in path.parents:
+        raise ValueError(f"storage path {root.joinpath(*parts)} resolves to {path}, outside --storage {root}; "
+                         "refusing to write there")
+    return path
+
+
 def ensure_cohort(plan, storage: Path) -> str:
     """Generate (once) the plan's synthetic cohort under storage and return its manifest path."""
     from data.synthetic import generate_cohort
@@ -49,6 +62,10 @@ def ensure_cohort(plan, storage: Path) -> str:
 def study_guard(study_dir: Path, fingerprint: dict[str, Any], on_change: str, name: str,
                 storage: Path) -> tuple[str, Path]:
     """Refuse (or version) a study whose code or data changed since it started."""
+    from study.spec import check_name
+
+    check_name("study name", name)
+    study_dir = confined(storage, name)
     meta_file = study_dir / "study.json"
     if not meta_file.exists():
         study_dir.mkdir(parents=True, exist_ok=True)
@@ -63,14 +80,14 @@ def study_guard(study_dir: Path, fingerprint: dict[str, Any], on_change: str, na
         raise ValueError(f"study {name!r} was started with other code or data ({what}); refusing to mix results. "
                          f"Use a new --study-name or --on-change new-version")
     v = 2
-    while (storage / f"{name}-v{v}" / "study.json").exists():
-        old_v = json.loads((storage / f"{name}-v{v}" / "study.json").read_text())
+    while (confined(storage, f"{name}-v{v}") / "study.json").exists():
+        old_v = json.loads((confined(storage, f"{name}-v{v}") / "study.json").read_text())
         if all(old_v.get(k) == fingerprint.get(k) for k in ("source_hash", "data_manifest_hash")):
             break
         v += 1
     new = f"{name}-v{v}"
     print(f"code or data changed since study {name!r} started ({what}); continuing as new version {new!r}")
-    return study_guard(storage / new, fingerprint, "refuse", new, storage)
+    return study_guard(confined(storage, new), fingerprint, "refuse", new, storage)
 
 
 def finished_runs(store_dir: Path) -> set[str]:
@@ -188,6 +205,9 @@ class StudyRun:
 
 def run_plan(plan, args: argparse.Namespace, *, repo_root: Path, lr_search=None) -> StudyRun:
     """Execute ``plan``; raises ``ValueError`` / ``ConnectionError`` / ``RuntimeError`` on bad input."""
+    from study.spec import check_name
+
+    check_name("--study-name", args.study_name or plan.name)  # before anything is written
     storage = Path(args.storage).resolve()
     check_storage(storage)
     manifest = args.manifest
@@ -206,7 +226,7 @@ def run_plan(plan, args: argparse.Namespace, *, repo_root: Path, lr_search=None)
                    "data_manifest_hash": manifest_content_hash(str(manifest)),
                    "package_versions": json.loads(package_versions()), "preset": plan.name,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    name, study_dir = study_guard(storage / name, fingerprint, args.on_change, name, storage)
+    name, study_dir = study_guard(confined(storage, name), fingerprint, args.on_change, name, storage)
     specs = [s.replace(study=name) for s in specs]
     store_dir = study_dir / "store"
     stop_file = study_dir / "STOP"

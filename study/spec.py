@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -40,6 +41,31 @@ def _freeze(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
     return value
+
+
+#: what a name that becomes a path component may look like (study names, families, sizes, run ids): letters,
+#: digits, '.', '_', '-', not starting with '.' or '-', so never '..', a hidden file, an option or a '/'
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+_NAME_RE = re.compile(NAME_PATTERN)
+#: string fields that end up in file names (storage folders, run ids)
+PATH_FIELDS = ("study", "family", "size")
+
+
+def check_name(field: str, value: Any) -> str:
+    """Return ``value`` if it is safe as one path component, else raise ``ValueError`` naming the field."""
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+        raise ValueError(f"{field}={value!r} is not a valid name: it must match {NAME_PATTERN} "
+                         "(letters, digits, '.', '_', '-'; no '/', not starting with '.' or '-')")
+    return value
+
+
+def _check_model(family: str, size: str) -> None:
+    from neuro_models import registry  # layering: study may import the models; the families load lazily
+
+    _choice("family", family, tuple(registry.list_families()))
+    sizes = tuple(registry.list_sizes(family))
+    if size not in sizes:
+        raise ValueError(f"size={size!r} is not a size of family {family!r}; choose one of {list(sizes)}")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -147,6 +173,9 @@ class RunSpec:
     def __post_init__(self) -> None:
         for name in ("model_overrides", "cohorts", "betas", "grid"):
             object.__setattr__(self, name, _freeze(getattr(self, name)))
+        for name in PATH_FIELDS:
+            check_name(name, getattr(self, name))
+        _check_model(self.family, self.size)
         _choice("task", self.task, TASKS)
         _choice("parametrization", self.parametrization, PARAMETRIZATIONS)
         _choice("schedule", self.schedule, SCHEDULES)
@@ -184,6 +213,7 @@ class RunSpec:
             raise ValueError(f"grid={self.grid!r} must have 3 spatial sizes")
         if self.task == "finetune" and not self.target:
             raise ValueError("task='finetune' needs target=<label column>")
+        check_name("run_id", self.run_id)  # made of checked parts; checked anyway, since it names folders
 
     # --- identity -------------------------------------------------------------------------------
     def semantic_dict(self) -> dict[str, Any]:

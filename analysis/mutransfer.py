@@ -105,16 +105,16 @@ def lr_transfer(df: pd.DataFrame, *, lr_col: str = "lr", loss_col: str = "val_lo
             r = optimal_lr(dw[lr_col], dw[loss_col], window=window)
             rows.append(dict(parametrization=par, width=float(w), **r))
         pw = pd.DataFrame([r for r in rows if r["parametrization"] == par])
-        if len(pw) >= 3:
-            res = stats.linregress(np.log2(pw.width), pw.log2_lr_opt)
-            tq = stats.t.ppf(0.5 + level / 2, len(pw) - 2)
-            lo, hi = res.slope - tq * res.stderr, res.slope + tq * res.stderr
-        elif len(pw) == 2:
-            res = stats.linregress(np.log2(pw.width), pw.log2_lr_opt)
-            lo = hi = float("nan")
-        else:
+        if len(pw) < 2:
             continue
-        row = dict(parametrization=par, slope=float(res.slope), se=float(res.stderr), lo=float(lo),
+        x, y = np.log2(pw.width.to_numpy()), pw.log2_lr_opt.to_numpy()
+        slope, icpt = np.polyfit(x, y, 1)
+        se, lo, hi = float("nan"), float("nan"), float("nan")
+        if len(pw) >= 3:  # residual-based SE (linregress gives NaN when every LR* is the same: a perfect fit)
+            se = float(np.sqrt(np.sum((y - slope * x - icpt) ** 2) / (len(x) - 2) / np.sum((x - x.mean()) ** 2)))
+            tq = stats.t.ppf(0.5 + level / 2, len(pw) - 2)
+            lo, hi = slope - tq * se, slope + tq * se
+        row = dict(parametrization=par, slope=float(slope), se=se, lo=float(lo),
                    hi=float(hi), n_widths=len(pw), transfers=bool(lo <= 0 <= hi) if np.isfinite(lo) else None)
         slopes.append({**row, **slope_validity(par, pw, row).to_dict()})
     return pd.DataFrame(rows), pd.DataFrame(slopes)

@@ -26,13 +26,15 @@ def optimal_lr(lr, loss, *, window: int = 2) -> dict:
     dict
         ``log2_lr_opt, lr_opt, loss_opt, curvature, n_points, interior`` (vertex inside the fitted
         range), ``best_lr`` (the best grid point), ``at_grid_edge`` (the best grid point is the smallest
-        or largest LR with a finite loss: the optimum may lie outside the grid), ``log2_grid_lo``,
-        ``log2_grid_hi`` (that range) and ``log2_fit_lo``, ``log2_fit_hi`` (the points fitted).
+        or largest LR tried: the optimum may lie outside the grid; an LR that diverged next to the best
+        one brackets it), ``log2_grid_lo``, ``log2_grid_hi`` (the LRs tried) and ``log2_fit_lo``,
+        ``log2_fit_hi`` (the points fitted).
     """
     lr = check_positive("lr", lr)
     loss = np.asarray(loss, dtype=np.float64)
     if not np.all(np.isfinite(loss)):
         loss = np.where(np.isfinite(loss), loss, np.nan)  # diverged runs: excluded
+    tried = np.unique(np.log2(lr))  # every LR tried: a diverged one still brackets the optimum (its loss is worse)
     g = pd.DataFrame(dict(x=np.log2(lr), y=loss)).dropna().groupby("x", as_index=False)["y"].mean()
     if len(g) < 3:
         raise FitError(f"optimal LR needs at least 3 distinct learning rates with finite loss, got {len(g)}")
@@ -47,7 +49,8 @@ def optimal_lr(lr, loss, *, window: int = 2) -> dict:
     v = -p1 / (2 * p2)
     return dict(log2_lr_opt=float(v), lr_opt=float(2 ** v), loss_opt=float(p0 - p1 * p1 / (4 * p2)), curvature=float(p2),
                 n_points=int(len(sub)), interior=bool(sub.x.min() <= v <= sub.x.max()), best_lr=float(2 ** g.x.iloc[i]),
-                at_grid_edge=bool(i in (0, len(g) - 1)), log2_grid_lo=float(g.x.iloc[0]), log2_grid_hi=float(g.x.iloc[-1]),
+                at_grid_edge=bool(g.x.iloc[i] in (tried[0], tried[-1])), log2_grid_lo=float(tried[0]),
+                log2_grid_hi=float(tried[-1]),
                 log2_fit_lo=float(sub.x.min()), log2_fit_hi=float(sub.x.max()))
 
 

@@ -293,12 +293,15 @@ def test_cli_strict_exits_0_on_a_law(tmp_path, capsys):
                for w in out["warnings"])
 
 
-def test_cli_help_documents_exit_codes():
-    for args in ([], ["fit"]):
-        parser = build_parser()
-        text = parser.format_help() if not args else parser._subparsers._group_actions[0].choices["fit"].format_help()
-        assert "exit status:" in text and "3  --strict" in text and "2  bad input" in text, text
-    assert "--strict" in build_parser()._subparsers._group_actions[0].choices["fit"].format_help()
+def test_cli_help_documents_exit_codes(capsys):
+    for args in (["--help"], ["fit", "--help"], ["mutransfer", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 0
+        text = capsys.readouterr().out
+        assert "exit status:" in text and "2  bad input" in text and "3  --strict and the result is not a valid law" in text
+        if args[0] != "--help":
+            assert "--strict" in text
 
 
 # ------------------------------------------------------------------ summary.json / summary.md
@@ -385,6 +388,11 @@ def test_mutransfer_rows_say_when_the_verdict_is_not_trustworthy(tmp_path, capsy
     assert any(w.startswith("sp width 256: best log2 LR = -13") and "at the edge of the sampled range [-13, -4]" in w
                for w in s.loc["sp", "warnings"]), s.loc["sp", "warnings"]
     assert per.set_index(["parametrization", "width"]).loc[("sp", 256.0), "at_grid_edge"]
+    # a diverged LR next to the best one brackets the optimum: not an edge
+    div = edge.assign(val_loss=np.where((edge.width == 256) & (edge.lr == 2.0 ** -13), np.nan, edge.val_loss))
+    per_div, _ = lr_transfer(div)
+    r = per_div.set_index("width").loc[256.0]
+    assert r.best_lr == 2.0 ** -12 and not r.at_grid_edge and r.log2_grid_lo == -13
     assert not s.loc["two", "valid"]
     assert "only 2 distinct widths (at least 3 needed to test this form)" in s.loc["two", "warnings"]
     assert any("two slope: no interval" in w for w in s.loc["two", "warnings"])

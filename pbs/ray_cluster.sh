@@ -133,6 +133,9 @@ NAME_RE='^[A-Za-z0-9][A-Za-z0-9._-]*$' # names used in paths (same rule as study
 [[ $TEARDOWN_S -ge 2 ]] || die "--teardown-s must be at least 2"
 
 export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
+# Metrics: each node's agent would serve Prometheus metrics (worker ids, IPs, task names) on 0.0.0.0 without a
+# token; off unless the user asks for it (pbs/README.md, "What listens where").
+export RAY_enable_metrics_collection="${RAY_enable_metrics_collection:-0}"
 unset RAY_AUTH_TOKEN # it would take precedence over this job's RAY_AUTH_TOKEN_PATH
 addr_args=()
 [[ -n "$IFACE" ]] && addr_args+=(--iface "$IFACE")
@@ -260,8 +263,11 @@ HEAD_IP=$(helper addr "${addr_args[@]}") || exit 2
 for p in "$GCS_PORT" "$DASH_PORT" "$CLIENT_PORT"; do
   [[ -n "$p" ]] && { helper check-port --host "$HEAD_IP" --port "$p" || exit 2; }
 done
-read -r -a free <<<"$(helper ports --host "$HEAD_IP" --count 3)"
+read -r -a free <<<"$(helper ports --host "$HEAD_IP" --count 5)"
 GCS_PORT="${GCS_PORT:-${free[0]}}" DASH_PORT="${DASH_PORT:-${free[1]}}" CLIENT_PORT="${CLIENT_PORT:-${free[2]}}"
+# The head's dashboard and autoscaler serve their own Prometheus counters on fixed ports (44227, 44217) of every
+# interface (Ray 2.60 has no address option for them): per-job ports, so two jobs on a node do not collide.
+HEAD_METRIC_ENV=("DASHBOARD_METRIC_PORT=${free[3]}" "AUTOSCALER_METRIC_PORT=${free[4]}")
 HEAD_TMP=$(tmp_dir_for 0)
 
 if [[ "$LAUNCHER" == auto ]]; then
@@ -313,7 +319,7 @@ launch_cmds() { # prints (dry run) or runs the worker launch; sets LAUNCH_PIDS
 }
 
 ray_node_args "$HEAD_IP" "$HEAD_TMP"
-HEAD_CMD=("${RAY_CLI[@]}" start --head --port "$GCS_PORT" --ray-client-server-port "$CLIENT_PORT"
+HEAD_CMD=(env "${HEAD_METRIC_ENV[@]}" "${RAY_CLI[@]}" start --head --port "$GCS_PORT" --ray-client-server-port "$CLIENT_PORT"
   --include-dashboard true --dashboard-host "$HEAD_IP" --dashboard-port "$DASH_PORT" "${NODE_ARGS[@]}")
 
 if [[ $DRY_RUN -eq 1 ]]; then

@@ -36,19 +36,21 @@ from study.spec import RunSpec
 def plan_mutransfer(*, family: str, size: str, widths: Sequence[int], lrs: Sequence[float], base_width: int,
                     steps: int, opts: Any = None, grid=(24, 24, 24), sequence_length: int = 8, batch_size: int = 4,
                     parametrizations: Sequence[str] = ("sp", "mup"), use_gpu: bool = False,
-                    num_workers: int = 1) -> StudyPlan:
-    """Every (parametrization, width, LR) run of the sweep."""
+                    num_workers: int = 1, seeds: Sequence[int] = (0,), eval_windows: int = 8) -> StudyPlan:
+    """Every (parametrization, width, LR, seed) run of the sweep."""
     if len(set(widths)) < 4:
         raise ValueError(f"widths={list(widths)}: µTransfer needs at least 4 distinct widths")
     if len(set(lrs)) < 3:
         raise ValueError(f"lrs={list(lrs)}: the quadratic fit of loss in log2 LR needs at least 3 LRs")
     base = RunSpec(study=getattr(opts, "study_name", None) or "mutransfer", family=family, size=size,
                    grid=tuple(grid), sequence_length=sequence_length, batch_size=batch_size, budget_kind="steps",
-                   budget=steps, schedule="constant", warmup_frac=0.1, eval_every=steps, eval_windows=8,
+                   budget=steps, schedule="constant", warmup_frac=0.1, eval_every=steps, eval_windows=eval_windows,
                    checkpoint_every=0, manifest=getattr(opts, "manifest", None) or "", precision="auto",
                    mup_base_width=base_width)
-    specs = [base.replace(parametrization=p, width=w, lr=float(lr))
-             for p in parametrizations for w in widths for lr in lrs]
+    if not list(seeds):
+        raise ValueError("seeds: at least one seed is needed")
+    specs = [base.replace(parametrization=p, width=w, lr=float(lr), seed=int(seed))
+             for p in parametrizations for w in widths for lr in lrs for seed in seeds]
     return StudyPlan(name="mutransfer", specs=specs, num_workers=num_workers, use_gpu=use_gpu,
                      description="LR x width sweep under SP and muP",
                      cohort={"n_subjects": 24, "grid": tuple(grid), "n_frames": 16, "seed": 0})
@@ -71,11 +73,12 @@ def analyse(store_dir: Path, out_dir: Path, specs: Sequence[RunSpec]) -> dict[st
     per_width, slopes = lr_transfer(df, lr_col="base_lr", loss_col="val_loss", width_col="width",
                                     param_col="parametrization")
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig = plot_lr_transfer(df, per_width, lr_col="base_lr", loss_col="val_loss", width_col="width")
+    fig = plot_lr_transfer(df, per_width, lr_col="base_lr", loss_col="val_loss", width_col="width", slopes=slopes)
     fig.savefig(out_dir / "mutransfer.png", dpi=120)
     per_width.to_csv(out_dir / "optimal_lr_per_width.csv", index=False)
     slopes.to_csv(out_dir / "lr_transfer_slopes.csv", index=False)
-    md = ["# µTransfer", "", "Optimal LR per width (quadratic in log2 LR around the best point):", "",
+    md = ["# µTransfer", "", *verdict_lines(slopes, min(s.width for s in specs)), "",
+          "Optimal LR per width (quadratic in log2 LR around the best point):", "",
           per_width.to_markdown(index=False), "", "Slope of log2 LR* against log2 width (95% interval):", "",
           slopes.to_markdown(index=False), ""]
     out = {"per_width": per_width.to_dict("records"), "slopes": slopes.to_dict("records"),
@@ -88,6 +91,23 @@ def analyse(store_dir: Path, out_dir: Path, specs: Sequence[RunSpec]) -> dict[st
         out["transfer"] = art.to_dict()
     (out_dir / "mutransfer.md").write_text("\n".join(md))
     return {**out, "markdown": "\n".join(md)}
+
+
+def verdict_lines(slopes, base_width: int) -> list[str]:
+    """One plain sentence per parametrization: does its optimal LR drift with width, and can we tell?"""
+    out = []
+    for r in slopes.to_dict("records"):
+        par, b, lo, hi = str(r["parametrization"]).upper().replace("MUP", "muP"), r["slope"], r["lo"], r["hi"]
+        iv = f"slope {b:+.2f} log2-LR per log2-width, 95% [{lo:+.2f}, {hi:+.2f}]"
+        if r.get("valid") is False:
+            out.append(f"- **{par}: inconclusive** ({iv}): " + "; ".join(map(str, r.get("warnings") or [])))
+        elif r.get("transfers"):
+            out.append(f"- **{par}: the optimal LR does not drift with width** ({iv}): an LR tuned at width "
+                       f"{base_width} transfers to the wider models.")
+        else:
+            out.append(f"- **{par}: the optimal LR drifts with width** ({iv}): an LR tuned at width {base_width} "
+                       f"is {'too large' if b < 0 else 'too small'} for the wider models; it does not transfer.")
+    return out
 
 
 def transfer_artifact(per_width, slopes, specs: Sequence[RunSpec], *, lrs: Sequence[float]) -> TransferredLR | None:
@@ -113,22 +133,38 @@ def transfer_artifact(per_width, slopes, specs: Sequence[RunSpec], *, lrs: Seque
                          warnings=tuple(warnings))
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+#: ``--quick``: the smallest sweep that shows the physics on 2 CPU cores (docs/LOG.md, 2026-12-06): widths
+#: 16-128 (3 doublings, so SP's drift spans octaves), 40 steps (at 20 SP's wide runs barely leave the
+#: initial loss at any LR, and the optimum is noise), 7 LRs one octave apart around the optima
+QUICK = dict(widths=[16, 32, 64, 128], lrs=[2.0 ** e for e in range(-10, -3)], steps=40)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from study.runner import add_common_args
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     add_common_args(ap)
-    ap.add_argument("--family", default="swift_v2")
-    ap.add_argument("--size", default="debug")
-    ap.add_argument("--widths", type=int, nargs="+", default=[16, 32, 48, 64])
-    ap.add_argument("--lrs", type=float, nargs="+", default=None, help="default: 2^-12 .. 2^-5")
+    ap.add_argument("--family", default="swift_v2", help="model family whose width is swept")
+    ap.add_argument("--size", default="debug", help="named size of the family; only its width changes")
+    ap.add_argument("--widths", type=int, nargs="+", default=None,
+                    help="widths (embed dims) to sweep, at least 4; default 16 32 64 128")
+    ap.add_argument("--lrs", type=float, nargs="+", default=None,
+                    help="base LRs of the grid; default 2^-12 .. 2^-3 one octave apart (--quick: 2^-10 .. 2^-4)")
     ap.add_argument("--base-width", type=int, default=None, help="muP base width (default: the smallest width)")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--grid", type=int, default=24)
-    ap.add_argument("--sequence-length", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--gpus-per-trial", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="5 LRs x 4 widths x {SP, muP}, 20 steps")
+    ap.add_argument("--steps", type=int, default=100, help="optimizer steps per run (--quick: 40)")
+    ap.add_argument("--seeds", type=int, default=1, help="repeats per (parametrization, width, LR); losses are averaged")
+    ap.add_argument("--grid", type=int, default=24, help="spatial size of the synthetic cohort's volumes")
+    ap.add_argument("--sequence-length", type=int, default=8, help="frames per training window")
+    ap.add_argument("--batch-size", type=int, default=4, help="global batch in windows")
+    ap.add_argument("--eval-windows", type=int, default=8, help="validation windows behind each final loss")
+    ap.add_argument("--gpus-per-trial", type=int, default=0, help="GPUs per run (0: CPU)")
+    ap.add_argument("--quick", action="store_true",
+                    help="the 2-CPU demonstration: widths 16-128, LRs 2^-10..2^-4, 40 steps, SP and muP "
+                         "(56 runs, about 5 minutes)")
     return ap.parse_args(argv)
 
 
@@ -136,17 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from study.runner import fail, run_plan
 
-    lrs = args.lrs or [2.0 ** e for e in range(-12, -4)]
-    steps = args.steps
-    if args.quick:
-        lrs = args.lrs or [2.0 ** e for e in (-11, -9, -7, -5, -3)]
-        steps = 20
+    widths = args.widths or QUICK["widths"]
+    lrs = args.lrs or (QUICK["lrs"] if args.quick else [2.0 ** e for e in range(-12, -2)])
+    steps = QUICK["steps"] if args.quick and args.steps == 100 else args.steps
     try:
-        plan = plan_mutransfer(family=args.family, size=args.size, widths=args.widths, lrs=lrs,
-                               base_width=args.base_width or min(args.widths), steps=steps, opts=args,
+        plan = plan_mutransfer(family=args.family, size=args.size, widths=widths, lrs=lrs,
+                               base_width=args.base_width or min(widths), steps=steps, opts=args,
                                grid=(args.grid,) * 3, sequence_length=args.sequence_length,
                                batch_size=args.batch_size, use_gpu=args.gpus_per_trial > 0,
-                               num_workers=max(1, args.gpus_per_trial))
+                               num_workers=max(1, args.gpus_per_trial), seeds=range(args.seeds),
+                               eval_windows=args.eval_windows)
         plan.validate()
         run = run_plan(plan, args, repo_root=Path(__file__).resolve().parent.parent)
     except (ValueError, ConnectionError, RuntimeError) as exc:

@@ -63,3 +63,48 @@ def test_mutransfer_analysis_reads_the_base_lr_even_from_an_old_store(tmp_path):
     assert slopes["sp"]["slope"] == pytest.approx(-1.019, abs=1e-6) and slopes["sp"]["transfers"] is False
     per = {(r["parametrization"], r["width"]): r["log2_lr_opt"] for r in out["per_width"]}
     assert np.allclose([per[("mup", float(w))] for w in widths], [-7 + jitter[w] for w in widths])
+
+
+def test_quick_sweep_is_pinned():
+    from study.mutransfer import QUICK, parse_args
+
+    assert QUICK == {"widths": [16, 32, 64, 128], "lrs": [2.0 ** e for e in range(-10, -3)], "steps": 40}
+    plan = plan_mutransfer(family="swift_v2", size="debug", widths=QUICK["widths"], lrs=QUICK["lrs"],
+                           base_width=16, steps=QUICK["steps"])
+    assert len(plan.specs) == 56 and {s.budget for s in plan.specs} == {40}
+    assert parse_args(["--quick"]).quick and parse_args([]).steps == 100
+
+
+def test_verdict_says_drift_transfer_or_inconclusive_in_words():
+    import pandas as pd
+
+    from study.mutransfer import verdict_lines
+
+    rows = pd.DataFrame([
+        dict(parametrization="mup", slope=0.05, lo=-0.1, hi=0.2, transfers=True, valid=True, warnings=[]),
+        dict(parametrization="sp", slope=-0.6, lo=-0.8, hi=-0.4, transfers=False, valid=True, warnings=[]),
+        dict(parametrization="x", slope=-0.6, lo=-3.0, hi=2.0, transfers=True, valid=False,
+             warnings=["interval too wide"])])
+    mup, sp, bad = verdict_lines(rows, 16)
+    assert "muP: the optimal LR does not drift" in mup and "transfers" in mup
+    assert "SP: the optimal LR drifts" in sp and "too large" in sp
+    assert "inconclusive" in bad and "interval too wide" in bad
+
+
+@pytest.mark.slow
+def test_quick_mutransfer_study_shows_mup_transfers_and_sp_drifts(tmp_path):
+    """The 2-CPU demonstration, end to end through Ray Tune: the conclusion a user reads is the physics
+    (docs/LOG.md 2026-12-06: muP +0.06 [-0.11, +0.22], SP -0.54 [-0.76, -0.31] on the dev box)."""
+    import json
+
+    from study.mutransfer import main
+
+    assert main(["--quick", "--storage", str(tmp_path)]) == 0
+    report = tmp_path / "mutransfer" / "report"
+    slopes = {r["parametrization"]: r for r in json.loads((report / "mutransfer.json").read_text())["slopes"]}
+    mup, sp = slopes["mup"], slopes["sp"]
+    assert abs(mup["slope"]) <= 0.25 and mup["lo"] <= 0 <= mup["hi"] and mup["transfers"] and mup["valid"]
+    assert sp["slope"] <= -0.5 and sp["hi"] < 0 and not sp["transfers"] and sp["valid"]
+    art = json.loads((report / "lr_transfer.json").read_text())
+    assert art["base_width"] == 16 and art["transfers"] and 2.0 ** -7 < art["base_lr"] < 2.0 ** -4
+    assert "muP: the optimal LR does not drift" in (report / "mutransfer.md").read_text()

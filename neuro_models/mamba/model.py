@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from ..heads import MLPHead
 from ..layers import DropPath
 from .config import NeuroMambaConfig
+from .counting import forward_flops_per_token
 from .scan import selective_scan, ssd_chunked
 from .tokens import (FourierPositions, Packed, keep_tokens, pack_kept, pack_rows, patchify, token_coords,
                      voxel_weights)
@@ -202,7 +203,6 @@ class NeuroMambaPretrain(nn.Module):
         self.cfg = cfg
         self.encoder = NeuroMambaEncoder(cfg)
         self.head = readout(cfg.embed_dim, cfg.patch_dim)
-        from .family import forward_flops_per_token  # local import: family imports this module
         self._flops_per_token = forward_flops_per_token(cfg)["total"]
 
     @property

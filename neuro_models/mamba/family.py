@@ -1,6 +1,7 @@
-"""NeuroMamba family protocol for :mod:`neuro_models.registry` (family ``"neuromamba"``).
+"""Family ``neuromamba``, one :class:`~neuro_models.family.ModelFamily` (:data:`FAMILY`).
 
 Counts and FLOPs, with their conventions, live in :mod:`.counting` (the model imports them too).
+Next-token prediction needs no mask (``make_mask=None``); downstream models take no prompt tokens.
 """
 from __future__ import annotations
 
@@ -9,13 +10,18 @@ from typing import Any
 
 from torch import nn
 
+from ..family import FinetuneHooks, ModelFamily, linears_in_blocks
 from ..mup_utils import apply_mup, readout_class
 from .config import SIZES, NeuroMambaConfig
 from .counting import flops_per_sample, forward_flops_per_token, param_counts, tokens_per_sample
 from .model import NeuroMambaForTask, NeuroMambaPretrain
 
-__all__ = ["SIZES", "get_config", "with_width", "build_pretrain_model", "build_downstream_model",
+__all__ = ["FAMILY", "SIZES", "get_config", "with_width", "build_pretrain_model", "build_downstream_model",
            "param_counts", "flops_per_sample", "tokens_per_sample", "forward_flops_per_token"]
+
+#: config fields that must agree between exported weights and a model loading them
+ARCH_FIELDS = ("family", "embed_dim", "depth", "patch_size", "in_chans", "img_size", "mixer", "headdim", "d_state",
+               "d_conv", "expand", "dt_rank", "parametrization")
 
 
 def get_config(size: str, **overrides: Any) -> NeuroMambaConfig:
@@ -65,3 +71,36 @@ def build_downstream_model(cfg: NeuroMambaConfig, *, task: str, num_outputs: int
     if cfg.parametrization == "mup":
         apply_mup(model, bare, cfg, with_width=with_width, base_width=cfg.mup_base_width)
     return model
+
+
+def last_block_parameters(model: NeuroMambaForTask) -> list[nn.Parameter]:
+    """Strategy ``last_block``: the last Mamba block, the final norm and the head."""
+    return list(model.last_block_parameters())
+
+
+def supports_prompts(cfg: NeuroMambaConfig) -> bool:
+    """Never: the packed Mamba sequence has no place for prompt tokens (``build_downstream_model`` refuses them)."""
+    return False
+
+
+def feature_dim(cfg: NeuroMambaConfig) -> int:
+    """Pooled features are the final states: width ``embed_dim``."""
+    return int(cfg.embed_dim)
+
+
+FAMILY = ModelFamily(
+    name="neuromamba",
+    config_class=NeuroMambaConfig,
+    sizes=SIZES,
+    get_config=get_config,
+    with_width=with_width,
+    build_pretrain_model=build_pretrain_model,
+    build_downstream_model=build_downstream_model,
+    param_counts=param_counts,
+    flops_per_sample=flops_per_sample,
+    tokens_per_sample=tokens_per_sample,
+    make_mask=None,
+    finetune=FinetuneHooks(last_block_parameters=last_block_parameters, lora_targets=linears_in_blocks,
+                           supports_prompts=supports_prompts, feature_dim=feature_dim),
+    arch_fields=ARCH_FIELDS,
+)

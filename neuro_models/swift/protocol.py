@@ -1,7 +1,8 @@
-"""The family protocol shared by the SwiFT v2 variants (see :mod:`neuro_models.registry`).
+"""The code shared by the SwiFT v2 variants' :class:`~neuro_models.family.ModelFamily` entries.
 
 A variant differs only in its config defaults, its encoder and its decoder; everything else (muP base
-shapes, downstream models, counts, FLOPs, tokens, masks) is the same code, bound here once.
+shapes, downstream models, counts, FLOPs, tokens, fine-tuning hooks) is the same code, bound here once.
+Each variant's module (``family.py``, ``revised_family.py``) states its ``ModelFamily`` field by field.
 """
 from __future__ import annotations
 
@@ -12,11 +13,27 @@ from torch import nn
 from ..mup_utils import apply_mup
 from . import config as C
 from .counting import flops_per_sample as _flops, param_counts as _counts
-from .masking import make_mask
 from .model import DownstreamModel, SimMIM
 
 
-class SwiftFamily:
+#: config fields that must agree between exported weights and a model loading them (both variants)
+ARCH_FIELDS = ("family", "embed_dim", "depths", "num_heads", "patch_size", "in_chans", "img_size", "window_size",
+               "mlp_ratio", "qkv_bias", "last_layer_full_attention", "parametrization")
+
+
+def last_stage_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Strategy ``last_block``: the last encoder stage (the seed's "last block": the 51M's 2 full-attention
+    blocks, ~28% of the model), the final norm and the head; not the prompts."""
+    enc = model.encoder
+    return list(enc.stages[-1].parameters()) + list(enc.norm.parameters()) + list(model.head.parameters())
+
+
+def feature_dim(cfg: C.SwiftConfig) -> int:
+    """Width of the last stage (the pooled features)."""
+    return int(cfg.stage_dims()[-1])
+
+
+class SwiftVariant:
     """One SwiFT v2 variant: ``config_kwargs(size)`` gives a named size's fields (before overrides),
     ``encoder(cfg)`` and ``decoder(cfg, encoder)`` build the networks."""
 
@@ -24,7 +41,7 @@ class SwiftFamily:
                  encoder: Callable[[C.SwiftConfig], nn.Module],
                  decoder: Callable[[C.SwiftConfig, nn.Module], nn.Module]) -> None:
         self.name, self._config_kwargs, self._encoder, self._decoder = name, config_kwargs, encoder, decoder
-        self.SIZES = {size: self.get_config(size) for size in C.SIZE_NAMES}
+        self.sizes = {size: self.get_config(size) for size in C.SIZE_NAMES}
 
     def get_config(self, size: str, **overrides: Any) -> C.SwiftConfig:
         """Config of a named size with field overrides (e.g. ``depths=(1, 1, 1, 1)`` to shrink it)."""
@@ -71,12 +88,3 @@ class SwiftFamily:
     def tokens_per_sample(cfg: C.SwiftConfig) -> int:
         g = cfg.grid
         return int(g[0] * g[1] * g[2] * g[3])
-
-    def exports(self) -> dict[str, Any]:
-        """The module-level names of the family protocol, for a family module's ``globals().update``."""
-        return {"FAMILY": self.name, "SIZES": self.SIZES, "get_config": self.get_config,
-                "with_width": self.with_width, "build_encoder": self.build_encoder,
-                "_bare_pretrain": self._bare_pretrain, "build_pretrain_model": self.build_pretrain_model,
-                "build_downstream_model": self.build_downstream_model, "param_counts": self.param_counts,
-                "flops_per_sample": self.flops_per_sample, "tokens_per_sample": self.tokens_per_sample,
-                "make_mask": make_mask}

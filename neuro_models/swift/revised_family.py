@@ -1,4 +1,4 @@
-"""Family protocol of ``swift_v2_revised`` (factorized temporal/spatial window attention + RoPE).
+"""Family ``swift_v2_revised`` (factorized temporal/spatial window attention + RoPE), one :class:`ModelFamily`.
 
 Defaults follow the revised SwiFT v2 report: patch 6x6x6x1, windows 4x4x4 in space and 10 in
 time, LayerScale, mask ratio 0.8, factorized pixel-shuffle decoder. The size ladder has the same
@@ -12,9 +12,11 @@ from typing import Any
 
 from torch import nn
 
+from ..family import FinetuneHooks, ModelFamily, linears_in_blocks
 from ..mup_utils import readout_class
 from . import config as C
-from .protocol import SwiftFamily
+from .masking import make_mask
+from .protocol import ARCH_FIELDS, SwiftVariant, feature_dim, last_stage_parameters
 from .revised import FactorizedPixelShuffleDecoder, RevisedEncoder
 
 
@@ -33,5 +35,26 @@ def _decoder(cfg: C.SwiftConfig, enc: nn.Module) -> nn.Module:
                                          cfg.patch_size, cfg.in_chans, readout_class(cfg.parametrization))
 
 
-FAMILY_IMPL = SwiftFamily("swift_v2_revised", _config_kwargs, RevisedEncoder, _decoder)
-globals().update(FAMILY_IMPL.exports())
+def supports_prompts(cfg: C.SwiftConfig) -> bool:
+    """Never: every stage of the revised encoder is windowed (``RevisedEncoder.supports_prompts``)."""
+    return False
+
+
+_V = SwiftVariant("swift_v2_revised", _config_kwargs, RevisedEncoder, _decoder)
+
+FAMILY = ModelFamily(
+    name="swift_v2_revised",
+    config_class=C.SwiftConfig,
+    sizes=_V.sizes,
+    get_config=_V.get_config,
+    with_width=_V.with_width,
+    build_pretrain_model=_V.build_pretrain_model,
+    build_downstream_model=_V.build_downstream_model,
+    param_counts=_V.param_counts,
+    flops_per_sample=_V.flops_per_sample,
+    tokens_per_sample=_V.tokens_per_sample,
+    make_mask=make_mask,
+    finetune=FinetuneHooks(last_block_parameters=last_stage_parameters, lora_targets=linears_in_blocks,
+                           supports_prompts=supports_prompts, feature_dim=feature_dim),
+    arch_fields=ARCH_FIELDS,
+)

@@ -1,0 +1,146 @@
+"""Every registered family satisfies the ModelFamily contract (neuro_models/family.py) at its debug size, on CPU.
+
+A new family passes this file before anything above neuro_models uses it: fields present and callable, counts and
+FLOPs positive, the pre-training model builds and returns a finite loss, the downstream model and each fine-tuning
+hook do what the engine relies on.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from neuro_models import registry as R
+from neuro_models.family import COMMON_CONFIG_FIELDS, FinetuneHooks, ModelFamily
+
+FAMILIES = R.list_families()
+#: input-size overrides where a family's debug size keeps the ladder's input (NeuroMamba's debug is 96^3 x 20,
+#: where its FLOP conventions are documented); a family whose debug size is CPU-sized needs no entry
+SMALL_INPUT = {"neuromamba": {"img_size": (12, 12, 18, 4)}}
+
+
+def _debug(fam: ModelFamily):
+    return fam.get_config("debug", **SMALL_INPUT.get(fam.name, {}))
+
+
+@pytest.fixture(params=FAMILIES)
+def fam(request) -> ModelFamily:
+    return R.get_family(request.param)
+
+
+def _x(cfg, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, cfg.in_chans, *cfg.img_size, generator=g)
+
+
+def test_registry_lines_name_their_family():
+    assert FAMILIES == sorted(R.FAMILIES) and len(FAMILIES) >= 3
+    for name in FAMILIES:
+        fam = R.get_family(name)
+        assert isinstance(fam, ModelFamily) and fam.name == name
+    with pytest.raises(ValueError, match="allowed"):
+        R.get_family("nope")
+
+
+def test_every_field_present_and_callable(fam):
+    for f in dataclasses.fields(ModelFamily):
+        assert getattr(fam, f.name) is not None or f.name == "make_mask", f.name
+    for name in ("get_config", "with_width", "build_pretrain_model", "build_downstream_model", "param_counts",
+                 "flops_per_sample", "tokens_per_sample"):
+        assert callable(getattr(fam, name)), name
+    assert fam.make_mask is None or callable(fam.make_mask)
+    assert isinstance(fam.finetune, FinetuneHooks)
+    for f in dataclasses.fields(FinetuneHooks):
+        assert callable(getattr(fam.finetune, f.name)), f.name
+    fields = {f.name for f in dataclasses.fields(fam.config_class)}
+    assert set(COMMON_CONFIG_FIELDS) <= fields
+    assert fam.arch_fields[0] == "family" and set(fam.arch_fields) <= fields
+
+
+def test_sizes_configs_and_width(fam):
+    assert list(fam.sizes)[0] == "debug" and R.list_sizes(fam.name) == list(fam.sizes)
+    for size, cfg in fam.sizes.items():
+        assert isinstance(cfg, fam.config_class) and cfg.family == fam.name, size
+    cfg = fam.get_config("debug")
+    assert cfg == fam.sizes["debug"] == R.get_config(fam.name, "debug")
+    assert fam.get_config("debug", drop_path_rate=0.1).drop_path_rate == 0.1
+    wide = fam.with_width(cfg, 2 * cfg.embed_dim)
+    assert isinstance(wide, fam.config_class) and wide.embed_dim == 2 * cfg.embed_dim
+    with pytest.raises((ValueError, TypeError)):
+        fam.get_config("debug", no_such_field=1)
+
+
+def test_counts_flops_tokens_positive_for_debug(fam):
+    cfg = _debug(fam)
+    counts = fam.param_counts(cfg)
+    assert {"total", "encoder", "decoder", "non_embedding"} <= set(counts)
+    assert counts["total"] == counts["encoder"] + counts["decoder"] and 0 < counts["non_embedding"] < counts["total"]
+    flops = fam.flops_per_sample(cfg)
+    assert 0 < flops["forward"] < flops["train"]
+    assert fam.tokens_per_sample(cfg) > 0
+    assert counts == R.param_counts(cfg) and flops == R.flops_per_sample(cfg)
+
+
+def test_debug_pretrain_model_runs_forward_on_cpu(fam):
+    cfg = _debug(fam)
+    torch.manual_seed(0)
+    model = fam.build_pretrain_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == fam.param_counts(cfg)["total"]
+    mask = None
+    if fam.make_mask is not None:
+        mask = fam.make_mask(cfg, 2, generator=torch.Generator().manual_seed(1), device="cpu")
+        assert mask.dtype == torch.bool and mask.shape[0] == 2
+    brain = torch.ones(2, *cfg.img_size[:3], dtype=torch.bool)
+    out = model(_x(cfg), brain_mask=brain, mask=mask)
+    assert torch.isfinite(out["loss"]) and int(out["num_tokens"]) > 0
+    out["loss"].backward()
+
+
+def test_downstream_model_and_finetune_hooks(fam):
+    cfg = _debug(fam)
+    hooks = fam.finetune
+    torch.manual_seed(0)
+    model = fam.build_downstream_model(cfg, task="classification", num_outputs=1)
+    assert isinstance(model.encoder, nn.Module) and isinstance(model.head, nn.Module)
+    assert model(_x(cfg)).shape == (2, 1)
+    params = {id(p) for p in model.parameters()}
+    last = {id(p) for p in hooks.last_block_parameters(model)}
+    assert last < params and {id(p) for p in model.head.parameters()} <= last
+    assert not {id(p) for p in model.encoder.patch_embed.parameters()} & last
+    names = dict(model.encoder.named_modules())
+    targets = hooks.lora_targets(model.encoder)
+    assert targets and all(isinstance(names[t], nn.Linear) for t in targets)
+    width = hooks.feature_dim(cfg)
+    head_in = next(m for m in model.head.modules() if isinstance(m, nn.Linear)).in_features
+    assert width == head_in
+    mlp = fam.build_downstream_model(cfg, task="regression", num_outputs=1, hidden_dim=width)
+    assert mlp(_x(cfg)).shape == (2, 1)
+    if hooks.supports_prompts(cfg):
+        prompted = fam.build_downstream_model(cfg, task="classification", num_outputs=1, prompt_tokens=3)
+        assert prompted.prompts.shape == (3, width)
+        assert id(prompted.prompts) not in {id(p) for p in hooks.last_block_parameters(prompted)}
+        assert prompted(_x(cfg)).shape == (2, 1)
+    else:
+        with pytest.raises(ValueError):
+            fam.build_downstream_model(cfg, task="classification", num_outputs=1, prompt_tokens=3)
+
+
+def test_arch_fields_tell_different_models_apart(fam):
+    cfg = _debug(fam)
+    wide = fam.with_width(cfg, 2 * cfg.embed_dim)
+    diff = [k for k in fam.arch_fields if getattr(cfg, k) != getattr(wide, k)]
+    assert diff and "embed_dim" in diff
+
+
+def test_contract_refuses_an_incomplete_family():
+    good = R.get_family("neuromamba")
+    with pytest.raises(ValueError, match="arch_fields"):
+        dataclasses.replace(good, arch_fields=("embed_dim",))
+    with pytest.raises(ValueError, match="debug"):
+        dataclasses.replace(good, sizes={k: v for k, v in good.sizes.items() if k != "debug"})
+    with pytest.raises(ValueError, match="callable"):
+        dataclasses.replace(good, param_counts=None)
+    with pytest.raises(TypeError):
+        ModelFamily(name="x")  # every field is required

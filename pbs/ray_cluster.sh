@@ -216,8 +216,9 @@ if [[ "$MODE" == node-agent ]]; then
   RAY_PID="" TMP_MADE=0
   # The head waits TEARDOWN_S for every agent; an agent notices the head's teardown within 0.5 s.
   agent_cleanup() {
-    local rc=$? grace=$((TEARDOWN_S > 5 ? TEARDOWN_S - 5 : 1))
-    trap - EXIT TERM INT HUP
+    local rc=$? grace=$((TEARDOWN_S / 4))
+    trap - EXIT
+    trap '' TERM INT HUP # a launcher forwards the head's SIGTERM too: a second one must not cut the cleanup short
     set +e
     [[ -n "${STAGED_DIR:-}" ]] && rm -rf "$STAGED_DIR" & # sensitive data first, in parallel with the rest
     signal_groups TERM "$RAY_PID"
@@ -356,7 +357,8 @@ teardown() {
   local rc=$? t0 deadline
   [[ $TORN -eq 1 ]] && return 0
   TORN=1
-  trap - EXIT TERM INT HUP
+  trap - EXIT
+  trap '' TERM INT HUP # a second SIGTERM (PBS signals the whole job) must not cut the teardown short
   set +e # best effort from here on: one failed step must not skip the rest
   t0=$(now_ms)
   deadline=$((t0 + TEARDOWN_S * 1000 - 1000)) # PBS SIGKILLs kill_delay (10 s) after SIGTERM: all in parallel
@@ -369,7 +371,7 @@ teardown() {
   [[ -n "$WAIT_PID" ]] && kill "$WAIT_PID" 2>/dev/null
   signal_groups TERM "$CMD_PID" "$HEAD_PID" "${LAUNCH_PIDS[@]}"
   if [[ $TMP_MADE -eq 1 ]]; then # every process of the head's Ray node (also renamed workers), then its temp dir
-    helper cleanup --path "$HEAD_TMP" --grace $((TEARDOWN_S > 4 ? TEARDOWN_S - 4 : 1)) --kill-wait 1 &
+    helper cleanup --path "$HEAD_TMP" --grace $((TEARDOWN_S / 4 + 1)) --kill-wait 1 &
     CLEAN_PID=$!
   fi
   while [[ $(now_ms) -lt $deadline ]]; do

@@ -5,7 +5,12 @@ Examples::
     python -m analysis fit chinchilla runs.csv --params N --tokens D --loss L [--json]
     python -m analysis fit chinchilla runs.csv --params N --flops C --loss L      # D = C / (6 N)
     python -m analysis fit power runs.csv --x C --loss L
-    python -m analysis fit isoflop runs.csv --flops C --params N --loss L
+    python -m analysis fit isoflop runs.csv --flops C --params N --loss L [--drop-bad-budgets] [--bootstrap 200]
+    python -m analysis fit chinchilla runs.csv --params N --tokens D --loss L --shared-exponent --objective lsq \
+        --predict 1.4e9:9e11,6.9e9:1.38e11 --json                                    # Gadre et al. 2024
+    python -m analysis fit data-constrained runs.csv --params N --tokens D --unique U --loss L \
+        --base A,B,E,alpha,beta --json                                               # Muennighoff et al. 2023
+    python -m analysis fit power optima.csv --x C --y n_opt --weights w --loglog --json  # Porian et al. 2024
     python -m analysis mutransfer sweep.csv --lr lr --loss val_loss --width width --param parametrization
     python -m analysis rank results.csv --config config --task task --value value --subset no_ukb=ADHD,sex
     python -m analysis efficiency scaling.csv --units nodes --throughput samples_per_s --baseline 1 --baseline 64
@@ -24,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.fits import (CHINCHILLA_GRID, FitError, bootstrap_fit, compute_optimal, extrapolation_check,
-                           fit_chinchilla, fit_isoflop, fit_power_law)
+from analysis.fits import FitError, bootstrap_fit, compute_optimal, extrapolation_check, fit_form, fit_isoflop
+from analysis.forms import FORMS, cli_commands, form_for_cli
+from analysis.objective import OBJECTIVES
 
 __all__ = ["main", "read_any", "EXIT_OK", "EXIT_BAD_INPUT", "EXIT_NOT_VALID"]
 
@@ -49,6 +55,8 @@ def read_any(path: str) -> pd.DataFrame:
 
 
 def _col(df: pd.DataFrame, name: str, path: str) -> np.ndarray:
+    if name is None:
+        raise ValueError("a column argument is missing (see --help)")
     if name not in df.columns:
         raise ValueError(f"{path}: column {name!r} not found; columns are {list(df.columns)}")
     v = pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=float)
@@ -62,6 +70,13 @@ def _emit(obj: dict, table: pd.DataFrame | None, as_json: bool) -> None:
         for k, v in obj.items():
             if not isinstance(v, (dict, list)):
                 print(f"{k}: {v}")
+        if "exponent_ci" in obj:
+            lo, hi = obj["exponent_ci"]
+            print(f"exponent interval ({100 * obj.get('level', 0.95):g}%, {obj.get('interval_method', 't')}): "
+                  f"[{lo:.6g}, {hi:.6g}]")
+        if obj.get("bootstrap_attempted"):
+            print(f"bootstrap: {obj.get('n_bootstrap_failed', 0)} of {obj['bootstrap_attempted']} replicates failed "
+                  f"({100 * obj.get('bootstrap_failed_fraction', 0.0):.1f}%)")
         if table is not None:
             print(table.to_string(float_format=lambda x: f"{x:.6g}"))
         for k, v in obj.items():
@@ -104,53 +119,65 @@ def _exit(valid: bool, strict: bool) -> int:
     return EXIT_NOT_VALID if strict and not valid else EXIT_OK
 
 
+def _parse_points(text: str, variables) -> list[tuple[float, ...]]:
+    """``"N:D,N:D"`` -> [(N, D), ...] (one value per variable of the form, ``:``-separated)."""
+    pts = []
+    for item in str(text).split(","):
+        if not item.strip():
+            continue
+        vals = item.split(":")
+        if len(vals) != len(variables):
+            raise ValueError(f"--predict {item!r}: expected {':'.join(variables)} (one value per variable)")
+        pts.append(tuple(float(v) for v in vals))
+    if not pts:
+        raise ValueError(f"--predict {text!r}: no point given")
+    return pts
+
+
 def _fit(args) -> int:
     df = read_any(args.file)
-    if args.form == "chinchilla":
-        N = _col(df, args.params, args.file)
-        if args.tokens:
-            D = _col(df, args.tokens, args.file)
-        elif args.flops:
-            D = _col(df, args.flops, args.file) / (args.flops_per_param_token * N)
-        else:
-            raise ValueError("fit chinchilla needs --tokens D or --flops C (D = C / (6 N))")
-        L = _col(df, args.loss, args.file)
-        grid = None if args.grid_step == 1 else {k: v[::args.grid_step] for k, v in CHINCHILLA_GRID.items()}
-        fit = fit_chinchilla(N, D, L, delta=args.delta, reduction=args.reduction, grid=grid)
-        if args.bootstrap:
-            bootstrap_fit(fit, args.bootstrap, seed=args.seed)
-        out = fit.to_dict(args.level)
-        table = fit.intervals(args.level) if args.bootstrap else pd.DataFrame({"estimate": fit.params})
-        if args.budgets:
-            co = compute_optimal(fit, [float(b) for b in args.budgets], flops_per_param_token=args.flops_per_param_token,
-                                 level=args.level)
-            out["compute_optimal"] = co.to_dict(orient="records")
-        if args.holdout:
-            out["extrapolation"] = extrapolation_check("chinchilla", dict(N=N, D=D, L=L), n_holdout=args.holdout,
-                                                       flops_per_param_token=args.flops_per_param_token, grid=grid)
-    elif args.form == "power":
-        if not args.x:
-            raise ValueError("fit power needs --x COLUMN (compute, parameters or tokens)")
-        x, L = _col(df, args.x, args.file), _col(df, args.loss, args.file)
-        fit = fit_power_law(x, L, delta=args.delta, reduction=args.reduction)
-        if args.bootstrap:
-            bootstrap_fit(fit, args.bootstrap, seed=args.seed)
-        out = fit.to_dict(args.level)
-        table = fit.intervals(args.level) if args.bootstrap else pd.DataFrame({"estimate": fit.params})
-        if args.holdout:
-            out["extrapolation"] = extrapolation_check("power", dict(x=x, L=L), n_holdout=args.holdout)
-    else:  # isoflop
-        if not args.flops:
-            raise ValueError("fit isoflop needs --flops C (the IsoFLOP budget of each run)")
-        size_col = args.params or args.tokens
-        if not size_col:
-            raise ValueError("fit isoflop needs --params N (or --tokens D) as the size variable")
-        res = fit_isoflop(_col(df, args.flops, args.file), _col(df, size_col, args.file), _col(df, args.loss, args.file),
-                          variable=size_col, weighted=args.weighted, n_boot=args.bootstrap, seed=args.seed,
-                          level=args.level)
-        out = res.to_dict()
-        table = res.vertices[["C", "n_runs", "opt", "L_min", "curvature", "inside"]]
+    if args.form == "isoflop":
+        return _fit_isoflop(args, df)
+    cls = form_for_cli(args.form, {c.flag: bool(getattr(args, c.flag, False)) for c in FORMS.values() if c.flag})
+    form = cls.from_cli(args)
+    if form.target == "L" and not args.loss:
+        raise ValueError(f"fit {args.form} needs --loss COLUMN")
+    data = form.cli_data(lambda name: _col(df, name, args.file), args)
+    grid = None if args.grid_step == 1 else {k: np.asarray(v)[::args.grid_step] for k, v in form.grid.items()}
+    kw = dict(objective=args.objective, delta=args.delta, reduction=args.reduction, grid=grid)
+    fit = fit_form(form, data, **kw)
+    if args.bootstrap:
+        bootstrap_fit(fit, args.bootstrap, seed=args.seed)
+    out = fit.to_dict(args.level)
+    table = fit.intervals(args.level) if args.bootstrap else pd.DataFrame({"estimate": fit.params})
+    if args.budgets:
+        co = compute_optimal(fit, [float(b) for b in args.budgets], flops_per_param_token=args.flops_per_param_token,
+                             level=args.level)
+        out["compute_optimal"] = co.to_dict(orient="records")
+    if args.predict:
+        pts = _parse_points(args.predict, form.variables)
+        pred = fit.predict(*[np.array(v) for v in zip(*pts)])
+        out["predictions"] = [{**dict(zip(form.variables, p)), form.target: float(y)} for p, y in zip(pts, pred)]
+    if args.holdout:
+        out["extrapolation"] = extrapolation_check(form, data, n_holdout=args.holdout,
+                                                   flops_per_param_token=args.flops_per_param_token, **kw)
     out = _with_extrapolation(out)
+    _emit(out, table, args.json)
+    return _exit(out["valid"], args.strict)
+
+
+def _fit_isoflop(args, df) -> int:
+    """Approach 2 (a procedure over budgets, not a registry form: its law is the loglog form of the vertices)."""
+    if not args.flops:
+        raise ValueError("fit isoflop needs --flops C (the IsoFLOP budget of each run)")
+    size_col = args.params or args.tokens
+    if not size_col:
+        raise ValueError("fit isoflop needs --params N (or --tokens D) as the size variable")
+    res = fit_isoflop(_col(df, args.flops, args.file), _col(df, size_col, args.file), _col(df, args.loss, args.file),
+                      variable=size_col, weighted=args.weighted, n_boot=args.bootstrap, seed=args.seed,
+                      level=args.level, drop_bad_budgets=args.drop_bad_budgets)
+    out = res.to_dict()
+    table = res.vertices[["C", "n_runs", "opt", "L_min", "curvature", "inside"]]
     _emit(out, table, args.json)
     return _exit(out["valid"], args.strict)
 
@@ -224,13 +251,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fit", help="fit a scaling law to a table of runs", epilog=EXIT_CODES, formatter_class=raw,
                        description="Fit a scaling law; the output says whether it is a valid law (valid, warnings).")
-    f.add_argument("form", choices=["chinchilla", "power", "isoflop"])
+    f.add_argument("form", choices=cli_commands() + ["isoflop"],
+                   help="the law (forms from the registry, analysis.forms.FORMS) or approach 2 (isoflop)")
     f.add_argument("file")
+    for cls in FORMS.values():  # one flag per registered variant of a command
+        if cls.flag:
+            f.add_argument("--" + cls.flag.replace("_", "-"), dest=cls.flag, action="store_true",
+                           help=f"fit {cls.command}: {cls.title} ({cls.paper}; {cls.recipe})")
+    f.add_argument("--objective", choices=list(OBJECTIVES), default=None,
+                   help="what is minimized (default: the form's; huber for approach 3, lsq with --shared-exponent): "
+                        + "; ".join(f"{k}: {v}" for k, v in OBJECTIVES.items()))
     f.add_argument("--params", help="column with parameter counts N")
     f.add_argument("--tokens", help="column with training tokens D")
     f.add_argument("--flops", help="column with compute C (chinchilla: D = C / (6 N); isoflop: the budget)")
     f.add_argument("--x", help="column of the variable of the one-variable law")
-    f.add_argument("--loss", required=True, help="column with the loss")
+    f.add_argument("--y", help="power --loglog: column of the quantity fitted as y = k x^a (default: --loss)")
+    f.add_argument("--weights", help="power --loglog: column of per-point weights (Porian: 1/std^2)")
+    f.add_argument("--unique", help="data-constrained: column with unique tokens U")
+    f.add_argument("--base", help="data-constrained: the frozen base law A,B,E,alpha,beta")
+    f.add_argument("--predict", help="predict at points N:D[,N:D...] (one value per variable of the form)")
+    f.add_argument("--loss", help="column with the loss (every form but power --loglog)")
     f.add_argument("--bootstrap", type=int, default=0, help="bootstrap replicates (0: none)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--level", type=float, default=0.95)
@@ -241,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--holdout", type=int, default=0, help="hold out the k largest budgets and report the error")
     f.add_argument("--flops-per-param-token", type=float, default=6.0)
     f.add_argument("--weighted", action="store_true", help="isoflop: weight the power law by runs per budget")
+    f.add_argument("--drop-bad-budgets", action="store_true",
+                   help="isoflop: leave out (and name) budgets without an interior minimum instead of failing")
     f.add_argument("--json", action="store_true")
     f.add_argument("--strict", action="store_true",
                    help="exit with status 3 when the fit (or its --holdout extrapolation) is not a valid law")

@@ -18,12 +18,14 @@ __all__ = ["plot_loss_vs_flops", "plot_isoflop", "plot_optimal_allocation", "plo
 
 
 def power_law_band(fit: FitResult, x, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile band of the bootstrap predictions of a one-variable fit at ``x``."""
+    """Percentile band of the bootstrap predictions of a one-variable fit at ``x`` (any registered
+    one-variable form: its ``predict`` is applied to every replicate)."""
     if fit.bootstrap is None:
         raise ValueError("the fit has no bootstrap replicates: call bootstrap_fit first")
     b = fit.bootstrap
     x = np.asarray(x, dtype=np.float64)
-    pred = b["E"].to_numpy()[:, None] + b["A"].to_numpy()[:, None] * x[None, :] ** (-b["alpha"].to_numpy()[:, None])
+    reps = {k: b[k].to_numpy()[:, None] for k in b.columns}
+    pred = fit.form.predict(reps, x[None, :])
     q = (1 - level) / 2
     return np.nanquantile(pred, q, axis=0), np.nanquantile(pred, 1 - q, axis=0)
 
@@ -72,8 +74,7 @@ def plot_loss_vs_flops(C, L, *, fit: FitResult | None = None, frontier: Sequence
         ax.plot(C[f], L[f], "o", mfc="none", mec="k", ms=8, zorder=4, label="frontier")
     if fit is not None:
         xs = np.geomspace(C.min(), C.max() * extend, 200)
-        p = fit.params
-        law = f"L = {p['E']:.3g} + {p['A']:.3g} C^-{p['alpha']:.3g}"
+        law = fit.form.label(fit.params)  # the registry's form says how its law reads
         ax.plot(xs, fit.predict(xs), **_law_style(fit.valid, law), color="r", zorder=5)
         if fit.bootstrap is not None:
             lo, hi = power_law_band(fit, xs)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.fits import (FitError, bootstrap_fit, compute_optimal, extrapolation_validity, fit_chinchilla,
+from analysis.fits import (FORMS, FitError, bootstrap_fit, compute_optimal, extrapolation_validity, fit_chinchilla,
                            fit_isoflop, fit_power_law, pareto_frontier)
 from analysis.store import read_table
 
@@ -266,8 +266,7 @@ def _fmt(x) -> str:
 def _markdown(s: dict) -> str:
     lines = ["# Study summary", "", f"Store: `{s['store']}`; {s['n_runs']} runs, {s['n_final_points']} final points "
              f"({s['n_dropped']} runs without a row with positive loss and compute).", ""]
-    for key, title in (("power_law", "L(C) = E + A C^-alpha on the compute frontier"),
-                       ("chinchilla", "Approach 3: L(N, D) = E + A/N^alpha + B/D^beta")):
+    for key, title in (("power_law", FORMS["power"].title), ("chinchilla", FORMS["chinchilla"].title)):
         d = s.get(key, {})
         lines += [f"## {title}", ""]
         if "params" not in d:

@@ -397,6 +397,7 @@ class DataConstrainedForm(Form):
     variables = ("N", "D", "U")
     param_names = ("log_r_d_star", "log_r_n_star")
     se_params = ("r_d_star", "r_n_star")
+    asymptote = None  # E is the frozen base's: validity_facts compares it with the lowest loss
     grid = DATA_CONSTRAINED_GRID
     min_points = 3
     command = "data-constrained"

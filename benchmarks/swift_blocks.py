@@ -12,7 +12,7 @@ Variants (``--variants``):
 * ``sdpa``: ``attn_impl="sdpa"`` (shifted blocks split into mask-free boxes), PyTorch's SDPA kernel choice;
 * ``sdpa-cudnn``: the same with cuDNN attention (the fastest SDPA kernel on H100 for these shapes);
 * ``flex``: ``attn_impl="flex"`` (one FlexAttention call per block, Swin's regions as a block mask);
-* ``triton``: ``attn_impl="triton"`` (the window-attention kernels of ``neuro_models.swift.window_attn``; their
+* ``triton``: ``attn_impl="triton"`` (the window-attention kernels of ``swift.kernels.window_attn``; their
   launch configurations, timed on the first call, are recorded in the row);
 * ``auto``: ``attn_impl="auto"`` with cuDNN for the SDPA calls (what the full-model run uses);
 * ``flex-bf16``: ``flex`` with the block's parameters and activations in bf16 (no autocast): the ceiling of a
@@ -20,9 +20,9 @@ Variants (``--variants``):
 * ``-bf16res`` suffix (e.g. ``flex-bf16res``): autocast as usual, but the block's input (the residual stream) in
   bf16, as ``SwiftConfig.bf16_residual`` gives;
 * ``-ko<A>+<B>`` suffix: FlexAttention ``kernel_options`` from ``KERNEL_OPTIONS`` (block sizes, warps, stages);
-* ``-fmlp`` suffix: ``SwiftConfig.fused_mlp`` (the Triton MLP of ``neuro_models.swift.fused_mlp``; its launch
+* ``-fmlp`` suffix: ``SwiftConfig.fused_mlp`` (the Triton MLP of ``swift.kernels.fused_mlp``; its launch
   configurations, timed on the first call, are recorded in the row);
-* ``-gmlp`` suffix: ``SwiftConfig.mlp_impl="epilogue"`` (the MLP of ``neuro_models.swift.gelu_mlp``: GELU and the
+* ``-gmlp`` suffix: ``SwiftConfig.mlp_impl="epilogue"`` (the MLP of ``swift.kernels.gelu_mlp``: GELU and the
   bias gradients in the matmul epilogues; its launch configurations, timed on the first call, are recorded in the
   row). Without it every variant (and every ``--check`` run without ``gmlp``) runs the PyTorch MLP
   (``mlp_impl="torch"``), as before session 10, so rows stay comparable with earlier sessions;
@@ -165,15 +165,15 @@ def time_block(case: str, variant: str, batch: int, iters: int, warmup: int, dev
 
     row = _time(row, fwd_bwd, iters, warmup, profile)
     if fmlp:
-        from neuro_models.swift import fused_mlp
+        from neuro_models.swift.kernels import fused_mlp
 
         row["fused_mlp_tuning"] = {str(k): v for k, v in fused_mlp.TIMINGS.items()}
     if gmlp:
-        from neuro_models.swift import gelu_mlp
+        from neuro_models.swift.kernels import gelu_mlp
 
         row["gelu_mlp_tuning"] = {str(k): v for k, v in gelu_mlp.TIMINGS.items()}
     if _impl(variant) == "triton":
-        from neuro_models.swift import window_attn
+        from neuro_models.swift.kernels import window_attn
 
         row["window_attn_tuning"] = {str(k): v for k, v in window_attn.TIMINGS.items()}
     return row
@@ -216,7 +216,7 @@ def time_region(case: str, variant: str, batch: int, iters: int, warmup: int, de
     row = dict(case=case, variant=variant, batch=batch, count=1, shape=list(x.shape), block_mask=False)
     row = _time(row, fwd_bwd, iters, warmup, profile)
     if variant == "fused":  # the fused kernel's launch configurations, timed on its first call
-        from neuro_models.swift import fused_head
+        from neuro_models.swift.kernels import fused_head
 
         row["fused_head_tuning"] = {str(k[:2]): v for k, v in fused_head._TIMINGS.items()}
         print(json.dumps(row["fused_head_tuning"]), flush=True)
@@ -322,7 +322,7 @@ def check_window_attn(device: torch.device, samples: int = 2) -> dict:
     shifted block's regions), bf16: relative L2 error of the output and the q, k, v gradients against float64 on the
     same bf16 inputs, next to the error of SDPA (bf16, the regions as a boolean mask) on the same inputs."""
     from neuro_models.swift import layers as L
-    from neuro_models.swift import window_attn as WA
+    from neuro_models.swift.kernels import window_attn as WA
 
     dims, win, shift, H, E = (16, 16, 16, 20), (4, 4, 4, 4), (2, 2, 2, 2), 6, 16
     mask = L.shifted_window_mask(dims, win, shift, device=device)
@@ -360,9 +360,9 @@ def check_fused_mlp(device: torch.device, rows: int = 65536) -> dict:
     """The Triton MLPs alone (``fused``: ``fused_mlp``, widths 96 and 192; ``epilogue``: ``gelu_mlp``, the 51M's
     four widths 96-768), bf16: relative L2 error of the output and every gradient against float64 on the same bf16
     inputs, next to PyTorch's bf16 autocast MLP's error."""
-    from neuro_models.swift.fused_mlp import MAX_DIM as FUSED_MAX_DIM
-    from neuro_models.swift.fused_mlp import fused_mlp
-    from neuro_models.swift.gelu_mlp import gelu_mlp
+    from neuro_models.swift.kernels.fused_mlp import MAX_DIM as FUSED_MAX_DIM
+    from neuro_models.swift.kernels.fused_mlp import fused_mlp
+    from neuro_models.swift.kernels.gelu_mlp import gelu_mlp
 
     out = {}
     for C in (96, 192, 384, 768):

@@ -78,7 +78,7 @@ class SwiftConfig:
     "sdpa" (fused scaled_dot_product_attention, shifted windows per ``shift_impl``), "flex"
     (FlexAttention: Triton kernels generated for the head dim, and a shifted block is one call with Swin's
     regions as a block mask; needs ``torch.compile``d blocks to be fast and, in torch 2.13, a GPU for the
-    backward pass), "triton" (``neuro_models.swift.window_attn``: a forward and a backward kernel written for
+    backward pass), "triton" (``swift.kernels.window_attn``: a forward and a backward kernel written for
     short windows and small heads, one program per window and head, Swin's regions as two small tables; eager
     or compiled, on CUDA under bf16/fp16 autocast, for windows of <= 256 tokens and head dims 16-64 (a power of
     two); SDPA elsewhere) or "auto": "triton" where it can run (on H100 it beat FlexAttention on every window
@@ -91,19 +91,19 @@ class SwiftConfig:
     norm reads, which dominate the memory-bound first stages. No effect without autocast."""
     fused_head: bool = True
     """4D family: on CUDA with Triton, compute the decoder's tail (GELU, linear to voxels) and the reconstruction
-    loss in one fused kernel (``neuro_models.swift.fused_head``: same loss, float32, the input read once instead of
+    loss in one fused kernel (``swift.kernels.fused_head``: same loss, float32, the input read once instead of
     a transposed read in both passes). Elsewhere (CPU, XPU, the revised family, decoder_dim not a power of two
     >= 16, DeepSpeed ZeRO-3 partitioned weights) and inside a whole-model ``torch.compile`` trace, the PyTorch
     path runs."""
     fused_mlp: bool = False
     """4D family: on CUDA with Triton, under bf16/fp16 autocast, run the MLPs of widths <= 256 (the first two
     stages of the v2 ladder's 51M) as fused Triton kernels that keep the 4x wider hidden activation on chip
-    (``neuro_models.swift.fused_mlp``; same math, the hidden activation recomputed in the backward). A memory
+    (``swift.kernels.fused_mlp``; same math, the hidden activation recomputed in the backward). A memory
     option: on H100 the 51M's peak at batch 16 drops 18.3 -> 14.9 GiB for 1.4% less throughput (BENCHMARKS.md,
     session 8). Elsewhere (CPU, XPU, float32, wider MLPs, ZeRO-3 partitioned weights) the PyTorch path runs."""
     mlp_impl: str = "auto"
     """4D family, MLP kernels (same math): "torch" (``nn.Linear``, ``nn.GELU``: cuBLAS plus Inductor's pointwise
-    kernels), "epilogue" (``neuro_models.swift.gelu_mlp``: GELU and GELU' in the epilogue of fc1's matmul, fc1's input
+    kernels), "epilogue" (``swift.kernels.gelu_mlp``: GELU and GELU' in the epilogue of fc1's matmul, fc1's input
     gradient times GELU' with both bias gradients in the epilogue of fc2's input-gradient matmul; Triton, on CUDA
     under bf16/fp16 autocast, for widths that are multiples of 32 up to ``gelu_mlp.MAX_DIM`` = 256, the first two
     stages of the 51M; the PyTorch path elsewhere) or "auto": "epilogue" where it can run (on H100 a stage-1 block

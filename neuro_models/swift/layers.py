@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import DropPath  # noqa: F401  (re-exported: the blocks import it from here)
-from . import gelu_mlp, window_attn
+from .kernels import gelu_mlp, window_attn
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,9 +234,9 @@ def use_flex(attn_impl: str, device: torch.device) -> bool:
 # --------------------------------------------------------------------------------------------------
 class Mlp(nn.Module):
     """Two-layer GELU MLP on the last axis. With ``fused``, the Triton kernels of
-    ``neuro_models.swift.fused_mlp`` run it where they can (``fused_mlp.usable``: CUDA, bf16/fp16 compute, width
+    ``swift.kernels.fused_mlp`` run it where they can (``fused_mlp.usable``: CUDA, bf16/fp16 compute, width
     <= 256), keeping the hidden activations on chip; else with ``impl`` "epilogue" or "auto" those of
-    ``neuro_models.swift.gelu_mlp`` (``gelu_mlp.usable``: CUDA, bf16/fp16 compute, width a multiple of 32 up to 256), the
+    ``swift.kernels.gelu_mlp`` (``gelu_mlp.usable``: CUDA, bf16/fp16 compute, width a multiple of 32 up to 256), the
     GELU and the bias gradients in the matmuls' epilogues (``SwiftConfig.mlp_impl``); the PyTorch path runs
     everywhere else."""
 
@@ -250,7 +250,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            from . import fused_mlp
+            from .kernels import fused_mlp
 
             if fused_mlp.usable(x, self.fc1, self.fc2):
                 return fused_mlp.fused_mlp(x, self.fc1, self.fc2)

@@ -31,7 +31,7 @@ from .layers import (SDPA_MAX_SEQUENCES, Attention, DropPath, Mlp, PatchEmbed, P
                      patchify, region_block_mask, shifted_window_mask, split_window_attention, use_flex,
                      window_partition, window_reverse)
 from .masking import make_mask, masked_tokens_per_sample, token_selection
-from . import window_attn
+from .kernels import window_attn
 
 
 def _scale(cfg: SwiftConfig, head_dim: int) -> float:
@@ -391,7 +391,7 @@ class SimMIM(nn.Module):
 
     def uses_fused_head(self, x_BCXYZT: torch.Tensor) -> bool:
         """Whether :meth:`head` runs the fused Triton kernel for this input (``SwiftConfig.fused_head``)."""
-        from . import fused_head
+        from .kernels import fused_head
 
         c = getattr(self.decoder, "decoder_dim", 0)
         # a ZeRO-3 partitioned weight (DeepSpeed marks it with ds_id) is gathered only inside its module's forward,
@@ -405,7 +405,7 @@ class SimMIM(nn.Module):
         """Decoder + loss: ``(loss, pred, hidden)``. The fused kernel (:meth:`uses_fused_head`) returns no ``pred``
         but the decoder's ``hidden`` state; the PyTorch path returns ``pred`` and no ``hidden``."""
         if self.uses_fused_head(x_BCXYZT):
-            from .fused_head import fused_head_loss
+            from .kernels.fused_head import fused_head_loss
 
             h = self.decoder(feats, hidden_only=True)
             bm = brain_mask if self.cfg.brain_only_loss else None

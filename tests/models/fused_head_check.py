@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from interpreted import rel  # this folder
 
 from neuro_models import registry as R
-from neuro_models.swift import fused_head
+from neuro_models.swift.kernels import fused_head
 from neuro_models.swift.model import reconstruction_loss
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from interpreted import fp16_loss_and_grads, fp16_module_step, rel  # this folder
 
 from neuro_models import registry as R
-from neuro_models.swift import fused_mlp, triton_launch
+from neuro_models.swift.kernels import fused_mlp, triton_launch
 from neuro_models.swift.layers import Mlp
 
 

@@ -1,4 +1,4 @@
-"""Checks of the epilogue MLP (``neuro_models.swift.gelu_mlp``), run in a subprocess by test_swift_gelu_mlp.py with
+"""Checks of the epilogue MLP (``swift.kernels.gelu_mlp``), run in a subprocess by test_swift_gelu_mlp.py with
 TRITON_INTERPRET=1 (the variable must be set before Triton decorates the kernels, so not inside the shared pytest
 process).
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from interpreted import fp16_loss_and_grads, fp16_module_step, rel  # this folder
 
 from neuro_models import registry as R
-from neuro_models.swift import gelu_mlp, triton_launch
+from neuro_models.swift.kernels import gelu_mlp, triton_launch
 from neuro_models.swift.layers import Mlp
 
 

@@ -8,7 +8,7 @@ import torch
 from interpreted import run_check  # this folder (pytest puts it on sys.path)
 
 from neuro_models import registry as R
-from neuro_models.swift import fused_mlp, triton_launch
+from neuro_models.swift.kernels import fused_mlp, triton_launch
 from neuro_models.swift.layers import Mlp
 
 

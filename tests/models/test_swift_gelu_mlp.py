@@ -1,4 +1,4 @@
-"""The epilogue MLP (Triton, ``neuro_models.swift.gelu_mlp``) on CPU through the Triton interpreter; on GPU see
+"""The epilogue MLP (Triton, ``swift.kernels.gelu_mlp``) on CPU through the Triton interpreter; on GPU see
 ``swift_blocks.py --check-kernels``."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from interpreted import run_check  # this folder (pytest puts it on sys.path)
 
 from neuro_models import registry as R
-from neuro_models.swift import gelu_mlp, triton_launch
+from neuro_models.swift.kernels import gelu_mlp, triton_launch
 from neuro_models.swift.layers import Mlp
 
 

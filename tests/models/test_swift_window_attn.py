@@ -10,7 +10,7 @@ from interpreted import run_check  # this folder (pytest puts it on sys.path)
 
 from neuro_models import registry as R
 from neuro_models.swift import layers as L
-from neuro_models.swift import window_attn as WA
+from neuro_models.swift.kernels import window_attn as WA
 from neuro_models.swift.model import WindowBlock4D
 
 

@@ -1,11 +1,11 @@
-"""The launch-configuration choice shared by the hand-written Triton kernels (``neuro_models.swift.triton_launch``)."""
+"""The launch-configuration choice shared by the hand-written Triton kernels (``swift.kernels.triton_launch``)."""
 from __future__ import annotations
 
 import time
 
 import pytest
 
-from neuro_models.swift.triton_launch import fastest, tuned
+from neuro_models.swift.kernels.triton_launch import fastest, tuned
 
 
 def _make_run(cfg: dict):

@@ -12,7 +12,7 @@ import torch
 from interpreted import fp16_loss_and_grads, rel  # this folder
 
 from neuro_models import registry as R
-from neuro_models.swift import window_attn as WA
+from neuro_models.swift.kernels import window_attn as WA
 from neuro_models.swift.layers import shifted_window_mask
 from neuro_models.swift.model import WindowBlock4D
 

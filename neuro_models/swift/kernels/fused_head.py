@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-from .layers import patchify
+from ..layers import patchify
 from .triton_launch import available, fastest
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs lack it

@@ -6,12 +6,12 @@ One :class:`~study.spec.RunSpec` with ``task="finetune"`` trains an encoder + he
 ============  ===========================================================================================
 scratch       no pre-trained weights, everything trainable (the seed's "From scratch" row)
 full          pre-trained encoder, everything trainable
-last_block    pre-trained encoder; only the last encoder *stage* (for SwiFT: the last Swin stage, 2 blocks
-              of full attention at 51M, i.e. the seed's "last block", ~28% of the 51M model), the final
-              norm and the head train. Families without stages use ``model.last_block_parameters()``.
+last_block    pre-trained encoder; only the family's "last block" (for SwiFT: the last Swin stage, 2 blocks
+              of full attention at 51M, i.e. the seed's "last block", ~28% of the 51M model; for NeuroMamba
+              the last block), the final norm and the head train
 lora          pre-trained encoder frozen; LoRA adapters (``peft``, rank ``spec.lora_rank``, alpha = rank)
-              on every ``nn.Linear`` inside the encoder blocks (attention qkv/proj and MLP fc1/fc2 for
-              SwiFT) and the head train
+              on the family's LoRA targets (every ``nn.Linear`` inside the encoder blocks: attention
+              qkv/proj and MLP fc1/fc2 for SwiFT) and the head train
 prompt        pre-trained encoder frozen; ``spec.prompt_tokens`` learnable tokens and the head train.
               SwiFT prepends the prompts to the flattened token sequence of the last, full-attention
               stage (windowed stages never see them): every token attends to them in each block of that
@@ -19,6 +19,9 @@ prompt        pre-trained encoder frozen; ``spec.prompt_tokens`` learnable token
 frozen_mlp    pre-trained encoder frozen; a 2-layer MLP head (hidden width = encoder width) trains
 ============  ===========================================================================================
 
+Each family says what these strategies touch through its fine-tuning hooks and architecture fields
+(:class:`neuro_models.family.FinetuneHooks`, ``ModelFamily.arch_fields``); nothing here looks into a model by
+attribute name beyond the downstream-model contract (``.encoder``, ``.head``, ``.prompts``).
 Every strategy except ``frozen_mlp`` uses a linear head on mean-pooled features. Frozen parameters have
 ``requires_grad=False``, are left out of the optimizer and never move.
 
@@ -33,7 +36,6 @@ are the manifest's downstream ``test`` split, which the data layer keeps out of 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -56,10 +58,6 @@ from study.train import (BatchPlan, SampleOrder, TrainResult, _autocast, _collat
 
 #: strategies that start from pre-trained weights
 NEEDS_WEIGHTS = tuple(s for s in STRATEGIES if s != "scratch")
-#: config fields that must agree between the exported weights and the fine-tuning model
-ARCH_FIELDS = ("family", "embed_dim", "depths", "depth", "num_heads", "patch_size", "in_chans", "img_size",
-               "window_size", "mlp_ratio", "qkv_bias", "last_layer_full_attention", "mixer", "headdim", "d_state",
-               "d_conv", "expand", "dt_rank", "parametrization")
 
 
 def check_strategy(strategy: str) -> None:
@@ -77,14 +75,15 @@ def _norm(v: Any) -> Any:
 def check_compatible(cfg: Any, info: dict[str, Any], path: str | os.PathLike) -> None:
     """Raise :class:`study.checkpoint.CheckpointError` when exported weights belong to another model.
 
-    Compares the architecture fields (family, width, depths, heads, patch and input size, ...) of the
-    weights' stored config with ``cfg`` and names every difference.
+    Compares the architecture fields of ``cfg``'s family (``ModelFamily.arch_fields``: family, width, depths,
+    heads, patch and input size, ...) of the weights' stored config with ``cfg`` and names every difference.
     """
     stored = info.get("model_config") or {}
     mine = cfg.__dict__ if not hasattr(cfg, "__dataclass_fields__") else {k: getattr(cfg, k)
                                                                           for k in cfg.__dataclass_fields__}
     diffs = [f"{k}: weights have {stored[k]!r}, the run asks for {mine[k]!r}"
-             for k in ARCH_FIELDS if k in stored and k in mine and _norm(stored[k]) != _norm(mine[k])]
+             for k in R.family_of(cfg).arch_fields
+             if k in stored and k in mine and _norm(stored[k]) != _norm(mine[k])]
     if diffs:
         raise ckpt.CheckpointError(
             f"weights {path} (family={stored.get('family')!r}, size={stored.get('size')!r}) do not fit this model "
@@ -130,40 +129,13 @@ def load_weights(spec: RunSpec, cfg: Any) -> dict[str, torch.Tensor] | None:
 # --------------------------------------------------------------------------------------------------
 # strategies
 # --------------------------------------------------------------------------------------------------
-def _mlp_hidden(cfg: Any, task: str) -> int:
-    """Hidden width of the ``frozen_mlp`` head: the encoder's output width (probed on the meta device)."""
-    probe_cfg = dataclasses.replace(cfg, parametrization="sp") if hasattr(cfg, "parametrization") else cfg
-    with torch.device("meta"):
-        probe = R.build_downstream_model(probe_cfg, task=task)
-    width = getattr(probe.encoder, "num_features", None) or getattr(cfg, "embed_dim")
-    return int(width)
-
-
-def last_block_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The seed's "last block": the last encoder stage (or block), the final norm and the head."""
-    enc = model.encoder
-    if hasattr(enc, "stages") and hasattr(enc, "norm"):
-        params = list(enc.stages[-1].parameters()) + list(enc.norm.parameters())
-        return params + list(model.head.parameters())
-    prompts = getattr(model, "prompts", None)
-    return [p for p in model.last_block_parameters() if p is not prompts]
-
-
-def lora_targets(encoder: nn.Module) -> list[str]:
-    """Names of the ``nn.Linear`` modules inside the encoder blocks (LoRA targets)."""
-    names = [n for n, m in encoder.named_modules() if isinstance(m, nn.Linear) and "blocks" in n.split(".")]
-    if not names:
-        raise ValueError(f"strategy='lora': the {type(encoder).__name__} encoder has no nn.Linear in its blocks")
-    return names
-
-
-def add_lora(model: nn.Module, rank: int, alpha: float | None = None) -> list[str]:
-    """Inject LoRA adapters (``peft``) into the encoder's block linears in place; returns the targets."""
+def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float | None = None) -> list[str]:
+    """Inject LoRA adapters (``peft``) into the encoder modules ``targets`` (the family's
+    ``FinetuneHooks.lora_targets``) in place; returns the targets."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if rank <= 0:
         raise ValueError(f"lora_rank={rank} must be positive")
-    targets = lora_targets(model.encoder)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=0.0,
                         target_modules=targets, bias="none")
     inject_adapter_in_model(config, model.encoder)
@@ -188,31 +160,30 @@ def build_model(spec: RunSpec, cfg: Any, weights: dict[str, torch.Tensor] | None
         With ``requires_grad`` set per the strategy.
     """
     check_strategy(spec.strategy)
+    hooks = R.family_of(cfg).finetune
     kw: dict[str, Any] = {}
     if spec.strategy == "prompt":
         if spec.prompt_tokens <= 0:
             raise ValueError(f"strategy='prompt' needs prompt_tokens > 0, got {spec.prompt_tokens}")
+        if not hooks.supports_prompts(cfg):
+            raise ValueError(f"strategy='prompt' is not supported by family {spec.family!r} (its encoder has no "
+                             f"stage that prompt tokens can join for this config); allowed for it: "
+                             f"{[s for s in STRATEGIES if s != 'prompt']}")
         kw["prompt_tokens"] = spec.prompt_tokens
     if spec.strategy == "frozen_mlp":
-        kw["hidden_dim"] = _mlp_hidden(cfg, spec.task_type)
+        kw["hidden_dim"] = hooks.feature_dim(cfg)
     torch.manual_seed(spec.seed)
-    try:
-        model = R.build_downstream_model(cfg, task=spec.task_type, num_outputs=1, **kw)
-    except ValueError as exc:
-        if spec.strategy != "prompt":
-            raise
-        raise ValueError(f"strategy='prompt' is not supported by family {spec.family!r} ({exc}); allowed for it: "
-                         f"{[s for s in STRATEGIES if s != 'prompt']}") from exc
+    model = R.build_downstream_model(cfg, task=spec.task_type, num_outputs=1, **kw)
     if weights is not None:
         load_encoder(model, weights, spec.init_from or "<weights>")
     s = spec.strategy
     if s in ("scratch", "full"):
         trainable: Iterable[nn.Parameter] = list(model.parameters())
     elif s == "last_block":
-        trainable = last_block_parameters(model)
+        trainable = hooks.last_block_parameters(model)
     elif s == "lora":
         torch.manual_seed(spec.seed + 1)
-        add_lora(model, spec.lora_rank)
+        add_lora(model, hooks.lora_targets(model.encoder), spec.lora_rank)
         trainable = [p for n, p in model.encoder.named_parameters() if "lora_" in n] + list(model.head.parameters())
     elif s == "prompt":
         trainable = [model.prompts] + list(model.head.parameters())

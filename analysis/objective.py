@@ -358,7 +358,8 @@ class ReparamObjective(_Batched):
 
     def __call__(self, theta_SP, rows=None):
         f, g = self.inner(self.expand(theta_SP), rows)
-        return f, g @ self.M
+        with np.errstate(invalid="ignore", over="ignore"):  # far-off starts: inf, rejected by the search
+            return f, g @ self.M
 
 
 class ResidualObjective(_Batched):

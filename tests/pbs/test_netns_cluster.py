@@ -114,9 +114,11 @@ print(json.dumps({'nodes': [[n['NodeManagerAddress'], n['Resources'].get('CPU'),
     # each node's Ray temp dir is node-local and short
     tmp = node_tmp_dirs(cluster.jobkey)
     assert [d.rsplit("_", 1)[1] for d in tmp] == ["0", "1", "2"] and all(len(d) <= 40 for d in tmp), tmp
-    # private: in this user's 0700 dir, each 0700, with one random part shared by the job's nodes
-    assert {Path(d).parent for d in tmp} == {Path(f"/tmp/nx-{os.geteuid()}")}
-    assert all(Path(d).stat().st_mode & 0o777 == 0o700 for d in tmp + [f"/tmp/nx-{os.geteuid()}"])
+    # private: in this user's own 0700 dir (Ray chmods its temp dir itself to 0777; the parent keeps everyone
+    # else out), with one random part shared by the job's nodes
+    user_dir = Path(f"/tmp/nx-{os.geteuid()}")
+    assert {Path(d).parent for d in tmp} == {user_dir}
+    assert user_dir.stat().st_mode & 0o777 == 0o700 and user_dir.stat().st_uid == os.geteuid()
     assert len({Path(d).name.split("_")[0] for d in tmp}) == 1
 
 

@@ -9,6 +9,7 @@ the predictable `/tmp/nx<jobid>_<rank>` and `<stage-to>/neurox_<jobid>` used who
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,12 +27,20 @@ def _bootstrap(tmp_path, args, jobid="4242", **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PBS_", "RAY_", "NEUROX_"))}
     env.update(PBS_NODEFILE=str(nodes), PBS_JOBID=f"{jobid}.pbs", NEUROX_PYTHON=sys.executable,
                NEUROX_STATE_DIR=str(tmp_path / "state"), PATH=f"{Path(sys.executable).parent}:{env['PATH']}", **extra)
-    return subprocess.run(["bash", str(SCRIPT), "up", "--iface", "lo", "--num-cpus", "1", *args],
-                          capture_output=True, text=True, env=env, timeout=120)
-
-
-def _ray_processes_of(path: Path) -> list[int]:
-    return C.procs_referencing(str(path))
+    argv = ["bash", str(SCRIPT), "up", "--iface", "lo", "--num-cpus", "1", *args]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # a regression started Ray: stop it (its processes run in sessions of their own)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        bases = [Path(args[i + 1]) for i, a in enumerate(args[:-1]) if a == "--tmp-base"] or [Path("/tmp")]
+        for base in bases:
+            for d in [*base.glob(f"nx{jobid}_*"), *base.glob(f"nx-{os.geteuid()}/{jobid}.*")]:
+                C.cleanup(str(d), grace_s=2, kill_wait_s=2)
+        pytest.fail(f"the bootstrap did not stop within 120 s (it started Ray?): {argv}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def test_second_start_in_the_same_job_leaves_the_running_cluster_alone(tmp_path):

@@ -7,8 +7,10 @@ GPUs, an optional per-size LR search). Presets:
     Embedded local Ray, the synthetic cohort, tiny SwiFT v2 widths, an IsoFLOP grid of three compute
     budgets and a data-mixture axis; minutes on a 2-core machine.
 ``polaris`` / ``aurora``
-    The seed's ladder (51M ... 3B) on a real manifest, one trial per node (4 A100 / 12 XPU tiles),
-    DeepSpeed ZeRO-1, bf16.
+    The seed's ladder (51M ... 3B) on a real manifest, one trial per node (4 A100 40 GB / 12 Max 1550 tiles),
+    DeepSpeed, bf16, muP with a transferred LR (``--lr-from``); each run split by the run planner
+    (:mod:`study.planner`: micro-batch, checkpointing, ZeRO stage, compile, loader workers) for the node's device
+    kind (``--device-kind`` to plan for another).
 ``pkg.module:function``
     A user's own study: the function takes the parsed options (``argparse.Namespace``) and returns a
     list of run specs or a :class:`StudyPlan`.
@@ -48,6 +50,10 @@ class StudyPlan:
     cohort: dict[str, Any] | None = None
     """Synthetic cohort to generate (kwargs of ``data.synthetic.generate_cohort``), or None for ``--manifest``."""
     extra: dict[str, Any] = field(default_factory=dict)
+    device_kind: str | None = None
+    """Accelerator kind the runs were planned for (``study/device_kinds.json``); None for CPU plans."""
+    run_plans: dict[str, Any] = field(default_factory=dict)
+    """run id -> :class:`study.planner.RunPlan` (micro-batch, checkpointing, ZeRO, predicted memory and speed)."""
 
     def validate(self) -> None:
         if not self.specs:
@@ -92,45 +98,53 @@ def run_summary(spec: RunSpec) -> dict[str, Any]:
             "n_subjects": spec.n_subjects, "mixture": dict(spec.cohorts) or "all"}
 
 
-def memory_estimate_gib(spec: RunSpec, world_size: int) -> float:
-    """Model-state memory per device in GiB under the spec's ZeRO stage (mixed-precision Adam: 2 B
-    bf16 weights + 2 B grads + 12 B fp32 master/moments per parameter; ZeRO-1 partitions the 12 B,
-    ZeRO-2 also the grads, ZeRO-3 everything). Activations are not included; the training benchmark
-    reports measured peaks."""
-    n = R.param_counts(model_config(spec))["total"]
-    z = spec.zero_stage if spec.distributed == "deepspeed" else 0
-    w, g, o = 2.0, 2.0, 12.0
-    if z >= 1:
-        o /= world_size
-    if z >= 2:
-        g /= world_size
-    if z >= 3:
-        w /= world_size
-    return n * (w + g + o) / 2**30
-
-
 # --------------------------------------------------------------------------------------------------
 # presets
 # --------------------------------------------------------------------------------------------------
-DEMO_WIDTHS = (16, 32, 48)
-DEMO_BUDGETS = (4.0e9, 8.0e9, 1.6e10, 3.2e10, 6.4e10)
+DEMO_WIDTHS = (16, 32, 48, 64)
+"""First-stage widths (N = 49k, 176k, 381k, 664k parameters: a 13x range)."""
+DEMO_BUDGETS = tuple(4.8e10 * 2**k for k in range(6))
+"""IsoFLOP budgets, x2 apart (4.8e10 ... 1.5e12 FLOPs)."""
+DEMO_LR_AT_16 = 2e-2
+"""Peak LR of width 16; other widths get ``DEMO_LR_AT_16 * 16 / width``, the SP rule for Adam's hidden-layer
+LR (muP's width scaling). Measured on 300-step runs: width 16 improves up to 4e-2, width 64 is flat over
+2.5e-3 ... 1e-2; at 3e-2 a 1624-step width-16 run ended worse than a 406-step one."""
+DEMO_MIN_STEPS, DEMO_MAX_STEPS = 200, 1100
+"""A budget trains the widths whose step count lies in this band. Shorter runs are still in the transient in
+which the model learns the cohort's static anatomy (width 16: val loss 0.13-0.14 at step 100, 0.09 at 200,
+0.076 at 433); ``L(N, D)`` does not describe it, and one such point drove approach 3 to beta = 10, E = 0.
+Longer runs only confirm a width's floor far from its compute-optimal budget."""
+DEMO_COHORT = {"n_subjects": 96, "grid": (24, 24, 24), "n_frames": 40, "seed": 0, "texture": 0.3,
+               "texture_exponent": 1.0}
+"""The demo's synthetic cohort: the default generator plus a fine anatomical texture (data/README.md)."""
+
+
+def demo_width(base: RunSpec, width: int) -> RunSpec:
+    """``base`` at ``width`` with the demo's width rules: LR ``DEMO_LR_AT_16 * 16 / width`` and a decoder as wide
+    as the encoder (a fixed 8-channel decoder caps every width's reconstruction at the same rank)."""
+    return base.replace(width=width, lr=DEMO_LR_AT_16 * 16 / width, model_overrides={"decoder_dim": width})
 
 
 def demo(opts: Any = None) -> StudyPlan:
     """Tiny SwiFT v2 IsoFLOP study on the synthetic cohort (minutes on 2 CPU cores)."""
     manifest = getattr(opts, "manifest", None) or ""
     base = RunSpec(study=getattr(opts, "study_name", None) or "demo", family="swift_v2", size="debug",
-                   grid=(24, 24, 24), sequence_length=8, batch_size=4, lr=3e-3, schedule="cosine",
-                   warmup_frac=0.1, eval_every=50, eval_windows=16, checkpoint_every=50,
+                   grid=(24, 24, 24), sequence_length=8, batch_size=4, lr=DEMO_LR_AT_16, schedule="cosine",
+                   warmup_frac=0.1, eval_every=100, eval_windows=32, checkpoint_every=100,
                    manifest=manifest, precision="fp32", seed=0)
-    specs = isoflop_grid(base, budgets=DEMO_BUDGETS, widths=DEMO_WIDTHS, min_steps=8, max_steps=400)
-    # data-mixture axis: the middle budget on the single noisiest cohort vs the diverse mixture
-    mid = [s for s in specs if s.budget == DEMO_BUDGETS[2]]
+    specs = []
+    # largest budget first: its long runs start at once and the short ones fill in beside them
+    for c in sorted(DEMO_BUDGETS, reverse=True):
+        for w in DEMO_WIDTHS:
+            spec = demo_width(base, w).replace(budget_kind="flops", budget=float(c))
+            if DEMO_MIN_STEPS <= run_summary(spec)["steps"] <= DEMO_MAX_STEPS:
+                specs.append(spec)
+    # data-mixture axis: the middle budget on one cohort vs the diverse mixture
+    mid = [s for s in specs if s.budget == sorted(DEMO_BUDGETS)[2]]
     if mid:
         one = mid[len(mid) // 2]
         specs.append(one.replace(cohorts={"cohort_a": 1.0}))
-    return StudyPlan(name="demo", specs=specs, description=demo.__doc__ or "",
-                     cohort={"n_subjects": 48, "grid": (24, 24, 24), "n_frames": 24, "seed": 0})
+    return StudyPlan(name="demo", specs=specs, description=demo.__doc__ or "", cohort=dict(DEMO_COHORT))
 
 
 def smoke(opts: Any = None) -> StudyPlan:
@@ -235,7 +249,7 @@ def check_transfer_applies(art: Any, family: str, sizes: Sequence[str]) -> None:
 
 
 def _ladder(opts: Any, *, name: str, workers: int, budgets: Sequence[float], sizes: Sequence[str],
-            n_subjects: Sequence[int]) -> StudyPlan:
+            n_subjects: Sequence[int], device_kind: str, cpus_per_device: int) -> StudyPlan:
     manifest = getattr(opts, "manifest", None)
     if not manifest:
         raise ValueError(f"preset {name!r} trains on real data: pass --manifest <cohort manifest.parquet>")
@@ -251,21 +265,28 @@ def _ladder(opts: Any, *, name: str, workers: int, budgets: Sequence[float], siz
             for n in n_subjects:
                 specs.append(base.replace(size=size, budget_kind="flops", budget=float(c), n_subjects=n,
                                           zero_stage=ladder_zero_stage(size)))
+    from study.planner import plan_study
+
+    kind = getattr(opts, "device_kind", None) or device_kind
+    cpus = getattr(opts, "cpus_per_device", None) or cpus_per_device
+    specs, run_plans = plan_study(specs, kind, workers=workers, cpus_per_device=cpus)
     return StudyPlan(name=name, specs=specs, num_workers=workers, use_gpu=True,
                      description=f"SwiFT v2 ladder {list(sizes)} x subjects {list(n_subjects)} x budgets",
-                     extra={"lr_source": rule.source, "lr_transferred": rule.transferred})
+                     extra={"lr_source": rule.source, "lr_transferred": rule.transferred},
+                     device_kind=next(iter(run_plans.values())).device_kind, run_plans=run_plans)
 
 
 def polaris(opts: Any = None) -> StudyPlan:
     """Polaris (4 A100 per node, one trial per node)."""
     return _ladder(opts, name="polaris", workers=4, budgets=(1e18, 3e18, 1e19), sizes=("51M", "202M", "806M"),
-                   n_subjects=(1000, 4000, 16000))
+                   n_subjects=(1000, 4000, 16000), device_kind="a100-40gb", cpus_per_device=8)
 
 
 def aurora(opts: Any = None) -> StudyPlan:
     """Aurora (12 XPU tiles per node, one trial per node)."""
     return _ladder(opts, name="aurora", workers=12, budgets=(3e18, 1e19, 3e19, 1e20),
-                   sizes=("51M", "202M", "806M", "3B"), n_subjects=(2000, 8000, 32000))
+                   sizes=("51M", "202M", "806M", "3B"), n_subjects=(2000, 8000, 32000), device_kind="max1550-tile",
+                   cpus_per_device=8)
 
 
 PRESETS: dict[str, Callable[[Any], StudyPlan]] = {"demo": demo, "smoke": smoke, "smoke-gpu": smoke_gpu,

@@ -42,36 +42,81 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr-from", default=None, metavar="STUDY_OR_FILE",
                     help="ladder presets: take the muP base width and base LR from a µTransfer study "
                          "(its folder, its name under --storage, or its report/lr_transfer.json)")
-    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    ap.add_argument("--gpu-mem-gib", type=float, default=80.0, help="device memory for the --dry-run fit check")
-    ap.add_argument("--gpu-peak-tflops", type=float, default=989.0, help="per-device peak for GPU-hour estimates")
-    ap.add_argument("--assumed-mfu", type=float, default=0.35, help="MFU assumed by the GPU-hour estimate")
+    ap.add_argument("--device-kind", default=None,
+                    help="GPU presets: plan the runs for this device kind (study/device_kinds.json: h100-80gb, "
+                         "h200-141gb, a100-40gb, a100-80gb, max1550-tile, mi250x-gcd); default: the preset's site")
+    ap.add_argument("--cpus-per-device", type=int, default=None,
+                    help="GPU presets: CPU cores the allocation gives each device (sets loader workers); "
+                         "default: the preset's site")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan (a table, or JSON with --json) and exit")
+    ap.add_argument("--json", action="store_true", help="with --dry-run: one JSON object per run, then a summary")
     return ap.parse_args(argv)
 
 
-def print_plan(plan, args) -> None:
-    from study.plans import memory_estimate_gib, run_summary
+def plan_rows(plan, device_kind: str | None = None) -> list[dict]:
+    """One row per run with the planner's fields (``study.planner.RunPlan``) plus params, steps and FLOPs. GPU plans
+    carry their run plans; a plan without them is assessed as configured for ``device_kind`` (if given)."""
+    from dataclasses import asdict
 
-    world = plan.num_workers
-    print(f"study plan {plan.name!r}: {len(plan.specs)} runs, {world} worker(s)/trial, "
-          f"{'GPU' if plan.use_gpu else 'CPU'}")
-    hdr = (f"{'run_id':58s} {'params':>10s} {'steps':>7s} {'samples':>9s} {'FLOPs':>10s} {'GPU-h':>8s} "
-           f"{'ZeRO':>4s} {'mem GiB':>8s} fits {'param':>5s} {'base w':>6s} {'lr':>9s}")
-    print(hdr)
-    total_gpu_h = 0.0
+    from study.planner import assess_run
+    from study.plans import run_summary
+
+    rows = []
     for s in plan.specs:
         r = run_summary(s)
-        gpu_h = r["flops"] / (args.gpu_peak_tflops * 1e12 * args.assumed_mfu) / 3600
-        total_gpu_h += gpu_h
-        mem = memory_estimate_gib(s, world)
-        fits = "yes" if mem < args.gpu_mem_gib else "NO"
-        zero = s.zero_stage if s.distributed == "deepspeed" else "-"
-        base_w = s.mup_base_width if s.parametrization == "mup" and s.mup_base_width else "-"
-        print(f"{r['run_id']:58s} {r['params']:10.3g} {r['steps']:7d} {r['samples']:9d} {r['flops']:10.3g} "
-              f"{gpu_h:8.3g} {zero!s:>4s} {mem:8.2f} {fits:>4s} {s.parametrization:>5s} {base_w!s:>6s} {s.lr:9.3g}")
-    print(f"LR: {lr_source(plan)}")
-    print(f"total: {total_gpu_h:.3g} GPU-hours at {args.assumed_mfu:.0%} MFU of {args.gpu_peak_tflops:g} TFLOP/s "
-          f"(mem: model-state memory per device under each run's ZeRO stage; '-' = DDP)")
+        rp = plan.run_plans.get(s.run_id)
+        micro = s.micro_batch_size or s.batch_size // plan.num_workers
+        if rp is None and device_kind and plan.use_gpu:
+            rp = assess_run(s, device_kind, workers=plan.num_workers)
+        base = dict(run_id=s.run_id, family=s.family, size=s.size, parametrization=s.parametrization, lr=s.lr,
+                    device_kind=None, global_batch=s.batch_size, micro_batch=micro,
+                    accumulation=s.batch_size // plan.num_workers // micro, workers=plan.num_workers,
+                    activation_checkpointing=s.activation_checkpointing,
+                    zero_stage=s.zero_stage if s.distributed == "deepspeed" else None, compile=s.compile,
+                    loader_workers=s.num_workers, predicted_peak_gib=None, device_memory_gib=None,
+                    predicted_samples_per_s=None, throughput_source="CPU plan: not predicted", gpu_hours=None,
+                    fits=None, reason="")
+        rows.append({**base, **(asdict(rp) if rp else {}), "mup_base_width": s.mup_base_width if s.parametrization ==
+                     "mup" else None, "params": r["params"], "steps": r["steps"], "flops": r["flops"]})
+    return rows
+
+
+def print_plan(plan, args) -> None:
+    rows = plan_rows(plan, args.device_kind)
+    gpu_h = [r["gpu_hours"] for r in rows if r["gpu_hours"] is not None]
+    summary = {"summary": True, "study": plan.name, "runs": len(rows), "device_kind": rows[0]["device_kind"] if rows
+               else None, "workers_per_run": plan.num_workers, "gpu_hours": sum(gpu_h) if gpu_h else None,
+               "all_fit": all(r["fits"] is not False for r in rows), "lr_source": lr_source(plan),
+               "throughput_sources": sorted({r["throughput_source"] for r in rows})}
+    if args.json:
+        for r in rows:
+            print(json.dumps(r, default=str))
+        print(json.dumps(summary, default=str))
+        return
+    print(f"study plan {plan.name!r}: {len(rows)} runs, {plan.num_workers} worker(s)/run, "
+          f"{summary['device_kind'] or ('GPU' if plan.use_gpu else 'CPU')}")
+    print(f"{'run_id':46s} {'params':>8s} {'steps':>7s} {'FLOPs':>8s} {'param':>5s} {'base w':>6s} {'lr':>8s} "
+          f"{'mb x acc':>8s} {'ckpt':>4s} {'ZeRO':>4s} {'comp':>4s} {'load':>4s} {'GiB/dev':>11s} {'fits':>4s} "
+          f"{'samples/s':>9s} {'GPU-h':>8s}")
+    for r in rows:
+        mem = (f"{r['predicted_peak_gib']:.1f}/{r['device_memory_gib']:.0f}" if r["predicted_peak_gib"] is not None
+               else "-")
+        fits = {True: "yes", False: "NO", None: "-"}[r["fits"]]
+        print(f"{r['run_id']:46s} {r['params']:8.3g} {r['steps']:7d} {r['flops']:8.2g} {r['parametrization']:>5s} "
+              f"{r['mup_base_width'] or '-'!s:>6s} {r['lr']:8.3g} {str(r['micro_batch']) + ' x ' + str(r['accumulation']):>8s} "
+              f"{'yes' if r['activation_checkpointing'] else 'no':>4s} "
+              f"{'-' if r['zero_stage'] is None else r['zero_stage']!s:>4s} {'yes' if r['compile'] else 'no':>4s} "
+              f"{r['loader_workers']:4d} {mem:>11s} {fits:>4s} "
+              f"{'-' if r['predicted_samples_per_s'] is None else format(r['predicted_samples_per_s'], '9.1f'):>9s} "
+              f"{'-' if r['gpu_hours'] is None else format(r['gpu_hours'], '8.3g'):>8s}")
+        if r["reason"]:
+            print(f"    {r['reason']}")
+    print(f"LR: {summary['lr_source']}")
+    for src in summary["throughput_sources"]:
+        print(f"samples/s: {src}")
+    if summary["gpu_hours"] is not None:
+        print(f"total: {summary['gpu_hours']:.3g} GPU-hours on {summary['device_kind']} "
+              f"(GiB/dev: predicted peak per device / the device's memory; study/planner.py)")
 
 
 def lr_source(plan) -> str:
@@ -92,8 +137,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         plan = load_plan(args.preset, args)
+        if args.dry_run and args.manifest and not Path(args.manifest).is_file():
+            raise ValueError(f"--manifest {args.manifest} does not exist")
     except ValueError as exc:
         return fail(str(exc))
+    if args.json and not args.dry_run:
+        return fail("--json goes with --dry-run")
     if args.dry_run:
         print_plan(plan, args)
         return 0

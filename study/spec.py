@@ -22,7 +22,8 @@ from typing import Any, Mapping
 #: is among them: a study records the manifest content hash and refuses to mix data versions.
 NON_SEMANTIC_FIELDS = frozenset({"study", "manifest", "num_workers", "checkpoint_every", "keep_last", "keep_best",
                                  "micro_batch_size", "distributed", "zero_stage", "bad_data",
-                                 "log_every", "compile", "deepspeed_config", "gc_every", "notes"})
+                                 "log_every", "compile", "deepspeed_config", "gc_every", "notes",
+                                 "activation_checkpointing"})
 
 SCHEDULES = ("cosine", "wsd", "constant")
 BUDGET_KINDS = ("steps", "samples", "tokens", "flops")
@@ -161,6 +162,9 @@ class RunSpec:
     """Regional ``torch.compile`` of the model's blocks (``neuro_models.layers.compile_regions``): faster
     steps on GPUs after a one-off compilation of a few minutes; numerically equivalent, so not part of
     the run id."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward instead of keeping them (the run planner turns it on
+    when a run does not fit otherwise); numerically equivalent, so not part of the run id."""
     gc_every: int = 10
     """Run Python's garbage collector by hand every N optimizer steps, at the same step on every rank, with
     the automatic collector off during the loop (0: Python's automatic collector). An automatic full

@@ -165,6 +165,8 @@ def model_config(spec: RunSpec):
     overrides["parametrization"] = spec.parametrization
     if spec.mup_base_width is not None:
         overrides["mup_base_width"] = spec.mup_base_width
+    if spec.activation_checkpointing:
+        overrides["use_checkpoint"] = True
     cfg = R.get_config(spec.family, spec.size, **overrides)
     if spec.width is not None:
         cfg = R.with_width(cfg, spec.width)

@@ -1,0 +1,390 @@
+"""The run planner: how each run is split on the device kind it will run on, and what it will cost.
+
+For a :class:`~study.spec.RunSpec`, a device kind (``study/device_kinds.json``) and a number of workers, the
+planner chooses the micro-batch (hence gradient accumulation), activation checkpointing, the ZeRO stage, compile
+and loader workers so that the run fits the device's memory with a margin, and predicts its peak memory,
+samples/s and GPU-hours. The global batch is the study's; only how it is split changes. A run that no plan fits
+is refused with the reason before anything starts.
+
+Memory (per device, GiB) = model state + activations + a fixed overhead:
+
+* **model state**: fp32 weights 4 B, fp32 gradients 4 B and AdamW's two fp32 moments 8 B per parameter (bf16
+  autocast keeps fp32 master weights, DDP and DeepSpeed alike), the optimizer step's temporaries and DDP's gradient
+  buckets; ZeRO-1 partitions the moments (and the step's temporaries) over the workers, ZeRO-2 also the gradients,
+  ZeRO-3 also the weights. The peak is the larger of the backward's (state + activations) and the step's;
+* **activations**: ``micro_batch x (c x E + f x V)`` bytes, where ``E`` is the encoder's activation elements per
+  sample (for the 4D Swin families ``sum over stages of tokens x width x depth``) and ``V`` the input's voxel-frames
+  (input, decoder and loss); ``c`` and ``f`` are fitted per mode (eager, compiled) to peaks measured through
+  ``train()`` (``fit_activation_model``; BENCHMARKS.md, "Run planner"); under checkpointing each block keeps its
+  fp32 input and one block is recomputed at a time;
+* **overhead**: the CUDA context, cuBLAS/cuDNN workspaces and allocator slack, a constant.
+
+Throughput comes from the committed table of measured rows (``benchmarks/results/planner/*.jsonl``): an exact
+(family, size, device kind, micro-batch, compile, checkpointing) row is ``measured``; otherwise the prediction
+names the row it was extrapolated from and how (the nearest micro-batch of the same size; another size by FLOPs at
+that row's achieved FLOP rate; another device kind by the ratio of their dense bf16 peaks; several workers at the
+measured 4-GPU strong-scaling efficiency).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+from neuro_models import registry as R
+from study.spec import RunSpec
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+MEASURED_DIR = REPO / "benchmarks" / "results" / "planner"
+
+#: fraction of a device's memory a plan may use (the rest absorbs fragmentation spikes and the loader's pinned buffers)
+MEMORY_MARGIN = 0.90
+#: multi-worker rate = workers x one-device rate x this (51M/806M strong scaling at 4 H100s: 95.8% / 90.4%)
+SCALING_EFFICIENCY = 0.90
+#: model-state bytes per parameter: fp32 weights, fp32 grads, AdamW moments; DDP's buckets hold one more copy
+STATE_BYTES = {"weights": 4.0, "grads": 4.0, "moments": 8.0, "ddp_buckets": 4.0}
+
+GiB = 2.0 ** 30
+#: MFU assumed only where no measured row exists for a family and mode (the prediction says so)
+ASSUMED_MFU = 0.15
+
+
+@dataclass(frozen=True)
+class DeviceKind:
+    name: str
+    vendor: str
+    memory_gib: float
+    peak_bf16_tflops: float
+    matmul_tflops: float | None
+    names: tuple
+
+
+@lru_cache(maxsize=1)
+def device_kinds() -> dict[str, DeviceKind]:
+    """The device kinds in ``study/device_kinds.json``."""
+    raw = json.loads((HERE / "device_kinds.json").read_text())
+    return {k: DeviceKind(name=k, vendor=v["vendor"], memory_gib=float(v["memory_gib"]),
+                          peak_bf16_tflops=float(v["peak_bf16_tflops"]), matmul_tflops=v.get("matmul_tflops"),
+                          names=tuple(v.get("names", ()))) for k, v in raw.items() if not k.startswith("_")}
+
+
+def device_kind(name: str) -> DeviceKind:
+    """A kind by its key (``h100-80gb``) or by a device name the driver reports (``NVIDIA H100 80GB HBM3``)."""
+    kinds = device_kinds()
+    if name in kinds:
+        return kinds[name]
+    for kind in kinds.values():
+        if any(n.lower() in name.lower() for n in kind.names):
+            return kind
+    raise ValueError(f"device kind {name!r} is unknown; allowed: {sorted(kinds)} (add one to study/device_kinds.json)")
+
+
+# --------------------------------------------------------------------------------------------------
+# memory model
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ActivationFit:
+    """Bytes kept for the backward per sample: ``c x E + f x V`` (E: encoder activation elements, V: input
+    voxel-frames). Under activation checkpointing each block keeps only its fp32 input (``saved`` bytes per element)
+    and the largest block's full activations exist once, during its recompute."""
+
+    c: float
+    f: float
+    saved: float = 0.0
+    source: str = ""
+
+
+#: least-squares fits (``fit_activation_model``) to the peaks measured through train() on one H100 (DDP, bf16
+#: autocast, the model defaults) in benchmarks/results/planner/h100_{eager,compiled}.jsonl (BENCHMARKS.md "Run
+#: planner"); checkpointing: 4 B (the fp32 block input) per element, checked against the one checkpointed row
+ACTIVATION_FITS: dict[str, ActivationFit] = {
+    "eager": ActivationFit(c=37.9, f=6.1, source="h100_eager.jsonl: 51M mb16/32, 202M mb16, 806M mb4/8"),
+    "compiled": ActivationFit(c=35.7, f=6.3, source="h100_compiled.jsonl: 51M mb16/32, 806M mb4/8"),
+    "checkpointed": ActivationFit(c=37.9, f=6.1, saved=4.0, source="fp32 block inputs + one block recomputed"),
+}
+#: model-state bytes per parameter at the activation peak (early in the backward: weights, moments and the last
+#: stages' gradients, which hold most parameters) and at the optimizer step (weights, grads, moments and the
+#: step's temporaries, one fp32 copy: the 3B's 61.6 GiB at micro-batch 2 is this peak)
+PEAK_STATE_BYTES = {"backward": 15.0, "step": 20.0}
+#: CUDA context, workspaces and allocator slack (the fits' intercept)
+OVERHEAD_GIB = 0.5
+
+
+def activation_elements(cfg: Any) -> tuple[float, float, float]:
+    """``(E, V, B)``: encoder activation elements, input voxel-frames and the largest block's elements per sample."""
+    img = getattr(cfg, "img_size", None)
+    voxels = float(math.prod(img)) if img else 0.0
+    tokens = float(R.tokens_per_sample(cfg))
+    if hasattr(cfg, "stage_dims") and hasattr(cfg, "depths"):  # 4D Swin families: patch merging over space only
+        per_stage = [tokens / 8 ** i * d for i, d in enumerate(cfg.stage_dims())]
+        return sum(e * n for e, n in zip(per_stage, cfg.depths)), voxels, max(per_stage)
+    depth = getattr(cfg, "depth", None) or 1
+    block = tokens * float(cfg.embed_dim) * 2.0  # Mamba blocks expand the width 2x
+    return block * float(depth), voxels, block
+
+
+def _state_gib(n: float, *, world: int, zero_stage: int, dist: str) -> dict[str, float]:
+    w, g, m = 4.0, 4.0, 8.0
+    temp = PEAK_STATE_BYTES["step"] - (w + g + m)
+    grads_at_peak = PEAK_STATE_BYTES["backward"] - (w + m)
+    z = zero_stage if dist == "deepspeed" else 0
+    buckets = 4.0 if dist == "ddp" and world > 1 else 0.0
+    if z >= 1:
+        m, temp = m / world, temp / world
+    if z >= 2:
+        g, grads_at_peak = g / world, grads_at_peak / world
+    if z >= 3:
+        w /= world
+    return {"backward": n * (w + m + grads_at_peak + buckets) / GiB, "step": n * (w + g + m + temp + buckets) / GiB}
+
+
+def memory_gib(spec: RunSpec, *, world: int, micro_batch: int, zero_stage: int, checkpointing: bool,
+               compiled: bool, distributed: str | None = None) -> dict[str, float]:
+    """Predicted peak memory per device (GiB): ``max(state at the backward + activations, state at the step)``
+    plus the overhead, with the parts."""
+    from study.train import model_config
+
+    cfg = model_config(spec)
+    n = float(R.param_counts(cfg)["total"])
+    state = _state_gib(n, world=world, zero_stage=zero_stage, dist=distributed or spec.distributed)
+    e, v, block = activation_elements(cfg)
+    if checkpointing:
+        fit = ACTIVATION_FITS["checkpointed"]
+        per_sample = fit.saved * e + fit.f * v + fit.c * block
+    else:
+        fit = ACTIVATION_FITS["compiled" if compiled else "eager"]
+        per_sample = fit.c * e + fit.f * v
+    act = micro_batch * per_sample / GiB
+    total = max(state["backward"] + act, state["step"]) + OVERHEAD_GIB
+    return {"state": state["step"], "activations": act, "overhead": OVERHEAD_GIB, "total": total}
+
+
+def fit_activation_model(rows: Iterable[dict]) -> ActivationFit:
+    """Least-squares ``(c, f)`` from measured rows of one mode (no checkpointing), given the state model: the
+    activation part of each peak is ``peak - overhead - state at the backward`` (rows whose peak is the optimizer
+    step's are left out)."""
+    import numpy as np
+
+    from study.train import model_config
+
+    X, y = [], []
+    for r in rows:
+        spec = RunSpec(family=r["family"], size=r["size"], grid=(96, 96, 96), sequence_length=r.get("T", 20))
+        cfg = model_config(spec)
+        n = float(R.param_counts(cfg)["total"])
+        st = _state_gib(n, world=r["gpus"], zero_stage=r.get("zero_stage", 0), dist=r.get("dist", "ddp"))
+        act = r["peak_mem_gib"] - OVERHEAD_GIB - st["backward"]
+        if r["peak_mem_gib"] - OVERHEAD_GIB <= st["step"] * 1.02:
+            continue
+        e, v, _ = activation_elements(cfg)
+        X.append([r["micro_batch"] * e, r["micro_batch"] * v])
+        y.append(act * GiB)
+    if len(X) < 2:
+        raise ValueError(f"fit_activation_model needs >= 2 rows whose peak is the backward's, got {len(X)}")
+    (c, f), *_ = np.linalg.lstsq(np.asarray(X), np.asarray(y), rcond=None)
+    return ActivationFit(c=float(c), f=float(f), source=f"{len(X)} rows")
+
+
+# --------------------------------------------------------------------------------------------------
+# measured throughput
+# --------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def measured_rows() -> tuple[dict, ...]:
+    """Every row of ``benchmarks/results/planner/*.jsonl`` (one measured configuration each)."""
+    rows = []
+    for f in sorted(MEASURED_DIR.glob("*.jsonl")) if MEASURED_DIR.is_dir() else []:
+        for line in f.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                r["_file"] = f.name
+                if r.get("samples_per_s") and r.get("device"):
+                    r["device_kind"] = device_kind(r["device"]).name
+                    rows.append(r)
+    return tuple(rows)
+
+
+def predict_throughput(spec: RunSpec, kind: DeviceKind, *, world: int, micro_batch: int, compiled: bool,
+                       checkpointing: bool, rows: Iterable[dict] | None = None) -> tuple[float | None, str]:
+    """``(samples/s of the whole run, source)``: measured where a row matches, else extrapolated and said so."""
+    from study.train import model_config
+
+    rows = list(measured_rows() if rows is None else rows)
+    fps = R.flops_per_sample(model_config(spec))["train"]
+
+    def same_mode(r):
+        return bool(r.get("compile")) == compiled and bool(r.get("checkpointing")) == checkpointing
+
+    cands = [r for r in rows if r["family"] == spec.family and same_mode(r)]
+    exact = [r for r in cands if r["size"] == spec.size and r["micro_batch"] == micro_batch
+             and r["device_kind"] == kind.name]
+    how = []
+    if exact:
+        r = exact[0]
+        rate, src = r["samples_per_s"], f"measured ({r['_file']}: {r['size']} mb{r['micro_batch']} on {kind.name})"
+    else:
+        pool = [r for r in cands if r["device_kind"] == kind.name] or cands
+        if not pool:
+            rate = ASSUMED_MFU * kind.peak_bf16_tflops * 1e12 / fps * (world * SCALING_EFFICIENCY if world > 1 else 1)
+            return rate, (f"ASSUMED {ASSUMED_MFU:.0%} MFU of {kind.name}'s {kind.peak_bf16_tflops:g} TFLOP/s: no measured "
+                          f"row for {spec.family} {'compiled' if compiled else 'eager'}"
+                          f"{' checkpointed' if checkpointing else ''} (run benchmarks/planner_calibration.sh)")
+        same = [r for r in pool if r["size"] == spec.size]
+        r = min(same or pool, key=lambda r: (abs(math.log2(r["micro_batch"] / micro_batch)),
+                                             abs(math.log(r["train_flops_per_sample"] / fps))))
+        rate = r["samples_per_s"] * r["train_flops_per_sample"] / fps  # same achieved FLOP rate
+        how.append(f"from {r['size']} mb{r['micro_batch']} on {r['device_kind']} at its FLOP rate")
+        if r["micro_batch"] != micro_batch:
+            # two micro-batches of that size and kind: the rate's measured trend in log2(micro-batch), never
+            # extrapolated above the largest one measured (a saturated GPU does not speed up further)
+            pair = sorted({q["micro_batch"]: q for q in pool if q["size"] == r["size"]
+                           and q["device_kind"] == r["device_kind"]}.values(), key=lambda q: q["micro_batch"])
+            if len(pair) >= 2 and micro_batch < pair[-1]["micro_batch"]:
+                lo, hi = (pair[0], pair[1]) if micro_batch <= pair[0]["micro_batch"] else next(
+                    (a, b) for a, b in zip(pair, pair[1:]) if a["micro_batch"] <= micro_batch <= b["micro_batch"])
+                t = math.log2(micro_batch / lo["micro_batch"]) / math.log2(hi["micro_batch"] / lo["micro_batch"])
+                at_mb = lo["samples_per_s"] ** (1 - t) * hi["samples_per_s"] ** t
+                rate = at_mb * r["train_flops_per_sample"] / fps
+                how.append(f"micro-batch {micro_batch} on the log-log line through mb{lo['micro_batch']} and "
+                           f"mb{hi['micro_batch']}")
+            else:
+                how.append(f"micro-batch {r['micro_batch']} -> {micro_batch} at the same rate")
+        if r["device_kind"] != kind.name:
+            src_kind = device_kinds()[r["device_kind"]]
+            rate *= kind.peak_bf16_tflops / src_kind.peak_bf16_tflops
+            how.append(f"x peak ratio {kind.name}/{src_kind.name}")
+        src = "extrapolated " + ", ".join(how) + f" ({r['_file']})"
+    if world > 1:
+        rate *= world * SCALING_EFFICIENCY
+        src += f"; x {world} workers x {SCALING_EFFICIENCY:.0%} scaling"
+    return rate, src
+
+
+# --------------------------------------------------------------------------------------------------
+# the plan
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunPlan:
+    """How one run is split and what it is predicted to cost (``--dry-run --json`` prints these fields)."""
+
+    run_id: str
+    family: str
+    size: str
+    parametrization: str
+    lr: float
+    device_kind: str
+    global_batch: int
+    micro_batch: int
+    accumulation: int
+    workers: int
+    activation_checkpointing: bool
+    zero_stage: int | None
+    compile: bool
+    loader_workers: int
+    predicted_peak_gib: float
+    device_memory_gib: float
+    predicted_samples_per_s: float | None
+    throughput_source: str
+    gpu_hours: float | None
+    fits: bool
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def plan_run(spec: RunSpec, kind: DeviceKind | str, *, workers: int, cpus_per_device: int = 8,
+             margin: float = MEMORY_MARGIN) -> tuple[RunSpec, RunPlan]:
+    """The fastest split of ``spec`` that fits ``kind`` and the spec that carries it.
+
+    Order of preference: no activation checkpointing with the largest micro-batch that fits (fewer, larger
+    steps keep a GPU busy: a 51M step is host-bound below ~32 samples per micro-step), then checkpointing; the
+    ZeRO stage rises only when model state alone does not fit. Returns ``fits=False`` with the reason when nothing
+    does (the caller refuses the run).
+    """
+    from study.train import model_config
+
+    kind = device_kind(kind) if isinstance(kind, str) else kind
+    if spec.batch_size % workers:
+        raise ValueError(f"batch_size={spec.batch_size} does not divide across {workers} workers")
+    per_rank = spec.batch_size // workers
+    compiled = kind.vendor == "cuda"  # Inductor's Triton path; XPU and ROCm keep eager until measured there
+    budget = kind.memory_gib * margin
+    stages = [spec.zero_stage] if spec.distributed == "ddp" else list(range(spec.zero_stage, 4))
+    can_checkpoint = hasattr(model_config(spec), "use_checkpoint")
+    chosen = None
+    for z in stages:
+        for ckpt in (False, True) if can_checkpoint else (False,):
+            for mb in _divisors_desc(per_rank):
+                mem = memory_gib(spec, world=workers, micro_batch=mb, zero_stage=z, checkpointing=ckpt,
+                                 compiled=compiled and not ckpt)
+                if mem["total"] <= budget:
+                    chosen = (z, ckpt, mb, mem)
+                    break
+            if chosen:
+                break
+        if chosen:
+            break
+    if chosen is None:
+        z, ckpt, mb = stages[-1], can_checkpoint, 1
+        mem = memory_gib(spec, world=workers, micro_batch=1, zero_stage=z, checkpointing=ckpt, compiled=False)
+        reason = (f"does not fit {kind.name} ({kind.memory_gib:g} GiB, {margin:.0%} usable) with any plan: at "
+                  f"micro-batch 1{', activation checkpointing' if ckpt else ''}"
+                  f"{f' and ZeRO-{z}' if spec.distributed == 'deepspeed' else ' under DDP'}: model state "
+                  f"{mem['state']:.1f} + activations {mem['activations']:.1f} + overhead {mem['overhead']:.1f} = "
+                  f"{mem['total']:.1f} GiB")
+    else:
+        z, ckpt, mb, mem = chosen
+        reason = ""
+    planned = spec.replace(micro_batch_size=mb, zero_stage=z, compile=compiled and not ckpt,
+                           num_workers=max(1, min(8, cpus_per_device - 2)), activation_checkpointing=ckpt)
+    plan = assess_run(planned, kind, workers=workers, margin=margin)
+    return planned, dataclasses.replace(plan, fits=chosen is not None, reason=reason)
+
+
+def assess_run(spec: RunSpec, kind: DeviceKind | str, *, workers: int, margin: float = MEMORY_MARGIN) -> RunPlan:
+    """The prediction for ``spec`` as it is configured (micro-batch, checkpointing, ZeRO, compile): nothing chosen."""
+    from study.train import BatchPlan, model_config, total_steps
+
+    kind = device_kind(kind) if isinstance(kind, str) else kind
+    bp = BatchPlan.make(spec, workers)
+    ckpt = bool(spec.activation_checkpointing or dict(spec.model_overrides).get("use_checkpoint"))
+    z = spec.zero_stage if spec.distributed == "deepspeed" else None
+    mem = memory_gib(spec, world=workers, micro_batch=bp.micro_batch, zero_stage=z or 0, checkpointing=ckpt,
+                     compiled=spec.compile)
+    rate, source = predict_throughput(spec, kind, world=workers, micro_batch=bp.micro_batch, compiled=spec.compile,
+                                      checkpointing=ckpt)
+    cfg = model_config(spec)
+    steps = total_steps(spec, flops_per_sample=R.flops_per_sample(cfg)["train"],
+                        tokens_per_sample=R.tokens_per_sample(cfg))
+    fits = mem["total"] <= kind.memory_gib * margin
+    return RunPlan(run_id=spec.run_id, family=spec.family, size=spec.size, parametrization=spec.parametrization,
+                   lr=spec.lr, device_kind=kind.name, global_batch=spec.batch_size, micro_batch=bp.micro_batch,
+                   accumulation=bp.accumulation, workers=workers, activation_checkpointing=ckpt, zero_stage=z,
+                   compile=spec.compile, loader_workers=spec.num_workers, predicted_peak_gib=round(mem["total"], 2),
+                   device_memory_gib=kind.memory_gib, predicted_samples_per_s=rate, throughput_source=source,
+                   gpu_hours=steps * spec.batch_size / rate * workers / 3600 if rate else None, fits=fits,
+                   reason="" if fits else f"predicted {mem['total']:.1f} GiB > {margin:.0%} of {kind.memory_gib:g} GiB")
+
+
+def plan_study(specs: list[RunSpec], kind: DeviceKind | str, *, workers: int, cpus_per_device: int = 8
+               ) -> tuple[list[RunSpec], dict[str, RunPlan]]:
+    """Plan every run; refuse (``ValueError``, every unfit run and why) when any run fits no plan."""
+    out, plans = [], {}
+    for spec in specs:
+        planned, plan = plan_run(spec, kind, workers=workers, cpus_per_device=cpus_per_device)
+        out.append(planned)
+        plans[planned.run_id] = plan
+    bad = [p for p in plans.values() if not p.fits]
+    if bad:
+        raise ValueError(f"{len(bad)} run(s) fit no plan on {bad[0].device_kind}:\n" +
+                         "\n".join(f"  {p.run_id}: {p.reason}" for p in bad))
+    return out, plans

@@ -1,0 +1,158 @@
+"""The run planner: device kinds as data, the memory model, the choice of a plan, measured vs extrapolated speed."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from neuro_models import registry as R
+from study import planner as P
+from study.spec import RunSpec
+from study.train import model_config
+
+
+def _spec(size: str, **kw) -> RunSpec:
+    d = dict(family="swift_v2", size=size, grid=(96, 96, 96), sequence_length=20, batch_size=32, budget_kind="steps",
+             budget=100, precision="bf16", distributed="deepspeed", zero_stage=0)
+    d.update(kw)
+    return RunSpec(**d)
+
+
+def test_device_kinds_are_data_found_by_key_or_driver_name():
+    assert P.device_kind("a100-40gb").peak_bf16_tflops == 312  # not the H100's 989
+    assert P.device_kind("NVIDIA H100 80GB HBM3").name == "h100-80gb"
+    assert P.device_kind("Intel(R) Data Center GPU Max 1550").memory_gib == 64
+    with pytest.raises(ValueError, match="unknown; allowed: .*a100-40gb"):
+        P.device_kind("TPU v5")
+
+
+# weights 4 + grads 4 + moments 8 + the step's temporaries 4 (partitioned by ZeRO-1 with the moments)
+@pytest.mark.parametrize("zero,world,bytes_per_param", [(0, 1, 20.0), (1, 4, 4 + 4 + (8 + 4) / 4),
+                                                        (2, 4, 4 + 1 + 3), (3, 4, 1 + 1 + 3)])
+def test_model_state_bytes_follow_the_zero_stage(zero, world, bytes_per_param):
+    spec = _spec("202M")
+    n = R.param_counts(model_config(spec))["total"]
+    mem = P.memory_gib(spec, world=world, micro_batch=1, zero_stage=zero, checkpointing=False, compiled=False)
+    assert mem["state"] == pytest.approx(n * bytes_per_param / 2**30)
+    ddp = P.memory_gib(spec.replace(distributed="ddp"), world=world, micro_batch=1, zero_stage=zero,
+                       checkpointing=False, compiled=False)
+    assert ddp["state"] == pytest.approx(n * (20 + (4 if world > 1 else 0)) / 2**30)  # DDP's buckets
+
+
+def test_activations_grow_with_micro_batch_and_shrink_with_checkpointing():
+    spec = _spec("806M")
+    one, four = (P.memory_gib(spec, world=1, micro_batch=m, zero_stage=0, checkpointing=False, compiled=False)
+                 for m in (1, 4))
+    ck = P.memory_gib(spec, world=1, micro_batch=4, zero_stage=0, checkpointing=True, compiled=False)
+    assert four["activations"] == pytest.approx(4 * one["activations"]) and ck["activations"] < four["activations"]
+
+
+def test_plan_keeps_the_global_batch_and_the_run_id_and_fits_with_a_margin():
+    spec = _spec("3B", batch_size=96, zero_stage=1)
+    planned, plan = P.plan_run(spec, "max1550-tile", workers=12, cpus_per_device=8)
+    assert plan.fits and plan.predicted_peak_gib <= 64 * P.MEMORY_MARGIN
+    assert plan.micro_batch * plan.accumulation * plan.workers == 96 == planned.batch_size
+    assert planned.run_id == spec.run_id == plan.run_id  # how a run is split never changes what it computes
+    assert plan.loader_workers == 6 and plan.compile is False  # XPU stays eager until measured there
+    assert planned.micro_batch_size == plan.micro_batch and planned.num_workers == 6
+
+
+def test_plan_turns_on_checkpointing_then_zero_before_refusing():
+    spec = _spec("3B", batch_size=8, zero_stage=0)
+    planned, plan = P.plan_run(spec, "a100-40gb", workers=1)
+    assert plan.fits is False and "does not fit a100-40gb" in plan.reason and "ZeRO-3" in plan.reason
+    planned, plan = P.plan_run(spec.replace(batch_size=64), "a100-40gb", workers=8)
+    assert plan.fits and plan.zero_stage >= 1
+    planned, plan = P.plan_run(_spec("806M", batch_size=64, zero_stage=1), "a100-40gb", workers=1)
+    assert plan.fits and (plan.activation_checkpointing or plan.micro_batch < 64)
+    with pytest.raises(ValueError, match="fit no plan on a100-40gb"):
+        P.plan_study([_spec("3B", batch_size=8)], "a100-40gb", workers=1)
+
+
+def test_mamba_is_never_planned_with_checkpointing_it_does_not_have():
+    spec = RunSpec(family="neuromamba", size="12M", grid=(96, 96, 96), sequence_length=20, batch_size=16,
+                   precision="bf16")
+    _, plan = P.plan_run(spec, "h100-80gb", workers=1)
+    assert plan.activation_checkpointing is False and plan.fits
+
+
+def _row(size, mb, sps, kind="NVIDIA H100 80GB HBM3", compile=True):
+    fps = R.flops_per_sample(model_config(_spec(size)))["train"]
+    return {"family": "swift_v2", "size": size, "micro_batch": mb, "compile": compile, "checkpointing": False,
+            "samples_per_s": sps, "device": kind, "device_kind": P.device_kind(kind).name,
+            "train_flops_per_sample": fps, "_file": "t.jsonl"}
+
+
+def test_throughput_is_measured_or_says_how_it_was_extrapolated():
+    rows = [_row("51M", 16, 200.0), _row("806M", 4, 40.0)]
+    h100, a100 = P.device_kind("h100-80gb"), P.device_kind("a100-40gb")
+    rate, src = P.predict_throughput(_spec("51M"), h100, world=1, micro_batch=16, compiled=True,
+                                     checkpointing=False, rows=rows)
+    assert rate == 200.0 and src.startswith("measured")
+    rate, src = P.predict_throughput(_spec("51M"), h100, world=1, micro_batch=32, compiled=True,
+                                     checkpointing=False, rows=rows)
+    assert rate == 200.0 and "micro-batch 16 -> 32 at the same rate" in src and src.startswith("extrapolated")
+    two = rows + [_row("51M", 64, 300.0)]  # between two measured micro-batches: the log-log line through them
+    rate, src = P.predict_throughput(_spec("51M"), h100, world=1, micro_batch=32, compiled=True,
+                                     checkpointing=False, rows=two)
+    assert rate == pytest.approx(math.sqrt(200.0 * 300.0)) and "mb16 and mb64" in src
+    rate, _ = P.predict_throughput(_spec("51M"), h100, world=1, micro_batch=128, compiled=True,
+                                   checkpointing=False, rows=two)
+    assert rate == 300.0  # never above the largest micro-batch measured
+    rate, src = P.predict_throughput(_spec("806M"), a100, world=4, micro_batch=4, compiled=True,
+                                     checkpointing=False, rows=rows)
+    assert rate == pytest.approx(40.0 * 312 / 989 * 4 * P.SCALING_EFFICIENCY) and "peak ratio" in src
+    rate, src = P.predict_throughput(_spec("806M"), h100, world=1, micro_batch=4, compiled=False,
+                                     checkpointing=False, rows=rows)
+    assert src.startswith("ASSUMED") and rate > 0
+
+
+def test_dry_run_json_has_one_object_per_run_then_a_summary(tmp_path, capsys):
+    from study.scaling_law import main
+
+    (tmp_path / "m.parquet").write_bytes(b"")
+    assert main(["--preset", "aurora", "--manifest", str(tmp_path / "m.parquet"), "--dry-run", "--json",
+                 "--device-kind", "h100-80gb"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    runs, summary = lines[:-1], lines[-1]
+    keys = {"run_id", "family", "size", "parametrization", "lr", "device_kind", "global_batch", "micro_batch",
+            "accumulation", "workers", "activation_checkpointing", "zero_stage", "compile", "loader_workers",
+            "predicted_peak_gib", "device_memory_gib", "predicted_samples_per_s", "throughput_source", "gpu_hours"}
+    assert len(runs) == 48 and all(keys <= set(r) for r in runs)
+    assert {r["device_kind"] for r in runs} == {"h100-80gb"} and all(r["fits"] for r in runs)
+    assert summary["summary"] and summary["runs"] == 48 and math.isclose(
+        summary["gpu_hours"], sum(r["gpu_hours"] for r in runs))
+    assert main(["--preset", "aurora", "--manifest", str(tmp_path / "nope.parquet"), "--dry-run"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_memory_model_matches_every_measured_peak_within_15_percent():
+    """Every peak measured through train() on a GPU (benchmarks/planner_calibration.sh), including the rows the
+    fit left out (the 3B's, whose peak is the optimizer step's, and the checkpointed one)."""
+    rows = P.measured_rows()
+    assert len(rows) >= 12, "benchmarks/results/planner holds the calibration rows (benchmarks/planner_calibration.sh)"
+    assert {r["size"] for r in rows} == {"51M", "202M", "806M", "3B"}
+    for r in rows:
+        spec = _spec(r["size"], distributed=r["dist"], batch_size=r["global_batch"])
+        mem = P.memory_gib(spec, world=r["gpus"], micro_batch=r["micro_batch"], zero_stage=r["zero_stage"],
+                           checkpointing=r["checkpointing"], compiled=r["compile"])
+        err = mem["total"] / r["peak_mem_gib"] - 1
+        assert abs(err) <= 0.15, (r["_file"], r["size"], r["micro_batch"], mem, r["peak_mem_gib"])
+
+
+def test_committed_constants_are_the_least_squares_fit_of_the_rows():
+    for mode, compiled in (("eager", False), ("compiled", True)):
+        rows = [r for r in P.measured_rows() if r["compile"] == compiled and not r["checkpointing"]]
+        fit = P.fit_activation_model(rows)
+        assert fit.c == pytest.approx(P.ACTIVATION_FITS[mode].c, abs=0.05)
+        assert fit.f == pytest.approx(P.ACTIVATION_FITS[mode].f, abs=0.05)
+
+
+def test_throughput_prediction_is_the_measured_rate_where_measured():
+    h100 = P.device_kind("h100-80gb")
+    for r in P.measured_rows():
+        spec = _spec(r["size"], distributed="ddp", batch_size=r["global_batch"])
+        rate, src = P.predict_throughput(spec, h100, world=1, micro_batch=r["micro_batch"], compiled=r["compile"],
+                                         checkpointing=r["checkpointing"])
+        assert rate == r["samples_per_s"] and src.startswith("measured")

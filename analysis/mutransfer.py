@@ -104,11 +104,19 @@ def lr_transfer(df: pd.DataFrame, *, lr_col: str = "lr", loss_col: str = "val_lo
     groups = df.groupby(param_col) if param_col and param_col in df.columns else [("all", df)]
     rows, slopes = [], []
     for par, d in groups:
+        failed = []  # a width without an optimum (too few finite losses, not convex) is named, not fatal
         for w, dw in d.groupby(width_col):
-            r = optimal_lr(dw[lr_col], dw[loss_col], window=window)
+            try:
+                r = optimal_lr(dw[lr_col], dw[loss_col], window=window)
+            except FitError as exc:
+                failed.append(f"{par} width {float(w):g}: no optimal LR ({exc}); left out of the slope")
+                continue
             rows.append(dict(parametrization=par, width=float(w), **r))
         pw = pd.DataFrame([r for r in rows if r["parametrization"] == par])
         if len(pw) < 2:
+            if failed:
+                slopes.append(dict(parametrization=par, slope=float("nan"), se=float("nan"), lo=float("nan"),
+                                   hi=float("nan"), n_widths=len(pw), transfers=None, valid=False, warnings=failed))
             continue
         x, y = np.log2(pw.width.to_numpy()), pw.log2_lr_opt.to_numpy()
         slope, icpt = np.polyfit(x, y, 1)
@@ -119,5 +127,8 @@ def lr_transfer(df: pd.DataFrame, *, lr_col: str = "lr", loss_col: str = "val_lo
             lo, hi = slope - tq * se, slope + tq * se
         row = dict(parametrization=par, slope=float(slope), se=se, lo=float(lo),
                    hi=float(hi), n_widths=len(pw), transfers=bool(lo <= 0 <= hi) if np.isfinite(lo) else None)
-        slopes.append({**row, **slope_validity(par, pw, row).to_dict()})
+        verdict = slope_validity(par, pw, row).to_dict()
+        if failed:
+            verdict = {**verdict, "valid": False, "warnings": [*failed, *verdict["warnings"]]}
+        slopes.append({**row, **verdict})
     return pd.DataFrame(rows), pd.DataFrame(slopes)

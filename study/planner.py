@@ -147,7 +147,7 @@ def memory_gib(spec: RunSpec, *, world: int, micro_batch: int, zero_stage: int, 
                compiled: bool, distributed: str | None = None) -> dict[str, float]:
     """Predicted peak memory per device (GiB): ``max(state at the backward + activations, state at the step)``
     plus the overhead, with the parts."""
-    from study.train import model_config
+    from study.run_math import model_config
 
     cfg = model_config(spec)
     n = float(R.param_counts(cfg)["total"])
@@ -170,7 +170,7 @@ def fit_activation_model(rows: Iterable[dict]) -> ActivationFit:
     step's are left out)."""
     import numpy as np
 
-    from study.train import model_config
+    from study.run_math import model_config
 
     X, y = [], []
     for r in rows:
@@ -211,7 +211,7 @@ def measured_rows() -> tuple[dict, ...]:
 def predict_throughput(spec: RunSpec, kind: DeviceKind, *, world: int, micro_batch: int, compiled: bool,
                        checkpointing: bool, rows: Iterable[dict] | None = None) -> tuple[float | None, str]:
     """``(samples/s of the whole run, source)``: measured where a row matches, else extrapolated and said so."""
-    from study.train import model_config
+    from study.run_math import model_config
 
     rows = list(measured_rows() if rows is None else rows)
     fps = R.flops_per_sample(model_config(spec))["train"]
@@ -310,7 +310,7 @@ def plan_run(spec: RunSpec, kind: DeviceKind | str, *, workers: int, cpus_per_de
     ZeRO stage rises only when model state alone does not fit. Returns ``fits=False`` with the reason when nothing
     does (the caller refuses the run).
     """
-    from study.train import model_config
+    from study.run_math import model_config
 
     kind = device_kind(kind) if isinstance(kind, str) else kind
     if spec.batch_size % workers:
@@ -352,7 +352,7 @@ def plan_run(spec: RunSpec, kind: DeviceKind | str, *, workers: int, cpus_per_de
 
 def assess_run(spec: RunSpec, kind: DeviceKind | str, *, workers: int, margin: float = MEMORY_MARGIN) -> RunPlan:
     """The prediction for ``spec`` as it is configured (micro-batch, checkpointing, ZeRO, compile): nothing chosen."""
-    from study.train import BatchPlan, model_config, total_steps
+    from study.run_math import BatchPlan, model_config, total_steps
 
     kind = device_kind(kind) if isinstance(kind, str) else kind
     bp = BatchPlan.make(spec, workers)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 from neuro_models import registry as R
 from study.spec import RunSpec
-from study.train import model_config, total_steps
+from study.run_math import model_config, total_steps
 
 
 @dataclass(frozen=True)

@@ -38,3 +38,25 @@ def test_checker_sees_function_level_imports(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def f():\n    import ray.train\n    from wandb import init\n")
     assert {"ray", "wandb"} <= imported_roots(f)
+
+
+PLANNING = ["study/run_math.py", "study/plans.py", "study/planner.py"]
+LOOP_MODULES = {"study.train", "study.loop", "study.finetune_engine"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Dotted module names imported anywhere in a file (``from pkg import name`` counts as ``pkg.name`` too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+@pytest.mark.parametrize("rel", PLANNING)
+def test_planning_imports_no_loop_code(rel):
+    """Planning needs run arithmetic (study.run_math), never the step loop or an objective."""
+    assert not imported_modules(REPO / rel) & LOOP_MODULES, rel

@@ -22,7 +22,7 @@ from analysis._common import FitError
 from analysis._lbfgs import batched_lbfgs
 from analysis.forms import Form, get_form
 from analysis.objective import Objective
-from analysis.validity import THRESHOLDS, Thresholds, Validity, check_validity
+from analysis.validity import THRESHOLDS, Checked, Thresholds, Validity, check_validity
 
 __all__ = ["FitResult", "fit_form", "fit_lse", "GRAD_TOL", "SCIPY_OPTIONS", "LOG_SIGMA_STARTS", "grid_points"]
 
@@ -44,7 +44,7 @@ def grid_points(grid: Mapping[str, Sequence[float]], names: Sequence[str]) -> np
 
 
 @dataclass
-class FitResult:
+class FitResult(Checked):
     """Result of a fit of a registered form.
 
     Attributes
@@ -138,14 +138,6 @@ class FitResult:
             elif v is not None or k not in facts:
                 facts[k] = v
         return check_validity(level=level, thresholds=thresholds, **facts)
-
-    @property
-    def valid(self) -> bool:
-        return self.check().valid
-
-    @property
-    def warnings(self) -> list[str]:
-        return self.check().warnings
 
     def to_dict(self, level: float = 0.95) -> dict:
         """JSON-ready summary (parameters, objective, intervals when bootstrapped, ``valid`` and

@@ -18,13 +18,13 @@ import pandas as pd
 from analysis._common import FitError, check_positive
 from analysis._threads import limit_threads
 from analysis.forms import wls_loglog
-from analysis.validity import THRESHOLDS, Thresholds, Validity, check_validity
+from analysis.validity import THRESHOLDS, Checked, Thresholds, Validity, check_validity
 
 __all__ = ["IsoFLOPResult", "fit_isoflop", "isoflop_vertices"]
 
 
 @dataclass
-class IsoFLOPResult:
+class IsoFLOPResult(Checked):
     """IsoFLOP (approach 2) result.
 
     Attributes
@@ -79,14 +79,6 @@ class IsoFLOPResult:
                               distinct={"IsoFLOP budgets": (len(v), thresholds.min_budgets_isoflop)},
                               bootstrap=(self.bootstrap_failed, n_boot) if n_boot else None, optima=optima,
                               thresholds=thresholds)
-
-    @property
-    def valid(self) -> bool:
-        return self.check().valid
-
-    @property
-    def warnings(self) -> list[str]:
-        return self.check().warnings
 
     def to_dict(self) -> dict:
         return dict(variable=self.variable, exponent=self.exponent, coef=self.coef, exponent_se=self.exponent_se,

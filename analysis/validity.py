@@ -85,6 +85,21 @@ class Validity:
         return dict(valid=self.valid, warnings=list(self.warnings))
 
 
+class Checked:
+    """Mixin for results with a ``check()`` returning a :class:`Validity`: ``valid`` and ``warnings`` from it."""
+
+    def check(self, *args, **kwargs) -> Validity:  # pragma: no cover - implemented by each result
+        raise NotImplementedError
+
+    @property
+    def valid(self) -> bool:
+        return self.check().valid
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.check().warnings
+
+
 def _g(x) -> str:
     return f"{float(x):.3g}"
 

@@ -418,6 +418,10 @@ def main(argv: list[str] | None = None) -> int:
             check_weights(base, weights)  # a weights file of another model fails before anything runs
         if not Path(manifest).is_file():
             raise ValueError(f"manifest {args.manifest} does not exist")
+        from study.preflight import check_specs
+
+        # every subject file the pre-training (if any) and the fine-tuning runs read, before any run starts
+        check_specs([base, base.replace(task="pretrain", target=None)], manifest)
         if needs and not weights:
             steps = args.pretrain_steps or (30 if args.quick else 300)
             print(f"pre-training {base.family}/{base.size} for {steps} steps ...", flush=True)

@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"LR: {lr_source(plan)}", flush=True)
     try:
+        from study.preflight import check_plan
+
+        check_plan(plan, args)  # every subject file the runs read, before any trial starts
         run = run_plan(plan, args, repo_root=repo_root,
                        lr_search=LRSearch(n_trials=args.lr_search) if args.lr_search else None)
     except (ValueError, ConnectionError, RuntimeError) as exc:

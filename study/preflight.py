@@ -1,0 +1,114 @@
+"""Pre-flight check of a study's data, run by every study entry point before any trial starts.
+
+A corrupt subject file met inside a study used to fail every trial that read it (48 tracebacks, "rerun the
+same command"); :func:`check_plan` / :func:`check_specs` open every subject file the runs will read
+(:func:`data.verify.verify`) and stop the study with one line per bad file, naming it and what to do::
+
+    error: /data/cohort/sub-07.h5: not a readable HDF5 file (truncated or corrupt?): ...; fix or remove it from
+    /data/cohort/manifest.parquet
+
+When every run has ``bad_data="skip"`` a bad file is a one-line warning instead (the runs skip its windows).
+A file that is sound but does not suit the runs (brain box larger than the grid, run shorter than a window)
+always stops the study: no run could skip it.
+
+This sits beside ``study.runner.run_plan`` only because runner.py was being refactored when it was written;
+it belongs in ``run_plan`` right after the manifest is resolved and before ``connect_ray`` (issue #28).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+#: bad files named one per line before "... and N more"
+MAX_LINES = 10
+
+
+class BadDataFiles(ValueError):
+    """Subject files the study would read are unusable; ``str()`` is the message, one file per line."""
+
+
+def views_of(specs: Iterable[Any]) -> list[dict]:
+    """What the runs read, as :class:`data.datasets.WindowedDataset` arguments (the rules of
+    ``study.train.build_datasets`` and ``study.finetune_engine``), one dict per distinct view."""
+    out: dict[str, dict] = {}
+    for s in specs:
+        common = dict(sequence_length=s.sequence_length, stride_within=s.stride_within, grid=tuple(s.grid),
+                      target=s.target)
+        cohorts = dict(s.cohorts) or None
+        views = [dict(split="train", cohorts=cohorts, max_subjects=s.n_subjects, **common)]
+        if s.task == "finetune":
+            views += [dict(split=sp, cohorts=cohorts, **common) for sp in ("val", "test")]
+        else:
+            views += [dict(split="val", cohorts=None, **common)]
+        for v in views:
+            out.setdefault(repr(sorted(v.items(), key=str)), v)
+    return list(out.values())
+
+
+def format_problems(problems: Sequence[Any], manifest: str) -> str:
+    """One line per bad file (at most :data:`MAX_LINES`); files that do not suit the runs grouped by problem."""
+    lines = []
+    bad = [p for p in problems if not p.structural]
+    for p in bad[:MAX_LINES]:
+        lines.append(f"{p.path}: {p.what}; fix or remove it from {manifest}")
+    if len(bad) > MAX_LINES:
+        lines.append(f"... and {len(bad) - MAX_LINES} more unusable subject file(s) listed in {manifest}")
+    groups: dict[str, list] = {}
+    for p in problems:
+        if p.structural:
+            groups.setdefault(p.what.split(";")[0].split("(")[0], []).append(p)
+    for ps in groups.values():
+        more = f" (and {len(ps) - 1} other file(s) of {manifest})" if len(ps) > 1 else ""
+        lines.append(f"{ps[0].path}: {ps[0].what}{more}; change the runs' settings or remove it from {manifest}")
+    return "\nerror: ".join(lines)
+
+
+def check_specs(specs: Sequence[Any], manifest: str, *, out=sys.stdout) -> None:
+    """Verify every subject file ``specs`` read from ``manifest``; raise :class:`BadDataFiles` naming them.
+
+    ``ValueError`` (a :class:`BadDataFiles` or a bad manifest) is what the entry points turn into
+    ``error: ...`` and exit code 2.
+    """
+    from data.verify import verify
+
+    report = verify(manifest, views_of(specs))
+    if report.depth == "off":
+        return
+    print(f"data: {report.files} subject file(s) checked ({report.depth}) in {report.seconds:.1f} s", file=out,
+          flush=True)
+    if report.ok:
+        return
+    skip = bool(specs) and all(getattr(s, "bad_data", "stop") == "skip" for s in specs)
+    if skip and not any(p.structural for p in report.problems):
+        for p in report.problems:
+            print(f"warning: {p.path}: {p.what}; the runs skip its windows (bad_data='skip')", file=sys.stderr)
+        return
+    raise BadDataFiles(format_problems(report.problems, report.manifest))
+
+
+def resolve_manifest(plan, args) -> str:
+    """The manifest ``study.runner.run_plan`` will use (generating the plan's synthetic cohort once, as it does),
+    after the checks ``run_plan`` makes first (study name, writable storage)."""
+    from study.runner import check_storage, ensure_cohort
+    from study.spec import check_name
+
+    check_name("--study-name", args.study_name or plan.name)
+    storage = Path(args.storage).resolve()
+    check_storage(storage)
+    manifest = args.manifest
+    if not manifest:
+        if plan.cohort is None:
+            raise ValueError(f"preset {plan.name!r} needs --manifest")
+        manifest = ensure_cohort(plan, storage)
+    if not Path(manifest).is_file():
+        raise ValueError(f"manifest {manifest} does not exist")
+    return str(manifest)
+
+
+def check_plan(plan, args, extra_specs: Sequence[Any] = ()) -> str:
+    """Resolve the plan's manifest and verify the subject files its runs (and ``extra_specs``, e.g. the
+    fine-tuning runs that follow a config search) read; returns the manifest path."""
+    manifest = resolve_manifest(plan, args)
+    check_specs([*plan.specs, *extra_specs], manifest)
+    return manifest

@@ -25,8 +25,8 @@ attribute name beyond the downstream-model contract (``.encoder``, ``.head``, ``
 Every strategy except ``frozen_mlp`` uses a linear head on mean-pooled features. Frozen parameters have
 ``requires_grad=False``, are left out of the optimizer and never move.
 
-Training reuses the pre-training engine's deterministic batch plan (:class:`study.train.BatchPlan`,
-:class:`study.train.SampleOrder`, per-step micro-batch positions), LR schedule, AdamW/MuAdamW,
+Training reuses the shared step machinery (:mod:`study.loop`, :mod:`study.run_math`): the deterministic batch plan
+(:class:`study.run_math.BatchPlan`, :class:`study.loop.SampleOrder`, per-step micro-batch positions), LR schedule, AdamW/MuAdamW,
 gradient accumulation, clipping, bf16 autocast on GPUs, DDP, checkpoints that resume exactly and the
 reporter protocol. Classification minimises BCE on a logit; regression minimises MSE on targets
 standardised with the mean/std of the *training subjects* and reports MAE in the target's own units.
@@ -53,8 +53,10 @@ from study.devices import DistContext, device_name
 from study.metrics import TASK_METRICS, score_subjects
 from study.reporters import Reporter
 from study.spec import STRATEGIES, RunSpec
-from study.train import (BatchPlan, SampleOrder, TrainResult, _autocast, _collate, _MicroBatches, _PositionDataset,
-                         checkpoint_saver, lr_factor, make_optimizer, model_config, restore, run_steps, total_steps)
+from study.loop import (LoopState, Meter, Objective, PositionDataset, SampleOrder, Trainee, TrainResult, autocast,
+                        checkpoint_saver, collate, lr_scheduler, make_loader, make_optimizer, restore, run_steps,
+                        wrap_ddp)
+from study.run_math import BatchPlan, model_config, total_steps
 
 #: strategies that start from pre-trained weights
 NEEDS_WEIGHTS = tuple(s for s in STRATEGIES if s != "scratch")
@@ -150,7 +152,7 @@ def build_model(spec: RunSpec, cfg: Any, weights: dict[str, torch.Tensor] | None
     spec : RunSpec
         Uses ``strategy``, ``task_type``, ``lora_rank``, ``prompt_tokens``, ``seed``.
     cfg : model config
-        From :func:`study.train.model_config`.
+        From :func:`study.run_math.model_config`.
     weights : dict, optional
         Pre-trained state dict (``encoder.*`` keys are used); ``None`` leaves the random init.
 
@@ -258,10 +260,10 @@ def predict(model: nn.Module, ds, spec: RunSpec, ctx: DistContext, *, y_mean: fl
     outputs: list[float] = []
     targets: list[float] = []
     for a in range(0, len(idx), batch_size):
-        batch = _collate([ds[i] for i in idx[a:a + batch_size]])
+        batch = collate([ds[i] for i in idx[a:a + batch_size]])
         x = batch["x"].to(ctx.device)
         bm = batch.get("brain_mask")
-        with _autocast(ctx, spec):
+        with autocast(ctx, spec):
             out = model(x, brain_mask=bm.to(ctx.device) if bm is not None else None)
         o = out.float().reshape(-1).cpu().double()
         if spec.task_type == "regression":
@@ -316,7 +318,7 @@ def train_finetune(spec: RunSpec, ctx: DistContext, reporter: Reporter, *,
         metrics, and at the end with test metrics (``test_auroc``/``test_bacc`` or ``test_mae``/
         ``test_pearson_r``) and the trainable fraction.
     run_dir, resume_from, should_stop
-        As in :func:`study.train.train`.
+        As in :func:`study.train.train`, which hands ``task="finetune"`` specs here.
 
     Returns
     -------
@@ -349,14 +351,10 @@ def train_finetune(spec: RunSpec, ctx: DistContext, reporter: Reporter, *,
     counts = trainable_summary(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, spec, params=trainable)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, n_steps, spec))
-    if ctx.is_distributed:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type != "cpu" else None)
-    else:
-        net = model
+    scheduler = lr_scheduler(optimizer, n_steps, spec)
+    net = wrap_ddp(model, ctx)
 
-    state = {"step": 0, "samples_seen": 0, "tokens_seen": 0, "wall_time_s": 0.0, "skipped": 0,
-             "last_checkpoint": None}
+    state = LoopState()
     objects = dict(model=model, optimizer=optimizer, scheduler=scheduler)
     restore(state, resume_from, spec, ctx, **objects)
     save = checkpoint_saver(run_dir, spec, ctx, state, **objects)
@@ -366,16 +364,14 @@ def train_finetune(spec: RunSpec, ctx: DistContext, reporter: Reporter, *,
               "init_from": spec.init_from, **counts, "target_mean": y_mean, "target_std": y_std,
               "device_kind": device_name(device), "device_count": ctx.world_size, "total_steps": n_steps}
 
-    batches = iter(torch.utils.data.DataLoader(
-        _PositionDataset(train_ds, order), batch_sampler=_MicroBatches(state["step"], n_steps, plan, ctx.rank),
-        collate_fn=_collate, num_workers=spec.num_workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if spec.num_workers else None))
+    batches = make_loader(PositionDataset(train_ds, order), state, n_steps, plan, ctx, spec,
+                          pin_memory=device.type == "cuda")
 
     def forward_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, float]:
         x = batch["x"].to(device, non_blocking=True)
         y = ((batch["y"] - y_mean) / y_std).to(device)
         bm = batch.get("brain_mask")
-        with _autocast(ctx, spec):
+        with autocast(ctx, spec):
             out = net(x, brain_mask=bm.to(device, non_blocking=True) if bm is not None else None)
         return task_loss(spec.task_type, out, y), float(x.shape[0] * tps)
 
@@ -389,20 +385,21 @@ def train_finetune(spec: RunSpec, ctx: DistContext, reporter: Reporter, *,
                                       batch_size=eval_bs))
         path = save(step) if (final or ckpt_due) else None
         row.update({"is_final": final, "status": "finished" if final else "running",
-                    "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
-                    "wall_time_s": state["wall_time_s"]})
+                    "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,
+                    "wall_time_s": state.wall_time_s})
         reporter.report(row, checkpoint_dir=path)
         return row
 
-    status, metrics = run_steps(spec, ctx, plan, n_steps, state=state, batches=batches, net=net,
-                                optimizer=optimizer, scheduler=scheduler, engine=None, params=trainable,
-                                forward_loss=forward_loss, on_eval=on_eval, reporter=reporter,
-                                should_stop=should_stop, t_start=t_start, tokens_per_sample=tps)
-    step = state["step"]
+    status, metrics = run_steps(
+        spec, ctx, plan, n_steps, state=state, batches=batches,
+        trainee=Trainee(net=net, optimizer=optimizer, scheduler=scheduler, engine=None, params=trainable),
+        objective=Objective(forward_loss=forward_loss, on_eval=on_eval),
+        meter=Meter(t_start=t_start, tokens_per_sample=tps), reporter=reporter, should_stop=should_stop)
+    step = state.step
     if status == "stopped":
         path = save(step)
         reporter.report({**static, **metrics, "step": step, "status": "stopped", "is_final": False,
-                         "samples_seen": state["samples_seen"]}, checkpoint_dir=path)
+                         "samples_seen": state.samples_seen}, checkpoint_dir=path)
     return TrainResult(run_id=spec.run_id, status=status, step=step, final_metrics=metrics,
-                       last_checkpoint=state["last_checkpoint"])
+                       last_checkpoint=state.last_checkpoint)
 

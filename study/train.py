@@ -3,6 +3,11 @@
 It pre-trains (masked-image modeling for SwiFT v2, next-token prediction for NeuroMamba) or fine-tunes
 (see :mod:`study.finetune_engine`) one :class:`~study.spec.RunSpec` on whatever the launcher gives it:
 one process, ``torchrun`` ranks, or Ray Train workers. It imports neither Ray nor W&B.
+This module holds the pre-training objective (model, masks, loss, evaluation); the step machinery both
+objectives share (sample order, micro-batches, optimizer, checkpoints, DDP/DeepSpeed, the step loop and its typed
+state) is :mod:`study.loop`, the run arithmetic (model config, steps, batch plan, LR schedule)
+:mod:`study.run_math`. A ``task="finetune"`` spec is handed to :mod:`study.finetune_engine`, which imports those
+two modules and never this one.
 
 Determinism contract (what makes plain python, torchrun and Ray Train give the same losses):
 
@@ -23,74 +28,32 @@ or under torchrun (two CPU ranks)::
 """
 from __future__ import annotations
 
-import contextlib
-import gc
-import json
-import math
 import os
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
-from torch import nn
-from torch.profiler import record_function
 
 from neuro_models import registry as R
 from neuro_models.layers import compile_regions
-from study import checkpoint as ckpt
 from study.devices import DistContext, device_name, peak_flops
+from study.loop import (BadDataError, LoopState, Meter, Objective, PositionDataset, PretrainState, SampleOrder,
+                        Trainee, TrainingDiverged, TrainResult, all_reduce_sum, autocast, checkpoint_saver, collate,
+                        deepspeed_config, deepspeed_engine, free_port, lr_scheduler, make_loader, make_optimizer,
+                        manual_gc, merge_config, restore, run_steps, to_device, wrap_ddp)
 from study.reporters import NullReporter, Reporter
-from study.run_math import BatchPlan, lr_factor, micro_batch_positions, model_config, total_steps  # noqa: F401
+from study.run_math import BatchPlan, lr_factor, micro_batch_positions, model_config, total_steps
 from study.spec import RunSpec
 from study.trace import mark
 
+#: names other modules and tests reach through ``study.train`` (the one train function's module); the step
+#: machinery itself lives in :mod:`study.loop`, the run arithmetic in :mod:`study.run_math`
+__all__ = ["BadDataError", "BatchPlan", "LoopState", "PositionMasks", "SampleOrder", "TrainResult", "TrainingDiverged",
+           "build_datasets", "deepspeed_config", "free_port", "lr_factor", "manual_gc", "merge_config",
+           "micro_batch_positions", "model_config", "sample_masks", "total_steps", "train"]
+
 #: sample-position offset for validation masks, so they never collide with training ones
 _VAL_SEED_OFFSET = 1 << 40
-
-
-class TrainingDiverged(RuntimeError):
-    """Loss became NaN/Inf. Names the step and the last good checkpoint."""
-
-    def __init__(self, step: int, loss: float, last_good: str | None) -> None:
-        self.step, self.loss, self.last_good = step, loss, last_good
-        super().__init__(f"non-finite loss {loss} at step {step}; last good checkpoint: {last_good or 'none'}")
-
-    def __reduce__(self):  # picklable: Ray ships a worker's exception to the driver
-        return (type(self), (self.step, self.loss, self.last_good))
-
-
-@dataclass
-class TrainResult:
-    run_id: str
-    status: str  # "finished" | "stopped"
-    step: int
-    final_metrics: dict[str, Any] = field(default_factory=dict)
-    last_checkpoint: str | None = None
-
-
-# --------------------------------------------------------------------------------------------------
-# sample order and building blocks (batch plan, schedule, model config: study.run_math)
-# --------------------------------------------------------------------------------------------------
-class SampleOrder:
-    """Seeded permutation of ``n`` samples per epoch; position ``p`` maps to a dataset index."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        if n <= 0:
-            raise ValueError("the training split has no windows: check the manifest, split and sequence length")
-        self.n, self.seed = n, seed
-        self._epoch, self._perm = -1, None
-
-    def index(self, position: int) -> int:
-        epoch, offset = divmod(position, self.n)
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = torch.randperm(self.n, generator=g).tolist()
-            self._epoch = epoch
-        return self._perm[offset]
-
 
 
 def build_datasets(spec: RunSpec, *, defer: bool = False):
@@ -110,146 +73,6 @@ def build_datasets(spec: RunSpec, *, defer: bool = False):
     val_ds = WindowedDataset(manifest, split="val", stride_between=1.0, cohorts=None, **common)
     return manifest, train_ds, val_ds
 
-
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"x": torch.stack([it["x"] for it in items])}
-    for key in ("brain_mask", "scale_coef"):
-        if key in items[0]:
-            out[key] = torch.stack([it[key] for it in items])
-    if "y" in items[0]:
-        out["y"] = torch.stack([torch.as_tensor(it["y"], dtype=torch.float32) for it in items])
-    if "mask" in items[0]:
-        out["mask"] = torch.stack([it["mask"] for it in items])
-    out["cohort"] = [it.get("cohort", "") for it in items]
-    out["skipped"] = [msg for it in items for msg in it.get("skipped", ())]
-    out["subject"] = [it.get("subject", "") for it in items]
-    return out
-
-
-def _h2d(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device`` without stalling the host: a copy from pageable memory to a CUDA device waits for
-    the stream to drain first (CUDA's documented behaviour, ``non_blocking`` or not), which would make every
-    micro-step wait for the previous one's GPU work. CPU tensors are staged through pinned memory (PyTorch's
-    caching host allocator) unless the loader already pinned them."""
-    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move a collated batch to ``device``, finishing deferred (float16 + scale) inputs there."""
-    if "scale_coef" in batch:
-        from data.transforms import finish_on_device
-
-        out = finish_on_device(batch, device)
-    else:
-        out = dict(batch)
-        for key in ("x", "brain_mask", "y"):
-            if key in out:
-                out[key] = _h2d(out[key], device)
-    if "mask" in out:
-        out["mask"] = _h2d(out["mask"], device)
-    return out
-
-
-class _MicroBatches:
-    """Batch sampler: this rank's micro-batches (lists of global positions) from ``start`` to ``stop`` steps."""
-
-    def __init__(self, start: int, stop: int, plan: BatchPlan, rank: int) -> None:
-        self.start, self.stop, self.plan, self.rank = start, stop, plan, rank
-
-    def __iter__(self):
-        for s in range(self.start, self.stop):
-            yield from micro_batch_positions(s, self.plan, self.rank)
-
-    def __len__(self) -> int:
-        return (self.stop - self.start) * self.plan.accumulation
-
-
-class BadDataError(RuntimeError):
-    """A window could not be used (unreadable subject file, non-finite values); names the file."""
-
-
-#: how many following windows the ``skip`` policy tries before giving up
-_MAX_SKIP = 32
-
-
-class _PositionDataset(torch.utils.data.Dataset):
-    """Maps global sample positions to dataset items (so a DataLoader can prefetch in workers).
-
-    Applies the bad-data policy: a window whose file cannot be read, or whose values are not finite,
-    raises :class:`BadDataError` naming the file (``stop``) or is replaced by the next window of the
-    dataset and recorded in the item's ``skipped`` list (``skip``).
-    """
-
-    def __init__(self, ds, order: SampleOrder, policy: str = "stop", masks: "PositionMasks | None" = None) -> None:
-        self.ds, self.order, self.policy, self.masks = ds, order, policy, masks
-
-    def __len__(self) -> int:  # pragma: no cover - positions are unbounded
-        return 1 << 62
-
-    def _checked(self, idx: int) -> dict[str, Any]:
-        try:
-            item = self.ds[idx]
-        except (OSError, ValueError, KeyError) as exc:  # SubjectFileError is a ValueError
-            raise BadDataError(f"window {idx}: {exc}") from exc
-        if not bool(torch.isfinite(item["x"]).all()):
-            where = getattr(self.ds, "window", None)
-            src = where(idx)[0] if callable(where) else item.get("subject", "?")
-            raise BadDataError(f"window {idx} of {src} (subject {item.get('subject', '?')}): non-finite values")
-        return item
-
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        idx = self.order.index(position)
-        skipped: list[str] = []
-        for k in range(_MAX_SKIP):
-            try:
-                item = self._checked((idx + k) % len(self.ds))
-                if skipped:
-                    item = {**item, "skipped": skipped}
-                if self.masks is not None:  # made here, i.e. in a loader worker, not on the training thread
-                    item = {**item, "mask": self.masks(position)}
-                return item
-            except BadDataError as exc:
-                if self.policy == "stop":
-                    raise
-                skipped.append(str(exc))
-        raise BadDataError(f"{_MAX_SKIP} consecutive bad windows from position {position}: {skipped[-1]}")
-
-
-def make_optimizer(model: nn.Module, spec: RunSpec, params=None) -> torch.optim.Optimizer:
-    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": spec.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if spec.parametrization == "mup":
-        from mup import MuAdamW
-
-        return MuAdamW(groups, lr=spec.lr, betas=tuple(spec.betas))
-    return torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas))
-
-
-def _autocast(ctx: DistContext, spec: RunSpec):
-    kind = ctx.device.type
-    use_bf16 = spec.precision == "bf16" or (spec.precision == "auto" and kind in ("cuda", "xpu"))
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=kind, dtype=torch.bfloat16)
-
-
-def _barrier(ctx: DistContext) -> Callable[[], None]:
-    def barrier() -> None:
-        if ctx.is_distributed and dist.is_initialized():
-            dist.barrier()
-    return barrier
-
-
-def _all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    if ctx.is_distributed and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 class PositionMasks:
@@ -283,6 +106,7 @@ def sample_masks(cfg, positions: list[int], seed: int, device: torch.device):
 # --------------------------------------------------------------------------------------------------
 # the train function
 # --------------------------------------------------------------------------------------------------
+
 def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
           run_dir: str | os.PathLike | None = None, resume_from: str | os.PathLike | None = None,
           should_stop: Callable[[], bool] | None = None, datasets: tuple | None = None,
@@ -336,266 +160,73 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
     if spec.compile:
         compile_regions(model)
     optimizer = make_optimizer(model, spec)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, n_steps, spec))
+    scheduler = lr_scheduler(optimizer, n_steps, spec)
 
     engine = None
     if spec.distributed == "deepspeed":
-        engine = _deepspeed_engine(spec, ctx, plan, model, optimizer, scheduler)
+        engine = deepspeed_engine(spec, ctx, plan, model, optimizer, scheduler)
         net = engine
-    elif ctx.is_distributed:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type != "cpu" else None)
     else:
-        net = model
+        net = wrap_ddp(model, ctx)
 
-    state = {"step": 0, "samples_seen": 0, "tokens_seen": 0, "flops": 0.0, "wall_time_s": 0.0, "skipped": 0,
-             "best_val_loss": None, "best_checkpoint": None, "last_checkpoint": None}
+    state = PretrainState()
     objects = dict(model=model, optimizer=optimizer, scheduler=scheduler, ds_engine=engine)
     restore(state, resume_from, spec, ctx, **objects)
     mask_fn = R.mask_function(cfg)
-    loader_ds = _PositionDataset(train_ds, order, spec.bad_data,
-                                 masks=PositionMasks(mask_fn, spec.seed) if mask_fn is not None else None)
+    loader_ds = PositionDataset(train_ds, order, spec.bad_data,
+                                masks=PositionMasks(mask_fn, spec.seed) if mask_fn is not None else None)
     peak = peak_flops(device)
     save = checkpoint_saver(run_dir, spec, ctx, state, **objects)
 
     def evaluate() -> dict[str, float]:
         return _evaluate(net if engine is None else engine, cfg, val_ds, spec, ctx)
 
-    batches = iter(torch.utils.data.DataLoader(
-        loader_ds, batch_sampler=_MicroBatches(state["step"], n_steps, plan, ctx.rank), collate_fn=_collate,
-        num_workers=spec.num_workers, pin_memory=device.type == "cuda" and datasets is None,
-        persistent_workers=False, prefetch_factor=4 if spec.num_workers else None))
+    batches = make_loader(loader_ds, state, n_steps, plan, ctx, spec,
+                          pin_memory=device.type == "cuda" and datasets is None)
 
     def forward_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, float]:
         batch = to_device(batch, device)
         x = batch["x"]
-        with _autocast(ctx, spec):
+        with autocast(ctx, spec):
             out = net(x, brain_mask=batch.get("brain_mask"), **_mask_kwargs(batch.get("mask")))
         return out["loss"], float(out.get("num_tokens", x.shape[0] * tps))
 
     def on_eval(step: int, metrics: dict[str, Any], ckpt_due: bool) -> dict[str, Any]:
         # a checkpoint is always reported with a fresh evaluation (Ray attaches checkpoints to reports)
         val = evaluate()
-        is_best = state["best_val_loss"] is None or val["val_loss"] < state["best_val_loss"]
+        is_best = state.best_val_loss is None or val["val_loss"] < state.best_val_loss
         if is_best:
-            state["best_val_loss"] = val["val_loss"]
+            state.best_val_loss = val["val_loss"]
         path = save(step) if (step == n_steps or ckpt_due) else None
         if is_best and path:
-            state["best_checkpoint"] = path
+            state.best_checkpoint = path
         row = {**metrics, "run_id": spec.run_id, "step": step, **val,
-               "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
-               "flops": state["flops"], "wall_time_s": state["wall_time_s"],
+               "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,
+               "flops": state.flops, "wall_time_s": state.wall_time_s,
                "is_final": step == n_steps, "status": "finished" if step == n_steps else "running",
                "n_params": counts["total"], "n_params_non_embedding": counts["non_embedding"],
                "device_kind": device_name(device), "device_count": ctx.world_size,
-               "total_steps": n_steps, "bad_windows_skipped": state["skipped"]}
+               "total_steps": n_steps, "bad_windows_skipped": state.skipped}
         reporter.report(row, checkpoint_dir=path)
         return row
 
     mark("loop_start", run=spec.run_id)
-    status, metrics = run_steps(spec, ctx, plan, n_steps, state=state, batches=batches, net=net,
-                                optimizer=optimizer, scheduler=scheduler, engine=engine,
-                                params=list(model.parameters()), forward_loss=forward_loss, on_eval=on_eval,
-                                reporter=reporter, should_stop=should_stop, t_start=t_start,
-                                tokens_per_sample=tps, flops_per_sample=fps["train"], peak=peak)
+    status, metrics = run_steps(
+        spec, ctx, plan, n_steps, state=state, batches=batches,
+        trainee=Trainee(net=net, optimizer=optimizer, scheduler=scheduler, engine=engine,
+                        params=list(model.parameters())),
+        objective=Objective(forward_loss=forward_loss, on_eval=on_eval),
+        meter=Meter(t_start=t_start, tokens_per_sample=tps, flops_per_sample=fps["train"], peak=peak),
+        reporter=reporter, should_stop=should_stop)
     mark("loop_end", run=spec.run_id)
-    step = state["step"]
+    step = state.step
     if status == "stopped":
         path = save(step)
         reporter.report({**metrics, "step": step, "status": "stopped", "is_final": False,
-                         "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
-                         "flops": state["flops"], "wall_time_s": state["wall_time_s"]}, checkpoint_dir=path)
+                         "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,
+                         "flops": state.flops, "wall_time_s": state.wall_time_s}, checkpoint_dir=path)
     return TrainResult(run_id=spec.run_id, status=status, step=step, final_metrics=metrics,
-                       last_checkpoint=state["last_checkpoint"])
-
-
-def restore(state: dict[str, Any], resume_from, spec: RunSpec, ctx: DistContext, **objects) -> None:
-    """Load checkpoint ``resume_from`` (if any) into ``objects`` (model, optimizer, scheduler, ds_engine) and
-    the keys of ``state`` it holds; refuse a checkpoint of another run."""
-    if resume_from is None:
-        return
-    loaded = ckpt.load_checkpoint(resume_from, rank=ctx.rank, map_location=ctx.device, **objects)
-    if loaded.get("run_id") not in (None, spec.run_id):
-        raise ckpt.CheckpointError(f"checkpoint {resume_from} belongs to run {loaded.get('run_id')}, "
-                                   f"not {spec.run_id}")
-    state.update({k: loaded[k] for k in state if k in loaded})
-    state["last_checkpoint"] = str(resume_from)
-
-
-def checkpoint_saver(run_dir, spec: RunSpec, ctx: DistContext, state: dict[str, Any],
-                     **objects) -> Callable[[int], str | None]:
-    """``save(step)``: a complete checkpoint under ``run_dir/checkpoints`` (None without ``run_dir``), then
-    retention (the last ``spec.keep_last``, plus ``state["best_checkpoint"]`` when ``spec.keep_best``)."""
-    root = Path(run_dir) / "checkpoints" if run_dir is not None else None
-    barrier = _barrier(ctx)
-
-    def save(step: int) -> str | None:
-        if root is None:
-            return None
-        path = ckpt.save_checkpoint(ckpt.step_dir(root, step), rank=ctx.rank, barrier=barrier,
-                                    state={**state, "run_id": spec.run_id, "spec": spec.to_dict()}, **objects)
-        state["last_checkpoint"] = str(path)
-        if ctx.is_main:
-            best = state.get("best_checkpoint") if spec.keep_best else None
-            ckpt.apply_retention(root, keep_last=spec.keep_last, best=Path(best) if best else None)
-        return str(path)
-
-    return save
-
-
-@contextlib.contextmanager
-def manual_gc(every: int):
-    """Python's automatic garbage collector off for the block when ``every`` > 0 (the loop then collects
-    every ``every`` steps, see ``RunSpec.gc_every``). Objects alive on entry (modules, datasets, the
-    launcher's state) are frozen out of later collections, which keeps each one short; both are undone
-    on exit, so a reused trial process gets its collector back."""
-    if every <= 0:
-        yield
-        return
-    was_enabled = gc.isenabled()
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-        if was_enabled:
-            gc.enable()
-
-
-def run_steps(spec: RunSpec, ctx: DistContext, plan: BatchPlan, n_steps: int, **kwargs) -> tuple[str, dict[str, Any]]:
-    """The optimizer-step loop (see :func:`_run_steps`), under ``RunSpec.gc_every``'s collector policy."""
-    with manual_gc(spec.gc_every):
-        return _run_steps(spec, ctx, plan, n_steps, **kwargs)
-
-
-def _run_steps(spec: RunSpec, ctx: DistContext, plan: BatchPlan, n_steps: int, *, state: dict[str, Any], batches,
-              net, optimizer, scheduler, engine, params: list[nn.Parameter],
-              forward_loss: Callable[[dict[str, Any]], tuple[torch.Tensor, float]],
-              on_eval: Callable[[int, dict[str, Any], bool], dict[str, Any]], reporter: Reporter,
-              should_stop: Callable[[], bool] | None, t_start: float, tokens_per_sample: int,
-              flops_per_sample: float | None = None, peak: float | None = None) -> tuple[str, dict[str, Any]]:
-    """The optimizer-step loop of pre-training and fine-tuning, from ``state["step"]`` to ``n_steps``.
-
-    Per step: this rank's micro-batches (``forward_loss(batch) -> (loss, tokens)`` each; gradient
-    accumulation with DDP's ``no_sync`` or DeepSpeed's engine), clipping / gradient norm, the optimizer and
-    the LR scheduler. ``state`` (``step``, ``samples_seen``, ``tokens_seen``, ``wall_time_s``, ``skipped``
-    and, when ``flops_per_sample`` is given, ``flops``) is updated in place. ``reporter.log`` every
-    ``spec.log_every`` steps; ``on_eval(step, metrics, checkpoint_due)`` at each evaluation or checkpoint
-    step returns the row that becomes the latest metrics. Returns ``("finished" | "stopped", metrics)``;
-    on ``"stopped"`` (``should_stop()`` turned true) the caller saves and reports.
-
-    The summed loss and token count stay on the device between log/evaluation/checkpoint steps: a host
-    read every step would stall an accelerator while the next step's Python runs. Divergence is therefore
-    detected at the next flush (at most ``log_every`` steps late); ``train_loss`` is the flushed steps' mean.
-    """
-    device = ctx.device
-    step = state["step"]
-    pending = torch.zeros(2, device=device, dtype=torch.float64)
-    pending_steps = 0
-
-    def flush() -> float:
-        nonlocal pending, pending_steps
-        reduced = _all_reduce_sum(pending, ctx).cpu()
-        loss = float(reduced[0]) / (max(pending_steps, 1) * plan.accumulation * ctx.world_size)
-        state["tokens_seen"] += int(round(float(reduced[1])))
-        pending, pending_steps = torch.zeros_like(pending), 0
-        if not math.isfinite(loss):
-            raise TrainingDiverged(step, loss, state["last_checkpoint"])
-        return loss
-
-    window_t0, window_samples = time.perf_counter(), 0
-    wall_offset = state["wall_time_s"] - (time.perf_counter() - t_start)
-    metrics: dict[str, Any] = {}
-    ddp = isinstance(net, nn.parallel.DistributedDataParallel)
-    # DeepSpeed ZeRO-0 leaves clipping to us (deepspeed_config): after the boundary micro-step's backward,
-    # which all-reduced the gradients, and before the engine's optimizer step
-    own_clip = engine is not None and spec.zero_stage == 0
-    while step < n_steps:
-        if should_stop is not None and should_stop():
-            if pending_steps:
-                metrics = {**metrics, "train_loss": flush()}
-            return "stopped", metrics
-        net.train()
-        n_micro = plan.accumulation
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        tokens = torch.zeros((), device=device, dtype=torch.float64)
-        for a in range(n_micro):
-            batch = next(batches)
-            if batch["skipped"]:
-                state["skipped"] += len(batch["skipped"])
-                for msg in batch["skipped"]:
-                    reporter.log({"step": step, "bad_data_skipped": msg})
-            sync_ctx = net.no_sync() if ddp and a < n_micro - 1 else contextlib.nullcontext()
-            with sync_ctx:
-                with record_function("neurox.forward"):
-                    loss, n_tokens = forward_loss(batch)
-                if engine is not None:
-                    with record_function("neurox.backward"):
-                        engine.backward(loss)
-                    if own_clip and a == n_micro - 1:
-                        grad_norm = clip_gradients(params, spec.grad_clip)
-                    with record_function("neurox.engine_step"):
-                        engine.step()  # DeepSpeed counts micro-steps and updates only at the boundary
-                else:
-                    with record_function("neurox.backward"):
-                        (loss / plan.accumulation).backward()
-            loss_sum += loss.detach().double()
-            tokens += n_tokens
-        # the run's base LR times the schedule at this step: under muP, MuAdamW divides the matrix-like
-        # groups' LR by their width multiplier, so no param group's LR is the run's LR (the µTransfer
-        # analysis fits the base LR, stored as ``lr``/``base_lr`` in every row; this column never shadows it)
-        lr_step = spec.lr * lr_factor(step, n_steps, spec)
-        with record_function("neurox.optimizer_step"):
-            if engine is not None:
-                if not own_clip:
-                    grad_norm = engine.get_global_grad_norm()
-                    grad_norm = grad_norm if grad_norm is not None else float("nan")
-            else:
-                grad_norm = clip_gradients(params, spec.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-        pending += torch.stack([loss_sum, tokens])
-        pending_steps += 1
-        step += 1
-        if spec.gc_every and step % spec.gc_every == 0:
-            gc.collect()  # every rank at the same step: one short common pause instead of one per rank
-        state["step"] = step
-        state["samples_seen"] += plan.global_batch
-        if flops_per_sample is not None:
-            state["flops"] += plan.global_batch * flops_per_sample
-        window_samples += plan.global_batch
-        ckpt_due = bool(spec.checkpoint_every) and step % spec.checkpoint_every == 0
-        eval_due = step % spec.eval_every == 0 or step == n_steps or ckpt_due
-        log_due = step % spec.log_every == 0 or step == n_steps
-        if log_due or eval_due:
-            train_loss = flush()
-        now = time.perf_counter()
-        state["wall_time_s"] = wall_offset + (now - t_start)
-        if log_due:
-            sps = window_samples / max(now - window_t0, 1e-9)
-            metrics = {"step": step, "train_loss": train_loss, "lr_step": lr_step, "grad_norm": float(grad_norm),
-                       "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
-                       "samples_per_s": sps, "tokens_per_s": sps * tokens_per_sample,
-                       "wall_time_s": state["wall_time_s"]}
-            if flops_per_sample is not None:
-                metrics["flops"] = state["flops"]
-                if peak:
-                    metrics["mfu"] = sps * flops_per_sample / (peak * ctx.world_size)
-            reporter.log(metrics)
-            window_t0, window_samples = now, 0
-        if eval_due:
-            metrics = on_eval(step, {**metrics, "step": step, "train_loss": train_loss}, ckpt_due)
-    return "finished", metrics
-
-
-def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor | float:
-    """Global gradient 2-norm (a device tensor: no host read), clipped to ``max_norm`` when it is > 0."""
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(grads)) if grads else 0.0
+                       last_checkpoint=state.last_checkpoint)
 
 
 @torch.no_grad()
@@ -611,11 +242,11 @@ def _evaluate(net, cfg, val_ds, spec: RunSpec, ctx: DistContext) -> dict[str, fl
     sums: dict[str, list[float]] = {}
     for i in mine:
         item = val_ds[i]
-        batch = to_device(_collate([item]), ctx.device)
+        batch = to_device(collate([item]), ctx.device)
         x = batch["x"]
         bm = batch.get("brain_mask")
         mask = sample_masks(cfg, [_VAL_SEED_OFFSET + i], spec.seed, ctx.device)
-        with _autocast(ctx, spec):
+        with autocast(ctx, spec):
             out = net(x, brain_mask=bm, **_mask_kwargs(mask))
         loss = float(out["loss"].float())
         for key in ("", item.get("cohort", "")):
@@ -624,7 +255,7 @@ def _evaluate(net, cfg, val_ds, spec: RunSpec, ctx: DistContext) -> dict[str, fl
             s[1] += 1
     keys = [""] + (cohorts if cohorts is not None else sorted(k for k in sums if k))
     vec = torch.tensor([v for k in keys for v in sums.get(k, [0.0, 0.0])], dtype=torch.float64, device=ctx.device)
-    vec = _all_reduce_sum(vec, ctx).cpu()
+    vec = all_reduce_sum(vec, ctx).cpu()
     out: dict[str, float] = {}
     for j, k in enumerate(keys):
         total, count = float(vec[2 * j]), float(vec[2 * j + 1])
@@ -633,62 +264,3 @@ def _evaluate(net, cfg, val_ds, spec: RunSpec, ctx: DistContext) -> dict[str, fl
     return out
 
 
-def _deepspeed_engine(spec: RunSpec, ctx: DistContext, plan: BatchPlan, model, optimizer, scheduler):
-    import deepspeed
-
-    if ctx.device.type == "cpu":
-        # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU ranks on first use (minutes of C++
-        # build); gloo is fast enough for CPU runs, so mark the op unavailable. DeepSpeed keeps this dict
-        # for the process on purpose ("edits to it persist").
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    config = deepspeed_config(spec, plan, ctx.device.type)
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        deepspeed.init_distributed(dist_backend=ctx.backend)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=config, dist_init_required=False)
-    return engine
-
-
-def deepspeed_config(spec: RunSpec, plan: BatchPlan, device_type: str) -> dict[str, Any]:
-    """The DeepSpeed config of a run: generated from the spec, ``spec.deepspeed_config`` merged over it, and
-    the batch plan and ZeRO stage always the spec's (an override of those keys is ignored)."""
-    use_bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device_type in ("cuda", "xpu"))
-    config = {
-        # ZeRO-0: the step loop clips (run_steps): DeepSpeed's own clip_grad_norm_ builds two CUDA tensors from
-        # Python lists per step (each a host-device sync) and leaves the engine's grad norm unset
-        "gradient_clipping": 0.0 if spec.zero_stage == 0 else spec.grad_clip,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-        # keep fp32 master weights and autocast like DDP, so ZeRO runs match DDP numerics
-        "torch_autocast": {"enabled": use_bf16, "dtype": "bfloat16"},
-        "zero_allow_untested_optimizer": True,
-    }
-    if spec.deepspeed_config:
-        config = merge_config(config, json.loads(spec.deepspeed_config))
-    return merge_config(config, {"train_batch_size": plan.global_batch,
-                                 "train_micro_batch_size_per_gpu": plan.micro_batch,
-                                 "gradient_accumulation_steps": plan.accumulation,
-                                 "zero_optimization": {"stage": spec.zero_stage}})
-
-
-def merge_config(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``extra`` merged in recursively (``extra`` wins; nested dicts merge key by key)."""
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

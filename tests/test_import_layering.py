@@ -25,7 +25,7 @@ def test_models_import_neither_data_nor_study_nor_ray(path):
     assert not imported_roots(path) & {"data", "study", "ray", "wandb", "analysis"}
 
 
-TRAIN_PATH = ["study/train.py", "study/finetune_engine.py", "study/checkpoint.py", "study/spec.py",
+TRAIN_PATH = ["study/train.py", "study/finetune_engine.py", "study/loop.py", "study/run_math.py", "study/checkpoint.py", "study/spec.py",
               "study/devices.py", "study/reporters.py", "study/metrics.py", "study/provenance.py", "study/trace.py"]
 
 
@@ -60,3 +60,10 @@ def imported_modules(path: Path) -> set[str]:
 def test_planning_imports_no_loop_code(rel):
     """Planning needs run arithmetic (study.run_math), never the step loop or an objective."""
     assert not imported_modules(REPO / rel) & LOOP_MODULES, rel
+
+
+def test_finetune_objective_uses_the_shared_loop_not_pretraining():
+    """Both objectives import the step machinery (study.loop); fine-tuning never imports the pre-training module."""
+    assert "study.train" not in imported_modules(REPO / "study/finetune_engine.py")
+    assert "study.loop" in imported_modules(REPO / "study/finetune_engine.py")
+    assert "study.loop" in imported_modules(REPO / "study/train.py")

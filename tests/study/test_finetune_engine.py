@@ -12,7 +12,8 @@ from study import finetune_engine as FE
 from study.devices import DistContext
 from study.reporters import MemoryReporter
 from study.spec import STRATEGIES, RunSpec
-from study.train import model_config, train
+from study.run_math import model_config
+from study.train import train
 
 GRID = (24, 24, 24)
 T = 4
@@ -270,7 +271,7 @@ def test_batch_that_does_not_divide_across_ranks_errors_before_compute(weights):
 
 
 def test_nan_loss_stops_with_step_and_last_checkpoint(ft_cohort, tmp_path):
-    from study.train import TrainingDiverged
+    from study.loop import TrainingDiverged
 
     spec = _spec(strategy="full", manifest=ft_cohort)
     bad = tmp_path / "bad"

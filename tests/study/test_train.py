@@ -10,7 +10,9 @@ from study import checkpoint as ckpt
 from study.devices import local_context
 from study.reporters import MemoryReporter
 from study.spec import RunSpec
-from study.train import BatchPlan, TrainingDiverged, lr_factor, micro_batch_positions, train
+from study.loop import TrainingDiverged
+from study.run_math import BatchPlan, lr_factor, micro_batch_positions
+from study.train import train
 
 def losses(rep: MemoryReporter) -> list[float]:
     return [r["train_loss"] for r in rep.logs]
@@ -156,7 +158,7 @@ def test_deepspeed_zero0_clips_in_the_loop_like_plain_pytorch(tiny_cohort):
     reported gradient norm as a plain single-process run, where DeepSpeed used to report none (NaN)."""
     import torch.distributed as dist
 
-    from study.train import deepspeed_config
+    from study.loop import deepspeed_config
     from test_golden import golden_spec
 
     spec = golden_spec(tiny_cohort).replace(budget=8, grad_clip=0.05)
@@ -198,14 +200,16 @@ def test_sparse_logging_reports_window_means_and_same_weights(tiny_cohort):
 def test_loader_masks_equal_position_seeded_masks(tiny_cohort):
     """Masks made in loader workers are the ones ``sample_masks`` makes for the same global positions."""
     from neuro_models import registry as R
-    from study.train import PositionMasks, SampleOrder, _PositionDataset, build_datasets, model_config, sample_masks
+    from study.loop import PositionDataset, SampleOrder
+    from study.run_math import model_config
+    from study.train import PositionMasks, build_datasets, sample_masks
 
     spec = RunSpec(family="swift_v2", size="debug", grid=(24, 24, 24), sequence_length=8, batch_size=2,
                    manifest=tiny_cohort)
 
     cfg = model_config(spec)
     _, train_ds, _ = build_datasets(spec)
-    ds = _PositionDataset(train_ds, SampleOrder(len(train_ds), 3), masks=PositionMasks(R.mask_function(cfg), 3))
+    ds = PositionDataset(train_ds, SampleOrder(len(train_ds), 3), masks=PositionMasks(R.mask_function(cfg), 3))
     loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=[5, 11, 17], num_workers=2)
     got = torch.stack([item["mask"] for item in loader])
     want = sample_masks(cfg, [5, 11, 17], 3, torch.device("cpu"))
@@ -215,7 +219,7 @@ def test_loader_masks_equal_position_seeded_masks(tiny_cohort):
 
 
 def test_deepspeed_config_overrides_merge_but_the_batch_plan_and_stage_stay():
-    from study.train import merge_config
+    from study.loop import merge_config
 
     base = {"train_batch_size": 8, "zero_optimization": {"stage": 1}, "gradient_clipping": 1.0}
     out = merge_config(base, {"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 0.5})
@@ -225,7 +229,7 @@ def test_deepspeed_config_overrides_merge_but_the_batch_plan_and_stage_stay():
 
 
 def test_deepspeed_config_keeps_the_specs_batch_plan_and_stage():
-    from study.train import deepspeed_config
+    from study.loop import deepspeed_config
 
     spec = RunSpec(batch_size=8, micro_batch_size=2, zero_stage=2, distributed="deepspeed",
                    deepspeed_config='{"train_batch_size": 999, "gradient_accumulation_steps": 7, '
@@ -253,7 +257,7 @@ def test_compiled_regions_train_like_eager(tiny_cohort):
 def test_manual_gc_restores_the_collector_even_on_error():
     import gc
 
-    from study.train import manual_gc
+    from study.loop import manual_gc
 
     assert gc.isenabled() and gc.get_freeze_count() == 0
     with manual_gc(0):

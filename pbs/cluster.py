@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Helpers for ``pbs/ray_cluster.sh``: addresses, ports, tokens, node waits, walltime, staging, cleanup.
 
+What differs between schedulers (node list, job id, walltime) is behind the seam in ``pbs/scheduler.py``.
+
 Each sub-command does one job the bash bootstrap finds awkward and prints its answer on stdout
 (one line, no secrets). Errors go to stderr as ``ray_cluster: <message>`` with exit status 2 for bad
 input and 3 for a timeout, so the shell script can forward them unchanged.
@@ -14,7 +16,9 @@ Usage (as run by the bootstrap)::
     python pbs/cluster.py nodefile "$PBS_NODEFILE"         # unique hosts, one a line
     python pbs/cluster.py token PATH                       # fresh 256-bit token, file mode 0600
     python pbs/cluster.py wait --address IP:PORT --state-dir D --nodefile F --timeout 300
-    python pbs/cluster.py walltime                         # seconds left in this PBS job
+    python pbs/cluster.py walltime [--scheduler slurm]     # seconds left in this job
+    python pbs/cluster.py scheduler [--scheduler auto]     # which scheduler's job this is: pbs or slurm
+    python pbs/cluster.py nodes --scheduler slurm          # the job's unique hosts, head first, one a line
     python pbs/cluster.py private-dir --parent /tmp --per-user --name 123.9f3a_0   # new 0700 dir, printed
     python pbs/cluster.py nonce                            # 8 random hex characters for per-job names
     python pbs/cluster.py stage --src DIR --dst DIR --rank R --world N [--shard]
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import importlib.util
 import ipaddress
 import json
 import os
@@ -42,6 +47,19 @@ import sys
 import time
 from pathlib import Path
 
+
+def _load_scheduler_module():
+    """``pbs/scheduler.py`` (the scheduler seam), loaded by path: this file runs as a script and as a test import."""
+    name = "neurox_pbs_scheduler"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("scheduler.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+S = _load_scheduler_module()
 EXIT_BAD_INPUT = 2
 EXIT_TIMEOUT = 3
 _SIOCGIFADDR = 0x8915
@@ -421,47 +439,41 @@ def wait_for_nodes(address: str, hosts: list[str], head_ip: str, state_dir: Path
 # --------------------------------------------------------------------------------------------
 # Walltime
 # --------------------------------------------------------------------------------------------
-def _hms_to_s(text: str) -> int:
-    parts = [int(p) for p in text.strip().split(":")]
-    s = 0
-    for p in parts:
-        s = s * 60 + p
-    return s
+def remaining_walltime(jobid: str | None = None, qstat: str = "qstat", env=None,
+                       scheduler: str | None = None) -> float | None:
+    """Seconds left before the job's walltime ends, or None when unknown.
 
-
-def remaining_walltime(jobid: str | None = None, qstat: str = "qstat", env=None) -> float | None:
-    """Seconds left before the PBS job's walltime ends, or None when unknown.
-
-    ``NEUROX_WALLTIME_S`` (seconds left at the time of the call) overrides the lookup. Otherwise
-    ``qstat -f $PBS_JOBID`` gives ``Resource_List.walltime`` and ``resources_used.walltime``.
+    ``NEUROX_WALLTIME_S`` (seconds left at the time of the call) overrides the lookup. Otherwise the scheduler
+    answers (``pbs/scheduler.py``): PBS from ``qstat -f $PBS_JOBID`` (``Resource_List.walltime`` minus
+    ``resources_used.walltime``), Slurm from ``$SLURM_JOB_END_TIME`` or ``squeue -o %L``.
     """
-    env = os.environ if env is None else env
+    env = dict(os.environ if env is None else env)
     if env.get("NEUROX_WALLTIME_S"):
         return float(env["NEUROX_WALLTIME_S"])
-    jobid = jobid or env.get("PBS_JOBID")
-    if not jobid or not shutil.which(qstat):
-        return None
-    try:
-        out = subprocess.run([qstat, "-f", jobid], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    total = re.search(r"Resource_List\.walltime\s*=\s*([\d:]+)", out)
-    if not total:
-        return None
-    used = re.search(r"resources_used\.walltime\s*=\s*([\d:]+)", out)
-    return float(_hms_to_s(total.group(1)) - (_hms_to_s(used.group(1)) if used else 0))
+    sched = S.get_scheduler(scheduler, env)
+    if isinstance(sched, S.PBS):
+        sched = S.PBS(qstat=qstat)
+        if jobid:
+            env["PBS_JOBID"] = jobid
+        elif not env.get("PBS_JOBID"):
+            return None
+    elif jobid:
+        env["SLURM_JOB_ID"] = jobid
+    return sched.walltime_left(env)
 
 
-def watch_walltime(stop_file: Path, margin_s: float, jobid: str | None = None, poll_s: float = 5.0) -> bool:
+def watch_walltime(stop_file: Path, margin_s: float, jobid: str | None = None, poll_s: float = 5.0,
+                   scheduler: str | None = None) -> bool:
     """Sleep until ``margin_s`` seconds before the walltime ends, then create ``stop_file``.
 
     The study runner polls ``<storage>/<study>/STOP``: it stops starting trials, lets running trials
     write a final checkpoint and exits, so the next allocation resumes the study. Returns True when
     the file was created, False when the walltime is unknown (nothing to watch).
     """
-    left = remaining_walltime(jobid)
+    left = remaining_walltime(jobid, scheduler=scheduler)
     if left is None:
-        print("ray_cluster: walltime unknown (no PBS_JOBID/qstat, NEUROX_WALLTIME_S unset): "
+        print("ray_cluster: walltime unknown (no job id, qstat/squeue or SLURM_JOB_END_TIME; NEUROX_WALLTIME_S "
+              "unset): "
               "no automatic stop", file=sys.stderr)
         return False
     deadline = time.monotonic() + left - margin_s
@@ -646,10 +658,17 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--head-pid", type=int)
     a = sub.add_parser("walltime")
     a.add_argument("--jobid")
+    a.add_argument("--scheduler")
     a = sub.add_parser("watch-walltime")
     a.add_argument("--stop-file", required=True)
     a.add_argument("--margin", type=float, default=600.0)
     a.add_argument("--jobid")
+    a.add_argument("--scheduler")
+    a = sub.add_parser("scheduler")
+    a.add_argument("--scheduler", default="auto")
+    a = sub.add_parser("nodes")
+    a.add_argument("--scheduler", default="auto")
+    a.add_argument("--nodefile")
     a = sub.add_parser("stage")
     a.add_argument("--src", required=True)
     a.add_argument("--dst", required=True)
@@ -687,10 +706,14 @@ def main(argv: list[str] | None = None) -> int:
                                  Path(args.state_dir), args.timeout, head_pid=args.head_pid)
             print(" ".join(ips[r] for r in sorted(ips)))
         elif args.cmd == "walltime":
-            left = remaining_walltime(args.jobid)
+            left = remaining_walltime(args.jobid, scheduler=args.scheduler)
             print("" if left is None else int(left))
         elif args.cmd == "watch-walltime":
-            watch_walltime(Path(args.stop_file), args.margin, args.jobid)
+            watch_walltime(Path(args.stop_file), args.margin, args.jobid, scheduler=args.scheduler)
+        elif args.cmd == "scheduler":
+            print(S.get_scheduler(args.scheduler).name)
+        elif args.cmd == "nodes":
+            print("\n".join(S.get_scheduler(args.scheduler).hosts(os.environ, args.nodefile)))
         elif args.cmd == "stage":
             info = stage(Path(args.src), Path(args.dst), args.rank, args.world, args.shard)
             print(f"staged {len(info['subjects'])} subject files ({info['bytes']} bytes) to {args.dst}")
@@ -700,9 +723,9 @@ def main(argv: list[str] | None = None) -> int:
             print(private_dir(args.parent, args.name, args.per_user))
         elif args.cmd == "nonce":
             print(secrets.token_hex(4))
-    except ClusterError as e:
+    except (ClusterError, S.SchedulerError) as e:
         print(f"ray_cluster: {e}", file=sys.stderr)
-        return e.code
+        return getattr(e, "code", EXIT_BAD_INPUT)
     return 0
 
 

@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2317  # functions run from traps look unreachable to shellcheck 0.9
 # shellcheck source-path=SCRIPTDIR
-# Bootstrap a token-authenticated Ray cluster inside a PBS allocation, run a command on it, tear it down.
+# Bootstrap a token-authenticated Ray cluster inside a PBS or Slurm allocation, run a command on it, tear it down.
 #
 # Usage:
 #   pbs/ray_cluster.sh run [OPTIONS] -- CMD [ARGS...]   start the cluster, run CMD on the head, tear down
 #   pbs/ray_cluster.sh up  [OPTIONS]                    start the cluster and block until a signal
 #   pbs/ray_cluster.sh (run|up) --dry-run [OPTIONS]     validate and print the plan; start nothing
 #
-# The first host of $PBS_NODEFILE is the head (where PBS runs the job script); every other host gets one
-# node agent (this script's internal "node-agent" mode) through `mpiexec --ppn 1`, pbsdsh or ssh.
+# The head is the host running the job script (PBS: the first of $PBS_NODEFILE; Slurm: $SLURMD_NODENAME); every
+# other host gets one node agent (this script's internal "node-agent" mode) through the scheduler's launcher:
+# `mpiexec --ppn 1`, pbsdsh (PBS), `srun --ntasks-per-node 1` (Slurm) or ssh. pbs/schedulers/NAME.sh.
 #
 # Options:
-#   --profile aurora|polaris|generic  machine settings (pbs/profiles/NAME.sh)     [generic]
+#   --profile NAME          site settings, a file pbs/profiles/NAME.sh (aurora, polaris, frontier, ...)  [generic]
+#   --scheduler S           auto|pbs|slurm: how nodes are obtained  [$NEUROX_SCHEDULER, the profile's, or auto]
 #   --iface NAME            high-speed interface whose IPv4 address Ray uses  [$NEUROX_IFACE or profile's]
 #   --host-suffix SUFFIX    or: resolve "$(hostname -s)SUFFIX" for the address         [$NEUROX_HOST_SUFFIX]
-#   --nodefile FILE         node list                                                [$PBS_NODEFILE]
+#   --nodefile FILE         node list                   [PBS: $PBS_NODEFILE; Slurm: $SLURM_JOB_NODELIST]
 #   --port N                GCS port (default: a free port)
 #   --dashboard-port N      dashboard/job API port (default: a free port)
 #   --client-port N         Ray client port (default: a free port)
@@ -24,14 +26,16 @@
 #   --state-dir DIR         shared job state (token, node registry)  [$NEUROX_STATE_DIR or ~/.neurox/ray]
 #   --tmp-base DIR          node-local base for Ray's temp dir (keep short)    [$NEUROX_TMP_BASE or /tmp]
 #                           (each job's dirs: DIR/nx-<uid>/<job>.<random>_<rank>, mode 0700, see SECURITY.md)
-#   --launcher L            auto|mpiexec|pbsdsh|ssh|/path/to/mpiexec-like     [$NEUROX_LAUNCHER or auto]
-#                           (extra mpiexec arguments: $NEUROX_LAUNCHER_ARGS, else the profile's)
+#   --launcher L            PBS: auto|mpiexec|pbsdsh|ssh|/path/to/mpiexec-like; Slurm: auto|srun|ssh|/path/to/
+#                           srun-like  [$NEUROX_LAUNCHER or auto]  (extra arguments: $NEUROX_LAUNCHER_ARGS, else the
+#                           profile's PROFILE_LAUNCHER_ARGS)
 #   --storage DIR --study-name NAME   the study's storage; enables walltime stop and chaining
 #   --stop-margin S         touch <storage>/<study>/STOP this many seconds before walltime ends [600]
 #   --chain N --job-script FILE       submit FILE again (afterany) up to N more times until the study completes
 #   --stage SRC --stage-to DIR [--shard]   copy the data directory to node-local DIR/nx-<uid>/<job>.<random>
 #                           (a share of it with --shard); mode 0700, removed first at teardown
-#   --teardown-s S          finish teardown within S seconds of its start (below PBS's kill_delay)  [8]
+#   --teardown-s S          finish teardown within S seconds of its start (below PBS's kill_delay, Slurm's
+#                           KillWait)  [8]
 #   --dry-run               print what would run and exit
 #
 # Environment given to CMD: RAY_ADDRESS (GCS ip:port), RAY_API_SERVER_ADDRESS (http://ip:dashboard),
@@ -60,7 +64,7 @@ case "$MODE" in
   *) usage >&2; die "unknown mode '${MODE}': expected run, up (or node-agent, internal)" ;;
 esac
 
-PROFILE=generic IFACE="" HOST_SUFFIX="" NODEFILE="${PBS_NODEFILE:-}" GCS_PORT="" DASH_PORT="" CLIENT_PORT=""
+PROFILE=generic SCHEDULER="${NEUROX_SCHEDULER:-}" IFACE="" HOST_SUFFIX="" NODEFILE="" GCS_PORT="" DASH_PORT="" CLIENT_PORT=""
 JOIN_TIMEOUT=300 NUM_GPUS="" NUM_CPUS="" OBJ_BYTES="" STATE_BASE="${NEUROX_STATE_DIR:-$HOME/.neurox/ray}"
 TMP_BASE="${NEUROX_TMP_BASE:-/tmp}" LAUNCHER="${NEUROX_LAUNCHER:-auto}" STORAGE="" STUDY="" STOP_MARGIN=600
 CHAIN=0 JOB_SCRIPT="" STAGE_SRC="" STAGE_TO="" SHARD=0 DRY_RUN=0 TEARDOWN_S=8
@@ -74,6 +78,7 @@ int() { [[ "$2" =~ ^[0-9]+$ ]] || die "option $1 must be a non-negative integer,
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --profile) need "$@"; PROFILE="$2"; shift 2 ;;
+    --scheduler) need "$@"; SCHEDULER="$2"; shift 2 ;;
     --iface) need "$@"; IFACE="$2"; iface_set=1; shift 2 ;;
     --host-suffix) need "$@"; HOST_SUFFIX="$2"; iface_set=1; shift 2 ;;
     --nodefile) need "$@"; NODEFILE="$2"; shift 2 ;;
@@ -109,22 +114,47 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-case "$PROFILE" in
-  aurora | polaris | generic) ;;
-  *) die "--profile must be one of aurora, polaris, generic; got '$PROFILE'" ;;
-esac
+# Sites are discovered from their folder: a new site is one file pbs/profiles/NAME.sh (data: see generic.sh).
+known() { local f n=""; for f in "$PBS_DIR/$1"/*.sh; do f="${f##*/}"; n+="${n:+, }${f%.sh}"; done; echo "$n"; }
+[[ "$PROFILE" =~ ^[A-Za-z0-9][A-Za-z0-9_-]*$ && -f "$PBS_DIR/profiles/$PROFILE.sh" ]] ||
+  die "--profile must be one of $(known profiles) (pbs/profiles/*.sh); got '$PROFILE'"
+PROFILE_SCHEDULER="" PROFILE_MODULE_USE="" PROFILE_MODULES="" PROFILE_CONDA_ENV="" PROFILE_PY_MODULES="" PROFILE_PY_HINT=""
 # shellcheck source=profiles/generic.sh
 source "$PBS_DIR/profiles/$PROFILE.sh"
+load_site_software() { # the profile's modules, conda environment and $NEUROX_VENV (NEUROX_SKIP_MODULES=1: none)
+  [[ -z "${NEUROX_SKIP_MODULES:-}" ]] && command -v module >/dev/null 2>&1 || return 0
+  local m
+  set +u # module and conda scripts read unset variables
+  for m in $PROFILE_MODULE_USE; do module use "$m" 2>/dev/null || log "warning: module use $m failed"; done
+  for m in $PROFILE_MODULES; do module load "$m" || log "warning: module load $m failed"; done
+  m="${NEUROX_CONDA_ENV:-$PROFILE_CONDA_ENV}"
+  if [[ -n "$m" ]]; then conda activate "$m"; fi
+  # shellcheck disable=SC1091
+  if [[ -n "${NEUROX_VENV:-}" ]]; then source "$NEUROX_VENV/bin/activate"; fi
+  set -u
+}
+load_site_software
 # after the profile: its module/conda set-up decides which python has Ray
 PY="${NEUROX_PYTHON:-$(command -v python3 || command -v python || true)}"
 [[ -n "$PY" && -x "$PY" ]] || die "no python found (set NEUROX_PYTHON to the interpreter that has Ray)"
 RAY_CLI=("$PY" -m ray.scripts.scripts)
-if [[ "$MODE" != node-agent ]] && declare -F profile_check >/dev/null; then profile_check "$PY"; fi
+if [[ "$MODE" != node-agent ]]; then
+  for m in $PROFILE_PY_MODULES; do
+    "$PY" -c "import $m" 2>/dev/null || log "warning: $PY cannot import $m (needed by profile $PROFILE): $PROFILE_PY_HINT"
+  done
+fi
+# The scheduler: options > NEUROX_SCHEDULER > the profile's > the job's environment (pbs/scheduler.py)
+SCHEDULER="${SCHEDULER:-${PROFILE_SCHEDULER:-auto}}"
+[[ "$SCHEDULER" =~ ^[a-z]+$ && ( "$SCHEDULER" == auto || -f "$PBS_DIR/schedulers/$SCHEDULER.sh" ) ]] ||
+  die "--scheduler must be auto or one of $(known schedulers) (pbs/schedulers/*.sh); got '$SCHEDULER'"
+[[ "$SCHEDULER" == auto ]] && SCHEDULER=$(helper scheduler --scheduler auto)
+# shellcheck source=schedulers/pbs.sh
+source "$PBS_DIR/schedulers/$SCHEDULER.sh"
 if [[ $iface_set -eq 0 ]]; then # options > NEUROX_IFACE / NEUROX_HOST_SUFFIX > the profile's default
   if [[ -n "${NEUROX_IFACE:-}${NEUROX_HOST_SUFFIX:-}" ]]; then IFACE="${NEUROX_IFACE:-}" HOST_SUFFIX="${NEUROX_HOST_SUFFIX:-}"
   else IFACE="$PROFILE_IFACE" HOST_SUFFIX="$PROFILE_HOST_SUFFIX"; fi
 fi
-NUM_GPUS="${NUM_GPUS:-$PROFILE_NUM_GPUS}"
+NUM_GPUS="${NUM_GPUS:-$PROFILE_DEVICES_PER_NODE}"
 [[ -n "$STAGE_SRC" && -z "$STAGE_TO" ]] && die "--stage needs --stage-to (node-local directory, e.g. /dev/shm or /local/scratch)"
 [[ $SHARD -eq 1 && -z "$STAGE_SRC" ]] && die "--shard needs --stage SRC --stage-to DIR"
 NAME_RE='^[A-Za-z0-9][A-Za-z0-9._-]*$' # names used in paths (same rule as study.spec and pbs/cluster.py)
@@ -133,6 +163,7 @@ NAME_RE='^[A-Za-z0-9][A-Za-z0-9._-]*$' # names used in paths (same rule as study
 [[ $TEARDOWN_S -ge 2 ]] || die "--teardown-s must be at least 2"
 
 export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
+export NEUROX_SITE="$PROFILE" NEUROX_DEVICE_KIND="${NEUROX_DEVICE_KIND:-${PROFILE_DEVICE_KIND:-}}"
 # Metrics: each node's agent would serve Prometheus metrics (worker ids, IPs, task names) on 0.0.0.0 without a
 # token; off unless the user asks for it (pbs/README.md, "What listens where").
 export RAY_enable_metrics_collection="${RAY_enable_metrics_collection:-0}"
@@ -201,8 +232,8 @@ any_alive() { local pid; for pid in "$@"; do [[ -n "$pid" ]] && kill -0 "$pid" 2
 if [[ "$MODE" == node-agent ]]; then
   [[ -n "$ADDRESS" && -n "$STATE" && -n "$JOBKEY" && -n "$WORLD" ]] || die "node-agent needs --address --state --jobkey --world"
   if [[ -z "$RANK" ]]; then
-    local_rank="${PMI_RANK:-${PALS_RANKID:-${PMIX_RANK:-${OMPI_COMM_WORLD_RANK:-}}}}"
-    [[ -n "$local_rank" ]] || die "node-agent: no rank (--rank, PMI_RANK, PALS_RANKID, PMIX_RANK)"
+    local_rank="$(sched_rank)"
+    [[ -n "$local_rank" ]] || die "node-agent: no rank (--rank, or the $SCHEDULER launcher's: PMI_RANK, PALS_RANKID, PMIX_RANK, SLURM_PROCID)"
     RANK=$((local_rank + RANK_OFFSET))
   fi
   export RAY_AUTH_TOKEN_PATH="$STATE/token"
@@ -252,10 +283,13 @@ if [[ "$MODE" == node-agent ]]; then
 fi
 
 # ------------------------------------------------------------------------------------------------ head
-mapfile -t HOSTS < <(helper nodefile "$NODEFILE") || exit 2
+nodes_args=(--scheduler "$SCHEDULER")
+[[ -n "$NODEFILE" ]] && nodes_args+=(--nodefile "$NODEFILE")
+mapfile -t HOSTS < <(helper nodes "${nodes_args[@]}") || exit 2
 [[ ${#HOSTS[@]} -gt 0 ]] || exit 2
 NNODES=${#HOSTS[@]}
-JOBKEY="${PBS_JOBID:-local$$}"
+JOBID=$(sched_job_id)
+JOBKEY="${JOBID:-local$$}"
 JOBKEY="${JOBKEY%%.*}"
 JOBKEY="${JOBKEY//[^A-Za-z0-9]/}"
 STATE="$STATE_BASE/$JOBKEY" # under the user's own 0700 state dir; the job id names it, so a second start is refused
@@ -271,17 +305,9 @@ GCS_PORT="${GCS_PORT:-${free[0]}}" DASH_PORT="${DASH_PORT:-${free[1]}}" CLIENT_P
 HEAD_METRIC_ENV=("DASHBOARD_METRIC_PORT=${free[3]}" "AUTOSCALER_METRIC_PORT=${free[4]}")
 HEAD_TMP=$(tmp_dir_for 0)
 
-if [[ "$LAUNCHER" == auto ]]; then
-  if command -v mpiexec >/dev/null; then LAUNCHER=mpiexec
-  elif command -v pbsdsh >/dev/null; then LAUNCHER=pbsdsh
-  else LAUNCHER=ssh; fi
-fi
-case "$LAUNCHER" in
-  mpiexec | pbsdsh | ssh) command -v "$LAUNCHER" >/dev/null || [[ $NNODES -eq 1 ]] || die "launcher '$LAUNCHER' not found in PATH" ;;
-  *) [[ -x "$LAUNCHER" ]] || die "--launcher must be auto, mpiexec, pbsdsh, ssh or an executable path; got '$LAUNCHER'" ;;
-esac
+LAUNCHER=$(sched_launcher "$LAUNCHER")
 
-AGENT=(env "NEUROX_PYTHON=$PY" "$SELF" node-agent --profile "$PROFILE" --address "$HEAD_IP:$GCS_PORT" --state "$STATE" --jobkey "$JOBKEY"
+AGENT=(env "NEUROX_PYTHON=$PY" "$SELF" node-agent --profile "$PROFILE" --scheduler "$SCHEDULER" --address "$HEAD_IP:$GCS_PORT" --state "$STATE" --jobkey "$JOBKEY"
   --world "$NNODES" --tmp-base "$TMP_BASE" --nonce "$NONCE" --teardown-s "$TEARDOWN_S")
 [[ -n "$IFACE" ]] && AGENT+=(--iface "$IFACE")
 [[ -n "$HOST_SUFFIX" ]] && AGENT+=(--host-suffix "$HOST_SUFFIX")
@@ -292,31 +318,21 @@ AGENT=(env "NEUROX_PYTHON=$PY" "$SELF" node-agent --profile "$PROFILE" --address
 [[ $SHARD -eq 1 ]] && AGENT+=(--shard)
 WORKERS=("${HOSTS[@]:1}")
 
-launch_cmds() { # prints (dry run) or runs the worker launch; sets LAUNCH_PIDS
+launch_one() { # prints (dry run) or starts one launcher command in its own session; adds it to LAUNCH_PIDS
+  if [[ $DRY_RUN -eq 1 ]]; then show "$@"
+  else setsid "$@" </dev/null & LAUNCH_PIDS+=($!)
+  fi
+}
+launch_ssh() { # any scheduler: one ssh per worker host
+  local r
+  for r in $(seq 1 $((NNODES - 1))); do
+    launch_one ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new "${HOSTS[$r]}" "$(printf '%q ' "${AGENT[@]}" --rank "$r")"
+  done
+}
+launch_cmds() { # the scheduler's launcher starts one node agent per worker host (pbs/schedulers/*.sh)
   LAUNCH_PIDS=()
   [[ ${#WORKERS[@]} -eq 0 ]] && return 0
-  local hostfile="$STATE/workers.hosts" r
-  case "$LAUNCHER" in
-    pbsdsh | ssh)
-      for r in $(seq 1 $((NNODES - 1))); do
-        local h="${HOSTS[$r]}" c
-        if [[ "$LAUNCHER" == pbsdsh ]]; then c=(pbsdsh -h "$h" -- "${AGENT[@]}" --rank "$r")
-        else c=(ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new "$h" "$(printf '%q ' "${AGENT[@]}" --rank "$r")")
-        fi
-        if [[ $DRY_RUN -eq 1 ]]; then show "${c[@]}"
-        else setsid "${c[@]}" </dev/null & LAUNCH_PIDS+=($!)
-        fi
-      done ;;
-    *)
-      local largs
-      read -r -a largs <<<"${NEUROX_LAUNCHER_ARGS:-$PROFILE_LAUNCHER_ARGS}"
-      local c=("$LAUNCHER" -n "${#WORKERS[@]}" --ppn 1 "${largs[@]}" --hostfile "$hostfile" "${AGENT[@]}" --rank-offset 1)
-      if [[ $DRY_RUN -eq 1 ]]; then show "${c[@]}"
-      else
-        printf '%s\n' "${WORKERS[@]}" >"$hostfile"
-        setsid "${c[@]}" </dev/null & LAUNCH_PIDS+=($!)
-      fi ;;
-  esac
+  sched_launch_workers
 }
 
 ray_node_args "$HEAD_IP" "$HEAD_TMP"
@@ -324,7 +340,7 @@ HEAD_CMD=(env "${HEAD_METRIC_ENV[@]}" "${RAY_CLI[@]}" start --head --port "$GCS_
   --include-dashboard true --dashboard-host "$HEAD_IP" --dashboard-port "$DASH_PORT" "${NODE_ARGS[@]}")
 
 if [[ $DRY_RUN -eq 1 ]]; then
-  echo "profile: $PROFILE   nodes: $NNODES (${HOSTS[*]})   head: ${HOSTS[0]} at $HEAD_IP"
+  echo "profile: $PROFILE   scheduler: $SCHEDULER   nodes: $NNODES (${HOSTS[*]})   head: ${HOSTS[0]} at $HEAD_IP"
   echo "state dir: $STATE (token file $STATE/token, mode 0600; created at start)"
   echo "env on every node: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$STATE/token"
   echo "head:"; show "${HEAD_CMD[@]}"
@@ -414,7 +430,8 @@ NEUROX_RAY_NODE_TMP="$HEAD_TMP" setsid "${HEAD_CMD[@]}" >"$STATE/head.log" 2>&1 
 HEAD_PID=$!
 launch_cmds
 # in the background so that PBS's SIGTERM is handled at once, not after the wait
-helper wait --address "$HEAD_IP:$GCS_PORT" --head-ip "$HEAD_IP" --state-dir "$STATE" --nodefile "$NODEFILE" \
+printf '%s\n' "${HOSTS[@]}" >"$STATE/hosts" # head first, as the ranks are numbered
+helper wait --address "$HEAD_IP:$GCS_PORT" --head-ip "$HEAD_IP" --state-dir "$STATE" --nodefile "$STATE/hosts" \
   --timeout "$JOIN_TIMEOUT" --head-pid "$HEAD_PID" >/dev/null &
 WAIT_PID=$!
 set +e
@@ -432,7 +449,7 @@ export RAY_ADDRESS="$HEAD_IP:$GCS_PORT" RAY_API_SERVER_ADDRESS="http://$HEAD_IP:
 export NEUROX_RAY_HEAD_IP="$HEAD_IP" NEUROX_RAY_NUM_NODES="$NNODES"
 cat >&2 <<EOF
 ray_cluster: dashboard and job API: http://$HEAD_IP:$DASH_PORT (token auth)
-ray_cluster: from your laptop:  ssh -N -L 8265:$HEAD_IP:$DASH_PORT ${USER:-you}@${PBS_O_HOST:-<login node>}
+ray_cluster: from your laptop:  ssh -N -L 8265:$HEAD_IP:$DASH_PORT ${USER:-you}@${PBS_O_HOST:-${SLURM_SUBMIT_HOST:-<login node>}}
 ray_cluster:   then open http://localhost:8265; the dashboard asks for the token in $RAY_AUTH_TOKEN_PATH
 ray_cluster: on a login node:   RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH ray job submit --address http://$HEAD_IP:$DASH_PORT ...
 EOF
@@ -440,28 +457,20 @@ printf 'RAY_ADDRESS=%s\nRAY_API_SERVER_ADDRESS=%s\nRAY_AUTH_MODE=token\nRAY_AUTH
   "$RAY_ADDRESS" "$RAY_API_SERVER_ADDRESS" "$RAY_AUTH_TOKEN_PATH" >"$STATE/cluster.env"
 
 if [[ -n "$STOP_FILE" ]]; then
-  "$PY" "$HELPER" watch-walltime --stop-file "$STOP_FILE" --margin "$STOP_MARGIN" &
+  "$PY" "$HELPER" watch-walltime --scheduler "$SCHEDULER" --stop-file "$STOP_FILE" --margin "$STOP_MARGIN" &
   WATCH_PID=$!
 fi
-if [[ $CHAIN -gt 0 && -n "${PBS_JOBID:-}" ]]; then
-  # carry the user's NEUROX_* settings over (qsub -v cannot carry values with commas or quotes)
-  vlist="NEUROX_CHAIN=$((CHAIN - 1))"
-  for v in $(compgen -e | grep '^NEUROX_' || true); do
-    [[ "$v" == NEUROX_CHAIN ]] && continue
-    if [[ "${!v}" == *[,\'\"]* ]]; then log "warning: $v not carried to the chained job (comma or quote)"; continue; fi
-    vlist+=",$v=${!v}"
-  done
-  read -r -a qsub_extra <<<"${NEUROX_QSUB_ARGS:-}"
-  if NEXT_JOB=$(qsub "${qsub_extra[@]}" -W "depend=afterany:$PBS_JOBID" -v "$vlist" "$JOB_SCRIPT"); then
+if [[ $CHAIN -gt 0 && -n "$JOBID" ]]; then
+  if NEXT_JOB=$(sched_chain "$JOB_SCRIPT" $((CHAIN - 1))); then
     log "chained continuation job $NEXT_JOB (runs after this one; exits at once if the study completes)"
   else
     NEXT_JOB=""
-    log "warning: could not chain a continuation job with qsub"
+    log "warning: could not chain a continuation job ($SCHEDULER)"
   fi
 fi
 
 if [[ "$MODE" == up ]]; then
-  log "cluster is up; Ctrl-C or qdel to tear it down"
+  log "cluster is up; Ctrl-C (or qdel/scancel of the job) tears it down"
   while kill -0 "$HEAD_PID" 2>/dev/null; do sleep 2; done
   log "the head's Ray process exited"
   exit 1
@@ -479,7 +488,7 @@ if [[ -n "$STOP_FILE" ]]; then
   if [[ $rc -eq 0 && ! -e "$STOP_FILE" ]]; then
     touch "$CHAIN_DIR/complete"
     log "study '$STUDY' finished"
-    [[ -n "$NEXT_JOB" ]] && qdel "$NEXT_JOB" 2>/dev/null && log "cancelled continuation job $NEXT_JOB"
+    [[ -n "$NEXT_JOB" ]] && sched_cancel "$NEXT_JOB" 2>/dev/null && log "cancelled continuation job $NEXT_JOB"
   elif [[ -e "$STOP_FILE" ]]; then
     log "stopped before the walltime; resubmit with the same --study-name (or let the chained job) resume it"
   fi

@@ -1,24 +1,20 @@
 # shellcheck shell=bash
-# ALCF Polaris: 4 NVIDIA A100 per node, HPE Slingshot 11 (hsn0/hsn1, libfabric "cxi" provider).
-# Sourced by ray_cluster.sh on every node before Ray starts, so Ray workers (DeepSpeed/NCCL ranks) inherit it.
+# ALCF Polaris (PBS): 4 NVIDIA A100 40 GB per node, HPE Slingshot 11 (hsn0/hsn1, libfabric "cxi" provider).
+# Variables: see generic.sh.
+PROFILE_SCHEDULER="${PROFILE_SCHEDULER:-pbs}"
+PROFILE_DEVICE_KIND="${PROFILE_DEVICE_KIND:-a100-40gb}"
+PROFILE_DEVICES_PER_NODE="${PROFILE_DEVICES_PER_NODE:-4}"
 PROFILE_IFACE="${PROFILE_IFACE:-hsn0}"
 PROFILE_HOST_SUFFIX="${PROFILE_HOST_SUFFIX:-}"
-PROFILE_NUM_GPUS="${PROFILE_NUM_GPUS:-4}"
 # PALS mpiexec: do not pin the node agent (and so all of Ray's processes on the node) to one core
 PROFILE_LAUNCHER_ARGS="${PROFILE_LAUNCHER_ARGS:---cpu-bind none}"
-export PROFILE_IFACE PROFILE_HOST_SUFFIX PROFILE_NUM_GPUS PROFILE_LAUNCHER_ARGS
-if [[ -z "${NEUROX_SKIP_MODULES:-}" ]] && command -v module >/dev/null 2>&1; then
-  set +u  # module and conda scripts read unset variables
-  module use /soft/modulefiles 2>/dev/null || true
-  module load conda 2>/dev/null || true
-  conda activate "${NEUROX_CONDA_ENV:-base}"  # ALCF's PyTorch env, or yours with NeuroX and Ray installed
-  if [[ -n "${NEUROX_VENV:-}" ]]; then
-    # shellcheck disable=SC1091
-    source "$NEUROX_VENV/bin/activate"
-  fi
-  set -u
-fi
-# NCCL over Slingshot through the aws-ofi-nccl plugin (ALCF's recommended settings).
+PROFILE_MODULE_USE="${PROFILE_MODULE_USE:-/soft/modulefiles}"
+PROFILE_MODULES="${PROFILE_MODULES:-conda}"
+# ALCF's PyTorch env, or yours with NeuroX and Ray installed ($NEUROX_CONDA_ENV); then $NEUROX_VENV if set
+PROFILE_CONDA_ENV="${PROFILE_CONDA_ENV:-base}"
+PROFILE_PRESET="${PROFILE_PRESET:-polaris}"
+PROFILE_STAGE_TO="${PROFILE_STAGE_TO:-/local/scratch}"
+# --- the site's environment: NCCL over Slingshot through the aws-ofi-nccl plugin (ALCF's recommended settings)
 export NCCL_NET_GDR_LEVEL="${NCCL_NET_GDR_LEVEL:-PHB}"
 export NCCL_CROSS_NIC="${NCCL_CROSS_NIC:-1}"
 export NCCL_COLLNET_ENABLE="${NCCL_COLLNET_ENABLE:-1}"

@@ -199,7 +199,11 @@ def test_bad_nodefile_exits_nonzero_with_message(tmp_path, setup, msg):
 
 @pytest.mark.parametrize("args, msg", [
     (["sideways"], "unknown mode 'sideways'"),
-    (["up", "--profile", "frontier"], "--profile must be one of aurora, polaris, generic; got 'frontier'"),
+    # profiles are discovered from pbs/profiles/ (the message lists them), so only a missing file is refused
+    (["up", "--profile", "nosuchsite"], "--profile must be one of aurora, frontier, generic, perlmutter, polaris "
+                                        "(pbs/profiles/*.sh); got 'nosuchsite'"),
+    (["up", "--profile", "../aurora"], "--profile must be one of"),
+    (["up", "--scheduler", "lsf"], "--scheduler must be auto or one of pbs, slurm (pbs/schedulers/*.sh); got 'lsf'"),
     (["up", "--port", "abc"], "option --port must be a non-negative integer, got 'abc'"),
     (["up", "--bogus"], "unknown option '--bogus'"),
     (["up", "--shard"], "--shard needs --stage SRC --stage-to DIR"),
@@ -250,8 +254,10 @@ def test_long_tmp_base_is_refused(tmp_path):
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
 def test_shell_scripts_pass_shellcheck():
-    scripts = [SCRIPT, *sorted((REPO / "pbs" / "profiles").glob("*.sh")), *sorted((REPO / "pbs").glob("*.pbs")),
-               Path(__file__).resolve().parent / "fake_mpiexec.sh"]
+    here = Path(__file__).resolve().parent
+    scripts = [SCRIPT, REPO / "pbs" / "job.sh", REPO / "pbs" / "neurox.sbatch",
+               *sorted((REPO / "pbs" / "profiles").glob("*.sh")), *sorted((REPO / "pbs" / "schedulers").glob("*.sh")),
+               *sorted((REPO / "pbs").glob("*.pbs")), here / "fake_mpiexec.sh", here / "fake_srun.sh"]
     r = subprocess.run(["shellcheck", "-x", "-s", "bash", *map(str, scripts)], capture_output=True, text=True,
                        cwd=REPO / "pbs")
     assert r.returncode == 0, r.stdout[-3000:]

@@ -72,6 +72,28 @@ def gpu_kind(env: dict[str, str] | None = None) -> str:
     return "xpu" if env.get("NEUROX_DIST_BACKEND") in ("xccl", "ccl") else "cuda"
 
 
+def rocm_visible_env(environ: Mapping[str, str]) -> dict[str, str | None]:
+    """Device-visibility changes a node needs before Ray starts on AMD GPUs under ROCm (value None: unset it).
+
+    ROCm torch (HIP) reports the GPUs (MI250X: one device per GCD) as ``cuda`` and RCCL answers to the ``nccl``
+    backend, so selection is CUDA's: Ray gives each worker its devices and the index is 0 (:func:`select_device`).
+    Visibility has three layers: ROCr's ``ROCR_VISIBLE_DEVICES`` (set by Slurm's ``--gpu-bind``) filters first,
+    ``HIP_VISIBLE_DEVICES`` indexes what ROCr left, and HIP honours ``CUDA_VISIBLE_DEVICES`` as well. Ray sets
+    ``HIP_VISIBLE_DEVICES`` per worker but refuses to start when only ``ROCR_VISIBLE_DEVICES`` is set; so with
+    ROCr's list alone, HIP's becomes ``0..n-1`` (all of ROCr's, renumbered), and a ``CUDA_VISIBLE_DEVICES`` is
+    unset (it would filter a second time). ``pbs/profiles/frontier.sh`` applies the same rule in bash.
+
+    Pure function (returns what to change; callers apply it), so it is unit-testable without hardware.
+    """
+    out: dict[str, str | None] = {}
+    rocr = [d for d in environ.get("ROCR_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if rocr and not environ.get("HIP_VISIBLE_DEVICES"):
+        out["HIP_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(rocr)))
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        out["CUDA_VISIBLE_DEVICES"] = None
+    return out
+
+
 def backend_for(kind: str) -> str:
     """torch.distributed backend for a device kind."""
     return {"cuda": "nccl", "xpu": "xccl", "cpu": "gloo"}[kind]

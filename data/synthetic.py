@@ -8,6 +8,8 @@ Each subject is brain-masked 4-D data on a cubic-ish grid:
   every subject, seeded by ``seed``);
 * per-network time courses: correlated innovations -> AR(1) -> canonical double-gamma HRF sampled
   at the cohort's TR; each voxel is ``baseline * (1 + 1% * (sum_k map_k * amp_k * s_k(t) + noise))``;
+* optionally (``texture > 0``) a fine anatomical texture with a power-law spectrum multiplied into the
+  static tissue field (:func:`texture_field`), shared by the cohort;
 * latent subject traits: ``trait_cont`` (continuous) scales network amplitudes along a fixed
   +-1 pattern, ``trait_bin`` (0/1) raises the coupling between network pairs (0,1) and (2,3) and
   the amplitude of network 4. Subject-level random amplitude/coupling jitter and the cohort's noise
@@ -123,6 +125,17 @@ def tissue_field(mask: np.ndarray, seed: int = 0) -> np.ndarray:
     return (1.0 + 0.2 * np.cos(np.pi * np.clip(r, 0, 1)) + 0.1 * wave).astype(np.float32)
 
 
+def texture_field(mask: np.ndarray, seed: int = 0, exponent: float = 1.0) -> np.ndarray:
+    """Anatomical texture: a Gaussian random field over the brain voxels of ``mask`` ``(V,)`` with the power-law
+    amplitude spectrum ``|f|^-exponent`` (grey/white matter, folding), zero mean and unit std over the brain."""
+    rng = np.random.default_rng([seed, 15485863])
+    white = rng.standard_normal(mask.shape)
+    f = np.sqrt(sum(np.meshgrid(*[np.fft.fftfreq(n) ** 2 for n in mask.shape], indexing="ij")))
+    f[0, 0, 0] = np.inf  # no mean component
+    field = np.real(np.fft.ifftn(np.fft.fftn(white) * f ** -exponent))[mask]
+    return ((field - field.mean()) / field.std()).astype(np.float32)
+
+
 def hrf(tr: float, duration: float = 30.0) -> np.ndarray:
     """Canonical double-gamma HRF (SPM shape: peaks 6 s / 16 s, ratio 1/6) sampled at ``tr``, unit sum."""
     from scipy.stats import gamma
@@ -214,7 +227,8 @@ def _make_one(job: tuple) -> dict:
 def generate_cohort(root: str | os.PathLike, n_subjects: int = 64, grid: Sequence[int] = (48, 48, 48),
                     n_frames: int = 40, seed: int = 0, cohorts: Sequence[CohortSpec | str] | None = None,
                     workers: int = 1, progress: bool = True, codec: str = DEFAULT_CODEC,
-                    fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> Path:
+                    fractions: Sequence[float] = (0.8, 0.1, 0.1), texture: float = 0.0,
+                    texture_exponent: float = 1.0) -> Path:
     """Generate a synthetic multi-cohort dataset under ``root``; return the manifest path.
 
     Parameters
@@ -239,6 +253,12 @@ def generate_cohort(root: str | os.PathLike, n_subjects: int = 64, grid: Sequenc
         Compression codec of the subject files.
     fractions : (train, val, test)
         Subject-level split fractions persisted in the manifest.
+    texture : float
+        Std, as a fraction of the baseline, of an anatomical texture multiplied into the smooth tissue field:
+        ``tissue * (1 + texture * texture_field(mask, seed, texture_exponent))``, shared by the cohort's
+        subjects. 0 (default): the smooth field alone, the cohort of earlier versions exactly.
+    texture_exponent : float
+        Power-law exponent of the texture's amplitude spectrum (larger: smoother).
 
     Returns
     -------
@@ -252,6 +272,10 @@ def generate_cohort(root: str | os.PathLike, n_subjects: int = 64, grid: Sequenc
         raise ValueError(f"n_subjects={n_subjects} must be >= 1")
     if n_frames < 1:
         raise ValueError(f"n_frames={n_frames} must be >= 1")
+    if not (np.isfinite(texture) and 0 <= texture < 1):
+        raise ValueError(f"texture={texture} must be in [0, 1) (a fraction of the baseline)")
+    if not np.isfinite(texture_exponent):
+        raise ValueError(f"texture_exponent={texture_exponent} must be a finite number")
     grid = tuple(int(g) for g in grid)
     if len(grid) != 3 or min(grid) < 8:
         raise ValueError(f"grid={grid} must be three sizes >= 8")
@@ -269,10 +293,14 @@ def generate_cohort(root: str | os.PathLike, n_subjects: int = 64, grid: Sequenc
     mask = brain_mask(grid)
     maps = network_maps(mask, N_NETWORKS, seed)
     tissue = tissue_field(mask, seed)
+    fingerprint = f"synthetic-v1:{grid}:{n_frames}:{seed}:{codec}"
+    if texture:
+        tissue = np.clip(tissue * (1.0 + np.float32(texture) * texture_field(mask, seed, texture_exponent)), 0.2, None)
+        fingerprint += f":texture{texture:g}^{texture_exponent:g}"
     affine = np.diag([192.0 / grid[0], 192.0 / grid[1], 192.0 / grid[2], 1.0])
     cohort_fp = hashlib.sha256(repr([asdict(c) for c in specs]).encode()).hexdigest()[:12]
     state = dict(mask=mask, maps=maps, tissue=tissue, affine=affine, seed=seed, n_frames=n_frames, codec=codec,
-                 fingerprint=f"synthetic-v1:{grid}:{n_frames}:{seed}:{codec}:{cohort_fp}")
+                 fingerprint=f"{fingerprint}:{cohort_fp}")
     jobs = []
     for ci, (spec, n) in enumerate(zip(specs, _split_counts(n_subjects, [c.weight for c in specs]))):
         for i in range(n):

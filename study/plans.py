@@ -114,7 +114,7 @@ DEMO_MIN_STEPS, DEMO_MAX_STEPS = 200, 1100
 which the model learns the cohort's static anatomy (width 16: val loss 0.13-0.14 at step 100, 0.09 at 200,
 0.076 at 433); ``L(N, D)`` does not describe it, and one such point drove approach 3 to beta = 10, E = 0.
 Longer runs only confirm a width's floor far from its compute-optimal budget."""
-DEMO_COHORT = {"n_subjects": 96, "grid": (24, 24, 24), "n_frames": 40, "seed": 0, "texture": 0.3,
+DEMO_COHORT = {"n_subjects": 96, "grid": (24, 24, 24), "n_frames": 40, "seed": 0, "texture": 0.15,
                "texture_exponent": 1.0}
 """The demo's synthetic cohort: the default generator plus a fine anatomical texture (data/README.md)."""
 

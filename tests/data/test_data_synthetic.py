@@ -9,7 +9,7 @@ import pytest
 from data.manifest import Manifest
 from data.subject_file import SubjectReader
 from data.synthetic import (AMP_PATTERN, DEFAULT_COHORTS, CohortSpec, brain_mask, generate_cohort, hrf,
-                            network_maps)
+                            network_maps, texture_field)
 
 
 def test_brain_mask_is_the_mni_brain_fitted_to_grid():
@@ -113,3 +113,38 @@ def test_demo_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Manifest(5 files" in out and "x (1, 20, 22, 18, 8)" in out
     assert (tmp_path / "manifest.parquet").exists()
+
+
+def _mean_and_temporal(m: Manifest) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    means, rel_sd = [], []
+    for p in m.df.sort_values("subject")["path"]:
+        with SubjectReader(m.resolve(p)) as r:
+            x = r.read_raw()[:, r.mask].astype(np.float64)
+        means.append(x.mean(axis=0))
+        rel_sd.append(x.std(axis=0) / x.mean(axis=0))
+    return means, rel_sd
+
+
+def test_texture_adds_shared_fine_anatomy_and_nothing_else(tmp_path):
+    """``texture`` multiplies a power-law random field into the static anatomy, the same for every subject of
+    the cohort; the fluctuations (% of baseline) are unchanged, and ``texture=0`` is the default cohort."""
+    kw = dict(n_subjects=4, grid=(20, 22, 18), n_frames=8, seed=5, cohorts=["cohort_a"], progress=False)
+    plain = Manifest.load(generate_cohort(tmp_path / "plain", **kw))
+    zero = Manifest.load(generate_cohort(tmp_path / "zero", texture=0.0, texture_exponent=0.5, **kw))
+    assert zero.content_hash == plain.content_hash
+    rich = Manifest.load(generate_cohort(tmp_path / "rich", texture=0.15, texture_exponent=1.0, **kw))
+    (m0, sd0), (m1, sd1) = _mean_and_temporal(plain), _mean_and_temporal(rich)
+    tex = [a / b - 1.0 for a, b in zip(m1, m0)]                        # the multiplied field, per subject
+    assert 0.1 < np.std(tex[0]) < 0.2                                   # ~15% of baseline
+    assert np.corrcoef(tex[0], tex[-1])[0, 1] > 0.99                    # shared by the cohort's subjects
+    assert np.allclose(np.mean(sd1, axis=0), np.mean(sd0, axis=0), rtol=0.02)  # fluctuations as before
+    field = texture_field(brain_mask((20, 22, 18)), seed=5, exponent=1.0)
+    assert abs(field.mean()) < 1e-5 and field.std() == pytest.approx(1.0, rel=1e-4)
+    assert np.corrcoef(tex[0], field)[0, 1] > 0.95
+
+
+@pytest.mark.parametrize("kw,field", [(dict(texture=1.5), "texture"), (dict(texture=-0.1), "texture"),
+                                      (dict(texture_exponent=float("nan")), "texture_exponent")])
+def test_bad_texture_is_refused_naming_the_field(tmp_path, kw, field):
+    with pytest.raises(ValueError, match=field):
+        generate_cohort(tmp_path, n_subjects=2, grid=(20, 20, 20), n_frames=8, progress=False, **kw)

@@ -17,19 +17,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 #: The demo plan, pinned: (run id, steps). A change here changes every user's default study.
 DEMO_PINNED = [
-    ('swift_v2-debug-w16-sp-F4e09-d54894c9f1', 21),
-    ('swift_v2-debug-w16-sp-F8e09-c0e4b5ed2c', 41),
-    ('swift_v2-debug-w32-sp-F8e09-65900d3d3d', 14),
-    ('swift_v2-debug-w16-sp-F1.6e10-128829b941', 82),
-    ('swift_v2-debug-w32-sp-F1.6e10-bdf3b57deb', 27),
-    ('swift_v2-debug-w48-sp-F1.6e10-d76b2fe2c4', 13),
-    ('swift_v2-debug-w16-sp-F3.2e10-2871f7287e', 163),
-    ('swift_v2-debug-w32-sp-F3.2e10-41d4422450', 53),
-    ('swift_v2-debug-w48-sp-F3.2e10-e9813f6b74', 26),
-    ('swift_v2-debug-w16-sp-F6.4e10-91f54d778b', 325),
-    ('swift_v2-debug-w32-sp-F6.4e10-22d962d793', 105),
-    ('swift_v2-debug-w48-sp-F6.4e10-f054734a58', 51),
-    ('swift_v2-debug-w32-sp-F1.6e10-b350f0e807', 27),
+    ('swift_v2-debug-w48-sp-F1.54e12-a87c580813', 1082),
+    ('swift_v2-debug-w64-sp-F1.54e12-f5dbff542a', 641),
+    ('swift_v2-debug-w48-sp-F7.68e11-37ec6c7ef0', 541),
+    ('swift_v2-debug-w64-sp-F7.68e11-69fb4ca7d6', 321),
+    ('swift_v2-debug-w32-sp-F3.84e11-75b8c4adf2', 553),
+    ('swift_v2-debug-w48-sp-F3.84e11-dbf9aa1d5f', 271),
+    ('swift_v2-debug-w16-sp-F1.92e11-1bc6c275d4', 866),
+    ('swift_v2-debug-w32-sp-F1.92e11-ea61bc54e1', 277),
+    ('swift_v2-debug-w16-sp-F9.6e10-0fc201a64a', 433),
+    ('swift_v2-debug-w16-sp-F4.8e10-d8da885e5e', 217),
+    ('swift_v2-debug-w32-sp-F1.92e11-f4a51dc9a7', 277),
 ]
 
 
@@ -38,8 +36,12 @@ def test_demo_plan_is_pinned():
     got = [(s.run_id, run_summary(s)["steps"]) for s in plan.specs]
     assert got == DEMO_PINNED
     budgets = sorted({s.budget for s in plan.specs})
-    assert len(budgets) == 5  # IsoFLOP design: several sizes per budget
+    assert len(budgets) == 6  # IsoFLOP design, budgets x2 apart; every width at 2-3 budgets
     assert sum(1 for s in plan.specs if s.cohorts) == 1  # the data-mixture axis
+    # width rules (study/plans.py DEMO_*): LR ~ 1/width, decoder as wide as the encoder, a cohort with texture
+    assert {(s.width, s.lr) for s in plan.specs} == {(16, 0.02), (32, 0.01), (48, 0.02 / 3), (64, 0.005)}
+    assert all(dict(s.model_overrides)["decoder_dim"] == s.width for s in plan.specs)
+    assert plan.cohort["texture"] > 0
 
 
 def test_dry_run_prints_runs_flops_gpu_hours_and_fit(capsys, tmp_path):

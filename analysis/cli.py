@@ -244,8 +244,23 @@ def _summarize(args) -> int:
     return 0
 
 
+def _names_default(help_text: str | None) -> bool:
+    """The help text already says its default (``... (default: X)``, ``default: X``)."""
+    return any(k in (help_text or "") for k in ("(default", "default:"))
+
+
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written and every option's default (none for None, a flag's False, an empty list)."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or d is False or (isinstance(d, list) and not d) or _names_default(action.help):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    raw = argparse.RawDescriptionHelpFormatter
+    raw = _Help
     p = argparse.ArgumentParser(prog="python -m analysis", description="NeuroX scaling-law analysis",
                                 epilog=EXIT_CODES, formatter_class=raw)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -253,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fit a scaling law; the output says whether it is a valid law (valid, warnings).")
     f.add_argument("form", choices=cli_commands() + ["isoflop"],
                    help="the law (forms from the registry, analysis.forms.FORMS) or approach 2 (isoflop)")
-    f.add_argument("file")
+    f.add_argument("file", help="table of runs (CSV or Parquet), one row per run")
     for cls in FORMS.values():  # one flag per registered variant of a command
         if cls.flag:
             f.add_argument("--" + cls.flag.replace("_", "-"), dest=cls.flag, action="store_true",
@@ -272,47 +287,66 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--predict", help="predict at points N:D[,N:D...] (one value per variable of the form)")
     f.add_argument("--loss", help="column with the loss (every form but power --loglog)")
     f.add_argument("--bootstrap", type=int, default=0, help="bootstrap replicates (0: none)")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--level", type=float, default=0.95)
+    f.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    f.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
     f.add_argument("--delta", type=float, default=1e-3, help="Huber delta on the log residual")
-    f.add_argument("--reduction", choices=["sum", "mean"], default="sum")
+    f.add_argument("--reduction", choices=["sum", "mean"], default="sum",
+                   help="how the per-point objective terms are combined")
     f.add_argument("--grid-step", type=int, default=1, help="use every k-th grid value per axis (1: full grid)")
     f.add_argument("--budgets", nargs="*", default=[], help="compute budgets for the compute-optimal table")
     f.add_argument("--holdout", type=int, default=0, help="hold out the k largest budgets and report the error")
-    f.add_argument("--flops-per-param-token", type=float, default=6.0)
+    f.add_argument("--flops-per-param-token", type=float, default=6.0,
+                   help="training FLOPs per parameter and token (C = k N D) for the compute-optimal table")
     f.add_argument("--weighted", action="store_true", help="isoflop: weight the power law by runs per budget")
     f.add_argument("--drop-bad-budgets", action="store_true",
                    help="isoflop: leave out (and name) budgets without an interior minimum instead of failing")
-    f.add_argument("--json", action="store_true")
+    f.add_argument("--json", action="store_true", help="print the result as JSON instead of tables")
     f.add_argument("--strict", action="store_true",
                    help="exit with status 3 when the fit (or its --holdout extrapolation) is not a valid law")
     f.set_defaults(func=_fit)
     m = sub.add_parser("mutransfer", help="optimal LR per width and its drift (SP vs muP)", epilog=EXIT_CODES,
                        formatter_class=raw)
-    m.add_argument("file"); m.add_argument("--lr", default="lr"); m.add_argument("--loss", default="val_loss")
-    m.add_argument("--width", default="width"); m.add_argument("--param", default="parametrization")
-    m.add_argument("--window", type=int, default=2); m.add_argument("--plot"); m.add_argument("--json", action="store_true")
+    m.add_argument("file", help="table of final losses (CSV or Parquet), one row per (width, LR) run")
+    m.add_argument("--lr", default="lr", help="column with the (base) learning rate")
+    m.add_argument("--loss", default="val_loss", help="column with the loss to minimize")
+    m.add_argument("--width", default="width", help="column with the model width")
+    m.add_argument("--param", default="parametrization", help="column with the parametrization (sp, mup)")
+    m.add_argument("--window", type=int, default=2,
+                   help="LR grid points each side of the best one used by the quadratic fit in log2 LR")
+    m.add_argument("--plot", help="write the LR-vs-loss plot to this file (PNG, PDF, ...)")
+    m.add_argument("--json", action="store_true", help="print the result as JSON instead of tables")
     m.add_argument("--strict", action="store_true",
                    help="exit with status 3 when a parametrization's transfer verdict is not trustworthy")
     m.set_defaults(func=_mutransfer)
-    r = sub.add_parser("rank", help="rank configurations by summed z-scores (long table: config, task, value)")
-    r.add_argument("file"); r.add_argument("--config", default="config"); r.add_argument("--task", default="task")
-    r.add_argument("--value", default="value")
+    r = sub.add_parser("rank", help="rank configurations by summed z-scores (long table: config, task, value)",
+                       formatter_class=raw)
+    r.add_argument("file", help="long table (CSV or Parquet): one row per (configuration, task)")
+    r.add_argument("--config", default="config", help="column naming the configuration")
+    r.add_argument("--task", default="task", help="column naming the task (metric)")
+    r.add_argument("--value", default="value", help="column with the metric's value")
     r.add_argument("--direction", action="append", default=[], help="TASK=max|min (repeatable)")
     r.add_argument("--subset", action="append", default=[], help="NAME=task1,task2 (repeatable)")
     r.add_argument("--missing", default="drop_config", choices=["drop_config", "skip", "drop_task", "error"],
-                   help="configurations missing a task of a subset: unranked there (default, the seed's #N/A)")
-    r.add_argument("--json", action="store_true")
+                   help="configurations missing a task of a subset: drop_config leaves them unranked there "
+                        "(the seed's #N/A)")
+    r.add_argument("--json", action="store_true", help="print the result as JSON instead of tables")
     r.set_defaults(func=_rank)
-    e = sub.add_parser("efficiency", help="strong/weak scaling efficiency table")
-    e.add_argument("file"); e.add_argument("--units", default="nodes"); e.add_argument("--throughput", default="throughput")
-    e.add_argument("--baseline", action="append", default=[]); e.add_argument("--mode", default="strong",
-                                                                               choices=["strong", "weak"])
-    e.add_argument("--plot"); e.add_argument("--json", action="store_true")
+    e = sub.add_parser("efficiency", help="strong/weak scaling efficiency table", formatter_class=raw)
+    e.add_argument("file", help="table of measurements (CSV or Parquet): units and throughput per row")
+    e.add_argument("--units", default="nodes", help="column with the unit count (nodes, GPUs, ...)")
+    e.add_argument("--throughput", default="throughput", help="column with the measured throughput")
+    e.add_argument("--baseline", action="append", default=[],
+                   help="unit count to compare against (repeatable; default: the smallest count)")
+    e.add_argument("--mode", default="strong", choices=["strong", "weak"],
+                   help="strong (fixed total work) or weak (fixed work per unit) scaling")
+    e.add_argument("--plot", help="write the efficiency plot to this file (PNG, PDF, ...)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON instead of tables")
     e.set_defaults(func=_efficiency)
-    s = sub.add_parser("summarize", help="fits, plots and a report of a results store")
-    s.add_argument("store"); s.add_argument("out"); s.add_argument("--bootstrap", type=int, default=1000)
-    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("summarize", help="fits, plots and a report of a results store", formatter_class=raw)
+    s.add_argument("store", help="results store folder (<storage>/<study-name>/store)")
+    s.add_argument("out", help="folder for the report (summary.md, plots, tables)")
+    s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of each fit")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON instead of Markdown")
     s.set_defaults(func=_summarize)
     return p
 

@@ -366,9 +366,24 @@ def convert_legacy(root: str | os.PathLike, out_dir: str | os.PathLike, *, tr: f
 
 
 # ---------------------------------------------------------------------------------------- CLI
+def _names_default(help_text: str | None) -> bool:
+    """The help text already says its default (``... (default: X)``, ``default: X``)."""
+    return any(k in (help_text or "") for k in ("(default", "default:"))
+
+
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written and every option's default (none shown for None or a flag's False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or _names_default(action.help):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``neurox-convert`` / ``python -m data.convert`` argument parser."""
-    p = argparse.ArgumentParser(prog="neurox-convert", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="neurox-convert", description=__doc__.split("\n\n")[0],
+                                formatter_class=_Help)
     sub = p.add_subparsers(dest="kind", required=True)
 
     def common(sp):
@@ -378,26 +393,31 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--resample-to", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
                         help="resample volumes to this grid before cropping")
         sp.add_argument("--seed", type=int, default=0, help="split seed")
-        sp.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
+        sp.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1),
+                        metavar=("TRAIN", "VAL", "TEST"),
+                        help="subject-level split fractions (train, val, test), summing to 1")
         sp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    s = sub.add_parser("nifti", help="4-D NIfTI files")
-    s.add_argument("inputs", nargs="+")
-    s.add_argument("--cohort", default="nifti")
-    s.add_argument("--tr", type=float, default=None)
+    s = sub.add_parser("nifti", help="4-D NIfTI files", formatter_class=_Help)
+    s.add_argument("inputs", nargs="+", help="4-D NIfTI files (.nii, .nii.gz), one subject run each")
+    s.add_argument("--cohort", default="nifti", help="cohort name written to the manifest")
+    s.add_argument("--tr", type=float, default=None,
+                   help="repetition time in seconds (default: from each file's header)")
     s.add_argument("--mask", default=None, help="3-D brain mask NIfTI for all inputs")
     s.add_argument("--labels", default=None, help="CSV/TSV of phenotypes")
     common(s)
-    s = sub.add_parser("bids", help="fMRIPrep derivatives tree")
-    s.add_argument("root")
-    s.add_argument("--cohort", default=None)
-    s.add_argument("--space", default="MNI152NLin2009cAsym")
+    s = sub.add_parser("bids", help="fMRIPrep derivatives tree", formatter_class=_Help)
+    s.add_argument("root", help="root of the fMRIPrep derivatives (sub-*/func/*_desc-preproc_bold.nii.gz)")
+    s.add_argument("--cohort", default=None,
+                   help="cohort name written to the manifest (default: the root's name)")
+    s.add_argument("--space", default="MNI152NLin2009cAsym", help="template space of the runs to convert")
     s.add_argument("--participants", default=None, help="participants.tsv (default: found near root)")
     common(s)
-    s = sub.add_parser("legacy", help="legacy SwiFT <root>/img/<subject>/frame_<t>.pt")
-    s.add_argument("root")
-    s.add_argument("--tr", type=float, required=True)
-    s.add_argument("--cohort", default="legacy")
+    s = sub.add_parser("legacy", help="legacy SwiFT <root>/img/<subject>/frame_<t>.pt", formatter_class=_Help)
+    s.add_argument("root", help="folder holding img/<subject>/frame_<t>.pt")
+    s.add_argument("--tr", type=float, required=True,
+                   help="repetition time in seconds (the frames do not store it)")
+    s.add_argument("--cohort", default="legacy", help="cohort name written to the manifest")
     s.add_argument("--labels", default=None, help="CSV of phenotypes")
     common(s)
     return p

@@ -134,17 +134,25 @@ def rank(df, labels: Sequence[str], subsets: dict[str, list[str]] | None = None)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from study.runner import add_common_args
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from study.cli_args import HelpFormatter, set_study_name
+    from study.spec import STRATEGIES
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(ap)
-    ap.add_argument("--size", default="debug")
-    ap.add_argument("--grid", type=int, default=24)
-    ap.add_argument("--sequence-length", type=int, default=8)
-    ap.add_argument("--pretrain-steps", type=int, default=60)
-    ap.add_argument("--finetune-steps", type=int, default=60)
-    ap.add_argument("--tasks", nargs="+", default=["trait_bin:classification", "trait_cont:regression"])
-    ap.add_argument("--strategy", default="last_block")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="few steps, 1 repeat")
+    set_study_name(ap, "config-search")
+    ap.add_argument("--size", default="debug", help="named SwiFT v2 size of every configuration (e.g. debug, 51M)")
+    ap.add_argument("--grid", type=int, default=24, help="spatial size of the model grid (and of the synthetic cohort)")
+    ap.add_argument("--sequence-length", type=int, default=8,
+                    help="frames per window (the SL variants halve and double it)")
+    ap.add_argument("--pretrain-steps", type=int, default=60, help="pre-training steps per configuration (--quick: 12)")
+    ap.add_argument("--finetune-steps", type=int, default=60, help="fine-tuning steps per run (--quick: 12)")
+    ap.add_argument("--tasks", nargs="+", default=["trait_bin:classification", "trait_cont:regression"],
+                    help="downstream tasks as <label column>:<classification|regression>")
+    ap.add_argument("--strategy", default="last_block", choices=[s for s in STRATEGIES if s != "scratch"],
+                    help="how each configuration's checkpoint is fine-tuned (From scratch is always added)")
+    ap.add_argument("--repeats", type=int, default=3, help="fine-tuning runs per (configuration, task) (--quick: 1)")
+    ap.add_argument("--quick", action="store_true",
+                    help="12 pre-training and 12 fine-tuning steps, 1 repeat: the 2-CPU demonstration")
     return ap.parse_args(argv)
 
 

@@ -11,7 +11,7 @@ or on real data with exported weights (``study.checkpoint.export_weights``) of o
         --tasks sex:classification age:regression --strategies scratch last_block lora --repeats 3 \\
         --spec-json '{"size": "51M", "grid": [96, 96, 96], "sequence_length": 20, "batch_size": 16}'
 
-Outputs under ``<storage>/<study>/``:
+Outputs under ``<storage>/<study-name>/`` (default ``studies/finetune/``):
 
 * ``store/finetune/part-*.parquet``: one results-store row per (run, task, strategy, repeat) with the
   headline metric in ``metric``/``value`` (``auroc`` for classification, ``mae`` for regression) and every
@@ -358,25 +358,43 @@ def write_tables(df: pd.DataFrame, study_dir: Path) -> tuple[Path, Path, pd.Data
 # CLI
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--storage", default="runs", help="root folder of studies (default: runs)")
-    ap.add_argument("--study", default="finetune", help="study name: outputs go to <storage>/<study>/")
-    ap.add_argument("--manifest", default=None, help="cohort manifest; default: a synthetic cohort in <study>/cohort")
+    from study.cli_args import DeprecatedAlias, HelpFormatter
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--storage", default="studies",
+                    help="root folder of studies: outputs go to <storage>/<study-name>/")
+    ap.add_argument("--study-name", default="finetune",
+                    help="name of the study (a plain name: letters, digits, . _ -)")
+    ap.add_argument("--manifest", default=None,
+                    help="cohort manifest (Parquet); default: a synthetic cohort in "
+                         "<storage>/<study-name>/cohort")
     ap.add_argument("--weights", nargs="*", default=None,
                     help="exported weights (.safetensors); default: pre-train the debug SwiFT v2 first")
-    ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="label:task_type ...")
-    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run")
-    ap.add_argument("--pretrain-steps", type=int, default=None, help="steps of the default pre-training")
+    ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS),
+                    help="downstream tasks as <label column>:<classification|regression>")
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES),
+                    help="fine-tuning strategies (scratch: no pre-trained weights)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per cell (seeds seed, seed+1, ...)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="fine-tuning steps per run (default: 150, --quick: 20)")
+    ap.add_argument("--pretrain-steps", type=int, default=None,
+                    help="steps of the default pre-training (default: 300, --quick: 30)")
     ap.add_argument("--quick", action="store_true", help="tiny settings: runs on a 2-core CPU in a few minutes")
     ap.add_argument("--spec-json", default=None, help="JSON object of RunSpec fields overriding the defaults")
-    ap.add_argument("--device", default=None, choices=["cuda", "xpu", "cpu"])
+    ap.add_argument("--device", default=None, choices=["cuda", "xpu", "cpu"],
+                    help="device of in-process runs (default: the best available)")
     ap.add_argument("--ray", type=int, default=0, metavar="WORKERS",
                     help="run each fine-tuning run as a Ray Train job with this many workers (0: in this process)")
-    ap.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
-    ap.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--address", default=None,
+                    help="with --ray: Ray cluster address (default: $RAY_ADDRESS, else an embedded "
+                         "local Ray)")
+    ap.add_argument("--num-cpus", type=int, default=None,
+                    help="with --ray: CPUs of the embedded local Ray (default: all)")
+    ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    # old spellings (before issue #28 aligned the entry points), hidden
+    ap.add_argument("--study", dest="study_name", action=DeprecatedAlias, new="--study-name")
+    ap.add_argument("--ray-address", dest="address", action=DeprecatedAlias, new="--address")
+    ap.add_argument("--ray-cpus", dest="num_cpus", type=int, action=DeprecatedAlias, new="--num-cpus")
     return ap.parse_args(argv)
 
 
@@ -395,12 +413,23 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the spec must describe a buildable model before anything is written or generated
         from study.train import model_config
 
-        model_config(base_spec("", quick=args.quick, overrides={"study": args.study, **overrides}))
+        model_config(base_spec("", quick=args.quick, overrides={"study": args.study_name, **overrides}))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    study_dir = Path(args.storage) / args.study
-    study_dir.mkdir(parents=True, exist_ok=True)
+    from study.runner import confined
+    from study.spec import check_name
+
+    try:
+        check_name("--study-name", args.study_name)
+        study_dir = confined(Path(args.storage), args.study_name)  # a plain name that stays under --storage
+        study_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: cannot create the study folder under --storage {args.storage}: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     ctx = context_from_env(args.device)
     t0 = time.perf_counter()
     if args.manifest is None:
@@ -411,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["budget"] = args.steps
         overrides.setdefault("budget_kind", "steps")
     try:
-        base = base_spec(manifest, quick=args.quick, overrides={"study": args.study, **overrides})
+        base = base_spec(manifest, quick=args.quick, overrides={"study": args.study_name, **overrides})
         needs = any(s != "scratch" for s in args.strategies)
         weights = [str(Path(w).resolve()) for w in (args.weights or [])]
         if needs and weights:
@@ -436,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ray:
         import ray
 
-        connect_ray(args.ray_address, args.ray_cpus)
+        connect_ray(args.address, args.num_cpus)
         cpus = float(ray.cluster_resources().get("CPU", 1))
         cpw = max(0.1, min(8.0, math.floor(90 * cpus / args.ray) / 100))  # leave room for the driver
     df = run_grid(cells, study_dir=study_dir.resolve(), ctx=ctx, progress=not args.no_progress, ray_workers=args.ray,

@@ -133,10 +133,6 @@ def transfer_artifact(per_width, slopes, specs: Sequence[RunSpec], *, lrs: Seque
                          warnings=tuple(warnings))
 
 
-class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 #: ``--quick``: the smallest sweep that shows the physics on 2 CPU cores (docs/LOG.md, 2026-12-06): widths
 #: 16-128 (3 doublings, so SP's drift spans octaves), 40 steps (at 20 SP's wide runs barely leave the
 #: initial loss at any LR, and the optimum is noise), 7 LRs one octave apart that bracket every optimum (with
@@ -145,10 +141,12 @@ QUICK = dict(widths=[16, 32, 64, 128], lrs=[2.0 ** e for e in range(-9, -2)], st
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from study.cli_args import HelpFormatter, set_study_name
     from study.runner import add_common_args
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(ap)
+    set_study_name(ap, "mutransfer")
     ap.add_argument("--family", default="swift_v2", help="model family whose width is swept")
     ap.add_argument("--size", default="debug", help="named size of the family; only its width changes")
     ap.add_argument("--widths", type=int, nargs="+", default=None,

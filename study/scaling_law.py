@@ -30,10 +30,13 @@ import json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from study.cli_args import HelpFormatter
     from study.runner import add_common_args
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="demo", help="demo | smoke | smoke-gpu | polaris | aurora | pkg.module:function")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--preset", default="demo",
+                    help="named plan: demo | smoke | smoke-gpu | polaris | aurora, or pkg.module:function "
+                         "returning a StudyPlan")
     add_common_args(ap)
     ap.add_argument("--lr-search", type=int, default=0, metavar="N",
                     help="Optuna search of the LR per run group with N trials each (0: use the plan's LRs)")

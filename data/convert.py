@@ -94,6 +94,10 @@ def _resample(bold_XYZT: np.ndarray, mask: np.ndarray, affine: np.ndarray, shape
     return out.astype(np.float32), m, aff
 
 
+#: the longest TR (seconds) a converter accepts: fMRI TRs are ~0.3-4 s; a header TR of 2000 "seconds" is milliseconds
+MAX_TR_S = 100.0
+
+
 def load_nifti(path: str, tr: float | None = None, mask_path: str | None = None):
     """``(bold_XYZT float32, mask_XYZ bool, affine, tr)`` from a 4-D NIfTI (errors name the file)."""
     import nibabel as nib
@@ -111,6 +115,12 @@ def load_nifti(path: str, tr: float | None = None, mask_path: str | None = None)
         tr = zt / 1000.0 if unit == "msec" else zt / 1e6 if unit == "usec" else zt
         if not tr > 0:
             raise SubjectFileError(f"{path}: header has no TR (pixdim[4] = {zt}); pass --tr")
+        if tr > MAX_TR_S:
+            raise SubjectFileError(f"{path}: header TR {zt:g} with time unit {unit!r} means {tr:g} s, implausible "
+                                   f"for fMRI (> {MAX_TR_S:g} s; milliseconds labelled as seconds?); pass --tr "
+                                   "in seconds")
+    elif not 0 < tr <= MAX_TR_S:
+        raise SubjectFileError(f"{path}: --tr {tr:g} is not a TR in seconds (0 < TR <= {MAX_TR_S:g})")
     bold = np.asarray(img.dataobj, dtype=np.float32)
     if mask_path:
         m = nib.load(mask_path)

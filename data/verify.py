@@ -60,6 +60,8 @@ class Report:
     depth: str = "quick"
     seconds: float = 0.0
     problems: list[Problem] = field(default_factory=list)
+    #: files each view selects, in the order of the views given (0: the view reads nothing, e.g. no ``val`` split)
+    view_files: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -176,14 +178,17 @@ def verify(manifest: str | os.PathLike | Manifest, views: Iterable[Mapping[str, 
             raise ValueError(f"${ENV}={depth!r}; allowed values: {list(DEPTHS)}")
     m = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
     report = Report(manifest=str(m.path) if m.path is not None else "<manifest>")
+    views = [dict(v) for v in views]
     if depth == "off":
         report.depth = "off"
+        report.view_files = [len(select_rows(m, v)) for v in views]
         return report
     t0 = time.perf_counter()
-    views = [dict(v) for v in views]
     per_path: dict[str, tuple[Any, list[dict]]] = {}
     for v in views:
-        for row in select_rows(m, v).itertuples(index=False):
+        rows = select_rows(m, v)
+        report.view_files.append(len(rows))
+        for row in rows.itertuples(index=False):
             p = str(m.resolve(row.path))
             per_path.setdefault(p, (row._asdict(), []))[1].append(v)
     sizes = {p: (os.path.getsize(p) if os.path.exists(p) else 0) for p in per_path}

@@ -46,6 +46,11 @@ def views_of(specs: Iterable[Any]) -> list[dict]:
     return list(out.values())
 
 
+def _split_name(view: dict) -> str:
+    sp = view.get("split")
+    return repr(sp) if isinstance(sp, str) else repr("+".join(sp))
+
+
 def format_problems(problems: Sequence[Any], manifest: str) -> str:
     """One line per bad file (at most :data:`MAX_LINES`); files that do not suit the runs grouped by problem."""
     lines = []
@@ -72,7 +77,13 @@ def check_specs(specs: Sequence[Any], manifest: str, *, out=sys.stdout) -> None:
     """
     from data.verify import verify
 
-    report = verify(manifest, views_of(specs))
+    views = views_of(specs)
+    report = verify(manifest, views)
+    empty = sorted({_split_name(v) for v, n in zip(views, report.view_files) if n == 0})
+    if empty:  # trains to "finished" with val_loss NaN (or fine-tunes with no test subjects) otherwise
+        raise BadDataFiles(f"{report.manifest}: the runs read the {' and '.join(empty)} split(s), which select no "
+                           "subject file (after the runs' cohort and label filters); give the manifest subjects in "
+                           "them (data.convert --fractions TRAIN VAL TEST) or use another manifest")
     if report.depth == "off":
         return
     print(f"data: {report.files} subject file(s) checked ({report.depth}) in {report.seconds:.1f} s", file=out,

@@ -126,3 +126,15 @@ def test_corrupt_file_in_a_smoke_study_ends_with_one_line(tmp_path):
     assert lines[0].endswith(f"; fix or remove it from {manifest}")
     assert not (storage / "demo-corrupt" / "store").exists()  # nothing trained, no report
     assert wall < 60, wall
+
+
+def test_a_cohort_without_validation_subjects_is_refused(cohort, mamba_spec):
+    """It used to train to "finished" with val_loss NaN."""
+    from study.preflight import BadDataFiles, check_specs
+
+    manifest, df = cohort
+    df = df.copy()
+    df.loc[df.split == "val", "split"] = "train"
+    df.to_parquet(manifest, index=False)
+    with pytest.raises(BadDataFiles, match=r"the runs read the 'val' split\(s\), which select no subject file"):
+        check_specs([mamba_spec.replace(manifest=str(manifest))], str(manifest))

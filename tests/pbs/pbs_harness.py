@@ -1,4 +1,5 @@
-"""Test harness: run pbs/ray_cluster.sh inside namespace "nodes" and inspect what it leaves behind."""
+"""Test harness: run pbs/ray_cluster.sh inside namespace "nodes" (as a PBS or a Slurm job) and inspect what it leaves
+behind."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "pbs" / "ray_cluster.sh"
 FAKE_MPIEXEC = Path(__file__).resolve().parent / "fake_mpiexec.sh"
+FAKE_SRUN = Path(__file__).resolve().parent / "fake_srun.sh"
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -23,6 +25,17 @@ def job_env(nodes, workdir: Path, jobid: str, **extra: str) -> dict:
                NEUROX_PYTHON=sys.executable, PATH=f"{VENV_BIN}:{env['PATH']}", RAY_USAGE_STATS_ENABLED="0")
     for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def slurm_job_env(nodes, workdir: Path, jobid: str, **extra: str) -> dict:
+    """Environment of a Slurm batch job on the namespace nodes: the compressed node list, the job id, the batch host,
+    the srun stand-in, shared state; no PBS variable."""
+    env = {k: v for k, v in job_env(nodes, workdir, jobid).items() if not k.startswith(("PBS_", "SLURM"))}
+    env.update(SLURM_JOB_ID=jobid, SLURM_JOB_NODELIST=nodes.slurm_nodelist, SLURM_JOB_NUM_NODES=str(len(nodes.hosts)),
+               SLURM_NNODES=str(len(nodes.hosts)), SLURM_NTASKS_PER_NODE="1", SLURMD_NODENAME=nodes.hosts[0],
+               SLURM_SUBMIT_DIR=str(REPO), SLURM_SUBMIT_HOST="login01", NEUROX_LAUNCHER=str(FAKE_SRUN))
     env.update(extra)
     return env
 
@@ -62,13 +75,14 @@ class ClusterProcess:
     """``ray_cluster.sh MODE ...`` running in node 0's namespace, its stderr captured to a file."""
 
     def __init__(self, nodes, workdir: Path, jobid: str, mode: str, args: list[str], cmd: list[str] | None = None,
-                 **env_extra: str):
+                 scheduler: str = "pbs", **env_extra: str):
         self.nodes, self.jobkey = nodes, jobid
         self.state = workdir / "state" / jobid
         self.log_path = workdir / f"cluster-{jobid}.log"
         self.log = open(self.log_path, "w")
         argv = nodes.prefix(0) + [str(SCRIPT), mode, *args] + (["--", *cmd] if cmd else [])
-        self.proc = subprocess.Popen(argv, env=job_env(nodes, workdir, jobid, **env_extra), stdout=self.log,
+        make_env = slurm_job_env if scheduler == "slurm" else job_env
+        self.proc = subprocess.Popen(argv, env=make_env(nodes, workdir, jobid, **env_extra), stdout=self.log,
                                      stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
 
     def text(self) -> str:

@@ -35,10 +35,12 @@ def netns_unavailable_reason() -> str | None:
 class NetnsNodes:
     """``n`` namespaces named like hosts, a node file listing them, and the map the fake mpiexec reads."""
 
-    def __init__(self, n: int, workdir: Path):
+    def __init__(self, n: int, workdir: Path, slurm: bool = False):
         self.tag = secrets.token_hex(2)
         self.subnet = 100 + int(self.tag, 16) % 150
-        self.hosts = [f"nxnode{i}" for i in range(n)]
+        # Slurm-style names (nid001, nid002, ...) give a compressed SLURM_JOB_NODELIST like Frontier's: nid[001-003]
+        self.hosts = [f"nid{i + 1:03d}" for i in range(n)] if slurm else [f"nxnode{i}" for i in range(n)]
+        self.slurm_nodelist = f"nid[001-{n:03d}]" if slurm and n > 1 else ",".join(self.hosts)
         self.namespaces = [f"nx{self.tag}n{i}" for i in range(n)]
         self.switch = f"nx{self.tag}sw"
         self.ips = [f"10.213.{self.subnet}.{i + 1}" for i in range(n)]

@@ -1,0 +1,346 @@
+"""Adaptive design of a scaling ladder: which runs to make next so that the prediction a user cares
+about (the loss at a target compute ``C*``, or the compute-optimal ``N*, D*`` at ``C*``) gets as
+precise as possible per unit of cost (issue #26).
+
+Pure NumPy/SciPy/pandas: reads arrays, imports neither ``study`` nor ``ray`` nor ``torch``.
+
+The pieces
+----------
+* :func:`candidates` - the runs one could make next: ``(N, D)`` with a cost (``C = 6 N D`` by default;
+  pass the run planner's GPU-hours as ``cost=`` where it exists).
+* :class:`Target` - what is predicted; :func:`predict_target` - its point value and predictive
+  interval from the bootstrap of the approach-3 fit (``fit_form("chinchilla")`` + ``bootstrap_fit``).
+* :func:`acquire` - the next batch: greedy, each pick maximizing the expected reduction of the
+  target's variance per unit cost, with the covariance updated after each pick (below).
+* :func:`stop_reason` - stop when the budget is spent or the interval is narrower than asked.
+* :func:`design_round` - one round: fit, bootstrap, predict, score, choose. Deterministic given ``seed``.
+
+The acquisition (delta method on the bootstrap covariance)
+----------------------------------------------------------
+Let ``theta = (a, b, alpha, beta, e)`` be the raw approach-3 parameters (``log L = LSE(a - alpha log N,
+b - beta log D, e)``), ``S`` the covariance of the bootstrap replicates of ``theta``, ``g = dT/dtheta``
+the gradient of the target at the fit (central differences), ``j_c = d log L(N_c, D_c)/dtheta`` the
+gradient of the law at candidate ``c`` (analytic: softmax weights of the three terms), and ``s2`` the
+noise variance of ``log L`` of one run (robust: ``(1.4826 MAD)^2`` of the fit's log residuals, scaled by
+``n / (n - 5)``). Treating ``S`` as a Gaussian posterior and the law as linear in ``theta`` near the fit,
+one more run at ``c`` lowers the target's variance ``g' S g`` by ``(g' S j_c)^2 / (s2 + j_c' S j_c)``
+(a rank-one Kalman update). The score is that reduction divided by the candidate's cost; the batch is
+built greedily, applying the rank-one update ``S <- S - S j j' S / (s2 + j' S j)`` after each pick, so a
+second run that would tell the same thing scores low.
+
+Why this and not a refit per candidate: a pseudo-observation refit costs (candidates x replicates)
+fits per round; the linearized update costs O(candidates x 25) and uses the bootstrap's covariance,
+which already carries the fit's non-Gaussian, outlier-robust (Huber) spread. What it assumes: the
+approach-3 form is right over the candidates and up to ``C*`` (no data repetition, no regime change);
+the law is close to linear in ``theta`` within the bootstrap's spread; run noise is independent,
+homoscedastic in ``log L`` and not heavy-tailed (bad runs are down-weighted by the Huber fit, not by
+the acquisition); the bootstrap covariance is an honest posterior, which it is not with very few
+points (the percentile bootstrap under-covers there). Where it fails: see analysis/README.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis._threads import limit_threads
+from analysis.bootstrap import bootstrap_fit
+from analysis.fitter import FitResult, fit_form
+
+__all__ = ["Target", "DesignRound", "candidates", "fit_law", "predict_target", "target_gradient",
+           "law_gradient", "noise_variance", "acquire", "stop_reason", "design_round", "TARGET_KINDS",
+           "RAW", "QUICK_GRID"]
+
+#: Raw approach-3 parameters, in the order of ``ChinchillaForm.param_names``.
+RAW = ("a", "b", "alpha", "beta", "e")
+TARGET_KINDS = ("loss", "optimum")
+#: A small grid of starts (3 x 3 x 2 x 2 x 2 = 72) for fresh fits where the full 4500-start grid is too
+#: slow (the benchmark's many refits); later rounds also start from the previous round's optimum.
+QUICK_GRID = {"a": np.array([0.0, 6.0, 12.0]), "b": np.array([0.0, 6.0, 12.0]), "alpha": np.array([0.3, 0.8]),
+              "beta": np.array([0.3, 0.8]), "e": np.array([-0.5, 0.5])}
+
+
+def _check_array(name: str, values, n: int | None = None) -> np.ndarray:
+    arr = np.atleast_1d(np.asarray(values, dtype=np.float64))
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name}: expected a non-empty 1-D array, got shape {arr.shape}")
+    if n is not None and arr.size != n:
+        raise ValueError(f"{name}: expected {n} values (one per candidate), got {arr.size}")
+    bad = ~np.isfinite(arr) | (arr <= 0)
+    if bad.any():
+        raise ValueError(f"{name}: values must be finite and > 0; bad at positions {np.nonzero(bad)[0][:5].tolist()} "
+                         f"(e.g. {arr[bad][0]!r})")
+    return arr
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """What the study wants predicted.
+
+    Attributes
+    ----------
+    kind : {"loss", "optimum"}
+        ``loss``: the compute-optimal loss ``L_opt`` at ``compute`` under the fitted law. ``optimum``:
+        the compute-optimal ``N*`` (and ``D* = C* / (k N*)``); its variance is taken in ``log N*``.
+    compute : float
+        Target compute ``C*`` in FLOPs.
+    flops_per_param_token : float
+        ``k`` in ``C = k N D`` (6).
+    """
+
+    kind: str
+    compute: float
+    flops_per_param_token: float = 6.0
+
+    def __post_init__(self):
+        if self.kind not in TARGET_KINDS:
+            raise ValueError(f"target kind={self.kind!r}: allowed values are {list(TARGET_KINDS)}")
+        if not (np.isfinite(self.compute) and self.compute > 0):
+            raise ValueError(f"target compute={self.compute!r}: must be a finite FLOP count > 0")
+        if not (np.isfinite(self.flops_per_param_token) and self.flops_per_param_token > 0):
+            raise ValueError(f"flops_per_param_token={self.flops_per_param_token!r}: must be > 0")
+
+    @classmethod
+    def parse(cls, text: str) -> "Target":
+        """``"loss@1e21"`` or ``"optimum@1e21"`` (the study's ``--target``)."""
+        kind, sep, c = str(text).partition("@")
+        if not sep:
+            raise ValueError(f"target={text!r}: expected 'loss@C' or 'optimum@C' (C in FLOPs, e.g. loss@1e21)")
+        try:
+            compute = float(c)
+        except ValueError:
+            raise ValueError(f"target={text!r}: compute {c!r} is not a number") from None
+        return cls(kind=kind, compute=compute)
+
+    def optimum(self, theta_SP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(N_opt, D_opt, L_opt)`` at ``compute`` for raw parameters ``theta`` (``(5,)`` or ``(5, S)``)."""
+        a, b, al, be, e = (np.asarray(v, dtype=np.float64) for v in np.asarray(theta_SP, dtype=np.float64)[:5])
+        x = np.log(self.compute / self.flops_per_param_token)
+        with np.errstate(all="ignore"):
+            # alpha A N^-alpha = beta B D^-beta at N D = x: log N = (log(alpha A / beta B) + beta x) / (alpha + beta)
+            logN = (np.log(al) + a - np.log(be) - b + be * x) / (al + be)
+            logD = x - logN
+            L = np.exp(e) + np.exp(a - al * logN) + np.exp(b - be * logD)
+        return np.exp(logN), np.exp(logD), L
+
+    def value(self, theta_SP) -> np.ndarray:
+        """The scalar whose variance is reduced: ``L_opt`` (loss) or ``log N_opt`` (optimum)."""
+        N, _, L = self.optimum(theta_SP)
+        return L if self.kind == "loss" else np.log(N)
+
+
+def candidates(N, D, cost=None, *, flops_per_param_token: float = 6.0) -> pd.DataFrame:
+    """The candidate runs: ``N, D, C (= k N D), cost`` (``cost`` defaults to ``C``).
+
+    Raises
+    ------
+    ValueError
+        Naming ``N``, ``D`` or ``cost`` when a value is missing, non-finite or <= 0, or lengths differ.
+    """
+    N = _check_array("N (parameters)", N)
+    D = _check_array("D (tokens)", D, len(N))
+    C = flops_per_param_token * N * D
+    cost = C if cost is None else _check_array("cost", cost, len(N))
+    return pd.DataFrame(dict(N=N, D=D, C=C, cost=cost))
+
+
+def fit_law(data: Mapping[str, np.ndarray], *, warm: np.ndarray | None = None,
+            grid: Mapping[str, Sequence[float]] | None = None) -> FitResult:
+    """The approach-3 fit (``fit_form("chinchilla")``, Huber delta 1e-3 on log L) from ``grid`` (default:
+    the form's 4500 starts) and, when given, from ``warm`` (raw parameters of a previous fit); the lower
+    objective is kept. With ``warm`` and ``grid=None`` only the warm start is run."""
+    fits = []
+    with limit_threads(1):
+        if warm is not None:
+            w = np.asarray(warm, dtype=np.float64)
+            if w.shape != (5,) or not np.all(np.isfinite(w)):
+                raise ValueError(f"warm: expected 5 finite raw parameters {RAW}, got {warm!r}")
+            fits.append(fit_form("chinchilla", data, grid={k: [v] for k, v in zip(RAW, w)}))
+        if warm is None or grid is not None:
+            fits.append(fit_form("chinchilla", data, grid=grid))
+    return min(fits, key=lambda f: f.objective)
+
+
+def _replicates(fit: FitResult) -> np.ndarray:
+    if fit.bootstrap is None:
+        raise ValueError("fit: needs bootstrap replicates (run analysis.bootstrap.bootstrap_fit first)")
+    if fit.kind != "chinchilla":
+        raise ValueError(f"fit: needs an approach-3 fit (form 'chinchilla'), got {fit.kind!r}")
+    return fit.bootstrap[list(RAW)].to_numpy(dtype=np.float64)
+
+
+def predict_target(fit: FitResult, target: Target, level: float = 0.9) -> dict:
+    """Point value and percentile interval of the target from the bootstrap replicates.
+
+    Returns
+    -------
+    dict
+        ``point, lo, hi, median, sd`` of the target (``L_opt``; for ``optimum``: ``N_opt`` with
+        ``D_opt, D_lo, D_hi`` too), ``rel_width`` (``(hi - lo) / point``; optimum: ``hi / lo - 1`` of
+        ``N_opt``), ``level``, ``n_boot`` (finite replicates).
+    """
+    if not (0 < level < 1):
+        raise ValueError(f"level={level!r}: must lie in (0, 1)")
+    R = _replicates(fit)
+    v = target.value(R.T)
+    v = v[np.isfinite(v)]
+    if len(v) < 2:
+        raise ValueError("fit: fewer than 2 bootstrap replicates give a finite target")
+    q = (1 - level) / 2
+    lo, hi = np.quantile(v, [q, 1 - q])
+    p = float(target.value(fit.theta[:5]))
+    out = dict(kind=target.kind, compute=target.compute, level=level, n_boot=int(len(v)))
+    if target.kind == "loss":
+        out.update(point=p, lo=float(lo), hi=float(hi), median=float(np.median(v)), sd=float(np.std(v, ddof=1)),
+                   rel_width=float((hi - lo) / p))
+    else:
+        x = np.log(target.compute / target.flops_per_param_token)
+        out.update(point=float(np.exp(p)), lo=float(np.exp(lo)), hi=float(np.exp(hi)),
+                   median=float(np.exp(np.median(v))), sd=float(np.std(v, ddof=1)),  # sd of log N_opt
+                   D_opt=float(np.exp(x - p)), D_lo=float(np.exp(x - hi)), D_hi=float(np.exp(x - lo)),
+                   rel_width=float(np.exp(hi - lo) - 1))
+    return out
+
+
+def target_gradient(theta: np.ndarray, target: Target, h: float = 1e-5) -> np.ndarray:
+    """``dT/dtheta`` at the raw parameters (central differences, step ``h``)."""
+    theta = np.asarray(theta, dtype=np.float64)[:5]
+    E = np.eye(5) * h
+    return (target.value((theta + E).T) - target.value((theta - E).T)) / (2 * h)
+
+
+def law_gradient(theta: np.ndarray, N: np.ndarray, D: np.ndarray) -> np.ndarray:
+    """``d log L / dtheta`` at each ``(N, D)``: ``(n, 5)`` in the order of :data:`RAW` (analytic)."""
+    a, b, al, be, e = np.asarray(theta, dtype=np.float64)[:5]
+    lN, lD = np.log(N), np.log(D)
+    Z = np.column_stack([a - al * lN, b - be * lD, np.full_like(lN, e)])
+    W = np.exp(Z - Z.max(axis=1, keepdims=True))
+    W /= W.sum(axis=1, keepdims=True)
+    return np.column_stack([W[:, 0], W[:, 1], -W[:, 0] * lN, -W[:, 1] * lD, W[:, 2]])
+
+
+def noise_variance(fit: FitResult, floor: float = 1e-6) -> float:
+    """Variance of one run's ``log L`` around the law: ``(1.4826 MAD)^2 n/(n-5)`` of the log residuals
+    (robust to bad runs), at least ``floor``."""
+    d = fit.extra["_data"]
+    r = np.log(d["L"]) - np.log(fit.form.predict(fit.params, d["N"], d["D"]))
+    n = len(r)
+    s = 1.4826 * np.median(np.abs(r - np.median(r)))
+    return float(max(s * s * n / max(n - 5, 1), floor))
+
+
+def acquire(fit: FitResult, cands: pd.DataFrame, target: Target, *, batch_size: int = 4,
+            budget: float | None = None, exclude: Sequence[int] = (), allow_repeats: bool = False,
+            noise_var: float | None = None) -> tuple[list[int], pd.DataFrame]:
+    """Greedy batch maximizing the target's expected variance reduction per unit cost (module docstring).
+
+    Parameters
+    ----------
+    fit : FitResult
+        Approach-3 fit with bootstrap replicates.
+    cands : DataFrame
+        From :func:`candidates` (``N, D, cost``).
+    target : Target
+    batch_size : int
+        Most runs picked.
+    budget : float, optional
+        Most total cost of the batch (a candidate that does not fit is skipped).
+    exclude : sequence of int
+        Candidate rows not to pick (e.g. runs already made).
+    allow_repeats : bool
+        Whether one candidate may be picked twice in a batch (a second seed of the same run).
+    noise_var : float, optional
+        Noise variance of one run's ``log L`` (default :func:`noise_variance`).
+
+    Returns
+    -------
+    (chosen, scores)
+        Row positions picked, in order; the candidates with ``reduction`` and ``score`` (per cost) of
+        the first pick, and ``pick`` (1-based order, 0 if not picked).
+    """
+    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+        raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
+    if budget is not None and not (np.isfinite(budget) and budget > 0):
+        raise ValueError(f"budget={budget!r}: must be a finite cost > 0")
+    for col in ("N", "D", "cost"):
+        if col not in cands:
+            raise ValueError(f"cands: missing column {col!r} (build it with analysis.design.candidates)")
+        _check_array(f"cands[{col!r}]", cands[col])
+    R = _replicates(fit)
+    R = R[np.all(np.isfinite(R), axis=1)]
+    S = np.cov(R.T) + 1e-12 * np.eye(5)
+    g = target_gradient(fit.theta, target)
+    J = law_gradient(fit.theta, cands["N"].to_numpy(), cands["D"].to_numpy())
+    s2 = noise_variance(fit) if noise_var is None else float(noise_var)
+    cost = cands["cost"].to_numpy(dtype=np.float64)
+    avail = np.ones(len(cands), bool)
+    avail[list(exclude)] = False
+    left = np.inf if budget is None else float(budget)
+    chosen: list[int] = []
+    first = None
+    while len(chosen) < batch_size:
+        SJ = J @ S                      # (n, 5)
+        gSj = SJ @ g                    # (n,)
+        red = gSj ** 2 / (s2 + np.einsum("ij,ij->i", SJ, J))
+        score = red / cost
+        if first is None:
+            first = (red.copy(), score.copy())
+        ok = avail & (cost <= left)
+        if not ok.any():
+            break
+        i = int(np.argmax(np.where(ok, score, -np.inf)))
+        chosen.append(i)
+        left -= cost[i]
+        if not allow_repeats:
+            avail[i] = False
+        v = S @ J[i]
+        S = S - np.outer(v, v) / (s2 + J[i] @ v)
+    scores = cands.copy()
+    scores["reduction"], scores["score"] = first
+    scores["pick"] = 0
+    for k, i in enumerate(chosen):
+        scores.iloc[i, scores.columns.get_loc("pick")] = k + 1
+    return chosen, scores
+
+
+def stop_reason(*, spent: float, budget: float, rel_width: float | None = None,
+                width_goal: float | None = None, next_cost: float | None = None) -> str | None:
+    """Why to stop, or ``None`` to go on: the budget is spent (or the cheapest next run does not fit in
+    it), or the interval's relative width is at most ``width_goal``."""
+    if not (np.isfinite(budget) and budget > 0):
+        raise ValueError(f"budget={budget!r}: must be a finite cost > 0")
+    if spent >= budget:
+        return f"budget spent ({spent:.4g} of {budget:.4g})"
+    if next_cost is not None and spent + next_cost > budget:
+        return f"no candidate fits in the budget left ({budget - spent:.4g} < {next_cost:.4g})"
+    if width_goal is not None and rel_width is not None and rel_width <= width_goal:
+        return f"interval narrow enough (relative width {rel_width:.4g} <= {width_goal:.4g})"
+    return None
+
+
+@dataclass
+class DesignRound:
+    """One round of the adaptive design: ``fit`` (bootstrapped), ``prediction`` (:func:`predict_target`),
+    ``scores`` (:func:`acquire`'s table) and ``chosen`` (row positions of the candidates)."""
+
+    fit: FitResult
+    prediction: dict
+    scores: pd.DataFrame
+    chosen: list = field(default_factory=list)
+
+
+def design_round(data: Mapping[str, np.ndarray], cands: pd.DataFrame, target: Target, *, seed: int = 0,
+                 n_boot: int = 200, level: float = 0.9, batch_size: int = 4, budget: float | None = None,
+                 exclude: Sequence[int] = (), warm: np.ndarray | None = None,
+                 grid: Mapping[str, Sequence[float]] | None = None, polish: bool = True) -> DesignRound:
+    """Fit the runs so far (``data``: ``N, D, L``), bootstrap (``n_boot``, ``seed``), predict the target
+    and pick the next batch. Same inputs and seed, same round."""
+    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 20):
+        raise ValueError(f"n_boot={n_boot!r}: needs at least 20 replicates for a {level:.0%} interval")
+    fit = fit_law(data, warm=warm, grid=grid)
+    fit = bootstrap_fit(fit, n_boot, seed=seed, polish=polish)
+    pred = predict_target(fit, target, level)
+    chosen, scores = acquire(fit, cands, target, batch_size=batch_size, budget=budget, exclude=exclude)
+    return DesignRound(fit=fit, prediction=pred, scores=scores, chosen=chosen)

@@ -18,7 +18,8 @@ The pieces
 The acquisition (delta method on the bootstrap covariance)
 ----------------------------------------------------------
 Let ``theta = (a, b, alpha, beta, e)`` be the raw approach-3 parameters (``log L = LSE(a - alpha log N,
-b - beta log D, e)``), ``S`` the covariance of the bootstrap replicates of ``theta``, ``g = dT/dtheta``
+b - beta log D, e)``), ``S`` the covariance of the bootstrap replicates of ``theta`` (trimmed of wild
+replicates and rescaled to the target's robust bootstrap variance, :func:`robust_covariance`), ``g = dT/dtheta``
 the gradient of the target at the fit (central differences), ``j_c = d log L(N_c, D_c)/dtheta`` the
 gradient of the law at candidate ``c`` (analytic: softmax weights of the three terms), and ``s2`` the
 noise variance of ``log L`` of one run (robust: ``(1.4826 MAD)^2`` of the fit's log residuals, scaled by
@@ -50,7 +51,7 @@ from analysis.bootstrap import bootstrap_fit
 from analysis.fitter import FitResult, fit_form
 
 __all__ = ["Target", "DesignRound", "candidates", "fit_law", "predict_target", "target_gradient",
-           "law_gradient", "noise_variance", "acquire", "stop_reason", "design_round", "TARGET_KINDS",
+           "law_gradient", "noise_variance", "robust_covariance", "acquire", "stop_reason", "design_round", "TARGET_KINDS",
            "RAW", "QUICK_GRID"]
 
 #: Raw approach-3 parameters, in the order of ``ChinchillaForm.param_names``.
@@ -231,6 +232,37 @@ def noise_variance(fit: FitResult, floor: float = 1e-6) -> float:
     return float(max(s * s * n / max(n - 5, 1), floor))
 
 
+def robust_covariance(fit: FitResult, target: Target, g: np.ndarray | None = None, trim: float = 0.025) -> np.ndarray:
+    """Covariance ``(5, 5)`` of the raw parameters from the bootstrap replicates, robust to wild ones.
+
+    A few replicates of a weakly determined fit run off (``E -> 0``, ``A -> 1e12``) and would dominate a
+    plain covariance. Replicates outside the ``[trim, 1 - trim]`` quantiles of any raw parameter or of
+    the target are dropped; the covariance of the rest is then rescaled so that the delta-method
+    variance ``g' S g`` equals the robust variance ``(IQR / 1.349)^2`` of the target over all replicates.
+    """
+    R = _replicates(fit)
+    R = R[np.all(np.isfinite(R), axis=1)]
+    v = target.value(R.T)
+    keep = np.isfinite(v)
+    R, v = R[keep], v[keep]
+    if len(R) < 10:
+        raise ValueError(f"fit: only {len(R)} bootstrap replicates give a finite target; need at least 10")
+    X = np.column_stack([R, v])
+    lo, hi = np.quantile(X, [trim, 1 - trim], axis=0)
+    inside = np.all((X >= lo) & (X <= hi), axis=1)
+    if inside.sum() < 10:
+        inside[:] = True
+    S = np.cov(R[inside].T) + 1e-12 * np.eye(5)
+    if g is None:
+        g = target_gradient(fit.theta, target)
+    q75, q25 = np.quantile(v, [0.75, 0.25])
+    var_t = ((q75 - q25) / 1.349) ** 2
+    lin = float(g @ S @ g)
+    if var_t > 0 and lin > 0:
+        S = S * (var_t / lin)
+    return S
+
+
 def acquire(fit: FitResult, cands: pd.DataFrame, target: Target, *, batch_size: int = 4,
             budget: float | None = None, exclude: Sequence[int] = (), allow_repeats: bool = False,
             noise_var: float | None = None) -> tuple[list[int], pd.DataFrame]:
@@ -268,10 +300,8 @@ def acquire(fit: FitResult, cands: pd.DataFrame, target: Target, *, batch_size: 
         if col not in cands:
             raise ValueError(f"cands: missing column {col!r} (build it with analysis.design.candidates)")
         _check_array(f"cands[{col!r}]", cands[col])
-    R = _replicates(fit)
-    R = R[np.all(np.isfinite(R), axis=1)]
-    S = np.cov(R.T) + 1e-12 * np.eye(5)
     g = target_gradient(fit.theta, target)
+    S = robust_covariance(fit, target, g)
     J = law_gradient(fit.theta, cands["N"].to_numpy(), cands["D"].to_numpy())
     s2 = noise_variance(fit) if noise_var is None else float(noise_var)
     cost = cands["cost"].to_numpy(dtype=np.float64)

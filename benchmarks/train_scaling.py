@@ -143,7 +143,7 @@ def run_one(args) -> dict:
 
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
     from neuro_models import registry as R
-    from study.train import model_config
+    from study.run_math import model_config
 
     cfg = model_config(spec)
     fps = R.flops_per_sample(cfg)["train"]

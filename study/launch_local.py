@@ -21,34 +21,10 @@ from pathlib import Path
 
 from study import checkpoint as ckpt
 from study.devices import context_from_env
-from study.provenance import provenance
-from study.reporters import JSONLReporter, MultiReporter, RankZero, StoreReporter, progress_table
+from study.reporters import MultiReporter, RankZero
+from study.run_env import RunEnv, build_reporters, static_row  # noqa: F401  (static_row: its former home)
 from study.spec import RunSpec
 from study.train import train
-
-
-def build_reporter(spec: RunSpec, rank: int, run_dir: Path, *, store_dir: str | None, use_wandb: bool,
-                   manifest_hash: str | None = None):
-    reporters = [JSONLReporter(run_dir / "metrics.jsonl")] if rank == 0 else []
-    if rank == 0 and store_dir:
-        from analysis.store import ResultsStore
-
-        reporters.append(StoreReporter(ResultsStore(store_dir), static_row(spec, manifest_hash),
-                                       table=progress_table(spec.task)))
-    if rank == 0 and use_wandb:
-        from study.wandb_reporter import WandbReporter
-
-        reporters.append(WandbReporter(spec, dir=run_dir))
-    return RankZero(rank, MultiReporter(reporters))
-
-
-def static_row(spec: RunSpec, manifest_hash: str | None = None) -> dict:
-    """Columns every result row of ``spec`` carries (identity, spec fields, provenance)."""
-    prov = provenance(spec.manifest, manifest_hash=manifest_hash)
-    return {"run_id": spec.run_id, "study": spec.study, "family": spec.family, "size": spec.size,
-            "width": spec.width, "parametrization": spec.parametrization, "lr": spec.lr, "base_lr": spec.lr,
-            "batch_size": spec.batch_size, "n_subjects": spec.n_subjects,
-            "mixture": json.dumps(spec.cohorts), "seed": spec.seed, **prov, **spec.flat_columns()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read run spec {args.spec}: {exc}", file=sys.stderr)
         return 2
     try:
-        from study.train import model_config
+        from study.run_math import model_config
 
         model_config(spec)  # unknown family / size / model field: fail before any process group or data
         if spec.manifest and not Path(spec.manifest).is_file():
@@ -77,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = context_from_env(args.device)
     run_dir = Path(args.run_dir)
     resume = ckpt.latest_checkpoint(run_dir / "checkpoints") if args.resume else None
-    reporter = build_reporter(spec, ctx.rank, run_dir, store_dir=args.store, use_wandb=args.wandb)
+    env = RunEnv(store_dir=args.store, wandb=args.wandb, device=args.device)
+    reporter = RankZero(ctx.rank, MultiReporter(build_reporters(spec, env, rank=ctx.rank,
+                                                                jsonl=run_dir / "metrics.jsonl", wandb_dir=run_dir)))
     try:
         result = train(spec, ctx, reporter, run_dir=run_dir, resume_from=resume)
     finally:

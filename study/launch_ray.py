@@ -18,10 +18,10 @@ per trial on a 2-core machine; BENCHMARKS.md, study machinery). Checkpoints go s
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -32,6 +32,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from study.checkpoint import INLINE_DIR, checkpoint_step, resume_point
 from study.devices import DistContext, backend_for, collective_env, detect_device_kind, gpu_kind, select_device
 from study.reporters import MultiReporter, NullReporter, RankZero
+from study.run_env import RunEnv, build_reporters
 from study.spec import RunSpec
 from study.trace import mark
 
@@ -105,60 +106,58 @@ def stop_checker(stop_file: str | None, deadline: float | None):
     return should_stop
 
 
-def study_reporters(spec: RunSpec, *, store_dir: str | None, manifest_hash: str | None,
-                    wandb_dir: str | None, wandb_sweep_id: str | None = None) -> list:
-    """The reporters a study run's rank 0 feeds: the results store (with the run's static columns) and, when
-    ``wandb_dir`` is given, W&B (grouped by study, in the sweep ``wandb_sweep_id`` if any)."""
-    from study.launch_local import static_row
-    from study.reporters import StoreReporter, progress_table
-
-    reporters = []
-    if store_dir:
-        from analysis.store import ResultsStore
-
-        reporters.append(StoreReporter(ResultsStore(store_dir), static_row(spec, manifest_hash),
-                                       table=progress_table(spec.task)))
-    if wandb_dir:
-        from study.wandb_reporter import WandbReporter
-
-        if wandb_sweep_id:
-            os.environ["NEUROX_WANDB_SWEEP_ID"] = wandb_sweep_id
-        reporters.append(WandbReporter(spec, dir=wandb_dir, group=spec.study))
-    return reporters
-
-
 def _any_stop(*checks):
     checks = [c for c in checks if c is not None]
     return (lambda: any(c() for c in checks)) if checks else None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker function."""
+    """The Ray Train worker function (``config``: the spec and the :class:`~study.run_env.RunEnv` as dicts)."""
     from study.train import TrainingDiverged, train
 
     spec = RunSpec.from_dict(config["spec"])
+    env = RunEnv.from_dict(config["env"])
+    run_storage = env.run_storage(spec)
     mark("worker_start", run=spec.run_id)
-    ctx = ray_context(config.get("device"))
-    reporters = study_reporters(spec, store_dir=config.get("store_dir"), manifest_hash=config.get("manifest_hash"),
-                                wandb_dir=config.get("wandb_dir") if config.get("wandb") else None,
-                                wandb_sweep_id=config.get("wandb_sweep_id")) if ctx.rank == 0 else []
-    reporter = RankZero(ctx.rank, MultiReporter(reporters), all_ranks_report=RayReporter())
+    ctx = ray_context(env.device)
+    reporter = RankZero(ctx.rank, MultiReporter(build_reporters(spec, env, rank=ctx.rank, wandb_group=spec.study)),
+                        all_ranks_report=RayReporter())
     resume = None
     checkpoint = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="neurox-") as local:
         if checkpoint is not None:
             resume = checkpoint.to_directory(os.path.join(local, "resume"))
         else:  # Ray has none of this run; an inline trial of an earlier study run may have
-            resume = resume_point(config.get("run_storage"), stored_steps(config.get("store_dir"), spec))
+            resume = resume_point(run_storage, stored_steps(env.store_dir, spec))
         try:
             train(spec, ctx, reporter, run_dir=os.path.join(local, "run"), resume_from=resume,
-                  should_stop=stop_checker(config.get("stop_file"), config.get("deadline")))
+                  should_stop=stop_checker(env.stop_file, env.deadline))
             mark("train_returned", run=spec.run_id)
         except TrainingDiverged as exc:  # name the durable checkpoint, not this worker's temporary copy
             raise TrainingDiverged(exc.step, exc.loss,
-                                   durable_name(exc.last_good, config.get("run_storage"))) from None
+                                   durable_name(exc.last_good, str(run_storage) if run_storage else None)) from None
         finally:
             reporter.close()
+
+
+#: keyword arguments the launchers took before :class:`~study.run_env.RunEnv` (``use_wandb`` is ``RunEnv.wandb``);
+#: still accepted, folded into the run environment
+_ENV_KEYWORDS = {"storage": "storage", "store_dir": "store_dir", "device": "device", "stop_file": "stop_file",
+                 "deadline": "deadline", "manifest_hash": "manifest_hash", "use_wandb": "wandb",
+                 "wandb_sweep_id": "wandb_sweep_id"}
+
+
+def _run_env(env: RunEnv | None, loose: dict[str, Any], fn: str) -> RunEnv:
+    """``env`` with the loose environment keywords of an older call folded in."""
+    unknown = sorted(set(loose) - set(_ENV_KEYWORDS))
+    if unknown:
+        raise TypeError(f"{fn}() got unexpected keyword arguments {unknown}")
+    fields = {_ENV_KEYWORDS[k]: v for k, v in loose.items()}
+    env = dataclasses.replace(env, **fields) if env is not None else RunEnv(**fields)
+    if not env.storage:
+        raise ValueError(f"{fn}: the run environment has no storage (RunEnv.storage): give the shared-filesystem "
+                         "directory that keeps the run's checkpoints")
+    return env
 
 
 def durable_name(local_checkpoint: str | None, run_storage: str | None) -> str | None:
@@ -181,35 +180,31 @@ def scaling_for(num_workers: int, use_gpu: bool, cpus_per_worker: float = 1.0,
                          resources_per_worker=resources)
 
 
-def fit_run(spec: RunSpec, *, storage: str, num_workers: int = 1, use_gpu: bool = False,
-            cpus_per_worker: float = 1.0, store_dir: str | None = None, device: str | None = None,
-            max_failures: int = 2, num_to_keep: int = 2, stop_file: str | None = None,
-            deadline: float | None = None, manifest_hash: str | None = None, use_wandb: bool = False,
-            wandb_sweep_id: str | None = None, in_tune: bool = False):
+def fit_run(spec: RunSpec, env: RunEnv | None = None, *, num_workers: int = 1, use_gpu: bool = False,
+            cpus_per_worker: float = 1.0, max_failures: int = 2, num_to_keep: int = 2, in_tune: bool = False,
+            **loose):
     """Run ``spec`` with a ``TorchTrainer`` and return Ray's ``Result``.
 
-    ``storage`` (a shared-filesystem path) receives Ray's checkpoints under ``<storage>/<run_id>``;
-    rerunning with the same storage restores the run from its latest checkpoint.
+    ``env.storage`` (a shared-filesystem path) receives Ray's checkpoints under ``<storage>/<run_id>``;
+    rerunning with the same storage restores the run from its latest checkpoint. The environment's fields
+    may also be given as keywords (``storage=``, ``store_dir=``, ... ``use_wandb=``, as before :class:`RunEnv`).
     """
+    env = _run_env(env, loose, "fit_run")
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    kind = device or (gpu_kind() if use_gpu else "cpu")  # cuda, or xpu on Aurora (NEUROX_DEVICE)
+    kind = env.device or (gpu_kind() if use_gpu else "cpu")  # cuda, or xpu on Aurora (NEUROX_DEVICE)
     callbacks = []
     if in_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
-    config = {"spec": spec.to_dict(), "store_dir": store_dir, "device": kind,
-              "stop_file": stop_file, "deadline": deadline, "manifest_hash": manifest_hash,
-              "run_storage": str(Path(storage) / spec.run_id),
-              "wandb": use_wandb, "wandb_dir": str(Path(storage) / "wandb") if use_wandb else None,
-              "wandb_sweep_id": wandb_sweep_id}
+    config = {"spec": spec.to_dict(), "env": dataclasses.replace(env, device=kind).to_dict()}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         torch_config=TorchConfig(backend=backend_for(kind)),
         scaling_config=scaling_for(num_workers, use_gpu, cpus_per_worker),
-        run_config=RunConfig(name=spec.run_id, storage_path=str(storage),
+        run_config=RunConfig(name=spec.run_id, storage_path=str(env.storage),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
                              callbacks=callbacks or None),
@@ -218,10 +213,8 @@ def fit_run(spec: RunSpec, *, storage: str, num_workers: int = 1, use_gpu: bool 
     return trainer.fit()
 
 
-def run_inline(spec: RunSpec, *, storage: str, store_dir: str | None = None, device: str | None = None,
-               use_gpu: bool = False, stop_file: str | None = None, deadline: float | None = None,
-               manifest_hash: str | None = None, use_wandb: bool = False, wandb_sweep_id: str | None = None,
-               extra_reporter=None, should_stop=None):
+def run_inline(spec: RunSpec, env: RunEnv | None = None, *, use_gpu: bool = False, extra_reporter=None,
+               should_stop=None, **loose):
     """Train ``spec`` in this process: a Tune trial actor that holds one worker's resources (Ray already
     isolated its GPU/XPU tile). Returns :class:`study.train.TrainResult`.
 
@@ -231,7 +224,9 @@ def run_inline(spec: RunSpec, *, storage: str, store_dir: str | None = None, dev
     released at the end, so a reused actor starts the next trial clean. Results go to the store,
     W&B and Tune (:class:`TuneReporter`, or ``extra_reporter``) exactly as from a Ray Train worker.
     ``should_stop`` (polled every step, like ``train``'s) stops the run beside the STOP file and deadline.
+    The environment's fields may also be given as keywords (``storage=``, ``store_dir=``, ..., as in :func:`fit_run`).
     """
+    env = _run_env(env, loose, "run_inline")
     import gc
 
     import torch
@@ -240,23 +235,21 @@ def run_inline(spec: RunSpec, *, storage: str, store_dir: str | None = None, dev
     from study.train import free_port, train
 
     mark("worker_start", run=spec.run_id)
-    kind = detect_device_kind(device or (gpu_kind() if use_gpu else "cpu"))
+    kind = detect_device_kind(env.device or (gpu_kind() if use_gpu else "cpu"))
     os.environ.update(collective_env(kind, local_rank=0, local_world_size=1))
     if not dist.is_initialized():  # several trial actors share a node: each takes its own port
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                           WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     ctx = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1,
                       device=select_device(kind, 0, isolated=True), backend=backend_for(kind))
-    reporters = study_reporters(spec, store_dir=store_dir, manifest_hash=manifest_hash,
-                                wandb_dir=str(Path(storage) / "wandb") if use_wandb else None,
-                                wandb_sweep_id=wandb_sweep_id)
+    reporters = build_reporters(spec, env, wandb_group=spec.study)
     reporters.append(extra_reporter if extra_reporter is not None else TuneReporter())
     reporter = MultiReporter(reporters)
-    run_storage = Path(storage) / spec.run_id
+    run_storage = env.run_storage(spec)
     try:
-        resume = resume_point(run_storage, stored_steps(store_dir, spec))
+        resume = resume_point(run_storage, stored_steps(env.store_dir, spec))
         result = train(spec, ctx, reporter, run_dir=run_storage / INLINE_DIR, resume_from=resume,
-                       should_stop=_any_stop(stop_checker(stop_file, deadline), should_stop))
+                       should_stop=_any_stop(stop_checker(env.stop_file, env.deadline), should_stop))
         mark("train_returned", run=spec.run_id)
         return result
     finally:

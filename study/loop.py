@@ -11,6 +11,10 @@ data and loss, then hands the loop
 
 and calls :func:`run_steps`. Objectives import this module and :mod:`study.run_math`, never each other.
 It imports neither Ray nor W&B. The batch plan, LR schedule and model config are in :mod:`study.run_math`.
+
+Why one file of ~580 lines: each part is small, and they share the determinism contract (positions, masks,
+micro-batches) and the checkpoint contract (the state fields are ``trainer_state.json``'s keys); reading the loop
+means reading them together.
 """
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 
 ``run_plan`` does what every study does: check the storage, generate (once) or check the cohort,
 guard against mixing code/data versions, connect to Ray (embedded locally, or the cluster),
-skip finished runs, run the rest as Tune trials, and return where the results are.
+skip finished runs, run the rest as Tune trials, and return where the results are. The trials get the study's
+:class:`~study.run_env.RunEnv` (store, run storage, STOP file, deadline, manifest hash, W&B) and the placement's
+:class:`~study.sweep.TrialSetup`. This module does not import Ray (:mod:`study.sweep` does).
 """
 from __future__ import annotations
 
@@ -107,60 +109,12 @@ def finished_runs(store_dir: Path) -> set[str]:
     return set(df.loc[done, "run_id"])
 
 
-def probe_address(address: str, timeout: float = 5.0) -> None:
-    """Fail fast (seconds, not Ray's minutes of retries) when a ``host:port`` or ``ray://`` / ``http://``
-    address does not accept TCP connections. ``auto`` and ``local`` are left to Ray."""
-    import socket
-    from urllib.parse import urlparse
-
-    if address in ("auto", "local"):
-        return
-    hostport = urlparse(address).netloc if "://" in address else address
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: expected host:port")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except OSError as exc:
-        raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: {exc}") from exc
-
-
-#: how long a trial's Train controller waits for its workers' resources (staged trials wait for a slot)
-WORKER_WAIT_S = 6 * 3600
-
-
 def connect_ray(address: str | None, num_cpus: int | None, repo_root: Path) -> None:
-    import ray
+    """Connect this process to Ray: :func:`study.sweep.connect_ray` (Ray is imported by the sweep and launch
+    modules only)."""
+    from study.sweep import connect_ray as _connect
 
-    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
-           # a staged trial's controller waits for its workers' resources while other trials train
-           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
-                                                                    str(WORKER_WAIT_S)),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "WANDB_MODE": os.environ.get("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")}
-    from study import trace
-
-    if os.environ.get(trace.ENV):  # phase marks (study.trace) from every worker
-        env[trace.ENV] = os.environ[trace.ENV]
-    os.environ.update(env)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        probe_address(address)
-        try:
-            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
-        except Exception as exc:  # ConnectionError, TimeoutError, RuntimeError depending on the failure
-            raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: {exc}") from exc
-    else:
-        pp = os.pathsep.join(p for p in (str(repo_root), os.environ.get("PYTHONPATH", "")) if p)
-        # embedded Ray: loopback only, with Ray's default token authentication. The dashboard (also on
-        # loopback) serves the state API that Ray Train's PlacementGroupCleaner polls: without it a trial
-        # stopped by Tune (ASHA) leaks its workers' placement group and the next trial never starts.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-                 _node_ip_address="127.0.0.1", runtime_env={"env_vars": {**env, "PYTHONPATH": pp}})
-
-
+    _connect(address, num_cpus, repo_root)
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -240,30 +194,32 @@ def run_plan(plan, args: argparse.Namespace, *, repo_root: Path, lr_search=None)
           f"{len(todo)} to run; results -> {store_dir}", flush=True)
     if not todo:
         return run
-    connect_ray(args.address, args.num_cpus, repo_root)
-    import ray
+    from study.run_env import RunEnv
+    from study.sweep import connect_ray as _connect_ray
+    from study.sweep import disconnect_ray, placement, run_trials
 
-    from study.sweep import placement, run_trials
-
+    _connect_ray(args.address, args.num_cpus, repo_root)
     try:
         pl = placement(plan.num_workers, plan.use_gpu, args.max_concurrent,
                        launcher=getattr(args, "trial_launcher", "auto"))
-        ctx = {**pl.trial_ctx(), "train_storage": str(study_dir / "runs"), "store_dir": str(store_dir),
-               "stop_file": str(stop_file), "manifest_hash": fingerprint["data_manifest_hash"],
-               "deadline": time.time() + args.walltime_s if args.walltime_s else None, "wandb": args.wandb}
+        sweep_id = None
         if args.wandb:
             from study.wandb_reporter import create_sweep
 
             os.environ.setdefault("WANDB_DIR", str(study_dir / "wandb"))
-            ctx["wandb_sweep_id"] = create_sweep(name, todo)
+            sweep_id = create_sweep(name, todo)
+        env = RunEnv(storage=str(study_dir / "runs"), store_dir=str(store_dir), stop_file=str(stop_file),
+                     manifest_hash=fingerprint["data_manifest_hash"],
+                     deadline=time.time() + args.walltime_s if args.walltime_s else None,
+                     wandb=args.wandb, wandb_sweep_id=sweep_id)
         print(f"{pl.concurrency} trial(s) at once, {pl.num_workers} worker(s) x "
               f"{'1 GPU' if pl.use_gpu else f'{pl.cpus_per_worker:g} CPU'} each, {pl.launcher} launcher",
               flush=True)
-        counts = run_trials(todo, ctx=ctx, storage=str(study_dir / "tune"), study=name,
+        counts = run_trials(todo, env=env, setup=pl.trial_setup(), storage=str(study_dir / "tune"), study=name,
                             concurrency=pl.concurrency, lr_search=lr_search or plan.lr_search, asha=args.asha,
                             stage_ahead=pl.stage_ahead)
     finally:
-        ray.shutdown()
+        disconnect_ray()
     run.failed = counts["failed"]
     if run.failed:
         print(f"warning: {run.failed} trial(s) failed; rerun the same command to retry them", file=sys.stderr)

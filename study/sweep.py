@@ -1,6 +1,6 @@
 """Run a study's specs as Ray Tune trials.
 
-Two trial launchers (``ctx["launcher"]``):
+Two trial launchers (:attr:`TrialSetup.launcher`):
 
 * ``"ray-train"``: each trial fits a Ray Train ``TorchTrainer`` (Train V2 pattern): any number of workers,
   DeepSpeed across them, Ray Train's worker-level restarts. The trial driver holds 0.01 CPU.
@@ -15,6 +15,13 @@ Two trial launchers (``ctx["launcher"]``):
 
 Resources per trial and concurrency come from the cluster: a trial driver takes 0.01 CPU (more would
 deadlock small machines), each Ray Train worker one GPU (GPU plans) or an equal share of the CPUs.
+
+About 500 lines: placement, trial function, Tune callbacks and the grid / LR-search / ASHA drivers are one
+Tune layer over the same trial context.
+
+Every trial gets the study's :class:`~study.run_env.RunEnv` (where results, checkpoints and stop signals are)
+and a :class:`TrialSetup` (how it trains), both typed; this module and :mod:`study.launch_ray` are where the
+study imports Ray (:func:`connect_ray` included).
 """
 from __future__ import annotations
 
@@ -23,13 +30,15 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 import ray
 from ray import tune
 
 from study.launch_ray import fit_run
+from study.run_env import RunEnv
 from study.spec import RunSpec
 from study.trace import mark
 
@@ -70,10 +79,42 @@ class Placement:
             return {"CPU": TRIAL_DRIVER_CPU}
         return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {})}
 
+    def trial_setup(self) -> "TrialSetup":
+        """How each trial of a sweep on this placement trains (``run_trials(setup=...)``)."""
+        return TrialSetup(launcher=self.launcher, trial_resources=self.trial_resources,
+                          num_workers=self.num_workers, use_gpu=self.use_gpu, cpus_per_worker=self.cpus_per_worker)
+
     def trial_ctx(self) -> dict[str, Any]:
-        """The placement's keys of a sweep's trial context (``run_trials(ctx=...)``)."""
+        """The placement's keys of the former trial-context dict (``run_trials(ctx=...)``, still accepted)."""
         return {"launcher": self.launcher, "trial_resources": self.trial_resources, "num_workers": self.num_workers,
                 "use_gpu": self.use_gpu, "cpus_per_worker": self.cpus_per_worker}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialSetup:
+    """How each trial of a sweep trains (from a :class:`Placement`)."""
+
+    launcher: str = "ray-train"
+    """``"inline"`` (``train()`` in the reused trial actor) or ``"ray-train"`` (a ``TorchTrainer`` per trial)."""
+    trial_resources: dict[str, float] = field(default_factory=lambda: {"CPU": TRIAL_DRIVER_CPU})
+    """What one Tune trial actor holds."""
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    """Ray Train's worker-level restarts of a run (inline trials: added to Tune's retries)."""
+    trial_retries: int = 1
+    """Tune's retries of a failed trial."""
+
+    @property
+    def inline(self) -> bool:
+        return self.launcher == "inline"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrialSetup":
+        """From :func:`dataclasses.asdict` output or the former trial-context dict (other keys ignored)."""
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 
 
 def plan_placement(cpus: float, gpus: float, num_workers: int, use_gpu: bool, max_concurrent: int | None = None,
@@ -131,27 +172,80 @@ def placement(num_workers: int, use_gpu: bool, max_concurrent: int | None = None
                           max_concurrent, stage_ahead, node_cpus=node_cpus or None, launcher=launcher)
 
 
+def probe_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast (seconds, not Ray's minutes of retries) when a ``host:port`` or ``ray://`` / ``http://``
+    address does not accept TCP connections. ``auto`` and ``local`` are left to Ray."""
+    import socket
+    from urllib.parse import urlparse
+
+    if address in ("auto", "local"):
+        return
+    hostport = urlparse(address).netloc if "://" in address else address
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: expected host:port")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: {exc}") from exc
+
+
+#: how long a trial's Train controller waits for its workers' resources (staged trials wait for a slot)
+WORKER_WAIT_S = 6 * 3600
+
+
+def connect_ray(address: str | None, num_cpus: int | None, repo_root: Path) -> None:
+    """Connect to the Ray cluster at ``address`` (or ``RAY_ADDRESS``), or start an embedded loopback-only Ray
+    with ``num_cpus``; workers get the environment the study's runs need."""
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
+           # a staged trial's controller waits for its workers' resources while other trials train
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
+                                                                    str(WORKER_WAIT_S)),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "WANDB_MODE": os.environ.get("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")}
+    from study import trace
+
+    if os.environ.get(trace.ENV):  # phase marks (study.trace) from every worker
+        env[trace.ENV] = os.environ[trace.ENV]
+    os.environ.update(env)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        probe_address(address)
+        try:
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+        except Exception as exc:  # ConnectionError, TimeoutError, RuntimeError depending on the failure
+            raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: {exc}") from exc
+    else:
+        pp = os.pathsep.join(p for p in (str(repo_root), os.environ.get("PYTHONPATH", "")) if p)
+        # embedded Ray: loopback only, with Ray's default token authentication. The dashboard (also on
+        # loopback) serves the state API that Ray Train's PlacementGroupCleaner polls: without it a trial
+        # stopped by Tune (ASHA) leaks its workers' placement group and the next trial never starts.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+                 _node_ip_address="127.0.0.1", runtime_env={"env_vars": {**env, "PYTHONPATH": pp}})
+
+
+def disconnect_ray() -> None:
+    ray.shutdown()
+
+
 def trial(config: dict[str, Any]) -> None:
     """Tune function trainable: one run = ``train()`` in this actor (inline launcher) or one
     ``TorchTrainer.fit`` (reports flow through TuneReportCallback)."""
     spec = trial_spec(config)
     mark("trial_start", run=spec.run_id)
-    ctx = config["ctx"]
-    if ctx.get("launcher") == "inline":
+    env = RunEnv.from_dict(config["ctx"]["env"])
+    setup = TrialSetup.from_dict(config["ctx"]["setup"])
+    if setup.inline:
         from study.launch_ray import run_inline
 
-        run_inline(spec, storage=ctx["train_storage"], store_dir=ctx["store_dir"], device=ctx.get("device"),
-                   use_gpu=ctx["use_gpu"], stop_file=ctx.get("stop_file"), deadline=ctx.get("deadline"),
-                   manifest_hash=ctx.get("manifest_hash"), use_wandb=ctx.get("wandb", False),
-                   wandb_sweep_id=ctx.get("wandb_sweep_id"))
+        run_inline(spec, env, use_gpu=setup.use_gpu)
         mark("fit_returned", run=spec.run_id)
         return
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(ctx["cpus_per_worker"]))))
-    result = fit_run(spec, storage=ctx["train_storage"], num_workers=ctx["num_workers"], use_gpu=ctx["use_gpu"],
-                     cpus_per_worker=ctx["cpus_per_worker"], store_dir=ctx["store_dir"], device=ctx.get("device"),
-                     max_failures=ctx.get("max_failures", 2), stop_file=ctx.get("stop_file"),
-                     deadline=ctx.get("deadline"), manifest_hash=ctx.get("manifest_hash"),
-                     use_wandb=ctx.get("wandb", False), wandb_sweep_id=ctx.get("wandb_sweep_id"), in_tune=True)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(setup.cpus_per_worker))))
+    result = fit_run(spec, env, num_workers=setup.num_workers, use_gpu=setup.use_gpu,
+                     cpus_per_worker=setup.cpus_per_worker, max_failures=setup.max_failures, in_tune=True)
     mark("fit_returned", run=spec.run_id)
     if getattr(result, "error", None):
         raise result.error
@@ -287,22 +381,24 @@ def record_early_stop(store_dir: str, run_id: str) -> int | None:
     return int(last["step"])
 
 
-def _tuner(param_space: dict, *, ctx: dict, name: str, storage: str, concurrency: int,
+def _tuner(param_space: dict, *, env: RunEnv, setup: TrialSetup, name: str, storage: str, concurrency: int,
            progress: Progress, num_samples: int = 1, search_alg=None, scheduler=None, stage_ahead: int = 0):
     # Tune's function runner can emit a bookkeeping result (e.g. on trial end) without the trial's
     # metrics; with a metric-driven scheduler/searcher its strict check would abort the whole sweep.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    inline = ctx.get("launcher") == "inline"
-    trainable = tune.with_resources(trial, ctx.get("trial_resources") or {"CPU": TRIAL_DRIVER_CPU})
+    inline = setup.inline
+    trainable = tune.with_resources(trial, setup.trial_resources or {"CPU": TRIAL_DRIVER_CPU})
     tune_config = tune.TuneConfig(num_samples=num_samples, max_concurrent_trials=concurrency + stage_ahead,
                                   search_alg=search_alg, scheduler=scheduler, reuse_actors=inline,
                                   metric="val_loss" if (search_alg or scheduler) else None,
                                   mode="min" if (search_alg or scheduler) else None)
     callbacks = [progress] + ([] if inline else [PlacementGroupJanitor()])
     # inline trials have no Ray Train restarts below them: Tune's retries take Train's share too
-    retries = ctx.get("trial_retries", 1) + (ctx.get("max_failures", 2) if inline else 0)
+    retries = setup.trial_retries + (setup.max_failures if inline else 0)
     run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=0,
                                 failure_config=tune.FailureConfig(max_failures=retries))
+    # plain dicts in the trial config (Tune stores it); trial() rebuilds the typed objects
+    ctx = {"env": env.to_dict(), "setup": asdict(setup)}
     return tune.Tuner(trainable, param_space={**param_space, "ctx": ctx}, tune_config=tune_config,
                       run_config=run_config)
 
@@ -354,19 +450,29 @@ def asha_batches(specs: list[RunSpec]) -> list[tuple[list[RunSpec], bool]]:
     return ([(singles, False)] if singles else []) + out
 
 
-def run_trials(specs: list[RunSpec], *, ctx: dict, storage: str, study: str, concurrency: int,
-               lr_search=None, asha: bool = False, max_steps: int | None = None,
-               stage_ahead: int = 0) -> dict[str, int]:
+def run_trials(specs: list[RunSpec], *, env: RunEnv | None = None, setup: TrialSetup | None = None,
+               storage: str, study: str, concurrency: int, lr_search=None, asha: bool = False,
+               max_steps: int | None = None, stage_ahead: int = 0, ctx: Mapping[str, Any] | None = None
+               ) -> dict[str, int]:
     """Run ``specs`` (already filtered to what is not finished) and return trial counts.
+
+    Each trial gets the run environment ``env`` and trains as ``setup`` says (:meth:`Placement.trial_setup`).
+    ``ctx``: the former trial-context dict (a placement's :meth:`Placement.trial_ctx` keys plus
+    ``train_storage``, ``store_dir``, ...), still accepted in place of ``env`` and ``setup``.
 
     ``concurrency`` trials run at once; ``stage_ahead`` more start early and wait for their workers'
     resources (the placement must leave them :data:`TRIAL_DRIVER_CPU` each: :func:`plan_placement`).
     With ``asha``, ``max_steps`` is the longest run's step count (default: unbounded): ASHA must never be
     the one that ends a run at its last step, or it kills the trial while Train finishes it.
     """
+    if ctx is not None:
+        env = env if env is not None else RunEnv.from_dict(ctx)
+        setup = setup if setup is not None else TrialSetup.from_dict(ctx)
+    if env is None or setup is None:
+        raise TypeError("run_trials() needs env= (a RunEnv) and setup= (a TrialSetup), or the former ctx= dict")
     progress = Progress(total=len(specs) if lr_search is None else
                         len(lr_groups(specs)) * lr_search.n_trials, study=study,
-                        store_dir=ctx.get("store_dir") if asha else None)
+                        store_dir=env.store_dir if asha else None)
     progress._line("starting")
 
     def new_scheduler():  # one per Tuner: ASHA's rungs must not carry over between groups
@@ -379,7 +485,7 @@ def run_trials(specs: list[RunSpec], *, ctx: dict, storage: str, study: str, con
         batches = asha_batches(specs) if asha else [(specs, False)]
         for k, (batch, use_asha) in enumerate(batches):
             name = f"{study}-tune" if k == 0 else f"{study}-asha-{lr_groups(batch).popitem()[0]}"
-            tuner = _tuner({"spec": tune.grid_search([s.to_dict() for s in batch])}, ctx=ctx, name=name,
+            tuner = _tuner({"spec": tune.grid_search([s.to_dict() for s in batch])}, env=env, setup=setup, name=name,
                            storage=storage, concurrency=concurrency, progress=progress,
                            scheduler=new_scheduler() if use_asha else None,
                            stage_ahead=stage_ahead if len(batch) > concurrency else 0)
@@ -390,7 +496,7 @@ def run_trials(specs: list[RunSpec], *, ctx: dict, storage: str, study: str, con
         for key, group in lr_groups(specs).items():
             search = OptunaSearch(metric="val_loss", mode="min", seed=group[0].seed)
             tuner = _tuner({"spec": group[0].to_dict(), "lr": tune.loguniform(lr_search.low, lr_search.high)},
-                           ctx=ctx, name=f"{study}-lr-{key}", storage=storage, concurrency=concurrency,
+                           env=env, setup=setup, name=f"{study}-lr-{key}", storage=storage, concurrency=concurrency,
                            progress=progress, num_samples=lr_search.n_trials, search_alg=search,
                            scheduler=new_scheduler() if asha else None,
                            stage_ahead=stage_ahead if lr_search.n_trials > concurrency else 0)

@@ -8,7 +8,8 @@ from neuro_models import registry as R
 from study import checkpoint as ckpt
 from study.devices import local_context
 from study.reporters import MemoryReporter
-from study.train import model_config, train
+from study.run_math import model_config
+from study.train import train
 
 
 def test_export_round_trips_into_a_fresh_model(mamba_spec, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from analysis.report import final_rows
 from analysis.store import ResultsStore, read_table
 from study.devices import local_context
-from study.launch_local import static_row
+from study.run_env import static_row
 from study.mutransfer import analyse, plan_mutransfer
 from study.reporters import MultiReporter, StoreReporter
 from study.spec import RunSpec

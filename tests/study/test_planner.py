@@ -9,7 +9,7 @@ import pytest
 from neuro_models import registry as R
 from study import planner as P
 from study.spec import RunSpec
-from study.train import model_config
+from study.run_math import model_config
 
 
 def _spec(size: str, **kw) -> RunSpec:

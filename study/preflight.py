@@ -69,7 +69,7 @@ def format_problems(problems: Sequence[Any], manifest: str) -> str:
     return "\nerror: ".join(lines)
 
 
-def check_specs(specs: Sequence[Any], manifest: str, *, out=sys.stdout) -> None:
+def check_specs(specs: Sequence[Any], manifest: str, *, out=None) -> None:
     """Verify every subject file ``specs`` read from ``manifest``; raise :class:`BadDataFiles` naming them.
 
     ``ValueError`` (a :class:`BadDataFiles` or a bad manifest) is what the entry points turn into
@@ -86,7 +86,8 @@ def check_specs(specs: Sequence[Any], manifest: str, *, out=sys.stdout) -> None:
                            "them (data.convert --fractions TRAIN VAL TEST) or use another manifest")
     if report.depth == "off":
         return
-    print(f"data: {report.files} subject file(s) checked ({report.depth}) in {report.seconds:.1f} s", file=out,
+    print(f"data: {report.files} subject file(s) checked ({report.depth}) in {report.seconds:.1f} s",
+          file=out or sys.stdout,
           flush=True)
     if report.ok:
         return

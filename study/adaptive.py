@@ -196,6 +196,9 @@ def main_adaptive(plan, args, repo_root: Path) -> int:
     from study.runner import fail
 
     try:
+        from study.preflight import check_plan
+
+        check_plan(plan, args)  # every subject file the runs read, before any trial starts (as the grid does)
         run = run_adaptive(plan, args, repo_root=repo_root)
     except (ValueError, ConnectionError, RuntimeError) as exc:
         return fail(str(exc))

@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "default: the preset's site")
     ap.add_argument("--dry-run", action="store_true", help="print the plan (a table, or JSON with --json) and exit")
     ap.add_argument("--json", action="store_true", help="with --dry-run: one JSON object per run, then a summary")
+    from study.adaptive import add_adaptive_args
+
+    add_adaptive_args(ap)  # --adaptive --target --budget-gpu-hours (issue #26)
     return ap.parse_args(argv)
 
 
@@ -150,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(plan, args)
         return 0
     print(f"LR: {lr_source(plan)}", flush=True)
+    if args.adaptive:
+        from study.adaptive import main_adaptive
+
+        return main_adaptive(plan, args, repo_root)
     try:
         from study.preflight import check_plan
 

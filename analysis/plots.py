@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from analysis.fits import FitResult, IsoFLOPResult
 
-__all__ = ["plot_loss_vs_flops", "plot_isoflop", "plot_optimal_allocation", "plot_lr_transfer", "plot_radar",
+__all__ = ["plot_loss_vs_flops", "law_label", "plot_isoflop", "plot_optimal_allocation", "plot_lr_transfer", "plot_radar",
            "plot_scaling", "power_law_band"]
 
 
@@ -38,9 +38,22 @@ def _law_style(valid: bool, label: str) -> dict:
     return dict(ls="-", label=label) if valid else dict(ls="--", label=f"{NOT_A_LAW}: {label}")
 
 
+def law_label(fit: FitResult, level: float = 0.95) -> str:
+    """The fitted law's equation, then each exponent and the asymptote with its bootstrap interval when there is one
+    (``alpha = 0.16 [0.12, 0.20]``), for a legend."""
+    text = fit.form.label(fit.params)
+    if fit.bootstrap is None:
+        return text
+    iv = fit.intervals(level)
+    parts = [f"{k} = {iv.loc[k, 'estimate']:.3g} [{iv.loc[k, 'lo']:.3g}, {iv.loc[k, 'hi']:.3g}]"
+             for k in iv.index if k in ("alpha", "beta", "E")]
+    return text + ("\n" + ", ".join(parts) + f" ({level:.0%})" if parts else "")
+
+
 def plot_loss_vs_flops(C, L, *, fit: FitResult | None = None, frontier: Sequence[int] | None = None,
-                       curves: pd.DataFrame | None = None, labels=None, extend: float = 10.0,
-                       title: str = "Loss vs compute") -> Figure:
+                       curves: pd.DataFrame | None = None, labels=None, sizes=None, size_name: str = "parameters",
+                       markers=None, marker_name: str = "budget", extend: float = 10.0,
+                       loss_name: str = "validation loss (val_loss)", title: str = "Loss vs compute") -> Figure:
     """Loss against FLOPs: runs, the compute frontier, the fitted law and its bootstrap band.
 
     Parameters
@@ -48,41 +61,68 @@ def plot_loss_vs_flops(C, L, *, fit: FitResult | None = None, frontier: Sequence
     C, L : array-like
         Compute and loss of the (final) points.
     fit : FitResult, optional
-        One-variable fit ``L(C)``; its bootstrap replicates give the band. A fit that is not a valid
-        law (``fit.valid`` False) is drawn dashed and labelled "not a valid law", never as a solid line.
+        One-variable fit ``L(C)``; its bootstrap replicates give the band and the legend gives its equation
+        with intervals. A fit that is not a valid law (``fit.valid`` False) is drawn dashed and labelled
+        "not a valid law", never as a solid line.
     frontier : sequence of int, optional
         Indices of the frontier points (highlighted).
     curves : pandas.DataFrame, optional
-        Columns ``run, C, L``: whole training curves drawn faintly behind the points.
+        Columns ``run, C, L``: whole training curves drawn faintly behind the points (one legend entry).
+    labels : array-like, optional
+        A category per point, one colour each (used when ``sizes`` is not given).
+    sizes : array-like, optional
+        Model size per point (``size_name``): colours on a sequential colormap, one legend entry per size.
+    markers : array-like, optional
+        A second category per point (``marker_name``: compute budget or data mixture) shown by marker shape.
     extend : float
         The fitted curve extends this factor beyond the largest C.
     """
-    fig = Figure(figsize=(6.4, 4.4))
+    fig = Figure(figsize=(10.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
     if curves is not None and len(curves):
-        for _, c in curves.groupby("run"):
-            ax.plot(c["C"], c["L"], color="0.8", lw=0.8, zorder=1)
+        for k, (_, c) in enumerate(curves.groupby("run")):
+            ax.plot(c["C"], c["L"], color="0.8", lw=0.8, zorder=1,
+                    label="training curves (each run's evaluations)" if k == 0 else None)
     C = np.asarray(C, dtype=float); L = np.asarray(L, dtype=float)
-    if labels is None:
-        ax.scatter(C, L, s=18, zorder=3, label="runs")
+    shapes = "osD^vP*Xh<>"
+    mk = np.zeros(len(C), dtype=int)
+    if markers is not None:
+        mk, mnames = pd.factorize(pd.Series(np.asarray(markers)).astype(str))
+        for m, name in enumerate(mnames):  # marker legend entries in neutral grey
+            ax.scatter([], [], marker=shapes[m % len(shapes)], color="0.4", s=22, label=f"{marker_name} {name}")
+    if sizes is not None:
+        import matplotlib as mpl
+
+        sz = np.asarray(sizes, dtype=float)
+        uniq = np.unique(sz[np.isfinite(sz)])
+        cmap = mpl.colormaps["viridis"]
+        color_of = {u: cmap(0.1 + 0.8 * i / max(1, len(uniq) - 1)) for i, u in enumerate(uniq)}
+        for u in uniq:
+            sel = sz == u
+            for m in np.unique(mk[sel]):
+                s2 = sel & (mk == m)
+                ax.scatter(C[s2], L[s2], s=26, zorder=3, color=color_of[u], marker=shapes[m % len(shapes)],
+                           label=f"{size_name} {u:.3g}" if m == np.unique(mk[sel])[0] else None)
+    elif labels is None:
+        for m in np.unique(mk):
+            ax.scatter(C[mk == m], L[mk == m], s=18, zorder=3, color="C0", marker=shapes[m % len(shapes)],
+                       label="runs" if m == 0 else None)
     else:
         codes, names = pd.factorize(pd.Series(np.asarray(labels)))
         for i, name in enumerate(names):
             ax.scatter(C[codes == i], L[codes == i], s=18, zorder=3, color=f"C{i % 10}", label=str(name))
     if frontier is not None and len(frontier):
         f = np.asarray(frontier)
-        ax.plot(C[f], L[f], "o", mfc="none", mec="k", ms=8, zorder=4, label="frontier")
+        ax.plot(C[f], L[f], "o", mfc="none", mec="k", ms=9, zorder=4, label="compute frontier (best loss per C)")
     if fit is not None:
         xs = np.geomspace(C.min(), C.max() * extend, 200)
-        law = fit.form.label(fit.params)  # the registry's form says how its law reads
-        ax.plot(xs, fit.predict(xs), **_law_style(fit.valid, law), color="r", zorder=5)
+        ax.plot(xs, fit.predict(xs), **_law_style(fit.valid, law_label(fit)), color="r", zorder=5)
         if fit.bootstrap is not None:
             lo, hi = power_law_band(fit, xs)
-            ax.fill_between(xs, lo, hi, color="r", alpha=0.2, zorder=2, label="95% band")
+            ax.fill_between(xs, lo, hi, color="r", alpha=0.2, zorder=2, label="95% band of the fitted law")
     ax.set_xscale("log"); ax.set_yscale("log")
-    ax.set_xlabel("FLOPs"); ax.set_ylabel("loss"); ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.set_xlabel("training compute C (FLOPs)"); ax.set_ylabel(loss_name); ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return fig
 
 
@@ -138,7 +178,7 @@ def plot_lr_transfer(df: pd.DataFrame, per_width: pd.DataFrame | None = None, *,
     and the verdict, or says that the verdict is not trustworthy (``valid`` False).
     """
     pars = list(pd.unique(df[param_col])) if param_col in df.columns else ["all"]
-    fig = Figure(figsize=(5 * len(pars), 4))
+    fig = Figure(figsize=(5 * len(pars) + 2, 4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(pars), sharey=True))
     widths = sorted(pd.unique(df[width_col]))
     for ax, par in zip(axes, pars):
@@ -152,15 +192,21 @@ def plot_lr_transfer(df: pd.DataFrame, per_width: pd.DataFrame | None = None, *,
                 r = per_width[(per_width.parametrization == par) & (per_width.width == float(w))]
                 if len(r):
                     ax.axvline(r.lr_opt.iloc[0], color=f"C{i % 10}", ls=":", lw=1)
-        title = str(par)
+        title = {"mup": "muP", "sp": "SP"}.get(str(par), str(par))
         if slopes is not None and len(slopes) and (slopes.parametrization == par).any():
             r = slopes[slopes.parametrization == par].iloc[0]
             title += f": slope {r.slope:+.2f} [{r.lo:+.2f}, {r.hi:+.2f}]"
             if "valid" in r and not r.valid:
                 title += "\nverdict not trustworthy (see warnings)"
-        ax.set_xscale("log", base=2); ax.set_xlabel("learning rate"); ax.set_title(title, fontsize=9)
-    axes[0].set_ylabel("loss"); axes[-1].legend(fontsize=8)
-    fig.tight_layout()
+        ax.set_xscale("log", base=2); ax.set_xlabel("base learning rate (the run's LR)"); ax.set_title(title, fontsize=9)
+    axes[0].set_ylabel(f"final {loss_col}")
+    # one legend for the figure: every width's colour (the same in every panel) and what the dotted lines are
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=f"C{i % 10}", marker="o", label=f"width {w:g}") for i, w in enumerate(widths)]
+    if per_width is not None and len(per_width):
+        handles.append(Line2D([], [], color="0.3", ls=":", label="fitted optimal LR (quadratic in log2 LR)"))
+    fig.legend(handles=handles, fontsize=8, loc="outside right upper")
     return fig
 
 

@@ -185,8 +185,12 @@ def summarize_study(store_dir, out_dir, *, loss_col: str = "val_loss", compute_c
     if len(dd):
         curves = dd.rename(columns={"run_id": "run", compute_col: "C", loss_col: "L"})
     if len(C):
+        size_col = next((c for c in (params_col, "width") if c in fin.columns and fin[c].notna().all()), None)
+        marks, mark_name = _marker_series(fin)
         fig = plot_loss_vs_flops(C, L, fit=power, frontier=front, curves=curves,
-                                 labels=fin["size"] if "size" in fin.columns else None)
+                                 sizes=fin[size_col] if size_col else None, size_name=size_col or "size",
+                                 labels=None if size_col else (fin["size"] if "size" in fin.columns else None),
+                                 markers=marks, marker_name=mark_name, loss_name=f"validation loss ({loss_col})")
         fig.savefig(out / "loss_vs_flops.png", dpi=120)
         summary["plots"].append("loss_vs_flops.png")
     if chin is not None and "compute_optimal" in summary["chinchilla"]:
@@ -257,6 +261,19 @@ def _finetune_and_benchmark(store_dir, out: Path, summary: dict) -> None:
             fn = f"scaling_{''.join(c if c.isalnum() else '_' for c in str(name))}.png"
             plot_scaling(t, unit_label="devices").savefig(out / fn, dpi=120)
             summary["plots"].append(fn)
+
+
+def _marker_series(fin: pd.DataFrame) -> tuple[pd.Series | None, str]:
+    """What the loss-vs-FLOPs markers distinguish: the data mixture when runs differ in it, else nothing."""
+    if "mixture" in fin.columns and fin["mixture"].nunique() > 1:
+        def readable(m):
+            try:
+                pairs = json.loads(m) if isinstance(m, str) else m
+            except ValueError:
+                return str(m)
+            return "all cohorts" if not pairs else "+".join(f"{c}" for c, _ in pairs)
+        return fin["mixture"].map(readable), "data:"
+    return None, ""
 
 
 def _fmt(x) -> str:

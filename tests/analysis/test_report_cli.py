@@ -164,3 +164,43 @@ def test_notebook_executes_on_small_store(synthetic_store, tmp_path):
     assert "30 runs, 120 rows, 30 final points" in text
     assert (tmp_path / "nb.png").stat().st_size > 5000
     assert len(read_table(synthetic_store, "train")) == 120
+
+
+def test_loss_vs_flops_plot_reads_without_the_code():
+    """Issue #28: colours by size with one legend entry each, markers by data, one entry for the training curves,
+    axes named with units and which loss, and the fitted law's equation with its intervals in the legend."""
+    from analysis.fits import bootstrap_fit, fit_power_law
+
+    C = np.geomspace(1e15, 1e18, 12)
+    L = 1.7 + 300.0 * C ** -0.15
+    fit = bootstrap_fit(fit_power_law(C, L), n_boot=50, seed=0)
+    sizes = np.repeat([1e6, 4e6, 1.6e7], 4)
+    data = ["all cohorts"] * 11 + ["cohort_a"]
+    curves = pd.DataFrame({"run": np.repeat(np.arange(3), 5), "C": np.tile(np.geomspace(1e14, 1e15, 5), 3),
+                           "L": np.tile(np.linspace(3.0, 2.5, 5), 3)})
+    fig = plot_loss_vs_flops(C, L, fit=fit, curves=curves, sizes=sizes, size_name="n_params", markers=data,
+                             marker_name="data:")
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert [x for x in labels if x.startswith("n_params")] == ["n_params 1e+06", "n_params 4e+06", "n_params 1.6e+07"]
+    assert labels.count("training curves (each run's evaluations)") == 1
+    assert "data: all cohorts" in labels and "data: cohort_a" in labels
+    law = next(x for x in labels if x.startswith("L = "))
+    assert "alpha = 0.15" in law and "[" in law  # the exponent with its bootstrap interval
+    assert ax.get_xlabel() == "training compute C (FLOPs)" and ax.get_ylabel() == "validation loss (val_loss)"
+    colours = {tuple(np.round(c.get_facecolor()[0], 3)) for c in ax.collections if c.get_offsets().size
+               and c.get_label().startswith("n_params")}
+    assert len(colours) == 3  # one colour per size
+
+
+def test_lr_transfer_plot_has_one_legend_that_explains_the_dotted_lines():
+    from analysis.mutransfer import lr_transfer
+
+    rows = [dict(parametrization=p, width=w, lr=2.0 ** e, val_loss=1 + 0.05 * (e + 7 + (0 if p == "mup" else
+             np.log2(w / 16))) ** 2) for p in ("sp", "mup") for w in (16, 32, 64, 128) for e in range(-12, -2)]
+    df = pd.DataFrame(rows)
+    per, slopes = lr_transfer(df)
+    fig = plot_lr_transfer(df, per, slopes=slopes)
+    assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert texts == ["width 16", "width 32", "width 64", "width 128", "fitted optimal LR (quadratic in log2 LR)"]

@@ -405,5 +405,5 @@ def test_mutransfer_rows_say_when_the_verdict_is_not_trustworthy(tmp_path, capsy
     assert json.loads(capsys.readouterr().out)["valid"] is True
     fig = plot_lr_transfer(pd.concat([good, edge]), per, slopes=slopes)
     titles = {ax.get_title() for ax in fig.axes}
-    assert any("verdict not trustworthy" in t and t.startswith("sp") for t in titles), titles
-    assert any(t.startswith("mup") and "not trustworthy" not in t for t in titles), titles
+    assert any("verdict not trustworthy" in t and t.startswith("SP") for t in titles), titles
+    assert any(t.startswith("muP") and "not trustworthy" not in t for t in titles), titles

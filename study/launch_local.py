@@ -21,21 +21,29 @@ from pathlib import Path
 
 from study import checkpoint as ckpt
 from study.devices import context_from_env
-from study.reporters import MultiReporter, RankZero
+from study.reporters import MultiReporter, ProgressPrinter, RankZero
 from study.run_env import RunEnv, build_reporters, static_row  # noqa: F401  (static_row: its former home)
 from study.spec import RunSpec
 from study.train import train
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--spec", required=True, help="JSON file with the RunSpec fields")
+def build_parser() -> argparse.ArgumentParser:
+    from study.cli_args import HelpFormatter
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--spec", required=True, help="JSON file with the RunSpec fields (examples/debug_run.json)")
     ap.add_argument("--run-dir", required=True, help="checkpoints and metrics.jsonl go here")
     ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     ap.add_argument("--store", default=None, help="results-store directory to append rows to")
     ap.add_argument("--wandb", action="store_true", help="log to W&B (offline unless WANDB_API_KEY is set)")
-    ap.add_argument("--device", default=None, choices=["cuda", "xpu", "cpu"])
-    args = ap.parse_args(argv)
+    ap.add_argument("--device", default=None, choices=["cuda", "xpu", "cpu"],
+                    help="device kind (default: $NEUROX_DEVICE, else CUDA, else XPU, else CPU)")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         spec = RunSpec.from_json(Path(args.spec).read_text())
     except (OSError, ValueError) as exc:
@@ -45,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         from study.run_math import model_config
 
         model_config(spec)  # unknown family / size / model field: fail before any process group or data
-        if spec.manifest and not Path(spec.manifest).is_file():
+        if not spec.manifest:
+            raise ValueError("it has no 'manifest' (the cohort's manifest.parquet); see examples/debug_run.json")
+        if not Path(spec.manifest).is_file():
             raise ValueError(f"manifest {spec.manifest} does not exist")
     except ValueError as exc:
         print(f"error: run spec {args.spec}: {exc}", file=sys.stderr)
@@ -54,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     resume = ckpt.latest_checkpoint(run_dir / "checkpoints") if args.resume else None
     env = RunEnv(store_dir=args.store, wandb=args.wandb, device=args.device)
+    progress = [] if args.quiet else [ProgressPrinter(spec.run_id)]
     reporter = RankZero(ctx.rank, MultiReporter(build_reporters(spec, env, rank=ctx.rank,
-                                                                jsonl=run_dir / "metrics.jsonl", wandb_dir=run_dir)))
+                                                                jsonl=run_dir / "metrics.jsonl", wandb_dir=run_dir)
+                                                + progress))
     try:
         result = train(spec, ctx, reporter, run_dir=run_dir, resume_from=resume)
     finally:

@@ -119,6 +119,34 @@ class StoreReporter(NullReporter):
         self.store.append(self.table, [{**self.static, **values}])
 
 
+class ProgressPrinter(NullReporter):
+    """One progress line on stderr at most every ``every_s`` seconds (and at each evaluation), for runs launched by
+    hand (``study.launch_local``): step, losses, samples/s."""
+
+    def __init__(self, run_id: str, every_s: float = 5.0, stream=None) -> None:
+        self.run_id, self.every_s, self.stream = run_id, every_s, stream
+        self._last = float("-inf")
+
+    def _line(self, m: dict[str, Any], tag: str) -> None:
+        parts = [f"[{self.run_id}] {tag} step {m.get('step')}"]
+        for k, fmt in (("train_loss", ".4g"), ("val_loss", ".4g"), ("samples_per_s", ".1f"), ("lr_step", ".3g")):
+            v = m.get(k)
+            if isinstance(v, (int, float)):
+                parts.append(f"{k} {format(v, fmt)}")
+        import sys
+
+        print("  ".join(parts), file=self.stream or sys.stderr, flush=True)
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self._line(metrics, "train")
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        self._line(metrics, "eval")
+
+
 class MultiReporter(NullReporter):
     def __init__(self, reporters: Iterable[Reporter]) -> None:
         self.reporters = list(reporters)

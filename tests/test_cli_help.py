@@ -45,10 +45,7 @@ def _walk(p: argparse.ArgumentParser, name: str):
 
 
 ENTRY_POINTS = ["study.scaling_law", "study.mutransfer", "study.config_search", "study.finetune", "analysis.cli",
-                "data.convert",
-                pytest.param("study.launch_local", marks=pytest.mark.xfail(
-                    strict=True, reason="study/launch_local.py (being refactored): --device has no help and the "
-                                        "parser does not use a defaults-showing formatter"))]
+                "data.convert", "study.launch_local"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 import warnings
@@ -190,7 +191,8 @@ def summarize(results, wall):
 
 def markdown(s):
     f = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
-    lines = [f"target {s['target']}, {s['scenarios']} scenarios ({', '.join(s['laws'])}), wall {s['wall_s']} s", "",
+    lines = [f"target {s['target']}, {s['scenarios']} scenarios ({', '.join(s['laws'])}), wall {s['wall_s']} s, "
+             f"CPU {s.get('cpu_s', 'n/a')} s", "",
              "| design | median rel. error | 90% coverage | cost (x grid) |", "|---|---|---|---|",
              f"| grid | {f(s['grid_error'])} | {f(s['grid_coverage_90'])} | 1 |",
              f"| random (same cost) | {f(s['random_error'])} | {f(s['random_coverage_90'])} | <= 1 |",
@@ -231,6 +233,8 @@ def main(argv=None):
     else:
         results = [scenario(j) for j in jobs]
     s = summarize(results, time.time() - t0)
+    ru = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    s["cpu_s"] = round(sum(r.ru_utime + r.ru_stime for r in ru), 1)  # all processes: the load-independent cost
     print(json.dumps(s, indent=2) if a.json else markdown(s))
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,8 @@ class StudyRun:
     specs: list
     stop_file: Path
     failed: int = 0
+    errors: list = field(default_factory=list)
+    """One dict per failed trial: ``run_id``, ``cause`` (its error's last line), ``trial_path``."""
 
     @property
     def remaining(self) -> list:
@@ -221,6 +223,28 @@ def run_plan(plan, args: argparse.Namespace, *, repo_root: Path, lr_search=None)
     finally:
         disconnect_ray()
     run.failed = counts["failed"]
+    run.errors = list(counts.get("errors", ()))
     if run.failed:
-        print(f"warning: {run.failed} trial(s) failed; rerun the same command to retry them", file=sys.stderr)
+        print("\n".join(failure_summary(run)), file=sys.stderr)
     return run
+
+
+def failure_summary(run: "StudyRun") -> list[str]:
+    """What failed, grouped by cause, and what to do about it (the console's last words after failed trials)."""
+    by_cause: dict[str, list[str]] = {}
+    for e in run.errors:
+        by_cause.setdefault(e["cause"], []).append(e["run_id"])
+    lines = [f"error: {run.failed} trial(s) failed ({run.failed} of {len(run.specs)} runs):"]
+    for cause, ids in by_cause.items():
+        lines.append(f"  {cause}  [{len(ids)} run(s): {', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''}]")
+    if len(run.errors) < run.failed:
+        lines.append(f"  {run.failed - len(run.errors)} more without an error text")
+    causes = " ".join(by_cause)
+    if "BadDataError" in causes:
+        lines.append("  a subject file is unreadable: fix it or remove it from the manifest, or set the runs' "
+                     "bad_data='skip' to train around it")
+    if "TrainingDiverged" in causes:
+        lines.append("  a run diverged: lower its LR (or check its data); the rest of the study is unaffected")
+    lines.append(f"  tracebacks: {run.study_dir / 'tune'} (each trial's error.txt); rerunning the same command "
+                 "retries only the failed and unfinished runs")
+    return lines

@@ -170,8 +170,19 @@ def main(argv: list[str] | None = None) -> int:
 
         out_dir = run.study_dir / "report"
         summary = summarize_study(run.store_dir, out_dir)
-        print(f"report: {out_dir}")
         md = out_dir / "summary.md"
+        if run.failed:  # the report says what failed: it is not a finished study's report
+            from study.runner import failure_summary
+
+            note = ["# INCOMPLETE STUDY", "", *[f"    {x}" for x in failure_summary(run)], "",
+                    f"The fits below use the {len(run.specs) - len(run.remaining)} finished run(s) only.", "", ""]
+            md.write_text("\n".join(note) + (md.read_text() if md.exists() else ""))
+            sj = out_dir / "summary.json"
+            if sj.exists():
+                data = json.loads(sj.read_text())
+                data.update(incomplete=True, failed_runs=run.errors)
+                sj.write_text(json.dumps(data, indent=1, default=str))
+        print(f"report: {out_dir}")
         print(md.read_text() if md.exists() else json.dumps(summary, indent=1, default=str))
     return 1 if run.remaining and not run.stop_file.exists() else 0
 

@@ -256,6 +256,20 @@ def trial(config: dict[str, Any]) -> None:
         tune.report(final)
 
 
+def error_cause(trial) -> str:
+    """The last ``Type: message`` line of a failed trial's traceback (what a user acts on), else a pointer to it."""
+    try:
+        text = trial.get_error() or ""
+    except Exception:  # noqa: BLE001 - storage gone: say where to look
+        text = ""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        head = ln.split(":", 1)[0]
+        if ":" in ln and head.replace(".", "").replace("_", "").isalnum() and head[:1].isupper():
+            return ln[:500]
+    return lines[-1][:500] if lines else f"no error text; see {getattr(trial, 'path', '?')}"
+
+
 class Progress(tune.Callback):
     """Live progress: runs done / running / failed and the best validation loss so far."""
 
@@ -263,6 +277,7 @@ class Progress(tune.Callback):
         self.total, self.study = total, study  # no stream attribute: Tune pickles its callbacks
         self.store_dir = store_dir  # where early stops are recorded (see :func:`record_early_stop`)
         self.done = self.failed = self.running = self.early_stopped = 0
+        self.errors: list[dict] = []  # run id, the error's last line, where Tune keeps its traceback
         self.best: tuple[float, str] | None = None
         self.t0 = time.time()
 
@@ -300,7 +315,12 @@ class Progress(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._count_running(trials, ended=trial)
         self.failed += 1
-        self._line(f"FAILED {trial.trial_id}")
+        try:
+            run_id = trial_spec(trial.config).run_id
+        except Exception:  # noqa: BLE001 - a config without a spec: name the trial
+            run_id = trial.trial_id
+        self.errors.append({"run_id": run_id, "cause": error_cause(trial), "trial_path": str(trial.path or "")})
+        self._line(f"FAILED {run_id}")
 
 
 def release_orphaned_placement_groups() -> int:
@@ -501,4 +521,5 @@ def run_trials(specs: list[RunSpec], *, env: RunEnv | None = None, setup: TrialS
                            scheduler=new_scheduler() if asha else None,
                            stage_ahead=stage_ahead if lr_search.n_trials > concurrency else 0)
             tuner.fit()
-    return {"done": progress.done, "failed": progress.failed, "early_stopped": progress.early_stopped}
+    return {"done": progress.done, "failed": progress.failed, "early_stopped": progress.early_stopped,
+            "errors": progress.errors}

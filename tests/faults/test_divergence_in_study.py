@@ -35,6 +35,9 @@ def test_exploding_run_fails_alone_and_is_recorded(tiny_cohort, tmp_path, launch
     # the study goes on, then reports the failure: exit 1 (runs remain), the failed trial counted
     assert out.returncode == 1, text[-3000:]
     assert "1 trial(s) failed" in text
+    # the console names the cause and what to do, once, instead of "rerun the same command"
+    assert f"TrainingDiverged: non-finite loss nan at step 2" in out.stderr and bad.run_id in out.stderr
+    assert "a run diverged: lower its LR" in out.stderr and "rerun the same command to retry them" not in text
     rows = read_table(tmp_path / "div" / "store", "train")
     finals = set(rows.loc[rows["is_final"].astype(bool), "run_id"])
     assert finals == {good1.run_id, good2.run_id}  # the other runs completed

@@ -178,7 +178,7 @@ def test_inline_sweep_reuses_one_actor_and_reproduces_golden_losses(tiny_cohort,
                             concurrency=1)
     finally:
         ray.shutdown()
-    assert counts == {"done": 3, "failed": 0, "early_stopped": 0}
+    assert counts == {"done": 3, "failed": 0, "early_stopped": 0, "errors": []}
     rows = read_table(tmp_path / "store", "train")
     first = rows[rows.run_id == base.run_id].sort_values("step")
     assert list(first["step"]) == [5, 10, 15, 20]

@@ -114,6 +114,15 @@ def network_maps(mask: np.ndarray, n_networks: int = N_NETWORKS, seed: int = 0) 
     return maps.astype(np.float32)
 
 
+def network_parcellation(mask: np.ndarray, maps_KV: np.ndarray, threshold: float = 0.3) -> np.ndarray:
+    """The cohort's own parcellation: labels ``(X, Y, Z)`` int32, voxel -> ``1 + argmax_k map_k`` where the largest
+    map is at least ``threshold`` of its peak, else 0 (background, and brain voxels no network reaches)."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    best = maps_KV.argmax(axis=0)
+    labels[mask] = np.where(maps_KV.max(axis=0) >= threshold, best + 1, 0)
+    return labels
+
+
 def tissue_field(mask: np.ndarray, seed: int = 0) -> np.ndarray:
     """Smooth per-voxel baseline multiplier in [0.7, 1.3] over brain voxels ``(V,)``."""
     coords = np.argwhere(mask).astype(np.float64)
@@ -155,14 +164,14 @@ def subject_traits(spec: CohortSpec, cohort_index: int, i: int, seed: int) -> di
 
 
 def subject_series(spec: CohortSpec, cohort_index: int, i: int, seed: int, n_frames: int, mask: np.ndarray,
-                   maps_KV: np.ndarray, tissue_V: np.ndarray) -> tuple[np.ndarray, dict]:
-    """One subject's BOLD ``(X, Y, Z, T)`` float32 and its labels."""
+                   maps_KV: np.ndarray, tissue_V: np.ndarray, trait_scale: float = 1.0) -> tuple[np.ndarray, dict]:
+    """One subject's BOLD ``(X, Y, Z, T)`` float32 and its labels (``trait_scale`` multiplies the planted effects)."""
     tr = subject_traits(spec, cohort_index, i, seed)
     rng = np.random.default_rng([seed, cohort_index, i, 2])
     K = maps_KV.shape[0]
     # Coupling: correlated innovations.
     C = np.eye(K)
-    rho = np.clip(0.1 + TRAIT_BIN_COUPLING * tr["trait_bin"] + tr["coupling_jitter"], -0.8, 0.8)
+    rho = np.clip(0.1 + trait_scale * TRAIT_BIN_COUPLING * tr["trait_bin"] + tr["coupling_jitter"], -0.8, 0.8)
     for a, b in ((0, 1), (2, 3)):
         C[a, b] = C[b, a] = rho
     L = np.linalg.cholesky(C)
@@ -175,8 +184,8 @@ def subject_series(spec: CohortSpec, cohort_index: int, i: int, seed: int, n_fra
         s[:, t] = spec.ar * s[:, t - 1] + e[:, t]
     s = np.stack([np.convolve(sk, h)[: e.shape[1]] for sk in s])[:, burn:]
     s = (s - s.mean(axis=1, keepdims=True)) / (s.std(axis=1, keepdims=True) + 1e-8)
-    log_amp = TRAIT_CONT_GAIN * tr["trait_cont"] * AMP_PATTERN[:K] + tr["amp_jitter"][:K]
-    log_amp[4 % K] += TRAIT_BIN_AMP * tr["trait_bin"]
+    log_amp = trait_scale * TRAIT_CONT_GAIN * tr["trait_cont"] * AMP_PATTERN[:K] + tr["amp_jitter"][:K]
+    log_amp[4 % K] += trait_scale * TRAIT_BIN_AMP * tr["trait_bin"]
     S_TK = (s * np.exp(log_amp)[:, None]).T.astype(np.float32)
     noise_TV = rng.standard_normal((n_frames, maps_KV.shape[1]), dtype=np.float32)
     pct_TV = SIGNAL_PCT * (S_TK @ maps_KV) + np.float32(spec.noise) * noise_TV
@@ -217,7 +226,7 @@ def _make_one(job: tuple) -> dict:
         labels = dict(trait_cont=labels["trait_cont"], trait_bin=labels["trait_bin"])
     else:
         bold, labels = subject_series(spec, cohort_index, i, st["seed"], st["n_frames"], st["mask"],
-                                      st["maps"], st["tissue"])
+                                      st["maps"], st["tissue"], st.get("trait_scale", 1.0))
         info = write_subject(out_path, bold, st["mask"], tr=spec.tr, affine=st["affine"], subject=subject,
                              cohort=spec.name, codec=st["codec"], source_fingerprint=fp, extra_attrs=labels)
     return dict(subject=info.subject, cohort=spec.name, path=str(out_path), n_frames=info.n_frames, tr=info.tr,
@@ -228,7 +237,7 @@ def generate_cohort(root: str | os.PathLike, n_subjects: int = 64, grid: Sequenc
                     n_frames: int = 40, seed: int = 0, cohorts: Sequence[CohortSpec | str] | None = None,
                     workers: int = 1, progress: bool = True, codec: str = DEFAULT_CODEC,
                     fractions: Sequence[float] = (0.8, 0.1, 0.1), texture: float = 0.0,
-                    texture_exponent: float = 1.0) -> Path:
+                    texture_exponent: float = 1.0, trait_scale: float = 1.0) -> Path:
     """Generate a synthetic multi-cohort dataset under ``root``; return the manifest path.
 
     Parameters
@@ -259,6 +268,10 @@ def generate_cohort(root: str | os.PathLike, n_subjects: int = 64, grid: Sequenc
         subjects. 0 (default): the smooth field alone, the cohort of earlier versions exactly.
     texture_exponent : float
         Power-law exponent of the texture's amplitude spectrum (larger: smoother).
+    trait_scale : float
+        Multiplier of the planted trait effects (``trait_cont`` log-amplitude gain, ``trait_bin`` coupling and
+        amplitude gain; the coupling stays clipped at 0.8). 1 (default): the cohort of earlier versions exactly.
+        Larger values make the labels easier to learn from short runs (see data/README.md for the ceilings).
 
     Returns
     -------
@@ -276,6 +289,8 @@ def generate_cohort(root: str | os.PathLike, n_subjects: int = 64, grid: Sequenc
         raise ValueError(f"texture={texture} must be in [0, 1) (a fraction of the baseline)")
     if not np.isfinite(texture_exponent):
         raise ValueError(f"texture_exponent={texture_exponent} must be a finite number")
+    if not (np.isfinite(trait_scale) and trait_scale >= 0):
+        raise ValueError(f"trait_scale={trait_scale} must be a finite number >= 0")
     grid = tuple(int(g) for g in grid)
     if len(grid) != 3 or min(grid) < 8:
         raise ValueError(f"grid={grid} must be three sizes >= 8")
@@ -297,10 +312,12 @@ def generate_cohort(root: str | os.PathLike, n_subjects: int = 64, grid: Sequenc
     if texture:
         tissue = np.clip(tissue * (1.0 + np.float32(texture) * texture_field(mask, seed, texture_exponent)), 0.2, None)
         fingerprint += f":texture{texture:g}^{texture_exponent:g}"
+    if trait_scale != 1.0:
+        fingerprint += f":traits{trait_scale:g}"
     affine = np.diag([192.0 / grid[0], 192.0 / grid[1], 192.0 / grid[2], 1.0])
     cohort_fp = hashlib.sha256(repr([asdict(c) for c in specs]).encode()).hexdigest()[:12]
     state = dict(mask=mask, maps=maps, tissue=tissue, affine=affine, seed=seed, n_frames=n_frames, codec=codec,
-                 fingerprint=f"{fingerprint}:{cohort_fp}")
+                 fingerprint=f"{fingerprint}:{cohort_fp}", trait_scale=float(trait_scale))
     jobs = []
     for ci, (spec, n) in enumerate(zip(specs, _split_counts(n_subjects, [c.weight for c in specs]))):
         for i in range(n):
@@ -321,7 +338,16 @@ def generate_cohort(root: str | os.PathLike, n_subjects: int = 64, grid: Sequenc
     for r in records:
         r["path"] = os.path.relpath(r["path"], root)
     m = Manifest.from_records(records, path=root / MANIFEST_NAME, fractions=fractions, seed=seed)
+    _save_parcellation(root, network_parcellation(mask, maps), affine)
     return m.save()
+
+
+def _save_parcellation(root: Path, labels: np.ndarray, affine: np.ndarray) -> None:
+    """``<root>/network_atlas.npz`` (``labels``, ``affine``), written atomically: the planted networks as an atlas
+    (``atlas="networks"`` of :mod:`data.connectivity`). Not in the manifest, so content hashes do not depend on it."""
+    tmp = root / f".network_atlas.tmp-{os.getpid()}.npz"
+    np.savez_compressed(tmp, labels=labels, affine=affine)
+    os.replace(tmp, root / "network_atlas.npz")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

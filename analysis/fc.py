@@ -193,7 +193,14 @@ def fc_baseline(features, keys: Sequence[str], splits: Sequence[str], labels: pd
         chance = 0.5 if task_type == "classification" else float("nan")
         for r in range(cfg.repeats):
             seed = cfg.seed + r
-            est = make_estimator(task_type, cfg, seed, y_fit)
+            try:
+                est = make_estimator(task_type, cfg, seed, y_fit)
+            except ValueError as exc:  # too few training subjects: a row that says so, not a number
+                rows.append({"task": target, "task_type": task_type, "repeat": r, "seed": seed, "method": METHOD,
+                             "strategy": STRATEGY, "checkpoint": "fc", "kind": cfg.kind, "chance": chance,
+                             "metric": TASK_METRICS[task_type][0], "value": float("nan"),
+                             "degenerate": f"not fitted: {exc}", "n_train": int(len(set(keys[fit])))})
+                continue
             X_fit = features[fit]
             est.fit(list(X_fit) if cfg.kind == "tangent" else X_fit, y_fit)
             param = next(iter(est.best_params_.values()))

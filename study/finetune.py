@@ -41,6 +41,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from analysis.fc import STRATEGY as FC_STRATEGY
+from analysis.fc import below_chance, paired_gain
 from study import checkpoint as ckpt
 from study.metrics import HIGHER_IS_BETTER, TASK_METRICS
 from study.spec import STRATEGIES, RunSpec
@@ -112,7 +114,14 @@ def grid_specs(base: RunSpec, tasks: Sequence[tuple[str, str]], strategies: Sequ
 # --------------------------------------------------------------------------------------------------
 # pre-training a tiny model and synthetic data (the default study)
 # --------------------------------------------------------------------------------------------------
-def ensure_cohort(root: Path, *, n_subjects: int = 40, n_frames: int = 16) -> str:
+#: Planted-effect multiplier of the default study's cohorts: at 1 (the generator's default) ``trait_bin`` is not
+#: learnable from 16-frame runs even by the FC baseline (test AUROC 0.49 ± 0.02); at 2 the FC baseline reaches
+#: AUROC ~0.9 and MAE ~0.3 (chance 1.0) on 60 subjects: a ceiling a model can be measured against (data/README.md).
+STUDY_TRAIT_SCALE = 2.0
+
+
+def ensure_cohort(root: Path, *, n_subjects: int = 60, n_frames: int = 16, trait_scale: float = STUDY_TRAIT_SCALE
+                  ) -> str:
     """A synthetic cohort (24^3 grid) with a large downstream test split (30% of subjects)."""
     from data.synthetic import generate_cohort
 
@@ -120,7 +129,7 @@ def ensure_cohort(root: Path, *, n_subjects: int = 40, n_frames: int = 16) -> st
     if manifest.exists():
         return str(manifest)
     return str(generate_cohort(root, n_subjects=n_subjects, grid=(24, 24, 24), n_frames=n_frames, seed=0,
-                               progress=True, fractions=(0.5, 0.2, 0.3)))
+                               progress=True, fractions=(0.5, 0.2, 0.3), trait_scale=trait_scale))
 
 
 def pretrain_and_export(base: RunSpec, out_dir: Path, *, steps: int, ctx) -> Path:
@@ -254,35 +263,77 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     Returns one row per cell: ``method, strategy, checkpoint, task, metric, mean, std, n, pct_change, cell``.
     """
     rows = []
-    several = df.loc[df["strategy"] != "scratch", "checkpoint"].nunique() > 1
+    several = df.loc[~df["strategy"].isin(["scratch", FC_STRATEGY]), "checkpoint"].nunique() > 1
     for (strategy, checkpoint, task, metric), g in df.groupby(["strategy", "checkpoint", "task", "metric"],
                                                                sort=False):
         v = g["value"].astype("float64").to_numpy()
-        rows.append({"method": METHOD_NAMES[strategy] + (f" [{checkpoint}]" if several and checkpoint != "scratch" else ""),
+        name = METHOD_NAMES.get(strategy) or str(g["method"].iloc[0])
+        rows.append({"method": name + (f" [{checkpoint}]" if several and checkpoint not in ("scratch", FC_STRATEGY)
+                                       else ""),
                      "strategy": strategy, "checkpoint": checkpoint, "task": task, "metric": metric,
                      "mean": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan"),
                      "std": float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else float("nan"),
-                     "n": int(len(v))})
+                     "n": int(len(v)), "degenerate": degenerate_reason(g)})
     out = pd.DataFrame(rows)
     if out.empty:
         return out
+    chance = _chance_by_task(df)
     scratch = out[out["strategy"] == "scratch"].set_index("task")["mean"].to_dict()
-    pct = []
+    pct, notes = [], []
     for r in out.itertuples():
         s = scratch.get(r.task)
-        pct.append(float("nan") if r.strategy == "scratch" or s is None or not s else 100.0 * (r.mean - s) / abs(s))
+        if r.strategy in ("scratch", FC_STRATEGY) or s is None or not s:
+            pct.append(float("nan"))
+            notes.append("")
+        elif below_chance(r.metric, s, chance.get(r.task)):
+            pct.append(float("nan"))  # a relative gain over a baseline below chance is not a gain
+            notes.append("scratch below chance")
+        else:
+            pct.append(100.0 * (r.mean - s) / abs(s))
+            notes.append("")
     out["pct_change"] = pct
-    out["cell"] = [_cell(r.mean, r.std, r.pct_change) for r in out.itertuples()]
-    order = {s: i for i, s in enumerate(STRATEGIES)}
+    out["chance"] = [chance.get(t, float("nan")) for t in out["task"]]
+    out["cell"] = [_cell(r.mean, r.std, r.pct_change, note, r.degenerate) for r, note in zip(out.itertuples(), notes)]
+    order = {s: i for i, s in enumerate((FC_STRATEGY,) + tuple(STRATEGIES))}
     return out.sort_values(["strategy", "checkpoint"], key=lambda c: c.map(order) if c.name == "strategy" else c,
                            kind="stable").reset_index(drop=True)
 
 
-def _cell(mean: float, std: float, pct: float) -> str:
+def _chance_by_task(df: pd.DataFrame) -> dict[str, float]:
+    """Chance level of each task's headline metric: 0.5 for AUROC; for MAE, that of predicting the training mean
+    (the FC baseline rows carry it; unknown without them)."""
+    out = {}
+    for task, g in df.groupby("task", sort=False):
+        metric = str(g["metric"].iloc[0])
+        c = g["chance"].dropna() if "chance" in g else pd.Series(dtype=float)
+        out[task] = 0.5 if metric == "auroc" else float(c.iloc[0]) if len(c) else float("nan")
+    return out
+
+
+def degenerate_reason(g: pd.DataFrame) -> str:
+    """Why the headline metric of one cell's runs is degenerate, or ``""``.
+
+    FC rows carry ``degenerate`` from their predictions. A fine-tuning run keeps only its metrics, from which a
+    constant predictor shows: Pearson r undefined (regression), or AUROC exactly 0.5 with balanced accuracy 0.5.
+    """
+    if "degenerate" in g and g["degenerate"].fillna("").astype(bool).any():
+        return "; ".join(sorted(set(g["degenerate"].fillna("")) - {""}))
+    metric = str(g["metric"].iloc[0])
+    if metric == "mae" and "pearson_r" in g and g["pearson_r"].isna().any():
+        return "constant prediction"
+    if metric == "auroc" and {"auroc", "bacc"} <= set(g.columns):
+        if ((g["auroc"] == 0.5) & (g["bacc"] == 0.5)).any():
+            return "constant prediction"
+    return ""
+
+
+def _cell(mean: float, std: float, pct: float, note: str = "", degenerate: str = "") -> str:
     s = f"{mean:.3f} ± {std:.3f}" if np.isfinite(std) else f"{mean:.3f}"
     if np.isfinite(pct):
         s += f" ({abs(pct):.2f}%{'↑' if pct > 0 else '↓' if pct < 0 else ''})"
-    return s
+    elif note:
+        s += f" ({note})"
+    return s + (" †" if degenerate else "")
 
 
 def table_markdown(summary: pd.DataFrame, *, title: str = "Downstream performance (test split, per subject)"
@@ -299,7 +350,8 @@ def table_markdown(summary: pd.DataFrame, *, title: str = "Downstream performanc
             best[t] = (sub["mean"].idxmax() if HIGHER_IS_BETTER[metric_of[t]] else sub["mean"].idxmin())
     head = ["Method"] + [f"{t} ({metric_of[t].upper()} {'↑' if HIGHER_IS_BETTER[metric_of[t]] else '↓'})"
                          for t in tasks]
-    lines = [f"**{title}.** Mean ± std over repeats; % change vs From scratch in parentheses.", "",
+    lines = [f"**{title}.** Mean ± std over repeats; % change vs From scratch in parentheses (not printed when "
+             "From scratch is below chance); † = degenerate metric (see below).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in dict.fromkeys(summary["method"]):
         cells = [method]
@@ -313,7 +365,98 @@ def table_markdown(summary: pd.DataFrame, *, title: str = "Downstream performanc
         lines.append("| " + " | ".join(cells) + " |")
     n = summary["n"].max()
     lines += ["", f"Repeats per cell: {n}. Trainable fraction per method is in the `finetune` table."]
+    chance = summary.drop_duplicates("task").set_index("task")["chance"] if "chance" in summary else {}
+    known = [f"{t} {metric_of[t].upper()} {chance[t]:.3f}" for t in tasks if t in chance and np.isfinite(chance[t])]
+    if known:
+        lines.append("Chance (AUROC 0.5; MAE of predicting the training subjects' mean): " + ", ".join(known) + ".")
+    deg = summary[summary["degenerate"].astype(bool)] if "degenerate" in summary else summary.iloc[:0]
+    for r in deg.itertuples():
+        lines.append(f"† {r.method} / {r.task}: {r.degenerate}.")
     return "\n".join(lines) + "\n"
+
+
+def gains_table(df: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """Gain of every method over From scratch and over the FC baseline, per task: the difference of the headline
+    metric (method - baseline, paired by repeat index when the repeat counts match), its 95% t interval and
+    p-value (``analysis.fc.paired_gain``), and the relative gain in % unless the baseline is below chance.
+
+    Returns one row per (method, task, baseline) with ``diff, lo, hi, p, n, paired, pct, note``.
+    """
+    rows = []
+    chance = _chance_by_task(df)
+    for task, t in df.groupby("task", sort=False):
+        metric = str(t["metric"].iloc[0])
+        for base_strategy, base_name in (("scratch", "From scratch"), (FC_STRATEGY, "FC baseline")):
+            b = t[t["strategy"] == base_strategy].sort_values("repeat")
+            if b.empty:
+                continue
+            bv = b["value"].to_numpy(dtype=np.float64)
+            base_mean = float(np.nanmean(bv)) if np.isfinite(bv).any() else float("nan")
+            low = below_chance(metric, base_mean, chance.get(task))
+            for (strategy, checkpoint), g in t.groupby(["strategy", "checkpoint"], sort=False):
+                if strategy == base_strategy or strategy == FC_STRATEGY:
+                    continue  # (From scratch vs the FC baseline is a row of the FC block)
+                method = summary.loc[(summary["strategy"] == strategy) & (summary["checkpoint"] == checkpoint)
+                                     & (summary["task"] == task), "method"]
+                gain = paired_gain(g.sort_values("repeat")["value"].to_numpy(dtype=np.float64), bv)
+                pct = float("nan") if low or not base_mean else 100.0 * gain["diff"] / abs(base_mean)
+                better = gain["diff"] > 0 if HIGHER_IS_BETTER[metric] else gain["diff"] < 0
+                shown = np.isfinite(gain["lo"]) and (gain["lo"] > 0 or gain["hi"] < 0)
+                rows.append({"method": method.iloc[0] if len(method) else strategy, "task": task, "metric": metric,
+                             "baseline": base_name, **gain, "pct": pct,
+                             "verdict": ("better" if better else "worse") if shown else "no difference shown",
+                             "note": f"baseline below chance ({base_mean:.3f})" if low else ""})
+    return pd.DataFrame(rows)
+
+
+def gains_markdown(gains: pd.DataFrame) -> str:
+    """The gains as a Markdown table (improvement = higher AUROC / lower MAE; the sign is the raw difference)."""
+    if gains.empty:
+        return ""
+    lines = ["Gains over the baselines (method - baseline, mean over repeats [95% t interval], paired t-test p "
+             "where the repeats pair up; % of the baseline unless it is below chance; verdict: better / worse "
+             "(for MAE lower is better) when the interval excludes 0):", "",
+             "| Method | Task | vs | Δ [95% CI] | p | % | verdict |", "|---|---|---|---|---|---|---|"]
+    for r in gains.itertuples():
+        ci = f"{r.diff:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}]" if np.isfinite(r.lo) else f"{r.diff:+.3f}"
+        p = f"{r.p:.3f}" if np.isfinite(r.p) else "-"
+        pct = r.note if r.note else f"{r.pct:+.1f}%" if np.isfinite(r.pct) else "-"
+        lines.append(f"| {r.method} | {r.task} ({r.metric.upper()}) | {r.baseline} | {ci} | {p} | {pct} | "
+                     f"{r.verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_table(summary: pd.DataFrame, path: Path) -> Path | None:
+    """One panel per task: mean ± std of every method (FC baseline hatched), chance as a dashed line."""
+    if summary.empty:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(summary["task"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        s = summary[summary["task"] == task]
+        y = np.arange(len(s))
+        colors = ["#888888" if st == FC_STRATEGY else "#c44e52" if st == "scratch" else "#4c72b0"
+                  for st in s["strategy"]]
+        ax.barh(y, s["mean"], xerr=s["std"].fillna(0), color=colors,
+                hatch=None, edgecolor="black", linewidth=0.5)
+        ax.set_yticks(y, [m + (" †" if d else "") for m, d in zip(s["method"], s["degenerate"])], fontsize=8)
+        ax.invert_yaxis()
+        c = s["chance"].iloc[0] if "chance" in s else float("nan")
+        if np.isfinite(c):
+            ax.axvline(c, ls="--", color="black", lw=1, label="chance")
+            ax.legend(fontsize=7, loc="lower right")
+        metric = str(s["metric"].iloc[0])
+        ax.set_xlabel(f"{metric.upper()} ({'higher' if HIGHER_IS_BETTER[metric] else 'lower'} is better)")
+        ax.set_title(task, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def all_metrics_markdown(df: pd.DataFrame) -> str:
@@ -326,6 +469,7 @@ def all_metrics_markdown(df: pd.DataFrame) -> str:
                 cols.append((task, m))
     if not cols:
         return ""
+    one_side = False
     lines = ["All test metrics (mean ± std over repeats):", "",
              "| Method | " + " | ".join(f"{t} {m}" for t, m in cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for method, g in df.groupby("method", sort=False):
@@ -333,25 +477,62 @@ def all_metrics_markdown(df: pd.DataFrame) -> str:
         for t, m in cols:
             v = g.loc[g["task"] == t, m].astype("float64").to_numpy()
             v = v[np.isfinite(v)]
-            cells.append("-" if not v.size else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if v.size > 1
-                         else f"{v.mean():.3f}")
+            cell = ("-" if not v.size else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if v.size > 1
+                    else f"{v.mean():.3f}")
+            if m == "bacc" and v.size and (v == 0.5).all():
+                cell += " †"
+                one_side = True
+            cells.append(cell)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if one_side:
+        lines += ["", "† bacc exactly 0.5 in every repeat: every test subject's probability on one side of 0.5 "
+                  "(a threshold-degenerate predictor; its AUROC may still rank subjects)."]
     return "\n".join(lines) + "\n"
 
 
 def write_tables(df: pd.DataFrame, study_dir: Path) -> tuple[Path, Path, pd.DataFrame]:
+    """``finetune_table.md`` (Table 2, gains over scratch and the FC baseline, all metrics),
+    ``finetune_table.parquet`` (the summary), ``finetune_gains.parquet`` and ``finetune_plot.png``."""
     summary = summarize(df)
     md = study_dir / "finetune_table.md"
     pq = study_dir / "finetune_table.parquet"
-    frac = df.groupby("method")["trainable_frac"].mean().to_dict() if "trainable_frac" in df else {}
+    frac = df.groupby("method")["trainable_frac"].mean().dropna().to_dict() if "trainable_frac" in df else {}
     text = table_markdown(summary)
     if frac:
         text += "\n| Method | trainable fraction |\n|---|---|\n" + "".join(
             f"| {m} | {f:.1%} |\n" for m, f in frac.items())
+    gains = gains_table(df, summary) if not summary.empty else pd.DataFrame()
+    if not gains.empty:
+        text += "\n" + gains_markdown(gains)
+        gains.to_parquet(study_dir / "finetune_gains.parquet", index=False)
     text += "\n" + all_metrics_markdown(df)
     md.write_text(text)
     summary.to_parquet(pq, index=False)
+    plot_table(summary, study_dir / "finetune_plot.png")
     return md, pq, summary
+
+
+def fc_rows(manifest: str, tasks: Sequence[tuple[str, str]], repeats: int, study_dir: Path) -> pd.DataFrame:
+    """The FC baseline (``study.fc_baseline.run_fc``: ``auto`` atlas, i.e. ``parcellation.npz`` beside the manifest,
+    else cubes of the brain mask; Fisher-z correlations,
+    logistic / ridge regression fitted on the train split with inner CV) as rows of the ``finetune`` table,
+    cached in ``fc_baseline.parquet`` by manifest content hash, tasks and repeats."""
+    from analysis.fc import FCConfig
+    from study.fc_baseline import run_fc
+    from data.manifest import Manifest
+
+    m = Manifest.load(manifest)
+    cfg = FCConfig(repeats=repeats)
+    key = json.dumps([m.content_hash, [list(t) for t in tasks], repr(cfg), "fc-v1"])
+    cache = study_dir / "fc_baseline.parquet"
+    if cache.exists():
+        old = pd.read_parquet(cache)
+        if len(old) and (old["cache_key"] == key).all():
+            return old.drop(columns=["cache_key"])
+    out = run_fc(m, tasks, cfg)
+    out["trainable_frac"] = float("nan")
+    out.assign(cache_key=key).to_parquet(cache, index=False)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,8 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = context_from_env(args.device)
     t0 = time.perf_counter()
     if args.manifest is None:
-        args.manifest = (ensure_cohort(study_dir / "cohort_quick") if args.quick else
-                         ensure_cohort(study_dir / "cohort", n_subjects=80, n_frames=32))
+        args.manifest = (ensure_cohort(study_dir / "cohort_quick_t2") if args.quick else
+                         ensure_cohort(study_dir / "cohort_t2", n_subjects=80, n_frames=32))
     manifest = str(Path(args.manifest).resolve())
     if args.steps is not None:
         overrides["budget"] = args.steps
@@ -470,6 +651,10 @@ def main(argv: list[str] | None = None) -> int:
         cpw = max(0.1, min(8.0, math.floor(90 * cpus / args.ray) / 100))  # leave room for the driver
     df = run_grid(cells, study_dir=study_dir.resolve(), ctx=ctx, progress=not args.no_progress, ray_workers=args.ray,
                   cpus_per_worker=cpw, device=args.device)
+    try:  # the FC baseline: a row of every table (cheap: parcel series + linear models)
+        df = pd.concat([df, fc_rows(manifest, tasks, args.repeats, study_dir)], ignore_index=True)
+    except (ValueError, OSError) as exc:
+        print(f"warning: no FC baseline row: {exc}", file=sys.stderr)
     md, pq, _ = write_tables(df, study_dir)
     print(md.read_text())
     print(f"wrote {md} and {pq} ({len(df)} runs, {time.perf_counter() - t0:.0f} s)")

@@ -60,3 +60,14 @@ def test_gain_interval_and_paired_test():
     assert not paired_gain([0.8, 0.7], [0.6, 0.5, 0.7])["paired"]
     assert below_chance("auroc", 0.28, 0.5) and not below_chance("auroc", 0.6, 0.5)
     assert below_chance("mae", 1.1, 1.0) and not below_chance("mae", 0.9, 1.0) and not below_chance("mae", 9, None)
+
+
+def test_a_task_too_small_for_inner_cv_gives_a_row_that_says_so():
+    X, keys, splits, labels = _planted(n=12)
+    labels["yb"] = 0.0
+    labels.loc[0, "yb"] = 1.0  # one training subject in class 1
+    df = fc_baseline(X, keys, splits, labels, TASKS, FCConfig(repeats=2))
+    b = df[df.task == "yb"]
+    assert len(b) == 2 and b["value"].isna().all() and b["degenerate"].str.startswith("not fitted").all()
+    assert df.loc[df.task == "yc", "value"].notna().all()
+

@@ -95,7 +95,8 @@ def test_cli_end_to_end_three_repeats(small_cohort, tmp_path, capsys):
     assert lb["pretrain_run_id"].notna().all() and (lb["trainable_frac"] < 1).all()
     assert (df[df.strategy == "scratch"]["trainable_frac"] == 1).all()
     summary = pd.read_parquet(study / "finetune_table.parquet")
-    assert len(summary) == 4 and (summary["n"] == 3).all()
+    assert len(summary) == 6 and (summary["n"] == 3).all()  # + the FC baseline row of each task
+    assert (summary["strategy"] == "fc").sum() == 2 and (study / "finetune_gains.parquet").exists()
     md = (study / "finetune_table.md").read_text()
     assert "| From scratch |" in md and "| Fine-tuned last block |" in md and md.count("±") >= 4
     assert "| Method | trait_bin auroc | trait_bin bacc | trait_cont mae | trait_cont pearson_r |" in md

@@ -210,6 +210,9 @@ def connect_ray(address: str | None, num_cpus: int | None, repo_root: Path) -> N
         env[trace.ENV] = os.environ[trace.ENV]
     os.environ.update(env)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Tune's TensorBoard files duplicate the results store and make Tune print a hint nobody can act on; its JSON
+    # and CSV loggers are added explicitly by run_trials (set this to "0" to have all three back)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         probe_address(address)
@@ -219,15 +222,49 @@ def connect_ray(address: str | None, num_cpus: int | None, repo_root: Path) -> N
             raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: {exc}") from exc
     else:
         pp = os.pathsep.join(p for p in (str(repo_root), os.environ.get("PYTHONPATH", "")) if p)
-        # embedded Ray: loopback only, with Ray's default token authentication. The dashboard (also on
-        # loopback) serves the state API that Ray Train's PlacementGroupCleaner polls: without it a trial
-        # stopped by Tune (ASHA) leaks its workers' placement group and the next trial never starts.
+        # embedded Ray: loopback only, with Ray's default token authentication, and its session, logs and runtime
+        # resources in a private 0700 directory of this user instead of the predictable /tmp/ray (SECURITY.md: a
+        # shared login node). The dashboard (also on loopback) serves the state API that Ray Train's
+        # PlacementGroupCleaner polls: without it a trial stopped by Tune (ASHA) leaks its workers' placement
+        # group and the next trial never starts.
+        global _EMBEDDED_TMP
+        _EMBEDDED_TMP = embedded_temp_dir()
+        # Ray logs that it turned token authentication on by default: that is the configuration we want, and
+        # the line asks a user to opt out of it
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-                 _node_ip_address="127.0.0.1", runtime_env={"env_vars": {**env, "PYTHONPATH": pp}})
+                 _node_ip_address="127.0.0.1", _temp_dir=str(_EMBEDDED_TMP),
+                 runtime_env={"env_vars": {**env, "PYTHONPATH": pp}})
+
+
+#: the embedded Ray's private temp dir while it runs (removed by :func:`disconnect_ray`)
+_EMBEDDED_TMP: Path | None = None
+
+
+def embedded_temp_dir(base: str | None = None) -> Path:
+    """A new 0700 directory ``<tmp>/nx-<uid>/ray-<pid>.<random>`` for an embedded Ray (``pbs.cluster.private_dir``:
+    the per-user parent must be ours and 0700, the directory must not exist yet). ``$NEUROX_RAY_TMP`` sets the base
+    (Ray's unix socket paths must stay under ~100 characters)."""
+    import secrets
+    import tempfile
+
+    from pbs.cluster import ClusterError, private_dir
+
+    base = base or os.environ.get("NEUROX_RAY_TMP") or tempfile.gettempdir()
+    try:
+        return private_dir(base, f"ray-{os.getpid()}.{secrets.token_hex(4)}", per_user=True)
+    except ClusterError as exc:  # another user's nx-<uid>, a planted symlink: one line, like every bad input
+        raise RuntimeError(f"embedded Ray's temp dir: {exc}") from None
 
 
 def disconnect_ray() -> None:
+    global _EMBEDDED_TMP
     ray.shutdown()
+    if _EMBEDDED_TMP is not None:  # our own embedded Ray's session and logs: nothing else uses them
+        import shutil
+
+        shutil.rmtree(_EMBEDDED_TMP, ignore_errors=True)
+        _EMBEDDED_TMP = None
 
 
 def trial(config: dict[str, Any]) -> None:
@@ -412,7 +449,12 @@ def _tuner(param_space: dict, *, env: RunEnv, setup: TrialSetup, name: str, stor
                                   search_alg=search_alg, scheduler=scheduler, reuse_actors=inline,
                                   metric="val_loss" if (search_alg or scheduler) else None,
                                   mode="min" if (search_alg or scheduler) else None)
-    callbacks = [progress] + ([] if inline else [PlacementGroupJanitor()])
+    # Tune's JSON and CSV result files (its ResultGrid reads them) but not its TensorBoard files: nothing reads
+    # those, and with them Tune prints a TensorBoard hint nobody can act on (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS
+    # is set in connect_ray, so these two are added here explicitly)
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    callbacks = [progress, JsonLoggerCallback(), CSVLoggerCallback()] + ([] if inline else [PlacementGroupJanitor()])
     # inline trials have no Ray Train restarts below them: Tune's retries take Train's share too
     retries = setup.trial_retries + (setup.max_failures if inline else 0)
     run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=0,

@@ -26,10 +26,15 @@ sched_launch_workers() { # one job step, one task on each worker host; --overlap
     --kill-on-bad-exit=0 "${largs[@]}" "${AGENT[@]}" --rank-offset 1
 }
 
-sched_chain() { # $1 = job script, $2 = NEUROX_CHAIN for the next job; sbatch passes the whole environment along
-  local extra out
+sched_chain() { # $1 = job script, $2 = NEUROX_CHAIN for the next job; sbatch passes the whole environment along,
+  # minus this job's own cluster variables (address, token path, staged data: the next job makes its own)
+  local extra out v drop=()
   read -r -a extra <<<"${NEUROX_SBATCH_ARGS:-}"
-  out=$(sbatch --parsable "${extra[@]}" --dependency="afterany:$(sched_job_id)" --export="ALL,NEUROX_CHAIN=$2" "$1") || return 1
+  for v in $(compgen -e | grep -E '^(RAY_ADDRESS|RAY_API_SERVER_ADDRESS|RAY_AUTH_TOKEN_PATH|NEUROX_RAY_.*|NEUROX_STAGED_DATA)$' || true); do
+    drop+=(-u "$v")
+  done
+  out=$(env "${drop[@]}" sbatch --parsable "${extra[@]}" --dependency="afterany:$(sched_job_id)" \
+    --export="ALL,NEUROX_CHAIN=$2" "$1") || return 1
   echo "${out%%;*}" # --parsable prints "id" or "id;cluster"
 }
 

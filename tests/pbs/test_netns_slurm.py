@@ -134,7 +134,9 @@ def _fake_slurm_tools(bindir: Path, calls: Path) -> None:
     bindir.mkdir()
     for tool, out in (("sbatch", "556;frontier"), ("scancel", "")):  # --parsable prints "id;cluster"
         f = bindir / tool
-        f.write_text(f"#!/bin/sh\necho \"{tool} $*\" >> {calls}\n[ -n \"{out}\" ] && echo \"{out}\"\nexit 0\n")
+        # sbatch also logs the environment the next job would inherit (--export=ALL): NEUROX_* and RAY_* variables
+        seen = f"env | grep -E '^(RAY_|NEUROX_)' | sed 's/^/  env /' >> {calls}\n" if tool == "sbatch" else ""
+        f.write_text(f"#!/bin/sh\necho \"{tool} $*\" >> {calls}\n{seen}[ -n \"{out}\" ] && echo \"{out}\"\nexit 0\n")
         f.chmod(0o755)
 
 
@@ -169,6 +171,11 @@ def test_slurm_walltime_stop_then_sbatch_continuation_completes(tmp_path):
         assert (f"sbatch --parsable --dependency=afterany:{j1} --export=ALL,NEUROX_CHAIN=1 {job_script}"
                 in calls.read_text())
         assert "chained continuation job 556 " in t1
+        # the user's settings go along; this job's cluster address, token path and staged data do not
+        sent = calls.read_text()
+        assert "  env NEUROX_STUDY_TAG=s1" in sent and "  env RAY_AUTH_MODE=token" in sent
+        assert all(f"  env {v}=" not in sent for v in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH",
+                                                      "NEUROX_RAY_HEAD_IP", "NEUROX_RAY_NUM_NODES")), sent
         assert procs_of_job(j1) == [] and node_tmp_dirs(j1) == []
         j2 = str(int(j1) + 1)
         c2 = ClusterProcess(nodes, tmp_path, j2, "run", args, cmd, scheduler="slurm", PATH=path,

@@ -17,7 +17,6 @@ it belongs in ``run_plan`` right after the manifest is resolved and before ``con
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 #: bad files named one per line before "... and N more"
@@ -99,28 +98,11 @@ def check_specs(specs: Sequence[Any], manifest: str, *, out=None) -> None:
     raise BadDataFiles(format_problems(report.problems, report.manifest))
 
 
-def resolve_manifest(plan, args) -> str:
-    """The manifest ``study.runner.run_plan`` will use (generating the plan's synthetic cohort once, as it does),
-    after the checks ``run_plan`` makes first (study name, writable storage)."""
-    from study.runner import check_storage, ensure_cohort
-    from study.spec import check_name
-
-    check_name("--study-name", args.study_name or plan.name)
-    storage = Path(args.storage).resolve()
-    check_storage(storage)
-    manifest = args.manifest
-    if not manifest:
-        if plan.cohort is None:
-            raise ValueError(f"preset {plan.name!r} needs --manifest")
-        manifest = ensure_cohort(plan, storage)
-    if not Path(manifest).is_file():
-        raise ValueError(f"manifest {manifest} does not exist")
-    return str(manifest)
-
-
 def check_plan(plan, args, extra_specs: Sequence[Any] = ()) -> str:
     """Resolve the plan's manifest and verify the subject files its runs (and ``extra_specs``, e.g. the
     fine-tuning runs that follow a config search) read; returns the manifest path."""
+    from study.runner import resolve_manifest
+
     manifest = resolve_manifest(plan, args)
     check_specs([*plan.specs, *extra_specs], manifest)
     return manifest

@@ -159,11 +159,12 @@ class StudyRun:
         return [s for s in self.specs if s.run_id not in done]
 
 
-def run_plan(plan, args: argparse.Namespace, *, repo_root: Path, lr_search=None) -> StudyRun:
-    """Execute ``plan``; raises ``ValueError`` / ``ConnectionError`` / ``RuntimeError`` on bad input."""
+def resolve_manifest(plan, args: argparse.Namespace) -> str:
+    """The manifest a study uses: ``--manifest``, or the plan's synthetic cohort generated once under ``--storage``;
+    after the checks that come before anything is written (study name, writable storage)."""
     from study.spec import check_name
 
-    check_name("--study-name", args.study_name or plan.name)  # before anything is written
+    check_name("--study-name", args.study_name or plan.name)
     storage = Path(args.storage).resolve()
     check_storage(storage)
     manifest = args.manifest
@@ -171,8 +172,15 @@ def run_plan(plan, args: argparse.Namespace, *, repo_root: Path, lr_search=None)
         if plan.cohort is None:
             raise ValueError(f"preset {plan.name!r} needs --manifest")
         manifest = ensure_cohort(plan, storage)
-    if not Path(manifest).exists():
+    if not Path(manifest).is_file():
         raise ValueError(f"manifest {manifest} does not exist")
+    return str(manifest)
+
+
+def run_plan(plan, args: argparse.Namespace, *, repo_root: Path, lr_search=None) -> StudyRun:
+    """Execute ``plan``; raises ``ValueError`` / ``ConnectionError`` / ``RuntimeError`` on bad input."""
+    manifest = resolve_manifest(plan, args)  # checks the name and the storage before anything is written
+    storage = Path(args.storage).resolve()
     specs = [s.replace(manifest=str(manifest)) for s in plan.specs]
 
     from study.provenance import code_commit, manifest_content_hash, package_versions, source_hash

@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: run spec {args.spec}: {exc}", file=sys.stderr)
         return 2
+    import torch.distributed as dist
+
+    ours = not dist.is_initialized()  # called in-process (tests, notebooks): leave a caller's process group alone
     ctx = context_from_env(args.device)
     run_dir = Path(args.run_dir)
     resume = ckpt.latest_checkpoint(run_dir / "checkpoints") if args.resume else None
@@ -72,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(spec, ctx, reporter, run_dir=run_dir, resume_from=resume)
     finally:
         reporter.close()
-        import torch.distributed as dist
-
-        if dist.is_initialized():
+        if ours and dist.is_initialized():  # the group torchrun's ranks (or DeepSpeed, for a world of one) made here
             dist.destroy_process_group()
     if ctx.rank == 0:
         print(json.dumps({"run_id": result.run_id, "status": result.status, "step": result.step,

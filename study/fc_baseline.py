@@ -19,7 +19,8 @@ from typing import Sequence
 
 import pandas as pd
 
-from analysis.fc import METHOD, TASK_METRICS, FCConfig, fc_baseline
+from analysis.fc import METHOD, FCConfig, fc_baseline
+from study.metrics import parse_tasks
 
 
 def run_fc(manifest, tasks: Sequence[tuple[str, str]], cfg: FCConfig = FCConfig()) -> pd.DataFrame:
@@ -35,17 +36,6 @@ def run_fc(manifest, tasks: Sequence[tuple[str, str]], cfg: FCConfig = FCConfig(
     out["atlas"] = atlas
     out["n_parcels"] = int(labels_XYZ.max())
     out["method"] = f"{METHOD} ({cfg.kind}, {atlas} atlas)"
-    return out
-
-
-def parse_tasks(items: Sequence[str]) -> list[tuple[str, str]]:
-    """``["label:classification", ...]`` -> ``[(label, task_type), ...]`` (``ValueError`` naming the bad one)."""
-    out = []
-    for t in items:
-        target, _, kind = t.partition(":")
-        if kind not in TASK_METRICS or not target:
-            raise ValueError(f"task {t!r} must be '<label column>:<task type>' with task type in {list(TASK_METRICS)}")
-        out.append((target, kind))
     return out
 
 

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from analysis.fc import STRATEGY as FC_STRATEGY
 from analysis.fc import below_chance, paired_gain
 from study import checkpoint as ckpt
-from study.metrics import HIGHER_IS_BETTER, TASK_METRICS
+from study.metrics import HIGHER_IS_BETTER, TASK_METRICS, parse_tasks  # noqa: F401 (parse_tasks: its former home)
 from study.spec import STRATEGIES, RunSpec
 
 #: How each strategy is called in the table (the seed's wording where it has one)
@@ -63,17 +63,6 @@ TABLE = "finetune"
 # --------------------------------------------------------------------------------------------------
 # configuration
 # --------------------------------------------------------------------------------------------------
-def parse_tasks(items: Sequence[str]) -> list[tuple[str, str]]:
-    """``["label:classification", ...]`` -> ``[(label, task_type), ...]``."""
-    out = []
-    for it in items:
-        target, _, task_type = it.partition(":")
-        if task_type not in TASK_METRICS or not target:
-            raise ValueError(f"task {it!r} must be '<label column>:<task type>' with task type in {list(TASK_METRICS)}")
-        out.append((target, task_type))
-    return out
-
-
 def base_spec(manifest: str, *, quick: bool, overrides: dict[str, Any] | None = None) -> RunSpec:
     """Fine-tuning defaults: the debug SwiFT v2 on a 24^3 grid; ``quick``: 4-frame windows and 20 steps,
     else 8-frame windows and 150 steps (where the planted labels start to be learned, see docs/finetune.md)."""

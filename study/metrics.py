@@ -22,6 +22,17 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {"classification": ("auroc", "bacc"),
 HIGHER_IS_BETTER: dict[str, bool] = {"auroc": True, "bacc": True, "mae": False, "pearson_r": True}
 
 
+def parse_tasks(items: Sequence[str]) -> list[tuple[str, str]]:
+    """``["label:classification", ...]`` -> ``[(label, task_type), ...]`` (``ValueError`` naming the bad one)."""
+    out = []
+    for it in items:
+        target, _, task_type = it.partition(":")
+        if task_type not in TASK_METRICS or not target:
+            raise ValueError(f"task {it!r} must be '<label column>:<task type>' with task type in {list(TASK_METRICS)}")
+        out.append((target, task_type))
+    return out
+
+
 def _check_task_type(task_type: str) -> None:
     if task_type not in TASK_METRICS:
         raise ValueError(f"task_type={task_type!r}; allowed: {list(TASK_METRICS)}")

@@ -15,6 +15,7 @@ Examples::
     python -m analysis rank results.csv --config config --task task --value value --subset no_ukb=ADHD,sex
     python -m analysis efficiency scaling.csv --units nodes --throughput samples_per_s --baseline 1 --baseline 64
     python -m analysis summarize <store_dir> <out_dir>
+    python -m analysis predictions <store_dir> [<store_dir> ...] [--out DIR] [--json]   # pre-registered vs outcome
 
 Every fit reports ``valid`` and ``warnings`` (see :mod:`analysis.validity`); ``--strict`` turns a fit
 that is not a valid law into exit status 3.
@@ -244,6 +245,18 @@ def _summarize(args) -> int:
     return 0
 
 
+def _predictions(args) -> int:
+    from analysis.predictions import markdown, report
+
+    table, cal = report(args.stores, args.out)
+    if args.json:
+        print(json.dumps(dict(calibration=cal, predictions=json.loads(table.to_json(orient="records"))
+                              if len(table) else []), indent=2, default=str))
+    else:
+        print(markdown(table, cal))
+    return 0
+
+
 def _names_default(help_text: str | None) -> bool:
     """The help text already says its default (``... (default: X)``, ``default: X``)."""
     return any(k in (help_text or "") for k in ("(default", "default:"))
@@ -348,6 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of each fit")
     s.add_argument("--json", action="store_true", help="print the summary as JSON instead of Markdown")
     s.set_defaults(func=_summarize)
+    pr = sub.add_parser("predictions", formatter_class=raw,
+                        help="pre-registered predictions against outcomes, and calibration across studies",
+                        description="Join each store's pre-registered predictions (table 'predictions', first row "
+                                    "per run id, SHA-256 checked) with the runs' final val_loss; calibration: how "
+                                    "often the interval held, over rows with an outcome, a matching hash and a "
+                                    "prediction written before the run started (analysis/predictions.py).")
+    pr.add_argument("stores", nargs="+", help="results store folders (<storage>/<study-name>/store)")
+    pr.add_argument("--out", default=None, help="also write predictions.md/.json/.csv/.png to this folder")
+    pr.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    pr.set_defaults(func=_predictions)
     return p
 
 

@@ -40,6 +40,7 @@ points (the percentile bootstrap under-covers there). Where it fails: see analys
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -52,11 +53,13 @@ from analysis.fitter import FitResult, fit_form
 
 __all__ = ["Target", "DesignRound", "candidates", "fit_law", "predict_target", "target_gradient",
            "law_gradient", "noise_variance", "robust_covariance", "acquire", "stop_reason", "design_round", "TARGET_KINDS",
-           "RAW", "QUICK_GRID"]
+           "RAW", "QUICK_GRID", "ROUNDS_TABLE", "read_rounds", "plot_rounds", "rounds_markdown", "adaptive_report"]
 
 #: Raw approach-3 parameters, in the order of ``ChinchillaForm.param_names``.
 RAW = ("a", "b", "alpha", "beta", "e")
 TARGET_KINDS = ("loss", "optimum")
+#: Store table of the adaptive study's rounds (one row per round; written by ``study/adaptive.py``).
+ROUNDS_TABLE = "adaptive_rounds"
 #: A small grid of starts (3 x 3 x 2 x 2 x 2 = 72) for fresh fits where the full 4500-start grid is too
 #: slow (the benchmark's many refits); later rounds also start from the previous round's optimum.
 QUICK_GRID = {"a": np.array([0.0, 6.0, 12.0]), "b": np.array([0.0, 6.0, 12.0]), "alpha": np.array([0.3, 0.8]),
@@ -265,7 +268,7 @@ def robust_covariance(fit: FitResult, target: Target, g: np.ndarray | None = Non
 
 def acquire(fit: FitResult, cands: pd.DataFrame, target: Target, *, batch_size: int = 4,
             budget: float | None = None, exclude: Sequence[int] = (), allow_repeats: bool = False,
-            noise_var: float | None = None) -> tuple[list[int], pd.DataFrame]:
+            noise_var: float | None = None, cost_power: float = 1.0) -> tuple[list[int], pd.DataFrame]:
     """Greedy batch maximizing the target's expected variance reduction per unit cost (module docstring).
 
     Parameters
@@ -285,6 +288,8 @@ def acquire(fit: FitResult, cands: pd.DataFrame, target: Target, *, batch_size: 
         Whether one candidate may be picked twice in a batch (a second seed of the same run).
     noise_var : float, optional
         Noise variance of one run's ``log L`` (default :func:`noise_variance`).
+    cost_power : float
+        Score = reduction / cost ** cost_power (1: per unit cost; 0: ignore cost within the budget).
 
     Returns
     -------
@@ -296,6 +301,8 @@ def acquire(fit: FitResult, cands: pd.DataFrame, target: Target, *, batch_size: 
         raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
     if budget is not None and not (np.isfinite(budget) and budget > 0):
         raise ValueError(f"budget={budget!r}: must be a finite cost > 0")
+    if not (np.isfinite(cost_power) and cost_power >= 0):
+        raise ValueError(f"cost_power={cost_power!r}: must be a finite number >= 0")
     for col in ("N", "D", "cost"):
         if col not in cands:
             raise ValueError(f"cands: missing column {col!r} (build it with analysis.design.candidates)")
@@ -314,7 +321,7 @@ def acquire(fit: FitResult, cands: pd.DataFrame, target: Target, *, batch_size: 
         SJ = J @ S                      # (n, 5)
         gSj = SJ @ g                    # (n,)
         red = gSj ** 2 / (s2 + np.einsum("ij,ij->i", SJ, J))
-        score = red / cost
+        score = red / cost ** cost_power
         if first is None:
             first = (red.copy(), score.copy())
         ok = avail & (cost <= left)
@@ -374,3 +381,87 @@ def design_round(data: Mapping[str, np.ndarray], cands: pd.DataFrame, target: Ta
     pred = predict_target(fit, target, level)
     chosen, scores = acquire(fit, cands, target, batch_size=batch_size, budget=budget, exclude=exclude)
     return DesignRound(fit=fit, prediction=pred, scores=scores, chosen=chosen)
+
+
+def read_rounds(store_dir) -> pd.DataFrame | None:
+    """The adaptive rounds of a results store (table :data:`ROUNDS_TABLE`, last row per round, sorted
+    by round), or None when there are none."""
+    from analysis.store import read_table
+
+    try:
+        df = read_table(store_dir, ROUNDS_TABLE)
+    except (FileNotFoundError, ValueError):
+        return None
+    if df is None or df.empty or "round" not in df:
+        return None
+    return df.sort_values("round").drop_duplicates("round", keep="last").reset_index(drop=True)
+
+
+def plot_rounds(rounds: pd.DataFrame):
+    """The target's interval against cumulative GPU-hours, one point per round: top, the point value
+    and its interval; bottom, the interval's relative width (log scale). Rounds whose fit failed
+    (no interval) are left out."""
+    from matplotlib.figure import Figure
+
+    r = rounds[np.isfinite(pd.to_numeric(rounds.get("hi"), errors="coerce"))] if "hi" in rounds else rounds.iloc[:0]
+    fig = Figure(figsize=(6.5, 6.5), layout="constrained")
+    ax, ax2 = fig.subplots(2, 1, sharex=True)
+    if r.empty:
+        ax.text(0.5, 0.5, "no round has an interval yet", ha="center", va="center", transform=ax.transAxes)
+        return fig
+    x = r["spent_gpu_hours"].to_numpy(float)
+    p, lo, hi = (r[c].to_numpy(float) for c in ("point", "lo", "hi"))
+    lvl = float(r["level"].iloc[-1]) if "level" in r else 0.9
+    ax.errorbar(x, p, yerr=[p - lo, hi - p], fmt="o-", capsize=3, label=f"point and {lvl:.0%} interval")
+    for xi, pi, k in zip(x, p, r["round"]):
+        ax.annotate(f"r{int(k)}", (xi, pi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_ylabel(str(r["target"].iloc[-1]) if "target" in r else "target")
+    ax.set_title("Adaptive ladder: the target's interval per round")
+    ax.legend(fontsize=8)
+    ax2.plot(x, r["rel_width"].to_numpy(float), "o-")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("cumulative GPU-hours spent (" + str(r["cost_source"].iloc[-1] if "cost_source" in r else "") + ")")
+    ax2.set_ylabel("relative width of the interval")
+    return fig
+
+
+def rounds_markdown(rounds: pd.DataFrame) -> str:
+    """The rounds as a Markdown table (round, GPU-hours spent, runs, point, interval, width, choice, stop)."""
+    lines = ["## Adaptive rounds", "", "| round | GPU-hours spent | runs | point | interval | rel. width | chosen | stop |",
+             "|---|---|---|---|---|---|---|---|"]
+    f = lambda v: "-" if v is None or not np.isfinite(float(v)) else f"{float(v):.4g}"  # noqa: E731
+    for _, r in rounds.iterrows():
+        ch = ", ".join(json.loads(r["chosen"])) if isinstance(r.get("chosen"), str) else ""
+        lines.append(f"| {int(r['round'])} | {f(r.get('spent_gpu_hours'))} | {int(r.get('n_runs', 0))} | "
+                     f"{f(r.get('point', np.nan))} | [{f(r.get('lo', np.nan))}, {f(r.get('hi', np.nan))}] | "
+                     f"{f(r.get('rel_width', np.nan))} | {ch or '-'} | {r.get('stop_reason') or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def adaptive_report(store_dir, out_dir) -> dict:
+    """Write the adaptive study's report to ``out_dir``: ``adaptive.md`` (the rounds table, then the
+    pre-registered predictions against outcomes, :mod:`analysis.predictions`), ``adaptive_interval.png``
+    (:func:`plot_rounds`) and the prediction files. Returns ``rounds`` (count), ``files`` and the
+    predictions' ``calibration``."""
+    from pathlib import Path
+
+    from analysis import predictions as pr
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rounds = read_rounds(store_dir)
+    files = []
+    md = ["# Adaptive ladder", ""]
+    if rounds is None:
+        md.append("No adaptive rounds in the store.\n")
+    else:
+        plot_rounds(rounds).savefig(out / "adaptive_interval.png", dpi=120)
+        files.append("adaptive_interval.png")
+        md += [rounds_markdown(rounds), "![interval vs GPU-hours](adaptive_interval.png)", ""]
+    table, cal = pr.report([store_dir], out)
+    files += [f for f in ("predictions.md", "predictions.json", "predictions.csv", "predictions.png") if (out / f).exists()]
+    md.append(pr.markdown(table, cal))
+    if (out / "predictions.png").exists():
+        md.append("![predictions vs outcomes](predictions.png)\n")
+    (out / "adaptive.md").write_text("\n".join(md))
+    return dict(rounds=0 if rounds is None else len(rounds), files=["adaptive.md"] + files, calibration=cal)

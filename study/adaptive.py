@@ -16,6 +16,15 @@ Candidates are the preset's runs (one data mixture: specs with a ``cohorts`` ove
 Cost: the run planner's predicted GPU-hours where the plan has them (GPU presets), else an analytic
 cost, the run's FLOPs at :data:`ANALYTIC_FLOPS_PER_S` (CPU presets; a nominal rate, not measured).
 
+Pre-registered predictions (issue #26 item 2): before a chosen run at or above ``--preregister-above``
+FLOPs starts (default ``auto``: larger than every run the round's fit used), the round's fit predicts
+its final loss with an interval and the prediction is written to the store table ``predictions``
+(:mod:`analysis.predictions`: immutable, hashed, first row per run id stands). The grid path of
+``study/scaling_law.py`` does the same with ``--preregister-above`` (:func:`run_plan_preregistered`):
+the runs below the threshold first, a fit of them, the predictions, then the rest. The report
+(``<study>/report/adaptive.md``, ``adaptive_interval.png``, ``predictions.*``) shows the rounds'
+interval against GPU-hours and each prediction against its outcome.
+
 Resumable: rerunning the same command reads ``adaptive_rounds`` back, reruns (skipping finished runs)
 every run the stored rounds chose, and continues with the next round; nothing is chosen twice.
 """
@@ -30,9 +39,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["ROUNDS_TABLE", "ANALYTIC_FLOPS_PER_S", "add_adaptive_args", "run_adaptive", "main_adaptive",
-           "spec_costs", "initial_design", "read_rounds"]
+__all__ = ["ROUNDS_TABLE", "ANALYTIC_FLOPS_PER_S", "add_adaptive_args", "add_prediction_args", "run_adaptive",
+           "main_adaptive", "spec_costs", "initial_design", "read_rounds", "preregister", "prediction_threshold",
+           "run_plan_preregistered", "write_report"]
 
+#: = analysis.design.ROUNDS_TABLE (not imported here: ``--help`` stays free of the analysis stack).
 ROUNDS_TABLE = "adaptive_rounds"
 #: Nominal rate of the analytic cost (FLOP/s of one device) where the planner has no GPU-hours (CPU plans).
 ANALYTIC_FLOPS_PER_S = 1e10
@@ -53,6 +64,71 @@ def add_adaptive_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=2, help="with --adaptive: runs chosen per round")
     g.add_argument("--max-rounds", type=int, default=10, help="with --adaptive: most rounds")
     g.add_argument("--n-boot", type=int, default=200, help="with --adaptive: bootstrap replicates per round")
+
+
+def _threshold_arg(text: str):
+    if text == "auto":
+        return text
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FLOPs (e.g. 1e15) or 'auto'") from None
+    if not (np.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: FLOPs must be finite and >= 0")
+    return v
+
+
+def add_prediction_args(ap: argparse.ArgumentParser) -> None:
+    """``--preregister-above`` of ``study/scaling_law.py`` (adaptive and grid ladders)."""
+    g = ap.add_argument_group("pre-registered predictions (issue #26; analysis/README.md 'Pre-registered predictions')")
+    g.add_argument("--preregister-above", type=_threshold_arg, default=None, metavar="FLOPS|auto",
+                   help="before a run of at least FLOPS starts, write the fit's prediction of its final loss (value, "
+                        "90%% interval, fit, runs used, UTC time, SHA-256) to the store as an immutable row; "
+                        "auto: adaptive, runs larger than every run the fit used; grid, the plan's largest budget, "
+                        "predicted from the runs below it (run first). Default: auto with --adaptive, off otherwise")
+    g.add_argument("--prediction-level", type=float, default=0.9, metavar="P",
+                   help="level of the pre-registered interval")
+
+
+def prediction_threshold(value, *, fitted_flops: float | None = None, plan_specs=None) -> tuple[float, bool]:
+    """``(threshold, strict)``: runs with FLOPs ``> threshold`` (strict) or ``>= threshold`` are predicted.
+    ``auto``: beyond ``fitted_flops`` (adaptive) or from the smallest run of the plan's largest budget (grid)."""
+    from study.plans import run_summary
+
+    if value != "auto":
+        return float(value), False
+    if fitted_flops is not None:
+        return float(fitted_flops), True
+    top = max(s.budget for s in plan_specs)
+    return float(min(run_summary(s)["flops"] for s in plan_specs if s.budget == top)), False
+
+
+def preregister(store_dir: Path, specs, fit, data_ids, *, threshold: float, strict: bool = False, study: str = "",
+                source: str = "", seed: int = 0, level: float = 0.9) -> list[str]:
+    """Write the prediction of every spec at or above ``threshold`` FLOPs (above, with ``strict``) that has
+    none yet, from ``fit`` (bootstrapped approach 3 of the runs ``data_ids``). Returns the run ids that have
+    a prediction after the call; a run that already has results and no prediction is named and skipped."""
+    from analysis import predictions as pr
+    from study.plans import run_summary
+
+    done = []
+    for s in specs:
+        r = run_summary(s)
+        if not (r["flops"] > threshold if strict else r["flops"] >= threshold):
+            continue
+        try:
+            pred = pr.predict_run(fit, r["params"], r["tokens"], level=level, seed=seed)
+            row = pr.prediction_row(s.run_id, pred, fit=fit, data_runs=data_ids, N=r["params"], D=r["tokens"],
+                                    flops=r["flops"], threshold_flops=threshold, study=study, source=source, seed=seed)
+            first, written = pr.register(store_dir, row)
+        except ValueError as exc:
+            print(f"prediction for {s.run_id}: not written: {exc}", flush=True)
+            continue
+        print(f"prediction for {s.run_id} ({'written' if written else 'already registered'}): val_loss "
+              f"{first['value']:.5g} [{first['lo']:.5g}, {first['hi']:.5g}] ({first['level']:.0%}), sha256 "
+              f"{first['hash'][:12]}", flush=True)
+        done.append(s.run_id)
+    return done
 
 
 def spec_costs(plan, specs) -> tuple[np.ndarray, str]:
@@ -80,16 +156,10 @@ def initial_design(specs, min_runs: int = 6, min_sizes: int = 3) -> list[int]:
 
 
 def read_rounds(store_dir: Path):
-    """The stored rounds (a DataFrame sorted by round), or None."""
-    from analysis.store import read_table
+    """The stored rounds (a DataFrame sorted by round), or None (:func:`analysis.design.read_rounds`)."""
+    from analysis.design import read_rounds as _read
 
-    try:
-        df = read_table(store_dir, ROUNDS_TABLE)
-    except (FileNotFoundError, ValueError):
-        return None
-    if df is None or df.empty:
-        return None
-    return df.sort_values("round").drop_duplicates("round", keep="last").reset_index(drop=True)
+    return _read(store_dir)
 
 
 def _observed(store_dir: Path, run_ids: list[str]) -> dict[str, float]:
@@ -151,6 +221,9 @@ def run_adaptive(plan, args, *, repo_root: Path, runner: Callable[[list], Any] |
             return run
         run = runner([specs[i] for i in requested])  # rounds chosen before an interruption
     warm = None
+    prereg = getattr(args, "preregister_above", None)
+    prereg = "auto" if prereg is None else prereg
+    level = float(getattr(args, "prediction_level", 0.9))
     for r in range(r0, r0 + args.max_rounds):
         obs = _observed(store_dir, [ids[i] for i in requested])
         have = [i for i in requested if ids[i] in obs]
@@ -175,7 +248,14 @@ def run_adaptive(plan, args, *, repo_root: Path, runner: Callable[[list], Any] |
                              next_cost=float(cost[left].min()) if left else None) or (
             None if left and dr.chosen else "no candidate left")
         sc = dr.scores.assign(run_id=ids)
-        row.update(point=p["point"], lo=p["lo"], hi=p["hi"], rel_width=p["rel_width"], level=p["level"],
+        predicted: list[str] = []
+        if not reason and dr.chosen:  # before the round row: a resume reruns its choice
+            fitted = max(summ[i]["flops"] for i in have)
+            thr, strict = prediction_threshold(prereg, fitted_flops=fitted)
+            predicted = preregister(store_dir, [specs[i] for i in dr.chosen], dr.fit, [ids[i] for i in have],
+                                    threshold=thr, strict=strict, study=plan.name, seed=r, level=level,
+                                    source=f"adaptive round {r}: approach 3 + bootstrap ({args.n_boot})")
+        row.update(predictions=json.dumps(predicted), point=p["point"], lo=p["lo"], hi=p["hi"], rel_width=p["rel_width"], level=p["level"],
                    fit=json.dumps({k: float(v) for k, v in dr.fit.params.items()}),
                    fit_valid=bool(dr.fit.valid), fit_warnings=json.dumps(list(dr.fit.warnings)),
                    candidates=sc[["run_id", "N", "D", "cost", "reduction", "score", "pick"]].to_json(orient="records"),
@@ -207,4 +287,62 @@ def main_adaptive(plan, args, repo_root: Path) -> int:
         cols = [c for c in ("round", "spent_gpu_hours", "n_runs", "point", "lo", "hi", "rel_width", "stop_reason")
                 if c in rounds]
         print(rounds[cols].to_string(index=False))
+    if not getattr(args, "no_report", False):
+        out = write_report(Path(run.store_dir))
+        print(f"report: {out / 'adaptive.md'}")
     return 0
+
+
+def write_report(store_dir: Path, out_dir: Path | None = None) -> Path:
+    """The adaptive report (:func:`analysis.design.adaptive_report`) in ``<study>/report`` by default."""
+    from analysis.design import adaptive_report
+
+    out = Path(out_dir) if out_dir is not None else Path(store_dir).parent / "report"
+    adaptive_report(store_dir, out)
+    return out
+
+
+def run_plan_preregistered(plan, args, *, repo_root: Path, runner: Callable[[list], Any] | None = None,
+                           lr_search=None, n_boot: int = 200) -> Any:
+    """A grid ladder with pre-registered predictions (``--preregister-above``): run the specs below the
+    threshold, fit approach 3 with the bootstrap on their final losses, write the prediction of every
+    spec at or above it (:func:`preregister`), then run the whole plan (finished runs are skipped). When
+    nothing is below the threshold or the fit fails, the plan runs without predictions (said so).
+    ``runner(specs)`` defaults to :func:`study.runner.run_plan` on the plan restricted to ``specs``."""
+    from analysis._common import FitError
+    from analysis.bootstrap import bootstrap_fit
+    from analysis.design import fit_law
+    from study.plans import run_summary
+
+    if runner is None:
+        from study.runner import run_plan
+
+        def runner(specs):
+            return run_plan(dataclasses.replace(plan, specs=list(specs)), args, repo_root=repo_root,
+                            lr_search=lr_search)
+
+    specs = [s for s in plan.specs if not s.cohorts]
+    thr, strict = prediction_threshold(args.preregister_above, plan_specs=specs)
+    flops = {s.run_id: run_summary(s)["flops"] for s in specs}
+    small = [s for s in specs if flops[s.run_id] < thr]
+    big = [s for s in specs if flops[s.run_id] >= thr]
+    if not small or not big:
+        print(f"predictions: none ({len(small)} run(s) below {thr:.3g} FLOPs to fit, {len(big)} at or above it)",
+              flush=True)
+        return runner(plan.specs)
+    run = runner(small)
+    store_dir = Path(run.store_dir)
+    obs = _observed(store_dir, [s.run_id for s in small])
+    have = [s for s in small if s.run_id in obs]
+    try:
+        data = dict(N=np.array([run_summary(s)["params"] for s in have], float),
+                    D=np.array([run_summary(s)["tokens"] for s in have], float),
+                    L=np.array([obs[s.run_id] for s in have], float))
+        fit = bootstrap_fit(fit_law(data), n_boot, seed=0)
+    except (FitError, ValueError) as exc:
+        print(f"predictions: none, the fit of the {len(have)} run(s) below {thr:.3g} FLOPs failed: {exc}", flush=True)
+        return runner(plan.specs)
+    preregister(store_dir, big, fit, [s.run_id for s in have], threshold=thr, strict=strict, study=plan.name,
+                source=f"grid: approach 3 + bootstrap ({n_boot}) of the runs below {thr:.3g} FLOPs",
+                level=float(getattr(args, "prediction_level", 0.9)))
+    return runner(plan.specs)

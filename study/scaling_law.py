@@ -53,9 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "default: the preset's site")
     ap.add_argument("--dry-run", action="store_true", help="print the plan (a table, or JSON with --json) and exit")
     ap.add_argument("--json", action="store_true", help="with --dry-run: one JSON object per run, then a summary")
-    from study.adaptive import add_adaptive_args
+    from study.adaptive import add_adaptive_args, add_prediction_args
 
     add_adaptive_args(ap)  # --adaptive --target --budget-gpu-hours (issue #26)
+    add_prediction_args(ap)  # --preregister-above (issue #26 item 2)
     return ap.parse_args(argv)
 
 
@@ -161,8 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         from study.preflight import check_plan
 
         check_plan(plan, args)  # every subject file the runs read, before any trial starts
-        run = run_plan(plan, args, repo_root=repo_root,
-                       lr_search=LRSearch(n_trials=args.lr_search) if args.lr_search else None)
+        lr_search = LRSearch(n_trials=args.lr_search) if args.lr_search else None
+        if args.preregister_above is not None:  # small runs, fit, predictions of the large ones, then the rest
+            from study.adaptive import run_plan_preregistered
+
+            run = run_plan_preregistered(plan, args, repo_root=repo_root, lr_search=lr_search)
+        else:
+            run = run_plan(plan, args, repo_root=repo_root, lr_search=lr_search)
     except (ValueError, ConnectionError, RuntimeError) as exc:
         return fail(str(exc))
     if not args.no_report:
@@ -182,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
                 data = json.loads(sj.read_text())
                 data.update(incomplete=True, failed_runs=run.errors)
                 sj.write_text(json.dumps(data, indent=1, default=str))
+        if args.preregister_above is not None:  # prediction against outcome, next to the fits
+            from analysis.predictions import report as prediction_report
+
+            prediction_report([run.store_dir], out_dir)
+            print(f"predictions: {out_dir / 'predictions.md'}")
         print(f"report: {out_dir}")
         print(md.read_text() if md.exists() else json.dumps(summary, indent=1, default=str))
     return 1 if run.remaining and not run.stop_file.exists() else 0

@@ -81,3 +81,63 @@ def test_adaptive_refuses_bad_flags(tmp_path):
         run_adaptive(plan, args(budget_gpu_hours=1e-6), repo_root=tmp_path, runner=run)
     with pytest.raises(ValueError, match="target"):
         run_adaptive(plan, args(target="loss1e14"), repo_root=tmp_path, runner=run)
+
+
+def test_adaptive_preregisters_each_extrapolated_run_before_it_runs(tmp_path):
+    from analysis.design import ROUNDS_TABLE
+    from analysis.predictions import join_outcomes, read_predictions
+    from study.adaptive import ROUNDS_TABLE as STUDY_ROUNDS_TABLE, write_report
+
+    assert STUDY_ROUNDS_TABLE == ROUNDS_TABLE
+    plan = demo()
+    store = tmp_path / "store"
+    log: list = []
+    run_adaptive(plan, args(), repo_root=tmp_path, runner=fake_runner(store, log))
+    rounds = read_rounds(store)
+    preds = read_predictions(store).set_index("run_id")
+    flops = {s.run_id: run_summary(s)["flops"] for s in plan.specs}
+    expected = set()
+    for _, r in rounds.iterrows():
+        used = json.loads(r["runs"])
+        for rid in json.loads(r["chosen"]):
+            if flops[rid] > max(flops[u] for u in used):  # auto: beyond every run the round's fit used
+                expected.add(rid)
+                assert json.loads(preds.loc[rid, "data_runs"]) == sorted(used)
+                assert preds.loc[rid, "source"].startswith(f"adaptive round {int(r['round'])}")
+        assert set(json.loads(r["predictions"])) <= set(json.loads(r["chosen"]))
+    assert expected and set(preds.index) == expected
+    j = join_outcomes(store)
+    assert j["hash_ok"].all() and j["preregistered"].all() and j["outcome"].notna().all()
+    n_parts = len(ResultsStore(store).parts("predictions"))
+    run_adaptive(plan, args(), repo_root=tmp_path, runner=fake_runner(store, log))  # finished: nothing new
+    assert len(ResultsStore(store).parts("predictions")) == n_parts
+    out = write_report(store)
+    md = (out / "adaptive.md").read_text()
+    assert (out / "adaptive_interval.png").stat().st_size > 0 and (out / "predictions.png").stat().st_size > 0
+    assert sum(line.startswith("| ") and line.split("|")[1].strip().isdigit() for line in md.splitlines()) == len(rounds)
+    assert f"held for {int(j['held'].sum())} of {len(j)}" in md
+
+
+def test_grid_ladder_preregisters_the_largest_budget(tmp_path, capsys):
+    from analysis.predictions import join_outcomes
+    from study.adaptive import run_plan_preregistered
+
+    plan = demo()
+    store = tmp_path / "store"
+    log: list = []
+    a = Namespace(preregister_above="auto", prediction_level=0.9)
+    run_plan_preregistered(plan, a, repo_root=tmp_path, runner=fake_runner(store, log), n_boot=50)
+    top = max(s.budget for s in plan.specs)
+    big = {s.run_id for s in plan.specs if s.budget == top and not s.cohorts}
+    small = sorted(s.run_id for s in plan.specs if s.budget < top and not s.cohorts)
+    j = join_outcomes(store).set_index("run_id")
+    assert set(j.index) == big and j["preregistered"].all() and j["hash_ok"].all()
+    assert all(json.loads(d) == small for d in j["data_runs"])
+    assert set(log[:len(small)]) == set(small) and set(log) == {s.run_id for s in plan.specs}
+    # a threshold above every run: nothing to predict, the plan still runs (and says so)
+    store2 = tmp_path / "store2"
+    log2: list = []
+    run_plan_preregistered(plan, Namespace(preregister_above=1e30), repo_root=tmp_path,
+                           runner=fake_runner(store2, log2))
+    assert "predictions: none" in capsys.readouterr().out and len(log2) == len(plan.specs)
+    assert not (store2 / "predictions").exists()

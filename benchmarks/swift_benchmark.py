@@ -57,24 +57,12 @@ def _set_dynamo_limits() -> None:
             setattr(dc, name, 256)
 
 
-#: ``block-cgs``: a region gets CUDA graphs when its stage's token map (batch x tokens x width) has at most this
-#: many elements. Larger regions are GPU-bound, and graphing them costs copies: CUDA-graph trees copy every input
-#: not produced by another graph into static memory (the 1.1 GB input batch twice per step, at the 51M's b16).
-CUDAGRAPH_MAX_ELEMENTS = 2**24
-
-
 def small_regions(cfg, batch: int):
-    """``region_kwargs`` for ``compile_regions``: CUDA graphs (``mode="reduce-overhead"``) for the blocks, position
-    embeddings and merges of stages whose token map is small (launch-bound), none elsewhere."""
-    small = [batch * math.prod(g) * d <= CUDAGRAPH_MAX_ELEMENTS for g, d in zip(cfg.stage_grids(), cfg.stage_dims())]
+    """``region_kwargs`` for ``compile_regions``: CUDA graphs for the small (launch-bound) stages only, the policy
+    ``study.train`` uses (``neuro_models.swift.compile_policy``)."""
+    from neuro_models.swift.compile_policy import small_stage_graphs
 
-    def kwargs(name: str, module: torch.nn.Module) -> dict:
-        parts = name.split(".")
-        if len(parts) >= 3 and parts[0] == "encoder" and parts[1] in ("stages", "pos_embeds", "merges"):
-            return {"mode": "reduce-overhead"} if small[int(parts[2])] else {}
-        return {}
-
-    return kwargs
+    return small_stage_graphs(cfg, batch)
 
 
 def compile_model(model: torch.nn.Module, mode: str, cfg=None, batch: int = 0) -> torch.nn.Module:

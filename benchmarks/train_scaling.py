@@ -86,10 +86,12 @@ def run_one(args) -> dict:
         overrides["mask_patch_size"] = (12, 12, 12, args.patch_t)
     spec = RunSpec(study="bench", family=args.family, size=args.size, grid=(args.grid,) * 3, sequence_length=args.T,
                    batch_size=global_batch, micro_batch_size=micro, budget=args.warmup + args.steps,
-                   eval_every=10**9, eval_windows=max(world, 2), distributed=args.dist, zero_stage=args.zero,
+                   eval_every=10**9, eval_windows=max(world, args.eval_windows), distributed=args.dist,
+                   zero_stage=args.zero, seed=args.seed,
                    precision="bf16", num_workers=args.loader_workers if args.data == "hdf5" else 0,
                    manifest=args.manifest or "", model_overrides=overrides, log_every=args.log_every,
-                   warmup_frac=0.0, compile=args.compile,
+                   warmup_frac=args.warmup_frac, compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
+                   **({"lr": args.lr} if args.lr else {}),
                    deepspeed_config=args.ds_config)
     if args.gc_every is not None:
         spec = spec.replace(gc_every=args.gc_every)
@@ -153,6 +155,10 @@ def run_one(args) -> dict:
            "patch_size": list(cfg.patch_size), "samples_per_s": statistics.median(sps) if sps else None,
            "samples_per_s_all": sps, "peak_mem_gib": float(peaks.item()), "wall_s": wall,
            "params": R.param_counts(cfg)["total"], "train_flops_per_sample": fps,
+           "cuda_graphs": spec.cuda_graphs, "lr": spec.lr, "seed": spec.seed,
+           "train_loss_all": [[r["step"], r["train_loss"]] for r in rep.logs if "train_loss" in r],
+           "val_loss": next((r["val_loss"] for r in reversed(rep.reports) if "val_loss" in r), None)
+           if hasattr(rep, "reports") else None,
            "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"}
     if out["samples_per_s"]:
         out["tflops_per_gpu"] = out["samples_per_s"] * fps / world / 1e12
@@ -264,6 +270,11 @@ def main() -> None:
                     help="RunSpec.gc_every: collect garbage by hand every N steps on all ranks (0: Python's automatic "
                          "collector; default: RunSpec's)")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile (RunSpec.compile)")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="RunSpec.cuda_graphs=False (compiled runs)")
+    ap.add_argument("--lr", type=float, default=0.0, help="peak LR (0: RunSpec's default)")
+    ap.add_argument("--warmup-frac", type=float, default=0.0, help="RunSpec.warmup_frac")
+    ap.add_argument("--eval-windows", type=int, default=2, help="validation windows at the end (RunSpec.eval_windows)")
+    ap.add_argument("--seed", type=int, default=0, help="RunSpec.seed (data order, masks, init)")
     ap.add_argument("--attn-impl", default=None, choices=["sdpa", "flex", "triton", "auto"],
                     help="SwiftConfig.attn_impl (model override; default: the config's)")
     ap.add_argument("--overrides", default="{}", help='JSON of model config overrides (RunSpec.model_overrides), '

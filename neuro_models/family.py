@@ -72,6 +72,10 @@ class ModelFamily:
     make_mask: Callable[..., Any] | None
     """``(cfg, batch_size, *, generator=None, device=None) -> bool mask`` of a masked-modeling objective, a
     module-level function (loader workers pickle it); ``None`` for objectives without masks."""
+    cuda_graph_regions: Callable[[Any, int], Callable[[str, nn.Module], dict]] | None
+    """``(cfg, micro_batch) -> region_kwargs`` for :func:`neuro_models.layers.compile_regions` when the trainer
+    may use CUDA graphs (per-region ``torch.compile`` options: ``{"mode": "reduce-overhead"}`` for the
+    launch-bound regions); ``None``: the family's compiled regions never use CUDA graphs."""
     finetune: FinetuneHooks
     """What the fine-tuning strategies need (:class:`FinetuneHooks`)."""
     arch_fields: tuple[str, ...]

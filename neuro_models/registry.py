@@ -99,5 +99,12 @@ def mask_function(cfg: Any):
     return functools.partial(fn, cfg) if fn is not None else None
 
 
+def cuda_graph_regions(cfg: Any, micro_batch: int):
+    """``region_kwargs`` for :func:`neuro_models.layers.compile_regions` with CUDA graphs where the family
+    puts them at this micro-batch, or None (the family never graphs its regions)."""
+    fn = family_of(cfg).cuda_graph_regions
+    return fn(cfg, micro_batch) if fn is not None else None
+
+
 def tokens_per_sample(cfg: Any) -> int:
     return family_of(cfg).tokens_per_sample(cfg)

@@ -344,7 +344,10 @@ def plan_run(spec: RunSpec, kind: DeviceKind | str, *, workers: int, cpus_per_de
     else:
         z, ckpt, mb, mem = chosen
         reason = ""
-    planned = spec.replace(micro_batch_size=mb, zero_stage=z, compile=compiled and not ckpt,
+    # ZeRO-0 is data parallelism with replicated optimizer state: DDP computes the same step, and a DDP run's
+    # compiled regions may replay as CUDA graphs (study.train.uses_cuda_graphs), which DeepSpeed's are not
+    dist_kind = "ddp" if chosen is not None and z == 0 and kind.vendor == "cuda" else spec.distributed
+    planned = spec.replace(micro_batch_size=mb, zero_stage=z, compile=compiled and not ckpt, distributed=dist_kind,
                            num_workers=max(1, min(8, cpus_per_device - 2)), activation_checkpointing=ckpt)
     plan = assess_run(planned, kind, workers=workers, margin=margin)
     return planned, dataclasses.replace(plan, fits=chosen is not None, reason=reason)

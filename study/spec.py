@@ -23,7 +23,7 @@ from typing import Any, Mapping
 NON_SEMANTIC_FIELDS = frozenset({"study", "manifest", "num_workers", "checkpoint_every", "keep_last", "keep_best",
                                  "micro_batch_size", "distributed", "zero_stage", "bad_data",
                                  "log_every", "compile", "deepspeed_config", "gc_every", "notes",
-                                 "activation_checkpointing"})
+                                 "activation_checkpointing", "cuda_graphs"})
 
 SCHEDULES = ("cosine", "wsd", "constant")
 BUDGET_KINDS = ("steps", "samples", "tokens", "flops")
@@ -162,6 +162,10 @@ class RunSpec:
     """Regional ``torch.compile`` of the model's blocks (``neuro_models.layers.compile_regions``): faster
     steps on GPUs after a one-off compilation of a few minutes; numerically equivalent, so not part of
     the run id."""
+    cuda_graphs: bool = True
+    """With ``compile`` on a CUDA device: CUDA graphs for the regions the family marks launch-bound
+    (``ModelFamily.cuda_graph_regions``; SwiFT: the small late stages), when a rank's step is one micro-batch and
+    the run is not under DeepSpeed. Replays the same kernels, so not part of the run id."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward instead of keeping them (the run planner turns it on
     when a run does not fit otherwise); numerically equivalent, so not part of the run id."""

@@ -110,7 +110,7 @@ def sample_masks(cfg, positions: list[int], seed: int, device: torch.device):
 def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
           run_dir: str | os.PathLike | None = None, resume_from: str | os.PathLike | None = None,
           should_stop: Callable[[], bool] | None = None, datasets: tuple | None = None,
-          ) -> TrainResult:
+          quarantine=None) -> TrainResult:
     """Train one run.
 
     Parameters
@@ -130,6 +130,9 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
     datasets : (train_dataset, val_dataset), optional
         Use these instead of the spec's manifest (benchmarks with preloaded tensors, notebooks). Items
         follow the ``WindowedDataset`` contract.
+    quarantine : data.quarantine.Quarantine, optional
+        The study's list of bad subject files: a bad file this run meets is recorded there, and under
+        ``spec.bad_data="skip"`` the files already on it are skipped from the start (the study launchers pass it).
     """
     if spec.task == "finetune":
         from study.finetune_engine import train_finetune
@@ -157,8 +160,9 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
 
     torch.manual_seed(spec.seed)
     model = R.build_pretrain_model(cfg).to(device)
+    graphs = uses_cuda_graphs(spec, plan, device)
     if spec.compile:
-        compile_regions(model)
+        compile_regions(model, R.cuda_graph_regions(cfg, plan.micro_batch) if graphs else None)
     optimizer = make_optimizer(model, spec)
     scheduler = lr_scheduler(optimizer, n_steps, spec)
 
@@ -174,12 +178,15 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
     restore(state, resume_from, spec, ctx, **objects)
     mask_fn = R.mask_function(cfg)
     loader_ds = PositionDataset(train_ds, order, spec.bad_data,
-                                masks=PositionMasks(mask_fn, spec.seed) if mask_fn is not None else None)
+                                masks=PositionMasks(mask_fn, spec.seed) if mask_fn is not None else None,
+                                quarantine=quarantine, run_id=spec.run_id)
+    if loader_ds.skip_paths:
+        reporter.log({"step": state.step, "bad_data_quarantined": len(loader_ds.skip_paths)})
     peak = peak_flops(device)
     save = checkpoint_saver(run_dir, spec, ctx, state, **objects)
 
     def evaluate() -> dict[str, float]:
-        return _evaluate(net if engine is None else engine, cfg, val_ds, spec, ctx)
+        return _evaluate(net if engine is None else engine, cfg, val_ds, spec, ctx, graphs=graphs)
 
     batches = make_loader(loader_ds, state, n_steps, plan, ctx, spec,
                           pin_memory=device.type == "cuda" and datasets is None)
@@ -187,6 +194,8 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
     def forward_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, float]:
         batch = to_device(batch, device)
         x = batch["x"]
+        if graphs:  # one micro-batch per step: the previous step's graph outputs are dead
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(ctx, spec):
             out = net(x, brain_mask=batch.get("brain_mask"), **_mask_kwargs(batch.get("mask")))
         return out["loss"], float(out.get("num_tokens", x.shape[0] * tps))
@@ -229,8 +238,19 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
                        last_checkpoint=state.last_checkpoint)
 
 
+def uses_cuda_graphs(spec: RunSpec, plan: BatchPlan, device: torch.device) -> bool:
+    """Whether a compiled run replays its launch-bound regions as CUDA graphs (``RunSpec.cuda_graphs``).
+
+    Only with one micro-batch per rank and step: CUDA-graph trees reuse a graph's output memory at the next
+    replay, so the step marks its start (``cudagraph_mark_step_begin``) before its forward, which would free
+    an accumulating micro-batch's gradients. Not under DeepSpeed, whose engine keeps its own gradient buffers
+    and hooks (not measured with graphs); the planner runs ZeRO-0 as DDP, which is the same computation."""
+    return bool(spec.compile and spec.cuda_graphs and device.type == "cuda" and plan.accumulation == 1
+                and spec.distributed != "deepspeed")
+
+
 @torch.no_grad()
-def _evaluate(net, cfg, val_ds, spec: RunSpec, ctx: DistContext) -> dict[str, float]:
+def _evaluate(net, cfg, val_ds, spec: RunSpec, ctx: DistContext, *, graphs: bool = False) -> dict[str, float]:
     """Mean validation loss over a fixed set of windows (fixed masks), overall and per cohort."""
     net.eval()
     n = min(spec.eval_windows, len(val_ds))
@@ -246,6 +266,8 @@ def _evaluate(net, cfg, val_ds, spec: RunSpec, ctx: DistContext) -> dict[str, fl
         x = batch["x"]
         bm = batch.get("brain_mask")
         mask = sample_masks(cfg, [_VAL_SEED_OFFSET + i], spec.seed, ctx.device)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(ctx, spec):
             out = net(x, brain_mask=bm, **_mask_kwargs(mask))
         loss = float(out["loss"].float())

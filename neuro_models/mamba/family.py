@@ -100,6 +100,7 @@ FAMILY = ModelFamily(
     flops_per_sample=flops_per_sample,
     tokens_per_sample=tokens_per_sample,
     make_mask=None,
+    cuda_graph_regions=None,
     finetune=FinetuneHooks(last_block_parameters=last_block_parameters, lora_targets=linears_in_blocks,
                            supports_prompts=supports_prompts, feature_dim=feature_dim),
     arch_fields=ARCH_FIELDS,

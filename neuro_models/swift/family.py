@@ -13,6 +13,7 @@ from torch import nn
 from ..family import FinetuneHooks, ModelFamily, linears_in_blocks
 from ..mup_utils import readout_class
 from . import config as C
+from .compile_policy import small_stage_graphs
 from .masking import make_mask
 from .model import PixelShuffleDecoder, SwiftEncoder
 from .protocol import ARCH_FIELDS, SwiftVariant, feature_dim, last_stage_parameters
@@ -47,6 +48,7 @@ FAMILY = ModelFamily(
     flops_per_sample=_V.flops_per_sample,
     tokens_per_sample=_V.tokens_per_sample,
     make_mask=make_mask,
+    cuda_graph_regions=small_stage_graphs,
     finetune=FinetuneHooks(last_block_parameters=last_stage_parameters, lora_targets=linears_in_blocks,
                            supports_prompts=supports_prompts, feature_dim=feature_dim),
     arch_fields=ARCH_FIELDS,

@@ -6,7 +6,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from swift_benchmark import CUDAGRAPH_MAX_ELEMENTS, V1_51M, small_regions  # noqa: E402
+from swift_benchmark import V1_51M, small_regions  # noqa: E402
+
+from neuro_models.swift.compile_policy import CUDAGRAPH_MAX_ELEMENTS  # noqa: E402
 
 from neuro_models import registry as R  # noqa: E402
 from neuro_models.layers import compile_regions  # noqa: E402

@@ -46,11 +46,12 @@ def test_registry_lines_name_their_family():
 
 def test_every_field_present_and_callable(fam):
     for f in dataclasses.fields(ModelFamily):
-        assert getattr(fam, f.name) is not None or f.name == "make_mask", f.name
+        assert getattr(fam, f.name) is not None or f.name in ("make_mask", "cuda_graph_regions"), f.name
     for name in ("get_config", "with_width", "build_pretrain_model", "build_downstream_model", "param_counts",
                  "flops_per_sample", "tokens_per_sample"):
         assert callable(getattr(fam, name)), name
     assert fam.make_mask is None or callable(fam.make_mask)
+    assert fam.cuda_graph_regions is None or callable(fam.cuda_graph_regions)
     assert isinstance(fam.finetune, FinetuneHooks)
     for f in dataclasses.fields(FinetuneHooks):
         assert callable(getattr(fam.finetune, f.name)), f.name
@@ -144,3 +145,19 @@ def test_contract_refuses_an_incomplete_family():
         dataclasses.replace(good, param_counts=None)
     with pytest.raises(TypeError):
         ModelFamily(name="x")  # every field is required
+
+
+def test_swift_cuda_graphs_only_on_small_stages():
+    """The 51M at the v1 configuration, micro-batch 16: stages 1-2 (token maps of 16 x 16^3 x 20 x 96 and
+    16 x 8^3 x 20 x 192 elements) are GPU-bound and stay ungraphed; stages 3-4 get CUDA graphs; the decoder and
+    loss never do. At micro-batch 1 every stage is small."""
+    cfg = R.get_config("swift_v2", "51M", patch_size=(6, 6, 6, 1), window_size=(4, 4, 4, 4))
+    kw = R.cuda_graph_regions(cfg, 16)
+    graphed = {n: kw(n, None).get("mode") for n in
+               ("encoder.stages.0.blocks.0", "encoder.stages.1.blocks.1", "encoder.stages.2.blocks.5",
+                "encoder.pos_embeds.3", "encoder.merges.2", "decoder", "loss")}
+    assert graphed == {"encoder.stages.0.blocks.0": None, "encoder.stages.1.blocks.1": None,
+                       "encoder.stages.2.blocks.5": "reduce-overhead", "encoder.pos_embeds.3": "reduce-overhead",
+                       "encoder.merges.2": "reduce-overhead", "decoder": None, "loss": None}
+    assert R.cuda_graph_regions(cfg, 1)("encoder.stages.0.blocks.0", None) == {"mode": "reduce-overhead"}
+    assert R.cuda_graph_regions(R.get_config("neuromamba", "debug"), 16) is None

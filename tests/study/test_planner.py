@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from neuro_models import registry as R
 from study import planner as P
@@ -156,3 +157,24 @@ def test_throughput_prediction_is_the_measured_rate_where_measured():
         rate, src = P.predict_throughput(spec, h100, world=1, micro_batch=r["micro_batch"], compiled=r["compile"],
                                          checkpointing=r["checkpointing"])
         assert rate == r["samples_per_s"] and src.startswith("measured")
+
+
+def test_zero0_on_cuda_runs_as_ddp_so_its_small_stages_replay_as_cuda_graphs():
+    """ZeRO-0 is replicated data parallelism: the planner hands it to DDP (the same step), where the compiled
+    launch-bound regions may replay as CUDA graphs; a ZeRO stage >= 1, and XPU, stay under DeepSpeed."""
+    from study.run_math import BatchPlan
+    from study.train import uses_cuda_graphs
+
+    planned, plan = P.plan_run(_spec("51M", batch_size=64, zero_stage=0), "h100-80gb", workers=4)
+    assert plan.fits and plan.zero_stage is None and planned.distributed == "ddp" and planned.compile
+    assert uses_cuda_graphs(planned, BatchPlan.make(planned, 4), torch.device("cuda", 0))
+    assert not uses_cuda_graphs(planned, BatchPlan.make(planned, 4), torch.device("cpu"))
+    assert not uses_cuda_graphs(planned.replace(cuda_graphs=False), BatchPlan.make(planned, 4), torch.device("cuda"))
+    accum = planned.replace(micro_batch_size=planned.batch_size // 8)
+    assert BatchPlan.make(accum, 4).accumulation == 2
+    assert not uses_cuda_graphs(accum, BatchPlan.make(accum, 4), torch.device("cuda"))  # graphs would free grads
+    planned, _ = P.plan_run(_spec("3B", batch_size=64, zero_stage=1), "h100-80gb", workers=8)
+    assert planned.distributed == "deepspeed" and not uses_cuda_graphs(planned, BatchPlan.make(planned, 8),
+                                                                        torch.device("cuda"))
+    planned, _ = P.plan_run(_spec("51M", batch_size=64, zero_stage=0), "max1550-tile", workers=4)
+    assert planned.distributed == "deepspeed" and not planned.compile

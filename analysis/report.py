@@ -200,11 +200,21 @@ def summarize_study(store_dir, out_dir, *, loss_col: str = "val_loss", compute_c
         summary["plots"].append("optimal_allocation.png")
 
     _finetune_and_benchmark(store_dir, out, summary)
+    summary["bad_subject_files"] = bad_subject_files(store_dir)
 
     summary = _clean(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(_markdown(summary))
     return summary
+
+
+def bad_subject_files(store_dir) -> list[dict]:
+    """The study's quarantine list (:mod:`data.quarantine`, ``<store>/quarantine/``): one dict per bad subject file
+    (``path``, ``what``, ``found_by``, ``policy``), oldest first; empty when no file was found bad."""
+    from data.quarantine import Quarantine
+
+    return [dict(path=e.path, what=e.what, found_by=e.found_by, policy=e.policy)
+            for e in Quarantine(store_dir).entries()]
 
 
 def _isoflop(fin: pd.DataFrame, L: np.ndarray, params_col: str) -> dict:
@@ -283,6 +293,14 @@ def _fmt(x) -> str:
 def _markdown(s: dict) -> str:
     lines = ["# Study summary", "", f"Store: `{s['store']}`; {s['n_runs']} runs, {s['n_final_points']} final points "
              f"({s['n_dropped']} runs without a row with positive loss and compute).", ""]
+    bad = s.get("bad_subject_files") or []
+    if bad:
+        lines += ["## Bad subject files (the study's quarantine list)", "",
+                  f"{len(bad)} subject file(s) were found unusable; runs with bad_data='skip' skipped their windows "
+                  "(store/quarantine/), runs with bad_data='stop' stopped at them.", "",
+                  "| file | what is wrong | found by | policy |", "|---|---|---|---|"]
+        lines += [f"| `{b['path']}` | {b['what']} | {b['found_by']} | {b['policy']} |" for b in bad]
+        lines.append("")
     for key, title in (("power_law", FORMS["power"].title), ("chinchilla", FORMS["chinchilla"].title)):
         d = s.get(key, {})
         lines += [f"## {title}", ""]

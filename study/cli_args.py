@@ -50,3 +50,15 @@ def set_study_name(ap: argparse.ArgumentParser, default: str) -> None:
             a.help = "name of the study: results go to <storage>/<study-name>/ (letters, digits, . _ -)"
             return
     raise ValueError("set_study_name: the parser has no --study-name (call study.runner.add_common_args first)")
+
+
+BAD_DATA_CHOICES = ("stop", "skip")
+
+
+def add_bad_data_arg(ap: argparse.ArgumentParser) -> None:
+    """``--bad-data stop|skip``: the study's policy for unusable subject files (sets every run's ``bad_data``)."""
+    ap.add_argument("--bad-data", choices=BAD_DATA_CHOICES, default=None,
+                    help="what the study does with an unusable subject file (truncated, corrupt, non-finite values): "
+                         "'stop' stops launching trials at the first one and names it; 'skip' records it in the "
+                         "study's quarantine list (<storage>/<study-name>/store/quarantine/) and every run skips its "
+                         "windows (default: the runs' own setting, 'stop' unless the preset says otherwise)")

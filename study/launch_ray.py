@@ -111,6 +111,16 @@ def _any_stop(*checks):
     return (lambda: any(c() for c in checks)) if checks else None
 
 
+def quarantine_of(env: RunEnv):
+    """The study's list of bad subject files (:mod:`data.quarantine`), beside its results store; ``None`` without
+    one."""
+    if not env.store_dir:
+        return None
+    from data.quarantine import Quarantine
+
+    return Quarantine(env.store_dir)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function (``config``: the spec and the :class:`~study.run_env.RunEnv` as dicts)."""
     from study.train import TrainingDiverged, train
@@ -131,7 +141,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             resume = resume_point(run_storage, stored_steps(env.store_dir, spec))
         try:
             train(spec, ctx, reporter, run_dir=os.path.join(local, "run"), resume_from=resume,
-                  should_stop=stop_checker(env.stop_file, env.deadline))
+                  should_stop=stop_checker(env.stop_file, env.deadline), quarantine=quarantine_of(env))
             mark("train_returned", run=spec.run_id)
         except TrainingDiverged as exc:  # name the durable checkpoint, not this worker's temporary copy
             raise TrainingDiverged(exc.step, exc.loss,
@@ -249,7 +259,8 @@ def run_inline(spec: RunSpec, env: RunEnv | None = None, *, use_gpu: bool = Fals
     try:
         resume = resume_point(run_storage, stored_steps(env.store_dir, spec))
         result = train(spec, ctx, reporter, run_dir=run_storage / INLINE_DIR, resume_from=resume,
-                       should_stop=_any_stop(stop_checker(env.stop_file, env.deadline), should_stop))
+                       should_stop=_any_stop(stop_checker(env.stop_file, env.deadline), should_stop),
+                       quarantine=quarantine_of(env))
         mark("train_returned", run=spec.run_id)
         return result
     finally:

@@ -7,20 +7,28 @@ same command"); :func:`check_plan` / :func:`check_specs` open every subject file
     error: /data/cohort/sub-07.h5: not a readable HDF5 file (truncated or corrupt?): ...; fix or remove it from
     /data/cohort/manifest.parquet
 
-When every run has ``bad_data="skip"`` a bad file is a one-line warning instead (the runs skip its windows).
-A file that is sound but does not suit the runs (brain box larger than the grid, run shorter than a window)
-always stops the study: no run could skip it.
+When every run has ``bad_data="skip"`` (``--bad-data skip``) a bad file is a one-line warning instead, and
+:func:`study.runner.run_plan` records it in the study's quarantine list (:mod:`data.quarantine`), so every run skips
+its windows from the start (:func:`quarantine_found`). A file that is sound but does not suit the runs (brain box
+larger than the grid, run shorter than a window) always stops the study: no run could skip it.
 
-This sits beside ``study.runner.run_plan`` only because runner.py was being refactored when it was written;
-it belongs in ``run_plan`` right after the manifest is resolved and before ``connect_ray`` (issue #28).
+The entry points call :func:`check_plan` before ``study.runner.run_plan`` (the manifest is resolved there; the study's
+store, where the quarantine list lives, is known only inside ``run_plan``).
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Iterable, Sequence
 
 #: bad files named one per line before "... and N more"
 MAX_LINES = 10
+
+#: what the last check of each manifest (absolute path) found under the skip policy: recorded in the study's
+#: quarantine list by :func:`quarantine_found` once ``run_plan`` knows the study's store
+_SKIPPED: dict[str, list] = {}
+
+SKIP_HINT = "or rerun with --bad-data skip to quarantine it and train without it"
 
 
 class BadDataFiles(ValueError):
@@ -55,7 +63,7 @@ def format_problems(problems: Sequence[Any], manifest: str) -> str:
     lines = []
     bad = [p for p in problems if not p.structural]
     for p in bad[:MAX_LINES]:
-        lines.append(f"{p.path}: {p.what}; fix or remove it from {manifest}")
+        lines.append(f"{p.path}: {p.what}; fix or remove it from {manifest}, {SKIP_HINT}")
     if len(bad) > MAX_LINES:
         lines.append(f"... and {len(bad) - MAX_LINES} more unusable subject file(s) listed in {manifest}")
     groups: dict[str, list] = {}
@@ -93,16 +101,34 @@ def check_specs(specs: Sequence[Any], manifest: str, *, out=None) -> None:
     skip = bool(specs) and all(getattr(s, "bad_data", "stop") == "skip" for s in specs)
     if skip and not any(p.structural for p in report.problems):
         for p in report.problems:
-            print(f"warning: {p.path}: {p.what}; the runs skip its windows (bad_data='skip')", file=sys.stderr)
+            print(f"warning: {p.path}: {p.what}; quarantined: the runs skip its windows (bad_data='skip')",
+                  file=sys.stderr)
+        _SKIPPED[_key(manifest)] = list(report.problems)
         return
     raise BadDataFiles(format_problems(report.problems, report.manifest))
 
 
+def _key(manifest) -> str:
+    return os.path.abspath(str(manifest))
+
+
+def quarantine_found(quarantine, manifest) -> int:
+    """Record in ``quarantine`` (:class:`data.quarantine.Quarantine`) the bad files the last skip-policy check of
+    ``manifest`` found and the list does not already hold unchanged; returns how many were recorded."""
+    held = quarantine.skipped_paths()
+    n = 0
+    for p in _SKIPPED.pop(_key(manifest), []):
+        if os.path.abspath(p.path) not in held:
+            quarantine.record(p.path, p.what, found_by="preflight", policy="skip")
+            n += 1
+    return n
+
+
 def check_plan(plan, args, extra_specs: Sequence[Any] = ()) -> str:
     """Resolve the plan's manifest and verify the subject files its runs (and ``extra_specs``, e.g. the
-    fine-tuning runs that follow a config search) read; returns the manifest path."""
-    from study.runner import resolve_manifest
+    fine-tuning runs that follow a config search) read, under ``--bad-data`` if given; returns the manifest path."""
+    from study.runner import resolve_manifest, with_bad_data
 
     manifest = resolve_manifest(plan, args)
-    check_specs([*plan.specs, *extra_specs], manifest)
+    check_specs(with_bad_data([*plan.specs, *extra_specs], args), manifest)
     return manifest

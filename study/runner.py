@@ -139,7 +139,38 @@ def add_common_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                          "next trial (one worker per run; no per-trial process starts), 'ray-train' fits a Ray "
                          "Train TorchTrainer per trial (any number of workers, worker-level restarts); 'auto': "
                          "inline for one-worker runs")
+    from study.cli_args import add_bad_data_arg
+
+    add_bad_data_arg(ap)  # --bad-data stop|skip
     return ap
+
+
+def with_bad_data(specs: list, args: argparse.Namespace) -> list:
+    """``specs`` with ``--bad-data`` (if given) as their ``bad_data`` policy (not part of a run's id: a rerun with
+    another policy resumes the same runs)."""
+    policy = getattr(args, "bad_data", None)
+    return [s.replace(bad_data=policy) for s in specs] if policy else list(specs)
+
+
+def rerun_command(option: str, value: str, argv: list[str] | None = None) -> str:
+    """This process's command line with ``option value`` set (replacing the option if it was given)."""
+    import shlex
+
+    argv = list(sys.argv if argv is None else argv)
+    out, skip = [], False
+    for a in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == option:
+            skip = True
+            continue
+        if a.startswith(option + "="):
+            continue
+        out.append(a)
+    prog = argv[0] if argv else "python"
+    head = ["python", prog] if prog.endswith(".py") else ["python", "-m", Path(prog).stem] if prog else ["python"]
+    return shlex.join([*head, *out, option, value])
 
 
 @dataclass
@@ -152,9 +183,24 @@ class StudyRun:
     failed: int = 0
     errors: list = field(default_factory=list)
     """One dict per failed trial: ``run_id``, ``cause`` (its error's last line), ``trial_path``."""
+    bad_data_stop: bool = False
+    """A trial failed on a bad subject file and the study stopped launching trials."""
+    not_run: int = 0
+    """Trials stopped or never started because of that."""
+    bad_files: list = field(default_factory=list)
+    """Bad subject files found by this invocation's trials (:class:`data.quarantine.Entry`, policy ``stop``)."""
+    quarantined: list = field(default_factory=list)
+    """The study's quarantine list when its runs skip bad files (:class:`data.quarantine.Entry`, every record)."""
+
+    lr_search: Any = None
+    """The plan's LR search, if any: its runs are the searched LRs, so a spec is done when its group's search is."""
 
     @property
     def remaining(self) -> list:
+        if self.lr_search is not None:  # study.search_state: the search's trials, durable in its journal
+            from study.search_state import unfinished_searches
+
+            return unfinished_searches(self.store_dir, self.specs, self.lr_search)
         done = finished_runs(self.store_dir)
         return [s for s in self.specs if s.run_id not in done]
 
@@ -181,7 +227,7 @@ def run_plan(plan, args: argparse.Namespace, *, repo_root: Path, lr_search=None)
     """Execute ``plan``; raises ``ValueError`` / ``ConnectionError`` / ``RuntimeError`` on bad input."""
     manifest = resolve_manifest(plan, args)  # checks the name and the storage before anything is written
     storage = Path(args.storage).resolve()
-    specs = [s.replace(manifest=str(manifest)) for s in plan.specs]
+    specs = [s.replace(manifest=str(manifest)) for s in with_bad_data(plan.specs, args)]
 
     from study.provenance import code_commit, manifest_content_hash, package_versions, source_hash
 
@@ -196,10 +242,19 @@ def run_plan(plan, args: argparse.Namespace, *, repo_root: Path, lr_search=None)
     stop_file = study_dir / "STOP"
     if stop_file.exists():  # left by the previous allocation's walltime guard
         stop_file.unlink()
-    run = StudyRun(name=name, study_dir=study_dir, store_dir=store_dir, specs=specs, stop_file=stop_file)
+    run = StudyRun(name=name, study_dir=study_dir, store_dir=store_dir, specs=specs, stop_file=stop_file,
+                   lr_search=lr_search or plan.lr_search)
+    from data.quarantine import Quarantine
+    from study.preflight import quarantine_found
+
+    quarantine = Quarantine(store_dir)
+    skip = bool(specs) and all(s.bad_data == "skip" for s in specs)
+    if skip:
+        quarantine_found(quarantine, manifest)  # what the pre-flight check found: skipped from the first trial on
+    t_start = time.time()
 
     done = finished_runs(store_dir)
-    todo = [s for s in specs if s.run_id not in done]
+    todo = run.remaining
     print(f"study {name!r}: {len(specs)} runs, {len(done & {s.run_id for s in specs})} already finished, "
           f"{len(todo)} to run; results -> {store_dir}", flush=True)
     if not todo:
@@ -232,9 +287,28 @@ def run_plan(plan, args: argparse.Namespace, *, repo_root: Path, lr_search=None)
         disconnect_ray()
     run.failed = counts["failed"]
     run.errors = list(counts.get("errors", ()))
+    run.bad_data_stop = bool(counts.get("bad_data_stop"))
+    run.not_run = max(0, len(todo) - int(counts.get("done", 0)) - run.failed) if run.bad_data_stop else 0
+    run.bad_files = [x for x in quarantine.found_since(t_start) if x.policy == "stop"]
+    if skip:
+        run.quarantined = quarantine.entries()
     if run.failed:
         print("\n".join(failure_summary(run)), file=sys.stderr)
+    if run.bad_data_stop and hasattr(args, "no_report"):  # the entry point's report would read as a study's result
+        args.no_report = True
+        print("no report: the study stopped on bad data (see above); the report comes with the finished study",
+              file=sys.stderr)
+    if run.quarantined:
+        print("\n".join(quarantine_summary(run)), file=sys.stderr)
     return run
+
+
+def quarantine_summary(run: "StudyRun") -> list[str]:
+    """The study's quarantine list as the console's (and the report's) last words: every file the runs skipped."""
+    lines = [f"warning: {len(run.quarantined)} subject file(s) quarantined: every run skipped their windows "
+             f"(list: {run.store_dir / 'quarantine'})"]
+    lines += [f"  {e.path}: {e.what} (found by {e.found_by})" for e in run.quarantined]
+    return lines
 
 
 def failure_summary(run: "StudyRun") -> list[str]:
@@ -243,16 +317,27 @@ def failure_summary(run: "StudyRun") -> list[str]:
     for e in run.errors:
         by_cause.setdefault(e["cause"], []).append(e["run_id"])
     lines = [f"error: {run.failed} trial(s) failed ({run.failed} of {len(run.specs)} runs):"]
+    bad_files = getattr(run, "bad_files", None) or []
     for cause, ids in by_cause.items():
+        if bad_files and "BadDataError" in cause:  # named below, once per file
+            continue
         lines.append(f"  {cause}  [{len(ids)} run(s): {', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''}]")
     if len(run.errors) < run.failed:
         lines.append(f"  {run.failed - len(run.errors)} more without an error text")
     causes = " ".join(by_cause)
-    if "BadDataError" in causes:
-        lines.append("  a subject file is unreadable: fix it or remove it from the manifest, or set the runs' "
-                     "bad_data='skip' to train around it")
+    if bad_files:
+        stopped = getattr(run, "bad_data_stop", False)
+        lines.append(f"  bad subject file(s) met by a trial{'; the study stopped launching trials' if stopped else ''}"
+                     f"{f' ({run.not_run} other run(s) stopped or not started)' if getattr(run, 'not_run', 0) else ''}:")
+        lines += [f"    {e.path}: {e.what} (met by {e.found_by})" for e in bad_files]
+        manifest = run.specs[0].manifest if run.specs else "the manifest"
+        lines.append(f"  fix or remove them from {manifest}, or quarantine them and train without them: "
+                     f"{rerun_command('--bad-data', 'skip')}")
+    elif "BadDataError" in causes:
+        lines.append("  a subject file is unreadable: fix it or remove it from the manifest, or rerun with "
+                     "--bad-data skip to quarantine it and train around it")
     if "TrainingDiverged" in causes:
         lines.append("  a run diverged: lower its LR (or check its data); the rest of the study is unaffected")
-    lines.append(f"  tracebacks: {run.study_dir / 'tune'} (each trial's error.txt); rerunning the same command "
-                 "retries only the failed and unfinished runs")
+    lines.append(f"  tracebacks: {run.study_dir / 'tune'} (each trial's error.txt)" + (
+        "" if bad_files else "; rerunning the same command retries only the failed and unfinished runs"))
     return lines

@@ -98,7 +98,8 @@ def test_skip_policy_warns_instead(cohort, mamba_spec, capsys):
     with pytest.raises(BadDataFiles) as err:
         check_specs([spec], str(manifest))
     assert str(err.value) == (f"{bad}: {str(err.value).split(': ', 1)[1].rsplit('; fix', 1)[0]}; "
-                              f"fix or remove it from {manifest}")
+                              f"fix or remove it from {manifest}, or rerun with --bad-data skip to quarantine it "
+                              "and train without it")
     check_specs([spec.replace(bad_data="skip")], str(manifest))
     assert f"warning: {bad}: " in capsys.readouterr().err
 
@@ -123,7 +124,8 @@ def test_corrupt_file_in_a_smoke_study_ends_with_one_line(tmp_path):
     assert "Traceback" not in r.stderr + r.stdout
     lines = r.stderr.strip().splitlines()
     assert lines == [lines[0]] and lines[0].startswith(f"error: {bad}: not a readable HDF5 file"), r.stderr
-    assert lines[0].endswith(f"; fix or remove it from {manifest}")
+    assert lines[0].endswith(f"; fix or remove it from {manifest}, or rerun with --bad-data skip to quarantine it "
+                             "and train without it")
     assert not (storage / "demo-corrupt" / "store").exists()  # nothing trained, no report
     assert wall < 60, wall
 

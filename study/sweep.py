@@ -40,6 +40,8 @@ from ray import tune
 from study.launch_ray import fit_run
 from study.run_env import RunEnv
 from study.spec import RunSpec
+from study.sweep_bad_data import QUIET_TUNE_ENV, BadDataStop, is_bad_data, request_stop, stopped
+from study.sweep_bad_data import reset as reset_bad_data_stop
 from study.trace import mark
 
 TRIAL_DRIVER_CPU = 0.01
@@ -295,10 +297,14 @@ def trial(config: dict[str, Any]) -> None:
 
 def error_cause(trial) -> str:
     """The last ``Type: message`` line of a failed trial's traceback (what a user acts on), else a pointer to it."""
-    try:
-        text = trial.get_error() or ""
+    text = ""
+    try:  # the driver's staging copy first: the durable one is written after the failure callbacks run
+        if trial.error_file and os.path.exists(trial.error_file):
+            with open(trial.error_file) as f:
+                text = f.read()
+        text = text or trial.get_error() or ""
     except Exception:  # noqa: BLE001 - storage gone: say where to look
-        text = ""
+        pass
     lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
     for ln in reversed(lines):
         head = ln.split(":", 1)[0]
@@ -315,6 +321,8 @@ class Progress(tune.Callback):
         self.store_dir = store_dir  # where early stops are recorded (see :func:`record_early_stop`)
         self.done = self.failed = self.running = self.early_stopped = 0
         self.errors: list[dict] = []  # run id, the error's last line, where Tune keeps its traceback
+        self._failed_ids: set[str] = set()  # trials counted as failed (a bad-data failure counts at its first try)
+        self.not_run = 0  # trials stopped or never started because the study stopped on a bad subject file
         self.best: tuple[float, str] | None = None
         self.t0 = time.time()
 
@@ -337,6 +345,11 @@ class Progress(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._count_running(trials, ended=trial)
+        if trial.trial_id in self._failed_ids:  # failed on bad data, then stopped with the sweep: counted
+            return
+        if stopped(self.study) and not (trial.last_result or {}).get("is_final"):
+            self.not_run += 1  # stopped (or never started) because the study stopped on bad data
+            return
         self.done += 1
         note = ""
         last = trial.last_result or {}
@@ -351,13 +364,35 @@ class Progress(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._count_running(trials, ended=trial)
+        self._failure(trial, final=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._failure(trial, final=False)
+
+    def _failure(self, trial, final: bool) -> None:
+        """One console line per failed trial (its cause and where its traceback is; Tune keeps tracebacks off the
+        console: :data:`study.sweep_bad_data.QUIET_TUNE_ENV`). A failure on a bad subject file is not retried: it
+        stops the study (:func:`study.sweep_bad_data.request_stop`); other failures are retried by Tune and count
+        when the retries are spent."""
+        if trial.trial_id in self._failed_ids:
+            return
+        cause = error_cause(trial)
+        if not final and not is_bad_data(cause):
+            return
+        self._failed_ids.add(trial.trial_id)
         self.failed += 1
         try:
             run_id = trial_spec(trial.config).run_id
         except Exception:  # noqa: BLE001 - a config without a spec: name the trial
             run_id = trial.trial_id
-        self.errors.append({"run_id": run_id, "cause": error_cause(trial), "trial_path": str(trial.path or "")})
-        self._line(f"FAILED {run_id}")
+        self.errors.append({"run_id": run_id, "cause": cause, "trial_path": str(trial.path or "")})
+        log = f"{trial.path}/error.txt" if trial.path else "its trial folder"
+        if is_bad_data(cause):
+            first = request_stop(self.study, cause)
+            self._line(f"FAILED {run_id}: bad subject file{'; stopping the study' if first else ''} "
+                       f"(traceback: {log})")
+        else:
+            self._line(f"FAILED {run_id}: {cause[:200]} (traceback: {log})")
 
 
 def release_orphaned_placement_groups() -> int:
@@ -457,7 +492,10 @@ def _tuner(param_space: dict, *, env: RunEnv, setup: TrialSetup, name: str, stor
     callbacks = [progress, JsonLoggerCallback(), CSVLoggerCallback()] + ([] if inline else [PlacementGroupJanitor()])
     # inline trials have no Ray Train restarts below them: Tune's retries take Train's share too
     retries = setup.trial_retries + (setup.max_failures if inline else 0)
+    for k, v in QUIET_TUNE_ENV.items():  # trial tracebacks stay in each trial's error.txt, off the console
+        os.environ.setdefault(k, v)
     run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=0,
+                                stop=BadDataStop(progress.study),
                                 failure_config=tune.FailureConfig(max_failures=retries))
     # plain dicts in the trial config (Tune stores it); trial() rebuilds the typed objects
     ctx = {"env": env.to_dict(), "setup": asdict(setup)}
@@ -535,6 +573,7 @@ def run_trials(specs: list[RunSpec], *, env: RunEnv | None = None, setup: TrialS
     progress = Progress(total=len(specs) if lr_search is None else
                         len(lr_groups(specs)) * lr_search.n_trials, study=study,
                         store_dir=env.store_dir if asha else None)
+    reset_bad_data_stop(study)
     progress._line("starting")
 
     def new_scheduler():  # one per Tuner: ASHA's rungs must not carry over between groups
@@ -546,6 +585,8 @@ def run_trials(specs: list[RunSpec], *, env: RunEnv | None = None, setup: TrialS
     if lr_search is None:
         batches = asha_batches(specs) if asha else [(specs, False)]
         for k, (batch, use_asha) in enumerate(batches):
+            if stopped(study):  # a bad subject file stopped the study: no further Tuner
+                break
             name = f"{study}-tune" if k == 0 else f"{study}-asha-{lr_groups(batch).popitem()[0]}"
             tuner = _tuner({"spec": tune.grid_search([s.to_dict() for s in batch])}, env=env, setup=setup, name=name,
                            storage=storage, concurrency=concurrency, progress=progress,
@@ -564,4 +605,4 @@ def run_trials(specs: list[RunSpec], *, env: RunEnv | None = None, setup: TrialS
                            stage_ahead=stage_ahead if lr_search.n_trials > concurrency else 0)
             tuner.fit()
     return {"done": progress.done, "failed": progress.failed, "early_stopped": progress.early_stopped,
-            "errors": progress.errors}
+            "errors": progress.errors, "bad_data_stop": stopped(study), "not_run": progress.not_run}

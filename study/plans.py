@@ -105,7 +105,7 @@ def run_summary(spec: RunSpec) -> dict[str, Any]:
 # and extrapolates to the largest budget within 10%, but analysis.validity marks it not valid (SE of alpha, A, B larger
 # than the estimates). Run-to-run noise is ~2.5% of the loss in runs of 200-300 steps (width 32, 277 steps: seed 0
 # 0.0763, seed 1 0.0737; the drop out of the initial plateau comes at a seed-dependent step) and 0.15% at 553 steps
-# (0.0694 / 0.0693), against a reducible part of ~25%; the SE rule on A = exp(a), with ln N ~ 12, needs
+# (0.0694 / 0.0693), against final losses spread over 0.065-0.090; the SE rule on A = exp(a), with ln N ~ 12, needs
 # SE(alpha) <~ 0.06. Laws exactly of the form, simulated on these 10 runs at 2.5% or 0.5% noise, were not valid, nor a
 # 4x4 width x steps factorial at 0.5%: pinning the magnitudes takes longer runs over a wider range of D than 10
 # minutes on 2 CPUs hold.

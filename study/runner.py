@@ -331,8 +331,12 @@ def failure_summary(run: "StudyRun") -> list[str]:
                      f"{f' ({run.not_run} other run(s) stopped or not started)' if getattr(run, 'not_run', 0) else ''}:")
         lines += [f"    {e.path}: {e.what} (met by {e.found_by})" for e in bad_files]
         manifest = run.specs[0].manifest if run.specs else "the manifest"
-        lines.append(f"  fix or remove them from {manifest}, or quarantine them and train without them: "
-                     f"{rerun_command('--bad-data', 'skip')}")
+        if all(e.what.startswith("(validation split)") for e in bad_files):  # study.train.VAL_BAD_PREFIX
+            lines.append(f"  fix or remove them from {manifest} (validation files cannot be skipped: every run's "
+                         "val_loss must use the same windows)")
+        else:
+            lines.append(f"  fix or remove them from {manifest}, or quarantine them and train without them: "
+                         f"{rerun_command('--bad-data', 'skip')}")
     elif "BadDataError" in causes:
         lines.append("  a subject file is unreadable: fix it or remove it from the manifest, or rerun with "
                      "--bad-data skip to quarantine it and train around it")

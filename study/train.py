@@ -186,7 +186,8 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
     save = checkpoint_saver(run_dir, spec, ctx, state, **objects)
 
     def evaluate() -> dict[str, float]:
-        return _evaluate(net if engine is None else engine, cfg, val_ds, spec, ctx, graphs=graphs)
+        return _evaluate(net if engine is None else engine, cfg, val_ds, spec, ctx, graphs=graphs,
+                         quarantine=quarantine)
 
     batches = make_loader(loader_ds, state, n_steps, plan, ctx, spec,
                           pin_memory=device.type == "cuda" and datasets is None)
@@ -249,8 +250,31 @@ def uses_cuda_graphs(spec: RunSpec, plan: BatchPlan, device: torch.device) -> bo
                 and spec.distributed != "deepspeed")
 
 
+#: how a validation file's record on the quarantine list starts (the runner tells the user to fix or remove it)
+VAL_BAD_PREFIX = "(validation split) "
+
+
+def _val_item(val_ds, i: int, quarantine=None, run_id: str = "") -> dict[str, Any]:
+    """Validation window ``i``. An unreadable one raises :class:`BadDataError` naming its file under either policy:
+    a run cannot skip validation windows (its ``val_loss`` would not compare with the other runs'). The file goes on
+    the study's quarantine list with policy ``stop``."""
+    try:
+        return val_ds[i]
+    except (OSError, ValueError, KeyError) as exc:  # SubjectFileError is a ValueError
+        where = getattr(val_ds, "window", None)
+        path = os.path.abspath(where(i)[0]) if callable(where) else None
+        if path is not None and quarantine is not None:
+            what = str(exc)[len(path) + 2:] if str(exc).startswith(f"{path}: ") else str(exc)
+            try:
+                quarantine.record(path, VAL_BAD_PREFIX + what, found_by=run_id or "a run", policy="stop")
+            except OSError:
+                pass
+        raise BadDataError(f"validation window {i}: {exc}", path=path) from exc
+
+
 @torch.no_grad()
-def _evaluate(net, cfg, val_ds, spec: RunSpec, ctx: DistContext, *, graphs: bool = False) -> dict[str, float]:
+def _evaluate(net, cfg, val_ds, spec: RunSpec, ctx: DistContext, *, graphs: bool = False,
+              quarantine=None) -> dict[str, float]:
     """Mean validation loss over a fixed set of windows (fixed masks), overall and per cohort."""
     net.eval()
     n = min(spec.eval_windows, len(val_ds))
@@ -261,7 +285,7 @@ def _evaluate(net, cfg, val_ds, spec: RunSpec, ctx: DistContext, *, graphs: bool
     cohorts = sorted(set(val_ds.cohort_of(i) for i in idx)) if hasattr(val_ds, "cohort_of") else None
     sums: dict[str, list[float]] = {}
     for i in mine:
-        item = val_ds[i]
+        item = _val_item(val_ds, i, quarantine, spec.run_id)
         batch = to_device(collate([item]), ctx.device)
         x = batch["x"]
         bm = batch.get("brain_mask")

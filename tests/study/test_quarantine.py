@@ -101,7 +101,7 @@ def test_a_skip_run_quarantines_what_it_meets_and_the_next_run_never_reads_it(ma
     assert len(met) == len({e.path for e in entries})  # one message per bad file, not one per window
 
     second = MemoryReporter()  # a later trial (or the same run in a resumed study): skips them from the start
-    res = train(spec.replace(seed=1), local_context("cpu"), second, quarantine=q)
+    res = train(spec.replace(seed=1, budget=6), local_context("cpu"), second, quarantine=q)
     assert res.status == "finished"
     assert not [r for r in second.logs if "bad_data_skipped" in r]  # never read, so never met again
     assert [r["bad_data_quarantined"] for r in second.logs if "bad_data_quarantined" in r] == [len(entries)]
@@ -117,6 +117,30 @@ def test_a_stop_run_records_the_file_it_stops_at(mamba_spec, corrupt_cohort, tmp
     (e,) = q.entries()
     assert e.path in bad and e.path in str(err.value) and e.policy == "stop" and e.found_by == spec.run_id
     assert Path(e.path).name in str(err.value)
+
+
+def test_a_bad_validation_file_stops_the_run_under_either_policy(mamba_spec, tiny_cohort, tmp_path):
+    """Validation windows cannot be skipped (val_loss would not compare across runs): the file is named, listed with
+    policy stop, and the advice is to fix or remove it, not --bad-data skip."""
+    from study.runner import StudyRun, failure_summary
+
+    dst = tmp_path / "cohort"
+    shutil.copytree(Path(tiny_cohort).parent, dst)
+    df = pd.read_parquet(dst / "manifest.parquet")
+    bad = str((dst / df[df.split == "val"].path.iloc[0]).resolve())
+    flip_chunks(Path(bad))
+    q = Quarantine(tmp_path / "store")
+    spec = mamba_spec.replace(manifest=str(dst / "manifest.parquet"), bad_data="skip", eval_windows=64)
+    with pytest.raises(BadDataError, match="validation window") as err:
+        train(spec, local_context("cpu"), MemoryReporter(), quarantine=q)
+    assert err.value.path == bad
+    (e,) = q.entries()
+    assert e.path == bad and e.policy == "stop" and e.what.startswith("(validation split) ")
+    run = StudyRun(name="s", study_dir=tmp_path, store_dir=q.store_dir, specs=[spec], stop_file=tmp_path / "STOP",
+                   failed=1, errors=[{"run_id": spec.run_id, "cause": f"BadDataError: {err.value}", "trial_path": ""}],
+                   bad_data_stop=True, bad_files=[e])
+    text = "\n".join(failure_summary(run))
+    assert "validation files cannot be skipped" in text and "--bad-data skip" not in text
 
 
 def test_preflight_findings_go_on_the_list_once(mamba_spec, corrupt_cohort, tmp_path, monkeypatch, capsys):
@@ -231,3 +255,54 @@ def test_a_study_stops_at_a_bad_file_then_quarantines_it_with_the_skip_option(tm
     assert set(named) <= {e.path for e in entries} <= set(bad)
     md = (storage / "demo-corrupt" / "report" / "summary.md").read_text()
     assert "Bad subject files" in md and all(e.path in md for e in entries)
+
+
+class _FakeTrial:
+    def __init__(self, tmp_path, name: str, error: str | None, last_result=None):
+        from study.spec import RunSpec
+
+        self.trial_id, self.status, self.last_result = name, "RUNNING", last_result or {}
+        self.config = {"spec": RunSpec(seed=len(name)).to_dict()}
+        self.path = str(tmp_path / name)
+        self.error_file = None
+        if error is not None:
+            Path(self.path).mkdir(parents=True)
+            self.error_file = str(Path(self.path) / "error.txt")
+            Path(self.error_file).write_text(error)
+
+    def get_error(self):
+        return None
+
+
+WRAPPED = ("Traceback (most recent call last):\n  File \"x.py\", line 1\nstudy.loop.BadDataError: window 4: /d/sub-07.h5: "
+           "cannot decode frames [0:8]\n\nThe above exception was the direct cause of the following exception:\n"
+           "ray.train.base_trainer.TrainingFailedError: Training failed due to worker errors\n")
+
+
+def test_the_first_bad_data_failure_stops_the_sweep_and_is_counted_once(tmp_path, capsys):
+    """Tune's callbacks, driven by hand: a bad-data failure counts at its first attempt (no retries: each would fail
+    the same way), stops the sweep once, and trials stopped with it are neither done nor failed."""
+    from study.sweep import Progress, error_cause
+    from study.sweep_bad_data import BadDataStop, reset, stopped
+
+    reset("q")
+    p, stopper = Progress(total=4, study="q"), BadDataStop("q")
+    flaky = _FakeTrial(tmp_path, "flaky", "Traceback ...\nRuntimeError: NCCL timeout\n")
+    p.on_trial_recover(0, [], flaky)  # another failure: Tune retries it, nothing counted yet
+    assert p.failed == 0 and not stopper.stop_all()
+    bad = _FakeTrial(tmp_path, "bad", WRAPPED)
+    assert error_cause(bad) == "study.loop.BadDataError: window 4: /d/sub-07.h5: cannot decode frames [0:8]"
+    p.on_trial_recover(0, [], bad)
+    assert p.failed == 1 and stopper.stop_all() and stopped("q")
+    p.on_trial_complete(0, [bad], bad)  # stopped by the stopper while pending its retry
+    p.on_trial_error(0, [bad], bad)
+    other = _FakeTrial(tmp_path, "other", None, last_result={"status": "running", "is_final": False})
+    p.on_trial_complete(0, [other], other)
+    done = _FakeTrial(tmp_path, "done", None, last_result={"status": "finished", "is_final": True})
+    p.on_trial_complete(0, [done], done)
+    assert (p.failed, p.done, p.not_run) == (1, 1, 1)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "FAILED" in ln]
+    assert len(lines) == 1 and "bad subject file; stopping the study" in lines[0]
+    assert f"{bad.path}/error.txt" in lines[0] and "Traceback" not in lines[0]
+    reset("q")
+    assert not stopper.stop_all()

@@ -306,6 +306,9 @@ def error_cause(trial) -> str:
     except Exception:  # noqa: BLE001 - storage gone: say where to look
         pass
     lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    for ln in reversed(lines):  # a bad subject file, however deep it is wrapped (Ray Train, a DataLoader worker)
+        if "BadDataError: " in ln:
+            return ln[:500]
     for ln in reversed(lines):
         head = ln.split(":", 1)[0]
         if ":" in ln and head.replace(".", "").replace("_", "").isalnum() and head[:1].isupper():

@@ -9,8 +9,9 @@ Two trial launchers (:attr:`TrialSetup.launcher`):
   a trial starts no new process. Failures are retried by Tune from the run's newest checkpoint.
 
 * Grid runs: one Tuner over ``tune.grid_search`` of the spec dicts.
-* LR search: Optuna (``OptunaSearch``) takes no grid axes, so runs that differ only in LR are grouped
-  and each group gets its own Tuner whose only search dimension is ``lr`` (log-uniform).
+* LR search: runs that differ only in LR are grouped, and each group's Optuna search (log-uniform ``lr``)
+  lives in a journal file under the study's storage (:mod:`study.search_state`): generations of LRs, one
+  Tuner each, with :class:`StoreASHA`; a rerun of the same command continues every search where it was.
 * ASHA (``--asha``) stops poor trials early on ``val_loss`` reported at each evaluation.
 
 Resources per trial and concurrency come from the cluster: a trial driver takes 0.01 CPU (more would
@@ -36,6 +37,7 @@ from typing import Any, Iterable, Mapping
 
 import ray
 from ray import tune
+from ray.tune.schedulers import FIFOScheduler
 
 from study.launch_ray import fit_run
 from study.run_env import RunEnv
@@ -553,6 +555,73 @@ def asha_batches(specs: list[RunSpec]) -> list[tuple[list[RunSpec], bool]]:
     return ([(singles, False)] if singles else []) + out
 
 
+class StoreASHA(FIFOScheduler):
+    """ASHA's stopping rule as a pure function of stored rows (:func:`study.search_state.asha_should_stop`):
+    a run is judged on its own validation curve (seeded from the store: rows of an earlier, killed attempt
+    count) against ``references`` (the curves of earlier generations' runs, all in the store). No rung state
+    lives only in memory, so a resumed study makes the decisions an uninterrupted one makes."""
+
+    def __init__(self, curves: Mapping[str, Mapping[int, float]], references: list[Mapping[int, float]]) -> None:
+        super().__init__()
+        self.curves = {k: dict(v) for k, v in curves.items()}
+        self.references = [dict(r) for r in references]
+        self.decisions: dict[str, int] = {}
+
+    def on_trial_result(self, tune_controller, trial, result):
+        from study.search_state import asha_should_stop
+
+        step, v = result.get("step"), result.get("val_loss")
+        if (result.get("is_final") or result.get("status") != "running" or step is None or v is None
+                or not math.isfinite(float(v))):
+            return self.CONTINUE
+        run_id = str(result.get("run_id") or trial_spec(trial.config).run_id)
+        curve = self.curves.setdefault(run_id, {})
+        curve.setdefault(int(step), float(v))  # a re-emitted row carries the stored numbers: the first one wins
+        rung = asha_should_stop(curve, self.references, max_step=result.get("total_steps"))
+        if rung is None:
+            return self.CONTINUE
+        self.decisions[run_id] = rung
+        return self.STOP
+
+
+def run_lr_search(specs: list[RunSpec], *, env: RunEnv, setup: TrialSetup, storage: str, study: str,
+                  concurrency: int, lr_search, asha: bool, stage_ahead: int, progress: Progress) -> None:
+    """Durable Optuna LR search per run group (:mod:`study.search_state`): generations of trials asked from the
+    group's journal-stored Optuna study, each run as one Tuner (grid over the generation's LRs) with
+    :class:`StoreASHA`; a rerun of the same command continues each search where it was."""
+    from study.search_state import LRSearchState, journal_path, run_rows, val_curves
+
+    def stop_requested() -> bool:
+        return bool((env.stop_file and os.path.exists(env.stop_file)) or (env.deadline and time.time() > env.deadline))
+
+    for key, group in lr_groups(specs).items():
+        base = group[0]
+
+        def run_id_of(lr: float, base=base) -> str:
+            return base.replace(lr=float(lr)).run_id
+
+        state = LRSearchState(journal_path(env.store_dir), key, seed=base.seed, low=lr_search.low,
+                              high=lr_search.high, n_trials=lr_search.n_trials,
+                              batch=getattr(lr_search, "batch", None) or concurrency)
+        while not stop_requested():
+            state.sync(env.store_dir, run_id_of)  # runs finished before a kill: told, never rerun
+            todo = state.ask_generation()
+            if not todo:
+                break
+            gen = todo[0].generation
+            refs = [run_id_of(t.lr) for t in state.references(gen)]
+            mine = [run_id_of(t.lr) for t in todo]
+            curves = val_curves(run_rows(env.store_dir, refs + mine)) if asha else {}
+            scheduler = StoreASHA({r: curves.get(r, {}) for r in mine}, [curves.get(r, {}) for r in refs]) \
+                if asha else None
+            tuner = _tuner({"spec": tune.grid_search([base.replace(lr=t.lr).to_dict() for t in todo])}, env=env,
+                           setup=setup, name=f"{study}-lr-{key}-g{gen}", storage=storage, concurrency=concurrency,
+                           progress=progress, scheduler=scheduler,
+                           stage_ahead=stage_ahead if len(todo) > concurrency else 0)
+            tuner.fit()
+            state.sync(env.store_dir, run_id_of, failed=not stop_requested())
+
+
 def run_trials(specs: list[RunSpec], *, env: RunEnv | None = None, setup: TrialSetup | None = None,
                storage: str, study: str, concurrency: int, lr_search=None, asha: bool = False,
                max_steps: int | None = None, stage_ahead: int = 0, ctx: Mapping[str, Any] | None = None
@@ -597,15 +666,7 @@ def run_trials(specs: list[RunSpec], *, env: RunEnv | None = None, setup: TrialS
                            stage_ahead=stage_ahead if len(batch) > concurrency else 0)
             tuner.fit()
     else:
-        from ray.tune.search.optuna import OptunaSearch
-
-        for key, group in lr_groups(specs).items():
-            search = OptunaSearch(metric="val_loss", mode="min", seed=group[0].seed)
-            tuner = _tuner({"spec": group[0].to_dict(), "lr": tune.loguniform(lr_search.low, lr_search.high)},
-                           env=env, setup=setup, name=f"{study}-lr-{key}", storage=storage, concurrency=concurrency,
-                           progress=progress, num_samples=lr_search.n_trials, search_alg=search,
-                           scheduler=new_scheduler() if asha else None,
-                           stage_ahead=stage_ahead if lr_search.n_trials > concurrency else 0)
-            tuner.fit()
+        run_lr_search(specs, env=env, setup=setup, storage=storage, study=study, concurrency=concurrency,
+                      lr_search=lr_search, asha=asha, stage_ahead=stage_ahead, progress=progress)
     return {"done": progress.done, "failed": progress.failed, "early_stopped": progress.early_stopped,
             "errors": progress.errors, "bad_data_stop": stopped(study), "not_run": progress.not_run}

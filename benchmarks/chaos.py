@@ -1,0 +1,320 @@
+"""Seeded chaos campaign (issue #29 item 3): random kills during a small study with an Optuna LR search and
+early stopping, each followed by the documented recovery, compared with an uninterrupted study.
+
+The study (:func:`search_plan`): one run group of tiny NeuroMamba runs (CPU, fp32, 9 steps, an evaluation and
+a checkpoint every step) whose peak LR is searched by Optuna (6 trials in generations of 2, durable in the
+study's journal, :mod:`study.search_state`) with ASHA-style early stopping (``--asha``: :class:`study.sweep.StoreASHA`).
+
+A schedule (seeded) is a list of kills at random times after the driver starts:
+
+* ``driver``: SIGKILL of the driver's whole process group (and any of its Ray processes left), then the
+  documented recovery: rerun the same command;
+* ``trial``: SIGKILL of one inline trial actor (``ray::ImplicitFunc``, a descendant of this campaign's driver:
+  other users' processes are never touched); the recovery is automatic (Tune retries the trial, the run
+  resumes from its newest checkpoint).
+
+After the schedule the command is rerun until it exits 0, and the study is compared with a reference
+(uninterrupted, same seed): the same suggested LRs (trial by trial), the same Optuna trial states and values,
+the same finished and early-stopped runs at the same rungs, every (run_id, step) row once in the raw parts (the
+early-stop mark, which replaces a run's last row by design, excepted) with equal numbers (rel 1e-6).
+
+    OMP_NUM_THREADS=1 python benchmarks/chaos.py --seeds 1 2 3 --kills 4 --out chaos.json
+
+Prints and writes JSON: per schedule the kills (kind, time, whether a victim was found), recoveries, time to
+recover (kill to the next new row), rows lost / duplicated, decisions and suggestions that differed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from study.plans import LRSearch, StudyPlan  # noqa: E402
+from study.spec import RunSpec  # noqa: E402
+
+STUDY = "chaos"
+
+
+@dataclass(frozen=True)
+class BatchedLRSearch(LRSearch):
+    """An LR search with a fixed generation size (``study.search_state``; default: the trial concurrency)."""
+
+    batch: int = 2
+
+
+def search_plan(opts: Any = None) -> StudyPlan:
+    """One LR group of tiny NeuroMamba runs, 6 Optuna trials in generations of 2 (preset ``chaos:search_plan``)."""
+    base = RunSpec(study=getattr(opts, "study_name", None) or STUDY, family="neuromamba", size="debug",
+                   grid=(24, 24, 24), sequence_length=8, batch_size=4, budget_kind="steps", budget=9,
+                   eval_every=1, eval_windows=2, checkpoint_every=1, manifest=getattr(opts, "manifest", None) or "",
+                   precision="fp32", schedule="constant", warmup_frac=0.0, lr=1e-3)
+    return StudyPlan(name=STUDY, specs=[base], description="chaos campaign study",
+                     lr_search=BatchedLRSearch(low=1e-5, high=3e-2, n_trials=6, batch=2),
+                     cohort={"n_subjects": 12, "grid": (24, 24, 24), "n_frames": 16, "seed": 0})
+
+
+#: where the study's code runs from: the repository, or a frozen copy (:func:`freeze`)
+ROOT = REPO
+
+
+def freeze(dest: Path) -> Path:
+    """Run the studies from a copy of the code: on a shared checkout another engineer's edit would change the
+    study's source hash between a study and its rerun, and the study guard rightly refuses to mix results."""
+    import shutil
+
+    global ROOT
+    dest = Path(dest)
+    if not (dest / "study").exists():
+        for pkg in ("study", "neuro_models", "data", "analysis", "pbs"):
+            shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (dest / "benchmarks").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(HERE / "chaos.py", dest / "benchmarks" / "chaos.py")
+    ROOT = dest
+    return dest
+
+
+def command(storage: Path, name: str = STUDY) -> list[str]:
+    return [sys.executable, "study/scaling_law.py", "--preset", "chaos:search_plan", "--study-name", name,
+            "--storage", str(storage), "--num-cpus", "2", "--max-concurrent", "2", "--asha", "--no-report"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), str(ROOT / "benchmarks"),
+                                                      os.environ.get("PYTHONPATH", "")) if p)}
+
+
+# ------------------------------------------------------------------------------------------------------ snapshot
+def snapshot(storage: Path, name: str = STUDY) -> dict[str, Any]:
+    """What a study left: its searches (trial by trial), its rows (deduplicated), raw key counts, decisions."""
+    import pandas as pd
+
+    from study.search_state import (LRSearchState, asha_should_stop, journal_path, run_rows, val_curves)
+
+    store = storage / name / "store"
+    plan = search_plan(argparse.Namespace(study_name=name))
+    spec = plan.specs[0].replace(manifest=_manifest(storage), study=name)
+    key = spec.replace(lr=1.0).spec_hash  # study.sweep.lr_groups' key
+    ls = plan.lr_search
+    state = LRSearchState(journal_path(store), key, seed=spec.seed, low=ls.low, high=ls.high, n_trials=ls.n_trials,
+                          batch=ls.batch)
+    trials = state.trials()
+    rows = run_rows(store)
+    parts = sorted((store / "train").glob("part-*.parquet")) if (store / "train").exists() else []
+    raw = (pd.concat([pd.read_parquet(p, columns=["run_id", "step"]) for p in parts]) if parts
+           else pd.DataFrame(columns=["run_id", "step"]))
+    counts = raw.groupby(["run_id", "step"]).size() if len(raw) else pd.Series(dtype=int)
+    curves = val_curves(rows)
+    run_of = {t.number: spec.replace(lr=t.lr).run_id for t in trials}
+    decisions = {}
+    for t in trials:  # the rung each run was stopped at, recomputed from the rows (the rule is pure)
+        refs = [curves.get(run_of[r.number], {}) for r in trials if r.generation < t.generation]
+        decisions[run_of[t.number]] = asha_should_stop(curves.get(run_of[t.number], {}), refs, max_step=9)
+    status = {}
+    if len(rows):
+        for rid, g in rows.groupby("run_id"):
+            st = set(g["status"].astype(str)) if "status" in g else set()
+            status[rid] = ("finished" if g["is_final"].fillna(False).astype(bool).any()
+                           else "early_stopped" if "early_stopped" in st else "unfinished")
+    early_marked = {rid for rid, s in status.items() if s == "early_stopped"}
+    dup = {f"{k[0]}@{k[1]}": int(v) for k, v in counts.items() if v > 1
+           and not (k[0] in early_marked and int(k[1]) == int(rows[rows.run_id == k[0]]["step"].max()))}
+    return {"trials": [t.__dict__ for t in trials], "status": status, "decisions": decisions,
+            "rows": {f"{r.run_id}@{int(r.step)}": float(r.val_loss) for r in rows.itertuples()
+                     if getattr(r, "val_loss", None) is not None},
+            "duplicates": dup}
+
+
+def _manifest(storage: Path) -> str:
+    found = sorted((storage / "cohorts").glob("*/manifest.parquet"))
+    return str(found[0]) if found else ""
+
+
+def compare(ref: dict[str, Any], got: dict[str, Any], rel: float = 1e-6) -> dict[str, Any]:
+    """Differences between a chaos study and its reference (all empty / zero when it recovered exactly)."""
+    rt, gt = ref["trials"], got["trials"]
+    lr_diff = [i for i in range(max(len(rt), len(gt)))
+               if i >= len(rt) or i >= len(gt) or abs(rt[i]["lr"] - gt[i]["lr"]) > rel * abs(rt[i]["lr"])]
+    state_diff = [i for i in range(min(len(rt), len(gt)))
+                  if (rt[i]["state"], rt[i]["early_stopped"]) != (gt[i]["state"], gt[i]["early_stopped"])]
+    dec_diff = sorted(k for k in set(ref["decisions"]) | set(got["decisions"])
+                      if ref["decisions"].get(k) != got["decisions"].get(k))
+    status_diff = sorted(k for k in set(ref["status"]) | set(got["status"])
+                         if ref["status"].get(k) != got["status"].get(k))
+    # rows: every row of the reference must be there with equal numbers; a stopped run may have a row or two
+    # past its rung in either study (a stopped trial's last report races its kill), so those are not counted
+    lost = [k for k in ref["rows"] if k not in got["rows"] and not _past_stop(k, ref)]
+    extra = [k for k in got["rows"] if k not in ref["rows"] and not _past_stop(k, got)]
+    unequal = [k for k in ref["rows"] if k in got["rows"]
+               and abs(ref["rows"][k] - got["rows"][k]) > rel * max(1.0, abs(ref["rows"][k]))]
+    return {"suggestions_differing": len(lr_diff), "trial_states_differing": len(state_diff),
+            "decisions_differing": len(dec_diff) + len(status_diff), "rows_lost": len(lost),
+            "rows_extra": len(extra), "rows_unequal": len(unequal), "rows_duplicated": len(got["duplicates"]),
+            "detail": {"lr": lr_diff, "state": state_diff, "decisions": dec_diff, "status": status_diff,
+                       "lost": lost[:10], "extra": extra[:10], "unequal": unequal[:10],
+                       "duplicated": list(got["duplicates"])[:10]}}
+
+
+def _past_stop(key: str, snap: dict[str, Any]) -> bool:
+    rid, step = key.rsplit("@", 1)
+    rung = snap["decisions"].get(rid)
+    return snap["status"].get(rid) == "early_stopped" and rung is not None and int(step) > rung
+
+
+# ------------------------------------------------------------------------------------------------------ running
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    kids = _descendants(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for p in kids:  # Ray processes that left the group (none expected): still ours
+        try:
+            p.kill()
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+    proc.wait()
+
+
+def _n_rows(storage: Path, name: str) -> int:
+    from study.search_state import run_rows
+
+    return len(run_rows(storage / name / "store"))
+
+
+def run_reference(storage: Path, name: str = STUDY, timeout: float = 1800) -> float:
+    t0 = time.time()
+    out = subprocess.run(command(storage, name), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"reference study failed (rc {out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return time.time() - t0
+
+
+def run_schedule(storage: Path, seed: int, n_kills: int, *, name: str = STUDY, window: tuple[float, float] = (8, 40),
+                 kinds: tuple[str, ...] = ("driver", "trial"), timeout: float = 3600) -> dict[str, Any]:
+    """Run the study under a seeded schedule of ``n_kills`` kills, recover each as documented, finish it."""
+    rng = random.Random(seed)
+    schedule = [(rng.choice(kinds), rng.uniform(*window)) for _ in range(n_kills)]
+    kills: list[dict[str, Any]] = []
+    t_start = time.time()
+    proc = subprocess.Popen(command(storage, name), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    reruns = 0
+    for kind, delay in schedule:
+        t_launch = time.time()
+        while time.time() - t_launch < delay and proc.poll() is None:
+            time.sleep(0.2)
+        if proc.poll() is not None:  # the study ended before this kill: the schedule's rest is not applied
+            kills.append({"kind": kind, "at_s": round(delay, 1), "applied": False, "why": "study already done"})
+            break
+        rows_before = _n_rows(storage, name)
+        t_kill = time.time()
+        if kind == "driver":
+            _kill_tree(proc)
+            applied = True
+            proc = subprocess.Popen(command(storage, name), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)  # the documented recovery
+            reruns += 1
+        else:
+            victims = [p for p in _descendants(proc.pid) if "ray::ImplicitFunc" in " ".join(_cmdline(p))]
+            applied = bool(victims)
+            if victims:
+                rng.choice(victims).kill()
+        rec = {"kind": kind, "at_s": round(delay, 1), "applied": applied, "rows_before": rows_before}
+        # time to recover: the kill to the next new row (or the study's end)
+        while time.time() - t_kill < 600 and proc.poll() is None and _n_rows(storage, name) <= rows_before:
+            time.sleep(0.5)
+        rec["recover_s"] = round(time.time() - t_kill, 1)
+        kills.append(rec)
+    # finish: wait, rerun the same command until it exits 0 (a failed trial is not retried by the search)
+    rc = proc.wait(timeout=max(1.0, timeout - (time.time() - t_start)))
+    while rc != 0 and reruns < n_kills + 3:
+        reruns += 1
+        rc = subprocess.run(command(storage, name), cwd=ROOT, env=_env(), capture_output=True,
+                            timeout=timeout).returncode
+    return {"seed": seed, "kills": kills, "reruns": reruns, "exit": rc, "wall_s": round(time.time() - t_start, 1)}
+
+
+def _cmdline(p) -> list[str]:
+    try:
+        return p.cmdline()
+    except Exception:  # noqa: BLE001 - gone or not ours
+        return []
+
+
+def campaign(workdir: Path, seeds: list[int], n_kills: int, **kw) -> dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    freeze(workdir / "code")
+    ref_dir = workdir / "reference"
+    ref_s = run_reference(ref_dir)
+    ref = snapshot(ref_dir)
+    out = {"reference": {"wall_s": round(ref_s, 1), "trials": ref["trials"], "status": ref["status"]},
+           "schedules": []}
+    for seed in seeds:
+        sdir = workdir / f"seed{seed}"
+        # the cohort is generated once per storage: copy the reference's so the manifest hash matches
+        import shutil
+
+        shutil.copytree(ref_dir / "cohorts", sdir / "cohorts", dirs_exist_ok=True)
+        res = run_schedule(sdir, seed, n_kills, **kw)
+        res["compare"] = compare(ref, snapshot(sdir))
+        out["schedules"].append(res)
+        print(json.dumps({k: v for k, v in res.items() if k != "compare"} |
+                         {"compare": {k: v for k, v in res["compare"].items() if k != "detail"}}), flush=True)
+    applied = [k for s in out["schedules"] for k in s["kills"] if k.get("applied")]
+    tot = {k: sum(s["compare"][k] for s in out["schedules"]) for k in
+           ("suggestions_differing", "trial_states_differing", "decisions_differing", "rows_lost", "rows_extra",
+            "rows_unequal", "rows_duplicated")}
+    out["summary"] = {"schedules": len(seeds), "kills_applied": len(applied),
+                      "by_kind": {kd: sum(1 for k in applied if k["kind"] == kd) for kd in ("driver", "trial")},
+                      "recovered": sum(1 for s in out["schedules"] if s["exit"] == 0),
+                      "recover_s_max": max((k["recover_s"] for k in applied), default=None), **tot}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--kills", type=int, default=4, help="kills per schedule")
+    ap.add_argument("--window", type=float, nargs=2, default=(8.0, 40.0),
+                    help="each kill comes this many seconds (uniform) after the previous one / the start")
+    ap.add_argument("--workdir", default=None, help="where the studies go (default: a new temp dir)")
+    ap.add_argument("--out", default=None, help="write the JSON here too")
+    args = ap.parse_args(argv)
+    import tempfile
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="neurox-chaos-"))
+    res = campaign(workdir, args.seeds, args.kills, window=tuple(args.window))
+    text = json.dumps(res, indent=1, default=str)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(json.dumps(res["summary"], indent=1))
+    return 0 if all(res["summary"][k] == 0 for k in ("suggestions_differing", "decisions_differing", "rows_lost",
+                                                      "rows_duplicated", "rows_unequal")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Durable LR search and early stopping: a rerun of the same command continues where the study was.
+
+Issue #29, item 1. Two pieces of state used to live only in the driver's memory (Ray Tune's ``OptunaSearch``
+and ``ASHAScheduler``), so a study whose driver died and was rerun started its searches from scratch (other
+LRs, the budget spent twice) and judged runs against empty rungs. Here both are pure functions of what is on
+disk under ``--storage``:
+
+* **The search** is an Optuna study per run group (runs that differ only in LR, :func:`study.sweep.lr_groups`)
+  in Optuna's journal file storage (``<study>/search/lr-search.journal``, one append-only file with file locks:
+  no database server, works on shared file systems), study name ``lr-<group key>``. Trials are asked in
+  *generations* of ``batch`` trials (fixed when the search is created and stored with it); generation ``g``
+  is asked only after every trial of generations ``< g`` is told, and the sampler of trial ``k`` is a TPE
+  sampler seeded with ``(seed, k)``. So the LR of trial ``k`` depends only on the seed and the told results
+  of earlier generations: never on timing, on concurrency or on where the driver was killed.
+* **Mapping the results store to Optuna trials**: trial ``k``'s run is the group's spec with ``lr`` replaced
+  (its ``run_id`` follows). :meth:`LRSearchState.sync` tells every asked trial whose run has a final row
+  (``COMPLETE``, its last ``val_loss``) or was early-stopped (``COMPLETE``, the loss it reached, user attribute
+  ``early_stopped``) in the store, so a driver killed between a run's last row and Optuna's ``tell`` loses
+  nothing, and a trial told is never run again. An asked trial without a final row is rerun with the same LR
+  (its run resumes from its checkpoint); one whose trial failed in Tune (retries exhausted) is told ``FAIL``
+  and counts against ``n_trials``.
+* **Early stopping** (:func:`asha_should_stop`): asynchronous successive halving's rule (rungs at
+  ``grace * rf**i`` steps, stop a run worse than the best ``1/rf`` of the references at a rung, as Ray's
+  ``ASHAScheduler`` does with ``reduction_factor=3``, ``grace_period=1``), made a pure function of stored rows:
+  a run's value at a rung is its ``val_loss`` at its first evaluated step at or past the rung, and the
+  references are the runs of earlier generations (all finished before this generation started). A run of a
+  resumed generation is judged on the same rows as in an uninterrupted study, so it gets the same decision.
+
+This module imports neither Ray nor :mod:`study.sweep`; :mod:`study.sweep` drives it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+JOURNAL = "lr-search.journal"
+#: ASHA's parameters (those study.sweep always gave Ray's ASHAScheduler)
+GRACE, REDUCTION_FACTOR = 1, 3
+
+
+def journal_path(store_dir: str | os.PathLike) -> Path:
+    """Where a study's searches live: ``<study>/search/lr-search.journal`` beside ``<study>/store``."""
+    return Path(store_dir).parent / "search" / JOURNAL
+
+
+def journal_storage(path: str | os.PathLike):
+    """Optuna's journal file storage at ``path`` (created with its folder)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler seed of trial ``number`` (a pure function: a fresh driver asks what the old one would have)."""
+    return (int(seed) * 1_000_003 + int(number) * 7_919 + 17) % (2**31 - 1)
+
+
+# ---------------------------------------------------------------------------------------------------- stored rows
+def run_rows(store_dir: str | os.PathLike, run_ids: Iterable[str] | None = None):
+    """The deduplicated ``train`` rows of ``run_ids`` (all runs if None); an empty frame when there are none."""
+    import pandas as pd
+
+    from analysis.store import read_table
+
+    try:
+        df = read_table(store_dir, "train")
+    except (FileNotFoundError, ValueError):
+        return pd.DataFrame(columns=["run_id", "step"])
+    if df is None or df.empty or "run_id" not in df:
+        return pd.DataFrame(columns=["run_id", "step"])
+    if run_ids is not None:
+        df = df[df["run_id"].isin(set(run_ids))]
+    return df
+
+
+def val_curves(df) -> dict[str, dict[int, float]]:
+    """``run_id -> {step: val_loss}`` over rows with a finite ``val_loss``."""
+    out: dict[str, dict[int, float]] = {}
+    if df is None or df.empty or "val_loss" not in df:
+        return out
+    for run_id, step, v in zip(df["run_id"], df["step"], df["val_loss"]):
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            out.setdefault(str(run_id), {})[int(step)] = float(v)
+    return out
+
+
+def run_outcome(df, run_id: str) -> tuple[str, float | None]:
+    """What the store says of a run: ``("finished" | "early_stopped" | "stopped" | "unfinished", last val_loss)``."""
+    if df is None or df.empty:
+        return "unfinished", None
+    rows = df[df["run_id"] == run_id].sort_values("step")
+    if rows.empty:
+        return "unfinished", None
+    vals = rows["val_loss"].dropna() if "val_loss" in rows else rows.iloc[:0]
+    last = float(vals.iloc[-1]) if len(vals) else None
+    if "is_final" in rows and rows["is_final"].fillna(False).astype(bool).any():
+        return "finished", last
+    status = rows["status"].astype(str) if "status" in rows else None
+    if status is not None and (status == "early_stopped").any():
+        return "early_stopped", last
+    if status is not None and status.iloc[-1] == "stopped":
+        return "stopped", last
+    return "unfinished", last
+
+
+# ------------------------------------------------------------------------------------------------- early stopping
+def rungs(max_step: int | None, grace: int = GRACE, rf: int = REDUCTION_FACTOR, limit: int = 2**31) -> list[int]:
+    """Rung milestones ``grace, grace*rf, ...`` (below ``max_step`` when given: a run is never stopped at its end)."""
+    out, m = [], grace
+    while m < (max_step if max_step else limit):
+        out.append(m)
+        m *= rf
+    return out
+
+
+def rung_value(curve: Mapping[int, float], milestone: int) -> float | None:
+    """A run's value at a rung: its ``val_loss`` at the first evaluated step at or past ``milestone``."""
+    steps = [s for s in curve if s >= milestone]
+    return curve[min(steps)] if steps else None
+
+
+def asha_should_stop(curve: Mapping[int, float], references: Iterable[Mapping[int, float]], *,
+                     max_step: int | None = None, rf: int = REDUCTION_FACTOR, grace: int = GRACE
+                     ) -> int | None:
+    """The rung at which a run with validation curve ``curve`` is stopped, or None (go on).
+
+    At each rung the run has reached, it is stopped when worse (higher ``val_loss``) than the ``100/rf``-th
+    percentile of the ``references``' values at that rung (Ray's ASHA cutoff for ``mode="min"``). A pure
+    function of stored rows: the same rows give the same decision in any process, before or after a kill.
+    """
+    refs = list(references)
+    for m in rungs(max_step, grace, rf):
+        v = rung_value(curve, m)
+        if v is None:
+            break
+        at = [x for x in (rung_value(r, m) for r in refs) if x is not None]
+        if at and v > float(np.percentile(at, 100.0 / rf)):
+            return m
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------- the search
+@dataclass(frozen=True)
+class SearchTrial:
+    number: int
+    lr: float
+    generation: int
+    state: str  # optuna TrialState name: RUNNING, COMPLETE, FAIL, ...
+    value: float | None
+    early_stopped: bool = False
+
+
+class LRSearchState:
+    """One run group's LR search in Optuna's journal storage (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike, key: str, *, seed: int, low: float, high: float, n_trials: int,
+                 batch: int) -> None:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.path, self.key, self.name = Path(path), key, f"lr-{key}"
+        self.storage = journal_storage(path)
+        self.distribution = optuna.distributions.FloatDistribution(low, high, log=True)
+        study = optuna.create_study(storage=self.storage, study_name=self.name, direction="minimize",
+                                    load_if_exists=True)
+        attrs = study.user_attrs
+        if "batch" not in attrs:  # first creation: the search's design is stored with it and never changes
+            for k, v in (("seed", int(seed)), ("low", float(low)), ("high", float(high)),
+                         ("n_trials", int(n_trials)), ("batch", int(max(1, batch)))):
+                study.set_user_attr(k, v)
+            attrs = study.user_attrs
+        elif (attrs["low"], attrs["high"]) != (float(low), float(high)):
+            raise ValueError(f"LR search {self.name} in {path} was started over [{attrs['low']:g}, "
+                             f"{attrs['high']:g}], not [{low:g}, {high:g}]; use a new --study-name")
+        self.seed, self.batch = int(attrs["seed"]), int(attrs["batch"])
+        self.n_trials = max(int(n_trials), 0)
+
+    def _study(self, sampler=None):
+        import optuna
+
+        return optuna.load_study(study_name=self.name, storage=self.storage, sampler=sampler)
+
+    def trials(self) -> list[SearchTrial]:
+        out = []
+        for t in self._study().get_trials(deepcopy=False):
+            if "lr" not in t.params:
+                continue
+            out.append(SearchTrial(number=t.number, lr=float(t.params["lr"]), generation=t.number // self.batch,
+                                   state=t.state.name, value=t.value if t.values else None,
+                                   early_stopped=bool(t.user_attrs.get("early_stopped"))))
+        return sorted(out, key=lambda t: t.number)
+
+    def done(self) -> bool:
+        tr = self.trials()
+        return len(tr) >= self.n_trials and all(t.state != "RUNNING" for t in tr[:self.n_trials])
+
+    def ask_generation(self) -> list[SearchTrial]:
+        """The trials of the current generation that are still to run: those asked before (a resumed study)
+        plus, when the generation is not complete yet, new asks. Empty when the search is done."""
+        import optuna
+
+        tr = self.trials()
+        running = [t for t in tr if t.state == "RUNNING"]
+        gen = running[0].generation if running else (len(tr) // self.batch if len(tr) < self.n_trials else None)
+        if gen is None:
+            return []
+        end = min((gen + 1) * self.batch, self.n_trials)
+        n = len(tr)
+        while n < end:  # trial n's sampler sees only the told trials of earlier generations
+            sampler = optuna.samplers.TPESampler(seed=trial_seed(self.seed, n))
+            t = self._study(sampler).ask(fixed_distributions={"lr": self.distribution})
+            if t.number != n:
+                raise RuntimeError(f"LR search {self.name}: asked trial {t.number}, expected {n} "
+                                   f"(another driver on the same study?)")
+            n += 1
+        return [t for t in self.trials() if t.generation == gen and t.state == "RUNNING"]
+
+    def tell(self, number: int, outcome: str, value: float | None) -> None:
+        from optuna.trial import TrialState
+
+        study = self._study()
+        if outcome in ("finished", "early_stopped") and value is not None and math.isfinite(value):
+            if outcome == "early_stopped":
+                study._storage.set_trial_user_attr(study._storage.get_trial_id_from_study_id_trial_number(
+                    study._study_id, number), "early_stopped", True)
+            study.tell(number, value, state=TrialState.COMPLETE)
+        else:
+            study.tell(number, state=TrialState.FAIL)
+
+    def sync(self, store_dir: str | os.PathLike, run_id_of, *, failed: bool = False) -> list[int]:
+        """Tell every asked trial whose run is finished or early-stopped in the store (``run_id_of(lr)``: the run
+        of an LR); with ``failed``, also tell the rest ``FAIL`` unless the walltime guard stopped them.
+        Returns the numbers told."""
+        running = [t for t in self.trials() if t.state == "RUNNING"]
+        if not running:
+            return []
+        everyone = self.trials()
+        df = run_rows(store_dir, [run_id_of(t.lr) for t in everyone])
+        curves = val_curves(df)
+        told = []
+        for t in running:
+            outcome, value = run_outcome(df, run_id_of(t.lr))
+            if outcome == "early_stopped":  # the value at the rung it was stopped at, not its last row: a
+                # stopped trial may store a row or two more before it is killed, more or fewer after a resume
+                curve = curves.get(run_id_of(t.lr), {})
+                refs = [curves.get(run_id_of(r.lr), {}) for r in everyone if r.generation < t.generation]
+                total = df.loc[df["run_id"] == run_id_of(t.lr), "total_steps"].max() if "total_steps" in df else None
+                rung = asha_should_stop(curve, refs, max_step=None if total is None or total != total else int(total))
+                value = rung_value(curve, rung) if rung is not None else value
+            if outcome in ("finished", "early_stopped") and value is not None:
+                self.tell(t.number, outcome, value)
+                told.append(t.number)
+            elif failed and outcome != "stopped":
+                self.tell(t.number, "failed", None)
+                told.append(t.number)
+        return told
+
+    def references(self, generation: int) -> list[SearchTrial]:
+        """The trials ASHA judges generation ``generation``'s runs against: all of earlier generations."""
+        return [t for t in self.trials() if t.generation < generation]
+
+    def suggestions(self) -> list[float]:
+        return [t.lr for t in self.trials()]
+
+
+def group_key(spec) -> str:
+    """A run group's key (``study.sweep.lr_groups``: the spec hash at lr=1)."""
+    return spec.replace(lr=1.0).spec_hash
+
+
+def search_done(store_dir: str | os.PathLike, spec, n_trials: int) -> bool:
+    """Whether the LR search of ``spec``'s run group has all its ``n_trials`` trials told (done or failed)."""
+    path = journal_path(store_dir)
+    if not path.exists():
+        return False
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=f"lr-{group_key(spec)}", storage=journal_storage(path))
+    except KeyError:
+        return False
+    trials = sorted((t for t in study.get_trials(deepcopy=False) if "lr" in t.params), key=lambda t: t.number)
+    return len(trials) >= n_trials and all(t.state.name != "RUNNING" for t in trials[:n_trials])
+
+
+def unfinished_searches(store_dir: str | os.PathLike, specs, lr_search) -> list:
+    """The specs whose run group's LR search is not done (one per group is enough to run it)."""
+    return [s for s in specs if not search_done(store_dir, s, lr_search.n_trials)]

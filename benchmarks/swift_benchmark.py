@@ -49,12 +49,9 @@ REVISED_51M = dict(window_size=(4, 4, 4, 10))
 
 
 def _set_dynamo_limits() -> None:
-    import torch._dynamo.config as dc
+    from neuro_models.layers import raise_recompile_limits
 
-    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
-                 "accumulated_recompile_limit"):
-        if hasattr(dc, name):
-            setattr(dc, name, 256)
+    raise_recompile_limits()
 
 
 def small_regions(cfg, batch: int):

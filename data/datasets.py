@@ -11,9 +11,11 @@ Shape legend: B batch, C channels (1), X Y Z space, T time (frames).
 * ``grid``: the model grid; the stored brain box is placed centred in it. ``grid=None`` returns
   the crop itself (with ``crop_offset``), e.g. for models that drop background tokens;
 * ``defer=True`` leaves decoding/scaling/background fill to :func:`data.transforms.finish_on_device`
-  after the host-to-device copy: the loader then only reads float16 and pads (a memcpy), which is
-  what keeps a 16-worker loader ahead of the GPU. ``defer=False`` (default) returns finished float32
-  tensors, computed on the CPU in the loader workers.
+  after the host-to-device copy: the loader then only reads float16 and pads (contiguous copies), which
+  is what keeps a loader ahead of the GPU. A deferred ``x`` keeps the stored frame order, ``[1, T, X, Y, Z]``
+  (the transpose to the model's T-last layout is a strided copy of every voxel: on the device it is free,
+  in a worker it was a large part of a window's CPU time). ``defer=False`` (default) returns finished
+  float32 ``[1, X, Y, Z, T]`` tensors, computed on the CPU in the loader workers.
 
 TR handling: by default each item carries its subject's ``tr`` (seconds) and windows are counted in
 the subject's own frames. With ``target_tr`` set, windows are defined in time at that TR and frames
@@ -327,7 +329,7 @@ class WindowedDataset(torch.utils.data.Dataset):
         if self.grid is None:
             item["crop_offset"] = torch.tensor(info.crop_offset)
             if self.defer:
-                x = frames_TXYZ.permute(1, 2, 3, 0).unsqueeze(0)
+                x = frames_TXYZ.unsqueeze(0)  # stored order [1, T, X, Y, Z]; finish_on_device transposes
                 item["scale_coef"] = torch.tensor([mul, add, bg], dtype=torch.float32)
             else:
                 x = torch.empty((1, *info.crop_shape, frames_TXYZ.shape[0]), dtype=torch.float32)
@@ -341,8 +343,8 @@ class WindowedDataset(torch.utils.data.Dataset):
             mask[sl] = mask_c
             T = frames_TXYZ.shape[0]
             if self.defer:
-                x = torch.zeros((1, *self.grid, T), dtype=torch.float16)
-                x[(0, *sl)] = frames_TXYZ.permute(1, 2, 3, 0)
+                x = torch.zeros((1, T, *self.grid), dtype=torch.float16)  # stored order, see the module doc
+                x[(0, slice(None), *sl)] = frames_TXYZ
                 item["scale_coef"] = torch.tensor([mul, add, bg], dtype=torch.float32)
             else:
                 x = torch.full((1, *self.grid, T), bg, dtype=torch.float32)

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.profiler import record_function
 
+from data.transforms import all_finite
 from study import checkpoint as ckpt
 from study.devices import DistContext
 from study.reporters import Reporter
@@ -164,8 +165,20 @@ class SampleOrder:
 
 
 
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``; in a loader worker straight into shared memory (as ``default_collate`` does), so the
+    batch is not copied a second time when the worker hands it to the training process (a 51M micro-batch
+    of 16 windows at 96^3 x 20 in float16 is 566 MB)."""
+    if torch.utils.data.get_worker_info() is None or tensors[0].device.type != "cpu":
+        return torch.stack(tensors)
+    first = tensors[0]
+    storage = first._typed_storage()._new_shared(first.numel() * len(tensors), device=first.device)
+    out = first.new(storage).resize_(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
+
+
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"x": torch.stack([it["x"] for it in items])}
+    out: dict[str, Any] = {"x": _stack([it["x"] for it in items])}
     for key in ("brain_mask", "scale_coef"):
         if key in items[0]:
             out[key] = torch.stack([it[key] for it in items])
@@ -292,7 +305,7 @@ class PositionDataset(torch.utils.data.Dataset):
             item = self.ds[idx]
         except (OSError, ValueError, KeyError) as exc:  # SubjectFileError is a ValueError
             raise self._bad(f"window {idx}: {exc}", path, exc) from exc
-        if not bool(torch.isfinite(item["x"]).all()):
+        if not all_finite(item["x"]):
             src = path or item.get("subject", "?")
             raise self._bad(f"window {idx} of {src} (subject {item.get('subject', '?')}): non-finite values", path)
         return item

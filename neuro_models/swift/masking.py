@@ -102,6 +102,9 @@ def make_mask(cfg: SwiftConfig, batch_size: int, *, generator: torch.Generator |
             m = m.view(1, 1, 1, ct).expand(cx, cy, cz, ct)
         masks.append(m)
     mask = torch.stack(masks)  # [B, cx, cy, cz, ct]
-    for ax, c in enumerate(cell, start=1):
-        mask = mask.repeat_interleave(c, dim=ax)
+    # each cell to its (a, b, c, d) tokens: repeat_interleave along every axis, as one broadcast copy (four
+    # repeat_interleave calls on a bool tensor were most of a loader worker's mask time)
+    (a, b, c, d), B = cell, mask.shape[0]
+    mask = (mask[:, :, None, :, None, :, None, :, None].expand(B, cx, a, cy, b, cz, c, ct, d)
+            .reshape(B, cx * a, cy * b, cz * c, ct * d))
     return mask.to(device) if device is not None else mask

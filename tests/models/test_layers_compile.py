@@ -112,3 +112,24 @@ def test_sdpa_chunks_large_sequence_batches_exactly(monkeypatch):
     torch.testing.assert_close(out, ref)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b)
+
+
+def test_compile_regions_raises_dynamos_recompile_limit():
+    """One region's code serves every stage shape in training and evaluation: at PyTorch's default limit of 8
+    variants Dynamo silently falls back to eager for the rest (seen in train() on an H100)."""
+    import torch._dynamo.config as dc
+    from torch import nn
+
+    from neuro_models.layers import RECOMPILE_LIMIT, compile_regions
+
+    name = "recompile_limit" if hasattr(dc, "recompile_limit") else "cache_size_limit"
+    old = getattr(dc, name)
+    try:
+        setattr(dc, name, 8)
+        compile_regions(nn.Sequential(nn.Linear(2, 2)))
+        assert getattr(dc, name) == RECOMPILE_LIMIT
+        setattr(dc, name, 1024)
+        compile_regions(nn.Sequential(nn.Linear(2, 2)))
+        assert getattr(dc, name) == 1024  # never lowered
+    finally:
+        setattr(dc, name, old)

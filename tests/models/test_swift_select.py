@@ -170,3 +170,22 @@ def test_compiled_patch_embed_selection_under_bf16_autocast():
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
     for a, b in zip(grads[1], grads[0]):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("masking_type", ["random", "tube", "temporal"])
+def test_make_mask_equals_the_cell_masks_repeated_per_axis(masking_type):
+    """make_mask's one broadcast copy equals repeat_interleave of the cell mask along every axis (the
+    definition), cell by cell: the loader makes one mask per sample, so its speed is the loader's."""
+    from neuro_models.swift.masking import _cells, make_mask
+
+    cfg = R.get_config("swift_v2", "51M", patch_size=(6, 6, 6, 1), window_size=(4, 4, 4, 4),
+                       mask_patch_size=(12, 12, 12, 2), masking_type=masking_type)
+    cell, counts = _cells(cfg)
+    m = make_mask(cfg, 3, generator=torch.Generator().manual_seed(7))
+    cells = m[:, ::cell[0], ::cell[1], ::cell[2], ::cell[3]]
+    assert tuple(cells.shape[1:]) == tuple(counts)
+    ref = cells
+    for ax, c in enumerate(cell, start=1):
+        ref = ref.repeat_interleave(c, dim=ax)
+    assert torch.equal(m, ref) and m.dtype == torch.bool
+    assert torch.equal(m, make_mask(cfg, 3, generator=torch.Generator().manual_seed(7)))

@@ -27,16 +27,24 @@ Implementations (``impl``):
   On an H100 it compiled for ~200 s and then ran 2.3x *slower* than ``"chunked"`` (whose
   hand-written backward is 1.9x faster than autograd), so ``"auto"`` never picks it
   (``benchmarks/results/mamba.md``).
+- ``"fused"``: the Triton kernels of :mod:`neuro_models.mamba.kernels.selective_scan` (forward and
+  backward, state in registers, resets at sequence starts), a ``torch.library`` custom op; CUDA with
+  Triton (or CPU under ``TRITON_INTERPRET=1``, for tests), float32/bf16/fp16 inputs.
 - ``"sequential"``: a plain loop over time steps; the float64 reference used by the tests.
 - ``"mamba_ssm"``: the CUDA kernel of the ``mamba-ssm`` package, used only when it is importable,
   the tensors are on CUDA and there are no interior sequence starts (the kernel has no boundary
-  input); otherwise ``"auto"`` falls back to ``"chunked"``.
+  input).
+
+``"auto"`` picks ``"fused"`` where it can run (not for float64), else ``"mamba_ssm"`` where it can,
+else ``"chunked"``. The environment variable ``NEUROMAMBA_SCAN`` (``fused``, ``chunked``, ...) replaces
+what ``"auto"`` picks, e.g. to time or rule out the kernel without changing a config.
 
 Shapes: ``R`` rows (batch rows or packed rows), ``L`` tokens, ``E`` channels, ``N`` state size.
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +54,30 @@ try:  # optional CUDA kernels; never required
 except Exception:  # pragma: no cover - mamba-ssm is not installed in CI
     _mamba_ssm_scan = None
 
-SCAN_IMPLS = ("auto", "chunked", "chunked_autograd", "compiled", "sequential", "mamba_ssm")
+SCAN_IMPLS = ("auto", "chunked", "chunked_autograd", "compiled", "sequential", "mamba_ssm", "fused")
+
+#: environment variable that replaces what ``impl="auto"`` picks (one of ``SCAN_IMPLS`` other than "auto")
+SCAN_ENV = "NEUROMAMBA_SCAN"
+
+
+def fused_available(device: torch.device) -> bool:
+    """True when the fused Triton scan can run for tensors on ``device`` (CUDA with Triton, or the interpreter)."""
+    from .kernels.selective_scan import available  # imports Triton only here
+
+    return available(device)
+
+
+def _auto_impl(u: torch.Tensor) -> str:
+    """What ``impl="auto"`` runs for ``u``: ``$NEUROMAMBA_SCAN`` if set, else "fused" where it can run, else "auto"
+    (the mamba-ssm / chunked choice below)."""
+    forced = os.environ.get(SCAN_ENV)
+    if forced:
+        if forced not in SCAN_IMPLS or forced == "auto":
+            raise ValueError(f"{SCAN_ENV}={forced!r}; allowed: {SCAN_IMPLS[1:]}")
+        return forced
+    if u.dtype != torch.float64 and fused_available(u.device):
+        return "fused"
+    return "auto"
 
 
 def mamba_ssm_available() -> bool:
@@ -308,8 +339,9 @@ def selective_scan(u_RLE, delta_RLE, A_EN, B_RLN, C_RLN, D_E=None, z_RLE=None, s
         Gate; the output is multiplied by ``silu(z)``.
     starts_RL : bool Tensor [R, L] or None
         True at the first token of each packed sequence (state reset there).
-    impl : {"auto", "chunked", "chunked_autograd", "compiled", "sequential", "mamba_ssm"}
-        See the module docstring. ``"auto"`` uses ``mamba_ssm`` when possible, else ``"chunked"``.
+    impl : {"auto", "chunked", "chunked_autograd", "compiled", "sequential", "mamba_ssm", "fused"}
+        See the module docstring. ``"auto"`` uses ``"fused"`` where it can run, else ``mamba_ssm`` when
+        possible, else ``"chunked"`` (``$NEUROMAMBA_SCAN`` overrides it).
     chunk : int
         Chunk length of the chunked scan.
 
@@ -320,6 +352,12 @@ def selective_scan(u_RLE, delta_RLE, A_EN, B_RLN, C_RLN, D_E=None, z_RLE=None, s
     """
     if impl not in SCAN_IMPLS:
         raise ValueError(f"scan impl={impl!r}; allowed: {SCAN_IMPLS}")
+    if impl == "auto":
+        impl = _auto_impl(u_RLE)
+    if impl == "fused":  # before the interior-start test below, a host sync that would break a compiled graph
+        from .kernels.selective_scan import fused_selective_scan
+
+        return fused_selective_scan(u_RLE, delta_RLE, A_EN, B_RLN, C_RLN, D_E, z_RLE, starts_RL)
     interior = starts_RL is not None and bool(starts_RL[:, 1:].any())
     starts = starts_RL if interior else None
     if impl in ("auto", "chunked", "compiled") and not (impl == "auto" and _mamba_ssm_scan is not None
@@ -355,7 +393,7 @@ def scan_flops_per_token(d_inner: int, d_state: int) -> int:
     return 7 * d_inner * d_state + 5 * d_inner
 
 
-__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_chunked_autograd", "selective_scan_sequential", "linear_recurrence_scan",
+__all__ = ["selective_scan", "fused_available", "SCAN_ENV", "selective_scan_chunked", "selective_scan_chunked_autograd", "selective_scan_sequential", "linear_recurrence_scan",
            "mamba_ssm_available", "scan_flops_per_token", "SCAN_IMPLS"]
 
 

@@ -1,0 +1,288 @@
+"""The fused Triton selective scan (``neuro_models.mamba.kernels.selective_scan``) against the float64 sequential
+reference, values and every gradient, under the Triton interpreter on CPU; its custom-op (fake/meta) registration;
+and the ``impl="auto"`` selection. On GPU see ``benchmarks/mamba_scan_benchmark.py``.
+
+The interpreter must be on before Triton decorates the kernels, so the kernel checks run this file as a script in a
+subprocess (``python test_mamba_scan_triton.py <case>``, through ``interpreted.run_check``); it prints ``ok`` last.
+The interpreter runs each program's time loop in Python, so the default-suite cases shrink ``T_CHUNK`` to 8 (every
+configuration's ``BLOCK_E`` and ``num_warps`` as used, several chunks per row); the ``slow`` cases run every
+configuration of ``CONFIGS`` exactly, and a NeuroMamba model with the fused scan against the chunked one.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:  # as a pytest module; the subprocess script only needs torch and neuro_models
+    from interpreted import run_check  # this folder (pytest puts it on sys.path)
+except ImportError:  # pragma: no cover
+    run_check = None
+
+from neuro_models.mamba.scan import SCAN_ENV, selective_scan, selective_scan_sequential
+
+# ------------------------------------------------------------------------------------------------------------------
+# shared by the in-process tests and the subprocess cases
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def packed_starts(R: int, L: int, lengths: list[list[int]], gap: int = 3) -> torch.Tensor:
+    """Sequence starts of rows packed like ``tokens.pack_kept``: each sample preceded by ``gap`` gap tokens; the row
+    ends in padding (the round-up)."""
+    starts = torch.zeros(R, L, dtype=torch.bool)
+    for r, lens in enumerate(lengths):
+        pos = 0
+        for n in lens:
+            pos += gap
+            starts[r, pos] = True
+            pos += n
+        assert pos <= L, (pos, L)
+    return starts
+
+
+def make_inputs(R, L, E, N, *, seed=0, dtypes=None, with_D=True, with_z=True):
+    """float64 leaves and the same values in the kernel's dtypes (``dtypes``: name -> dtype, default float32), both
+    requiring grad; the float64 ones are the low-precision values upcast, so only the kernel's arithmetic differs."""
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.float64
+    vals = {"u": torch.randn(R, L, E, generator=g, dtype=dt),
+            "delta": F.softplus(torch.randn(R, L, E, generator=g, dtype=dt) - 1.0),
+            "A": -torch.exp(torch.randn(E, N, generator=g, dtype=dt)),
+            "B": torch.randn(R, L, N, generator=g, dtype=dt),
+            "C": torch.randn(R, L, N, generator=g, dtype=dt),
+            "D": torch.randn(E, generator=g, dtype=dt) if with_D else None,
+            "z": torch.randn(R, L, E, generator=g, dtype=dt) if with_z else None}
+    dtypes = dtypes or {}
+    low, ref = {}, {}
+    for k, v in vals.items():
+        if v is None:
+            low[k] = ref[k] = None
+            continue
+        t = v.to(dtypes.get(k, torch.float32))
+        low[k] = t.clone().requires_grad_()
+        ref[k] = t.to(dt).requires_grad_()
+    return low, ref
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def check_against_reference(fn, R, L, E, N, starts, *, dtypes=None, with_D=True, with_z=True, seed=0,
+                            what="") -> None:
+    """``fn(u, delta, A, B, C, D, z, starts)`` (a fused scan) against ``selective_scan_sequential`` in float64:
+    the output, and the gradient of every input, for a random upstream gradient.
+
+    Tolerances: the output is float32 (1e-5 relative L2, float32 arithmetic over <= a few hundred steps); each
+    gradient comes back in its input's dtype, so 1e-5 for float32 and 2^-8 (the bf16/fp16 rounding) otherwise."""
+    low, ref = make_inputs(R, L, E, N, seed=seed, dtypes=dtypes, with_D=with_D, with_z=with_z)
+    names = [k for k in ("u", "delta", "A", "B", "C", "D", "z") if low[k] is not None]
+    dy = torch.randn(R, L, E, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    y_ref = selective_scan_sequential(*(ref[k] for k in ("u", "delta", "A", "B", "C", "D", "z")), starts=starts)
+    g_ref = torch.autograd.grad((y_ref * dy).sum(), [ref[k] for k in names])
+    y = fn(*(low[k] for k in ("u", "delta", "A", "B", "C", "D", "z")), starts)
+    assert y.dtype == torch.float32 and y.shape == (R, L, E), (what, y.dtype, y.shape)
+    g = torch.autograd.grad((y * dy.float()).sum(), [low[k] for k in names])
+    assert rel(y, y_ref) < 1e-5, (what, "y", rel(y, y_ref))
+    for k, a, b in zip(names, g, g_ref):
+        assert a.dtype == low[k].dtype and a.shape == low[k].shape, (what, k, a.dtype, a.shape)
+        tol = 1e-5 if low[k].dtype == torch.float32 else 2.0 ** -8
+        assert rel(a, b) < tol, (what, k, rel(a, b), tol)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# subprocess cases (TRITON_INTERPRET=1)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _fused(cfg):
+    from neuro_models.mamba.kernels.selective_scan import fused_selective_scan
+
+    return lambda u, d, A, B, C, D, z, st: fused_selective_scan(u, d, A, B, C, D, z, st, config=cfg)
+
+
+def _cases_for(cfg: dict, *, bf16: bool, full: bool) -> None:
+    """One configuration: rows of several chunks, the last partial; E spanning a partial second channel block;
+    N = 16 (the model's) and N = 5 (a padded state block); resets at packed sample starts after gap tokens
+    (one sample of one token, one starting at a chunk boundary), and rows without any start."""
+    T, BE = cfg["T_CHUNK"], cfg["BLOCK_E"]
+    R, L, E = 2, 2 * T + 5, BE + 3
+    starts = packed_starts(R, L, [[T - 4, 1, 4], [T - 6, T - 6, 7]])
+    assert starts[1, T] and starts[0, T + 2], "a start on a chunk boundary, a one-token sample after the boundary"
+    fn = _fused(cfg)
+    check_against_reference(fn, R, L, E, 16, starts, what=f"{cfg} fp32")
+    if bf16:  # the model's mix under bf16 autocast: u, B, C, z in bf16, delta and A and D in float32
+        dts = {"u": torch.bfloat16, "B": torch.bfloat16, "C": torch.bfloat16, "z": torch.bfloat16}
+        check_against_reference(fn, R, L, E, 16, starts, dtypes=dts, what=f"{cfg} bf16 mix")
+    if full:
+        check_against_reference(fn, 1, L - 2, E, 5, None, with_D=False, with_z=False, seed=3,
+                                what=f"{cfg} N=5 no D/z/starts")
+        dts = {k: torch.float16 for k in ("u", "delta", "B", "C", "z")}
+        check_against_reference(fn, R, L, E, 16, starts, dtypes=dts, seed=4, what=f"{cfg} fp16")
+
+
+def case_small() -> None:
+    """Every configuration's BLOCK_E / num_warps with T_CHUNK 8 (the carries over several chunks as on a GPU)."""
+    from neuro_models.mamba.kernels.selective_scan import CONFIGS
+
+    for i, cfg in enumerate(CONFIGS):
+        small = dict(cfg, T_CHUNK=8)
+        _cases_for(small, bf16=(i == 0), full=False)
+    # 6 chunks (the carry loop's groups of four, full and partial), starts in several; and no D, no z, no starts,
+    # N not a power of two, one row
+    small = dict(CONFIGS[0], T_CHUNK=8)
+    check_against_reference(_fused(small), 1, 45, 6, 16, packed_starts(1, 45, [[9, 1, 17, 5]]), seed=6,
+                            what="6 chunks")
+    check_against_reference(_fused(small), 1, 19, 6, 5, None, with_D=False, with_z=False, seed=5,
+                            what="no D/z/starts, N=5")
+
+
+def case_configs() -> None:
+    """Every configuration of CONFIGS exactly (slow under the interpreter)."""
+    from neuro_models.mamba.kernels.selective_scan import CONFIGS
+
+    for cfg in CONFIGS:
+        _cases_for(cfg, bf16=True, full=True)
+
+
+def case_op() -> None:
+    """The custom op's registration: ``torch.library.opcheck`` (schema, fake tensor, autograd registration,
+    AOT dispatch) on both ops, and a ``torch.compile(fullgraph=True)`` of a scan with its backward through the fake
+    implementations, which must equal the eager result."""
+    from neuro_models.mamba.kernels.selective_scan import CONFIGS
+
+    cfg = dict(CONFIGS[0], T_CHUNK=4)
+    low, _ = make_inputs(1, 9, 5, 4, seed=7)
+    starts = packed_starts(1, 9, [[2, 1]], gap=2)
+    args = (low["u"], low["delta"], low["A"], low["B"], low["C"], low["D"], low["z"], starts,
+            cfg["T_CHUNK"], cfg["BLOCK_E"], cfg["num_warps"])
+    torch.library.opcheck(torch.ops.neuromamba.selective_scan_fwd.default, args)
+    y, h_in = torch.ops.neuromamba.selective_scan_fwd(*args)
+    dy = torch.randn_like(y)
+    bargs = (dy,) + tuple(a.detach() if isinstance(a, torch.Tensor) and a.dtype.is_floating_point else a
+                          for a in args[:8]) + (h_in.detach(),) + args[8:]
+    torch.library.opcheck(torch.ops.neuromamba.selective_scan_bwd.default, bargs)
+
+    def step(u, d, A, B, C, D, z, st):
+        y = selective_scan(u, d, A, B, C, D, z, st, impl="fused")
+        return (y * y).sum()
+
+    leaves = [low[k] for k in ("u", "delta", "A", "B", "C", "D", "z")]
+    eager = torch.autograd.grad(step(*leaves, starts), leaves)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(*leaves, starts), leaves)
+    for a, b in zip(got, eager):
+        assert torch.equal(a, b), rel(a, b)
+
+
+def case_model() -> None:
+    """NeuroMamba (debug size, background removal and packing) with the fused scan equals the chunked scan: loss and
+    every parameter gradient, in float32."""
+    from neuro_models import registry as R
+
+    img = (12, 18, 24, 6)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, *img, generator=g)
+    m = torch.zeros(2, *img[:3], dtype=torch.bool)
+    m[0, 2:9, 3:10, 4:15] = True
+    m[1, 7:12, 1:16, 13:24] = True
+    out = {}
+    for impl in ("chunked", "fused"):
+        torch.manual_seed(0)
+        model = R.build_pretrain_model(R.get_config("neuromamba", "debug", img_size=img, scan_impl=impl))
+        loss = model(x, brain_mask=m)["loss"]
+        loss.backward()
+        out[impl] = (loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert abs(float(out["fused"][0] - out["chunked"][0])) <= 1e-5 * abs(float(out["chunked"][0])), out
+    assert rel(out["fused"][1], out["chunked"][1]) < 1e-5, rel(out["fused"][1], out["chunked"][1])
+
+
+CASES = {"small": case_small, "configs": case_configs, "op": case_op, "model": case_model}
+
+# ------------------------------------------------------------------------------------------------------------------
+# pytest
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _run(case: str) -> None:
+    run_check("test_mamba_scan_triton.py", case)
+
+
+def test_kernel_matches_float64_reference_every_block_size():
+    _run("small")
+
+
+def test_custom_op_registration_and_compiled_graph():
+    _run("op")
+
+
+@pytest.mark.slow
+def test_kernel_matches_float64_reference_every_launch_configuration():
+    _run("configs")
+
+
+@pytest.mark.slow
+def test_model_with_fused_scan_matches_chunked_scan():
+    _run("model")
+
+
+def test_reference_helper_can_fail():
+    """The comparison used by every case must reject a scan that is wrong only after a reset."""
+    def no_reset(u, d, A, B, C, D, z, st):
+        return selective_scan_sequential(u.float(), d.float(), A.float(), B.float(), C.float(), D.float(),
+                                         z.float(), starts=None)
+
+    starts = packed_starts(1, 20, [[5, 6]])
+    with pytest.raises(AssertionError):
+        check_against_reference(no_reset, 1, 20, 3, 4, starts)
+    check_against_reference(lambda u, d, A, B, C, D, z, st: selective_scan_sequential(
+        u.float(), d.float(), A.float(), B.float(), C.float(), D.float(), z.float(), starts=st), 1, 20, 3, 4, starts)
+
+
+def test_auto_selection_and_override(monkeypatch):
+    from neuro_models.mamba import scan
+    from neuro_models.mamba.kernels import selective_scan as K
+
+    u = torch.zeros(1, 4, 2)
+    monkeypatch.delenv(SCAN_ENV, raising=False)
+    if os.environ.get("TRITON_INTERPRET") != "1":  # plain CPU: the fused scan cannot run, auto keeps the old choice
+        assert not K.available(torch.device("cpu")) and scan._auto_impl(u) == "auto"
+        with pytest.raises(RuntimeError, match="chunked"):
+            K.fused_selective_scan(u, u, torch.zeros(2, 3), torch.zeros(1, 4, 3), torch.zeros(1, 4, 3))
+    assert scan._auto_impl(u.double()) in ("auto",)  # float64 never goes to the float32 kernel
+    monkeypatch.setattr(K, "available", lambda device: True)
+    assert scan._auto_impl(u) == "fused" and scan._auto_impl(u.double()) == "auto"
+    monkeypatch.setenv(SCAN_ENV, "chunked")
+    assert scan._auto_impl(u) == "chunked"
+    monkeypatch.setenv(SCAN_ENV, "auto")
+    with pytest.raises(ValueError, match=SCAN_ENV):
+        scan._auto_impl(u)
+    with pytest.raises(ValueError, match="float64"):
+        K.fused_selective_scan(u.double(), u.double(), torch.zeros(2, 3), torch.zeros(1, 4, 3), torch.zeros(1, 4, 3))
+    with pytest.raises(ValueError, match="B has shape"):
+        K.fused_selective_scan(u, u, torch.zeros(2, 3), torch.zeros(1, 5, 3), torch.zeros(1, 4, 3))
+
+
+def test_config_accepts_fused_and_env_forces_chunked(monkeypatch):
+    """``scan_impl="fused"`` is a valid config; ``$NEUROMAMBA_SCAN=chunked`` makes "auto" the chunked scan, equal to it
+    bit for bit."""
+    from neuro_models import registry as R
+
+    R.get_config("neuromamba", "debug", scan_impl="fused")
+    monkeypatch.setenv(SCAN_ENV, "chunked")
+    low, _ = make_inputs(1, 12, 3, 4)
+    args = [low[k].detach() for k in ("u", "delta", "A", "B", "C", "D", "z")]
+    st = packed_starts(1, 12, [[4, 3]], gap=1)
+    assert torch.equal(selective_scan(*args, st, impl="auto"), selective_scan(*args, st, impl="chunked"))
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run with TRITON_INTERPRET=1 (through interpreted.run_check)")
+    torch.manual_seed(0)
+    CASES[sys.argv[1]]()
+    print("ok")

@@ -4,14 +4,14 @@ cohort and IsoFLOP design, study/plans.py ``demo``) must end with an approach-3 
 
 What it does not reach yet: ``valid`` (analysis/validity.py). The fit's only warnings are standard errors larger than
 their estimates (alpha, A, B): the signs are established, the magnitudes are not pinned. Measured cause (issue #21
-item 4 report): run-to-run noise of ~2.5% of the loss in the short runs (width 32, 277 steps: 0.0763 with seed 0,
-0.0737 with seed 1: the drop out of the initial plateau comes at a seed-dependent step; at 553 steps 0.0694 vs 0.0693)
-against final losses spread over 0.065-0.090, on 10 IsoFLOP runs (5 of them under 450 steps) over a 13x range of N and
-5x of D; the free 5-parameter fit leaves log residuals of 1.5% rms on its 11 points, a law with alpha = beta = 0.5
-2.5%. The SE rule for ``A`` (``A = exp(a)``, ``a`` correlated with alpha through ``ln N ~ 12``) needs SE(alpha) <~
-0.06: simulated laws exactly of the form on this design were not valid at 2.5% or 0.5% noise, nor a 4x4 width x steps
-factorial at 0.5%. When the design or cohort does reach it, the xfail below turns into a pass and this docstring must
-say so."""
+item 4 report): seed-to-seed differences of 3-4% of the loss in the short runs (width 32, 277 steps: 0.0763 with seed
+0, 0.0737 with seed 1; width 16, 433 steps: 0.0759 vs 0.0731), 0.15% in the longer ones (width 32, 553 steps: 0.0694
+vs 0.0693; width 48, 541 steps: 0.0691 vs 0.0690) against final losses spread over 0.065-0.090, on 10 IsoFLOP runs (5
+of them under 450 steps) over a 13x range of N and 5x of D; the free 5-parameter fit leaves log residuals of 1.5% rms
+on its 11 points, a law with alpha = beta = 0.5 2.5%. The SE rule for ``A`` (``A = exp(a)``, ``a`` correlated with
+alpha through ``ln N ~ 12``) needs SE(alpha) <~ 0.06: simulated laws exactly of the form on this design were not valid
+at 2.5% or 0.5% noise, nor a 4x4 width x steps factorial at 0.5%. When the design or cohort does reach it, the xfail
+below turns into a pass and this docstring must say so."""
 from __future__ import annotations
 
 import json

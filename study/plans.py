@@ -102,13 +102,13 @@ def run_summary(spec: RunSpec) -> dict[str, Any]:
 # presets
 # --------------------------------------------------------------------------------------------------
 # What this design can show (issue #21 item 4, measured): approach 3 gets alpha, beta > 0 with intervals excluding 0
-# and extrapolates to the largest budget within 10%, but analysis.validity marks it not valid (SE of alpha, A, B larger
-# than the estimates). Seed-to-seed differences are 3-4% of the loss in the short runs (w32 277 steps: seed 0 0.0763,
-# seed 1 0.0737; w16 433 steps: 0.0759 / 0.0731) and 0.15% in longer ones (w32 553 steps: 0.0694 / 0.0693; w48 541
-# steps: 0.0691 / 0.0690), against final losses spread over 0.065-0.090; the SE rule on A = exp(a), with ln N ~ 12,
-# needs SE(alpha) <~ 0.06. Laws exactly of the form, simulated on these 10 runs at 2.5% or 0.5% noise, were not valid, nor a
-# 4x4 width x steps factorial at 0.5%: pinning the magnitudes takes longer runs over a wider range of D than 10
-# minutes on 2 CPUs hold.
+# and extrapolates to the largest budget within 10%, but analysis.validity marks it not valid (SE of alpha, A, B
+# larger than the estimates). Seed-to-seed differences are 3-4% of the loss in the short runs (w32 277 steps: seed 0
+# 0.0763, seed 1 0.0737; w16 433 steps: 0.0759 / 0.0731) and 0.15% in longer ones (w32 553 steps: 0.0694 / 0.0693; w48
+# 541 steps: 0.0691 / 0.0690), against final losses spread over 0.065-0.090; the SE rule on A = exp(a), with ln N ~
+# 12, needs SE(alpha) <~ 0.06. Laws exactly of the form, simulated on these 10 runs at 2.5% or 0.5% noise, were not
+# valid, nor a 4x4 width x steps factorial at 0.5%: pinning the magnitudes takes longer runs over a wider range of D
+# than 10 minutes on 2 CPUs hold.
 DEMO_WIDTHS = (16, 32, 48, 64)
 """First-stage widths (N = 49k, 176k, 381k, 664k parameters: a 13x range)."""
 DEMO_BUDGETS = tuple(4.8e10 * 2**k for k in range(6))

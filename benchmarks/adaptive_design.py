@@ -9,8 +9,11 @@ compute-optimal loss at ``C* = 1e21`` FLOPs (100x the ladder's largest budget).
   20-tokens-per-parameter size (25 runs).
 * random: runs drawn uniformly from the candidate set until the grid's cost is reached.
 * adaptive: the grid's two smallest budgets (10 runs, 2.8% of the grid's cost), then rounds of
-  ``analysis.design.acquire`` (4 runs per round, at most 15% of the grid's cost per round) until the
-  grid's cost is spent or 12 rounds. Candidates: budgets 1e17..1e19 at quarter decades x 7 sizes at
+  acquisition (4 runs per round, at most 15% of the grid's cost per round) until the grid's cost is
+  spent or 12 rounds. ``--acquisition best`` (default): ``analysis.design.acquire_best``, the batch of
+  the greedy by variance reduction per cost and the greedy by reduction alone with the larger expected
+  reduction; ``ratio``: the first alone (the earlier default, which buys the cheap runs first and missed
+  the compute target: results/adaptive_design_ratio.json); ``plain``: the second alone. Candidates: budgets 1e17..1e19 at quarter decades x 7 sizes at
   1/8..8 x the 20-tokens-per-parameter size (the grid is a subset).
 
 Metrics: ``grid_error``, ``random_error``, ``adaptive_error`` (median over all law x seed scenarios of
@@ -18,7 +21,10 @@ Metrics: ``grid_error``, ``random_error``, ``adaptive_error`` (median over all l
 cost -> median error of the adaptive design with at most that much spent); ``compute_fraction`` (the
 smallest such fraction whose median error is <= ``grid_error``; null when none is);
 ``coverage_90`` (fraction of scenarios whose adaptive 90% interval contains the truth), with the
-grid's and random's coverage for comparison.
+grid's and random's coverage for comparison. How sure: ``error_ratio_at`` (per fraction: median adaptive
+error / median grid error, its 90% interval from resampling scenarios, and ``paired_win``, the share of
+scenarios where the adaptive design is at least as accurate as the grid on the same law and seed) and
+``coverage_90_at`` (coverage at each fraction).
 
     python benchmarks/adaptive_design.py                  # full run (3 laws x 20 seeds), Markdown table
     python benchmarks/adaptive_design.py --json           # the same, JSON
@@ -40,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.design import QUICK_GRID, Target, acquire, candidates, fit_law, predict_target  # noqa: E402
+from analysis.design import QUICK_GRID, Target, acquire, acquire_best, candidates, fit_law, predict_target  # noqa: E402
 from analysis.bootstrap import bootstrap_fit  # noqa: E402
 
 #: Planted laws. hoffmann: Hoffmann et al. 2022 (approach 3, published). epoch: Besiroglu et al. 2024's
@@ -62,6 +68,13 @@ BATCH = 4
 ROUND_CAP = 0.15      # most cost per round, as a fraction of the grid's cost
 MAX_ROUNDS = 12
 FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+#: The acquisition rule (--acquisition): ratio (analysis.design.acquire, variance reduction per unit cost),
+#: plain (reduction alone, cost only as the round's budget) or best (analysis.design.acquire_best: the
+#: batch of the two with the larger expected reduction).
+ACQUISITIONS = ("ratio", "plain", "best")
+ACQUISITION = "best"
+#: Scenario-bootstrap replicates of the error ratios (``error_ratio_at``).
+RATIO_BOOT = 2000
 
 
 def _sizes(C, factors):
@@ -100,7 +113,7 @@ def fit_predict(N, D, L, seed, warm=None, grid=QUICK_GRID):
 
 
 def scenario(args):
-    name, seed = args
+    name, seed, rule = args
     law = LAWS[name]
     true = truth(law)
     rng = np.random.default_rng([seed, list(LAWS).index(name)])
@@ -139,7 +152,11 @@ def scenario(args):
         left = gcost - spent
         if r == MAX_ROUNDS or left <= cand.cost.min():
             break
-        chosen, _ = acquire(fit, cand, TARGET, batch_size=BATCH, budget=min(left, ROUND_CAP * gcost), exclude=made)
+        kw = dict(batch_size=BATCH, budget=min(left, ROUND_CAP * gcost), exclude=made)
+        if rule == "best":
+            chosen, _ = acquire_best(fit, cand, TARGET, **kw)
+        else:
+            chosen, _ = acquire(fit, cand, TARGET, cost_power=1.0 if rule == "ratio" else 0.0, **kw)
         if not chosen:
             break
         made += chosen
@@ -161,6 +178,20 @@ def summarize(results, wall):
     for f in FRACTIONS:
         at[f] = med([[t["err"] for t in r["adaptive"] if t["spent"] <= f + 1e-9][-1] for r in results])
     frac = next((f for f in FRACTIONS if at[f] is not None and at[f] <= grid_err), None)
+    # how sure: per fraction, the ratio median(adaptive error) / median(grid error) with a 90% interval
+    # from resampling scenarios, and the share of scenarios where the adaptive design (at that spend) is
+    # at least as accurate as the grid on the same planted law and seed
+    g = np.array([r["grid"]["err"] for r in results], float)
+    A = {f: np.array([[t["err"] for t in r["adaptive"] if t["spent"] <= f + 1e-9][-1] for r in results], float)
+         for f in FRACTIONS}
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, len(results), (RATIO_BOOT, len(results)))
+    ratio = {}
+    for f in FRACTIONS:
+        boot = np.nanmedian(A[f][idx], axis=1) / np.nanmedian(g[idx], axis=1)
+        lo, hi = np.nanquantile(boot, [0.05, 0.95])
+        ratio[str(f)] = dict(ratio=float(np.nanmedian(A[f]) / np.nanmedian(g)), lo=float(lo), hi=float(hi),
+                             paired_win=float(np.mean(A[f] <= g)))
     final = [r["adaptive"][-1] for r in results]
     per_law = {}
     for name in sorted({r["law"] for r in results}):
@@ -183,9 +214,12 @@ def summarize(results, wall):
         adaptive_spent_fraction=med([t["spent"] for t in final]),
         adaptive_rounds=med([t["round"] for t in final]),
         adaptive_error_at={str(f): v for f, v in at.items()},
+        error_ratio_at=ratio,
+        coverage_90_at={str(f): float(np.mean([[t["cover"] for t in r["adaptive"] if t["spent"] <= f + 1e-9][-1]
+                                                for r in results])) for f in FRACTIONS},
         adaptive_rel_width=med([t["rel_width"] for t in final]),
         per_law=per_law, wall_s=round(wall, 1),
-        settings=dict(noise=NOISE, bad_p=BAD_P, bad_range=BAD_RANGE, n_boot=N_BOOT, batch=BATCH,
+        settings=dict(acquisition=ACQUISITION, noise=NOISE, bad_p=BAD_P, bad_range=BAD_RANGE, n_boot=N_BOOT, batch=BATCH,
                       round_cap=ROUND_CAP, max_rounds=MAX_ROUNDS, grid_budgets=GRID_BUDGETS.tolist()))
 
 
@@ -200,7 +234,12 @@ def markdown(s):
              f"compute_fraction (adaptive cost to reach the grid's median error): {f(s['compute_fraction'])}", "",
              "| cost fraction | " + " | ".join(s["adaptive_error_at"]) + " |",
              "|---|" + "---|" * len(s["adaptive_error_at"]),
-             "| adaptive median error | " + " | ".join(f(v) for v in s["adaptive_error_at"].values()) + " |", "",
+             "| adaptive median error | " + " | ".join(f(v) for v in s["adaptive_error_at"].values()) + " |",
+             "| / grid's (90% CI, scenario bootstrap) | " + " | ".join(
+                 f"{v['ratio']:.2f} [{v['lo']:.2f}, {v['hi']:.2f}]" for v in s["error_ratio_at"].values()) + " |",
+             "| scenarios with adaptive <= grid error | " + " | ".join(
+                 f"{v['paired_win']:.2f}" for v in s["error_ratio_at"].values()) + " |",
+             "| adaptive 90% coverage | " + " | ".join(f(v) for v in s["coverage_90_at"].values()) + " |", "",
              "| law | seeds | grid err | random err | adaptive err | adaptive cov90 | grid cov90 |", "|---|---|---|---|---|---|---|"]
     for k, v in s["per_law"].items():
         lines.append(f"| {k} | {v['seeds']} | {f(v['grid_error'])} | {f(v['random_error'])} | {f(v['adaptive_error'])} | "
@@ -209,11 +248,15 @@ def markdown(s):
 
 
 def main(argv=None):
+    global ACQUISITION
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=20, help="seeds per law")
     ap.add_argument("--laws", default=",".join(LAWS), help="comma-separated planted laws")
     ap.add_argument("--workers", type=int, default=2, help="processes")
     ap.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    ap.add_argument("--acquisition", choices=ACQUISITIONS, default=ACQUISITION,
+                    help="ratio: expected variance reduction per unit cost (greedy); plain: reduction alone within the "
+                         "round's budget; best: the batch of the two with the larger expected reduction")
     a = ap.parse_args(argv)
     names = a.laws.split(",")
     for n in names:
@@ -225,7 +268,8 @@ def main(argv=None):
     warnings.filterwarnings("ignore", message="overflow encountered", category=RuntimeWarning)
     for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(v, "1")
-    jobs = [(n, s) for n in names for s in range(a.seeds)]
+    ACQUISITION = a.acquisition
+    jobs = [(n, s, a.acquisition) for n in names for s in range(a.seeds)]
     t0 = time.time()
     if a.workers > 1:
         with ProcessPoolExecutor(a.workers) as ex:

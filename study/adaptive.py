@@ -6,7 +6,9 @@
    (approach 3 has 5 parameters);
 2. rounds: read the finished runs from the results store, fit approach 3 with the bootstrap, predict the
    target with its 90% interval and pick the next batch with :func:`analysis.design.design_round`
-   (expected reduction of the target's variance per GPU-hour, greedy); append the round (candidates,
+   (``--acquisition best``: of the greedy by expected reduction of the target's variance per GPU-hour
+   and the greedy by reduction alone within the budget left, the batch with the larger expected
+   reduction); append the round (candidates,
    scores, choice, fit, interval) to the store table ``adaptive_rounds``; run the chosen specs through
    :func:`study.runner.run_plan`;
 3. until the budget is spent, no candidate fits in what is left, the interval is narrower than
@@ -64,6 +66,10 @@ def add_adaptive_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=2, help="with --adaptive: runs chosen per round")
     g.add_argument("--max-rounds", type=int, default=10, help="with --adaptive: most rounds")
     g.add_argument("--n-boot", type=int, default=200, help="with --adaptive: bootstrap replicates per round")
+    g.add_argument("--acquisition", choices=["best", "ratio", "plain"], default="best",
+                   help="with --adaptive: ratio, the greedy by variance reduction per GPU-hour; plain, by reduction "
+                        "alone within the budget left; best, the batch of the two with the larger expected reduction "
+                        "(analysis/README.md 'Adaptive design')")
 
 
 def _threshold_arg(text: str):
@@ -236,7 +242,8 @@ def run_adaptive(plan, args, *, repo_root: Path, runner: Callable[[list], Any] |
         left = [i for i in range(len(specs)) if i not in requested]
         try:
             dr = design_round(data, cands, target, seed=r, n_boot=args.n_boot, batch_size=args.batch_size,
-                              budget=max(budget - spent, 1e-12), exclude=requested, warm=warm)
+                              budget=max(budget - spent, 1e-12), exclude=requested, warm=warm,
+                              rule=getattr(args, "acquisition", "best"))
         except (FitError, ValueError) as exc:
             row.update(chosen="[]", stop_reason=f"fit failed: {exc}")
             ResultsStore(store_dir).append(ROUNDS_TABLE, [row])

@@ -129,3 +129,37 @@ def test_stop_reason():
     assert stop_reason(spent=5, budget=10, next_cost=6).startswith("no candidate fits")
     assert stop_reason(spent=5, budget=10, rel_width=0.01, width_goal=0.02).startswith("interval narrow")
     assert stop_reason(spent=5, budget=10, rel_width=0.05, width_goal=0.02) is None
+
+
+def test_acquire_best_takes_the_batch_with_the_larger_expected_reduction():
+    from analysis.design import acquire_best
+
+    rng = np.random.default_rng(4)
+    N = np.repeat(np.geomspace(1e7, 1e8, 4), 3)  # a small ladder: the target at 1e21 is a long extrapolation
+    D = np.tile(np.geomspace(1e9, 1e10, 3), 4)
+    fit = bootstrap_fit(fit_law(dict(N=N, D=D, L=law(N, D) * np.exp(rng.normal(0, 0.01, len(N)))), warm=THETA),
+                        100, seed=0, polish=False)
+    # cheap runs near the ladder, one expensive run near the target's optimum, a budget that buys either
+    cN = [1.2e7, 2e7, 4e7, 8e7, 1e10]
+    cD = [2e9, 5e9, 3e9, 8e9, 2e11]
+    cands = candidates(cN, cD)
+    budget = float(cands.cost.iloc[4])
+    ratio = acquire(fit, cands, TARGET, batch_size=5, budget=budget, cost_power=1.0)
+    plain = acquire(fit, cands, TARGET, batch_size=5, budget=budget, cost_power=0.0)
+    best = acquire_best(fit, cands, TARGET, batch_size=5, budget=budget)
+    reductions = [ratio[1].attrs["batch_reduction"], plain[1].attrs["batch_reduction"]]
+    assert best[1].attrs["batch_reduction"] == max(reductions)
+    assert best[0] == [ratio, plain][int(np.argmax(reductions))][0]
+    for chosen, sc in (ratio, plain, best):  # every batch within the budget; reduction = before - after
+        assert cands.cost.iloc[chosen].sum() <= budget * (1 + 1e-12)
+        assert sc.attrs["batch_reduction"] == pytest.approx(sc.attrs["variance_before"] - sc.attrs["variance_after"])
+        assert 0 < sc.attrs["variance_after"] < sc.attrs["variance_before"]
+    assert 4 in plain[0] and 4 not in ratio[0]  # the plain greedy buys the big run, the ratio greedy cheap ones
+    with pytest.raises(ValueError, match="cost_power"):
+        acquire(fit, cands, TARGET, cost_power=-1.0)
+
+
+def test_design_round_refuses_an_unknown_rule():
+    cands = candidates([1e8], [1e10])
+    with pytest.raises(ValueError, match="rule='greedy'.*best"):
+        design_round(dict(N=[1e7], D=[1e9], L=[3.0]), cands, TARGET, rule="greedy")

@@ -5,7 +5,8 @@ The study (:func:`search_plan`): one run group of tiny NeuroMamba runs (CPU, fp3
 a checkpoint every step) whose peak LR is searched by Optuna (6 trials in generations of 2, durable in the
 study's journal, :mod:`study.search_state`) with ASHA-style early stopping (``--asha``: :class:`study.sweep.StoreASHA`).
 
-A schedule (seeded) is a list of kills at random times after the driver starts:
+A schedule (seeded) is a list of kills at random points of the study (after a random number of stored rows,
+plus a random 0-2 s):
 
 * ``driver``: SIGKILL of the driver's whole process group (and any of its Ray processes left), then the
   documented recovery: rerun the same command;
@@ -213,23 +214,28 @@ def run_reference(storage: Path, name: str = STUDY, timeout: float = 1800) -> fl
     return time.time() - t0
 
 
-def run_schedule(storage: Path, seed: int, n_kills: int, *, name: str = STUDY, window: tuple[float, float] = (8, 40),
+def run_schedule(storage: Path, seed: int, n_kills: int, *, name: str = STUDY, max_rows: int = 40,
                  kinds: tuple[str, ...] = ("driver", "trial"), timeout: float = 3600) -> dict[str, Any]:
-    """Run the study under a seeded schedule of ``n_kills`` kills, recover each as documented, finish it."""
+    """Run the study under a seeded schedule of ``n_kills`` kills, recover each as documented, finish it.
+
+    Kill ``i`` comes once the store holds a random number of rows (distinct, sorted, in ``1..max_rows``; the
+    study writes 46) plus a random 0-2 s: so every kill lands while the study trains, at a random point of
+    a run (between evaluations, mid-checkpoint, between a row and Optuna's tell, between generations)."""
     rng = random.Random(seed)
-    schedule = [(rng.choice(kinds), rng.uniform(*window)) for _ in range(n_kills)]
+    points = sorted(rng.sample(range(1, max_rows + 1), n_kills))
+    schedule = [(rng.choice(kinds), p, rng.uniform(0.0, 2.0)) for p in points]
     kills: list[dict[str, Any]] = []
     t_start = time.time()
     proc = subprocess.Popen(command(storage, name), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     reruns = 0
-    for kind, delay in schedule:
-        t_launch = time.time()
-        while time.time() - t_launch < delay and proc.poll() is None:
-            time.sleep(0.2)
+    for kind, at_rows, jitter in schedule:
+        while proc.poll() is None and _n_rows(storage, name) < at_rows:
+            time.sleep(0.3)
+        time.sleep(jitter)
         if proc.poll() is not None:  # the study ended before this kill: the schedule's rest is not applied
-            kills.append({"kind": kind, "at_s": round(delay, 1), "applied": False, "why": "study already done"})
-            break
+            kills.append({"kind": kind, "at_rows": at_rows, "applied": False, "why": "study already done"})
+            continue
         rows_before = _n_rows(storage, name)
         t_kill = time.time()
         if kind == "driver":
@@ -239,17 +245,23 @@ def run_schedule(storage: Path, seed: int, n_kills: int, *, name: str = STUDY, w
                                     stderr=subprocess.DEVNULL, start_new_session=True)  # the documented recovery
             reruns += 1
         else:
-            victims = [p for p in _descendants(proc.pid) if "ray::ImplicitFunc" in " ".join(_cmdline(p))]
+            victims: list = []
+            t_look = time.time()
+            while not victims and proc.poll() is None and time.time() - t_look < 60:
+                victims = [p for p in _descendants(proc.pid) if "ray::ImplicitFunc" in " ".join(_cmdline(p))]
+                if not victims:
+                    time.sleep(0.3)
             applied = bool(victims)
+            t_kill = time.time()
             if victims:
                 rng.choice(victims).kill()
-        rec = {"kind": kind, "at_s": round(delay, 1), "applied": applied, "rows_before": rows_before}
+        rec = {"kind": kind, "at_rows": at_rows, "applied": applied, "rows_before": rows_before}
         # time to recover: the kill to the next new row (or the study's end)
         while time.time() - t_kill < 600 and proc.poll() is None and _n_rows(storage, name) <= rows_before:
             time.sleep(0.5)
         rec["recover_s"] = round(time.time() - t_kill, 1)
         kills.append(rec)
-    # finish: wait, rerun the same command until it exits 0 (a failed trial is not retried by the search)
+    # finish: wait, rerun the same command until it exits 0
     rc = proc.wait(timeout=max(1.0, timeout - (time.time() - t_start)))
     while rc != 0 and reruns < n_kills + 3:
         reruns += 1
@@ -299,15 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--kills", type=int, default=4, help="kills per schedule")
-    ap.add_argument("--window", type=float, nargs=2, default=(8.0, 40.0),
-                    help="each kill comes this many seconds (uniform) after the previous one / the start")
+    ap.add_argument("--max-rows", type=int, default=40,
+                    help="kills come at random row counts up to this (the study writes 46 rows)")
     ap.add_argument("--workdir", default=None, help="where the studies go (default: a new temp dir)")
     ap.add_argument("--out", default=None, help="write the JSON here too")
     args = ap.parse_args(argv)
     import tempfile
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="neurox-chaos-"))
-    res = campaign(workdir, args.seeds, args.kills, window=tuple(args.window))
+    res = campaign(workdir, args.seeds, args.kills, max_rows=args.max_rows)
     text = json.dumps(res, indent=1, default=str)
     if args.out:
         Path(args.out).write_text(text)

@@ -83,7 +83,7 @@ def test_chaos_smoke_one_seeded_schedule(reference, tmp_path):
 
     ref_root, ref = reference
     shutil.copytree(ref_root / "cohorts", tmp_path / "cohorts")
-    res = chaos.run_schedule(tmp_path, seed=7, n_kills=2, window=(10.0, 30.0))
+    res = chaos.run_schedule(tmp_path, seed=7, n_kills=2)
     assert res["exit"] == 0, res
     diff = chaos.compare(ref, chaos.snapshot(tmp_path))
     assert all(v == 0 for k, v in diff.items() if k != "detail"), (res, diff["detail"])

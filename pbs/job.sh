@@ -5,7 +5,7 @@
 #   NEUROX_PROFILE      the site: a file pbs/profiles/NAME.sh (aurora, polaris, frontier, perlmutter, generic) [generic]
 #   NEUROX_STUDY        study name; a new job with the same name resumes the study      [scaling-law]
 #   NEUROX_STORAGE      shared directory for results, checkpoints, reports             [$PWD/studies]
-#   NEUROX_PRESET       study/plans.py preset                  [the profile's PROFILE_PRESET, planned for its device kind]
+#   NEUROX_PRESET       study/plans.py preset (planned for this site: --site NAME)   [the profile's PROFILE_PRESET]
 #   NEUROX_MANIFEST     cohort manifest (Parquet); the demo preset makes a synthetic one
 #   NEUROX_STUDY_ARGS   more arguments for study/scaling_law.py (e.g. "--asha --wandb")
 #   NEUROX_STOP_MARGIN  seconds before the walltime at which trials stop with a final checkpoint [900]
@@ -22,7 +22,7 @@ if [[ ! "$profile" =~ ^[A-Za-z0-9][A-Za-z0-9_-]*$ || ! -f "pbs/profiles/$profile
   echo "neurox job: NEUROX_PROFILE='$profile' is not a file pbs/profiles/NAME.sh (run from the repository root)" >&2
   exit 2
 fi
-# the profile's data (preset, staging dir, device kind); ray_cluster.sh sources it again on every node
+# the profile's data (preset, staging dir); ray_cluster.sh sources it again on every node
 # shellcheck source=profiles/generic.sh
 source "pbs/profiles/$profile.sh"
 study="${NEUROX_STUDY:-scaling-law}"
@@ -34,9 +34,9 @@ if [[ -n "${NEUROX_STAGE:-}" ]]; then
   [[ "${NEUROX_SHARD:-0}" == 1 ]] && opts+=(--shard)
 fi
 [[ "${NEUROX_DRY_RUN:-0}" == 1 ]] && opts+=(--dry-run)
-study_args=(--preset "${NEUROX_PRESET:-$PROFILE_PRESET}" --address auto --storage "$storage" --study-name "$study")
-# the profile's own preset is planned for the profile's device kind (study/device_kinds.json)
-[[ -z "${NEUROX_PRESET:-}" && -n "$PROFILE_DEVICE_KIND" ]] && study_args+=(--device-kind "$PROFILE_DEVICE_KIND")
+# presets are site-free: the study plans a ladder for this site's hardware, read from the same profile (study/sites.py)
+study_args=(--preset "${NEUROX_PRESET:-$PROFILE_PRESET}" --site "$profile" --address auto --storage "$storage"
+  --study-name "$study")
 [[ -n "${NEUROX_MANIFEST:-}" ]] && study_args+=(--manifest "$NEUROX_MANIFEST")
 read -r -a extra <<<"${NEUROX_STUDY_ARGS:-}"
 exec pbs/ray_cluster.sh run "${opts[@]}" -- \

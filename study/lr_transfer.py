@@ -3,7 +3,7 @@
 ``study/mutransfer.py`` writes ``<study>/report/lr_transfer.json`` after its analysis: the muP base width,
 the base LR with its 95% interval (pooled over the widths of the sweep, where muP's optimum should not move),
 the drift slope of the optimum against width with its interval, and the SP slope for contrast. A ladder
-(``study/scaling_law.py --preset polaris --lr-from <study dir | file | study name>``) reads it back,
+(``study/scaling_law.py --preset ladder --site SITE --lr-from <study dir | file | study name>``) reads it back,
 trains every size under muP with that base width and base LR, and prints where the LR came from.
 
 The artifact is plain JSON so it can be inspected, versioned and copied between sites; it holds no code.

@@ -6,11 +6,13 @@ GPUs, an optional per-size LR search). Presets:
 ``demo``
     Embedded local Ray, the synthetic cohort, tiny SwiFT v2 widths, an IsoFLOP grid of three compute
     budgets and a data-mixture axis; minutes on a 2-core machine.
-``polaris`` / ``aurora``
-    The seed's ladder (51M ... 3B) on a real manifest, one trial per node (4 A100 40 GB / 12 Max 1550 tiles),
-    DeepSpeed, bf16, muP with a transferred LR (``--lr-from``); each run split by the run planner
-    (:mod:`study.planner`: micro-batch, checkpointing, ZeRO stage, compile, loader workers) for the node's device
-    kind (``--device-kind`` to plan for another).
+``ladder`` / ``ladder-xl``
+    The seed's ladder on a real manifest (``ladder``: 51M, 202M, 806M at 1e18..1e19 FLOPs; ``ladder-xl``: up to 3B
+    at 3e18..1e20), DeepSpeed, bf16, muP with a transferred LR (``--lr-from``). Site-free: the hardware comes from
+    a site profile (``--site NAME``, default ``$NEUROX_SITE``; :mod:`study.sites` reads ``pbs/profiles/NAME.sh``),
+    one run per node: the node's devices are a run's workers. Each run is split by the run planner
+    (:mod:`study.planner`: micro-batch, checkpointing, ZeRO stage, compile, loader workers) for the site's device
+    kind (``--device-kind`` / ``--cpus-per-device`` override the site's).
 ``pkg.module:function``
     A user's own study: the function takes the parsed options (``argparse.Namespace``) and returns a
     list of run specs or a :class:`StudyPlan`.
@@ -256,11 +258,50 @@ def check_transfer_applies(art: Any, family: str, sizes: Sequence[str]) -> None:
                              f"(run study/mutransfer.py --size {size})")
 
 
-def _ladder(opts: Any, *, name: str, workers: int, budgets: Sequence[float], sizes: Sequence[str],
-            n_subjects: Sequence[int], device_kind: str, cpus_per_device: int) -> StudyPlan:
+#: workers per run of a ladder planned for a device kind without a site that counts its devices (``--device-kind``
+#: alone, or a profile with an empty ``PROFILE_DEVICES_PER_NODE``): one 4-GPU node
+LADDER_DEFAULT_WORKERS = 4
+
+
+@dataclass(frozen=True)
+class LadderHardware:
+    """What a ladder run is planned for: the device kind, workers (one node's devices) and cores per device."""
+
+    device_kind: str
+    workers: int
+    cpus_per_device: int | None
+    source: str
+
+
+def ladder_hardware(opts: Any, preset: str) -> LadderHardware:
+    """The hardware of a ladder from ``--site`` (default ``$NEUROX_SITE``), ``--device-kind`` and
+    ``--cpus-per-device``; the options override the site's profile. ValueError without a site or a device kind."""
+    import os
+
+    from study.sites import load_site, site_names
+
+    name = getattr(opts, "site", None) or os.environ.get("NEUROX_SITE") or None
+    site = load_site(name) if name else None
+    kind = getattr(opts, "device_kind", None) or (site.device_kind if site else None)
+    if not kind:
+        why = (f"site {site.name!r} names no device kind (PROFILE_DEVICE_KIND)" if site
+               else "no --site given and $NEUROX_SITE is unset")
+        raise ValueError(f"preset {preset!r} is planned for a site's hardware, but {why}: pass --site NAME "
+                         f"({', '.join(site_names())}) or --device-kind KIND (study/device_kinds.json)")
+    workers = (site.devices_per_node if site else None) or LADDER_DEFAULT_WORKERS
+    cpus = getattr(opts, "cpus_per_device", None) or (site.cpus_per_device if site else None)
+    src = (f"site {site.name}" if site else "--device-kind") + f": {workers} x {kind} per run" + (
+        "" if site and site.devices_per_node else f" ({LADDER_DEFAULT_WORKERS}: the site does not count its devices)")
+    return LadderHardware(kind, workers, cpus, src)
+
+
+def _ladder(opts: Any, *, name: str, budgets: Sequence[float], sizes: Sequence[str],
+            n_subjects: Sequence[int]) -> StudyPlan:
     manifest = getattr(opts, "manifest", None)
     if not manifest:
         raise ValueError(f"preset {name!r} trains on real data: pass --manifest <cohort manifest.parquet>")
+    hw = ladder_hardware(opts, name)
+    workers = hw.workers
     rule = ladder_lr(opts, "swift_v2", sizes)
     base = RunSpec(study=getattr(opts, "study_name", None) or name, family="swift_v2", size=sizes[0],
                    grid=(96, 96, 96), sequence_length=20, batch_size=8 * workers, lr=rule.lr, schedule="wsd",
@@ -275,35 +316,38 @@ def _ladder(opts: Any, *, name: str, workers: int, budgets: Sequence[float], siz
                                           zero_stage=ladder_zero_stage(size)))
     from study.planner import plan_study
 
-    kind = getattr(opts, "device_kind", None) or device_kind
-    cpus = getattr(opts, "cpus_per_device", None) or cpus_per_device
-    specs, run_plans = plan_study(specs, kind, workers=workers, cpus_per_device=cpus)
+    cpus = {} if hw.cpus_per_device is None else {"cpus_per_device": hw.cpus_per_device}
+    specs, run_plans = plan_study(specs, hw.device_kind, workers=workers, **cpus)
     return StudyPlan(name=name, specs=specs, num_workers=workers, use_gpu=True,
-                     description=f"SwiFT v2 ladder {list(sizes)} x subjects {list(n_subjects)} x budgets",
-                     extra={"lr_source": rule.source, "lr_transferred": rule.transferred},
+                     description=f"SwiFT v2 ladder {list(sizes)} x subjects {list(n_subjects)} x budgets; {hw.source}",
+                     extra={"lr_source": rule.source, "lr_transferred": rule.transferred, "hardware": hw.source},
                      device_kind=next(iter(run_plans.values())).device_kind, run_plans=run_plans)
 
 
-def polaris(opts: Any = None) -> StudyPlan:
-    """Polaris (4 A100 per node, one trial per node)."""
-    return _ladder(opts, name="polaris", workers=4, budgets=(1e18, 3e18, 1e19), sizes=("51M", "202M", "806M"),
-                   n_subjects=(1000, 4000, 16000), device_kind="a100-40gb", cpus_per_device=8)
+def ladder(opts: Any = None) -> StudyPlan:
+    """51M, 202M, 806M x 1000/4000/16000 subjects x 1e18/3e18/1e19 FLOPs; one run per node of ``--site``."""
+    return _ladder(opts, name="ladder", budgets=(1e18, 3e18, 1e19), sizes=("51M", "202M", "806M"),
+                   n_subjects=(1000, 4000, 16000))
 
 
-def aurora(opts: Any = None) -> StudyPlan:
-    """Aurora (12 XPU tiles per node, one trial per node)."""
-    return _ladder(opts, name="aurora", workers=12, budgets=(3e18, 1e19, 3e19, 1e20),
-                   sizes=("51M", "202M", "806M", "3B"), n_subjects=(2000, 8000, 32000), device_kind="max1550-tile",
-                   cpus_per_device=8)
+def ladder_xl(opts: Any = None) -> StudyPlan:
+    """51M ... 3B x 2000/8000/32000 subjects x 3e18 ... 1e20 FLOPs; one run per node of ``--site``."""
+    return _ladder(opts, name="ladder-xl", budgets=(3e18, 1e19, 3e19, 1e20),
+                   sizes=("51M", "202M", "806M", "3B"), n_subjects=(2000, 8000, 32000))
 
 
 PRESETS: dict[str, Callable[[Any], StudyPlan]] = {"demo": demo, "smoke": smoke, "smoke-gpu": smoke_gpu,
-                                                   "polaris": polaris,
-                                                   "aurora": aurora}
+                                                   "ladder": ladder, "ladder-xl": ladder_xl}
+
+#: former site-named presets -> the command that replaces them (refused with it, exit 2)
+RENAMED_PRESETS = {"polaris": "--preset ladder --site polaris", "aurora": "--preset ladder-xl --site aurora"}
 
 
 def load_plan(preset: str, opts: Any = None) -> StudyPlan:
     """A named preset, or ``pkg.module:function`` returning run specs or a plan."""
+    if preset in RENAMED_PRESETS:
+        raise ValueError(f"preset {preset!r} is now {RENAMED_PRESETS[preset]} (add --study-name {preset} to resume "
+                         "a study it started without --study-name)")
     if preset in PRESETS:
         plan = PRESETS[preset](opts)
     elif ":" in preset:

@@ -6,7 +6,7 @@ On a laptop or CI (embedded local Ray, synthetic cohort, tiny sizes; minutes on 
 
 On a cluster (inside a PBS job that bootstrapped Ray, see pbs/)::
 
-    ray job submit --working-dir . -- python study/scaling_law.py --preset polaris \\
+    ray job submit --working-dir . -- python study/scaling_law.py --preset ladder --site polaris \\
         --manifest /lus/.../manifest.parquet --storage /lus/.../studies --study-name swift-v2-ladder
 
 Rerunning the same command with the same ``--study-name`` and ``--storage`` resumes: finished runs
@@ -35,22 +35,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--preset", default="demo",
-                    help="named plan: demo | smoke | smoke-gpu | polaris | aurora, or pkg.module:function "
-                         "returning a StudyPlan")
+                    help="named plan: demo | smoke | smoke-gpu | ladder | ladder-xl, or pkg.module:function "
+                         "returning a StudyPlan; ladder presets are planned for --site's hardware")
     add_common_args(ap)
     ap.add_argument("--lr-search", type=int, default=0, metavar="N",
                     help="Optuna search of the LR per run group with N trials each (0: use the plan's LRs)")
     ap.add_argument("--parametrization", choices=["mup", "sp"], default=None,
-                    help="ladder presets (polaris, aurora): muP (default) or SP; SP trains every size at one LR")
+                    help="ladder presets (ladder, ladder-xl): muP (default) or SP; SP trains every size at one LR")
     ap.add_argument("--lr-from", default=None, metavar="STUDY_OR_FILE",
                     help="ladder presets: take the muP base width and base LR from a µTransfer study "
                          "(its folder, its name under --storage, or its report/lr_transfer.json)")
+    ap.add_argument("--site", default=None, metavar="NAME",
+                    help="ladder presets: plan each run for one node of this site, a profile pbs/profiles/NAME.sh "
+                         "(device kind, devices per node, CPU cores per device); default: $NEUROX_SITE, which "
+                         "pbs/ray_cluster.sh sets to its --profile")
     ap.add_argument("--device-kind", default=None,
                     help="GPU presets: plan the runs for this device kind (study/device_kinds.json: h100-80gb, "
-                         "h200-141gb, a100-40gb, a100-80gb, max1550-tile, mi250x-gcd); default: the preset's site")
+                         "h200-141gb, a100-40gb, a100-80gb, max1550-tile, mi250x-gcd); default: the site's")
     ap.add_argument("--cpus-per-device", type=int, default=None,
                     help="GPU presets: CPU cores the allocation gives each device (sets loader workers); "
-                         "default: the preset's site")
+                         "default: the site's")
     ap.add_argument("--dry-run", action="store_true", help="print the plan (a table, or JSON with --json) and exit")
     ap.add_argument("--json", action="store_true", help="with --dry-run: one JSON object per run, then a summary")
     from study.adaptive import add_adaptive_args, add_prediction_args
@@ -102,6 +106,8 @@ def print_plan(plan, args) -> None:
         return
     print(f"study plan {plan.name!r}: {len(rows)} runs, {plan.num_workers} worker(s)/run, "
           f"{summary['device_kind'] or ('GPU' if plan.use_gpu else 'CPU')}")
+    if plan.extra.get("hardware"):  # a ladder's: the site (or --device-kind) it was planned for
+        print(f"planned for {plan.extra['hardware']}")
     print(f"{'run_id':46s} {'params':>8s} {'steps':>7s} {'FLOPs':>8s} {'param':>5s} {'base w':>6s} {'lr':>8s} "
           f"{'mb x acc':>8s} {'ckpt':>4s} {'ZeRO':>4s} {'comp':>4s} {'load':>4s} {'GiB/dev':>11s} {'fits':>4s} "
           f"{'samples/s':>9s} {'GPU-h':>8s}")

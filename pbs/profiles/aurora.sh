@@ -6,6 +6,7 @@
 PROFILE_SCHEDULER="${PROFILE_SCHEDULER:-pbs}"
 PROFILE_DEVICE_KIND="${PROFILE_DEVICE_KIND:-max1550-tile}"
 PROFILE_DEVICES_PER_NODE="${PROFILE_DEVICES_PER_NODE:-12}"
+PROFILE_CPUS_PER_DEVICE="${PROFILE_CPUS_PER_DEVICE:-8}" # 104 cores / 12 tiles
 PROFILE_IFACE="${PROFILE_IFACE:-hsn0}"
 PROFILE_HOST_SUFFIX="${PROFILE_HOST_SUFFIX:-}"
 # PALS mpiexec: do not pin the node agent (and so all of Ray's processes on the node) to one core
@@ -14,7 +15,7 @@ PROFILE_LAUNCHER_ARGS="${PROFILE_LAUNCHER_ARGS:---cpu-bind none}"
 PROFILE_MODULES="${PROFILE_MODULES:-frameworks}"
 PROFILE_PY_MODULES="${PROFILE_PY_MODULES:-dpctl}"
 PROFILE_PY_HINT="${PROFILE_PY_HINT:-without it Ray treats the 12 GPUs as CUDA devices and sets CUDA_VISIBLE_DEVICES, not ZE_AFFINITY_MASK: install dpctl in this environment (pip install dpctl)}"
-PROFILE_PRESET="${PROFILE_PRESET:-aurora}"
+PROFILE_PRESET="${PROFILE_PRESET:-ladder-xl}"
 PROFILE_STAGE_TO="${PROFILE_STAGE_TO:-/tmp}"
 # --- the site's environment
 export ZE_FLAT_DEVICE_HIERARCHY=FLAT

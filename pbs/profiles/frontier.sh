@@ -7,13 +7,14 @@
 PROFILE_SCHEDULER="${PROFILE_SCHEDULER:-slurm}"
 PROFILE_DEVICE_KIND="${PROFILE_DEVICE_KIND:-mi250x-gcd}"
 PROFILE_DEVICES_PER_NODE="${PROFILE_DEVICES_PER_NODE:-8}"
+PROFILE_CPUS_PER_DEVICE="${PROFILE_CPUS_PER_DEVICE:-7}" # 56 cores free in low-noise mode / 8 GCDs
 PROFILE_IFACE="${PROFILE_IFACE:-hsn0}"
 PROFILE_HOST_SUFFIX="${PROFILE_HOST_SUFFIX:-}"
 # srun: do not pin the node agent (and so all of Ray's processes on the node) to one core
 PROFILE_LAUNCHER_ARGS="${PROFILE_LAUNCHER_ARGS:---cpu-bind=none}"
 # OLCF's ROCm PyTorch stack; your environment (NeuroX, Ray) through $NEUROX_CONDA_ENV or $NEUROX_VENV
 PROFILE_MODULES="${PROFILE_MODULES:-PrgEnv-gnu rocm/6.2.4 craype-accel-amd-gfx90a miniforge3}"
-PROFILE_PRESET="${PROFILE_PRESET:-polaris}" # a 4-worker ladder, planned for mi250x-gcd by the job template
+PROFILE_PRESET="${PROFILE_PRESET:-ladder}"
 PROFILE_STAGE_TO="${PROFILE_STAGE_TO:-/mnt/bb/${USER:-$EUID}}" # node-local NVMe (sbatch -C nvme)
 # --- the site's environment
 export NEUROX_DEVICE="${NEUROX_DEVICE:-cuda}"

@@ -9,7 +9,9 @@
 #   PROFILE_SCHEDULER        pbs | slurm | "" (auto: the job's environment decides)
 #   PROFILE_DEVICE_KIND      the run planner's device kind (study/device_kinds.json: a100-40gb, a100-80gb,
 #                            h100-80gb, max1550-tile, mi250x-gcd, ...); "" = the preset's default
-#   PROFILE_DEVICES_PER_NODE GPUs (tiles, GCDs) per node given to Ray ("" = let Ray detect them)
+#   PROFILE_DEVICES_PER_NODE GPUs (tiles, GCDs) per node given to Ray ("" = let Ray detect them); a ladder
+#                            study runs each run on one node's devices
+#   PROFILE_CPUS_PER_DEVICE  CPU cores per device for a run's data loaders ("" = the planner's default)
 #   PROFILE_IFACE            high-speed interface ("" = the node's single non-loopback interface)
 #   PROFILE_HOST_SUFFIX      host name suffix that resolves to the high-speed address
 #   PROFILE_LAUNCHER_ARGS    extra arguments for the scheduler's node launcher (mpiexec "--cpu-bind none",
@@ -18,11 +20,13 @@
 #   PROFILE_CONDA_ENV        conda environment to activate after the modules ($NEUROX_CONDA_ENV overrides)
 #   PROFILE_PY_MODULES       Python modules the site needs beside Ray (a warning names a missing one),
 #                            PROFILE_PY_HINT: how to get them
-#   PROFILE_PRESET           default study preset of the job templates (until presets are site-free)
+#   PROFILE_PRESET           default study preset of the job templates (site-free: ladder, ladder-xl, demo, ...;
+#                            the job plans it for this site: study/scaling_law.py --site NAME)
 #   PROFILE_STAGE_TO         node-local directory for NEUROX_STAGE in the job templates
 PROFILE_SCHEDULER="${PROFILE_SCHEDULER:-}"
 PROFILE_DEVICE_KIND="${PROFILE_DEVICE_KIND:-}"
 PROFILE_DEVICES_PER_NODE="${PROFILE_DEVICES_PER_NODE:-}"
+PROFILE_CPUS_PER_DEVICE="${PROFILE_CPUS_PER_DEVICE:-}"
 PROFILE_IFACE="${PROFILE_IFACE:-}"
 PROFILE_HOST_SUFFIX="${PROFILE_HOST_SUFFIX:-}"
 PROFILE_LAUNCHER_ARGS="${PROFILE_LAUNCHER_ARGS:-}"

@@ -4,12 +4,13 @@
 PROFILE_SCHEDULER="${PROFILE_SCHEDULER:-slurm}"
 PROFILE_DEVICE_KIND="${PROFILE_DEVICE_KIND:-a100-40gb}" # the 80 GB nodes (-C gpu&hbm80g): a100-80gb
 PROFILE_DEVICES_PER_NODE="${PROFILE_DEVICES_PER_NODE:-4}"
+PROFILE_CPUS_PER_DEVICE="${PROFILE_CPUS_PER_DEVICE:-16}" # 64 cores / 4 GPUs
 PROFILE_IFACE="${PROFILE_IFACE:-hsn0}"
 PROFILE_HOST_SUFFIX="${PROFILE_HOST_SUFFIX:-}"
 PROFILE_LAUNCHER_ARGS="${PROFILE_LAUNCHER_ARGS:---cpu-bind=none}"
 # NERSC's PyTorch module (with its NCCL and aws-ofi-nccl); then $NEUROX_VENV (pip install --user ray, NeuroX)
 PROFILE_MODULES="${PROFILE_MODULES:-pytorch}"
-PROFILE_PRESET="${PROFILE_PRESET:-polaris}" # a 4-worker ladder, planned for a100-40gb by the job template
+PROFILE_PRESET="${PROFILE_PRESET:-ladder}"
 PROFILE_STAGE_TO="${PROFILE_STAGE_TO:-/tmp}" # no node-local disk: /tmp is memory
 # --- the site's environment: NCCL over Slingshot (NERSC's recommended settings)
 export NEUROX_DEVICE="${NEUROX_DEVICE:-cuda}"

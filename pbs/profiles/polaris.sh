@@ -4,6 +4,7 @@
 PROFILE_SCHEDULER="${PROFILE_SCHEDULER:-pbs}"
 PROFILE_DEVICE_KIND="${PROFILE_DEVICE_KIND:-a100-40gb}"
 PROFILE_DEVICES_PER_NODE="${PROFILE_DEVICES_PER_NODE:-4}"
+PROFILE_CPUS_PER_DEVICE="${PROFILE_CPUS_PER_DEVICE:-8}" # 32 cores / 4 GPUs
 PROFILE_IFACE="${PROFILE_IFACE:-hsn0}"
 PROFILE_HOST_SUFFIX="${PROFILE_HOST_SUFFIX:-}"
 # PALS mpiexec: do not pin the node agent (and so all of Ray's processes on the node) to one core
@@ -12,7 +13,7 @@ PROFILE_MODULE_USE="${PROFILE_MODULE_USE:-/soft/modulefiles}"
 PROFILE_MODULES="${PROFILE_MODULES:-conda}"
 # ALCF's PyTorch env, or yours with NeuroX and Ray installed ($NEUROX_CONDA_ENV); then $NEUROX_VENV if set
 PROFILE_CONDA_ENV="${PROFILE_CONDA_ENV:-base}"
-PROFILE_PRESET="${PROFILE_PRESET:-polaris}"
+PROFILE_PRESET="${PROFILE_PRESET:-ladder}"
 PROFILE_STAGE_TO="${PROFILE_STAGE_TO:-/local/scratch}"
 # --- the site's environment: NCCL over Slingshot through the aws-ofi-nccl plugin (ALCF's recommended settings)
 export NCCL_NET_GDR_LEVEL="${NCCL_NET_GDR_LEVEL:-PHB}"

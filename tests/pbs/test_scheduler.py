@@ -102,7 +102,8 @@ def test_nodes_helper_prints_the_job_hosts_or_names_the_problem():
 
 # ------------------------------------------------------------------------------------------ profiles as data
 PROFILES = sorted(p.stem for p in (REPO / "pbs" / "profiles").glob("*.sh"))
-DATA = ["PROFILE_SCHEDULER", "PROFILE_DEVICE_KIND", "PROFILE_DEVICES_PER_NODE", "PROFILE_IFACE", "PROFILE_MODULES",
+DATA = ["PROFILE_SCHEDULER", "PROFILE_DEVICE_KIND", "PROFILE_DEVICES_PER_NODE", "PROFILE_CPUS_PER_DEVICE",
+        "PROFILE_IFACE", "PROFILE_MODULES",
         "PROFILE_PRESET", "PROFILE_STAGE_TO", "PROFILE_LAUNCHER_ARGS"]
 
 
@@ -118,6 +119,8 @@ def _profile(name: str, extra: dict | None = None) -> dict:
 
 
 def test_every_profile_is_data_the_bootstrap_understands():
+    from study.plans import PRESETS
+
     assert {"aurora", "polaris", "frontier", "perlmutter", "generic"} <= set(PROFILES)
     kinds = json.loads((REPO / "study" / "device_kinds.json").read_text())
     for name in PROFILES:
@@ -127,12 +130,15 @@ def test_every_profile_is_data_the_bootstrap_understands():
             f"{d['PROFILE_SCHEDULER'] or 'pbs'}.sh").exists(), name
         assert d["PROFILE_DEVICE_KIND"] == "" or d["PROFILE_DEVICE_KIND"] in kinds, (name, d["PROFILE_DEVICE_KIND"])
         assert d["PROFILE_DEVICES_PER_NODE"] == "" or d["PROFILE_DEVICES_PER_NODE"].isdigit(), name
-    want = {"aurora": ("pbs", "max1550-tile", "12"), "polaris": ("pbs", "a100-40gb", "4"),
-            "frontier": ("slurm", "mi250x-gcd", "8"), "perlmutter": ("slurm", "a100-40gb", "4"),
-            "generic": ("", "", "")}
-    for name, (sched, kind, n) in want.items():
+        assert d["PROFILE_CPUS_PER_DEVICE"] == "" or d["PROFILE_CPUS_PER_DEVICE"].isdigit(), name
+        assert d["PROFILE_PRESET"] in PRESETS and d["PROFILE_PRESET"] not in PROFILES, name  # presets are site-free
+    want = {"aurora": ("pbs", "max1550-tile", "12", "8"), "polaris": ("pbs", "a100-40gb", "4", "8"),
+            "frontier": ("slurm", "mi250x-gcd", "8", "7"), "perlmutter": ("slurm", "a100-40gb", "4", "16"),
+            "generic": ("", "", "", "")}
+    for name, (sched, kind, n, cpus) in want.items():
         d = _profile(name)
-        assert (d["PROFILE_SCHEDULER"], d["PROFILE_DEVICE_KIND"], d["PROFILE_DEVICES_PER_NODE"]) == (sched, kind, n)
+        assert (d["PROFILE_SCHEDULER"], d["PROFILE_DEVICE_KIND"], d["PROFILE_DEVICES_PER_NODE"],
+                d["PROFILE_CPUS_PER_DEVICE"]) == (sched, kind, n, cpus)
     # a user's value wins over the profile's
     assert _profile("frontier", {"PROFILE_DEVICES_PER_NODE": "4"})["PROFILE_DEVICES_PER_NODE"] == "4"
 
@@ -167,7 +173,7 @@ def test_slurm_template_plans_a_frontier_job(tmp_path):
             "--cpu-bind=none") in out  # (the dry run quotes the comma)
     assert "node-agent --profile frontier --scheduler slurm" in out and "--rank-offset 1" in out
     assert "state/777/token" in out
-    assert "--preset polaris" in out and "--device-kind mi250x-gcd" in out
+    assert "--preset ladder --site frontier" in out  # the site-free ladder, planned for frontier's mi250x-gcd
     assert not (tmp_path / "state").exists() and not (tmp_path / "studies").exists()  # nothing started
 
 
@@ -182,8 +188,8 @@ def test_pbs_template_plans_a_polaris_job_and_refuses_an_unknown_site(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "profile: polaris   scheduler: pbs   nodes: 2 (x3001 x3002)" in out and "--num-gpus 4" in out
     assert "mpiexec -n 1 --ppn 1 --cpu-bind none --hostfile" in out
-    assert "--preset polaris" in out and "--device-kind a100-40gb" in out
+    assert "--preset ladder --site polaris" in out  # planned for polaris's a100-40gb (study/sites.py)
     r = _template(tmp_path, "neurox.pbs", dict(env, NEUROX_PROFILE="polaris", NEUROX_PRESET="demo"))
-    assert "--preset demo" in r.stdout and "--device-kind" not in r.stdout.split("then:")[1]
+    assert "--preset demo --site polaris" in r.stdout and "--device-kind" not in r.stdout.split("then:")[1]
     r = _template(tmp_path, "neurox.pbs", dict(env, NEUROX_PROFILE="../polaris"))
     assert r.returncode == 2 and "NEUROX_PROFILE='../polaris' is not a file pbs/profiles/NAME.sh" in r.stderr

@@ -22,8 +22,16 @@ def _opts(tmp_path, **kw):
     return SimpleNamespace(manifest=str(tmp_path / "m.parquet"), storage=str(tmp_path), **kw)
 
 
+def _ladder(tmp_path, **kw):  # the 3-size ladder on 4 A100 per run
+    return load_plan("ladder", _opts(tmp_path, site="polaris", **kw))
+
+
+def _ladder_xl(tmp_path, **kw):  # the 4-size ladder (to 3B) on 12 Max 1550 tiles per run
+    return load_plan("ladder-xl", _opts(tmp_path, site="aurora", **kw))
+
+
 def test_ladder_presets_default_to_mup_and_say_the_lr_is_not_transferred(tmp_path):
-    plan = load_plan("polaris", _opts(tmp_path))
+    plan = _ladder(tmp_path)
     assert {s.parametrization for s in plan.specs} == {"mup"}
     assert {s.mup_base_width for s in plan.specs} == {96}  # 51M's width: muP equals SP there
     assert {s.lr for s in plan.specs} == {5e-4}
@@ -31,11 +39,11 @@ def test_ladder_presets_default_to_mup_and_say_the_lr_is_not_transferred(tmp_pat
 
 
 def test_sp_ladder_only_on_request_and_warns_of_bias(tmp_path):
-    plan = load_plan("aurora", _opts(tmp_path, parametrization="sp"))
+    plan = _ladder_xl(tmp_path, parametrization="sp")
     assert {s.parametrization for s in plan.specs} == {"sp"}
     assert "biased" in plan.extra["lr_source"]
     with pytest.raises(ValueError, match="does not apply with --parametrization sp"):
-        load_plan("aurora", _opts(tmp_path, parametrization="sp", lr_from="x"))
+        _ladder_xl(tmp_path, parametrization="sp", lr_from="x")
 
 
 @pytest.mark.parametrize("ref", ["folder", "name", "file"])
@@ -43,7 +51,7 @@ def test_lr_from_a_mutransfer_study_sets_base_width_and_lr_of_every_size(tmp_pat
     study = tmp_path / "mut51"
     path = _artifact().write(study / "report" / TRANSFER_FILE)
     given = {"folder": str(study), "name": "mut51", "file": str(path)}[ref]
-    plan = load_plan("aurora", _opts(tmp_path, lr_from=given))
+    plan = _ladder_xl(tmp_path, lr_from=given)
     assert {s.size for s in plan.specs} == {"51M", "202M", "806M", "3B"}
     assert {(s.parametrization, s.mup_base_width, s.lr) for s in plan.specs} == {("mup", 48, 2.0 ** -9)}
     assert plan.extra["lr_transferred"] is True and "mut51" in plan.extra["lr_source"]
@@ -52,8 +60,8 @@ def test_lr_from_a_mutransfer_study_sets_base_width_and_lr_of_every_size(tmp_pat
 def test_dry_run_shows_parametrization_base_width_lr_and_source(tmp_path, capsys):
     _artifact().write(tmp_path / "mut51" / "report" / TRANSFER_FILE)
     (tmp_path / "m.parquet").write_bytes(b"")
-    assert main(["--preset", "polaris", "--manifest", str(tmp_path / "m.parquet"), "--storage", str(tmp_path),
-                 "--lr-from", "mut51", "--dry-run"]) == 0
+    assert main(["--preset", "ladder", "--site", "polaris", "--manifest", str(tmp_path / "m.parquet"),
+                 "--storage", str(tmp_path), "--lr-from", "mut51", "--dry-run"]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("swift_v2-202M-mup"))
     assert row.split()[4:7] == ["mup", "48", "0.00195"]
@@ -72,11 +80,12 @@ def test_a_transfer_that_drifted_is_flagged(tmp_path):
 def test_lr_from_another_family_or_architecture_is_refused(tmp_path, kw, needle):
     _artifact(**kw).write(tmp_path / "m" / "report" / TRANSFER_FILE)
     with pytest.raises(ValueError, match=needle):
-        load_plan("polaris", _opts(tmp_path, lr_from="m"))
+        _ladder(tmp_path, lr_from="m")
 
 
 def test_missing_or_bad_artifact_exits_2_naming_where_it_looked(tmp_path, capsys):
-    argv = ["--preset", "polaris", "--manifest", "m.parquet", "--storage", str(tmp_path), "--dry-run"]
+    argv = ["--preset", "ladder", "--site", "polaris", "--manifest", "m.parquet", "--storage", str(tmp_path),
+            "--dry-run"]
     assert main([*argv, "--lr-from", "nope"]) == 2
     assert "no µTransfer result found" in capsys.readouterr().err
     bad = tmp_path / "bad.json"

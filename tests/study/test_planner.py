@@ -113,8 +113,8 @@ def test_dry_run_json_has_one_object_per_run_then_a_summary(tmp_path, capsys):
     from study.scaling_law import main
 
     (tmp_path / "m.parquet").write_bytes(b"")
-    assert main(["--preset", "aurora", "--manifest", str(tmp_path / "m.parquet"), "--dry-run", "--json",
-                 "--device-kind", "h100-80gb"]) == 0
+    assert main(["--preset", "ladder-xl", "--site", "aurora", "--manifest", str(tmp_path / "m.parquet"), "--dry-run",
+                 "--json", "--device-kind", "h100-80gb"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     runs, summary = lines[:-1], lines[-1]
     keys = {"run_id", "family", "size", "parametrization", "lr", "device_kind", "global_batch", "micro_batch",
@@ -124,7 +124,8 @@ def test_dry_run_json_has_one_object_per_run_then_a_summary(tmp_path, capsys):
     assert {r["device_kind"] for r in runs} == {"h100-80gb"} and all(r["fits"] for r in runs)
     assert summary["summary"] and summary["runs"] == 48 and math.isclose(
         summary["gpu_hours"], sum(r["gpu_hours"] for r in runs))
-    assert main(["--preset", "aurora", "--manifest", str(tmp_path / "nope.parquet"), "--dry-run"]) == 2
+    assert main(["--preset", "ladder-xl", "--site", "aurora", "--manifest", str(tmp_path / "nope.parquet"),
+                 "--dry-run"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

@@ -50,9 +50,10 @@ def test_dry_run_prints_runs_flops_gpu_hours_and_fit(capsys, tmp_path):
     assert DEMO_PINNED[0][0] in out and "CPU" in out  # a CPU plan predicts no GPU memory or hours
     manifest = tmp_path / "m.parquet"
     manifest.write_bytes(b"")
-    assert main(["--preset", "polaris", "--manifest", str(manifest), "--dry-run"]) == 0
+    assert main(["--preset", "ladder", "--site", "polaris", "--manifest", str(manifest), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "GPU-hours on a100-40gb" in out and " yes " in out and " NO " not in out
+    assert "planned for site polaris: 4 x a100-40gb per run" in out
 
 
 def test_ladder_presets_replicate_small_models_and_partition_large_ones(tmp_path):
@@ -63,7 +64,7 @@ def test_ladder_presets_replicate_small_models_and_partition_large_ones(tmp_path
     from study.planner import MEMORY_MARGIN
     from study.plans import load_plan
 
-    plan = load_plan("aurora", SimpleNamespace(manifest=str(tmp_path / "m.parquet")))
+    plan = load_plan("ladder-xl", SimpleNamespace(manifest=str(tmp_path / "m.parquet"), site="aurora"))
     stages = {s.size: s.zero_stage for s in plan.specs}
     assert stages == {"51M": 0, "202M": 0, "806M": 1, "3B": 1}
     assert all(s.distributed == "deepspeed" for s in plan.specs)
@@ -73,7 +74,9 @@ def test_ladder_presets_replicate_small_models_and_partition_large_ones(tmp_path
 
 @pytest.mark.parametrize("argv,needle", [
     (["--preset", "nope"], "unknown preset"),
-    (["--preset", "polaris"], "--manifest"),
+    (["--preset", "ladder", "--site", "polaris"], "--manifest"),
+    (["--preset", "polaris"], "preset 'polaris' is now --preset ladder --site polaris"),  # site names are gone
+    (["--preset", "aurora", "--manifest", "m.parquet"], "preset 'aurora' is now --preset ladder-xl --site aurora"),
     (["--preset", "smoke", "--storage", "/proc/neurox-not-writable"], "not writable"),
 ])
 def test_bad_input_exits_2_before_any_trial(argv, needle, capsys):

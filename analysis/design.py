@@ -53,7 +53,7 @@ from analysis.fitter import FitResult, fit_form
 
 __all__ = ["Target", "DesignRound", "candidates", "fit_law", "predict_target", "target_gradient",
            "law_gradient", "noise_variance", "robust_covariance", "acquire", "stop_reason", "design_round", "TARGET_KINDS",
-           "RAW", "QUICK_GRID", "ROUNDS_TABLE", "read_rounds", "plot_rounds", "acquire_best", "RULES", "rounds_markdown", "adaptive_report"]
+           "RAW", "QUICK_GRID", "ROUNDS_TABLE", "read_rounds", "plot_rounds", "acquire_best", "RULES", "rounds_markdown"]
 
 #: Raw approach-3 parameters, in the order of ``ChinchillaForm.param_names``.
 RAW = ("a", "b", "alpha", "beta", "e")
@@ -470,31 +470,3 @@ def rounds_markdown(rounds: pd.DataFrame) -> str:
                      f"{f(r.get('rel_width', np.nan))} | {ch or '-'} | {r.get('stop_reason') or ''} |")
     return "\n".join(lines) + "\n"
 
-
-def adaptive_report(store_dir, out_dir) -> dict:
-    """Write the adaptive study's report to ``out_dir``: ``adaptive.md`` (the rounds table, then the
-    pre-registered predictions against outcomes, :mod:`analysis.predictions`), ``adaptive_interval.png``
-    (:func:`plot_rounds`) and the prediction files. Returns ``rounds`` (count), ``files`` and the
-    predictions' ``calibration``."""
-    from pathlib import Path
-
-    from analysis import predictions as pr
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rounds = read_rounds(store_dir)
-    files = []
-    md = ["# Adaptive ladder", ""]
-    if rounds is None:
-        md.append("No adaptive rounds in the store.\n")
-    else:
-        plot_rounds(rounds).savefig(out / "adaptive_interval.png", dpi=120)
-        files.append("adaptive_interval.png")
-        md += [rounds_markdown(rounds), "![interval vs GPU-hours](adaptive_interval.png)", ""]
-    table, cal = pr.report([store_dir], out)
-    files += [f for f in ("predictions.md", "predictions.json", "predictions.csv", "predictions.png") if (out / f).exists()]
-    md.append(pr.markdown(table, cal))
-    if (out / "predictions.png").exists():
-        md.append("![predictions vs outcomes](predictions.png)\n")
-    (out / "adaptive.md").write_text("\n".join(md))
-    return dict(rounds=0 if rounds is None else len(rounds), files=["adaptive.md"] + files, calibration=cal)

@@ -45,7 +45,7 @@ from analysis.store import SEQ_COL, WRITER_COL, ResultsStore
 
 __all__ = ["TABLE", "HASHED", "SCHEMA", "predict_run", "prediction_row", "row_hash", "verify", "register",
            "read_predictions", "final_losses", "join_outcomes", "calibration", "wilson_interval",
-           "plot_predictions", "report", "markdown"]
+           "plot_predictions", "report", "markdown", "adaptive_report"]
 
 TABLE = "predictions"
 SCHEMA = 1
@@ -395,3 +395,30 @@ def report(stores: Iterable[str | os.PathLike], out_dir: str | os.PathLike | Non
             table.to_csv(out / "predictions.csv", index=False)
             plot_predictions(table).savefig(out / "predictions.png", dpi=120)
     return table, cal
+
+
+def adaptive_report(store_dir, out_dir) -> dict:
+    """Write the adaptive study's report to ``out_dir``: ``adaptive.md`` (the rounds table of
+    :func:`analysis.design.rounds_markdown`, then the pre-registered predictions against outcomes),
+    ``adaptive_interval.png`` (:func:`analysis.design.plot_rounds`) and the prediction files. Returns
+    ``rounds`` (count), ``files`` and the predictions' ``calibration``."""
+    from analysis.design import plot_rounds, read_rounds, rounds_markdown
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rounds = read_rounds(store_dir)
+    files = []
+    md = ["# Adaptive ladder", ""]
+    if rounds is None:
+        md.append("No adaptive rounds in the store.\n")
+    else:
+        plot_rounds(rounds).savefig(out / "adaptive_interval.png", dpi=120)
+        files.append("adaptive_interval.png")
+        md += [rounds_markdown(rounds), "![interval vs GPU-hours](adaptive_interval.png)", ""]
+    table, cal = report([store_dir], out)
+    files += [f for f in ("predictions.md", "predictions.json", "predictions.csv", "predictions.png") if (out / f).exists()]
+    md.append(markdown(table, cal))
+    if (out / "predictions.png").exists():
+        md.append("![predictions vs outcomes](predictions.png)\n")
+    (out / "adaptive.md").write_text("\n".join(md))
+    return dict(rounds=0 if rounds is None else len(rounds), files=["adaptive.md"] + files, calibration=cal)

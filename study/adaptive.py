@@ -301,8 +301,8 @@ def main_adaptive(plan, args, repo_root: Path) -> int:
 
 
 def write_report(store_dir: Path, out_dir: Path | None = None) -> Path:
-    """The adaptive report (:func:`analysis.design.adaptive_report`) in ``<study>/report`` by default."""
-    from analysis.design import adaptive_report
+    """The adaptive report (:func:`analysis.predictions.adaptive_report`) in ``<study>/report`` by default."""
+    from analysis.predictions import adaptive_report
 
     out = Path(out_dir) if out_dir is not None else Path(store_dir).parent / "report"
     adaptive_report(store_dir, out)

@@ -25,6 +25,16 @@ Usage (as run by the bootstrap)::
     python pbs/cluster.py cleanup --path /tmp/nx-1000/123.9f3a_0 [--grace 2] [--kill-after 1]
 
 This module imports neither ``study`` nor ``ray`` at import time (``wait`` imports Ray lazily).
+
+Why ``wait`` uses Ray's private ``ray._raylet.GcsClient`` (checked against the installed Ray 2.60): it asks the head's
+GCS, once a second and with a timeout of its own, which nodes are alive, from the bootstrap process, which is not a
+Ray driver. Ray has no public API for that. ``ray.nodes()`` is a DeveloperAPI ("for debugging only") that needs
+``ray.init``: this process would become a driver of the cluster it is still forming (a job entry, a core worker)
+and ``ray.init`` waits out its own retries while the GCS is not up yet. ``ray.util.state.list_nodes(address=...)``,
+also a DeveloperAPI, goes through the dashboard's HTTP state API, which comes up after the GCS (so a slow
+dashboard would read as nodes that never joined), and resolves a GCS address by building this same private
+``GcsClient`` with up to 20 retries. The import stays in ``_alive_node_ips`` alone, listed with this reason in
+``tests/test_import_layering.py`` (``KNOWN_PRIVATE_RAY``); ``tests/pbs/test_netns_cluster.py`` exercises it.
 """
 from __future__ import annotations
 

@@ -84,8 +84,9 @@ KNOWN_RAY_IMPORTS: dict[str, str] = {
 
 #: files that import Ray's private modules (``ray._*``), each with why
 KNOWN_PRIVATE_RAY: dict[str, str] = {
-    "pbs/cluster.py": "ray._raylet.GcsClient to wait for the head's GCS; the scheduler seam (issue #25 item 4) "
-                      "should use a public API",
+    "pbs/cluster.py": "ray._raylet.GcsClient to list the live nodes while the cluster forms, from a process that "
+                      "is not a Ray driver; Ray 2.60 has no public API for that (ray.nodes() needs ray.init, "
+                      "ray.util.state goes through the dashboard and builds the same GcsClient): see the file's top",
     "study/sweep.py": "release_orphaned_placement_groups reads the GCS placement-group table (ray._private.state); "
                       "Ray 2.60 has no public API that says which actor created a group",
 }

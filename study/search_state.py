@@ -150,6 +150,11 @@ def asha_should_stop(curve: Mapping[int, float], references: Iterable[Mapping[in
 @dataclass(frozen=True)
 class SearchTrial:
     number: int
+    """Optuna's trial number (what ``tell`` takes)."""
+    index: int
+    """The trial's place in the search: its rank among the trials that have an LR. A driver killed inside
+    Optuna's ``ask`` leaves a trial without parameters (a torn ask): it takes an Optuna number but no index, so
+    generations and sampler seeds follow the indices and stay those of an uninterrupted search."""
     lr: float
     generation: int
     state: str  # optuna TrialState name: RUNNING, COMPLETE, FAIL, ...
@@ -189,13 +194,23 @@ class LRSearchState:
 
     def trials(self) -> list[SearchTrial]:
         out = []
-        for t in self._study().get_trials(deepcopy=False):
-            if "lr" not in t.params:
+        for t in sorted(self._study().get_trials(deepcopy=False), key=lambda t: t.number):
+            if "lr" not in t.params:  # a torn ask (see SearchTrial.index)
                 continue
-            out.append(SearchTrial(number=t.number, lr=float(t.params["lr"]), generation=t.number // self.batch,
+            k = len(out)
+            out.append(SearchTrial(number=t.number, index=k, lr=float(t.params["lr"]), generation=k // self.batch,
                                    state=t.state.name, value=t.value if t.values else None,
                                    early_stopped=bool(t.user_attrs.get("early_stopped"))))
-        return sorted(out, key=lambda t: t.number)
+        return out
+
+    def _close_torn_asks(self) -> None:
+        """Tell ``FAIL`` to trials a killed driver left without an LR (nothing ran them; TPE ignores them)."""
+        from optuna.trial import TrialState
+
+        study = self._study()
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if "lr" not in t.params:
+                study.tell(t.number, state=TrialState.FAIL)
 
     def done(self) -> bool:
         tr = self.trials()
@@ -206,6 +221,7 @@ class LRSearchState:
         plus, when the generation is not complete yet, new asks. Empty when the search is done."""
         import optuna
 
+        self._close_torn_asks()
         tr = self.trials()
         running = [t for t in tr if t.state == "RUNNING"]
         gen = running[0].generation if running else (len(tr) // self.batch if len(tr) < self.n_trials else None)
@@ -215,10 +231,7 @@ class LRSearchState:
         n = len(tr)
         while n < end:  # trial n's sampler sees only the told trials of earlier generations
             sampler = optuna.samplers.TPESampler(seed=trial_seed(self.seed, n))
-            t = self._study(sampler).ask(fixed_distributions={"lr": self.distribution})
-            if t.number != n:
-                raise RuntimeError(f"LR search {self.name}: asked trial {t.number}, expected {n} "
-                                   f"(another driver on the same study?)")
+            self._study(sampler).ask(fixed_distributions={"lr": self.distribution})
             n += 1
         return [t for t in self.trials() if t.generation == gen and t.state == "RUNNING"]
 

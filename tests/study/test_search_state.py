@@ -62,6 +62,22 @@ def test_a_driver_killed_between_asks_completes_the_generation_with_the_same_lrs
     assert [t.lr for t in gen] == ref.suggestions()[:3]
 
 
+def test_a_driver_killed_inside_optunas_ask_leaves_a_torn_trial_that_changes_nothing(tmp_path):
+    """Found by the chaos campaign (seed 22): a SIGKILL between Optuna creating trial 5 and setting its LR left a
+    RUNNING trial without parameters; the rerun numbered the next ask 6, put it in the wrong generation and
+    told it FAIL. Generations and seeds now follow each trial's index among the trials that have an LR."""
+    ref = _drive(tmp_path / "ref.journal", n_trials=6, batch=2)
+    _drive(tmp_path / "k.journal", stop_after=4, n_trials=6, batch=2)
+    s = _search(tmp_path / "k.journal", n_trials=6, batch=2)
+    s._study().ask()  # generation 2's first ask, torn: a trial with no LR
+    got = _drive(tmp_path / "k.journal", n_trials=6, batch=2)
+    assert got.suggestions() == ref.suggestions()
+    assert [(t.index, t.generation, t.state) for t in got.trials()] == [
+        (t.index, t.generation, t.state) for t in ref.trials()]
+    assert [t.number for t in got.trials()][-2:] == [5, 6]  # Optuna's numbers skip the torn trial
+    assert [t.state.name for t in got._study().get_trials()].count("FAIL") == 1  # the torn one, closed
+
+
 def test_the_batch_is_stored_with_the_search_and_the_range_is_checked(tmp_path):
     _search(tmp_path / "j", batch=3).ask_generation()
     again = LRSearchState(tmp_path / "j", "g", seed=99, low=1e-4, high=3e-2, n_trials=9, batch=8)

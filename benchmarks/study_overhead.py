@@ -111,6 +111,7 @@ def main() -> None:
     from data.synthetic import generate_cohort
     from study.devices import local_context
     from study.reporters import MemoryReporter
+    from study.run_env import RunEnv
     from study.runner import connect_ray
     from study.sweep import plan_placement, run_trials
     from study.train import train
@@ -125,13 +126,13 @@ def main() -> None:
     connect_ray(None, os.cpu_count(), REPO)
     import ray
 
-    dirs = {"train_storage": str(work / "runs"), "store_dir": str(work / "store")}
+    env = RunEnv(storage=str(work / "runs"), store_dir=str(work / "store"))
 
     def placed(launcher: str, stage: int = 0, max_concurrent: int | None = 1):
-        """One launcher's placement on this machine's CPUs, and the trial context with it."""
+        """One launcher's placement on this machine's CPUs, and the trial setup it gives."""
         pl = plan_placement(float(os.cpu_count() or 1), 0.0, 1, False, max_concurrent=max_concurrent,
                             stage_ahead=stage, launcher=launcher)
-        return {**dirs, **pl.trial_ctx()}, pl
+        return pl.trial_setup(), pl
     if not args.skip_overhead:
         probe = base_spec(manifest, 12)
         rep = MemoryReporter()
@@ -149,8 +150,8 @@ def main() -> None:
             c, pl = placed("inline" if variant == "inline" else "ray-train", stage=int(variant.endswith("+stage")))
             run_specs = [sp.replace(seed=1000 * (k + 1) + sp.seed) for sp in specs]  # new run ids: nothing skipped
             t0 = time.perf_counter()
-            run_trials(run_specs, ctx=c, storage=str(work / "tune"), study=f"overhead-{variant}", concurrency=1,
-                       stage_ahead=pl.stage_ahead)
+            run_trials(run_specs, env=env, setup=c, storage=str(work / "tune"), study=f"overhead-{variant}",
+                       concurrency=1, stage_ahead=pl.stage_ahead)
             t_sweep = time.perf_counter() - t0
             per_trial = (t_sweep - t_in) / args.trials
             r = res["overhead"]["by_variant"][variant] = {
@@ -169,15 +170,15 @@ def main() -> None:
         lrs = args.asha_lrs if not args.asha_n else [float(f"{3e-4 * 1e4 ** (i / (args.asha_n - 1)):.3g}")
                                                      for i in range(args.asha_n)]
         specs = [base_spec(manifest, args.asha_steps).replace(lr=lr, seed=7) for lr in lrs]
-        ctx, pa = placed(args.asha_launcher, max_concurrent=None)
+        setup, pa = placed(args.asha_launcher, max_concurrent=None)
         ids = [s.run_id for s in specs]
         # separate Train storage per phase: the same run ids would otherwise restore finished runs
-        run_trials(specs, ctx={**ctx, "store_dir": str(work / "store_grid"), "train_storage": str(work / "runs_grid")},
-                   storage=str(work / "tune"),
+        run_trials(specs, env=RunEnv(storage=str(work / "runs_grid"), store_dir=str(work / "store_grid")),
+                   setup=setup, storage=str(work / "tune"),
                    study="grid", concurrency=pa.concurrency)
         grid = store_steps(work / "store_grid", ids)
-        run_trials(specs, ctx={**ctx, "store_dir": str(work / "store_asha"), "train_storage": str(work / "runs_asha")},
-                   storage=str(work / "tune"),
+        run_trials(specs, env=RunEnv(storage=str(work / "runs_asha"), store_dir=str(work / "store_asha")),
+                   setup=setup, storage=str(work / "tune"),
                    study="asha", concurrency=pa.concurrency, asha=True, max_steps=args.asha_steps)
         asha = store_steps(work / "store_asha", ids)
         best_grid = min(grid, key=lambda k: grid[k]["val_loss"])

@@ -74,7 +74,7 @@ def plan_config_search(opts: Any, *, grid: int, seq: int, steps: int, size: str 
         if "model_overrides" in ch:
             ch["model_overrides"] = {**dict(base.model_overrides), **ch["model_overrides"]}
         labels[label] = base.replace(**ch)
-    from study.train import model_config
+    from study.run_math import model_config
 
     for label, s in list(labels.items()):
         try:
@@ -101,7 +101,7 @@ def latest_run_checkpoint(train_storage: Path, run_id: str) -> Path:
 
 def export_all(run, labels: dict[str, RunSpec], out_dir: Path) -> dict[str, Path]:
     from study import checkpoint as ckpt
-    from study.train import model_config
+    from study.run_math import model_config
 
     out = {}
     by_id = {s.run_id: s for s in run.specs}  # study and manifest path do not enter run ids

@@ -127,7 +127,8 @@ def pretrain_and_export(base: RunSpec, out_dir: Path, *, steps: int, ctx) -> Pat
     The pre-training run takes the architecture and input fields of ``base`` (family, size, width, grid,
     sequence length, overrides, parametrization, manifest) so its weights fit the fine-tuning runs.
     """
-    from study.train import model_config, train
+    from study.run_math import model_config
+    from study.train import train
 
     arch = {k: getattr(base, k) for k in ("family", "size", "width", "grid", "sequence_length", "model_overrides",
                                           "parametrization", "mup_base_width", "manifest", "scaling")}
@@ -146,7 +147,7 @@ def pretrain_and_export(base: RunSpec, out_dir: Path, *, steps: int, ctx) -> Pat
 def check_weights(base: RunSpec, weights: Sequence[str]) -> None:
     """Every weights file fits ``base``'s model (else :class:`study.checkpoint.CheckpointError`), before any run."""
     from study.finetune_engine import load_weights
-    from study.train import model_config
+    from study.run_math import model_config
 
     cfg = model_config(base)
     for w in weights:
@@ -209,9 +210,10 @@ def _run_on_ray(spec: RunSpec, storage: Path, *, num_workers: int, cpus_per_work
                 ) -> dict[str, Any]:
     """One fine-tuning run as a Ray Train ``TorchTrainer`` (``study.launch_ray.fit_run``); its last report."""
     from study.launch_ray import fit_run
+    from study.run_env import RunEnv
 
-    result = fit_run(spec, storage=str(storage), num_workers=num_workers, cpus_per_worker=cpus_per_worker,
-                     use_gpu=device == "cuda", device=device)
+    result = fit_run(spec, RunEnv(storage=str(storage), device=device), num_workers=num_workers,
+                     cpus_per_worker=cpus_per_worker, use_gpu=device == "cuda")
     if result.error is not None:
         raise RuntimeError(f"fine-tuning run {spec.run_id} failed under Ray Train: {result.error}")
     return dict(result.metrics or {})
@@ -581,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:  # the spec must describe a buildable model before anything is written or generated
-        from study.train import model_config
+        from study.run_math import model_config
 
         model_config(base_spec("", quick=args.quick, overrides={"study": args.study_name, **overrides}))
     except ValueError as exc:

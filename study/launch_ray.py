@@ -150,20 +150,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             reporter.close()
 
 
-#: keyword arguments the launchers took before :class:`~study.run_env.RunEnv` (``use_wandb`` is ``RunEnv.wandb``);
-#: still accepted, folded into the run environment
-_ENV_KEYWORDS = {"storage": "storage", "store_dir": "store_dir", "device": "device", "stop_file": "stop_file",
-                 "deadline": "deadline", "manifest_hash": "manifest_hash", "use_wandb": "wandb",
-                 "wandb_sweep_id": "wandb_sweep_id"}
-
-
-def _run_env(env: RunEnv | None, loose: dict[str, Any], fn: str) -> RunEnv:
-    """``env`` with the loose environment keywords of an older call folded in."""
-    unknown = sorted(set(loose) - set(_ENV_KEYWORDS))
-    if unknown:
-        raise TypeError(f"{fn}() got unexpected keyword arguments {unknown}")
-    fields = {_ENV_KEYWORDS[k]: v for k, v in loose.items()}
-    env = dataclasses.replace(env, **fields) if env is not None else RunEnv(**fields)
+def _run_env(env: RunEnv, fn: str) -> RunEnv:
+    """``env``, checked: a :class:`~study.run_env.RunEnv` with a storage directory."""
+    if not isinstance(env, RunEnv):
+        raise TypeError(f"{fn}: env must be a study.run_env.RunEnv, got {type(env).__name__}")
     if not env.storage:
         raise ValueError(f"{fn}: the run environment has no storage (RunEnv.storage): give the shared-filesystem "
                          "directory that keeps the run's checkpoints")
@@ -190,16 +180,14 @@ def scaling_for(num_workers: int, use_gpu: bool, cpus_per_worker: float = 1.0,
                          resources_per_worker=resources)
 
 
-def fit_run(spec: RunSpec, env: RunEnv | None = None, *, num_workers: int = 1, use_gpu: bool = False,
-            cpus_per_worker: float = 1.0, max_failures: int = 2, num_to_keep: int = 2, in_tune: bool = False,
-            **loose):
+def fit_run(spec: RunSpec, env: RunEnv, *, num_workers: int = 1, use_gpu: bool = False,
+            cpus_per_worker: float = 1.0, max_failures: int = 2, num_to_keep: int = 2, in_tune: bool = False):
     """Run ``spec`` with a ``TorchTrainer`` and return Ray's ``Result``.
 
     ``env.storage`` (a shared-filesystem path) receives Ray's checkpoints under ``<storage>/<run_id>``;
-    rerunning with the same storage restores the run from its latest checkpoint. The environment's fields
-    may also be given as keywords (``storage=``, ``store_dir=``, ... ``use_wandb=``, as before :class:`RunEnv`).
+    rerunning with the same storage restores the run from its latest checkpoint.
     """
-    env = _run_env(env, loose, "fit_run")
+    env = _run_env(env, "fit_run")
     from ray.train.torch import TorchConfig, TorchTrainer
 
     kind = env.device or (gpu_kind() if use_gpu else "cpu")  # cuda, or xpu on Aurora (NEUROX_DEVICE)
@@ -223,8 +211,7 @@ def fit_run(spec: RunSpec, env: RunEnv | None = None, *, num_workers: int = 1, u
     return trainer.fit()
 
 
-def run_inline(spec: RunSpec, env: RunEnv | None = None, *, use_gpu: bool = False, extra_reporter=None,
-               should_stop=None, **loose):
+def run_inline(spec: RunSpec, env: RunEnv, *, use_gpu: bool = False, extra_reporter=None, should_stop=None):
     """Train ``spec`` in this process: a Tune trial actor that holds one worker's resources (Ray already
     isolated its GPU/XPU tile). Returns :class:`study.train.TrainResult`.
 
@@ -234,9 +221,8 @@ def run_inline(spec: RunSpec, env: RunEnv | None = None, *, use_gpu: bool = Fals
     released at the end, so a reused actor starts the next trial clean. Results go to the store,
     W&B and Tune (:class:`TuneReporter`, or ``extra_reporter``) exactly as from a Ray Train worker.
     ``should_stop`` (polled every step, like ``train``'s) stops the run beside the STOP file and deadline.
-    The environment's fields may also be given as keywords (``storage=``, ``store_dir=``, ..., as in :func:`fit_run`).
     """
-    env = _run_env(env, loose, "run_inline")
+    env = _run_env(env, "run_inline")
     import gc
 
     import torch

@@ -59,13 +59,9 @@ class RunEnv:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RunEnv":
-        """From :meth:`to_dict`'s output; also takes the keys of the former trial-context dict
-        (``train_storage`` for ``storage``), ignoring keys that are not fields (a placement's)."""
+        """From :meth:`to_dict`'s output (keys that are not fields are ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        if "train_storage" in d and "storage" not in kw:
-            kw["storage"] = d["train_storage"]
-        return cls(**kw)
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def static_row(spec: RunSpec, manifest_hash: str | None = None) -> dict:

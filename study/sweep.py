@@ -88,11 +88,6 @@ class Placement:
         return TrialSetup(launcher=self.launcher, trial_resources=self.trial_resources,
                           num_workers=self.num_workers, use_gpu=self.use_gpu, cpus_per_worker=self.cpus_per_worker)
 
-    def trial_ctx(self) -> dict[str, Any]:
-        """The placement's keys of the former trial-context dict (``run_trials(ctx=...)``, still accepted)."""
-        return {"launcher": self.launcher, "trial_resources": self.trial_resources, "num_workers": self.num_workers,
-                "use_gpu": self.use_gpu, "cpus_per_worker": self.cpus_per_worker}
-
 
 @dataclass(frozen=True, kw_only=True)
 class TrialSetup:
@@ -116,7 +111,7 @@ class TrialSetup:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrialSetup":
-        """From :func:`dataclasses.asdict` output or the former trial-context dict (other keys ignored)."""
+        """From :func:`dataclasses.asdict` output (a trial's config; other keys ignored)."""
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 
@@ -622,26 +617,20 @@ def run_lr_search(specs: list[RunSpec], *, env: RunEnv, setup: TrialSetup, stora
             state.sync(env.store_dir, run_id_of, failed=not stop_requested())
 
 
-def run_trials(specs: list[RunSpec], *, env: RunEnv | None = None, setup: TrialSetup | None = None,
-               storage: str, study: str, concurrency: int, lr_search=None, asha: bool = False,
-               max_steps: int | None = None, stage_ahead: int = 0, ctx: Mapping[str, Any] | None = None
-               ) -> dict[str, int]:
+def run_trials(specs: list[RunSpec], *, env: RunEnv, setup: TrialSetup, storage: str, study: str,
+               concurrency: int, lr_search=None, asha: bool = False, max_steps: int | None = None,
+               stage_ahead: int = 0) -> dict[str, int]:
     """Run ``specs`` (already filtered to what is not finished) and return trial counts.
 
     Each trial gets the run environment ``env`` and trains as ``setup`` says (:meth:`Placement.trial_setup`).
-    ``ctx``: the former trial-context dict (a placement's :meth:`Placement.trial_ctx` keys plus
-    ``train_storage``, ``store_dir``, ...), still accepted in place of ``env`` and ``setup``.
 
     ``concurrency`` trials run at once; ``stage_ahead`` more start early and wait for their workers'
     resources (the placement must leave them :data:`TRIAL_DRIVER_CPU` each: :func:`plan_placement`).
     With ``asha``, ``max_steps`` is the longest run's step count (default: unbounded): ASHA must never be
     the one that ends a run at its last step, or it kills the trial while Train finishes it.
     """
-    if ctx is not None:
-        env = env if env is not None else RunEnv.from_dict(ctx)
-        setup = setup if setup is not None else TrialSetup.from_dict(ctx)
-    if env is None or setup is None:
-        raise TypeError("run_trials() needs env= (a RunEnv) and setup= (a TrialSetup), or the former ctx= dict")
+    if not isinstance(env, RunEnv) or not isinstance(setup, TrialSetup):
+        raise TypeError("run_trials() needs env= (a study.run_env.RunEnv) and setup= (a TrialSetup)")
     progress = Progress(total=len(specs) if lr_search is None else
                         len(lr_groups(specs)) * lr_search.n_trials, study=study,
                         store_dir=env.store_dir if asha else None)

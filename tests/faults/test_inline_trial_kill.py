@@ -30,6 +30,7 @@ def test_inline_trial_actor_sigkill_resumes_from_checkpoint(mamba_spec, tmp_path
     from study.checkpoint import INLINE_DIR
     from study.devices import local_context
     from study.reporters import MemoryReporter
+    from study.run_env import RunEnv
     from study.runner import connect_ray
     from study.sweep import plan_placement, run_trials
     from study.train import train
@@ -40,13 +41,13 @@ def test_inline_trial_actor_sigkill_resumes_from_checkpoint(mamba_spec, tmp_path
 
     pl = plan_placement(2, 0, 1, False, max_concurrent=1)
     store, runs = tmp_path / "store", tmp_path / "runs"
-    ctx = {**pl.trial_ctx(), "train_storage": str(runs), "store_dir": str(store)}
+    env = RunEnv(storage=str(runs), store_dir=str(store))
     ckpt_root = runs / spec.run_id / INLINE_DIR / "checkpoints"
     connect_ray(None, 2, REPO)
     box: dict = {}
     try:
         sweeper = threading.Thread(target=lambda: box.update(counts=run_trials(
-            [spec], ctx=ctx, storage=str(tmp_path / "tune"), study="kill", concurrency=1)))
+            [spec], env=env, setup=pl.trial_setup(), storage=str(tmp_path / "tune"), study="kill", concurrency=1)))
         sweeper.start()
         t0 = time.time()
         while time.time() - t0 < 300 and sweeper.is_alive() and ckpt.latest_checkpoint(ckpt_root) is None:

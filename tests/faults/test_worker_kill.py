@@ -68,6 +68,7 @@ def test_worker_sigkill_resumes_from_last_checkpoint(ray_local, mamba_spec, tmp_
     from study.devices import local_context
     from study.launch_ray import fit_run
     from study.reporters import MemoryReporter
+    from study.run_env import RunEnv
     from study.train import train
 
     spec = mamba_spec.replace(budget=24, checkpoint_every=3, eval_every=3, eval_windows=2)
@@ -77,7 +78,8 @@ def test_worker_sigkill_resumes_from_last_checkpoint(ray_local, mamba_spec, tmp_
     storage, store = tmp_path / "runs", tmp_path / "store"
     box: dict = {}
     fitter = threading.Thread(target=lambda: box.update(result=fit_run(
-        spec, storage=str(storage), num_workers=2, cpus_per_worker=0.9, store_dir=str(store), max_failures=2)))
+        spec, RunEnv(storage=str(storage), store_dir=str(store)), num_workers=2, cpus_per_worker=0.9,
+        max_failures=2)))
     fitter.start()
     t0 = time.time()
     while time.time() - t0 < 300 and fitter.is_alive() and registered_step(storage / spec.run_id) is None:

@@ -17,6 +17,7 @@ import torch
 from study import checkpoint as ckpt
 from study.devices import local_context
 from study.reporters import MemoryReporter
+from study.run_env import RunEnv
 from study.train import train
 
 
@@ -130,12 +131,12 @@ def test_deepspeed_zero2_resumes_exactly_with_weights_only_loading(tiny_cohort, 
                    eval_every=3, eval_windows=4, manifest=tiny_cohort, precision="fp32", checkpoint_every=3,
                    keep_last=5, distributed="deepspeed", zero_stage=2)
     full = MemoryReporter()
-    assert run_inline(spec, storage=str(tmp_path), extra_reporter=full).status == "finished"
+    assert run_inline(spec, RunEnv(storage=str(tmp_path)), extra_reporter=full).status == "finished"
     ckpts = tmp_path / spec.run_id / "inline" / "checkpoints"
     assert [p.name for p in ckpt.list_checkpoints(ckpts)] == ["step_0000003", "step_0000006"]
     assert any("optim_states" in p.name for p in (ckpts / "step_0000003" / "ds").rglob("*.pt"))
     shutil.rmtree(ckpts / "step_0000006")
     resumed = MemoryReporter()
-    assert run_inline(spec, storage=str(tmp_path), extra_reporter=resumed).status == "finished"
+    assert run_inline(spec, RunEnv(storage=str(tmp_path)), extra_reporter=resumed).status == "finished"
     assert [r["step"] for r in resumed.logs] == [4, 5, 6]
     assert [r["train_loss"] for r in resumed.logs] == [r["train_loss"] for r in full.logs][3:]

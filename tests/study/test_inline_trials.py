@@ -14,6 +14,7 @@ import pytest
 from analysis.store import read_table
 from study import checkpoint as ckpt
 from study.reporters import MemoryReporter
+from study.run_env import RunEnv
 from test_golden import GOLDEN, REL, golden_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,6 +60,29 @@ def test_config_search_exports_from_either_launchers_checkpoints(tmp_path):
     assert latest_run_checkpoint(runs, "r2") == ray_copy
 
 
+def test_launchers_take_the_run_environment_only_as_a_run_env(tmp_path):
+    """The loose keywords of before RunEnv (``storage=``, ``store_dir=``, the ``ctx=`` dict) are refused, not folded
+    in; a run environment without storage is refused before anything starts."""
+    from study.launch_ray import fit_run, run_inline
+    from study.spec import RunSpec
+    from study.sweep import TrialSetup, run_trials
+
+    spec = RunSpec(size="debug", grid=(24, 24, 24), sequence_length=8, batch_size=4)
+    with pytest.raises(TypeError, match="storage"):
+        run_inline(spec, storage=str(tmp_path), store_dir=str(tmp_path))
+    with pytest.raises(TypeError, match="storage"):
+        fit_run(spec, storage=str(tmp_path), num_workers=2)
+    with pytest.raises(TypeError, match="must be a study.run_env.RunEnv"):
+        run_inline(spec, {"train_storage": str(tmp_path)})
+    with pytest.raises(ValueError, match="has no storage"):
+        fit_run(spec, RunEnv(store_dir=str(tmp_path)))
+    with pytest.raises(TypeError, match="ctx"):
+        run_trials([spec], ctx={"train_storage": str(tmp_path)}, storage=str(tmp_path), study="s", concurrency=1)
+    with pytest.raises(TypeError, match="needs env="):
+        run_trials([spec], env={"storage": str(tmp_path)}, setup=TrialSetup(), storage=str(tmp_path), study="s",
+                   concurrency=1)
+
+
 def test_inline_run_stops_resumes_and_reproduces_the_golden_losses(tiny_cohort, tmp_path):
     """A stop checkpoints (here after step 7; the PBS walltime guard's STOP file before the first step); the
     rerun resumes from it; together the calls log the golden losses of one uninterrupted plain-python run.
@@ -73,18 +97,18 @@ def test_inline_run_stops_resumes_and_reproduces_the_golden_losses(tiny_cohort, 
     stop = tmp_path / "STOP"
     stop.write_text("")
     store = tmp_path / "store"
-    r0 = run_inline(spec, storage=str(tmp_path / "runs"), store_dir=str(store), stop_file=str(stop),
+    r0 = run_inline(spec, RunEnv(storage=str(tmp_path / "runs"), store_dir=str(store), stop_file=str(stop)),
                     extra_reporter=MemoryReporter())
     assert r0.status == "stopped" and r0.step == 0
     stop.unlink()
     first = MemoryReporter()
-    r1 = run_inline(spec, storage=str(tmp_path / "runs"), store_dir=str(store), extra_reporter=first,
+    r1 = run_inline(spec, RunEnv(storage=str(tmp_path / "runs"), store_dir=str(store)), extra_reporter=first,
                     should_stop=lambda: len(first.logs) >= 7)
     assert r1.status == "stopped" and r1.step == 7
     assert not dist.is_initialized() or dist.get_world_size() == 1
     assert ckpt.latest_checkpoint(tmp_path / "runs" / spec.run_id / INLINE_DIR / "checkpoints").name == "step_0000007"
     second = MemoryReporter()
-    r2 = run_inline(spec, storage=str(tmp_path / "runs"), store_dir=str(store), extra_reporter=second)
+    r2 = run_inline(spec, RunEnv(storage=str(tmp_path / "runs"), store_dir=str(store)), extra_reporter=second)
     assert r2.status == "finished" and r2.step == 20
     assert not dist.is_initialized() or dist.get_world_size() == 1
     losses = {r["step"]: r["train_loss"] for r in first.logs + second.logs if "train_loss" in r}
@@ -109,7 +133,7 @@ def test_a_checkpoint_whose_row_was_never_stored_is_not_resumed_from(tiny_cohort
     spec = golden_spec(tiny_cohort).replace(eval_every=5, checkpoint_every=5, keep_last=5)  # step 5 is kept
     store, runs = tmp_path / "store", tmp_path / "runs"
     rep = MemoryReporter()
-    r1 = run_inline(spec, storage=str(runs), store_dir=str(store), extra_reporter=rep,
+    r1 = run_inline(spec, RunEnv(storage=str(runs), store_dir=str(store)), extra_reporter=rep,
                     should_stop=lambda: len(rep.logs) >= 12)
     assert r1.status == "stopped" and r1.step == 12
     for part in (store / "train").glob("part-*.parquet"):  # "the process died before this append"
@@ -118,7 +142,7 @@ def test_a_checkpoint_whose_row_was_never_stored_is_not_resumed_from(tiny_cohort
     assert stored_steps(store, spec) == {5}
     assert resume_point(runs / spec.run_id).name == "step_0000012"  # unfiltered: would skip rows 10 and 12
     assert resume_point(runs / spec.run_id, stored_steps(store, spec)).name == "step_0000005"
-    r2 = run_inline(spec, storage=str(runs), store_dir=str(store), extra_reporter=MemoryReporter())
+    r2 = run_inline(spec, RunEnv(storage=str(runs), store_dir=str(store)), extra_reporter=MemoryReporter())
     assert r2.status == "finished"
     rows = read_table(store, "train").sort_values("step")
     assert list(rows["step"]) == [5, 10, 15, 20]
@@ -136,7 +160,8 @@ def test_deepspeed_trials_follow_each_other_in_one_process(tiny_cohort, tmp_path
     runs = []
     for seed in (0, 1, 0):
         rep = MemoryReporter()
-        res = run_inline(spec.replace(seed=seed), storage=str(tmp_path / f"runs{len(runs)}"), extra_reporter=rep)
+        res = run_inline(spec.replace(seed=seed), RunEnv(storage=str(tmp_path / f"runs{len(runs)}")),
+                         extra_reporter=rep)
         assert res.status == "finished" and res.step == 6
         runs.append([r["train_loss"] for r in rep.logs])
     assert runs[2] == runs[0] and runs[1] != runs[0]  # the third (seed 0 again) repeats the first exactly
@@ -149,12 +174,14 @@ def trace_file(tmp_path, monkeypatch):
     return path
 
 
-def _ctx(tmp_path, cpus: float = 2.0) -> dict:
+def _trial_args(tmp_path, cpus: float = 2.0) -> dict:
+    """``run_trials``' run environment and inline trial setup on ``cpus`` CPUs, one trial at a time."""
     from study.sweep import plan_placement
 
     pl = plan_placement(cpus, 0, 1, False, max_concurrent=1)
     assert pl.launcher == "inline"
-    return {**pl.trial_ctx(), "train_storage": str(tmp_path / "runs"), "store_dir": str(tmp_path / "store")}
+    return {"env": RunEnv(storage=str(tmp_path / "runs"), store_dir=str(tmp_path / "store")),
+            "setup": pl.trial_setup()}
 
 
 @pytest.mark.ray
@@ -174,11 +201,11 @@ def test_inline_sweep_reuses_one_actor_and_reproduces_golden_losses(tiny_cohort,
     import ray
 
     try:
-        counts = run_trials(specs, ctx=_ctx(tmp_path), storage=str(tmp_path / "tune"), study="inline",
+        counts = run_trials(specs, **_trial_args(tmp_path), storage=str(tmp_path / "tune"), study="inline",
                             concurrency=1)
     finally:
         ray.shutdown()
-    assert counts == {"done": 3, "failed": 0, "early_stopped": 0, "errors": []}
+    assert counts == {"done": 3, "failed": 0, "early_stopped": 0, "errors": [], "bad_data_stop": False, "not_run": 0}
     rows = read_table(tmp_path / "store", "train")
     first = rows[rows.run_id == base.run_id].sort_values("step")
     assert list(first["step"]) == [5, 10, 15, 20]
@@ -208,7 +235,7 @@ def test_asha_stops_an_inline_trial_and_the_reused_actor_runs_the_next(tiny_coho
 
     try:
         t0 = time.time()
-        counts = run_trials(specs, ctx=_ctx(tmp_path), storage=str(tmp_path / "tune"), study="asha",
+        counts = run_trials(specs, **_trial_args(tmp_path), storage=str(tmp_path / "tune"), study="asha",
                             concurrency=1, asha=True, max_steps=12)
         wall = time.time() - t0
     finally:

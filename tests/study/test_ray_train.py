@@ -25,14 +25,15 @@ def test_ray_train_two_workers_reproduce_golden_losses(ray_local, tiny_cohort, t
 
     from analysis.store import read_table
     from study.launch_ray import fit_run
+    from study.run_env import RunEnv
     from test_golden import GOLDEN, REL, golden_spec
 
     golden = json.loads(GOLDEN.read_text())["losses"]
     # evaluations every 5 steps do not change training (fixed eval masks, no RNG drawn)
     spec = golden_spec(tiny_cohort).replace(micro_batch_size=None, eval_every=5, checkpoint_every=10)
     store = tmp_path / "store"
-    result = fit_run(spec, storage=str(tmp_path / "runs"), num_workers=2, cpus_per_worker=0.9,
-                     store_dir=str(store))
+    result = fit_run(spec, RunEnv(storage=str(tmp_path / "runs"), store_dir=str(store)), num_workers=2,
+                     cpus_per_worker=0.9)
     assert result.error is None
     rows = read_table(store, "train").sort_values("step")
     assert list(rows["step"]) == [5, 10, 15, 20]

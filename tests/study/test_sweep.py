@@ -122,8 +122,9 @@ def test_asha_stops_a_poor_trial_and_the_next_trials_still_run(tiny_cohort, tmp_
     cleaner needs the dashboard's state API), and the next trial waited forever."""
     import ray
 
+    from study.run_env import RunEnv
     from study.runner import connect_ray
-    from study.sweep import run_trials
+    from study.sweep import TrialSetup, run_trials
 
     base = RunSpec(study="asha", family="swift_v2", size="debug", width=16, grid=(24, 24, 24), sequence_length=8,
                    batch_size=2, budget=12, eval_every=1, eval_windows=2, manifest=tiny_cohort, precision="fp32",
@@ -133,11 +134,11 @@ def test_asha_stops_a_poor_trial_and_the_next_trials_still_run(tiny_cohort, tmp_
     specs = [base.replace(lr=lr) for lr in (1e-2, 5e-3, 3e-3, 1e-7, 1e-8)]
     connect_ray(None, 2, __import__("pathlib").Path(__file__).resolve().parents[2])
     try:
-        ctx = {"train_storage": str(tmp_path / "runs"), "store_dir": str(tmp_path / "store"), "num_workers": 1,
-               "use_gpu": False, "cpus_per_worker": 1.98}
+        env = RunEnv(storage=str(tmp_path / "runs"), store_dir=str(tmp_path / "store"))
+        setup = TrialSetup(launcher="ray-train", num_workers=1, use_gpu=False, cpus_per_worker=1.98)
         t0 = time.time()
-        counts = run_trials(specs, ctx=ctx, storage=str(tmp_path / "tune"), study="asha", concurrency=1,
-                            asha=True, max_steps=12, stage_ahead=1)
+        counts = run_trials(specs, env=env, setup=setup, storage=str(tmp_path / "tune"), study="asha",
+                            concurrency=1, asha=True, max_steps=12, stage_ahead=1)
         wall = time.time() - t0
     finally:
         ray.shutdown()

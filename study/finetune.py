@@ -185,12 +185,11 @@ def result_row(spec: RunSpec, checkpoint: str, repeat: int, final: dict[str, Any
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to a Ray cluster (``address`` or ``$RAY_ADDRESS``) or start a local one (loopback only):
-    :func:`study.runner.connect_ray`, unless this process is already connected."""
-    import ray
+    :func:`study.sweep.connect_ray`, unless this process is already connected (Ray is imported by the launch and
+    sweep modules only)."""
+    from study.sweep import connect_ray as _connect, ray_connected
 
-    from study.runner import connect_ray as _connect
-
-    if not ray.is_initialized():
+    if not ray_connected():
         _connect(address, num_cpus, Path(__file__).resolve().parents[1])
 
 
@@ -635,10 +634,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cpw = 1.0
     if args.ray:
-        import ray
+        from study.sweep import cluster_cpus
 
         connect_ray(args.address, args.num_cpus)
-        cpus = float(ray.cluster_resources().get("CPU", 1))
+        cpus = cluster_cpus()
         cpw = max(0.1, min(8.0, math.floor(90 * cpus / args.ray) / 100))  # leave room for the driver
     df = run_grid(cells, study_dir=study_dir.resolve(), ctx=ctx, progress=not args.no_progress, ray_workers=args.ray,
                   cpus_per_worker=cpw, device=args.device)

@@ -194,6 +194,16 @@ def probe_address(address: str, timeout: float = 5.0) -> None:
 WORKER_WAIT_S = 6 * 3600
 
 
+def ray_connected() -> bool:
+    """Whether this process is connected to Ray (for callers outside the launch and sweep modules)."""
+    return ray.is_initialized()
+
+
+def cluster_cpus() -> float:
+    """The connected Ray cluster's CPUs."""
+    return float(ray.cluster_resources().get("CPU", 1))
+
+
 def connect_ray(address: str | None, num_cpus: int | None, repo_root: Path) -> None:
     """Connect to the Ray cluster at ``address`` (or ``RAY_ADDRESS``), or start an embedded loopback-only Ray
     with ``num_cpus``; workers get the environment the study's runs need."""

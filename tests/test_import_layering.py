@@ -77,10 +77,7 @@ RAY_ALLOWED = ("study/launch_*.py", "study/sweep*.py", "pbs/cluster.py")
 
 #: files that import Ray outside RAY_ALLOWED, each with why and what removes it. A stale entry fails
 #: ``test_known_ray_imports_still_exist``: delete it then, so the import cannot come back unnoticed.
-KNOWN_RAY_IMPORTS: dict[str, str] = {
-    "study/finetune.py": "its connect_ray() asks ray.is_initialized(); the file belongs to the flags/help work, "
-                         "which should call study.sweep.connect_ray (issue #25 item 2)",
-}
+KNOWN_RAY_IMPORTS: dict[str, str] = {}
 
 #: files that import Ray's private modules (``ray._*``), each with why
 KNOWN_PRIVATE_RAY: dict[str, str] = {

@@ -62,7 +62,8 @@ def test_inline_trial_actor_sigkill_resumes_from_checkpoint(mamba_spec, tmp_path
         assert not sweeper.is_alive()
     finally:
         ray.shutdown()
-    assert box["counts"] == {"done": 1, "failed": 0, "early_stopped": 0, "errors": []}
+    assert box["counts"] == {"done": 1, "failed": 0, "early_stopped": 0, "errors": [], "bad_data_stop": False,
+                             "not_run": 0}
 
     raw = pd.concat([pd.read_parquet(p) for p in sorted((store / "train").glob("part-*.parquet"))],
                     ignore_index=True)

@@ -283,7 +283,7 @@ def main_adaptive(plan, args, repo_root: Path) -> int:
     from study.runner import fail
 
     try:
-        from study.preflight import check_plan
+        from study.runner import check_plan
 
         check_plan(plan, args)  # every subject file the runs read, before any trial starts (as the grid does)
         run = run_adaptive(plan, args, repo_root=repo_root)

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         tasks = parse_tasks(args.tasks)
         plan, labels = plan_config_search(args, grid=args.grid, seq=args.sequence_length,
                                           steps=args.pretrain_steps, size=args.size)
-        from study.preflight import check_plan
+        from study.runner import check_plan
 
         # every subject file the pre-training runs and the fine-tuning runs after them read, before any trial
         check_plan(plan, args, [s.replace(task="finetune", target=t, task_type=tt)

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                                num_workers=max(1, args.gpus_per_trial), seeds=range(args.seeds),
                                eval_windows=args.eval_windows)
         plan.validate()
-        from study.preflight import check_plan
+        from study.runner import check_plan
 
         check_plan(plan, args)  # every subject file the runs read, before any trial starts
         run = run_plan(plan, args, repo_root=Path(__file__).resolve().parent.parent)

@@ -1,7 +1,7 @@
 """Pre-flight check of a study's data, run by every study entry point before any trial starts.
 
 A corrupt subject file met inside a study used to fail every trial that read it (48 tracebacks, "rerun the
-same command"); :func:`check_plan` / :func:`check_specs` open every subject file the runs will read
+same command"); :func:`study.runner.check_plan` / :func:`check_specs` open every subject file the runs will read
 (:func:`data.verify.verify`) and stop the study with one line per bad file, naming it and what to do::
 
     error: /data/cohort/sub-07.h5: not a readable HDF5 file (truncated or corrupt?): ...; fix or remove it from
@@ -12,7 +12,7 @@ When every run has ``bad_data="skip"`` (``--bad-data skip``) a bad file is a one
 its windows from the start (:func:`quarantine_found`). A file that is sound but does not suit the runs (brain box
 larger than the grid, run shorter than a window) always stops the study: no run could skip it.
 
-The entry points call :func:`check_plan` before ``study.runner.run_plan`` (the manifest is resolved there; the study's
+The entry points call :func:`study.runner.check_plan` before ``study.runner.run_plan`` (the manifest is resolved there; the study's
 store, where the quarantine list lives, is known only inside ``run_plan``).
 """
 from __future__ import annotations
@@ -122,13 +122,3 @@ def quarantine_found(quarantine, manifest) -> int:
             quarantine.record(p.path, p.what, found_by="preflight", policy="skip")
             n += 1
     return n
-
-
-def check_plan(plan, args, extra_specs: Sequence[Any] = ()) -> str:
-    """Resolve the plan's manifest and verify the subject files its runs (and ``extra_specs``, e.g. the
-    fine-tuning runs that follow a config search) read, under ``--bad-data`` if given; returns the manifest path."""
-    from study.runner import resolve_manifest, with_bad_data
-
-    manifest = resolve_manifest(plan, args)
-    check_specs(with_bad_data([*plan.specs, *extra_specs], args), manifest)
-    return manifest

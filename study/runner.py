@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 EXIT_BAD_INPUT = 2
 
@@ -221,6 +221,16 @@ def resolve_manifest(plan, args: argparse.Namespace) -> str:
     if not Path(manifest).is_file():
         raise ValueError(f"manifest {manifest} does not exist")
     return str(manifest)
+
+
+def check_plan(plan, args, extra_specs: Sequence[Any] = ()) -> str:
+    """Resolve the plan's manifest and verify the subject files its runs (and ``extra_specs``, e.g. the
+    fine-tuning runs that follow a config search) read, under ``--bad-data`` if given; returns the manifest path."""
+    from study.preflight import check_specs
+
+    manifest = resolve_manifest(plan, args)
+    check_specs(with_bad_data([*plan.specs, *extra_specs], args), manifest)
+    return manifest
 
 
 def run_plan(plan, args: argparse.Namespace, *, repo_root: Path, lr_search=None) -> StudyRun:

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return main_adaptive(plan, args, repo_root)
     try:
-        from study.preflight import check_plan
+        from study.runner import check_plan
 
         check_plan(plan, args)  # every subject file the runs read, before any trial starts
         lr_search = LRSearch(n_trials=args.lr_search) if args.lr_search else None

@@ -17,8 +17,9 @@ disk under ``--storage``:
   (``COMPLETE``, its last ``val_loss``) or was early-stopped (``COMPLETE``, the loss it reached, user attribute
   ``early_stopped``) in the store, so a driver killed between a run's last row and Optuna's ``tell`` loses
   nothing, and a trial told is never run again. An asked trial without a final row is rerun with the same LR
-  (its run resumes from its checkpoint); one whose trial failed in Tune (retries exhausted) is told ``FAIL``
-  and counts against ``n_trials``.
+  (its run resumes from its checkpoint); so is one whose trial failed in Tune for a cause not its own (its
+  actor killed more often than Tune retries): the search stops at that generation and the next command reruns
+  it. Only a deterministic failure (``TrainingDiverged``) is told ``FAIL`` and counts against ``n_trials``.
 * **Early stopping** (:func:`asha_should_stop`): asynchronous successive halving's rule (rungs at
   ``grace * rf**i`` steps, stop a run worse than the best ``1/rf`` of the references at a rung, as Ray's
   ``ASHAScheduler`` does with ``reduction_factor=3``, ``grace_period=1``), made a pure function of stored rows:
@@ -247,10 +248,13 @@ class LRSearchState:
         else:
             study.tell(number, state=TrialState.FAIL)
 
-    def sync(self, store_dir: str | os.PathLike, run_id_of, *, failed: bool = False) -> list[int]:
+    def sync(self, store_dir: str | os.PathLike, run_id_of, *, fail: Iterable[str] = ()) -> list[int]:
         """Tell every asked trial whose run is finished or early-stopped in the store (``run_id_of(lr)``: the run
-        of an LR); with ``failed``, also tell the rest ``FAIL`` unless the walltime guard stopped them.
-        Returns the numbers told."""
+        of an LR), and ``FAIL`` those whose run is in ``fail`` (a deterministic failure: a diverged LR is a
+        result of the search). Any other unfinished trial stays asked: a trial that failed for another cause
+        (its actor killed more often than Tune retries, a node lost) is rerun with the same LR by the next
+        command, as an uninterrupted study would have run it. Returns the numbers told."""
+        fail = set(fail)
         running = [t for t in self.trials() if t.state == "RUNNING"]
         if not running:
             return []
@@ -270,7 +274,7 @@ class LRSearchState:
             if outcome in ("finished", "early_stopped") and value is not None:
                 self.tell(t.number, outcome, value)
                 told.append(t.number)
-            elif failed and outcome != "stopped":
+            elif run_id_of(t.lr) in fail and outcome != "stopped":
                 self.tell(t.number, "failed", None)
                 told.append(t.number)
         return told

@@ -623,8 +623,16 @@ def run_lr_search(specs: list[RunSpec], *, env: RunEnv, setup: TrialSetup, stora
                            setup=setup, name=f"{study}-lr-{key}-g{gen}", storage=storage, concurrency=concurrency,
                            progress=progress, scheduler=scheduler,
                            stage_ahead=stage_ahead if len(todo) > concurrency else 0)
+            n_errors = len(progress.errors)
             tuner.fit()
-            state.sync(env.store_dir, run_id_of, failed=not stop_requested())
+            diverged = {e["run_id"] for e in progress.errors[n_errors:] if "TrainingDiverged" in e["cause"]}
+            state.sync(env.store_dir, run_id_of, fail=diverged)
+            if any(t.state == "RUNNING" for t in state.trials() if t.generation == gen):
+                # failed for another cause (retries spent on killed actors, a lost node) or stopped by the
+                # walltime guard: the next generation waits for these; rerunning the command retries them
+                print(f"[{study}] LR search {key}: generation {gen} has unfinished trials; rerun the same "
+                      "command to continue the search", flush=True)
+                break
 
 
 def run_trials(specs: list[RunSpec], *, env: RunEnv, setup: TrialSetup, storage: str, study: str,

@@ -105,8 +105,11 @@ def test_sync_tells_runs_finished_in_the_store_and_never_reruns_them(tmp_path):
     assert (t0.state, t0.value) == ("COMPLETE", 1.2) and t1.state == "RUNNING"
     rerun = s.ask_generation()  # the rerun runs trial 1 (same LR) only, and asks nothing new
     assert [(t.number, t.lr) for t in rerun] == [(1, gen[1].lr)] and len(s.trials()) == 2
-    # trial 1 failed in Tune (retries exhausted): FAIL, counted against n_trials, not rerun
-    assert s.sync(store, lambda lr: run_of[lr], failed=True) == [1]
+    # trial 1 failed in Tune for a cause that is not its own (actor killed, retries spent): still asked,
+    # the next command reruns it
+    assert s.sync(store, lambda lr: run_of[lr]) == [] and s.trials()[1].state == "RUNNING"
+    # trial 1 diverged (a deterministic failure): FAIL, counted against n_trials, not rerun
+    assert s.sync(store, lambda lr: run_of[lr], fail={"run-1"}) == [1]
     assert s.trials()[1].state == "FAIL"
     nxt = s.ask_generation()
     assert [t.number for t in nxt] == [2, 3]

@@ -35,9 +35,11 @@ Implementations (``impl``):
   the tensors are on CUDA and there are no interior sequence starts (the kernel has no boundary
   input).
 
-``"auto"`` picks ``"fused"`` where it can run (not for float64), else ``"mamba_ssm"`` where it can,
-else ``"chunked"``. The environment variable ``NEUROMAMBA_SCAN`` (``fused``, ``chunked``, ...) replaces
-what ``"auto"`` picks, e.g. to time or rule out the kernel without changing a config.
+``"auto"`` picks ``"mamba_ssm"`` where it can run, else ``"chunked"``. The fused kernel is opt-in until it has
+been checked on a GPU (its values and gradients match the float64 reference under the Triton interpreter only;
+an in-block barrier and the real memory model are not exercised there): ``impl="fused"`` or the environment
+variable ``NEUROMAMBA_SCAN`` (``fused``, ``chunked``, ...), which replaces what ``"auto"`` picks, e.g. to time
+or rule out a kernel without changing a config. :data:`FUSED_IN_AUTO` turns it on once measured.
 
 Shapes: ``R`` rows (batch rows or packed rows), ``L`` tokens, ``E`` channels, ``N`` state size.
 """
@@ -67,15 +69,20 @@ def fused_available(device: torch.device) -> bool:
     return available(device)
 
 
+#: whether ``impl="auto"`` picks the fused Triton scan where it can run: off until the kernel's GPU check
+#: (``benchmarks/mamba_scan_benchmark.py``) has passed on a real device; a wrong scan is worse than a slow one
+FUSED_IN_AUTO = False
+
+
 def _auto_impl(u: torch.Tensor) -> str:
-    """What ``impl="auto"`` runs for ``u``: ``$NEUROMAMBA_SCAN`` if set, else "fused" where it can run, else "auto"
-    (the mamba-ssm / chunked choice below)."""
+    """What ``impl="auto"`` runs for ``u``: ``$NEUROMAMBA_SCAN`` if set, else "fused" where it can run and
+    :data:`FUSED_IN_AUTO` is on, else "auto" (the mamba-ssm / chunked choice below)."""
     forced = os.environ.get(SCAN_ENV)
     if forced:
         if forced not in SCAN_IMPLS or forced == "auto":
             raise ValueError(f"{SCAN_ENV}={forced!r}; allowed: {SCAN_IMPLS[1:]}")
         return forced
-    if u.dtype != torch.float64 and fused_available(u.device):
+    if FUSED_IN_AUTO and u.dtype != torch.float64 and fused_available(u.device):
         return "fused"
     return "auto"
 

@@ -306,6 +306,9 @@ def test_auto_selection_and_override(monkeypatch):
             K.fused_selective_scan(u, u, torch.zeros(2, 3), torch.zeros(1, 4, 3), torch.zeros(1, 4, 3))
     assert scan._auto_impl(u.double()) in ("auto",)  # float64 never goes to the float32 kernel
     monkeypatch.setattr(K, "available", lambda device: True)
+    # opt-in until checked on a GPU: auto keeps the measured scans even where the kernel could run
+    assert not scan.FUSED_IN_AUTO and scan._auto_impl(u) == "auto"
+    monkeypatch.setattr(scan, "FUSED_IN_AUTO", True)
     assert scan._auto_impl(u) == "fused" and scan._auto_impl(u.double()) == "auto"
     monkeypatch.setenv(SCAN_ENV, "chunked")
     assert scan._auto_impl(u) == "chunked"

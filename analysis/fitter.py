@@ -126,7 +126,7 @@ class FitResult(Checked):
         if self.bootstrap is not None:
             iv = self.intervals(level)
             intervals = {k: (iv.loc[k, "lo"], iv.loc[k, "hi"]) for k in expo if k in iv.index}
-            se = {k: (p[k], iv.loc[k, "se"]) for k in form.se_params if k in iv.index}
+            se = self._se_facts(iv, data)
             boot = (int(self.extra.get("bootstrap_failed", 0)),
                     int(self.extra.get("bootstrap_attempted", len(self.bootstrap))))
         facts = dict(exponents={k: p[k] for k in expo}, exponent_of=expo, intervals=intervals, se=se,
@@ -138,6 +138,27 @@ class FitResult(Checked):
             elif v is not None or k not in facts:
                 facts[k] = v
         return check_validity(level=level, thresholds=thresholds, **facts)
+
+    def _se_facts(self, iv: pd.DataFrame, data: Mapping) -> dict:
+        """``name -> (estimate, bootstrap SE)`` for the SE rule. A scale of a term ``scale / v**exponent``
+        (``Form.scale_terms``) is judged as that term at the geometric mean of the data's ``v``: the verdict then
+        does not depend on the units of ``v`` (the coefficient itself is the term at ``v = 1``)."""
+        p, boot, out = self.params, self.bootstrap, {}
+        for k in self.form.se_params:
+            if k not in iv.index:
+                continue
+            ex, var = self.form.scale_terms.get(k, (None, None))
+            v = np.asarray(data.get(var, ()), dtype=np.float64) if var else np.empty(0)
+            if ex is None or ex not in boot.columns or v.size == 0 or not np.all(v > 0):
+                out[k] = (p[k], iv.loc[k, "se"])
+                continue
+            ref = float(np.exp(np.mean(np.log(v))))
+            with np.errstate(invalid="ignore", over="ignore"):  # a wild replicate: inf x 0, dropped below
+                reps = boot[k].to_numpy(np.float64) * ref ** -boot[ex].to_numpy(np.float64)
+            reps = reps[np.isfinite(reps)]
+            se = float(np.std(reps, ddof=1)) if reps.size > 1 else float("nan")
+            out[f"{k}/{var}^{ex} at {var} = {ref:.3g}"] = (p[k] * ref ** -p[ex], se)
+        return out
 
     def to_dict(self, level: float = 0.95) -> dict:
         """JSON-ready summary (parameters, objective, intervals when bootstrapped, ``valid`` and

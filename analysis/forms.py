@@ -113,6 +113,11 @@ class Form:
         Named exponent -> variable it belongs to; each must be > 0 (validity).
     se_params : tuple of str
         Named parameters whose bootstrap SE must stay below their magnitude (validity).
+    scale_terms : dict
+        Scale parameter -> (its exponent, its variable) for terms ``scale / variable**exponent``: validity judges
+        such a scale by the term at the data's geometric mean of the variable, not by the coefficient at
+        ``variable = 1``, whose SE depends on the variable's units (``A`` at N = 1 parameter is ~ln N = 12
+        e-folds from the data, so SE(A) > A follows from any SE(alpha) above ~0.06).
     asymptote : str or None
         Named irreducible loss compared with the lowest observed loss (validity).
     default_objective : str
@@ -136,6 +141,7 @@ class Form:
     param_names: ClassVar[tuple[str, ...]]
     exponents: ClassVar[dict] = {}
     se_params: ClassVar[tuple[str, ...]] = ()
+    scale_terms: ClassVar[dict] = {}
     asymptote: ClassVar[str | None] = "E"
     default_objective: ClassVar[str] = "huber"
     grid: ClassVar[dict] = {}
@@ -223,6 +229,7 @@ class ChinchillaForm(_LSEForm):
     param_names = ("a", "b", "alpha", "beta", "e")
     exponents = {"alpha": "N", "beta": "D"}
     se_params = ("E", "A", "B", "alpha", "beta")
+    scale_terms = {"A": ("alpha", "N"), "B": ("beta", "D")}
     grid = CHINCHILLA_GRID
     min_points = 6
     command = "chinchilla"
@@ -282,6 +289,7 @@ class PowerForm(_LSEForm):
     param_names = ("a", "alpha", "e")
     exponents = {"alpha": "x"}
     se_params = ("E", "A", "alpha")
+    scale_terms = {"A": ("alpha", "x")}
     grid = POWER_GRID
     min_points = 4
     command = "power"
@@ -336,6 +344,7 @@ class SharedExponentForm(ChinchillaForm):
     param_names = ("a", "b", "eta", "e")
     exponents = {"eta": "N and D"}
     se_params = ("E", "A", "B", "eta")
+    scale_terms = {"A": ("eta", "N"), "B": ("eta", "D")}
     grid = {"a": np.log([1e2, 3e2, 1e3, 3e3]), "b": np.log([1e2, 3e2, 1e3, 3e3]), "eta": np.array([0.1, 0.3]),
             "e": np.log([0.1, 1.0, 2.0, 10.0])}  # E = 0 of their grid is not representable in log E: 0.1
     default_objective = "lsq"

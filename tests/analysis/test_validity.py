@@ -183,7 +183,9 @@ def test_se_and_bootstrap_rules_from_a_real_bootstrap():
     iv = fit.intervals()
     assert iv.loc["A", "se"] > fit.params["A"] and fit.extra["bootstrap_failed"] > 5
     w = fit.warnings
-    assert any(m.startswith(f"A = {fit.params['A']:.3g} has a standard error") for m in w), w
+    # A is judged as its term at the data's geometric mean x (4): A/x^alpha there is not pinned down either
+    term = fit.params["A"] * 4.0 ** -fit.params["alpha"]
+    assert any(m.startswith(f"A/x^alpha at x = 4 = {term:.3g} has a standard error") for m in w), w
     assert any(m.startswith(f"bootstrap: {fit.extra['bootstrap_failed']} of 100 replicates failed") for m in w), w
     assert any(m.startswith("E = ") and "at or above the lowest observed loss 2.2" in m for m in w), w
 
@@ -407,3 +409,27 @@ def test_mutransfer_rows_say_when_the_verdict_is_not_trustworthy(tmp_path, capsy
     titles = {ax.get_title() for ax in fig.axes}
     assert any("verdict not trustworthy" in t and t.startswith("SP") for t in titles), titles
     assert any(t.startswith("muP") and "not trustworthy" not in t for t in titles), titles
+
+
+def test_se_rule_does_not_depend_on_the_units_of_n_and_d():
+    """A planted Hoffmann law on 20 points over a 100x range of N and D with 1% noise, fitted with N in
+    parameters and D in tokens, then in millions and billions. The coefficients' own bootstrap SEs flip with the
+    units (A at N = 1 parameter is ~ln N = 18 e-folds from the data: SE(A) 2.2x A; A at N = 1 million: 0.08x),
+    so a rule on them said 'not a law' in one unit system and 'a law' in the other. The rule judges A/N^alpha and
+    B/D^beta at the data's geometric means: the same verdict in both."""
+    rng = np.random.default_rng(0)
+    n = 20
+    N = np.exp(rng.uniform(np.log(1e7), np.log(1e9), n))
+    D = np.exp(rng.uniform(np.log(1e9), np.log(1e11), n))
+    L = (1.69 + 406.4 / N ** 0.34 + 410.7 / D ** 0.28) * np.exp(rng.normal(0, 0.01, n))
+    fits = [bootstrap_fit(fit_chinchilla(N * sN, D * sD, L, grid=HALF_GRID), 60, seed=1)
+            for sN, sD in [(1.0, 1.0), (1e-6, 1e-9)]]
+    rel_se_a = [f.bootstrap["A"].std() / f.params["A"] for f in fits]
+    assert rel_se_a[0] > 1 > rel_se_a[1]  # the old rule's verdict on A depended on the units
+    assert fits[0].valid and fits[1].valid and fits[0].warnings == fits[1].warnings == []
+    assert fits[0].params["alpha"] == pytest.approx(fits[1].params["alpha"], abs=1e-4)
+    # a term the data really do not pin down is still flagged, under its own name
+    facts = fits[0]._se_facts(fits[0].intervals(), {"N": N, "D": D})
+    assert {k.split(" at ")[0] for k in facts} >= {"A/N^alpha", "B/D^beta", "alpha", "beta", "E"}
+    term, se = facts[next(k for k in facts if k.startswith("A/N^alpha"))]
+    assert term == pytest.approx(406.4 / np.exp(np.mean(np.log(N))) ** 0.34, rel=0.5) and 0 < se < term

@@ -26,6 +26,10 @@ A run whose rows are already in the store is skipped, so an interrupted study re
 Runs execute in this process, or with ``--ray N`` each as a Ray Train job of ``N`` workers
 (:func:`study.launch_ray.fit_run`, the same path a Ray Tune trial of :mod:`study.sweep` takes); both call
 :func:`study.train.train`, which dispatches ``task="finetune"`` specs to :mod:`study.finetune_engine`.
+
+Why one file of ~650 lines: the CLI, the grid of (task, strategy, checkpoint, repeat) runs, the FC baseline rows
+and the Table-2 writer share one row schema (the store's ``finetune`` table); the training itself lives in
+:mod:`study.finetune_engine` and the statistics in :mod:`analysis`.
 """
 from __future__ import annotations
 

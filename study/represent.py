@@ -68,7 +68,8 @@ def load_model(ref: str, *, grid: Sequence[int], sequence_length: int, manifest:
         torch.manual_seed(seed)
         model = R.build_pretrain_model(cfg)
         model.load_state_dict(sd, strict=True)
-        label = f"{spec.family}:{spec.size}" + (f"@{spec.width}" if spec.width else "") + f" [{Path(ref).stem[:12]}]"
+        tag = Path(ref).stem.rsplit("-", 1)[-1]  # the run id's hash
+        label = f"{spec.family}:{spec.size}" + (f"@{spec.width}" if spec.width else "") + f" [{tag}]"
         weights: str | None = str(ref)
     else:
         fam, _, rest = ref.partition(":")

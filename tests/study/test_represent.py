@@ -130,3 +130,35 @@ def test_models_of_different_inputs_are_refused(tmp_path, tiny_cohort, capsys):
     assert rep.main(["cka", "--manifest", tiny_cohort, "--storage", str(tmp_path), "--model", str(w),
                      "swift_v2:debug"]) == 2
     assert "different inputs" in capsys.readouterr().err
+
+
+class _Identity(torch.nn.Module):
+    """An 'encoder' whose one stage's tokens are the voxels themselves: ``[B, X, Y, Z, T, 1]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = torch.nn.ModuleList([torch.nn.Identity()])
+
+    def forward(self, x):
+        return self.stages[0](x[:, 0, ..., None])
+
+
+def test_autocorr_of_an_identity_encoder_equals_the_inputs(tiny_cohort):
+    """Embeddings that are the input voxels have the input's curve: the time axis and the brain mask are read the
+    same way on both sides (background voxels are constant and left out)."""
+    x, bm, tr = rep.load_windows(tiny_cohort, grid=(24, 24, 24), sequence_length=8, n_windows=3)
+    m = rep.LoadedModel("identity", None, torch.nn.Module(), None, None)
+    m.model.encoder = _Identity()
+    res = rep.run_autocorr([m], x, bm, tr=tr)
+    assert np.allclose(res["curves"]["identity / stage 0"], res["curves"]["input"], atol=1e-10)
+    # and the curve is not trivial: windows shuffled in time lose it
+    xs = x[..., torch.randperm(8, generator=torch.Generator().manual_seed(0))]
+    assert not np.allclose(rep.run_autocorr([m], xs, bm, tr=tr)["curves"]["input"], res["curves"]["input"], atol=1e-3)
+
+
+def test_cka_of_a_model_with_itself_is_one(tiny_cohort):
+    x, _, _ = rep.load_windows(tiny_cohort, grid=(24, 24, 24), sequence_length=8, n_windows=6)
+    a = rep.load_model("swift_v2:debug", grid=(24, 24, 24), sequence_length=8, seed=3)
+    b = rep.load_model("swift_v2:debug", grid=(24, 24, 24), sequence_length=8, seed=3)
+    M = np.asarray(rep.run_cka([a, b], x, debiased=True)["cka"])
+    assert M[0, 2] == pytest.approx(1.0, abs=1e-9) and M[1, 3] == pytest.approx(1.0, abs=1e-9)

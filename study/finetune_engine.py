@@ -55,7 +55,7 @@ from study.reporters import Reporter
 from study.spec import STRATEGIES, RunSpec
 from study.loop import (LoopState, Meter, Objective, PositionDataset, SampleOrder, Trainee, TrainResult, autocast,
                         checkpoint_saver, collate, lr_scheduler, make_loader, make_optimizer, restore, run_steps,
-                        wrap_ddp)
+                        val_item, wrap_ddp)
 from study.run_math import BatchPlan, model_config, total_steps
 
 #: strategies that start from pre-trained weights
@@ -251,8 +251,11 @@ def task_loss(task_type: str, out_B1: torch.Tensor, y_B: torch.Tensor) -> torch.
 
 @torch.no_grad()
 def predict(model: nn.Module, ds, spec: RunSpec, ctx: DistContext, *, y_mean: float, y_std: float,
-            batch_size: int) -> tuple[list[str], list[float], list[float]]:
-    """Window outputs of every window of ``ds`` (logits, or predictions in target units), gathered on all ranks."""
+            batch_size: int, quarantine=None) -> tuple[list[str], list[float], list[float]]:
+    """Window outputs of every window of ``ds`` (logits, or predictions in target units), gathered on all ranks.
+
+    A window that cannot be read or has non-finite values stops the run with :class:`study.loop.BadDataError`
+    naming its file, under either policy (:func:`study.loop.val_item`: evaluation windows are never skipped)."""
     was_training = model.training
     model.eval()
     idx = list(range(len(ds)))[ctx.rank::ctx.world_size]
@@ -260,7 +263,7 @@ def predict(model: nn.Module, ds, spec: RunSpec, ctx: DistContext, *, y_mean: fl
     outputs: list[float] = []
     targets: list[float] = []
     for a in range(0, len(idx), batch_size):
-        batch = collate([ds[i] for i in idx[a:a + batch_size]])
+        batch = collate([val_item(ds, i, quarantine, spec.run_id) for i in idx[a:a + batch_size]])
         x = batch["x"].to(ctx.device)
         bm = batch.get("brain_mask")
         with autocast(ctx, spec):
@@ -282,12 +285,13 @@ def predict(model: nn.Module, ds, spec: RunSpec, ctx: DistContext, *, y_mean: fl
     return subjects, outputs, targets
 
 
-def evaluate_split(model, ds, spec, ctx, *, prefix: str, y_mean: float, y_std: float, batch_size: int
-                   ) -> dict[str, float]:
+def evaluate_split(model, ds, spec, ctx, *, prefix: str, y_mean: float, y_std: float, batch_size: int,
+                   quarantine=None) -> dict[str, float]:
     """Per-subject metrics of one split, keys prefixed (``val_auroc``, ``test_mae``, ...)."""
     if len(ds) == 0:
         return {}
-    subjects, outputs, targets = predict(model, ds, spec, ctx, y_mean=y_mean, y_std=y_std, batch_size=batch_size)
+    subjects, outputs, targets = predict(model, ds, spec, ctx, y_mean=y_mean, y_std=y_std, batch_size=batch_size,
+                                         quarantine=quarantine)
     scores = score_subjects(spec.task_type, subjects, outputs, targets)
     o = torch.tensor(outputs, dtype=torch.float64)
     t = torch.tensor(targets, dtype=torch.float64)
@@ -303,7 +307,7 @@ def evaluate_split(model, ds, spec, ctx, *, prefix: str, y_mean: float, y_std: f
 # --------------------------------------------------------------------------------------------------
 def train_finetune(spec: RunSpec, ctx: DistContext, reporter: Reporter, *,
                    run_dir: str | os.PathLike | None = None, resume_from: str | os.PathLike | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> TrainResult:
+                   should_stop: Callable[[], bool] | None = None, quarantine=None) -> TrainResult:
     """Fine-tune one run (see the module docstring for the strategies).
 
     Parameters
@@ -317,8 +321,10 @@ def train_finetune(spec: RunSpec, ctx: DistContext, reporter: Reporter, *,
         ``log`` every ``log_every`` steps; ``report`` at each evaluation with per-subject validation
         metrics, and at the end with test metrics (``test_auroc``/``test_bacc`` or ``test_mae``/
         ``test_pearson_r``) and the trainable fraction.
-    run_dir, resume_from, should_stop
-        As in :func:`study.train.train`, which hands ``task="finetune"`` specs here.
+    run_dir, resume_from, should_stop, quarantine
+        As in :func:`study.train.train`, which hands ``task="finetune"`` specs here: the training split follows
+        ``spec.bad_data`` and the study's quarantine list like pre-training (:class:`study.loop.PositionDataset`);
+        a bad val or test window stops the run under either policy.
 
     Returns
     -------
@@ -364,8 +370,10 @@ def train_finetune(spec: RunSpec, ctx: DistContext, reporter: Reporter, *,
               "init_from": spec.init_from, **counts, "target_mean": y_mean, "target_std": y_std,
               "device_kind": device_name(device), "device_count": ctx.world_size, "total_steps": n_steps}
 
-    batches = make_loader(PositionDataset(train_ds, order), state, n_steps, plan, ctx, spec,
-                          pin_memory=device.type == "cuda")
+    loader_ds = PositionDataset(train_ds, order, spec.bad_data, quarantine=quarantine, run_id=spec.run_id)
+    if loader_ds.skip_paths:
+        reporter.log({"step": state.step, "bad_data_quarantined": len(loader_ds.skip_paths)})
+    batches = make_loader(loader_ds, state, n_steps, plan, ctx, spec, pin_memory=device.type == "cuda")
 
     def forward_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, float]:
         x = batch["x"].to(device, non_blocking=True)
@@ -379,10 +387,10 @@ def train_finetune(spec: RunSpec, ctx: DistContext, reporter: Reporter, *,
         final = step == n_steps
         row = {**static, **metrics,
                **evaluate_split(model, val_ds, spec, ctx, prefix="val", y_mean=y_mean, y_std=y_std,
-                                batch_size=eval_bs)}
+                                batch_size=eval_bs, quarantine=quarantine)}
         if final:
             row.update(evaluate_split(model, test_ds, spec, ctx, prefix="test", y_mean=y_mean, y_std=y_std,
-                                      batch_size=eval_bs))
+                                      batch_size=eval_bs, quarantine=quarantine))
         path = save(step) if (final or ckpt_due) else None
         row.update({"is_final": final, "status": "finished" if final else "running",
                     "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,

@@ -336,6 +336,37 @@ class PositionDataset(torch.utils.data.Dataset):
         raise BadDataError(f"{len(skipped)} consecutive bad windows from position {position}: {skipped[-1]}")
 
 
+#: how a validation file's record on the quarantine list starts (the runner tells the user to fix or remove it)
+VAL_BAD_PREFIX = "(validation split) "
+
+
+def val_item(val_ds, i: int, quarantine=None, run_id: str = "") -> dict[str, Any]:
+    """Window ``i`` of an evaluation split (pre-training's validation windows; fine-tuning's val and test splits).
+    An unreadable one, or one with non-finite values, raises :class:`BadDataError` naming its file under either
+    policy: a run cannot skip evaluation windows (its ``val_loss`` would not compare with the other runs'). The file
+    goes on the study's quarantine list with policy ``stop``."""
+    where = getattr(val_ds, "window", None)
+
+    def bad(what: str, msg: str) -> BadDataError:
+        path = os.path.abspath(where(i)[0]) if callable(where) else None
+        if path is not None and quarantine is not None:
+            what = what[len(path) + 2:] if what.startswith(f"{path}: ") else what
+            try:
+                quarantine.record(path, VAL_BAD_PREFIX + what, found_by=run_id or "a run", policy="stop")
+            except OSError:
+                pass
+        return BadDataError(msg if path is None or path in msg else f"{msg} ({path})", path=path)
+
+    try:
+        item = val_ds[i]
+    except (OSError, ValueError, KeyError) as exc:  # SubjectFileError is a ValueError
+        raise bad(str(exc), f"validation window {i}: {exc}") from exc
+    if not all_finite(item["x"]):  # a NaN/inf window would make the run's val_loss NaN without a word
+        raise bad("non-finite values", f"validation window {i} (subject {item.get('subject', '?')}): "
+                  "non-finite values")
+    return item
+
+
 def make_optimizer(model: nn.Module, spec: RunSpec, params=None) -> torch.optim.Optimizer:
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]

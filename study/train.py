@@ -37,10 +37,10 @@ import torch
 from neuro_models import registry as R
 from neuro_models.layers import compile_regions
 from study.devices import DistContext, device_name, peak_flops
-from study.loop import (BadDataError, LoopState, Meter, Objective, PositionDataset, PretrainState, SampleOrder,
-                        Trainee, TrainingDiverged, TrainResult, all_reduce_sum, autocast, checkpoint_saver, collate,
+from study.loop import (VAL_BAD_PREFIX, BadDataError, LoopState, Meter, Objective, PositionDataset,  # noqa: F401
+                        PretrainState, SampleOrder, Trainee, TrainingDiverged, TrainResult, all_reduce_sum, autocast, checkpoint_saver, collate,
                         deepspeed_config, deepspeed_engine, free_port, lr_scheduler, make_loader, make_optimizer,
-                        manual_gc, merge_config, restore, run_steps, to_device, wrap_ddp)
+                        manual_gc, merge_config, restore, run_steps, to_device, val_item, wrap_ddp)
 from study.reporters import NullReporter, Reporter
 from study.run_math import BatchPlan, lr_factor, micro_batch_positions, model_config, total_steps
 from study.spec import RunSpec
@@ -138,7 +138,7 @@ def train(spec: RunSpec, ctx: DistContext, reporter: Reporter | None = None, *,
         from study.finetune_engine import train_finetune
 
         return train_finetune(spec, ctx, reporter or NullReporter(), run_dir=run_dir, resume_from=resume_from,
-                              should_stop=should_stop)
+                              should_stop=should_stop, quarantine=quarantine)
     reporter = reporter or NullReporter()
     mark("train_start", run=spec.run_id)
     t_start = time.perf_counter()
@@ -250,28 +250,6 @@ def uses_cuda_graphs(spec: RunSpec, plan: BatchPlan, device: torch.device) -> bo
                 and spec.distributed != "deepspeed")
 
 
-#: how a validation file's record on the quarantine list starts (the runner tells the user to fix or remove it)
-VAL_BAD_PREFIX = "(validation split) "
-
-
-def _val_item(val_ds, i: int, quarantine=None, run_id: str = "") -> dict[str, Any]:
-    """Validation window ``i``. An unreadable one raises :class:`BadDataError` naming its file under either policy:
-    a run cannot skip validation windows (its ``val_loss`` would not compare with the other runs'). The file goes on
-    the study's quarantine list with policy ``stop``."""
-    try:
-        return val_ds[i]
-    except (OSError, ValueError, KeyError) as exc:  # SubjectFileError is a ValueError
-        where = getattr(val_ds, "window", None)
-        path = os.path.abspath(where(i)[0]) if callable(where) else None
-        if path is not None and quarantine is not None:
-            what = str(exc)[len(path) + 2:] if str(exc).startswith(f"{path}: ") else str(exc)
-            try:
-                quarantine.record(path, VAL_BAD_PREFIX + what, found_by=run_id or "a run", policy="stop")
-            except OSError:
-                pass
-        raise BadDataError(f"validation window {i}: {exc}", path=path) from exc
-
-
 @torch.no_grad()
 def _evaluate(net, cfg, val_ds, spec: RunSpec, ctx: DistContext, *, graphs: bool = False,
               quarantine=None) -> dict[str, float]:
@@ -285,7 +263,7 @@ def _evaluate(net, cfg, val_ds, spec: RunSpec, ctx: DistContext, *, graphs: bool
     cohorts = sorted(set(val_ds.cohort_of(i) for i in idx)) if hasattr(val_ds, "cohort_of") else None
     sums: dict[str, list[float]] = {}
     for i in mine:
-        item = _val_item(val_ds, i, quarantine, spec.run_id)
+        item = val_item(val_ds, i, quarantine, spec.run_id)
         batch = to_device(collate([item]), ctx.device)
         x = batch["x"]
         bm = batch.get("brain_mask")

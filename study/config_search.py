@@ -18,6 +18,7 @@ On a cluster, pass ``--manifest``, ``--size 51M --grid 96 --sequence-length 20``
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python study/config_search.py`: make the repository importable
@@ -176,11 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         run = run_plan(plan, args, repo_root=Path(__file__).resolve().parent.parent)
     except (ValueError, ConnectionError, RuntimeError) as exc:
         return fail(str(exc))
+    if run.bad_data_stop:  # the runner's last words named the file(s) and the command that quarantines them
+        return 1
     if run.remaining:
         print(f"{len(run.remaining)} pre-training run(s) unfinished; rerun to continue", file=sys.stderr)
         return 1
     from study.devices import local_context
-    from study.finetune import grid_specs, run_grid
+    from study.finetune import BadDataStopped, bad_data_summary, grid_specs, run_grid
 
     weights = export_all(run, labels, run.study_dir / "weights")
     manifest = run.specs[0].manifest
@@ -188,10 +191,17 @@ def main(argv: list[str] | None = None) -> int:
     for label, spec in labels.items():
         ft_base = spec.replace(task="finetune", target=tasks[0][0], task_type=tasks[0][1], study=run.name,
                                manifest=manifest, budget=args.finetune_steps,
-                               eval_every=args.finetune_steps, lr=1e-3, batch_size=8)
+                               eval_every=args.finetune_steps, lr=1e-3, batch_size=8,
+                               bad_data=args.bad_data or spec.bad_data)
         strategies = [args.strategy] + (["scratch"] if label == "default" else [])
         cells += grid_specs(ft_base, tasks, strategies, [str(weights[label])], args.repeats)
-    df = run_grid(cells, study_dir=run.study_dir / "finetune", ctx=local_context())
+    t_finetune = time.time()
+    try:  # the fine-tuning runs share the study's bad-data policy and quarantine list with its pre-training
+        df = run_grid(cells, study_dir=run.study_dir / "finetune", ctx=local_context(), quarantine_dir=run.store_dir)
+    except BadDataStopped as exc:
+        print("\n".join(bad_data_summary(exc, run.store_dir, manifest, since=t_finetune)), file=sys.stderr)
+        print("no ranking: the study stopped on bad data; it is written when the study finishes", file=sys.stderr)
+        return 1
     wide, ranked = rank(df, list(labels))
     out = run.study_dir / "report"
     out.mkdir(parents=True, exist_ok=True)

@@ -125,7 +125,7 @@ def ensure_cohort(root: Path, *, n_subjects: int = 60, n_frames: int = 16, trait
                                progress=True, fractions=(0.5, 0.2, 0.3), trait_scale=trait_scale))
 
 
-def pretrain_and_export(base: RunSpec, out_dir: Path, *, steps: int, ctx) -> Path:
+def pretrain_and_export(base: RunSpec, out_dir: Path, *, steps: int, ctx, quarantine=None) -> Path:
     """Pre-train ``base``'s model (MIM / next-token) on the train split for ``steps`` steps; export its weights.
 
     The pre-training run takes the architecture and input fields of ``base`` (family, size, width, grid,
@@ -137,13 +137,13 @@ def pretrain_and_export(base: RunSpec, out_dir: Path, *, steps: int, ctx) -> Pat
     arch = {k: getattr(base, k) for k in ("family", "size", "width", "grid", "sequence_length", "model_overrides",
                                           "parametrization", "mup_base_width", "manifest", "scaling")}
     spec = RunSpec(task="pretrain", batch_size=8, budget=steps, eval_every=max(1, steps), lr=2e-3,
-                   study="finetune-pretrain", precision="auto", **arch)
+                   study="finetune-pretrain", precision="auto", bad_data=base.bad_data, **arch)
     out = out_dir / f"{spec.run_id}.safetensors"
     if out.exists():
         return out
     run_dir = out_dir / spec.run_id
     resume = ckpt.latest_checkpoint(run_dir / "checkpoints")
-    result = train(spec, ctx, None, run_dir=run_dir, resume_from=resume)
+    result = train(spec, ctx, None, run_dir=run_dir, resume_from=resume, quarantine=quarantine)
     return ckpt.export_weights(result.last_checkpoint, out, model_config=model_config(spec), spec_json=spec.to_json(),
                                mup_base_width=spec.mup_base_width)
 
@@ -197,51 +197,110 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
         _connect(address, num_cpus, Path(__file__).resolve().parents[1])
 
 
-def _run_in_process(spec: RunSpec, run_dir: Path, ctx) -> dict[str, Any]:
+def _run_in_process(spec: RunSpec, run_dir: Path, ctx, quarantine=None) -> dict[str, Any]:
     from study.reporters import JSONLReporter
     from study.train import train
 
     reporter = JSONLReporter(run_dir / "metrics.jsonl")
     try:
         resume = ckpt.latest_checkpoint(run_dir / "checkpoints")
-        return train(spec, ctx, reporter, run_dir=run_dir, resume_from=resume).final_metrics
+        return train(spec, ctx, reporter, run_dir=run_dir, resume_from=resume, quarantine=quarantine).final_metrics
     finally:
         reporter.close()
 
 
-def _run_on_ray(spec: RunSpec, storage: Path, *, num_workers: int, cpus_per_worker: float, device: str | None
-                ) -> dict[str, Any]:
-    """One fine-tuning run as a Ray Train ``TorchTrainer`` (``study.launch_ray.fit_run``); its last report."""
+def _run_on_ray(spec: RunSpec, storage: Path, *, num_workers: int, cpus_per_worker: float, device: str | None,
+                store_dir: Path | None = None) -> dict[str, Any]:
+    """One fine-tuning run as a Ray Train ``TorchTrainer`` (``study.launch_ray.fit_run``); its last report.
+
+    With ``store_dir`` (the study's results store) the workers read and write the study's quarantine list
+    (``study.launch_ray.quarantine_of``) and append their evaluation rows to its ``finetune_steps`` table."""
     from study.launch_ray import fit_run
     from study.run_env import RunEnv
 
-    result = fit_run(spec, RunEnv(storage=str(storage), device=device), num_workers=num_workers,
-                     cpus_per_worker=cpus_per_worker, use_gpu=device == "cuda")
+    result = fit_run(spec, RunEnv(storage=str(storage), device=device,
+                                  store_dir=str(store_dir) if store_dir is not None else None),
+                     num_workers=num_workers, cpus_per_worker=cpus_per_worker, use_gpu=device == "cuda")
     if result.error is not None:
+        if "BadDataError" in str(result.error):
+            raise BadDataStopped(spec.run_id, _bad_data_line(str(result.error)))
         raise RuntimeError(f"fine-tuning run {spec.run_id} failed under Ray Train: {result.error}")
     return dict(result.metrics or {})
 
 
+class BadDataStopped(RuntimeError):
+    """A fine-tuning run met an unusable subject file (``bad_data="stop"``, or a val/test window under either
+    policy): :func:`run_grid` starts no further run. ``not_run``: the runs of the grid left unstarted."""
+
+    def __init__(self, run_id: str, cause: str, not_run: int = 0) -> None:
+        super().__init__(f"fine-tuning run {run_id} stopped on bad data: {cause}")
+        self.run_id, self.cause, self.not_run = run_id, cause, not_run
+
+
+def _bad_data_line(error: str) -> str:
+    """The last ``BadDataError`` line of a (possibly wrapped) error text."""
+    lines = [ln.strip() for ln in error.splitlines() if "BadDataError" in ln]
+    return lines[-1] if lines else error.strip().splitlines()[-1]
+
+
+def bad_data_summary(exc: BadDataStopped, store_dir: Path, manifest: str, since: float = 0.0) -> list[str]:
+    """The one message of a fine-tuning grid stopped on bad data: the file(s) (from the study's quarantine list,
+    :mod:`data.quarantine`) with what is wrong, who met them, and what to do (the rerun command that quarantines
+    them, or fixing them when they are evaluation files, which cannot be skipped)."""
+    from data.quarantine import Quarantine
+    from study.runner import rerun_command
+
+    found = [e for e in Quarantine(store_dir).found_since(since) if e.policy == "stop"]
+    lines = [f"error: fine-tuning stopped on bad data: run {exc.run_id} met an unusable subject file"
+             + (f" ({exc.not_run} other fine-tuning run(s) not started)" if exc.not_run else "") + ":"]
+    lines += [f"  {e.path}: {e.what} (met by {e.found_by})" for e in found] or [f"  {exc.cause}"]
+    if found and all(e.what.startswith("(validation split)") for e in found):  # study.loop.VAL_BAD_PREFIX
+        lines.append(f"  fix or remove them from {manifest} (evaluation files cannot be skipped: every run must be "
+                     "scored on the same subjects)")
+    else:
+        lines.append(f"  fix or remove them from {manifest}, or quarantine them and train without them: "
+                     f"{rerun_command('--bad-data', 'skip')}")
+    return lines
+
+
 def run_grid(cells: Sequence[tuple[RunSpec, str, int]], *, study_dir: Path, ctx=None, progress: bool = True,
-             ray_workers: int = 0, cpus_per_worker: float = 1.0, device: str | None = None) -> pd.DataFrame:
+             ray_workers: int = 0, cpus_per_worker: float = 1.0, device: str | None = None,
+             quarantine_dir: Path | None = None) -> pd.DataFrame:
     """Run every cell not yet in the store and return the ``finetune`` table.
 
     ``ray_workers == 0`` runs each cell in this process (context ``ctx``); ``ray_workers = N`` runs each
     as a Ray Train job with ``N`` workers (connect first with :func:`connect_ray`).
+
+    Bad data (issue #28): every run reads and writes the quarantine list of the store ``quarantine_dir`` (default
+    ``<study_dir>/store``; a config search passes its study's store, which pre-training used) and follows its
+    spec's ``bad_data``; the first run that fails on a bad file raises :class:`BadDataStopped` and no further run
+    starts (a rerun of the command resumes: finished cells are in the store).
     """
     from analysis.store import ResultsStore
+    from data.quarantine import Quarantine
+    from study.loop import BadDataError
 
     store = ResultsStore(study_dir / "store")
+    qdir = Path(quarantine_dir) if quarantine_dir is not None else study_dir / "store"
+    quarantine = Quarantine(qdir)
     done = set(store.read(TABLE)["run_id"]) if store.parts(TABLE) else set()
     todo = [c for c in cells if c[0].run_id not in done]
     bar = tqdm(todo, desc="fine-tune runs", disable=not progress)
-    for spec, label, repeat in bar:
+    for k, (spec, label, repeat) in enumerate(bar):
         bar.set_postfix_str(f"{spec.target}/{spec.strategy}/{label}/r{repeat}")
-        if ray_workers:
-            final = _run_on_ray(spec, study_dir / "ray", num_workers=ray_workers, cpus_per_worker=cpus_per_worker,
-                                device=device)
-        else:
-            final = _run_in_process(spec, study_dir / "runs" / spec.run_id, ctx)
+        try:
+            if ray_workers:
+                final = _run_on_ray(spec, study_dir / "ray", num_workers=ray_workers,
+                                    cpus_per_worker=cpus_per_worker, device=device, store_dir=qdir)
+            else:
+                final = _run_in_process(spec, study_dir / "runs" / spec.run_id, ctx, quarantine)
+        except BadDataError as exc:
+            bar.close()
+            raise BadDataStopped(spec.run_id, str(exc), not_run=len(todo) - k - 1) from None
+        except BadDataStopped as exc:
+            bar.close()
+            exc.not_run = len(todo) - k - 1
+            raise
         store.append(TABLE, [result_row(spec, label, repeat, final)])
     df = store.read(TABLE)
     ids = {c[0].run_id for c in cells}
@@ -566,6 +625,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--num-cpus", type=int, default=None,
                     help="with --ray: CPUs of the embedded local Ray (default: all)")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    from study.cli_args import add_bad_data_arg
+
+    add_bad_data_arg(ap)  # --bad-data stop|skip, as in the other study entry points
     # old spellings (before issue #28 aligned the entry points), hidden
     ap.add_argument("--study", dest="study_name", action=DeprecatedAlias, new="--study-name")
     ap.add_argument("--ray-address", dest="address", action=DeprecatedAlias, new="--address")
@@ -606,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ctx = context_from_env(args.device)
-    t0 = time.perf_counter()
+    t0, t0_wall = time.perf_counter(), time.time()
     if args.manifest is None:
         args.manifest = (ensure_cohort(study_dir / "cohort_quick_t2") if args.quick else
                          ensure_cohort(study_dir / "cohort_t2", n_subjects=80, n_frames=32))
@@ -614,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None:
         overrides["budget"] = args.steps
         overrides.setdefault("budget_kind", "steps")
+    if args.bad_data:  # not part of the runs' ids: a rerun with it resumes the same runs
+        overrides["bad_data"] = args.bad_data
     try:
         base = base_spec(manifest, quick=args.quick, overrides={"study": args.study_name, **overrides})
         needs = any(s != "scratch" for s in args.strategies)
@@ -626,10 +690,27 @@ def main(argv: list[str] | None = None) -> int:
 
         # every subject file the pre-training (if any) and the fine-tuning runs read, before any run starts
         check_specs([base, base.replace(task="pretrain", target=None)], manifest)
+        from data.quarantine import Quarantine
+
+        quarantine = Quarantine(study_dir / "store")
+        if base.bad_data == "skip":  # what the pre-flight check found: skipped from the first run on
+            from study.preflight import quarantine_found
+
+            quarantine_found(quarantine, manifest)
         if needs and not weights:
             steps = args.pretrain_steps or (30 if args.quick else 300)
             print(f"pre-training {base.family}/{base.size} for {steps} steps ...", flush=True)
-            weights = [str(pretrain_and_export(base, study_dir / "pretrained", steps=steps, ctx=ctx))]
+            from study.loop import BadDataError
+
+            try:
+                weights = [str(pretrain_and_export(base, study_dir / "pretrained", steps=steps, ctx=ctx,
+                                                   quarantine=quarantine))]
+            except BadDataError as exc:
+                stop = BadDataStopped("finetune-pretrain", str(exc), not_run=len(tasks) * len(args.strategies)
+                                      * args.repeats)
+                print("\n".join(bad_data_summary(stop, study_dir / "store", manifest, since=t0_wall)),
+                      file=sys.stderr)
+                return 1
         cells = grid_specs(base, tasks, args.strategies, weights, args.repeats)
         if needs:
             check_weights(base, weights)
@@ -643,8 +724,13 @@ def main(argv: list[str] | None = None) -> int:
         connect_ray(args.address, args.num_cpus)
         cpus = cluster_cpus()
         cpw = max(0.1, min(8.0, math.floor(90 * cpus / args.ray) / 100))  # leave room for the driver
-    df = run_grid(cells, study_dir=study_dir.resolve(), ctx=ctx, progress=not args.no_progress, ray_workers=args.ray,
-                  cpus_per_worker=cpw, device=args.device)
+    try:
+        df = run_grid(cells, study_dir=study_dir.resolve(), ctx=ctx, progress=not args.no_progress,
+                      ray_workers=args.ray, cpus_per_worker=cpw, device=args.device)
+    except BadDataStopped as exc:
+        print("\n".join(bad_data_summary(exc, study_dir.resolve() / "store", manifest, since=t0_wall)), file=sys.stderr)
+        print("no table: the study stopped on bad data; it is written when the study finishes", file=sys.stderr)
+        return 1
     try:  # the FC baseline: a row of every table (cheap: parcel series + linear models)
         df = pd.concat([df, fc_rows(manifest, tasks, args.repeats, study_dir)], ignore_index=True)
     except (ValueError, OSError) as exc:

@@ -24,7 +24,7 @@ from study.devices import context_from_env
 from study.reporters import MultiReporter, ProgressPrinter, RankZero
 from study.run_env import RunEnv, build_reporters, static_row  # noqa: F401  (static_row: its former home)
 from study.spec import RunSpec
-from study.train import train
+from study.train import BadDataError, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, choices=["cuda", "xpu", "cpu"],
                     help="device kind (default: $NEUROX_DEVICE, else CUDA, else XPU, else CPU)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    ap.add_argument("--bad-data", choices=["stop", "skip"], default=None,
+                    help="what the run does with an unusable subject file: 'stop' ends it naming the file, 'skip' "
+                         "skips its windows; with --store the file goes on that store's quarantine list "
+                         "(<store>/quarantine/), which later runs with 'skip' skip from the start (default: the "
+                         "spec's bad_data, 'stop' unless it says otherwise)")
     return ap
 
 
@@ -46,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         spec = RunSpec.from_json(Path(args.spec).read_text())
+        if args.bad_data:
+            spec = spec.replace(bad_data=args.bad_data)
     except (OSError, ValueError) as exc:
         print(f"error: cannot read run spec {args.spec}: {exc}", file=sys.stderr)
         return 2
@@ -71,8 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     reporter = RankZero(ctx.rank, MultiReporter(build_reporters(spec, env, rank=ctx.rank,
                                                                 jsonl=run_dir / "metrics.jsonl", wandb_dir=run_dir)
                                                 + progress))
+    quarantine = None
+    if args.store:  # the store's list of bad subject files (data.quarantine), as a study's runs have it
+        from data.quarantine import Quarantine
+
+        quarantine = Quarantine(args.store)
     try:
-        result = train(spec, ctx, reporter, run_dir=run_dir, resume_from=resume)
+        result = train(spec, ctx, reporter, run_dir=run_dir, resume_from=resume, quarantine=quarantine)
+    except BadDataError as exc:  # one line naming the file, not the loader's traceback
+        print(f"error: run {spec.run_id} stopped on bad data: {exc}", file=sys.stderr)
+        print(f"  fix or remove the file from {spec.manifest}" + (
+            "" if str(exc).startswith("validation window") else ", or rerun with --bad-data skip to train without "
+            "its windows"), file=sys.stderr)
+        return 2
     finally:
         reporter.close()
         if ours and dist.is_initialized():  # the group torchrun's ranks (or DeepSpeed, for a world of one) made here

@@ -600,6 +600,8 @@ def run_lr_search(specs: list[RunSpec], *, env: RunEnv, setup: TrialSetup, stora
         return bool((env.stop_file and os.path.exists(env.stop_file)) or (env.deadline and time.time() > env.deadline))
 
     for key, group in lr_groups(specs).items():
+        if stopped(study):  # a bad subject file stopped the study: no later group's search starts
+            return
         base = group[0]
 
         def run_id_of(lr: float, base=base) -> str:
@@ -608,7 +610,7 @@ def run_lr_search(specs: list[RunSpec], *, env: RunEnv, setup: TrialSetup, stora
         state = LRSearchState(journal_path(env.store_dir), key, seed=base.seed, low=lr_search.low,
                               high=lr_search.high, n_trials=lr_search.n_trials,
                               batch=getattr(lr_search, "batch", None) or concurrency)
-        while not stop_requested():
+        while not stop_requested() and not stopped(study):
             state.sync(env.store_dir, run_id_of)  # runs finished before a kill: told, never rerun
             todo = state.ask_generation()
             if not todo:
@@ -627,6 +629,8 @@ def run_lr_search(specs: list[RunSpec], *, env: RunEnv, setup: TrialSetup, stora
             tuner.fit()
             diverged = {e["run_id"] for e in progress.errors[n_errors:] if "TrainingDiverged" in e["cause"]}
             state.sync(env.store_dir, run_id_of, fail=diverged)
+            if stopped(study):  # bad data: its trials stay asked, not FAIL (only TrainingDiverged is), and a rerun
+                return  # with the file fixed or quarantined runs them with the same LRs; the runner names the file
             if any(t.state == "RUNNING" for t in state.trials() if t.generation == gen):
                 # failed for another cause (retries spent on killed actors, a lost node) or stopped by the
                 # walltime guard: the next generation waits for these; rerunning the command retries them

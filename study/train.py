@@ -38,9 +38,10 @@ from neuro_models import registry as R
 from neuro_models.layers import compile_regions
 from study.devices import DistContext, device_name, peak_flops
 from study.loop import (VAL_BAD_PREFIX, BadDataError, LoopState, Meter, Objective, PositionDataset,  # noqa: F401
-                        PretrainState, SampleOrder, Trainee, TrainingDiverged, TrainResult, all_reduce_sum, autocast, checkpoint_saver, collate,
-                        deepspeed_config, deepspeed_engine, free_port, lr_scheduler, make_loader, make_optimizer,
-                        manual_gc, merge_config, restore, run_steps, to_device, val_item, wrap_ddp)
+                        PretrainState, SampleOrder, Trainee, TrainingDiverged, TrainResult, all_reduce_sum, autocast,
+                        checkpoint_saver, collate, deepspeed_config, deepspeed_engine, free_port, lr_scheduler,
+                        make_loader, make_optimizer, manual_gc, merge_config, restore, run_steps, to_device, val_item,
+                        wrap_ddp)
 from study.reporters import NullReporter, Reporter
 from study.run_math import BatchPlan, lr_factor, micro_batch_positions, model_config, total_steps
 from study.spec import RunSpec

@@ -12,7 +12,11 @@ plus a random 0-2 s):
   documented recovery: rerun the same command;
 * ``trial``: SIGKILL of one inline trial actor (``ray::ImplicitFunc``, a descendant of this campaign's driver:
   other users' processes are never touched); the recovery is automatic (Tune retries the trial, the run
-  resumes from its newest checkpoint).
+  resumes from its newest checkpoint);
+* ``disk`` (a storage fault; ``--kinds driver trial disk``, needs root): the study's storage is a tmpfs of its
+  own, filled to ENOSPC for a random 1-4 s, then freed. Writes in that window fail (a checkpoint, a result row,
+  Optuna's journal, Tune's state); the recovery is automatic (Tune retries the trial) or, when the command
+  exits with an error, rerunning it.
 
 After the schedule the command is rerun until it exits 0, and the study is compared with a reference
 (uninterrupted, same seed): the same suggested LRs (trial by trial), the same Optuna trial states and values,
@@ -21,8 +25,11 @@ early-stop mark, which replaces a run's last row by design, excepted) with equal
 
     OMP_NUM_THREADS=1 python benchmarks/chaos.py --seeds 1 2 3 --kills 4 --out chaos.json
 
-Prints and writes JSON: per schedule the kills (kind, time, whether a victim was found), recoveries, time to
-recover (kill to the next new row), rows lost / duplicated, decisions and suggestions that differed.
+Prints and writes JSON (also ``<workdir>/seed<N>.json`` as each schedule ends): per schedule the kills (kind,
+time, whether a victim was found), recoveries, time to recover (kill to the study's next new row), rows lost /
+duplicated, decisions and suggestions that differed, and the compute lost (:func:`compute_lost`: steps trained
+twice per run, from the raw result rows, against the checkpoint interval). The studies run from the committed
+code (``git archive HEAD``), frozen once per workdir; a second campaign in the same workdir reuses its reference.
 """
 from __future__ import annotations
 
@@ -78,9 +85,17 @@ def freeze(dest: Path) -> Path:
 
     global ROOT
     dest = Path(dest)
+    pkgs = ("study", "neuro_models", "data", "analysis", "pbs")
     if not (dest / "study").exists():
-        for pkg in ("study", "neuro_models", "data", "analysis", "pbs"):
-            shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        dest.mkdir(parents=True, exist_ok=True)
+        # the committed code (git HEAD), not the working tree: another engineer's half-made edit of one module
+        # (seen: study/train.py importing a name study/loop.py did not have yet) would fail every trial
+        arch = subprocess.run(["git", "archive", "HEAD", *pkgs], cwd=REPO, capture_output=True)
+        if arch.returncode == 0 and arch.stdout:
+            subprocess.run(["tar", "-x", "-C", str(dest)], input=arch.stdout, check=True)
+        else:  # not a git checkout: the working tree
+            for pkg in pkgs:
+                shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (dest / "benchmarks").mkdir(parents=True, exist_ok=True)
         shutil.copy2(HERE / "chaos.py", dest / "benchmarks" / "chaos.py")
     ROOT = dest
@@ -205,6 +220,52 @@ def _n_rows(storage: Path, name: str) -> int:
     return len(run_rows(storage / name / "store"))
 
 
+def _run_steps(storage: Path, name: str) -> dict[str, int]:
+    """Each run's newest stored step (deduplicated rows) at this moment."""
+    rows = run_rows_safe(storage / name / "store")
+    return {str(r): int(g["step"].max()) for r, g in rows.groupby("run_id")} if len(rows) else {}
+
+
+def run_rows_safe(store: Path):
+    from study.search_state import run_rows
+
+    return run_rows(store)
+
+
+def compute_lost(storage: Path, kills: list[dict[str, Any]], name: str = STUDY,
+                 interval: int = 1) -> dict[str, Any]:
+    """Compute lost per kill, measured from the raw result parts (every step writes a row: ``eval_every=1``).
+
+    A run's steps trained across its attempts are its raw rows; a step trained twice (a resumed attempt that
+    started before a step already stored) leaves a second raw row for that (run_id, step). So the steps redone
+    are raw rows minus distinct steps, per run (the early-stop mark, which replaces a run's last row by design,
+    excepted), and each kill is charged the steps redone by the runs it interrupted (those with a stored step
+    at the kill that had not finished). The step in flight at the kill (at most one checkpoint interval, no row
+    yet) is lost by construction and not visible in rows: the bound checked is redone <= interval per kill."""
+    import pandas as pd
+
+    store = storage / name / "store"
+    parts = sorted((store / "train").glob("part-*.parquet")) if (store / "train").exists() else []
+    cols = ["run_id", "step", "status"]
+    raw = pd.concat([pd.read_parquet(p, columns=[c for c in cols if c in pd.read_parquet(p).columns])
+                     for p in parts]) if parts else pd.DataFrame(columns=cols)
+    if "status" not in raw:
+        raw["status"] = None
+    trained = raw[raw["status"].astype(str) != "early_stopped"]
+    per_run = {str(r): {"raw_steps": int(len(g)), "distinct_steps": int(g["step"].nunique()),
+                        "redone": int(len(g) - g["step"].nunique())} for r, g in trained.groupby("run_id")}
+    per_kill = []
+    for k in kills:
+        if not k.get("applied"):
+            continue
+        hit = sorted(k.get("steps_at_kill", {}))
+        per_kill.append(sum(per_run.get(r, {}).get("redone", 0) for r in hit))
+    redone = sum(v["redone"] for v in per_run.values())
+    return {"checkpoint_interval_steps": interval, "steps_redone_total": redone,
+            "steps_redone_per_kill_max": max(per_kill, default=0),
+            "kills_over_interval": sum(1 for x in per_kill if x > interval), "per_run": per_run}
+
+
 def run_reference(storage: Path, name: str = STUDY, timeout: float = 1800) -> float:
     t0 = time.time()
     out = subprocess.run(command(storage, name), cwd=ROOT, env=_env(), capture_output=True, text=True,
@@ -230,20 +291,40 @@ def run_schedule(storage: Path, seed: int, n_kills: int, *, name: str = STUDY, m
                             stderr=subprocess.DEVNULL, start_new_session=True)
     reruns = 0
     for kind, at_rows, jitter in schedule:
-        while proc.poll() is None and _n_rows(storage, name) < at_rows:
+        while _n_rows(storage, name) < at_rows:
+            if proc.poll() is not None:
+                if proc.returncode == 0:
+                    break
+                # the command stopped with an error (a trial whose retries a kill spent stays asked and the
+                # search waits for the next command): the documented recovery, rerun it
+                proc = subprocess.Popen(command(storage, name), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+                reruns += 1
             time.sleep(0.3)
         time.sleep(jitter)
         if proc.poll() is not None:  # the study ended before this kill: the schedule's rest is not applied
             kills.append({"kind": kind, "at_rows": at_rows, "applied": False, "why": "study already done"})
             continue
         rows_before = _n_rows(storage, name)
+        steps_at_kill = _run_steps(storage, name)
         t_kill = time.time()
         if kind == "driver":
             _kill_tree(proc)
+            rows_before = _n_rows(storage, name)  # rows the dying driver's trials wrote are not a recovery
             applied = True
             proc = subprocess.Popen(command(storage, name), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, start_new_session=True)  # the documented recovery
             reruns += 1
+        elif kind == "disk":
+            # storage fault: the study's disk (a tmpfs of its own, :func:`mount_small_disk`) fills up for a
+            # random 1-4 s, then the ballast is deleted (the operator frees space). Any write in that window
+            # (a result row, a checkpoint, Optuna's journal, Tune's experiment state) gets ENOSPC.
+            hold = rng.uniform(1.0, 4.0)
+            _, free = _fill(storage)
+            time.sleep(hold)
+            (storage / "ballast.bin").unlink(missing_ok=True)
+            rows_before = _n_rows(storage, name)
+            applied = free < 65536
         else:
             victims: list = []
             t_look = time.time()
@@ -255,19 +336,56 @@ def run_schedule(storage: Path, seed: int, n_kills: int, *, name: str = STUDY, m
             t_kill = time.time()
             if victims:
                 rng.choice(victims).kill()
-        rec = {"kind": kind, "at_rows": at_rows, "applied": applied, "rows_before": rows_before}
+                rows_before = _n_rows(storage, name)
+        rec = {"kind": kind, "at_rows": at_rows, "applied": applied, "rows_before": rows_before,
+               "t": round(t_kill - t_start, 2), "steps_at_kill": steps_at_kill}
+        if kind == "disk":
+            rec["hold_s"] = round(hold, 2)
         # time to recover: the kill to the next new row (or the study's end)
-        while time.time() - t_kill < 600 and proc.poll() is None and _n_rows(storage, name) <= rows_before:
+        while time.time() - t_kill < 600 and _n_rows(storage, name) <= rows_before:
+            if proc.poll() is not None:
+                if proc.returncode == 0:
+                    break
+                rec["driver_exit"] = proc.returncode  # the fault failed the command: rerun it, as documented
+                proc = subprocess.Popen(command(storage, name), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+                reruns += 1
             time.sleep(0.5)
         rec["recover_s"] = round(time.time() - t_kill, 1)
         kills.append(rec)
     # finish: wait, rerun the same command until it exits 0
     rc = proc.wait(timeout=max(1.0, timeout - (time.time() - t_start)))
-    while rc != 0 and reruns < n_kills + 3:
+    final = 0
+    while rc != 0 and final < 4:
+        final += 1
         reruns += 1
         rc = subprocess.run(command(storage, name), cwd=ROOT, env=_env(), capture_output=True,
                             timeout=timeout).returncode
     return {"seed": seed, "kills": kills, "reruns": reruns, "exit": rc, "wall_s": round(time.time() - t_start, 1)}
+
+
+def _fill(disk: Path) -> tuple[Path, int]:
+    """Fill ``disk`` with a ballast file until ENOSPC (tests/faults/faults_helpers.fill_disk's way)."""
+    ballast = disk / "ballast.bin"
+    chunk = b"\0" * 65536
+    with open(ballast, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(chunk)
+        except OSError:
+            pass
+    st = os.statvfs(disk)
+    return ballast, st.f_bavail * st.f_frsize
+
+
+def mount_small_disk(path: Path, size: str = "96m") -> None:
+    """Mount a tmpfs of its own at ``path`` (a study's storage, ~2 MB) so that a ``disk`` fault fills only it
+    (needs root / CAP_SYS_ADMIN; RuntimeError otherwise)."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "neurox-chaos", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"cannot mount a tmpfs for disk faults: {r.stderr.strip()}")
 
 
 def _cmdline(p) -> list[str]:
@@ -281,7 +399,12 @@ def campaign(workdir: Path, seeds: list[int], n_kills: int, **kw) -> dict[str, A
     workdir.mkdir(parents=True, exist_ok=True)
     freeze(workdir / "code")
     ref_dir = workdir / "reference"
-    ref_s = run_reference(ref_dir)
+    done = (ref_dir / "reference.json")
+    if done.exists():  # a campaign in this workdir ran it already (same frozen code): reuse it
+        ref_s = json.loads(done.read_text())["wall_s"]
+    else:
+        ref_s = run_reference(ref_dir)
+        done.write_text(json.dumps({"wall_s": ref_s}))
     ref = snapshot(ref_dir)
     out = {"reference": {"wall_s": round(ref_s, 1), "trials": ref["trials"], "status": ref["status"]},
            "schedules": []}
@@ -290,10 +413,14 @@ def campaign(workdir: Path, seeds: list[int], n_kills: int, **kw) -> dict[str, A
         # the cohort is generated once per storage: copy the reference's so the manifest hash matches
         import shutil
 
+        if "disk" in kw.get("kinds", ()):
+            mount_small_disk(sdir)
         shutil.copytree(ref_dir / "cohorts", sdir / "cohorts", dirs_exist_ok=True)
         res = run_schedule(sdir, seed, n_kills, **kw)
         res["compare"] = compare(ref, snapshot(sdir))
+        res["compute"] = compute_lost(sdir, res["kills"])
         out["schedules"].append(res)
+        (workdir / f"seed{seed}.json").write_text(json.dumps(res, indent=1, default=str))  # per schedule
         print(json.dumps({k: v for k, v in res.items() if k != "compare"} |
                          {"compare": {k: v for k, v in res["compare"].items() if k != "detail"}}), flush=True)
     applied = [k for s in out["schedules"] for k in s["kills"] if k.get("applied")]
@@ -301,7 +428,10 @@ def campaign(workdir: Path, seeds: list[int], n_kills: int, **kw) -> dict[str, A
            ("suggestions_differing", "trial_states_differing", "decisions_differing", "rows_lost", "rows_extra",
             "rows_unequal", "rows_duplicated")}
     out["summary"] = {"schedules": len(seeds), "kills_applied": len(applied),
-                      "by_kind": {kd: sum(1 for k in applied if k["kind"] == kd) for kd in ("driver", "trial")},
+                      "steps_redone_total": sum(s["compute"]["steps_redone_total"] for s in out["schedules"]),
+                      "steps_redone_per_kill_max": max((s["compute"]["steps_redone_per_kill_max"]
+                                                        for s in out["schedules"]), default=0),
+                      "by_kind": {kd: sum(1 for k in applied if k["kind"] == kd) for kd in ("driver", "trial", "disk")},
                       "recovered": sum(1 for s in out["schedules"] if s["exit"] == 0),
                       "recover_s_max": max((k["recover_s"] for k in applied), default=None), **tot}
     return out
@@ -313,13 +443,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kills", type=int, default=4, help="kills per schedule")
     ap.add_argument("--max-rows", type=int, default=40,
                     help="kills come at random row counts up to this (the study writes 46 rows)")
+    ap.add_argument("--kinds", nargs="+", default=["driver", "trial"], choices=["driver", "trial", "disk"],
+                    help="kill kinds drawn from (disk: the study's own tmpfs fills up for 1-4 s; needs root)")
     ap.add_argument("--workdir", default=None, help="where the studies go (default: a new temp dir)")
     ap.add_argument("--out", default=None, help="write the JSON here too")
     args = ap.parse_args(argv)
     import tempfile
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="neurox-chaos-"))
-    res = campaign(workdir, args.seeds, args.kills, max_rows=args.max_rows)
+    res = campaign(workdir, args.seeds, args.kills, max_rows=args.max_rows, kinds=tuple(args.kinds))
     text = json.dumps(res, indent=1, default=str)
     if args.out:
         Path(args.out).write_text(text)

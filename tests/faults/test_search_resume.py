@@ -87,3 +87,28 @@ def test_chaos_smoke_one_seeded_schedule(reference, tmp_path):
     assert res["exit"] == 0, res
     diff = chaos.compare(ref, chaos.snapshot(tmp_path))
     assert all(v == 0 for k, v in diff.items() if k != "detail"), (res, diff["detail"])
+
+
+@pytest.mark.timeout(1800)
+def test_chaos_smoke_disk_full_twice(reference, tmp_path):
+    """Two storage faults: the study's own disk (a tmpfs) fills up for 1-4 s at random points (ENOSPC for a
+    result row, a checkpoint, Optuna's journal or Tune's state), then is freed; the failed trials are retried or
+    the command is rerun, and the study equals the uninterrupted one."""
+    import chaos
+
+    ref_root, ref = reference
+    disk = tmp_path / "disk"
+    try:
+        chaos.mount_small_disk(disk)
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    try:
+        shutil.copytree(ref_root / "cohorts", disk / "cohorts")
+        res = chaos.run_schedule(disk, seed=8, n_kills=2, kinds=("disk",))
+        assert res["exit"] == 0, res
+        assert sum(k["applied"] for k in res["kills"]) >= 1, res  # the disk was full at least once
+        diff = chaos.compare(ref, chaos.snapshot(disk))
+        assert all(v == 0 for k, v in diff.items() if k != "detail"), (res, diff["detail"])
+        assert chaos.compute_lost(disk, res["kills"])["kills_over_interval"] == 0
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -1,0 +1,32 @@
+"""The chaos campaign's measures (``benchmarks/chaos.py``) on hand-made stores, without running a study."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def _rows(run_id, steps, **extra):
+    return [{"run_id": run_id, "step": s, "val_loss": 1.0 / s, "is_final": False, **extra} for s in steps]
+
+
+def test_compute_lost_counts_steps_trained_twice_per_run(tmp_path):
+    import chaos
+    from analysis.store import ResultsStore
+
+    store = ResultsStore(tmp_path / "chaos" / "store")
+    store.append("train", _rows("a", [1, 2, 3]))
+    store.append("train", _rows("a", [3, 4, 5]))  # resumed from step 2's checkpoint: step 3 trained twice
+    store.append("train", _rows("b", [1, 2]))
+    store.append("train", _rows("b", [2], status="early_stopped"))  # the stop mark re-emits a row by design
+    kills = [{"kind": "driver", "applied": True, "steps_at_kill": {"a": 3, "b": 1}},
+             {"kind": "trial", "applied": False}]
+    got = chaos.compute_lost(tmp_path, kills)
+    assert got["per_run"]["a"] == {"raw_steps": 6, "distinct_steps": 5, "redone": 1}
+    assert got["per_run"]["b"]["redone"] == 0
+    assert got["steps_redone_total"] == 1 and got["steps_redone_per_kill_max"] == 1
+    assert got["kills_over_interval"] == 0  # 1 step redone, checkpoint interval 1
+    store.append("train", _rows("a", [4, 5]))  # a second resume from step 3: two more steps redone
+    assert chaos.compute_lost(tmp_path, kills)["kills_over_interval"] == 1

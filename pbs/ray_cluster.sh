@@ -163,6 +163,9 @@ NAME_RE='^[A-Za-z0-9][A-Za-z0-9._-]*$' # names used in paths (same rule as study
 [[ $TEARDOWN_S -ge 2 ]] || die "--teardown-s must be at least 2"
 
 export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
+# On SIGTERM, `ray start --block` first asks the GCS to drain the node, for up to 30 s by default (Ray 2.60), while
+# its raylet and agents keep running: longer than PBS's kill_delay, and pointless here (the whole cluster stops).
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
 export NEUROX_SITE="$PROFILE" NEUROX_DEVICE_KIND="${NEUROX_DEVICE_KIND:-${PROFILE_DEVICE_KIND:-}}"
 # Metrics: each node's agent would serve Prometheus metrics (worker ids, IPs, task names) on 0.0.0.0 without a
 # token; off unless the user asks for it (pbs/README.md, "What listens where").
@@ -219,6 +222,13 @@ show() { local out; printf -v out ' %q' "$@"; echo " $out"; } # one quoted comma
 
 now_ms() { local t="${EPOCHREALTIME//[.,]/}"; echo $((10#$t / 1000)); }
 
+wait_group_gone() { # $1 = a setsid'd session leader's pid, $2 = seconds: until no process of its group is left
+  local end=$(($(now_ms) + $2 * 1000))
+  [[ -n "$1" ]] || return 0
+  while kill -0 -- "-$1" 2>/dev/null && [[ $(now_ms) -lt $end ]]; do sleep 0.1; done
+  return 0
+}
+
 signal_groups() { # $1 = signal, then pids of session leaders started with setsid: signal each whole group
   local sig="$1" pid
   shift
@@ -252,9 +262,14 @@ if [[ "$MODE" == node-agent ]]; then
     trap '' TERM INT HUP # a launcher forwards the head's SIGTERM too: a second one must not cut the cleanup short
     set +e
     [[ -n "${STAGED_DIR:-}" ]] && rm -rf "$STAGED_DIR" & # sensitive data first, in parallel with the rest
+    # The Ray node's own process group first, from the shell: SIGTERM, up to `grace` s, SIGKILL. Starting Python
+    # for this took seconds on a loaded 2-core CI host; the head SIGKILLs the launcher (and this agent with it) at
+    # its deadline, and a Ray node whose agent dies mid-cleanup outlives the job.
     signal_groups TERM "$RAY_PID"
-    [[ $TMP_MADE -eq 1 ]] && helper cleanup --path "$TMP_DIR" --grace "$grace" --kill-wait 1
+    wait_group_gone "$RAY_PID" "$grace"
     signal_groups KILL "$RAY_PID"
+    # then anything else still using the node's temp dir (workers that left the group), and the dir itself
+    [[ $TMP_MADE -eq 1 ]] && helper cleanup --path "$TMP_DIR" --grace 1 --kill-wait 1
     wait "$!" 2>/dev/null
     rm -f "$REG"
     exit "$rc"

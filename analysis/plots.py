@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from analysis.fits import FitResult, IsoFLOPResult
 
-__all__ = ["plot_loss_vs_flops", "law_label", "plot_isoflop", "plot_optimal_allocation", "plot_lr_transfer", "plot_radar",
+__all__ = ["plot_loss_vs_flops", "plot_loss_by_size", "size_labels", "law_label", "plot_isoflop", "plot_optimal_allocation", "plot_lr_transfer", "plot_radar",
            "plot_scaling", "power_law_band"]
 
 
@@ -122,6 +122,87 @@ def plot_loss_vs_flops(C, L, *, fit: FitResult | None = None, frontier: Sequence
             ax.fill_between(xs, lo, hi, color="r", alpha=0.2, zorder=2, label="95% band of the fitted law")
     ax.set_xscale("log"); ax.set_yscale("log")
     ax.set_xlabel("training compute C (FLOPs)"); ax.set_ylabel(loss_name); ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return fig
+
+
+def size_labels(params, size=None, width=None) -> list[str]:
+    """A legend label per run naming its model: ``"51M (5.72e+07 params)"``, or ``"debug w32 (4.8e+04 params)"`` when
+    the runs' widths differ (one named size trained at several widths)."""
+    n = np.asarray(params, dtype=float)
+    names = [""] * len(n) if size is None else [str(x) for x in size]
+    ws = None if width is None else pd.to_numeric(pd.Series(np.asarray(width, dtype=object)), errors="coerce")
+    vary = ws is not None and ws.notna().all() and ws.nunique() > 1
+    out = []
+    for i in range(len(n)):
+        head = " ".join(p for p in (names[i], f"w{int(ws.iloc[i])}" if vary else "") if p)
+        out.append(f"{head} ({n[i]:.3g} params)" if head else f"{n[i]:.3g} params")
+    return out
+
+
+def plot_loss_by_size(x, L, params, *, labels=None, groups=None, x_name: str = "training compute C (FLOPs)",
+                      loss_name: str = "final validation loss", group_name: str = "budget",
+                      title: str = "Final loss by model size") -> Figure:
+    """The seed's Figure 3 panels: final loss against ``x`` (compute, or parameters), one colour per model size.
+
+    Parameters
+    ----------
+    x, L : array-like
+        The x value (training FLOPs, or parameters) and final loss of every run.
+    params : array-like
+        Parameters of each run's model: runs with the same count are one size (one colour, one legend entry, ordered
+        small to large on a sequential colormap).
+    labels : array-like, optional
+        Legend text per run (the first run of a size names it; :func:`size_labels`); default ``"N params"``.
+    groups : array-like, optional
+        A group per run (the planned compute budget). Without it, each size's line joins its best (lowest) loss at
+        each distinct ``x`` (against compute: how the size's loss falls with compute; other runs of the size at that
+        ``x``, e.g. other subject counts or data mixtures, are points off the line). With it, each size is drawn as
+        points only and a dashed grey line joins each group's best loss of every size (against parameters: the
+        IsoFLOP profiles).
+
+    Both axes are logarithmic. Every size is one ``Line2D`` labelled with its size; a group line is labelled only
+    once ("same budget") and the others start with ``_``.
+    """
+    import matplotlib as mpl
+
+    x = np.asarray(x, dtype=float); L = np.asarray(L, dtype=float); n = np.asarray(params, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(L) & np.isfinite(n) & (x > 0) & (L > 0)
+    if not ok.any():
+        raise ValueError("plot_loss_by_size: no run with a positive finite x, loss and parameter count")
+    lab = np.asarray(labels if labels is not None else [f"{v:.3g} params" for v in n], dtype=object)
+    fig = Figure(figsize=(8.5, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    uniq = np.unique(n[ok])
+    cmap = mpl.colormaps["viridis"]
+    for i, u in enumerate(uniq):
+        sel = ok & (n == u)
+        d = pd.DataFrame({"x": x[sel], "L": L[sel]})
+        color = cmap(0.05 + 0.85 * i / max(1, len(uniq) - 1))
+        if groups is None:
+            top = d.groupby("x")["L"].idxmin()
+            best = d.loc[top].sort_values("x")
+            ax.plot(best["x"], best["L"], "o-", color=color, ms=5, label=str(lab[sel][0]), zorder=3)
+            rest = d.drop(index=top.to_numpy())
+            if len(rest):
+                ax.plot(rest["x"], rest["L"], "o", ls="none", mfc="none", color=color, ms=5, zorder=3,
+                        label="_other runs of the size")
+        else:
+            ax.plot(d["x"], d["L"], "o", ls="none", color=color, ms=6, label=str(lab[sel][0]), zorder=3)
+    if groups is not None:
+        g = pd.Series(np.asarray(groups, dtype=object))[ok].astype(str).to_numpy()
+        d = pd.DataFrame({"g": g, "x": x[ok], "L": L[ok]})
+        named = False
+        for name, gd in d.groupby("g", sort=False):
+            best = gd.groupby("x", as_index=False)["L"].min().sort_values("x")
+            if len(best) > 1:
+                ax.plot(best["x"], best["L"], "--", color="0.6", lw=1, zorder=2,
+                        label=f"_{group_name} {name}" if named else f"same {group_name} (best run per size)")
+                ax.annotate(str(name), (best["x"].iloc[-1], best["L"].iloc[-1]), xytext=(4, 0), fontsize=6,
+                            textcoords="offset points", color="0.4", va="center")
+                named = True
+    ax.set_xscale("log"); ax.set_yscale("log")
+    ax.set_xlabel(x_name); ax.set_ylabel(loss_name); ax.set_title(title)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return fig
 

@@ -199,6 +199,8 @@ def summarize_study(store_dir, out_dir, *, loss_col: str = "val_loss", compute_c
         fig.savefig(out / "optimal_allocation.png", dpi=120)
         summary["plots"].append("optimal_allocation.png")
 
+    if len(C):
+        _size_plots(fin, C, L, out, summary, params_col=params_col, loss_col=loss_col)
     _finetune_and_benchmark(store_dir, out, summary)
     summary["bad_subject_files"] = bad_subject_files(store_dir)
 
@@ -243,6 +245,44 @@ def _isoflop(fin: pd.DataFrame, L: np.ndarray, params_col: str) -> dict:
         return dict(error=str(exc))
     d["budgets_left_out"] = left_out
     return d
+
+
+#: the report's Figure-3 panels (the seed's NeuroMamba figure, drawn for every study): file -> what it shows
+SIZE_PLOTS = {"loss_vs_compute_by_size.png": "final loss vs training FLOPs, one line per model size",
+              "loss_vs_params_by_size.png": "final loss vs parameters, one colour per model size, budgets dashed"}
+
+
+def _size_plots(fin: pd.DataFrame, C: np.ndarray, L: np.ndarray, out: Path, summary: dict, *, params_col: str,
+                loss_col: str) -> None:
+    """The seed's Figure 3 for any study: final loss against compute and against parameters, one colour per model
+    size (:func:`analysis.plots.plot_loss_by_size`); against parameters the runs of one planned budget (``budget`` or
+    ``spec.budget``) are joined. Skipped, with the reason in ``summary["size_plots"]``, without a parameter count."""
+    from analysis.plots import plot_loss_by_size, size_labels
+
+    N = pd.to_numeric(fin[params_col], errors="coerce").to_numpy(float) if params_col in fin.columns else None
+    if N is None or not (np.isfinite(N) & (N > 0)).any():
+        summary["size_plots"] = dict(skipped=f"train table has no usable {params_col!r} column")
+        return
+    labels = size_labels(N, fin["size"] if "size" in fin.columns else None,
+                         fin["width"] if "width" in fin.columns else None)
+    bcol = next((c for c in ("budget", "spec.budget") if c in fin.columns), None)
+    kcol = next((c for c in ("budget_kind", "spec.budget_kind") if c in fin.columns), None)
+    groups = None
+    if bcol:
+        b = pd.to_numeric(fin[bcol], errors="coerce")
+        kind = fin[kcol].astype(str) if kcol else pd.Series([""] * len(fin))
+        groups = [f"{v:.3g} {k}".strip() if np.isfinite(v) else "?" for v, k in zip(b, kind)]
+    loss_name = f"final validation loss ({loss_col})"
+    figs = {"loss_vs_compute_by_size.png": plot_loss_by_size(
+                C, L, N, labels=labels, loss_name=loss_name, title="Loss vs compute, one line per model size"),
+            "loss_vs_params_by_size.png": plot_loss_by_size(
+                N, L, N, labels=labels, groups=groups, x_name=f"parameters N ({params_col})", loss_name=loss_name,
+                title="Loss vs parameters, one colour per model size")}
+    for fn, fig in figs.items():
+        fig.savefig(out / fn, dpi=120)
+        summary["plots"].append(fn)
+    summary["size_plots"] = dict(sizes=int(len(np.unique(N[np.isfinite(N)]))), files=list(figs),
+                                 grouped_by=bcol, what=dict(SIZE_PLOTS))
 
 
 def _finetune_and_benchmark(store_dir, out: Path, summary: dict) -> None:

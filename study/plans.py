@@ -13,6 +13,12 @@ GPUs, an optional per-size LR search). Presets:
     one run per node: the node's devices are a run's workers. Each run is split by the run planner
     (:mod:`study.planner`: micro-batch, checkpointing, ZeRO stage, compile, loader workers) for the site's device
     kind (``--device-kind`` / ``--cpus-per-device`` override the site's).
+``mamba-ladder``
+    The NeuroMamba ladder (1.4M ... 91M) over compute and data on a real manifest, background removal on, through the
+    ladder machinery above (site, planner, muP and ``--lr-from``); see :func:`mamba_ladder`.
+``mamba-demo``
+    The NeuroMamba counterpart of ``demo``: ``debug`` widths 16-64, background removal on, a 3-budget IsoFLOP grid on
+    the demo's synthetic cohort; minutes on 2 CPU cores.
 ``pkg.module:function``
     A user's own study: the function takes the parsed options (``argparse.Namespace``) and returns a
     list of run specs or a :class:`StudyPlan`.
@@ -88,7 +94,8 @@ def isoflop_grid(base: RunSpec, *, budgets: Sequence[float], widths: Sequence[in
 
 
 def run_summary(spec: RunSpec) -> dict[str, Any]:
-    """Parameters, FLOPs, tokens and steps of a run (for --dry-run and GPU-hour estimates)."""
+    """Parameters, FLOPs, tokens and steps of a run (for --dry-run and GPU-hour estimates), and whether its model drops
+    background tokens (``remove_background``; None for a family without the option)."""
     cfg = model_config(spec)
     counts = R.param_counts(cfg)
     fps = R.flops_per_sample(cfg)["train"]
@@ -97,7 +104,8 @@ def run_summary(spec: RunSpec) -> dict[str, Any]:
     return {"run_id": spec.run_id, "family": spec.family, "size": spec.size, "width": spec.width,
             "params": counts["total"], "steps": steps, "samples": steps * spec.batch_size,
             "tokens": steps * spec.batch_size * tps, "flops": steps * spec.batch_size * fps,
-            "n_subjects": spec.n_subjects, "mixture": dict(spec.cohorts) or "all"}
+            "n_subjects": spec.n_subjects, "mixture": dict(spec.cohorts) or "all",
+            "remove_background": getattr(cfg, "remove_background", None)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,6 +165,40 @@ def demo(opts: Any = None) -> StudyPlan:
     return StudyPlan(name="demo", specs=specs, description=demo.__doc__ or "", cohort=dict(DEMO_COHORT))
 
 
+MAMBA_DEMO_WIDTHS = (16, 32, 48, 64)
+"""NeuroMamba "debug" (2 blocks) at these widths: N = 21k, 48k, 81k, 121k parameters (a 5.8x range)."""
+MAMBA_DEMO_BUDGETS = (1.2e10, 2.4e10, 4.8e10)
+"""IsoFLOP budgets, x2 apart; with ``MAMBA_DEMO_STEPS`` they train 2, 3 and 3 widths (8 runs)."""
+MAMBA_DEMO_STEPS = (100, 800)
+"""A budget trains the widths whose step count lies in this band (width 32 at LR 1e-2: val loss 0.0106 at step 100,
+0.0089 at 200, 0.0081 at 300; below 100 steps a run is still in the transient)."""
+MAMBA_DEMO_LR_AT_32 = 1e-2
+"""Peak LR of width 32; other widths get ``MAMBA_DEMO_LR_AT_32 * 32 / width`` (the demo's SP width rule). One check,
+not a search: two 300-step width-32 runs on the demo cohort ended at val loss 0.0081 (1e-2) and 0.0092 (3e-3)."""
+
+
+def mamba_demo(opts: Any = None) -> StudyPlan:
+    """Tiny NeuroMamba IsoFLOP study with background removal on the demo's synthetic cohort (minutes on 2 CPU cores).
+
+    The ``debug`` size (2 Mamba blocks) at ``MAMBA_DEMO_WIDTHS``, budgets ``MAMBA_DEMO_BUDGETS``, cosine LR
+    ``MAMBA_DEMO_LR_AT_32 * 32 / width``, batch 4 of 8-frame windows of ``DEMO_COHORT`` (24^3: 4x4x4 spatial patches of
+    6^3 per 2 frames; background patches, outside the subject's brain mask, are dropped). It shows the report's
+    Figure-3 plots (loss against compute and against parameters, one colour per width) of a NeuroMamba ladder; 8
+    runs are too few and too short to pin a law, and the report's ``valid`` flags say whether they did."""
+    manifest = getattr(opts, "manifest", None) or ""
+    base = RunSpec(study=getattr(opts, "study_name", None) or "mamba-demo", family="neuromamba", size="debug",
+                   grid=(24, 24, 24), sequence_length=8, batch_size=4, lr=MAMBA_DEMO_LR_AT_32, schedule="cosine",
+                   warmup_frac=0.1, eval_every=100, eval_windows=32, checkpoint_every=100,
+                   manifest=manifest, precision="fp32", seed=0)
+    specs = []
+    for c in sorted(MAMBA_DEMO_BUDGETS, reverse=True):  # the longest runs first, as in ``demo``
+        for w in MAMBA_DEMO_WIDTHS:
+            spec = base.replace(width=w, lr=MAMBA_DEMO_LR_AT_32 * 32 / w, budget_kind="flops", budget=float(c))
+            if MAMBA_DEMO_STEPS[0] <= run_summary(spec)["steps"] <= MAMBA_DEMO_STEPS[1]:
+                specs.append(spec)
+    return StudyPlan(name="mamba-demo", specs=specs, description=mamba_demo.__doc__ or "", cohort=dict(DEMO_COHORT))
+
+
 def smoke(opts: Any = None) -> StudyPlan:
     """Two tiny runs on a 12-subject synthetic cohort: checks an installation or a cluster in a minute."""
     manifest = getattr(opts, "manifest", None) or ""
@@ -185,13 +227,19 @@ def smoke_gpu(opts: Any = None) -> StudyPlan:
 #: 806M up. ZeRO-1's per-parameter gradient hooks and bucket copies cost a 51M step 27% on an H100 (72 vs 99
 #: samples/s compiled, BENCHMARKS.md), and 202M's replicated fp32 Adam state is 2.4 GiB; 806M's is 9.6 GiB.
 LADDER_ZERO_STAGE = {"51M": 0, "202M": 0}
+#: families without a table above: ZeRO-0 while the replicated fp32 Adam moments (8 B/parameter) stay under 4 GB
+#: (the rule the table follows: 202M's 1.6 GiB replicated, 806M's 6.2 GiB partitioned); every NeuroMamba ladder size
+LADDER_ZERO0_MAX_PARAMS = 500e6
 
 
-def ladder_zero_stage(size: str) -> int:
-    return LADDER_ZERO_STAGE.get(size, 1)
+def ladder_zero_stage(size: str, family: str = "swift_v2") -> int:
+    if family == "swift_v2":
+        return LADDER_ZERO_STAGE.get(size, 1)
+    return 0 if R.param_counts(R.get_config(family, size))["total"] < LADDER_ZERO0_MAX_PARAMS else 1
 
 
-#: base LR of a ladder that was given no µTransfer result (the seed's 51M LR; not tuned for any other size)
+#: base LR of a ladder that was given no µTransfer result (the seed's SwiFT v2 51M LR; not tuned for any other size
+#: or family: a family without a seed LR of its own uses it too and the source says so)
 LADDER_DEFAULT_LR = 5e-4
 
 
@@ -227,14 +275,15 @@ def ladder_lr(opts: Any, family: str, sizes: Sequence[str]) -> LadderLR:
         art = TransferredLR.load(lr_from, storage=getattr(opts, "storage", None))
         check_transfer_applies(art, family, sizes)
         return LadderLR("mup", art.base_width, art.base_lr, art.describe(), True)
+    other = "" if family == "swift_v2" else f" (SwiFT v2's seed LR, never tuned for {family})"
     if par == "mup":
         bw = int(smallest.embed_dim)
         return LadderLR("mup", bw, LADDER_DEFAULT_LR,
-                        f"{LADDER_DEFAULT_LR:g} at muP base width {bw} ({sizes[0]}): the preset's default, NOT "
+                        f"{LADDER_DEFAULT_LR:g} at muP base width {bw} ({sizes[0]}): the preset's default{other}, NOT "
                         "transferred; run study/mutransfer.py for this family and size and pass --lr-from <study>",
                         False)
     return LadderLR("sp", None, LADDER_DEFAULT_LR,
-                    f"{LADDER_DEFAULT_LR:g} for every size under SP (--parametrization sp): not tuned per size; "
+                    f"{LADDER_DEFAULT_LR:g}{other} for every size under SP (--parametrization sp): not tuned per size; "
                     "SP's optimal LR drifts with width, so exponents fitted on this ladder are biased "
                     "(Porian et al. 2024)", False)
 
@@ -295,31 +344,45 @@ def ladder_hardware(opts: Any, preset: str) -> LadderHardware:
     return LadderHardware(kind, workers, cpus, src)
 
 
+#: what each family's ladder is called in plan descriptions
+LADDER_FAMILY_NAMES = {"swift_v2": "SwiFT v2", "neuromamba": "NeuroMamba"}
+
+
 def _ladder(opts: Any, *, name: str, budgets: Sequence[float], sizes: Sequence[str],
-            n_subjects: Sequence[int]) -> StudyPlan:
+            n_subjects: Sequence[int], family: str = "swift_v2",
+            steps_band: tuple[int, int] | None = None) -> StudyPlan:
+    """Every size x budget x subject count of ``family`` on ``--manifest``, planned for ``--site``'s hardware.
+
+    ``steps_band=(lo, hi)`` leaves out a (size, budget) whose step count falls outside it (a ladder whose sizes span
+    a wide range cannot spend every budget on every size); the model config's own defaults (NeuroMamba's
+    ``remove_background``, ...) are the run's."""
     manifest = getattr(opts, "manifest", None)
     if not manifest:
         raise ValueError(f"preset {name!r} trains on real data: pass --manifest <cohort manifest.parquet>")
     hw = ladder_hardware(opts, name)
     workers = hw.workers
-    rule = ladder_lr(opts, "swift_v2", sizes)
-    base = RunSpec(study=getattr(opts, "study_name", None) or name, family="swift_v2", size=sizes[0],
+    rule = ladder_lr(opts, family, sizes)
+    base = RunSpec(study=getattr(opts, "study_name", None) or name, family=family, size=sizes[0],
                    grid=(96, 96, 96), sequence_length=20, batch_size=8 * workers, lr=rule.lr, schedule="wsd",
                    warmup_frac=0.02, eval_every=500, eval_windows=256, checkpoint_every=500,
                    manifest=manifest, distributed="deepspeed", zero_stage=1, precision="bf16", num_workers=6,
                    parametrization=rule.parametrization, mup_base_width=rule.base_width)
-    specs = []
+    specs, left_out = [], []
     for c in budgets:
         for size in sizes:
-            for n in n_subjects:
-                specs.append(base.replace(size=size, budget_kind="flops", budget=float(c), n_subjects=n,
-                                          zero_stage=ladder_zero_stage(size)))
+            spec = base.replace(size=size, budget_kind="flops", budget=float(c), zero_stage=ladder_zero_stage(size, family))
+            if steps_band is not None and not steps_band[0] <= run_summary(spec)["steps"] <= steps_band[1]:
+                left_out.append(f"{size}@{c:.3g}")
+                continue
+            specs += [spec.replace(n_subjects=n) for n in n_subjects]
     from study.planner import plan_study
 
     cpus = {} if hw.cpus_per_device is None else {"cpus_per_device": hw.cpus_per_device}
     specs, run_plans = plan_study(specs, hw.device_kind, workers=workers, **cpus)
-    return StudyPlan(name=name, specs=specs, num_workers=workers, use_gpu=True,
-                     description=f"SwiFT v2 ladder {list(sizes)} x subjects {list(n_subjects)} x budgets; {hw.source}",
+    what = f"{LADDER_FAMILY_NAMES.get(family, family)} ladder {list(sizes)} x subjects {list(n_subjects)} x budgets"
+    if left_out:
+        what += f" (left out, steps outside {steps_band[0]}..{steps_band[1]}: {', '.join(left_out)})"
+    return StudyPlan(name=name, specs=specs, num_workers=workers, use_gpu=True, description=f"{what}; {hw.source}",
                      extra={"lr_source": rule.source, "lr_transferred": rule.transferred, "hardware": hw.source},
                      device_kind=next(iter(run_plans.values())).device_kind, run_plans=run_plans)
 
@@ -336,8 +399,34 @@ def ladder_xl(opts: Any = None) -> StudyPlan:
                    sizes=("51M", "202M", "806M", "3B"), n_subjects=(2000, 8000, 32000))
 
 
+MAMBA_LADDER_SIZES = ("1.4M", "3.1M", "12M", "41M", "91M")
+MAMBA_LADDER_BUDGETS = (1e17, 3e17, 1e18)
+MAMBA_LADDER_SUBJECTS = (1000, 4000, 16000)
+MAMBA_LADDER_STEPS = (1000, 250_000)
+
+
+def mamba_ladder(opts: Any = None) -> StudyPlan:
+    """NeuroMamba 1.4M ... 91M x 1000/4000/16000 subjects x 1e17/3e17/1e18 FLOPs, background removal on.
+
+    The sizes are the named ladder of ``neuro_models/mamba/config.py`` from the seed's "small" (1.4M) and best
+    (3.1M) models to 91M: a 60x range of parameters (1.5M-91M with the next-token head). The budgets are 10x lower
+    than ``ladder``'s because a NeuroMamba sample costs far less than a SwiFT one (1.5e11 training FLOPs at 1.4M,
+    8.3e12 at 91M, with 36.4% of the tokens kept after background removal, against 2.5e11 for SwiFT's 51M), so at
+    1e17-1e18 the step counts stay in ``MAMBA_LADDER_STEPS`` (1000 ... 250k steps of 8 samples per device): on a
+    4-device node 41M and 91M are left out at 1e17 (831 and 378 steps), the rest train at every budget; 13 (size,
+    budget) points x 3 subject counts = 39 runs (135 GPU-hours on polaris's A100s at the planner's assumed 15% MFU:
+    no NeuroMamba row has been measured, and its memory model is SwiFT's fit applied to the kept tokens). The subject counts are ``ladder``'s, so the two families share one data axis. Background
+    removal is the config's default (``remove_background=True``: all-background tokens are dropped and the samples
+    packed) and the FLOPs axis counts the kept tokens. LR and hardware as ``ladder`` (muP, ``--lr-from``, ``--site``);
+    1.4M-12M have 12 blocks and 41M/91M 24, and muP transfers an LR across width only, so one µTransfer study
+    cannot cover the whole ladder (``--lr-from`` names the size that differs)."""
+    return _ladder(opts, name="mamba-ladder", budgets=MAMBA_LADDER_BUDGETS, sizes=MAMBA_LADDER_SIZES,
+                   n_subjects=MAMBA_LADDER_SUBJECTS, family="neuromamba", steps_band=MAMBA_LADDER_STEPS)
+
+
 PRESETS: dict[str, Callable[[Any], StudyPlan]] = {"demo": demo, "smoke": smoke, "smoke-gpu": smoke_gpu,
-                                                   "ladder": ladder, "ladder-xl": ladder_xl}
+                                                   "ladder": ladder, "ladder-xl": ladder_xl,
+                                                   "mamba-ladder": mamba_ladder, "mamba-demo": mamba_demo}
 
 #: former site-named presets -> the command that replaces them (refused with it, exit 2)
 RENAMED_PRESETS = {"polaris": "--preset ladder --site polaris", "aurora": "--preset ladder-xl --site aurora"}

@@ -35,13 +35,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--preset", default="demo",
-                    help="named plan: demo | smoke | smoke-gpu | ladder | ladder-xl, or pkg.module:function "
-                         "returning a StudyPlan; ladder presets are planned for --site's hardware")
+                    help="named plan: demo | smoke | smoke-gpu | ladder | ladder-xl | mamba-ladder | mamba-demo, or "
+                         "pkg.module:function returning a StudyPlan; ladder presets are planned for --site's hardware")
     add_common_args(ap)
     ap.add_argument("--lr-search", type=int, default=0, metavar="N",
                     help="Optuna search of the LR per run group with N trials each (0: use the plan's LRs)")
     ap.add_argument("--parametrization", choices=["mup", "sp"], default=None,
-                    help="ladder presets (ladder, ladder-xl): muP (default) or SP; SP trains every size at one LR")
+                    help="ladder presets (ladder, ladder-xl, mamba-ladder): muP (default) or SP; SP trains every size "
+                         "at one LR")
     ap.add_argument("--lr-from", default=None, metavar="STUDY_OR_FILE",
                     help="ladder presets: take the muP base width and base LR from a µTransfer study "
                          "(its folder, its name under --storage, or its report/lr_transfer.json)")
@@ -88,7 +89,8 @@ def plan_rows(plan, device_kind: str | None = None) -> list[dict]:
                     predicted_samples_per_s=None, throughput_source="CPU plan: not predicted", gpu_hours=None,
                     fits=None, reason="")
         rows.append({**base, **(asdict(rp) if rp else {}), "mup_base_width": s.mup_base_width if s.parametrization ==
-                     "mup" else None, "params": r["params"], "steps": r["steps"], "flops": r["flops"]})
+                     "mup" else None, "params": r["params"], "steps": r["steps"], "flops": r["flops"],
+                     "remove_background": r["remove_background"]})
     return rows
 
 
@@ -125,6 +127,11 @@ def print_plan(plan, args) -> None:
         if r["reason"]:
             print(f"    {r['reason']}")
     print(f"LR: {summary['lr_source']}")
+    bg = {r["remove_background"] for r in rows} - {None}
+    if bg:  # families that can drop background tokens (NeuroMamba): say whether these runs do
+        print("background removal: " + " / ".join(
+            f"{'on' if b else 'off'} (remove_background={b}) in {sum(r['remove_background'] is b for r in rows)} runs"
+            for b in sorted(bg, reverse=True)))
     for src in summary["throughput_sources"]:
         print(f"samples/s: {src}")
     if summary["gpu_hours"] is not None:

@@ -71,11 +71,18 @@ def test_plan_turns_on_checkpointing_then_zero_before_refusing():
         P.plan_study([_spec("3B", batch_size=8)], "a100-40gb", workers=1)
 
 
-def test_mamba_is_never_planned_with_checkpointing_it_does_not_have():
+def test_mamba_checkpoints_its_blocks_only_when_it_must_and_packs_brain_tokens_only():
     spec = RunSpec(family="neuromamba", size="12M", grid=(96, 96, 96), sequence_length=20, batch_size=16,
                    precision="bf16")
     _, plan = P.plan_run(spec, "h100-80gb", workers=1)
     assert plan.activation_checkpointing is False and plan.fits
+    # 320M does not fit an A100 40 GB without recomputing its blocks: NeuroMamba's field is checkpoint_blocks
+    big = spec.replace(size="320M", batch_size=8)
+    planned, plan = P.plan_run(big, "a100-40gb", workers=1)
+    assert plan.fits and plan.activation_checkpointing and model_config(planned).checkpoint_blocks
+    # background removal packs the kept tokens: the activations are that fraction of the unpacked model's
+    on, off = model_config(big), model_config(big.replace(model_overrides={"remove_background": False}))
+    assert P.activation_elements(on)[0] == pytest.approx(P.activation_elements(off)[0] * on.brain_token_fraction)
 
 
 def _row(size, mb, sps, kind="NVIDIA H100 80GB HBM3", compile=True):

@@ -34,6 +34,9 @@
 #   --chain N --job-script FILE       submit FILE again (afterany) up to N more times until the study completes
 #   --stage SRC --stage-to DIR [--shard]   copy the data directory to node-local DIR/nx-<uid>/<job>.<random>
 #                           (a share of it with --shard); mode 0700, removed first at teardown
+#   --head-restarts N       run: if the head's Ray processes die while CMD runs, restart the head and every node's
+#                           Ray (same addresses) and rerun CMD, at most N times; a study resumes from its storage.
+#                           After N (or if a restart fails) exit 1, so a chained job (--chain) carries on  [1]
 #   --teardown-s S          finish teardown within S seconds of its start (below PBS's kill_delay, Slurm's
 #                           KillWait)  [8]
 #   --dry-run               print what would run and exit
@@ -67,7 +70,7 @@ esac
 PROFILE=generic SCHEDULER="${NEUROX_SCHEDULER:-}" IFACE="" HOST_SUFFIX="" NODEFILE="" GCS_PORT="" DASH_PORT="" CLIENT_PORT=""
 JOIN_TIMEOUT=300 NUM_GPUS="" NUM_CPUS="" OBJ_BYTES="" STATE_BASE="${NEUROX_STATE_DIR:-$HOME/.neurox/ray}"
 TMP_BASE="${NEUROX_TMP_BASE:-/tmp}" LAUNCHER="${NEUROX_LAUNCHER:-auto}" STORAGE="" STUDY="" STOP_MARGIN=600
-CHAIN=0 JOB_SCRIPT="" STAGE_SRC="" STAGE_TO="" SHARD=0 DRY_RUN=0 TEARDOWN_S=8
+CHAIN=0 JOB_SCRIPT="" STAGE_SRC="" STAGE_TO="" SHARD=0 DRY_RUN=0 TEARDOWN_S=8 HEAD_RESTARTS=1
 # node-agent only
 ADDRESS="" STATE="" RANK="" RANK_OFFSET=0 WORLD="" JOBKEY="" NONCE=""
 CMD=()
@@ -101,6 +104,7 @@ while [[ $# -gt 0 ]]; do
     --stage-to) need "$@"; STAGE_TO="$2"; shift 2 ;;
     --shard) SHARD=1; shift ;;
     --teardown-s) need "$@"; int "$1" "$2"; TEARDOWN_S="$2"; shift 2 ;;
+    --head-restarts) need "$@"; int "$1" "$2"; HEAD_RESTARTS="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     --address) need "$@"; ADDRESS="$2"; shift 2 ;;
     --state) need "$@"; STATE="$2"; shift 2 ;;
@@ -282,18 +286,42 @@ if [[ "$MODE" == node-agent ]]; then
     err=$(tail -n 1 "$STATE/nodes/$RANK.stage")
     fail "staging $STAGE_SRC to $STAGE_TO failed: ${err#ray_cluster: }"
   fi
-  printf '{"rank": %d, "host": "%s", "ip": "%s", "pid": %d}\n' "$RANK" "$(hostname)" "$ip" $$ >"$REG.tmp"
-  mv "$REG.tmp" "$REG"
   ray_node_args "$ip" "$TMP_DIR"
-  NEUROX_RAY_NODE_TMP="$TMP_DIR" setsid "${RAY_CLI[@]}" start --address "$ADDRESS" "${NODE_ARGS[@]}" \
-    >"$STATE/nodes/$RANK.log" 2>&1 &
-  RAY_PID=$!
-  # Stay up while Ray runs and the head's "running" marker exists (covers launchers that do not forward signals).
-  while kill -0 "$RAY_PID" 2>/dev/null && [[ -e "$STATE/running" ]]; do sleep 0.5; done
-  if [[ -e "$STATE/running" ]]; then # Ray exited by itself: tell the head why (it fails fast while waiting)
-    echo "ray start exited: $(grep -v '^\s*$' "$STATE/nodes/$RANK.log" | tail -n 1)" >"$STATE/nodes/$RANK.error"
-    exit 1
-  fi
+  start_node() {
+    printf '{"rank": %d, "host": "%s", "ip": "%s", "pid": %d}\n' "$RANK" "$(hostname)" "$ip" $$ >"$REG.tmp"
+    mv "$REG.tmp" "$REG"
+    NEUROX_RAY_NODE_TMP="$TMP_DIR" setsid "${RAY_CLI[@]}" start --address "$ADDRESS" "${NODE_ARGS[@]}" \
+      >>"$STATE/nodes/$RANK.log" 2>&1 &
+    RAY_PID=$!
+  }
+  generation() { cat "$STATE/generation" 2>/dev/null || echo 0; }
+  gen=$(generation)
+  start_node
+  # Stay up while the head's "running" marker exists (covers launchers that do not forward signals). When the
+  # head restarts (--head-restarts) it bumps $STATE/generation: stop this node's Ray and join the new head.
+  while [[ -e "$STATE/running" ]]; do
+    if [[ "$(generation)" != "$gen" ]]; then
+      gen=$(generation)
+      signal_groups TERM "$RAY_PID"
+      wait_group_gone "$RAY_PID" 2
+      signal_groups KILL "$RAY_PID"
+      wait "$RAY_PID" 2>/dev/null || true
+      helper cleanup --path "$TMP_DIR" --grace 1 --kill-wait 1 >/dev/null
+      err=$(make_private "$TMP_DIR" 2>&1) || fail "${err#ray_cluster: }"
+      start_node
+      continue
+    fi
+    if ! kill -0 "$RAY_PID" 2>/dev/null; then
+      # the head may be restarting (its Ray died first, ours lost it): wait for the new generation
+      if [[ -e "$STATE/restarting" ]]; then sleep 0.5; continue; fi
+      sleep 2
+      [[ -e "$STATE/restarting" || "$(generation)" != "$gen" || ! -e "$STATE/running" ]] && continue
+      # Ray exited by itself: tell the head why (it fails fast while waiting)
+      echo "ray start exited: $(grep -v '^\s*$' "$STATE/nodes/$RANK.log" | tail -n 1)" >"$STATE/nodes/$RANK.error"
+      exit 1
+    fi
+    sleep 0.5
+  done
   exit 0
 fi
 
@@ -440,24 +468,31 @@ TMP_MADE=1
 stage_data 0 "$NNODES" || die "staging $STAGE_SRC to $STAGE_TO failed"
 
 log "starting head on ${HOSTS[0]} ($HEAD_IP:$GCS_PORT), $NNODES node(s)"
-# the marker variable is inherited by every Ray process of the node, so teardown finds them all
-NEUROX_RAY_NODE_TMP="$HEAD_TMP" setsid "${HEAD_CMD[@]}" >"$STATE/head.log" 2>&1 &
-HEAD_PID=$!
+start_head() { # the marker variable is inherited by every Ray process of the node, so teardown finds them all
+  NEUROX_RAY_NODE_TMP="$HEAD_TMP" setsid "${HEAD_CMD[@]}" >>"$STATE/head.log" 2>&1 &
+  HEAD_PID=$!
+}
+wait_for_nodes() { # in the background so that PBS's SIGTERM is handled at once, not after the wait
+  local rc
+  helper wait --address "$HEAD_IP:$GCS_PORT" --head-ip "$HEAD_IP" --state-dir "$STATE" --nodefile "$STATE/hosts" \
+    --timeout "$JOIN_TIMEOUT" --head-pid "$HEAD_PID" >/dev/null &
+  WAIT_PID=$!
+  set +e
+  wait "$WAIT_PID"
+  rc=$?
+  set -e
+  WAIT_PID=""
+  if [[ $rc -ne 0 ]]; then
+    log "head log tail:"; tail -n 5 "$STATE/head.log" >&2 || true
+  fi
+  return "$rc"
+}
+start_head
 launch_cmds
-# in the background so that PBS's SIGTERM is handled at once, not after the wait
 printf '%s\n' "${HOSTS[@]}" >"$STATE/hosts" # head first, as the ranks are numbered
-helper wait --address "$HEAD_IP:$GCS_PORT" --head-ip "$HEAD_IP" --state-dir "$STATE" --nodefile "$STATE/hosts" \
-  --timeout "$JOIN_TIMEOUT" --head-pid "$HEAD_PID" >/dev/null &
-WAIT_PID=$!
-set +e
-wait "$WAIT_PID"
-rc=$?
-set -e
-WAIT_PID=""
-if [[ $rc -ne 0 ]]; then
-  log "head log tail:"; tail -n 5 "$STATE/head.log" >&2 || true
-  exit "$rc"
-fi
+rc=0
+wait_for_nodes || rc=$?
+[[ $rc -eq 0 ]] || exit "$rc"
 log "all $NNODES nodes joined"
 
 export RAY_ADDRESS="$HEAD_IP:$GCS_PORT" RAY_API_SERVER_ADDRESS="http://$HEAD_IP:$DASH_PORT"
@@ -492,13 +527,51 @@ if [[ "$MODE" == up ]]; then
 fi
 
 [[ ${#CMD[@]} -gt 0 ]] || die "run needs a command after '--'"
-set +e
-setsid "${CMD[@]}" &
-CMD_PID=$!
-wait "$CMD_PID"
-rc=$?
-set -e
-CMD_PID=""
+restart_head() { # the head's Ray died while CMD ran: stop CMD, restart the head on the same ports, every node rejoins
+  local gen
+  touch "$STATE/restarting" # agents whose Ray loses the head wait for the new generation instead of failing
+  signal_groups TERM "$CMD_PID"
+  wait_group_gone "$CMD_PID" 5
+  signal_groups KILL "$CMD_PID"
+  wait "$CMD_PID" 2>/dev/null || true
+  CMD_PID=""
+  signal_groups KILL "$HEAD_PID"
+  helper cleanup --path "$HEAD_TMP" --grace 2 --kill-wait 1 >/dev/null
+  make_private "$HEAD_TMP" || return 1
+  gen=$(($(cat "$STATE/generation" 2>/dev/null || echo 0) + 1))
+  echo "$gen" >"$STATE/generation.tmp" && mv "$STATE/generation.tmp" "$STATE/generation"
+  start_head
+  wait_for_nodes || return 1
+  rm -f "$STATE/restarting"
+  log "head restarted; all $NNODES nodes joined again (generation $gen)"
+}
+restarts=0
+while true; do
+  set +e
+  setsid "${CMD[@]}" &
+  CMD_PID=$!
+  # SIGTERM's trap runs within one 0.5 s sleep
+  while kill -0 "$CMD_PID" 2>/dev/null && kill -0 "$HEAD_PID" 2>/dev/null; do sleep 0.5; done
+  if ! kill -0 "$CMD_PID" 2>/dev/null; then
+    wait "$CMD_PID"
+    rc=$?
+    # a command that failed because the head died with it counts as a head loss
+    if [[ $rc -eq 0 ]] || kill -0 "$HEAD_PID" 2>/dev/null; then
+      set -e
+      CMD_PID=""
+      break
+    fi
+  fi
+  set -e
+  log "head lost: its Ray processes exited while the command ran ($(grep -v '^\s*$' "$STATE/head.log" | tail -n 1))"
+  if [[ $restarts -ge $HEAD_RESTARTS ]]; then
+    log "no head restarts left (--head-restarts $HEAD_RESTARTS): exiting; a chained job (or a rerun) resumes the study"
+    exit 1
+  fi
+  restarts=$((restarts + 1))
+  log "restarting the head ($restarts of $HEAD_RESTARTS) and rerunning the command; the study resumes from its storage"
+  restart_head || { log "the head did not come back: exiting; a chained job (or a rerun) resumes the study"; exit 1; }
+done
 if [[ -n "$STOP_FILE" ]]; then
   if [[ $rc -eq 0 && ! -e "$STOP_FILE" ]]; then
     touch "$CHAIN_DIR/complete"

@@ -102,6 +102,29 @@ def test_a_swift_dry_run_says_nothing_about_background_removal(capsys):
     assert "background removal" not in capsys.readouterr().out
 
 
+def test_a_checkpointed_neuromamba_run_recomputes_its_blocks_with_the_same_gradients():
+    """What the planner turns on when a NeuroMamba run does not fit: ``activation_checkpointing`` -> the config's
+    ``checkpoint_blocks``, numerically the same step."""
+    import torch
+
+    from neuro_models import registry as R
+    from study.spec import RunSpec
+
+    spec = RunSpec(family="neuromamba", size="debug", grid=(24, 24, 24), sequence_length=8, batch_size=2)
+    grads = []
+    for ckpt in (False, True):
+        cfg = model_config(spec.replace(activation_checkpointing=ckpt))
+        assert cfg.checkpoint_blocks is ckpt
+        torch.manual_seed(0)
+        model = R.build_pretrain_model(cfg).train()
+        torch.manual_seed(1)
+        x, bm = torch.randn(2, 1, 24, 24, 24, 8), torch.zeros(2, 24, 24, 24)
+        bm[:, 3:21, 3:21, 3:21] = 1
+        model(x, brain_mask=bm)["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-7)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # 5 min on a free 2-core box; longer when other users load it

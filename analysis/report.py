@@ -224,13 +224,17 @@ def _isoflop(fin: pd.DataFrame, L: np.ndarray, params_col: str) -> dict:
     parabola of loss in log N, then ``N_opt ~ C^a``. Budgets with fewer than 3 distinct sizes are left
     out (named in ``budgets_left_out``); runs off the study's most common data mixture (``cohorts``)
     are left out so a mixture ablation does not bend a profile."""
-    if not {"budget", "budget_kind", params_col} <= set(fin.columns):
-        return dict(skipped=f"train table lacks 'budget', 'budget_kind' or {params_col!r}")
-    m = (fin["budget_kind"] == "flops").to_numpy(dtype=bool, copy=True)
-    if "cohorts" in fin.columns and m.any():
-        mix = fin["cohorts"].astype(str)
+    # a study's store names the spec's fields ``spec.<field>``; hand-made tables often use the bare names
+    bcol, kcol, ccol = (next((c for c in (f"spec.{f}", f) if c in fin.columns), None)
+                        for f in ("budget", "budget_kind", "cohorts"))
+    if bcol is None or kcol is None or params_col not in fin.columns:
+        return dict(skipped=f"train table lacks 'spec.budget', 'spec.budget_kind' (or 'budget', 'budget_kind') "
+                            f"or {params_col!r}")
+    m = (fin[kcol] == "flops").to_numpy(dtype=bool, copy=True)
+    if ccol is not None and m.any():
+        mix = fin[ccol].astype(str)
         m &= (mix == mix[m].mode().iloc[0]).to_numpy()
-    B = pd.to_numeric(fin["budget"], errors="coerce").to_numpy(float)
+    B = pd.to_numeric(fin[bcol], errors="coerce").to_numpy(float)
     N = pd.to_numeric(fin[params_col], errors="coerce").to_numpy(float)
     m &= np.isfinite(B) & (B > 0) & np.isfinite(N) & (N > 0)
     counts = {b: len(np.unique(N[m & (B == b)])) for b in np.unique(B[m])}

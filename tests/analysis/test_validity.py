@@ -326,6 +326,15 @@ def test_summary_carries_validity(tmp_path):
     assert s["isoflop"]["warnings"] == iso["warnings"]
 
 
+def test_approach_2_reads_the_budget_columns_as_a_study_store_names_them(tmp_path):
+    """A study's store names the spec's fields ``spec.budget`` / ``spec.budget_kind``; the report looked only for the
+    bare names, so approach 2 was skipped on every real study (found on the NeuroMamba demo's store)."""
+    bare = summarize_study(make_store(tmp_path / "bare"), tmp_path / "r1", n_boot=20)["isoflop"]
+    spec = summarize_study(make_store(tmp_path / "spec", spec_names=True), tmp_path / "r2", n_boot=20)["isoflop"]
+    assert "skipped" not in spec, spec
+    assert spec["exponent"] == pytest.approx(bare["exponent"], rel=1e-12)
+
+
 def test_summary_of_loss_rising_with_size(tmp_path):
     s = summarize_study(make_store(tmp_path / "up", loss=rising_law), tmp_path / "rep", n_boot=30)
     ch = s["chinchilla"]

@@ -16,6 +16,7 @@ Examples::
     python -m analysis efficiency scaling.csv --units nodes --throughput samples_per_s --baseline 1 --baseline 64
     python -m analysis summarize <store_dir> <out_dir>
     python -m analysis predictions <store_dir> [<store_dir> ...] [--out DIR] [--json]   # pre-registered vs outcome
+    python -m analysis diversity <store_dir> [--out DIR] [--loss val_loss] [--strict]  # the law per data mixture
 
 Every fit reports ``valid`` and ``warnings`` (see :mod:`analysis.validity`); ``--strict`` turns a fit
 that is not a valid law into exit status 3.
@@ -257,6 +258,19 @@ def _predictions(args) -> int:
     return 0
 
 
+def _diversity(args) -> int:
+    from analysis.diversity import markdown, report
+
+    out = Path(args.out) if args.out else Path(args.store).resolve().parent / "report" / "diversity"
+    res = report(args.store, out, loss_col=args.loss, n_boot=args.bootstrap, seed=args.seed)
+    if args.json:
+        _emit({k: v for k, v in res.items() if k != "points"}, None, True)
+    else:
+        print(markdown(res))
+        print(f"report: {res['files']['markdown']}\nplot: {res['files']['plot']}")
+    return _exit(all(m["valid"] for m in res["mixtures"]), args.strict)
+
+
 def _names_default(help_text: str | None) -> bool:
     """The help text already says its default (``... (default: X)``, ``default: X``)."""
     return any(k in (help_text or "") for k in ("(default", "default:"))
@@ -371,6 +385,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default=None, help="also write predictions.md/.json/.csv/.png to this folder")
     pr.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     pr.set_defaults(func=_predictions)
+    dv = sub.add_parser("diversity", formatter_class=raw, epilog=EXIT_CODES,
+                        help="the study report's law per data mixture, side by side (python -m study.diversity)",
+                        description="Split a store's runs by data mixture (the train table's 'mixture' column) and "
+                                    "run the study report on each: validity and warnings, exponents with bootstrap "
+                                    "intervals, the held-out extrapolation error; a table (diversity.md/.json), one "
+                                    "plot panel per mixture (diversity.png) and each mixture's full report "
+                                    "(analysis/diversity.py).")
+    dv.add_argument("store", help="results store folder (<storage>/<study-name>/store) with two or more mixtures")
+    dv.add_argument("--out", default=None,
+                    help="folder for the report (default: <storage>/<study-name>/report/diversity)")
+    dv.add_argument("--loss", default="val_loss",
+                    help="loss column (val_loss: every cohort's validation windows; val_loss__<cohort>: one cohort's)")
+    dv.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of each fit")
+    dv.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    dv.add_argument("--json", action="store_true", help="print the result as JSON instead of Markdown")
+    dv.add_argument("--strict", action="store_true", help="exit with status 3 when a mixture's result is not valid")
+    dv.set_defaults(func=_diversity)
     return p
 
 

@@ -45,7 +45,7 @@ def _walk(p: argparse.ArgumentParser, name: str):
 
 
 ENTRY_POINTS = ["study.scaling_law", "study.mutransfer", "study.config_search", "study.finetune", "analysis.cli",
-                "data.convert", "study.launch_local", "study.represent"]
+                "data.convert", "study.launch_local", "study.represent", "study.diversity"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
@@ -81,7 +81,7 @@ def test_study_name_help_names_no_preset_where_there_is_none(module, default):
 
 
 @pytest.mark.parametrize("module", ["study.scaling_law", "study.mutransfer", "study.config_search",
-                                    "study.finetune"])
+                                    "study.finetune", "study.diversity"])
 def test_study_entry_points_agree_on_names(module):
     p = _parser(module)
     opts = {o for a in p._actions if a.help != argparse.SUPPRESS for o in a.option_strings}

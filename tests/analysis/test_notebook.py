@@ -51,3 +51,20 @@ def test_default_store_is_the_readme_main_jobs(tmp_path, monkeypatch):
     msg = str(err.value)
     assert "FileNotFoundError" in msg and f"no results store with a 'train' table at {REPO}/studies/demo/store" in msg
     assert "python study/scaling_law.py" in msg and "NEUROX_STORE" in msg
+
+
+def test_notebook_compares_data_mixtures_side_by_side(tmp_path, monkeypatch):
+    """A store with two mixtures (issue #27 item 5): the diversity cell prints the per-mixture table and saves the
+    side-by-side plot beside the study; the one-mixture store above gets one line saying how to make one."""
+    from analysis.store import ResultsStore
+    from test_diversity import table
+
+    ResultsStore(tmp_path / "diversity" / "store").append("train", table())
+    nb = _execute(monkeypatch, {"NEUROX_STORE": str(tmp_path / "diversity" / "store"), "NEUROX_N_BOOT": "20"})
+    cell = next(c for c in nb.cells if c.get("id") == "diversity")
+    md = "".join(o.get("data", {}).get("text/markdown", "") for o in cell.outputs)
+    assert "# Data diversity" in md and "| cohort_a" in md and "| all" in md, md[:500]
+    assert (tmp_path / "diversity" / "diversity.png").stat().st_size > 10_000
+    one = make_store(tmp_path / "one" / "store")
+    nb = _execute(monkeypatch, {"NEUROX_STORE": str(one), "NEUROX_N_BOOT": "20"})
+    assert "one data mixture in this store (all): nothing to compare" in _text(nb)

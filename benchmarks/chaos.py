@@ -320,7 +320,7 @@ def run_schedule(storage: Path, seed: int, n_kills: int, *, name: str = STUDY, m
             # random 1-4 s, then the ballast is deleted (the operator frees space). Any write in that window
             # (a result row, a checkpoint, Optuna's journal, Tune's experiment state) gets ENOSPC.
             hold = rng.uniform(1.0, 4.0)
-            _, free = _fill(storage)
+            _, free = fill_disk(storage)
             time.sleep(hold)
             (storage / "ballast.bin").unlink(missing_ok=True)
             rows_before = _n_rows(storage, name)
@@ -364,8 +364,9 @@ def run_schedule(storage: Path, seed: int, n_kills: int, *, name: str = STUDY, m
     return {"seed": seed, "kills": kills, "reruns": reruns, "exit": rc, "wall_s": round(time.time() - t_start, 1)}
 
 
-def _fill(disk: Path) -> tuple[Path, int]:
-    """Fill ``disk`` with a ballast file until ENOSPC (tests/faults/faults_helpers.fill_disk's way)."""
+def fill_disk(disk: Path, leave_bytes: int = 0) -> tuple[Path, int]:
+    """Fill ``disk`` with a ballast file until ENOSPC, then free ``leave_bytes``; returns the ballast path and the
+    bytes left free (also the fault-injection tests' way: tests/faults/test_storage_full.py)."""
     ballast = disk / "ballast.bin"
     chunk = b"\0" * 65536
     with open(ballast, "wb", buffering=0) as fh:
@@ -374,6 +375,8 @@ def _fill(disk: Path) -> tuple[Path, int]:
                 fh.write(chunk)
         except OSError:
             pass
+    if leave_bytes:
+        os.truncate(ballast, max(0, ballast.stat().st_size - leave_bytes))
     st = os.statvfs(disk)
     return ballast, st.f_bavail * st.f_frsize
 

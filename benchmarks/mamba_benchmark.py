@@ -33,14 +33,15 @@ import os
 import platform
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _sections import Sections  # noqa: E402
 from neuro_models import registry as R  # noqa: E402
 from neuro_models.flops import measure_flops  # noqa: E402
 from neuro_models.mamba.family import forward_flops_per_token  # noqa: E402
@@ -142,30 +143,13 @@ def main(argv=None) -> int:
         "mask_voxel_fraction": float(mask.mean()), "main_size": main_size, "sections": {}, "errors": {},
     }
 
-    def left() -> float:
-        return args.budget_s - (time.perf_counter() - t_start)
-
     def save():
         (out_dir / "mamba_benchmark.json").write_text(json.dumps(res, indent=2, default=float))
         (out_dir / "mamba_benchmark.md").write_text(to_markdown(res))
 
-    def section(name, fn, need_s=30.0):
-        if name not in args.sections.split(","):
-            return
-        if left() < need_s:
-            res["errors"][name] = f"skipped: {left():.0f} s of budget left"
-            save()
-            return
-        t0 = time.perf_counter()
-        try:
-            res["sections"][name] = fn()
-        except Exception as e:  # keep going: one failed section must not lose the others
-            res["errors"][name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"
-        res.setdefault("section_s", {})[name] = time.perf_counter() - t0
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        save()
-        print(f"[{time.perf_counter() - t_start:6.1f}s] {name} done", flush=True)
+    sections = Sections(res, wanted=args.sections, budget_s=args.budget_s, save=save, device=device,
+                        t_start=t_start)
+    section, left = sections.run, sections.left
 
     x, bm = synthetic_batch(mask, args.batch, T, device)
     cfg = R.get_config("neuromamba", main_size, img_size=(96, 96, 96, T))

@@ -32,7 +32,6 @@ import os
 import platform
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -40,9 +39,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mamba_benchmark import load_mask, synthetic_batch, time_train_steps  # noqa: E402
 
+from _sections import Sections  # noqa: E402
 from neuro_models import registry as R  # noqa: E402
 from neuro_models.mamba.kernels import selective_scan as K  # noqa: E402
 from neuro_models.mamba.scan import selective_scan  # noqa: E402
@@ -155,30 +156,13 @@ def main(argv=None) -> int:
                  "layer": {"L": L, "E": E, "N": N, "samples": Bsz, "tokens_per_sample": n_keep, "gap": gap},
                  "configs": K.CONFIGS, "default_config": K.default_config(), "sections": {}, "errors": {}}
 
-    def left() -> float:
-        return args.budget_s - (time.perf_counter() - t_start)
-
     def save():
         json_path.write_text(json.dumps(res, indent=2, default=float))
         json_path.with_suffix(".md").write_text(to_markdown(res))
 
-    def section(name, fn, need_s):
-        if name not in args.sections.split(","):
-            return
-        if left() < need_s:
-            res["errors"][name] = f"skipped: {left():.0f} s of budget left, {need_s:.0f} s needed"
-            save()
-            return
-        t0 = time.perf_counter()
-        try:
-            res["sections"][name] = fn()
-        except Exception as e:  # keep going: one failed section must not lose the others
-            res["errors"][name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"
-        res.setdefault("section_s", {})[name] = time.perf_counter() - t0
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        save()
-        print(f"[{time.perf_counter() - t_start:6.1f}s] {name} done", flush=True)
+    sections = Sections(res, wanted=args.sections, budget_s=args.budget_s, save=save, device=device,
+                        t_start=t_start)
+    section, left = sections.run, sections.left
 
     if not K.available(device):
         res["errors"]["fused"] = f"the fused scan cannot run on {device} (Triton: {K.triton is not None}, " \

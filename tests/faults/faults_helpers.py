@@ -1,7 +1,11 @@
 """Helpers of the fault-injection suite (a module with a unique name, importable from any test folder)."""
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from chaos import fill_disk  # noqa: E402,F401  (one ballast writer for the fault tests and the chaos campaign)
 
 
 def ray_processes(title: str) -> list:
@@ -34,21 +38,3 @@ def assert_rows_equal_reference(store, ref_reports: list[dict], steps: list[int]
         assert row["train_loss"] == pytest.approx(want[row["step"]]["train_loss"], rel=1e-6), row["step"]
         assert row["val_loss"] == pytest.approx(want[row["step"]]["val_loss"], rel=1e-6), row["step"]
     return rows
-
-
-def fill_disk(disk, leave_bytes: int = 0):
-    """Fill ``disk`` with a ballast file until ENOSPC, then free ``leave_bytes``; returns the ballast path."""
-    ballast = disk / "ballast.bin"
-    chunk = b"\0" * 65536
-    with open(ballast, "wb", buffering=0) as fh:
-        try:
-            while True:
-                fh.write(chunk)
-                fh.flush()
-        except OSError:
-            pass
-    if leave_bytes:
-        size = ballast.stat().st_size
-        os.truncate(ballast, max(0, size - leave_bytes))
-    st = os.statvfs(disk)
-    return ballast, st.f_bavail * st.f_frsize

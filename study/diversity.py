@@ -142,9 +142,9 @@ def build_plan(args: argparse.Namespace) -> StudyPlan:
     for text in args.mixtures:
         mix = parse_mixture(text)
         mixtures[mixture_label(sorted(mix.items()))] = mix
-    ladder = ladder_plan(args.preset, args, max_budget=QUICK_MAX_BUDGET if args.quick else None)
     if args.quick and args.preset != "demo":
         raise ValueError("--quick is the demo ladder at its smaller budgets; leave --preset out with --quick")
+    ladder = ladder_plan(args.preset, args, max_budget=QUICK_MAX_BUDGET if args.quick else None)
     return plan_diversity(ladder, mixtures, name=args.study_name, n_subjects=args.n_subjects)
 
 

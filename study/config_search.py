@@ -132,6 +132,39 @@ def rank(df, labels: Sequence[str], subsets: dict[str, list[str]] | None = None)
     return wide, ranked
 
 
+def write_report(df, fc, labels: Sequence[str], out: Path) -> str:
+    """``config_ranking.{csv,md,json}`` under ``out``: the ranking (seed Table 1 layout) with the FC baseline as an
+    unranked row (``FC_baseline``: it is not a pre-training configuration), then every configuration's and the FC
+    baseline's mean [95% t interval] per task, and the gains over From scratch and the FC baseline with paired
+    intervals (``study.finetune.gains_table``). ``fc``: the FC rows (``study.finetune.fc_rows``) or None."""
+    import pandas as pd
+
+    from study.finetune import gains_markdown, gains_table, summarize
+    from study.size_task_report import intervals_markdown
+
+    wide, ranked = rank(df, list(labels))
+    out.mkdir(parents=True, exist_ok=True)
+    table = wide.join(ranked[[c for c in ranked.columns if c.startswith(("score__", "rank__"))]])
+    table = table.sort_values([c for c in table.columns if c.startswith("rank__")][0])
+    full = df
+    if fc is not None and len(fc):
+        full = pd.concat([df, fc], ignore_index=True)
+        means = fc.groupby(["task", "metric"])["value"].mean()
+        table.loc["FC_baseline"] = {f"{t}/{m}": v for (t, m), v in means.items()}
+    table.to_csv(out / "config_ranking.csv")
+    md = ("# Config search (seed Table 1 layout)\n\n" + table.to_markdown(floatfmt=".4g") + "\n\n"
+          + ("FC_baseline: the functional-connectivity baseline (not ranked: not a pre-training configuration).\n\n"
+             if full is not df else "(no FC baseline row: it could not be fitted)\n\n"))
+    md += "## Every configuration with the FC baseline\n\n" + intervals_markdown(full, title=(
+        "Mean over repeats [95% t interval]")) + "\n"
+    gains = gains_table(full, summarize(full))
+    if not gains.empty:
+        md += gains_markdown(gains)
+    (out / "config_ranking.md").write_text(md)
+    (out / "config_ranking.json").write_text(json.dumps(table.reset_index().to_dict("records"), default=str))
+    return md
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from study.runner import add_common_args
 
@@ -202,16 +235,15 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(bad_data_summary(exc, run.store_dir, manifest, since=t_finetune)), file=sys.stderr)
         print("no ranking: the study stopped on bad data; it is written when the study finishes", file=sys.stderr)
         return 1
-    wide, ranked = rank(df, list(labels))
-    out = run.study_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    table = wide.join(ranked[[c for c in ranked.columns if c.startswith(("score__", "rank__"))]])
-    table = table.sort_values([c for c in table.columns if c.startswith("rank__")][0])
-    table.to_csv(out / "config_ranking.csv")
-    md = "# Config search (seed Table 1 layout)\n\n" + table.to_markdown(floatfmt=".4g") + "\n"
-    (out / "config_ranking.md").write_text(md)
+    try:  # the FC baseline: a row of every fine-tuning report (issue #27), fitted on the same manifest and splits
+        from study.finetune import fc_rows
+
+        fc = fc_rows(manifest, tasks, args.repeats, run.study_dir / "finetune")
+    except (ValueError, OSError) as exc:
+        print(f"warning: no FC baseline row: {exc}", file=sys.stderr)
+        fc = None
+    md = write_report(df, fc, list(labels), run.study_dir / "report")
     print(md)
-    (out / "config_ranking.json").write_text(json.dumps(table.reset_index().to_dict("records"), default=str))
     return 0
 
 

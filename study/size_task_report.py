@@ -34,7 +34,7 @@ import pandas as pd
 from analysis.fc import STRATEGY as FC_STRATEGY
 from analysis.fc import below_chance, paired_gain
 from study.finetune import METHOD_NAMES, _chance_by_task, degenerate_reason
-from study.metrics import HIGHER_IS_BETTER
+from study.metrics import HIGHER_IS_BETTER, TASK_METRICS
 
 LEVEL = 0.95
 
@@ -91,7 +91,12 @@ def size_summary(df: pd.DataFrame, sizes: Mapping[str, float]) -> pd.DataFrame:
         metric = str(g["metric"].iloc[0])
         mean, lo, hi, n = t_interval(g["value"])
         v = g["value"].astype("float64")
-        rows.append({"task": task, "metric": metric, "strategy": strategy,
+        ttype = str(g["task_type"].iloc[0]) if "task_type" in g else ""
+        second = TASK_METRICS.get(ttype, (None, None))[1]
+        sv = g[second].astype("float64") if second in g else pd.Series(dtype="float64")
+        rows.append({"second_metric": second, "second_mean": float(sv.mean()) if sv.notna().any() else float("nan"),
+                     "one_sided": bool(second == "bacc" and sv.notna().any() and (sv.dropna() == 0.5).all()),
+                     "task": task, "metric": metric, "strategy": strategy,
                      "method": str(g["method"].iloc[0]) if fc else METHOD_NAMES.get(strategy, strategy),
                      "checkpoint": checkpoint, "n_params": float("nan") if fc else float(sizes[checkpoint]),
                      "mean": mean, "lo": lo, "hi": hi,
@@ -234,18 +239,26 @@ def size_task_markdown(summary: pd.DataFrame, verdicts: pd.DataFrame,
         arrow = "↑" if HIGHER_IS_BETTER[metric] else "↓"
         s = summary[(summary["task"] == task) & (summary["strategy"] == strategy)]
         fc = summary[(summary["task"] == task) & (summary["strategy"] == FC_STRATEGY)]
+        second = (s["second_metric"].dropna().iloc[0] if "second_metric" in s and s["second_metric"].notna().any()
+                  else "other metric")
         lines += [f"## {task} ({metric.upper()} {arrow}), {r['method']}", "",
-                  "| Model | Parameters | " + f"{metric.upper()} mean [95% CI] | n |", "|---|---|---|---|"]
+                  "| Model | Parameters | " + f"{metric.upper()} mean [95% CI] | n | {second} mean |",
+                  "|---|---|---|---|---|"]
         for _, c in pd.concat([fc, s]).iterrows():
             mark = (" †" if c["degenerate"] else "") + (" ‡" if c["below_chance"] else "")
             name = c["method"] if c["strategy"] == FC_STRATEGY else c["checkpoint"]
             cell = fmt_ci(c["mean"], c["lo"], c["hi"]) + mark
             if c["strategy"] != FC_STRATEGY and c["checkpoint"] == r.get("best"):
                 cell = f"**{cell}**"
-            lines.append(f"| {name} | {human_params(c['n_params'])} | {cell} | {int(c['n'])} |")
+            sm = c.get("second_mean", float("nan"))
+            other = (f"{sm:.3f}" + (" §" if c.get("one_sided") else "")) if np.isfinite(sm) else "-"
+            lines.append(f"| {name} | {human_params(c['n_params'])} | {cell} | {int(c['n'])} | {other} |")
         ch = s["chance"].iloc[0] if len(s) else float("nan")
         if np.isfinite(ch):
             lines.append(f"\nChance: {metric.upper()} {ch:.3f}.")
+        if "one_sided" in s and s["one_sided"].any():
+            lines.append("§ bacc exactly 0.5 in every repeat: every test subject's probability on one side of 0.5 "
+                         "(the scores may rank subjects; the threshold is uncalibrated).")
         lines.append("")
         if r.get("best") is None:
             lines.append(f"* Best size: none ({r.get('note')}).")
@@ -299,13 +312,17 @@ def plot_size_task(summary: pd.DataFrame, path: Path) -> Path | None:
         fc = summary[(summary["task"] == task) & (summary["strategy"] == FC_STRATEGY)]
         if len(fc):
             f = fc.iloc[0]
-            if np.isfinite(f["lo"]) and f["hi"] > f["lo"]:
+            wide = bool(np.isfinite(f["lo"]) and f["hi"] - f["lo"] > 1e-9 * max(1.0, abs(f["mean"])))
+            if wide:
                 ax.axhspan(f["lo"], f["hi"], color="#888888", alpha=0.35, label="FC baseline (95% CI)")
-            ax.axhline(f["mean"], color="#555555", lw=1.2, label=None if f["hi"] > f["lo"] else "FC baseline")
+            ax.axhline(f["mean"], color="#555555", lw=1.2,
+                       label=None if wide else "FC baseline (repeats agree: no interval)")
         ch = s["chance"].iloc[0]
         if np.isfinite(ch):
             ax.axhline(ch, ls="--", color="black", lw=1, label="chance")
         ax.set_xscale("log")
+        ax.set_xticks(list(s["n_params"]), [human_params(n) for n in s["n_params"]], fontsize=8)
+        ax.minorticks_off()
         ax.set_xlabel("parameters of the pre-trained model")
         ax.set_ylabel(f"test {metric.upper()} ({'higher' if HIGHER_IS_BETTER[metric] else 'lower'} is better)")
         ax.set_title(f"{task}", fontsize=10)

@@ -122,6 +122,8 @@ def test_degenerate_size_is_flagged_and_not_best(tmp_path):
     assert "| l | 1e+03k" not in md and "| l | 1M | 0.710 [" in md and "† |" in md
     assert "† degenerate: l (excluded from the best size; kept in the trend)" in md
     assert "Best size: **m** (100k)" in md
+    assert "| m | 100k | 0.500 [0.500, 0.500] † | 3 | 0.500 § |" in md and "§ bacc exactly 0.5" in md
+    assert "| s | 10k | **0.650 [" in md and "| 3 | 0.600 |" in md  # the second metric beside the headline one
     js = json.loads(out["json"].read_text())
     assert {r["checkpoint"] for r in js["summary"] if r["strategy"] == "fc"} == {"fc"}
     assert [r["degenerate_sizes"] for r in js["verdicts"]] == [["m"], ["l"]] or \

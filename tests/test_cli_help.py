@@ -45,7 +45,7 @@ def _walk(p: argparse.ArgumentParser, name: str):
 
 
 ENTRY_POINTS = ["study.scaling_law", "study.mutransfer", "study.config_search", "study.finetune", "analysis.cli",
-                "data.convert", "study.launch_local", "study.represent", "study.diversity"]
+                "data.convert", "study.launch_local", "study.represent", "study.diversity", "study.size_task"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)

@@ -61,6 +61,7 @@ def test_law_shape_problems_flags_what_is_not_a_law():
 
 
 @pytest.mark.ray
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # 5-6 min on a 2-core box; 11.6 min when other users loaded it to ~20
 def test_demo_main_job_fits_a_law_and_extrapolates(tmp_path):

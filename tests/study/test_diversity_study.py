@@ -78,6 +78,7 @@ def test_smoke_ladder_trains_per_mixture_in_one_store_and_resumes(tmp_path, caps
     assert "0 to run" in capsys.readouterr().out
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.ray
 def test_quick_mode_gives_both_mixtures_a_law_and_a_held_out_error(tmp_path):

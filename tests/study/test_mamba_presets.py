@@ -126,6 +126,7 @@ def test_a_checkpointed_neuromamba_run_recomputes_its_blocks_with_the_same_gradi
 
 
 @pytest.mark.ray
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # 5 min on a free 2-core box; longer when other users load it
 def test_mamba_demo_runs_end_to_end_and_reports_figure_3(tmp_path):

@@ -76,6 +76,14 @@ class ModelFamily:
     """``(cfg, micro_batch) -> region_kwargs`` for :func:`neuro_models.layers.compile_regions` when the trainer
     may use CUDA graphs (per-region ``torch.compile`` options: ``{"mode": "reduce-overhead"}`` for the
     launch-bound regions); ``None``: the family's compiled regions never use CUDA graphs."""
+    checkpoint_field: str | None
+    """Name of the config field (a bool) that turns on activation checkpointing of the blocks (SwiFT's
+    ``use_checkpoint``, NeuroMamba's ``checkpoint_blocks``); ``None``: the family cannot recompute activations
+    (the run planner then never plans checkpointing for it)."""
+    stage_modules: Callable[[nn.Module], list[nn.Module]]
+    """``(encoder) -> modules`` whose outputs are the encoder's stage representations, in order, each a token grid
+    ``[B, X', Y', Z', T', D]`` (representation analyses: embedding autocorrelation, CKA between sizes); ``[]`` when
+    the encoder's output is its only representation."""
     finetune: FinetuneHooks
     """What the fine-tuning strategies need (:class:`FinetuneHooks`)."""
     arch_fields: tuple[str, ...]
@@ -104,6 +112,11 @@ class ModelFamily:
             if f.name in ("get_config", "with_width", "build_pretrain_model", "build_downstream_model",
                           "param_counts", "flops_per_sample", "tokens_per_sample") and not callable(v):
                 raise ValueError(f"family {self.name!r}: {f.name} must be callable, got {v!r}")
+        if self.checkpoint_field is not None and self.checkpoint_field not in fields:
+            raise ValueError(f"family {self.name!r}: checkpoint_field={self.checkpoint_field!r} is not a field of "
+                             f"{self.config_class.__name__}")
+        if not callable(self.stage_modules):
+            raise ValueError(f"family {self.name!r}: stage_modules must be callable, got {self.stage_modules!r}")
         if self.make_mask is not None and not callable(self.make_mask):
             raise ValueError(f"family {self.name!r}: make_mask must be callable or None")
         if not isinstance(self.finetune, FinetuneHooks):

@@ -312,7 +312,7 @@ def plan_run(spec: RunSpec, kind: DeviceKind | str, *, workers: int, cpus_per_de
     ZeRO stage rises only when model state alone does not fit. Returns ``fits=False`` with the reason when nothing
     does (the caller refuses the run).
     """
-    from study.run_math import checkpoint_field, model_config
+    from study.run_math import checkpoint_field
 
     kind = device_kind(kind) if isinstance(kind, str) else kind
     if spec.batch_size % workers:
@@ -321,7 +321,7 @@ def plan_run(spec: RunSpec, kind: DeviceKind | str, *, workers: int, cpus_per_de
     compiled = kind.vendor == "cuda"  # Inductor's Triton path; XPU and ROCm keep eager until measured there
     budget = kind.memory_gib * margin
     stages = [spec.zero_stage] if spec.distributed == "ddp" else list(range(spec.zero_stage, 4))
-    can_checkpoint = checkpoint_field(model_config(spec)) is not None
+    can_checkpoint = checkpoint_field(spec.family) is not None
     chosen = None
     for z in stages:
         for ckpt in (False, True) if can_checkpoint else (False,):
@@ -357,11 +357,12 @@ def plan_run(spec: RunSpec, kind: DeviceKind | str, *, workers: int, cpus_per_de
 
 def assess_run(spec: RunSpec, kind: DeviceKind | str, *, workers: int, margin: float = MEMORY_MARGIN) -> RunPlan:
     """The prediction for ``spec`` as it is configured (micro-batch, checkpointing, ZeRO, compile): nothing chosen."""
-    from study.run_math import CHECKPOINT_FIELDS, BatchPlan, model_config, total_steps
+    from study.run_math import BatchPlan, checkpoint_field, model_config, total_steps
 
     kind = device_kind(kind) if isinstance(kind, str) else kind
     bp = BatchPlan.make(spec, workers)
-    ckpt = bool(spec.activation_checkpointing or any(dict(spec.model_overrides).get(f) for f in CHECKPOINT_FIELDS))
+    field = checkpoint_field(spec.family)
+    ckpt = bool(spec.activation_checkpointing or (field and dict(spec.model_overrides).get(field)))
     z = spec.zero_stage if spec.distributed == "deepspeed" else None
     mem = memory_gib(spec, world=workers, micro_batch=bp.micro_batch, zero_stage=z or 0, checkpointing=ckpt,
                      compiled=spec.compile)

@@ -102,13 +102,16 @@ def load_windows(manifest: str, *, grid: Sequence[int], sequence_length: int, n_
     return x, bm, float(items[0]["tr"])
 
 
-def stage_embeddings(encoder, x_BCXYZT) -> list[np.ndarray]:
-    """Token embeddings ``[B, X', Y', Z', T', D]`` after every stage of ``encoder`` (forward hooks on its ``stages``;
-    an encoder without stages gives its output alone). The last entry is the final, normed output."""
+def stage_embeddings(encoder, x_BCXYZT, family: str | None = None) -> list[np.ndarray]:
+    """Token embeddings ``[B, X', Y', Z', T', D]`` after every stage of ``encoder`` (forward hooks on the family's
+    ``stage_modules``; ``family`` defaults to the encoder's ``cfg.family``; a family without stages gives the
+    encoder's output alone). The last entry is the final, normed output."""
     import torch
 
+    from neuro_models import registry as R
+
     outs: list = []
-    stages = list(getattr(encoder, "stages", []) or [])
+    stages = list(R.get_family(family or encoder.cfg.family).stage_modules(encoder))
     hooks = [s.register_forward_hook(lambda m, i, o: outs.append(o.detach())) for s in stages]
     try:
         with torch.no_grad():

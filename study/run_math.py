@@ -15,14 +15,10 @@ from neuro_models import registry as R
 from study.spec import RunSpec, model_overrides
 
 
-#: config fields that turn on activation checkpointing, per family: SwiFT's ``use_checkpoint``, NeuroMamba's
-#: ``checkpoint_blocks``
-CHECKPOINT_FIELDS = ("use_checkpoint", "checkpoint_blocks")
-
-
-def checkpoint_field(cfg) -> str | None:
-    """The config field that turns on ``cfg``'s activation checkpointing, or None for a family without it."""
-    return next((f for f in CHECKPOINT_FIELDS if hasattr(cfg, f)), None)
+def checkpoint_field(family: str) -> str | None:
+    """The config field that turns on a family's activation checkpointing (``ModelFamily.checkpoint_field``), or
+    None for a family without it."""
+    return R.get_family(family).checkpoint_field
 
 
 def model_config(spec: RunSpec):
@@ -33,7 +29,10 @@ def model_config(spec: RunSpec):
     if spec.mup_base_width is not None:
         overrides["mup_base_width"] = spec.mup_base_width
     if spec.activation_checkpointing:
-        overrides[checkpoint_field(R.get_config(spec.family, spec.size)) or "use_checkpoint"] = True
+        field = checkpoint_field(spec.family)
+        if field is None:
+            raise ValueError(f"activation_checkpointing=True: family {spec.family!r} cannot recompute activations")
+        overrides[field] = True
     cfg = R.get_config(spec.family, spec.size, **overrides)
     if spec.width is not None:
         cfg = R.with_width(cfg, spec.width)

@@ -101,6 +101,8 @@ FAMILY = ModelFamily(
     tokens_per_sample=tokens_per_sample,
     make_mask=None,
     cuda_graph_regions=None,
+    checkpoint_field="checkpoint_blocks",
+    stage_modules=lambda encoder: [],  # packed token sequences, not a token grid: the output alone
     finetune=FinetuneHooks(last_block_parameters=last_block_parameters, lora_targets=linears_in_blocks,
                            supports_prompts=supports_prompts, feature_dim=feature_dim),
     arch_fields=ARCH_FIELDS,

@@ -16,7 +16,7 @@ from . import config as C
 from .compile_policy import small_stage_graphs
 from .masking import make_mask
 from .model import PixelShuffleDecoder, SwiftEncoder
-from .protocol import ARCH_FIELDS, SwiftVariant, feature_dim, last_stage_parameters
+from .protocol import ARCH_FIELDS, SwiftVariant, feature_dim, last_stage_parameters, stage_modules
 
 
 def _config_kwargs(size: str) -> dict[str, Any]:
@@ -49,6 +49,8 @@ FAMILY = ModelFamily(
     tokens_per_sample=_V.tokens_per_sample,
     make_mask=make_mask,
     cuda_graph_regions=small_stage_graphs,
+    checkpoint_field="use_checkpoint",
+    stage_modules=stage_modules,
     finetune=FinetuneHooks(last_block_parameters=last_stage_parameters, lora_targets=linears_in_blocks,
                            supports_prompts=supports_prompts, feature_dim=feature_dim),
     arch_fields=ARCH_FIELDS,

@@ -28,6 +28,12 @@ def last_stage_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(enc.stages[-1].parameters()) + list(enc.norm.parameters()) + list(model.head.parameters())
 
 
+def stage_modules(encoder: nn.Module) -> list[nn.Module]:
+    """The encoder's stages in order: each outputs the token grid ``[B, X', Y', Z', T', D_s]`` after its blocks (the
+    last one before the encoder's final norm)."""
+    return list(encoder.stages)
+
+
 def feature_dim(cfg: C.SwiftConfig) -> int:
     """Width of the last stage (the pooled features)."""
     return int(cfg.stage_dims()[-1])

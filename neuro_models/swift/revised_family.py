@@ -17,7 +17,7 @@ from ..mup_utils import readout_class
 from . import config as C
 from .compile_policy import small_stage_graphs
 from .masking import make_mask
-from .protocol import ARCH_FIELDS, SwiftVariant, feature_dim, last_stage_parameters
+from .protocol import ARCH_FIELDS, SwiftVariant, feature_dim, last_stage_parameters, stage_modules
 from .revised import FactorizedPixelShuffleDecoder, RevisedEncoder
 
 
@@ -56,6 +56,8 @@ FAMILY = ModelFamily(
     tokens_per_sample=_V.tokens_per_sample,
     make_mask=make_mask,
     cuda_graph_regions=small_stage_graphs,
+    checkpoint_field="use_checkpoint",
+    stage_modules=stage_modules,
     finetune=FinetuneHooks(last_block_parameters=last_stage_parameters, lora_targets=linears_in_blocks,
                            supports_prompts=supports_prompts, feature_dim=feature_dim),
     arch_fields=ARCH_FIELDS,

@@ -99,6 +99,35 @@ def test_debug_pretrain_model_runs_forward_on_cpu(fam):
     out["loss"].backward()
 
 
+def test_checkpointing_field_and_stage_modules(fam):
+    """``checkpoint_field`` is a bool field that, set, recomputes activations with the same loss and gradients;
+    ``stage_modules`` gives the encoder's stages, each a token grid ``[B, X', Y', Z', T', D]``."""
+    cfg = _debug(fam)
+    brain = torch.ones(2, *cfg.img_size[:3], dtype=torch.bool)
+    mask = (fam.make_mask(cfg, 2, generator=torch.Generator().manual_seed(1), device="cpu")
+            if fam.make_mask is not None else None)
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        c = dataclasses.replace(cfg, **{fam.checkpoint_field: on}) if fam.checkpoint_field else cfg
+        model = fam.build_pretrain_model(c)
+        model.train()
+        out = model(_x(cfg), brain_mask=brain, mask=mask)
+        out["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert fam.checkpoint_field is None or isinstance(getattr(cfg, fam.checkpoint_field), bool)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    encoder = fam.build_pretrain_model(cfg).encoder
+    outs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outs.append(o)) for m in fam.stage_modules(encoder)]
+    with torch.no_grad():
+        encoder(_x(cfg))
+    for h in hooks:
+        h.remove()
+    assert len(outs) == len(fam.stage_modules(encoder))
+    assert all(o.ndim == 6 and o.shape[0] == 2 for o in outs), [tuple(o.shape) for o in outs]
+
+
 def test_downstream_model_and_finetune_hooks(fam):
     cfg = _debug(fam)
     hooks = fam.finetune

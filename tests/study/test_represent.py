@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -133,10 +134,12 @@ def test_models_of_different_inputs_are_refused(tmp_path, tiny_cohort, capsys):
 
 
 class _Identity(torch.nn.Module):
-    """An 'encoder' whose one stage's tokens are the voxels themselves: ``[B, X, Y, Z, T, 1]``."""
+    """An 'encoder' whose one stage's tokens are the voxels themselves: ``[B, X, Y, Z, T, 1]`` (its stages found as
+    a SwiFT encoder's are, through the family's ``stage_modules``)."""
 
     def __init__(self):
         super().__init__()
+        self.cfg = types.SimpleNamespace(family="swift_v2")
         self.stages = torch.nn.ModuleList([torch.nn.Identity()])
 
     def forward(self, x):

@@ -292,7 +292,7 @@ def run_plan(plan, args: argparse.Namespace, *, repo_root: Path, lr_search=None)
               flush=True)
         counts = run_trials(todo, env=env, setup=pl.trial_setup(), storage=str(study_dir / "tune"), study=name,
                             concurrency=pl.concurrency, lr_search=lr_search or plan.lr_search, asha=args.asha,
-                            stage_ahead=pl.stage_ahead)
+                            stage_ahead=pl.stage_ahead, grid=specs)
     finally:
         disconnect_ray()
     run.failed = counts["failed"]

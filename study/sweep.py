@@ -560,6 +560,16 @@ def asha_batches(specs: list[RunSpec]) -> list[tuple[list[RunSpec], bool]]:
     return ([(singles, False)] if singles else []) + out
 
 
+def asha_generations(group: list[RunSpec], size: int) -> list[list[RunSpec]]:
+    """An LR group of a grid under ASHA, in generations of ``size`` runs (coarse-to-fine, :func:`asha_order`). A run
+    is judged against the runs of earlier generations only (:class:`StoreASHA`), so the early stops are a function
+    of the stored rows: the same after a kill and a rerun of the command, whichever trial reported first.
+    Computed on the whole group, finished runs included, so a rerun keeps every run in its generation."""
+    ordered = asha_order(group)
+    size = max(1, int(size))
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+
+
 class StoreASHA(FIFOScheduler):
     """ASHA's stopping rule as a pure function of stored rows (:func:`study.search_state.asha_should_stop`):
     a run is judged on its own validation curve (seeded from the store: rows of an earlier, killed attempt
@@ -639,17 +649,52 @@ def run_lr_search(specs: list[RunSpec], *, env: RunEnv, setup: TrialSetup, stora
                 break
 
 
+def run_grid_asha(specs: list[RunSpec], grid: list[RunSpec], *, env: RunEnv, setup: TrialSetup, storage: str,
+                  study: str, concurrency: int, stage_ahead: int, progress: Progress) -> None:
+    """A grid under ASHA without an LR search: runs with nothing to compare to (alone in their LR group) in one
+    Tuner; every LR group of two or more runs in :func:`asha_generations` of ``concurrency`` runs, one Tuner per
+    generation with :class:`StoreASHA` against the earlier generations' stored curves (the rule the durable LR
+    search uses). ``grid`` is the whole grid (finished runs included), ``specs`` what is left to run."""
+    from study.search_state import run_rows, val_curves
+
+    todo = {s.run_id for s in specs}
+    for k, (batch, use_asha) in enumerate(asha_batches(grid)):
+        if stopped(study):  # a bad subject file stopped the study: no further Tuner
+            return
+        if not use_asha:
+            mine = [s for s in batch if s.run_id in todo]
+            if mine:
+                _tuner({"spec": tune.grid_search([s.to_dict() for s in mine])}, env=env, setup=setup,
+                       name=f"{study}-tune", storage=storage, concurrency=concurrency, progress=progress,
+                       stage_ahead=stage_ahead if len(mine) > concurrency else 0).fit()
+            continue
+        key = lr_groups(batch).popitem()[0]
+        gens = asha_generations(batch, concurrency)
+        for g, gen in enumerate(gens):
+            mine = [s.run_id for s in gen if s.run_id in todo]
+            if not mine or stopped(study):
+                continue
+            refs = [s.run_id for earlier in gens[:g] for s in earlier]
+            curves = val_curves(run_rows(env.store_dir, refs + mine))
+            scheduler = StoreASHA({r: curves.get(r, {}) for r in mine}, [curves.get(r, {}) for r in refs])
+            _tuner({"spec": tune.grid_search([s.to_dict() for s in gen if s.run_id in todo])}, env=env, setup=setup,
+                   name=f"{study}-asha-{key}-g{g}", storage=storage, concurrency=concurrency, progress=progress,
+                   scheduler=scheduler).fit()
+
+
 def run_trials(specs: list[RunSpec], *, env: RunEnv, setup: TrialSetup, storage: str, study: str,
                concurrency: int, lr_search=None, asha: bool = False, max_steps: int | None = None,
-               stage_ahead: int = 0) -> dict[str, int]:
+               stage_ahead: int = 0, grid: list[RunSpec] | None = None) -> dict[str, int]:
     """Run ``specs`` (already filtered to what is not finished) and return trial counts.
 
     Each trial gets the run environment ``env`` and trains as ``setup`` says (:meth:`Placement.trial_setup`).
 
     ``concurrency`` trials run at once; ``stage_ahead`` more start early and wait for their workers'
     resources (the placement must leave them :data:`TRIAL_DRIVER_CPU` each: :func:`plan_placement`).
-    With ``asha``, ``max_steps`` is the longest run's step count (default: unbounded): ASHA must never be
-    the one that ends a run at its last step, or it kills the trial while Train finishes it.
+    With ``asha`` (and no LR search) the grid runs as :func:`run_grid_asha` says; ``grid`` is the study's whole
+    grid, finished runs included (default ``specs``): it fixes each run's ASHA generation across reruns.
+    ``max_steps`` is accepted for callers and unused: the stored-row rule reads each run's own step count, and
+    never stops a run at its last step.
     """
     if not isinstance(env, RunEnv) or not isinstance(setup, TrialSetup):
         raise TypeError("run_trials() needs env= (a study.run_env.RunEnv) and setup= (a TrialSetup)")
@@ -659,23 +704,13 @@ def run_trials(specs: list[RunSpec], *, env: RunEnv, setup: TrialSetup, storage:
     reset_bad_data_stop(study)
     progress._line("starting")
 
-    def new_scheduler():  # one per Tuner: ASHA's rungs must not carry over between groups
-        from ray.tune.schedulers import ASHAScheduler
-
-        return ASHAScheduler(time_attr="step", max_t=(max_steps + 1) if max_steps else 2**31,
-                             grace_period=1, reduction_factor=3)
-
-    if lr_search is None:
-        batches = asha_batches(specs) if asha else [(specs, False)]
-        for k, (batch, use_asha) in enumerate(batches):
-            if stopped(study):  # a bad subject file stopped the study: no further Tuner
-                break
-            name = f"{study}-tune" if k == 0 else f"{study}-asha-{lr_groups(batch).popitem()[0]}"
-            tuner = _tuner({"spec": tune.grid_search([s.to_dict() for s in batch])}, env=env, setup=setup, name=name,
-                           storage=storage, concurrency=concurrency, progress=progress,
-                           scheduler=new_scheduler() if use_asha else None,
-                           stage_ahead=stage_ahead if len(batch) > concurrency else 0)
-            tuner.fit()
+    if lr_search is None and asha:
+        run_grid_asha(specs, list(grid) if grid is not None else specs, env=env, setup=setup, storage=storage,
+                      study=study, concurrency=concurrency, stage_ahead=stage_ahead, progress=progress)
+    elif lr_search is None:
+        _tuner({"spec": tune.grid_search([s.to_dict() for s in specs])}, env=env, setup=setup, name=f"{study}-tune",
+               storage=storage, concurrency=concurrency, progress=progress,
+               stage_ahead=stage_ahead if len(specs) > concurrency else 0).fit()
     else:
         run_lr_search(specs, env=env, setup=setup, storage=storage, study=study, concurrency=concurrency,
                       lr_search=lr_search, asha=asha, stage_ahead=stage_ahead, progress=progress)

@@ -176,6 +176,20 @@ def test_asha_order_is_coarse_to_fine_within_each_lr_group():
     assert got == [(w, 1e-4), (w, 1e-2), (w, 1e-3), (w, 3e-4), (w, 3e-3), (32, 1e-4), (32, 1e-3), (32, 3e-4)]
 
 
+def test_asha_generations_are_fixed_by_the_whole_grid():
+    """Grid ASHA judges a run against earlier generations' stored curves only; the generations come from the whole
+    LR group (finished runs included), so a rerun after a kill keeps every run in its generation."""
+    from study.sweep import asha_generations, asha_order
+
+    base = RunSpec(study="g", family="swift_v2", size="debug", budget=10)
+    group = [base.replace(lr=lr) for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)]
+    gens = asha_generations(group, 2)
+    assert [len(g) for g in gens] == [2, 2, 1]
+    assert [s for g in gens for s in g] == asha_order(group)  # coarse-to-fine: the range first
+    assert asha_generations(group, 2) == gens and asha_generations(list(reversed(group)), 2) == gens
+    assert asha_generations(group, 0) == [[s] for s in asha_order(group)]
+
+
 def test_asha_batches_compare_only_runs_that_differ_in_lr():
     from study.sweep import asha_batches
 

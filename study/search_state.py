@@ -49,13 +49,75 @@ def journal_path(store_dir: str | os.PathLike) -> Path:
     return Path(store_dir).parent / "search" / JOURNAL
 
 
-def journal_storage(path: str | os.PathLike):
-    """Optuna's journal file storage at ``path`` (created with its folder)."""
-    from optuna.storages import JournalStorage
+def _drop_torn_tail(fd: int) -> None:
+    """Cut a journal back to its last complete record (a process killed mid-append leaves a line without its
+    newline; Optuna would glue the next record onto it and fail to read the journal from then on)."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    end = size
+    while end > 0:
+        chunk = os.pread(fd, min(65536, end), max(0, end - 65536))
+        i = chunk.rfind(b"\n")
+        if i >= 0:
+            os.ftruncate(fd, end - len(chunk) + i + 1)
+            return
+        end -= len(chunk)
+    os.ftruncate(fd, 0)
+
+
+def _all_or_nothing_backend(path: str):
+    """Optuna's ``JournalFileBackend`` whose appends are all or nothing.
+
+    Optuna appends a record with one buffered write; on a full disk (ENOSPC) part of it can land, and the next
+    record is then glued onto the torn one: every later read of the journal raises ``ValueError`` ("Invalid log
+    format"), so every rerun of the study fails (found by the chaos campaign's disk-full faults). Here an append
+    that fails is cut back to the journal's size before it (under Optuna's own file lock, so no other writer is
+    in between; freeing bytes works on a full disk) and the error is raised; a torn tail left by a killed process
+    is cut when the journal is opened. Relies on Optuna 4's private ``get_lock_file`` and ``_lock``
+    (``tests/study/test_search_state.py`` checks the behaviour on the installed version)."""
     from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal._file import get_lock_file
+
+    class AllOrNothingJournalFileBackend(JournalFileBackend):
+        def __init__(self, file_path: str) -> None:
+            super().__init__(file_path)
+            with get_lock_file(self._lock):
+                fd = os.open(self._file_path, os.O_RDWR)
+                try:
+                    _drop_torn_tail(fd)
+                finally:
+                    os.close(fd)
+
+        def append_logs(self, logs: list[dict]) -> None:
+            import json
+
+            data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
+            with get_lock_file(self._lock):
+                fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND)
+                try:
+                    start = os.fstat(fd).st_size
+                    try:
+                        view = memoryview(data)
+                        while view:
+                            view = view[os.write(fd, view):]
+                        os.fsync(fd)
+                    except OSError:
+                        os.ftruncate(fd, start)
+                        raise
+                finally:
+                    os.close(fd)
+
+    return AllOrNothingJournalFileBackend(path)
+
+
+def journal_storage(path: str | os.PathLike):
+    """Optuna's journal file storage at ``path`` (created with its folder), appending all or nothing
+    (:func:`_all_or_nothing_backend`)."""
+    from optuna.storages import JournalStorage
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
+    return JournalStorage(_all_or_nothing_backend(str(path)))
 
 
 def trial_seed(seed: int, number: int) -> int:

@@ -148,3 +148,69 @@ def test_rungs_and_the_asha_rule():
     assert asha_should_stop({1: 9.0, 2: 9.0}, refs, max_step=1) is None  # never stopped at its last step
     # a re-emitted or reordered curve gives the same decision (a pure function of the rows)
     assert asha_should_stop(dict(reversed(list({1: 1.0, 3: 1.2}.items()))), list(reversed(refs))) == 3
+
+
+def _journal_with_trials(path, n):
+    import optuna
+
+    from study.search_state import journal_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    st = optuna.create_study(study_name="s", storage=journal_storage(path), load_if_exists=True)
+    for _ in range(n):
+        t = st.ask()
+        t.suggest_float("lr", 1e-4, 1e-1, log=True)
+        st.tell(t, 1.0)
+    return st
+
+
+def test_a_journal_append_that_hits_a_full_disk_leaves_no_torn_record(tmp_path, monkeypatch):
+    """ENOSPC part-way through an append (the chaos campaign's disk-full fault): the append fails, the journal is
+    cut back to its last record, and later appends and reads work. With Optuna's own backend the torn bytes stay,
+    the next record is glued onto them and every later read fails: every rerun of the study exited 2."""
+    import errno
+    import os
+
+    import optuna
+
+    path = tmp_path / "j.journal"
+    _journal_with_trials(path, 2)
+    before = path.read_bytes()
+    real_write, calls = os.write, []
+
+    def half_then_enospc(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    st = optuna.load_study(study_name="s", storage=__import__("study.search_state", fromlist=["x"]).journal_storage(path))
+    monkeypatch.setattr(os, "write", half_then_enospc)
+    with pytest.raises(OSError):
+        st.ask()
+    monkeypatch.setattr(os, "write", real_write)
+    assert len(calls) == 2 and path.read_bytes() == before  # the half-written record was cut off
+    again = _journal_with_trials(path, 1)  # the disk has room again: the search goes on
+    assert [t.state.name for t in again.trials] == ["COMPLETE"] * 3
+
+
+def test_a_torn_tail_left_by_a_killed_writer_is_cut_when_the_journal_opens(tmp_path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path = tmp_path / "j.journal"
+    _journal_with_trials(path, 2)
+    torn = path.read_bytes() + b'{"op_code":4,"worker_id":"x","study_id":0,"datetime_st'
+    # Optuna's own backend: the next append is glued onto the torn bytes and the journal no longer reads
+    bad = tmp_path / "bad.journal"
+    bad.write_bytes(torn)
+    with pytest.raises((ValueError, AttributeError)):  # the glued record is lost; reading after it fails
+        st = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(bad))))
+        st.tell(st.ask(), 1.0)
+        optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(bad)))).trials
+    # ours: the torn tail is cut on open, the journal reads, and appends go on
+    path.write_bytes(torn)
+    st = _journal_with_trials(path, 1)
+    assert [t.state.name for t in st.trials] == ["COMPLETE"] * 3
+    assert path.read_bytes().endswith(b"\n")

@@ -73,14 +73,17 @@ class StudyPlan:
 
 
 def isoflop_grid(base: RunSpec, *, budgets: Sequence[float], widths: Sequence[int],
-                 min_steps: int = 4, max_steps: int = 10_000) -> list[RunSpec]:
+                 min_steps: int = 4, max_steps: int = 10_000,
+                 at_width: Callable[[RunSpec, int], RunSpec] | None = None) -> list[RunSpec]:
     """IsoFLOP design: for each compute budget, every width whose step count for that budget lies in
-    ``[min_steps, max_steps]``. Raises ``ValueError`` when a budget can be spent by no width."""
+    ``[min_steps, max_steps]``; ``at_width(base, w)`` gives a width's spec (default: ``base`` at width ``w``; a
+    preset's width rules, e.g. its LR per width). Raises ``ValueError`` when a budget can be spent by no width."""
     specs: list[RunSpec] = []
     for c in budgets:
         spent = []
         for w in widths:
-            spec = base.replace(width=w, budget_kind="flops", budget=float(c))
+            spec = (at_width(base, w) if at_width else base.replace(width=w)).replace(budget_kind="flops",
+                                                                                      budget=float(c))
             cfg = model_config(spec)
             steps = total_steps(spec, flops_per_sample=R.flops_per_sample(cfg)["train"],
                                 tokens_per_sample=R.tokens_per_sample(cfg))
@@ -150,13 +153,9 @@ def demo(opts: Any = None) -> StudyPlan:
                    grid=(24, 24, 24), sequence_length=8, batch_size=4, lr=DEMO_LR_AT_16, schedule="cosine",
                    warmup_frac=0.1, eval_every=100, eval_windows=32, checkpoint_every=100,
                    manifest=manifest, precision="fp32", seed=0)
-    specs = []
     # largest budget first: its long runs start at once and the short ones fill in beside them
-    for c in sorted(DEMO_BUDGETS, reverse=True):
-        for w in DEMO_WIDTHS:
-            spec = demo_width(base, w).replace(budget_kind="flops", budget=float(c))
-            if DEMO_MIN_STEPS <= run_summary(spec)["steps"] <= DEMO_MAX_STEPS:
-                specs.append(spec)
+    specs = isoflop_grid(base, budgets=sorted(DEMO_BUDGETS, reverse=True), widths=DEMO_WIDTHS,
+                         min_steps=DEMO_MIN_STEPS, max_steps=DEMO_MAX_STEPS, at_width=demo_width)
     # data-mixture axis: the middle budget on one cohort vs the diverse mixture
     mid = [s for s in specs if s.budget == sorted(DEMO_BUDGETS)[2]]
     if mid:
@@ -190,12 +189,9 @@ def mamba_demo(opts: Any = None) -> StudyPlan:
                    grid=(24, 24, 24), sequence_length=8, batch_size=4, lr=MAMBA_DEMO_LR_AT_32, schedule="cosine",
                    warmup_frac=0.1, eval_every=100, eval_windows=32, checkpoint_every=100,
                    manifest=manifest, precision="fp32", seed=0)
-    specs = []
-    for c in sorted(MAMBA_DEMO_BUDGETS, reverse=True):  # the longest runs first, as in ``demo``
-        for w in MAMBA_DEMO_WIDTHS:
-            spec = base.replace(width=w, lr=MAMBA_DEMO_LR_AT_32 * 32 / w, budget_kind="flops", budget=float(c))
-            if MAMBA_DEMO_STEPS[0] <= run_summary(spec)["steps"] <= MAMBA_DEMO_STEPS[1]:
-                specs.append(spec)
+    specs = isoflop_grid(base, budgets=sorted(MAMBA_DEMO_BUDGETS, reverse=True), widths=MAMBA_DEMO_WIDTHS,
+                         min_steps=MAMBA_DEMO_STEPS[0], max_steps=MAMBA_DEMO_STEPS[1],  # the longest runs first
+                         at_width=lambda b, w: b.replace(width=w, lr=MAMBA_DEMO_LR_AT_32 * 32 / w))
     return StudyPlan(name="mamba-demo", specs=specs, description=mamba_demo.__doc__ or "", cohort=dict(DEMO_COHORT))
 
 

@@ -236,7 +236,12 @@ wait_group_gone() { # $1 = a setsid'd session leader's pid, $2 = seconds: until 
 signal_groups() { # $1 = signal, then pids of session leaders started with setsid: signal each whole group
   local sig="$1" pid
   shift
-  for pid in "$@"; do [[ -n "$pid" ]] && kill "-$sig" -- "-$pid" 2>/dev/null; done
+  # a group that is gone already is fine: without `|| true` the failed kill ends the whole script under `set -e`
+  # (the last command of an && list counts), silently - a node agent whose Ray had died with the head exited this
+  # way when the head restarted, and never rejoined
+  for pid in "$@"; do
+    if [[ -n "$pid" ]]; then kill "-$sig" -- "-$pid" 2>/dev/null || true; fi
+  done
   return 0
 }
 
@@ -262,7 +267,12 @@ if [[ "$MODE" == node-agent ]]; then
   # The head waits TEARDOWN_S for every agent; an agent notices the head's teardown within 0.5 s.
   agent_cleanup() {
     local rc=$? grace=$((TEARDOWN_S / 4))
-    trap - EXIT
+    trap - EXIT ERR
+    agent_note "exiting with status $rc"
+    if [[ $rc -ne 0 && $rc -lt 128 && ! -e "$STATE/nodes/$RANK.error" ]]; then # tell the head (it fails fast)
+      echo "node agent exited with status $rc (its notes: the node's log, kept with the bootstrap logs)" \
+        >"$STATE/nodes/$RANK.error" 2>/dev/null
+    fi
     trap '' TERM INT HUP # a launcher forwards the head's SIGTERM too: a second one must not cut the cleanup short
     set +e
     [[ -n "${STAGED_DIR:-}" ]] && rm -rf "$STAGED_DIR" & # sensitive data first, in parallel with the rest
@@ -278,8 +288,15 @@ if [[ "$MODE" == node-agent ]]; then
     rm -f "$REG"
     exit "$rc"
   }
+  # Every way out says why in the node's log (kept with the bootstrap logs at teardown): a signal, or the command
+  # that failed under `set -e`.
+  agent_note() { echo "ray_cluster node agent (rank $RANK, pid $$): $*" >>"$STATE/nodes/$RANK.log" 2>/dev/null || true; }
   trap agent_cleanup EXIT
-  trap 'exit 143' TERM INT HUP
+  trap 'agent_note "received SIGTERM"; exit 143' TERM
+  trap 'agent_note "received SIGINT"; exit 130' INT
+  trap 'agent_note "received SIGHUP"; exit 129' HUP
+  trap 'agent_note "command failed (exit $?) at line $LINENO: $BASH_COMMAND"' ERR
+  set -E # ... also inside functions
   err=$(make_private "$TMP_DIR" 2>&1) || fail "${err#ray_cluster: }"
   TMP_MADE=1
   if ! stage_data "$RANK" "$WORLD" 2>"$STATE/nodes/$RANK.stage"; then
@@ -295,27 +312,51 @@ if [[ "$MODE" == node-agent ]]; then
     RAY_PID=$!
   }
   generation() { cat "$STATE/generation" 2>/dev/null || echo 0; }
+  restart_node() { # stop what is left of this node's Ray, clean its temp dir, start it again against the head
+    signal_groups TERM "$RAY_PID"
+    wait_group_gone "$RAY_PID" 2
+    signal_groups KILL "$RAY_PID"
+    wait "$RAY_PID" 2>/dev/null || true
+    helper cleanup --path "$TMP_DIR" --grace 1 --kill-wait 1 >/dev/null
+    err=$(make_private "$TMP_DIR" 2>&1) || fail "${err#ray_cluster: }"
+    start_node
+  }
   gen=$(generation)
+  retries=0 # restarts of this node's Ray within one head restart
   start_node
   # Stay up while the head's "running" marker exists (covers launchers that do not forward signals). When the
-  # head restarts (--head-restarts) it bumps $STATE/generation: stop this node's Ray and join the new head.
+  # head restarts (--head-restarts) it writes the generation it restarts to into $STATE/restarting, then bumps
+  # $STATE/generation: stop this node's Ray and join the new head.
   while [[ -e "$STATE/running" ]]; do
     if [[ "$(generation)" != "$gen" ]]; then
       gen=$(generation)
-      signal_groups TERM "$RAY_PID"
-      wait_group_gone "$RAY_PID" 2
-      signal_groups KILL "$RAY_PID"
-      wait "$RAY_PID" 2>/dev/null || true
-      helper cleanup --path "$TMP_DIR" --grace 1 --kill-wait 1 >/dev/null
-      err=$(make_private "$TMP_DIR" 2>&1) || fail "${err#ray_cluster: }"
-      start_node
+      retries=0
+      restart_node
       continue
     fi
     if ! kill -0 "$RAY_PID" 2>/dev/null; then
-      # the head may be restarting (its Ray died first, ours lost it): wait for the new generation
-      if [[ -e "$STATE/restarting" ]]; then sleep 0.5; continue; fi
-      sleep 2
-      [[ -e "$STATE/restarting" || "$(generation)" != "$gen" || ! -e "$STATE/running" ]] && continue
+      target=$(cat "$STATE/restarting" 2>/dev/null || true)
+      if [[ -n "$target" && "$target" != "$gen" ]]; then # the head is restarting (our Ray lost it): wait for it
+        sleep 0.5
+        continue
+      fi
+      if [[ -n "$target" && $retries -lt 3 ]]; then # our Ray for the new head exited while the head waits for us
+        retries=$((retries + 1))
+        agent_note "Ray exited while the head waited for the nodes (generation $gen): starting it again ($retries of 3)"
+        sleep 1
+        restart_node
+        continue
+      fi
+      # The head may not have noticed its own loss yet (its `ray start` polls once a second, then stops its other
+      # processes): give it up to 20 s to start a restart before calling this node failed.
+      for _ in $(seq 40); do
+        [[ -z "$target" && "$(generation)" == "$gen" && -e "$STATE/running" ]] || break
+        sleep 0.5
+        target=$(cat "$STATE/restarting" 2>/dev/null || true)
+      done
+      if [[ -n "$target" && "$target" != "$gen" ]] || [[ "$(generation)" != "$gen" || ! -e "$STATE/running" ]]; then
+        continue
+      fi
       # Ray exited by itself: tell the head why (it fails fast while waiting)
       echo "ray start exited: $(grep -v '^\s*$' "$STATE/nodes/$RANK.log" | tail -n 1)" >"$STATE/nodes/$RANK.error"
       exit 1
@@ -529,7 +570,9 @@ fi
 [[ ${#CMD[@]} -gt 0 ]] || die "run needs a command after '--'"
 restart_head() { # the head's Ray died while CMD ran: stop CMD, restart the head on the same ports, every node rejoins
   local gen
-  touch "$STATE/restarting" # agents whose Ray loses the head wait for the new generation instead of failing
+  gen=$(($(cat "$STATE/generation" 2>/dev/null || echo 0) + 1))
+  # agents whose Ray loses the head wait for this generation instead of failing
+  echo "$gen" >"$STATE/restarting.tmp" && mv "$STATE/restarting.tmp" "$STATE/restarting"
   signal_groups TERM "$CMD_PID"
   wait_group_gone "$CMD_PID" 5
   signal_groups KILL "$CMD_PID"
@@ -538,7 +581,6 @@ restart_head() { # the head's Ray died while CMD ran: stop CMD, restart the head
   signal_groups KILL "$HEAD_PID"
   helper cleanup --path "$HEAD_TMP" --grace 2 --kill-wait 1 >/dev/null
   make_private "$HEAD_TMP" || return 1
-  gen=$(($(cat "$STATE/generation" 2>/dev/null || echo 0) + 1))
   echo "$gen" >"$STATE/generation.tmp" && mv "$STATE/generation.tmp" "$STATE/generation"
   start_head
   wait_for_nodes || return 1

@@ -10,20 +10,29 @@ plus a random 0-2 s):
 
 * ``driver``: SIGKILL of the driver's whole process group (and any of its Ray processes left), then the
   documented recovery: rerun the same command;
-* ``trial``: SIGKILL of one inline trial actor (``ray::ImplicitFunc``, a descendant of this campaign's driver:
+* ``trial``: SIGKILL of one trial actor (``ray::ImplicitFunc``, a descendant of this campaign's driver:
   other users' processes are never touched); the recovery is automatic (Tune retries the trial, the run
   resumes from its newest checkpoint);
+* ``worker`` (with ``--launcher ray-train``, where each trial fits a Ray Train ``TorchTrainer``): SIGKILL of one
+  Ray Train worker (``ray::RayTrainWorker``, a descendant of the driver); the recovery is automatic (Ray Train
+  restarts the worker group from the run's newest checkpoint);
 * ``disk`` (a storage fault; ``--kinds driver trial disk``, needs root): the study's storage is a tmpfs of its
   own, filled to ENOSPC for a random 1-4 s, then freed. Writes in that window fail (a checkpoint, a result row,
   Optuna's journal, Tune's state); the recovery is automatic (Tune retries the trial) or, when the command
   exits with an error, rerunning it.
+* ``readonly`` (a storage fault; needs root): the study's tmpfs is remounted read-only for a random 1-4 s (as a
+  shared file system does when its server or the client's lease is lost), then read-write again; every write in
+  that window fails with EROFS; the recovery is as for ``disk``. A remount to read-only waits (up to 10 s) for
+  a moment when no file of the study is open for writing, which the kernel requires; if none comes, the fault
+  is recorded as not applied.
 
 After the schedule the command is rerun until it exits 0, and the study is compared with a reference
 (uninterrupted, same seed): the same suggested LRs (trial by trial), the same Optuna trial states and values,
-the same finished and early-stopped runs at the same rungs, every (run_id, step) row once in the raw parts (the
-early-stop mark, which replaces a run's last row by design, excepted) with equal numbers (rel 1e-6).
+the same finished and early-stopped runs at the same rungs, every (run_id, step) training row once in the raw parts
+(the early-stop mark, a copy of a row by design, is not a training row) with equal numbers (rel 1e-6).
 
     OMP_NUM_THREADS=1 python benchmarks/chaos.py --seeds 1 2 3 --kills 4 --out chaos.json
+    OMP_NUM_THREADS=1 python benchmarks/chaos.py --launcher ray-train --kinds driver trial worker --out w.json
 
 Prints and writes JSON (also ``<workdir>/seed<N>.json`` as each schedule ends): per schedule the kills (kind,
 time, whether a victim was found), recoveries, time to recover (kill to the study's next new row), rows lost /
@@ -54,6 +63,10 @@ from study.plans import LRSearch, StudyPlan  # noqa: E402
 from study.spec import RunSpec  # noqa: E402
 
 STUDY = "chaos"
+#: every kind of fault a schedule can draw from
+KINDS = ("driver", "trial", "worker", "disk", "readonly")
+#: kinds that fault the study's own file system (a tmpfs of its own: :func:`mount_small_disk`, needs root)
+STORAGE_KINDS = ("disk", "readonly")
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,10 @@ def search_plan(opts: Any = None) -> StudyPlan:
 
 #: where the study's code runs from: the repository, or a frozen copy (:func:`freeze`)
 ROOT = REPO
+#: how the campaign's trials train (``--trial-launcher``): "auto" (inline, one worker per run) or "ray-train"
+LAUNCHER = "auto"
+#: the process title of each kill kind's victims (descendants of the campaign's driver only)
+VICTIM_TITLE = {"trial": "ray::ImplicitFunc", "worker": "RayTrainWorker"}
 
 
 def freeze(dest: Path) -> Path:
@@ -102,9 +119,11 @@ def freeze(dest: Path) -> Path:
     return dest
 
 
-def command(storage: Path, name: str = STUDY) -> list[str]:
+def command(storage: Path, name: str = STUDY, launcher: str | None = None) -> list[str]:
+    launcher = launcher or LAUNCHER
     return [sys.executable, "study/scaling_law.py", "--preset", "chaos:search_plan", "--study-name", name,
-            "--storage", str(storage), "--num-cpus", "2", "--max-concurrent", "2", "--asha", "--no-report"]
+            "--storage", str(storage), "--num-cpus", "2", "--max-concurrent", "2", "--asha", "--no-report",
+            *(["--trial-launcher", launcher] if launcher != "auto" else [])]
 
 
 def _env() -> dict[str, str]:
@@ -130,8 +149,12 @@ def snapshot(storage: Path, name: str = STUDY) -> dict[str, Any]:
     trials = state.trials()
     rows = run_rows(store)
     parts = sorted((store / "train").glob("part-*.parquet")) if (store / "train").exists() else []
-    raw = (pd.concat([pd.read_parquet(p, columns=["run_id", "step"]) for p in parts]) if parts
-           else pd.DataFrame(columns=["run_id", "step"]))
+    raw = (pd.concat([pd.read_parquet(p) for p in parts]) if parts else pd.DataFrame(columns=["run_id", "step"]))
+    # the early-stop mark re-emits, by design, the row of the step at which the stop reached the run: the last one
+    # of an inline trial, an earlier one when a Ray Train trial trains on for a step or three while it stops.
+    # Marks are not training rows: a duplicate is a training row written twice (as :func:`compute_lost` counts)
+    if "status" in raw:
+        raw = raw[raw["status"].astype(str) != "early_stopped"]
     counts = raw.groupby(["run_id", "step"]).size() if len(raw) else pd.Series(dtype=int)
     curves = val_curves(rows)
     run_of = {t.number: spec.replace(lr=t.lr).run_id for t in trials}
@@ -145,9 +168,7 @@ def snapshot(storage: Path, name: str = STUDY) -> dict[str, Any]:
             st = set(g["status"].astype(str)) if "status" in g else set()
             status[rid] = ("finished" if g["is_final"].fillna(False).astype(bool).any()
                            else "early_stopped" if "early_stopped" in st else "unfinished")
-    early_marked = {rid for rid, s in status.items() if s == "early_stopped"}
-    dup = {f"{k[0]}@{k[1]}": int(v) for k, v in counts.items() if v > 1
-           and not (k[0] in early_marked and int(k[1]) == int(rows[rows.run_id == k[0]]["step"].max()))}
+    dup = {f"{k[0]}@{k[1]}": int(v) for k, v in counts.items() if v > 1}
     return {"trials": [t.__dict__ for t in trials], "status": status, "decisions": decisions,
             "rows": {f"{r.run_id}@{int(r.step)}": float(r.val_loss) for r in rows.itertuples()
                      if getattr(r, "val_loss", None) is not None},
@@ -325,11 +346,21 @@ def run_schedule(storage: Path, seed: int, n_kills: int, *, name: str = STUDY, m
             (storage / "ballast.bin").unlink(missing_ok=True)
             rows_before = _n_rows(storage, name)
             applied = free < 65536
+        elif kind == "readonly":
+            # storage fault: the study's file system goes read-only for a random 1-4 s (EROFS for every write)
+            hold = rng.uniform(1.0, 4.0)
+            applied = remount(storage, "ro", timeout=10.0)
+            t_kill = time.time()
+            if applied:
+                time.sleep(hold)
+            if not remount(storage, "rw", timeout=120.0):
+                raise RuntimeError(f"could not remount {storage} read-write again")
+            rows_before = _n_rows(storage, name)
         else:
             victims: list = []
             t_look = time.time()
             while not victims and proc.poll() is None and time.time() - t_look < 60:
-                victims = [p for p in _descendants(proc.pid) if "ray::ImplicitFunc" in " ".join(_cmdline(p))]
+                victims = [p for p in _descendants(proc.pid) if VICTIM_TITLE[kind] in " ".join(_cmdline(p))]
                 if not victims:
                     time.sleep(0.3)
             applied = bool(victims)
@@ -339,7 +370,7 @@ def run_schedule(storage: Path, seed: int, n_kills: int, *, name: str = STUDY, m
                 rows_before = _n_rows(storage, name)
         rec = {"kind": kind, "at_rows": at_rows, "applied": applied, "rows_before": rows_before,
                "t": round(t_kill - t_start, 2), "steps_at_kill": steps_at_kill}
-        if kind == "disk":
+        if kind in STORAGE_KINDS:
             rec["hold_s"] = round(hold, 2)
         # time to recover: the kill to the next new row (or the study's end)
         while time.time() - t_kill < 600 and _n_rows(storage, name) <= rows_before:
@@ -391,6 +422,19 @@ def mount_small_disk(path: Path, size: str = "96m") -> None:
         raise RuntimeError(f"cannot mount a tmpfs for disk faults: {r.stderr.strip()}")
 
 
+def remount(path: Path, mode: str, timeout: float) -> bool:
+    """Remount ``path`` (a mount point of its own) ``ro`` or ``rw``. The kernel refuses a read-only remount
+    (EBUSY) while any file on it is open for writing: retry every 20 ms until ``timeout``; False if it never took."""
+    end = time.time() + timeout
+    while True:
+        r = subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], capture_output=True, text=True)
+        if r.returncode == 0:
+            return True
+        if time.time() >= end:
+            return False
+        time.sleep(0.02)
+
+
 def _cmdline(p) -> list[str]:
     try:
         return p.cmdline()
@@ -398,10 +442,14 @@ def _cmdline(p) -> list[str]:
         return []
 
 
-def campaign(workdir: Path, seeds: list[int], n_kills: int, **kw) -> dict[str, Any]:
+def campaign(workdir: Path, seeds: list[int], n_kills: int, launcher: str = "auto", **kw) -> dict[str, Any]:
+    global LAUNCHER
+    if "worker" in kw.get("kinds", ()) and launcher != "ray-train":
+        raise ValueError("'worker' kills need Ray Train workers: pass launcher='ray-train' (--launcher ray-train)")
+    LAUNCHER = launcher
     workdir.mkdir(parents=True, exist_ok=True)
     freeze(workdir / "code")
-    ref_dir = workdir / "reference"
+    ref_dir = workdir / ("reference" if launcher == "auto" else f"reference-{launcher}")
     done = (ref_dir / "reference.json")
     if done.exists():  # a campaign in this workdir ran it already (same frozen code): reuse it
         ref_s = json.loads(done.read_text())["wall_s"]
@@ -409,21 +457,22 @@ def campaign(workdir: Path, seeds: list[int], n_kills: int, **kw) -> dict[str, A
         ref_s = run_reference(ref_dir)
         done.write_text(json.dumps({"wall_s": ref_s}))
     ref = snapshot(ref_dir)
-    out = {"reference": {"wall_s": round(ref_s, 1), "trials": ref["trials"], "status": ref["status"]},
+    out = {"launcher": launcher,
+           "reference": {"wall_s": round(ref_s, 1), "trials": ref["trials"], "status": ref["status"]},
            "schedules": []}
     for seed in seeds:
-        sdir = workdir / f"seed{seed}"
+        sdir = workdir / (f"seed{seed}" if launcher == "auto" else f"seed{seed}-{launcher}")
         # the cohort is generated once per storage: copy the reference's so the manifest hash matches
         import shutil
 
-        if "disk" in kw.get("kinds", ()):
+        if set(STORAGE_KINDS) & set(kw.get("kinds", ())):
             mount_small_disk(sdir)
         shutil.copytree(ref_dir / "cohorts", sdir / "cohorts", dirs_exist_ok=True)
         res = run_schedule(sdir, seed, n_kills, **kw)
         res["compare"] = compare(ref, snapshot(sdir))
         res["compute"] = compute_lost(sdir, res["kills"])
         out["schedules"].append(res)
-        (workdir / f"seed{seed}.json").write_text(json.dumps(res, indent=1, default=str))  # per schedule
+        (workdir / f"{sdir.name}.json").write_text(json.dumps(res, indent=1, default=str))  # per schedule
         print(json.dumps({k: v for k, v in res.items() if k != "compare"} |
                          {"compare": {k: v for k, v in res["compare"].items() if k != "detail"}}), flush=True)
     applied = [k for s in out["schedules"] for k in s["kills"] if k.get("applied")]
@@ -434,7 +483,7 @@ def campaign(workdir: Path, seeds: list[int], n_kills: int, **kw) -> dict[str, A
                       "steps_redone_total": sum(s["compute"]["steps_redone_total"] for s in out["schedules"]),
                       "steps_redone_per_kill_max": max((s["compute"]["steps_redone_per_kill_max"]
                                                         for s in out["schedules"]), default=0),
-                      "by_kind": {kd: sum(1 for k in applied if k["kind"] == kd) for kd in ("driver", "trial", "disk")},
+                      "by_kind": {kd: sum(1 for k in applied if k["kind"] == kd) for kd in KINDS},
                       "recovered": sum(1 for s in out["schedules"] if s["exit"] == 0),
                       "recover_s_max": max((k["recover_s"] for k in applied), default=None), **tot}
     return out
@@ -446,15 +495,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kills", type=int, default=4, help="kills per schedule")
     ap.add_argument("--max-rows", type=int, default=40,
                     help="kills come at random row counts up to this (the study writes 46 rows)")
-    ap.add_argument("--kinds", nargs="+", default=["driver", "trial"], choices=["driver", "trial", "disk"],
-                    help="kill kinds drawn from (disk: the study's own tmpfs fills up for 1-4 s; needs root)")
+    ap.add_argument("--kinds", nargs="+", default=["driver", "trial"], choices=list(KINDS),
+                    help="kill kinds drawn from (disk: the study's own tmpfs fills up for 1-4 s; readonly: it "
+                         "goes read-only for 1-4 s; both need root; worker: a Ray Train worker, with --launcher "
+                         "ray-train)")
+    ap.add_argument("--launcher", choices=["auto", "ray-train"], default="auto",
+                    help="the study's --trial-launcher (ray-train: a Ray Train TorchTrainer per trial)")
     ap.add_argument("--workdir", default=None, help="where the studies go (default: a new temp dir)")
     ap.add_argument("--out", default=None, help="write the JSON here too")
     args = ap.parse_args(argv)
     import tempfile
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="neurox-chaos-"))
-    res = campaign(workdir, args.seeds, args.kills, max_rows=args.max_rows, kinds=tuple(args.kinds))
+    if "worker" in args.kinds and args.launcher != "ray-train":
+        ap.error("--kinds worker needs --launcher ray-train (inline trials have no Ray Train workers)")
+    res = campaign(workdir, args.seeds, args.kills, launcher=args.launcher, max_rows=args.max_rows,
+                   kinds=tuple(args.kinds))
     text = json.dumps(res, indent=1, default=str)
     if args.out:
         Path(args.out).write_text(text)

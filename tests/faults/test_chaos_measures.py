@@ -30,3 +30,39 @@ def test_compute_lost_counts_steps_trained_twice_per_run(tmp_path):
     assert got["kills_over_interval"] == 0  # 1 step redone, checkpoint interval 1
     store.append("train", _rows("a", [4, 5]))  # a second resume from step 3: two more steps redone
     assert chaos.compute_lost(tmp_path, kills)["kills_over_interval"] == 1
+
+
+def test_the_campaign_command_passes_its_trial_launcher():
+    import chaos
+
+    assert "--trial-launcher" not in chaos.command(Path("/s"))  # auto: the study's own choice (inline here)
+    cmd = chaos.command(Path("/s"), launcher="ray-train")
+    assert cmd[cmd.index("--trial-launcher") + 1] == "ray-train"
+    assert set(chaos.VICTIM_TITLE) == {"trial", "worker"} and set(chaos.KINDS) >= {"driver", "trial", "worker", "disk"}
+
+
+def test_worker_kills_need_ray_train_workers(tmp_path, capsys):
+    import chaos
+    import pytest
+
+    with pytest.raises(ValueError, match="ray-train"):
+        chaos.campaign(tmp_path, [1], 1, kinds=("worker",))
+    assert not (tmp_path / "code").exists()  # refused before anything ran
+    with pytest.raises(SystemExit) as e:
+        chaos.main(["--kinds", "worker", "--workdir", str(tmp_path)])
+    assert e.value.code == 2 and "needs --launcher ray-train" in capsys.readouterr().err
+
+
+def test_snapshot_duplicates_are_training_rows_written_twice_not_early_stop_marks(tmp_path):
+    import chaos
+    from analysis.store import ResultsStore
+
+    store = ResultsStore(tmp_path / "chaos" / "store")
+    store.append("train", _rows("a", [1, 2], status="running"))
+    # a Ray Train trial that trains on while it stops: its mark copies step 2's row, then steps 3-4 come
+    store.append("train", _rows("a", [2], status="early_stopped"))
+    store.append("train", _rows("a", [3, 4], status="running"))
+    store.append("train", _rows("b", [1, 2, 3], status="running"))
+    store.append("train", _rows("b", [3], status="running"))  # resumed before step 3's checkpoint: written twice
+    got = chaos.snapshot(tmp_path)
+    assert got["duplicates"] == {"b@3": 2}

@@ -4,6 +4,9 @@ early stopping, each followed by the documented recovery, compared with an unint
 The study (:func:`search_plan`): one run group of tiny NeuroMamba runs (CPU, fp32, 9 steps, an evaluation and
 a checkpoint every step) whose peak LR is searched by Optuna (6 trials in generations of 2, durable in the
 study's journal, :mod:`study.search_state`) with ASHA-style early stopping (``--asha``: :class:`study.sweep.StoreASHA`).
+With ``--study grid`` (:func:`grid_plan`) the same runs take 6 fixed LRs and no search: ``--asha`` then runs the
+grid in generations of 2, each judged against the earlier generations' stored curves
+(:func:`study.sweep.run_grid_asha`), and the comparison is of the runs, their rows and their early stops.
 
 A schedule (seeded) is a list of kills at random points of the study (after a random number of stored rows,
 plus a random 0-2 s):
@@ -87,10 +90,24 @@ def search_plan(opts: Any = None) -> StudyPlan:
                      cohort={"n_subjects": 12, "grid": (24, 24, 24), "n_frames": 16, "seed": 0})
 
 
+#: the grid study's LRs (``--study grid``): the search's range, 6 runs, in ASHA generations of 2
+GRID_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+
+
+def grid_plan(opts: Any = None) -> StudyPlan:
+    """The same runs on a fixed LR grid with no search (preset ``chaos:grid_plan``): under ``--asha`` the grid runs
+    in generations of 2 (:func:`study.sweep.run_grid_asha`), each judged against the earlier ones' stored curves."""
+    plan = search_plan(opts)
+    return StudyPlan(name=STUDY, specs=[plan.specs[0].replace(lr=lr) for lr in GRID_LRS],
+                     description="chaos campaign study (LR grid, ASHA generations)", cohort=plan.cohort)
+
+
 #: where the study's code runs from: the repository, or a frozen copy (:func:`freeze`)
 ROOT = REPO
 #: how the campaign's trials train (``--trial-launcher``): "auto" (inline, one worker per run) or "ray-train"
 LAUNCHER = "auto"
+#: which study the campaign faults: "search" (the Optuna LR search) or "grid" (a fixed LR grid, ASHA generations)
+PLAN = "search"
 #: the process title of each kill kind's victims (descendants of the campaign's driver only)
 VICTIM_TITLE = {"trial": "ray::ImplicitFunc", "worker": "RayTrainWorker"}
 
@@ -121,7 +138,7 @@ def freeze(dest: Path) -> Path:
 
 def command(storage: Path, name: str = STUDY, launcher: str | None = None) -> list[str]:
     launcher = launcher or LAUNCHER
-    return [sys.executable, "study/scaling_law.py", "--preset", "chaos:search_plan", "--study-name", name,
+    return [sys.executable, "study/scaling_law.py", "--preset", f"chaos:{PLAN}_plan", "--study-name", name,
             "--storage", str(storage), "--num-cpus", "2", "--max-concurrent", "2", "--asha", "--no-report",
             *(["--trial-launcher", launcher] if launcher != "auto" else [])]
 
@@ -144,9 +161,8 @@ def snapshot(storage: Path, name: str = STUDY) -> dict[str, Any]:
     spec = plan.specs[0].replace(manifest=_manifest(storage), study=name)
     key = spec.replace(lr=1.0).spec_hash  # study.sweep.lr_groups' key
     ls = plan.lr_search
-    state = LRSearchState(journal_path(store), key, seed=spec.seed, low=ls.low, high=ls.high, n_trials=ls.n_trials,
-                          batch=ls.batch)
-    trials = state.trials()
+    trials = (LRSearchState(journal_path(store), key, seed=spec.seed, low=ls.low, high=ls.high,
+                            n_trials=ls.n_trials, batch=ls.batch).trials() if PLAN == "search" else [])
     rows = run_rows(store)
     parts = sorted((store / "train").glob("part-*.parquet")) if (store / "train").exists() else []
     raw = (pd.concat([pd.read_parquet(p) for p in parts]) if parts else pd.DataFrame(columns=["run_id", "step"]))
@@ -162,6 +178,15 @@ def snapshot(storage: Path, name: str = STUDY) -> dict[str, Any]:
     for t in trials:  # the rung each run was stopped at, recomputed from the rows (the rule is pure)
         refs = [curves.get(run_of[r.number], {}) for r in trials if r.generation < t.generation]
         decisions[run_of[t.number]] = asha_should_stop(curves.get(run_of[t.number], {}), refs, max_step=9)
+    if PLAN == "grid":  # the grid's generations, as study.sweep.run_grid_asha forms them
+        from study.sweep import asha_generations
+
+        gspecs = [s.replace(manifest=spec.manifest, study=name) for s in grid_plan().specs]
+        gens = [[s.run_id for s in g] for g in asha_generations(gspecs, 2)]
+        for g, gen in enumerate(gens):
+            refs = [curves.get(r, {}) for earlier in gens[:g] for r in earlier]
+            for r in gen:
+                decisions[r] = asha_should_stop(curves.get(r, {}), refs, max_step=9)
     status = {}
     if len(rows):
         for rid, g in rows.groupby("run_id"):
@@ -442,14 +467,18 @@ def _cmdline(p) -> list[str]:
         return []
 
 
-def campaign(workdir: Path, seeds: list[int], n_kills: int, launcher: str = "auto", **kw) -> dict[str, Any]:
-    global LAUNCHER
+def campaign(workdir: Path, seeds: list[int], n_kills: int, launcher: str = "auto", plan: str = "search",
+             **kw) -> dict[str, Any]:
+    global LAUNCHER, PLAN
     if "worker" in kw.get("kinds", ()) and launcher != "ray-train":
         raise ValueError("'worker' kills need Ray Train workers: pass launcher='ray-train' (--launcher ray-train)")
-    LAUNCHER = launcher
+    if plan not in ("search", "grid"):
+        raise ValueError(f"plan={plan!r}; expected 'search' or 'grid'")
+    LAUNCHER, PLAN = launcher, plan
     workdir.mkdir(parents=True, exist_ok=True)
     freeze(workdir / "code")
-    ref_dir = workdir / ("reference" if launcher == "auto" else f"reference-{launcher}")
+    tag = "".join(f"-{t}" for t in (launcher, plan) if t not in ("auto", "search"))
+    ref_dir = workdir / f"reference{tag}"
     done = (ref_dir / "reference.json")
     if done.exists():  # a campaign in this workdir ran it already (same frozen code): reuse it
         ref_s = json.loads(done.read_text())["wall_s"]
@@ -457,11 +486,11 @@ def campaign(workdir: Path, seeds: list[int], n_kills: int, launcher: str = "aut
         ref_s = run_reference(ref_dir)
         done.write_text(json.dumps({"wall_s": ref_s}))
     ref = snapshot(ref_dir)
-    out = {"launcher": launcher,
+    out = {"launcher": launcher, "plan": plan,
            "reference": {"wall_s": round(ref_s, 1), "trials": ref["trials"], "status": ref["status"]},
            "schedules": []}
     for seed in seeds:
-        sdir = workdir / (f"seed{seed}" if launcher == "auto" else f"seed{seed}-{launcher}")
+        sdir = workdir / f"seed{seed}{tag}"
         # the cohort is generated once per storage: copy the reference's so the manifest hash matches
         import shutil
 
@@ -501,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
                          "ray-train)")
     ap.add_argument("--launcher", choices=["auto", "ray-train"], default="auto",
                     help="the study's --trial-launcher (ray-train: a Ray Train TorchTrainer per trial)")
+    ap.add_argument("--study", choices=["search", "grid"], default="search",
+                    help="search: the Optuna LR search (6 trials in generations of 2); grid: the same runs on a "
+                         "fixed grid of 6 LRs under --asha (ASHA generations of 2, no search)")
     ap.add_argument("--workdir", default=None, help="where the studies go (default: a new temp dir)")
     ap.add_argument("--out", default=None, help="write the JSON here too")
     args = ap.parse_args(argv)
@@ -509,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="neurox-chaos-"))
     if "worker" in args.kinds and args.launcher != "ray-train":
         ap.error("--kinds worker needs --launcher ray-train (inline trials have no Ray Train workers)")
-    res = campaign(workdir, args.seeds, args.kills, launcher=args.launcher, max_rows=args.max_rows,
+    res = campaign(workdir, args.seeds, args.kills, launcher=args.launcher, plan=args.study, max_rows=args.max_rows,
                    kinds=tuple(args.kinds))
     text = json.dumps(res, indent=1, default=str)
     if args.out:

@@ -66,3 +66,17 @@ def test_snapshot_duplicates_are_training_rows_written_twice_not_early_stop_mark
     store.append("train", _rows("b", [3], status="running"))  # resumed before step 3's checkpoint: written twice
     got = chaos.snapshot(tmp_path)
     assert got["duplicates"] == {"b@3": 2}
+
+
+def test_the_grid_study_is_the_search_study_on_fixed_lrs():
+    import chaos
+
+    search, grid = chaos.search_plan(), chaos.grid_plan()
+    assert grid.lr_search is None and [s.lr for s in grid.specs] == list(chaos.GRID_LRS)
+    assert {s.replace(lr=1.0).spec_hash for s in grid.specs} == {search.specs[0].replace(lr=1.0).spec_hash}
+    try:
+        chaos.PLAN = "grid"
+        assert "chaos:grid_plan" in chaos.command(Path("/s"))
+    finally:
+        chaos.PLAN = "search"
+    assert "chaos:search_plan" in chaos.command(Path("/s"))

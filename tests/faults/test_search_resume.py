@@ -89,11 +89,10 @@ def test_chaos_smoke_one_seeded_schedule(reference, tmp_path):
     assert all(v == 0 for k, v in diff.items() if k != "detail"), (res, diff["detail"])
 
 
-@pytest.mark.timeout(1800)
-def test_chaos_smoke_disk_full_twice(reference, tmp_path):
-    """Two storage faults: the study's own disk (a tmpfs) fills up for 1-4 s at random points (ENOSPC for a
-    result row, a checkpoint, Optuna's journal or Tune's state), then is freed; the failed trials are retried or
-    the command is rerun, and the study equals the uninterrupted one."""
+def _storage_faults_twice(reference, tmp_path, kind: str, seed: int) -> None:
+    """Two ``kind`` faults of the study's own file system (a tmpfs) at random points; the study recovers as
+    documented (Tune retries a failed trial, a command that exits with an error is rerun) and equals the
+    uninterrupted one, and no kill costs more than one checkpoint interval."""
     import chaos
 
     ref_root, ref = reference
@@ -104,38 +103,26 @@ def test_chaos_smoke_disk_full_twice(reference, tmp_path):
         pytest.skip(str(err))
     try:
         shutil.copytree(ref_root / "cohorts", disk / "cohorts")
-        res = chaos.run_schedule(disk, seed=8, n_kills=2, kinds=("disk",))
+        res = chaos.run_schedule(disk, seed=seed, n_kills=2, kinds=(kind,))
         assert res["exit"] == 0, res
-        assert sum(k["applied"] for k in res["kills"]) >= 1, res  # the disk was full at least once
-        diff = chaos.compare(ref, chaos.snapshot(disk))
-        assert all(v == 0 for k, v in diff.items() if k != "detail"), (res, diff["detail"])
-        assert chaos.compute_lost(disk, res["kills"])["kills_over_interval"] == 0
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
-
-
-@pytest.mark.timeout(1800)
-def test_chaos_smoke_read_only_storage_twice(reference, tmp_path):
-    """Two storage faults of another kind: the study's file system (its own tmpfs) goes read-only for 1-4 s at
-    random points (EROFS for a result row, a checkpoint, Optuna's journal or Tune's state, as when a shared file
-    system's server goes away), then read-write again; the study recovers as documented and equals the
-    uninterrupted one."""
-    import chaos
-
-    ref_root, ref = reference
-    disk = tmp_path / "disk"
-    try:
-        chaos.mount_small_disk(disk)
-    except RuntimeError as err:
-        pytest.skip(str(err))
-    try:
-        shutil.copytree(ref_root / "cohorts", disk / "cohorts")
-        res = chaos.run_schedule(disk, seed=9, n_kills=2, kinds=("readonly",))
-        assert res["exit"] == 0, res
-        assert sum(k["applied"] for k in res["kills"]) >= 1, res  # read-only at least once
+        assert sum(k["applied"] for k in res["kills"]) >= 1, res  # the fault came at least once
         diff = chaos.compare(ref, chaos.snapshot(disk))
         assert all(v == 0 for k, v in diff.items() if k != "detail"), (res, diff["detail"])
         assert chaos.compute_lost(disk, res["kills"])["kills_over_interval"] == 0
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(disk)], capture_output=True)
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.timeout(1800)
+def test_chaos_smoke_disk_full_twice(reference, tmp_path):
+    """The study's disk fills up for 1-4 s, twice (ENOSPC for a result row, a checkpoint, Optuna's journal or
+    Tune's state), then is freed."""
+    _storage_faults_twice(reference, tmp_path, "disk", seed=8)
+
+
+@pytest.mark.timeout(1800)
+def test_chaos_smoke_read_only_storage_twice(reference, tmp_path):
+    """The study's file system goes read-only for 1-4 s, twice (EROFS for every write, as when a shared file
+    system's server goes away), then read-write again."""
+    _storage_faults_twice(reference, tmp_path, "readonly", seed=9)

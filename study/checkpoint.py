@@ -7,7 +7,10 @@ Layout of one checkpoint directory (``.../step_000120``)::
                            plain types only (format ``neurox-rng-v2``)
     model.pt optim.pt sched.pt       (DDP / single process: written by rank 0)
     ds/                    DeepSpeed's own per-rank checkpoint (model, optimizer and ZeRO shards)
-    COMPLETE               written last: a directory without it is never trusted by a resume
+    COMPLETE               written last: a directory without it is never trusted by a resume; it lists every
+                           file the saving rank wrote with its size (``neurox-complete-v1``), so a copy of the
+                           directory cut short (Ray Train persists checkpoints with a multi-threaded copy, in no
+                           particular order) is not trusted either
 
 Exports are world-size independent: one ``.safetensors`` file (ZeRO shards gathered) whose metadata
 holds the model config, the run spec and the muP base width, loadable on any number of devices.
@@ -51,8 +54,39 @@ def step_dir(root: str | os.PathLike, step: int) -> Path:
     return Path(root) / f"step_{step:07d}"
 
 
+COMPLETE_FORMAT = "neurox-complete-v1"
+
+
 def is_complete(path: str | os.PathLike) -> bool:
-    return (Path(path) / COMPLETE).exists() and (Path(path) / STATE_FILE).exists()
+    """The directory holds a whole checkpoint: its marker, its trainer state, and every file the marker lists
+    at its recorded size (markers written before the list existed, ``ok``, are trusted as before)."""
+    path = Path(path)
+    try:
+        text = (path / COMPLETE).read_text()
+    except OSError:
+        return False
+    if not (path / STATE_FILE).exists():
+        return False
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        return True  # a legacy "ok" marker
+    if not isinstance(manifest, dict) or manifest.get("format") != COMPLETE_FORMAT:
+        return True
+    for name, size in manifest.get("files", {}).items():
+        try:
+            if (path / name).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _manifest(path: Path) -> str:
+    """The marker's text: every file under ``path`` (the marker excepted) with its size."""
+    files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*"))
+             if f.is_file() and f.name != COMPLETE and not f.name.endswith(".tmp")}
+    return json.dumps({"format": COMPLETE_FORMAT, "files": files}, indent=1)
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -305,7 +339,7 @@ def _save_checkpoint(path: Path, *, rank: int, barrier, state, model, optimizer,
     barrier()
     if rank == 0:
         _atomic_write_text(path / STATE_FILE, json.dumps(state, indent=1, default=str))
-        _atomic_write_text(marker, "ok\n")
+        _atomic_write_text(marker, _manifest(path))
     barrier()
     return path
 

@@ -132,13 +132,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray_context(env.device)
     reporter = RankZero(ctx.rank, MultiReporter(build_reporters(spec, env, rank=ctx.rank, wandb_group=spec.study)),
                         all_ranks_report=RayReporter())
-    resume = None
     checkpoint = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="neurox-") as local:
-        if checkpoint is not None:
-            resume = checkpoint.to_directory(os.path.join(local, "resume"))
-        else:  # Ray has none of this run; an inline trial of an earlier study run may have
-            resume = resume_point(run_storage, stored_steps(env.store_dir, spec))
+        ray_dir = checkpoint.to_directory(os.path.join(local, "resume")) if checkpoint is not None else None
+        # Ray's checkpoint is the newest its controller registered, which lags what the worker persisted (seen: 2
+        # steps behind when the driver was killed, each retrained and its row written twice); an inline trial of an
+        # earlier study run may also have left a newer one. The newest complete one whose row is stored wins.
+        resume = newer_checkpoint(ray_dir, resume_point(run_storage, stored_steps(env.store_dir, spec)))
         try:
             train(spec, ctx, reporter, run_dir=os.path.join(local, "run"), resume_from=resume,
                   should_stop=stop_checker(env.stop_file, env.deadline), quarantine=quarantine_of(env))
@@ -148,6 +148,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                    durable_name(exc.last_good, str(run_storage) if run_storage else None)) from None
         finally:
             reporter.close()
+
+
+def newer_checkpoint(ray_dir: str | None, ours: str | os.PathLike | None) -> str | None:
+    """Of Ray's checkpoint (a local copy of the newest one its controller registered) and the newest complete
+    checkpoint found in the run's storage with its row stored (:func:`study.checkpoint.resume_point`), the one of
+    the later step; Ray's on a tie or when the other's step cannot be read."""
+    if ours is None:
+        return ray_dir
+    if ray_dir is None:
+        return str(ours)
+    ray_step, our_step = checkpoint_step(ray_dir), checkpoint_step(ours)
+    return str(ours) if our_step is not None and (ray_step is None or our_step > ray_step) else ray_dir
 
 
 def _run_env(env: RunEnv, fn: str) -> RunEnv:

@@ -45,6 +45,48 @@ def test_resume_point_takes_the_newest_step_of_either_launcher(tmp_path):
     assert resume_point(run) == inline / "step_0000030"
 
 
+def test_a_copy_of_a_checkpoint_cut_short_is_not_complete(tmp_path):
+    """Ray Train persists a checkpoint with a multi-threaded copy in no particular order: the marker can land
+    before a file is whole. The marker lists every file with its size, so such a copy is never resumed from."""
+    import shutil
+
+    import torch
+
+    net = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(net.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    src = ckpt.save_checkpoint(tmp_path / "step_0000004", rank=0, barrier=lambda: None, state={"step": 4},
+                               model=net, optimizer=opt, scheduler=sched)
+    assert ckpt.is_complete(src)
+    listed = json.loads((src / ckpt.COMPLETE).read_text())["files"]
+    assert set(listed) == {"model.pt", "optim.pt", "sched.pt", "rng_rank0.pt", ckpt.STATE_FILE}
+    cut = tmp_path / "checkpoint_cut"
+    shutil.copytree(src, cut)
+    with open(cut / "optim.pt", "r+b") as fh:  # the copy stopped part-way through one file
+        fh.truncate(listed["optim.pt"] // 2)
+    assert not ckpt.is_complete(cut)
+    (cut / "optim.pt").unlink()
+    assert not ckpt.is_complete(cut)
+    assert ckpt.resume_point(tmp_path) is None  # only the cut copy is a checkpoint_* of this "run"
+    legacy = _fake_checkpoint(tmp_path / "legacy", 3)  # a marker written before the file list: trusted as before
+    assert ckpt.is_complete(legacy)
+
+
+def test_ray_train_resumes_from_the_newest_of_rays_and_the_persisted_checkpoints(tmp_path):
+    """Ray's checkpoint is the newest its controller registered; the worker may have persisted newer ones (with
+    their rows stored) before the driver died. The newer step wins; Ray's on a tie."""
+    from study.launch_ray import newer_checkpoint
+
+    ray5 = str(_fake_checkpoint(tmp_path / "ray", 5))
+    ours7 = _fake_checkpoint(tmp_path / "checkpoint_7", 7)
+    ours5 = _fake_checkpoint(tmp_path / "checkpoint_5", 5)
+    assert newer_checkpoint(ray5, ours7) == str(ours7)
+    assert newer_checkpoint(ray5, ours5) == ray5
+    assert newer_checkpoint(str(ours7), ours5) == str(ours7)
+    assert newer_checkpoint(None, ours5) == str(ours5) and newer_checkpoint(ray5, None) == ray5
+    assert newer_checkpoint(None, None) is None
+
+
 def test_config_search_exports_from_either_launchers_checkpoints(tmp_path):
     """Regression: config search's fine-tuning exports looked only for Ray Train's ``checkpoint_*`` copies, so
     a pre-training run trained inline (the default for one-worker runs) had "no complete checkpoint"."""

@@ -82,11 +82,15 @@ def is_complete(path: str | os.PathLike) -> bool:
     return True
 
 
-def _manifest(path: Path) -> str:
-    """The marker's text: every file under ``path`` (the marker excepted) with its size."""
+def mark_complete(path: str | os.PathLike) -> Path:
+    """Write ``path``'s COMPLETE marker (atomically): every file under it, the marker excepted, with its size.
+    The list guards against a copy cut short, not against tampering: whoever can write the directory can
+    rewrite the list too (loading is guarded separately: weights-only, see the module docstring)."""
+    path = Path(path)
     files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*"))
              if f.is_file() and f.name != COMPLETE and not f.name.endswith(".tmp")}
-    return json.dumps({"format": COMPLETE_FORMAT, "files": files}, indent=1)
+    _atomic_write_text(path / COMPLETE, json.dumps({"format": COMPLETE_FORMAT, "files": files}, indent=1))
+    return path / COMPLETE
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -339,7 +343,7 @@ def _save_checkpoint(path: Path, *, rank: int, barrier, state, model, optimizer,
     barrier()
     if rank == 0:
         _atomic_write_text(path / STATE_FILE, json.dumps(state, indent=1, default=str))
-        _atomic_write_text(marker, _manifest(path))
+        mark_complete(path)
     barrier()
     return path
 
@@ -347,7 +351,8 @@ def _save_checkpoint(path: Path, *, rank: int, barrier, state, model, optimizer,
 def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not is_complete(path):
-        raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): refusing to resume from it")
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker, no {STATE_FILE}, or a file "
+                              f"missing or of another size than the marker lists): refusing to resume from it")
     return json.loads((path / STATE_FILE).read_text())
 
 

@@ -67,6 +67,8 @@ def test_planted_object_in_a_checkpoint_file_does_not_run(stopped_run, tmp_path,
     shutil.copytree(last, copy)
     marker = tmp_path / "PWNED"
     torch.save({"state": Planted(marker), "param_groups": []}, copy / victim)
+    assert not ckpt.is_complete(copy)  # the marker's file list no longer matches ...
+    ckpt.mark_complete(copy)  # ... but whoever planted the file can rewrite the list too: loading must still refuse
     with pytest.raises(ckpt.CheckpointError) as e:
         _run(spec, run_dir=tmp_path / "resumed", resume_from=copy)
     assert str(copy / victim) in str(e.value) and "pathlib" in str(e.value)  # names the file and what it wanted
@@ -92,6 +94,7 @@ def test_resume_is_exact_and_old_format_rng_files_still_load(stopped_run, tmp_pa
     ckpt.set_rng_state(new_state)
     torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
                old / "rng_rank0.pt")
+    (old / ckpt.COMPLETE).write_text("ok\n")  # and its marker of then, without a file list
     assert torch.serialization.get_unsafe_globals_in_checkpoint(old / "rng_rank0.pt")  # needs numpy globals
     second_old, res = _run(spec, run_dir=tmp_path / "b", resume_from=old)
     assert res.step == 6 and second_old == second

@@ -164,13 +164,7 @@ def snapshot(storage: Path, name: str = STUDY) -> dict[str, Any]:
     trials = (LRSearchState(journal_path(store), key, seed=spec.seed, low=ls.low, high=ls.high,
                             n_trials=ls.n_trials, batch=ls.batch).trials() if PLAN == "search" else [])
     rows = run_rows(store)
-    parts = sorted((store / "train").glob("part-*.parquet")) if (store / "train").exists() else []
-    raw = (pd.concat([pd.read_parquet(p) for p in parts]) if parts else pd.DataFrame(columns=["run_id", "step"]))
-    # the early-stop mark re-emits, by design, the row of the step at which the stop reached the run: the last one
-    # of an inline trial, an earlier one when a Ray Train trial trains on for a step or three while it stops.
-    # Marks are not training rows: a duplicate is a training row written twice (as :func:`compute_lost` counts)
-    if "status" in raw:
-        raw = raw[raw["status"].astype(str) != "early_stopped"]
+    raw = training_rows(store)  # a duplicate is a training row written twice (as compute_lost counts)
     counts = raw.groupby(["run_id", "step"]).size() if len(raw) else pd.Series(dtype=int)
     curves = val_curves(rows)
     run_of = {t.number: spec.replace(lr=t.lr).run_id for t in trials}
@@ -278,6 +272,22 @@ def run_rows_safe(store: Path):
     return run_rows(store)
 
 
+def training_rows(store: Path):
+    """Every raw (run_id, step) row of the store's parts, duplicates kept, early-stop marks left out. The mark
+    re-emits, by design, the row of the step at which the stop reached the run (the last one of an inline trial,
+    an earlier one when a Ray Train trial trains on for a step or three while it stops): not a training row."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    parts = sorted((store / "train").glob("part-*.parquet")) if (store / "train").exists() else []
+    frames = [pd.read_parquet(p, columns=[c for c in ("run_id", "step", "status") if c in pq.read_schema(p).names])
+              for p in parts]
+    raw = pd.concat(frames) if frames else pd.DataFrame(columns=["run_id", "step", "status"])
+    if "status" not in raw:
+        raw["status"] = None
+    return raw[raw["status"].astype(str) != "early_stopped"]
+
+
 def compute_lost(storage: Path, kills: list[dict[str, Any]], name: str = STUDY,
                  interval: int = 1) -> dict[str, Any]:
     """Compute lost per kill, measured from the raw result parts (every step writes a row: ``eval_every=1``).
@@ -288,16 +298,7 @@ def compute_lost(storage: Path, kills: list[dict[str, Any]], name: str = STUDY,
     excepted), and each kill is charged the steps redone by the runs it interrupted (those with a stored step
     at the kill that had not finished). The step in flight at the kill (at most one checkpoint interval, no row
     yet) is lost by construction and not visible in rows: the bound checked is redone <= interval per kill."""
-    import pandas as pd
-
-    store = storage / name / "store"
-    parts = sorted((store / "train").glob("part-*.parquet")) if (store / "train").exists() else []
-    cols = ["run_id", "step", "status"]
-    raw = pd.concat([pd.read_parquet(p, columns=[c for c in cols if c in pd.read_parquet(p).columns])
-                     for p in parts]) if parts else pd.DataFrame(columns=cols)
-    if "status" not in raw:
-        raw["status"] = None
-    trained = raw[raw["status"].astype(str) != "early_stopped"]
+    trained = training_rows(storage / name / "store")
     per_run = {str(r): {"raw_steps": int(len(g)), "distinct_steps": int(g["step"].nunique()),
                         "redone": int(len(g) - g["step"].nunique())} for r, g in trained.groupby("run_id")}
     per_kill = []
@@ -538,9 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import tempfile
 
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="neurox-chaos-"))
     if "worker" in args.kinds and args.launcher != "ray-train":
         ap.error("--kinds worker needs --launcher ray-train (inline trials have no Ray Train workers)")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="neurox-chaos-"))
     res = campaign(workdir, args.seeds, args.kills, launcher=args.launcher, plan=args.study, max_rows=args.max_rows,
                    kinds=tuple(args.kinds))
     text = json.dumps(res, indent=1, default=str)

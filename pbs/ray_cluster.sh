@@ -358,7 +358,8 @@ if [[ "$MODE" == node-agent ]]; then
         continue
       fi
       # Ray exited by itself: tell the head why (it fails fast while waiting)
-      echo "ray start exited: $(grep -v '^\s*$' "$STATE/nodes/$RANK.log" | tail -n 1)" >"$STATE/nodes/$RANK.error"
+      echo "ray start exited: $(grep -v -e '^\s*$' -e '^ray_cluster node agent' "$STATE/nodes/$RANK.log" | tail -n 1)" \
+        >"$STATE/nodes/$RANK.error"
       exit 1
     fi
     sleep 0.5

@@ -282,7 +282,13 @@ if [[ "$MODE" == node-agent ]]; then
     signal_groups TERM "$RAY_PID"
     wait_group_gone "$RAY_PID" "$grace"
     signal_groups KILL "$RAY_PID"
-    # then anything else still using the node's temp dir (workers that left the group), and the dir itself
+    # The temp dir (Ray's session: logs, sockets) goes at once, from the shell: the Python helper below took
+    # seconds to start on a loaded 2-core CI host, the head SIGKILLs this agent at its teardown deadline, and an
+    # agent killed there left the whole dir behind. The dir is ours (0700 parent); rm does not follow links.
+    [[ $TMP_MADE -eq 1 ]] && rm -rf -- "$TMP_DIR" 2>/dev/null
+    agent_note "Ray node stopped, temp dir removed"
+    # then anything else still using the node's temp dir (workers that left the group, which may have written
+    # into it again), and the dir itself if it came back
     [[ $TMP_MADE -eq 1 ]] && helper cleanup --path "$TMP_DIR" --grace 1 --kill-wait 1
     wait "$!" 2>/dev/null
     rm -f "$REG"
@@ -290,7 +296,7 @@ if [[ "$MODE" == node-agent ]]; then
   }
   # Every way out says why in the node's log (kept with the bootstrap logs at teardown): a signal, or the command
   # that failed under `set -e`.
-  agent_note() { echo "ray_cluster node agent (rank $RANK, pid $$): $*" >>"$STATE/nodes/$RANK.log" 2>/dev/null || true; }
+  agent_note() { echo "ray_cluster node agent (rank $RANK, pid $$) $(date +%T.%3N): $*" >>"$STATE/nodes/$RANK.log" 2>/dev/null || true; }
   trap agent_cleanup EXIT
   trap 'agent_note "received SIGTERM"; exit 143' TERM
   trap 'agent_note "received SIGINT"; exit 130' INT

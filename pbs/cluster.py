@@ -633,6 +633,77 @@ def cleanup(path: str, grace_s: float = 10.0, kill_wait_s: float = 5.0) -> int:
     return len(pids)
 
 
+EMBEDDED_RE = re.compile(r"ray-(\d+)\.[0-9a-f]{8}")
+"""Name of an embedded Ray's temp dir (``study.sweep.embedded_temp_dir``): the driver's pid, then a nonce."""
+
+
+def sweep_stale_embedded(parent: str | os.PathLike) -> list[str]:
+    """Remove the embedded-Ray temp dirs (``<parent>/nx-<uid>/ray-<pid>.<nonce>``) that a killed driver left.
+
+    A driver that exits normally removes its own (``study.sweep.disconnect_ray``); a SIGKILLed one (a chaos test,
+    the OOM killer, a node's job killed at its walltime) leaves its Ray session behind, 2-4 MB of logs and sockets
+    each, on a node-local ``/tmp`` that other jobs share. One is stale when its driver pid is gone and no process of
+    this user names the dir (command line or the node marker), so a dir whose pid was reused, or whose Ray processes
+    still run, is kept. Only this user's own 0700 parent is looked at, and only real directories of this user are
+    removed. Returns the removed paths.
+    """
+    base = Path(parent) / f"nx-{os.geteuid()}"
+    try:
+        st = os.lstat(base)
+    except OSError:
+        return []
+    if st.st_uid != os.geteuid() or not stat.S_ISDIR(st.st_mode) or stat.S_IMODE(st.st_mode) & 0o077:
+        return []  # not ours, or not private: user_dir refuses it with a message when the driver asks for one
+    candidates = []
+    for d in base.iterdir():
+        m = EMBEDDED_RE.fullmatch(d.name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # the driver (or a process that took its pid) is alive: keep
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # another user's process holds the pid now: the driver is gone
+            pass
+        dst = os.lstat(d)
+        if dst.st_uid == os.geteuid() and stat.S_ISDIR(dst.st_mode):
+            candidates.append(str(d))
+    if not candidates:
+        return []
+    used = _paths_in_use(candidates)
+    removed = []
+    for c in candidates:
+        if c not in used:
+            shutil.rmtree(c, ignore_errors=True)
+            removed.append(c)
+    return removed
+
+
+def _paths_in_use(paths: list[str]) -> set[str]:
+    """Those of ``paths`` that a live process of this user names (one pass over ``/proc``; see
+    :func:`procs_referencing`)."""
+    used: set[str] = set()
+    me, uid = os.getpid(), os.geteuid()
+    needles = {p: re.compile(re.escape(p.rstrip("/").encode()) + rb"(?:/|$|\0)") for p in paths}
+    markers = {f"{NODE_MARKER}={p.rstrip('/')}".encode(): p for p in paths}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == me or _proc_uid(d) != uid:
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for p, rx in needles.items():
+            if p not in used and rx.search(cmd):
+                used.add(p)
+        for e in env:
+            if e in markers:
+                used.add(markers[e])
+    return used
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"

@@ -257,9 +257,15 @@ def embedded_temp_dir(base: str | None = None) -> Path:
     import secrets
     import tempfile
 
-    from pbs.cluster import ClusterError, private_dir
+    from pbs.cluster import ClusterError, private_dir, sweep_stale_embedded
 
     base = base or os.environ.get("NEUROX_RAY_TMP") or tempfile.gettempdir()
+    try:  # what SIGKILLed drivers left (their Ray sessions), before adding ours
+        stale = sweep_stale_embedded(base)
+    except OSError:
+        stale = []
+    if stale:
+        print(f"removed {len(stale)} Ray temp dir(s) of killed drivers under {Path(stale[0]).parent}", file=sys.stderr)
     try:
         return private_dir(base, f"ray-{os.getpid()}.{secrets.token_hex(4)}", per_user=True)
     except ClusterError as exc:  # another user's nx-<uid>, a planted symlink: one line, like every bad input

@@ -31,8 +31,11 @@ This module imports neither Ray nor :mod:`study.sweep`; :mod:`study.sweep` drive
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -66,6 +69,40 @@ def _drop_torn_tail(fd: int) -> None:
     os.ftruncate(fd, 0)
 
 
+#: errors of a storage that may come back by itself (a shared file system remounted read-only while its server or
+#: lease is lost, a disk or quota filled for a moment): the journal waits them out, up to STORAGE_RETRY_S
+TRANSIENT_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+STORAGE_RETRY_S = float(os.environ.get("NEUROX_STORAGE_RETRY_S", "120"))
+
+
+def on_storage(fn, what: str, retry_s: float | None = None):
+    """``fn()``, retried while it fails with a transient storage error (:data:`TRANSIENT_ERRNOS`), with backoff
+    (0.5 s doubling to 5 s) for up to ``retry_s`` (default :data:`STORAGE_RETRY_S`); one line on stderr when the
+    first retry starts; the error itself once the time is up or for any other error.
+
+    The chaos campaign's read-only faults (1-4 s) failed the driver this way: Optuna's journal lock is a symlink
+    made next to the journal, and a driver that opened or told the search in that window exited with a
+    traceback (``[Errno 30] Read-only file system: ... lr-search.journal.lock``); rerunning recovered, but a
+    user should not have to."""
+    limit = STORAGE_RETRY_S if retry_s is None else retry_s
+    deadline, delay = None, 0.5
+    while True:
+        try:
+            return fn()
+        except OSError as exc:
+            if exc.errno not in TRANSIENT_ERRNOS:
+                raise
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + limit
+                print(f"storage: {what}: {exc.strerror}; retrying for up to {limit:.0f} s", file=sys.stderr,
+                      flush=True)
+            if now >= deadline:
+                raise
+            time.sleep(min(delay, max(0.0, deadline - now)))
+            delay = min(delay * 2, 5.0)
+
+
 def _all_or_nothing_backend(path: str):
     """Optuna's ``JournalFileBackend`` whose appends are all or nothing.
 
@@ -81,6 +118,9 @@ def _all_or_nothing_backend(path: str):
 
     class AllOrNothingJournalFileBackend(JournalFileBackend):
         def __init__(self, file_path: str) -> None:
+            on_storage(lambda: self._open(file_path), f"opening the search journal {file_path}")
+
+        def _open(self, file_path: str) -> None:
             super().__init__(file_path)
             with get_lock_file(self._lock):
                 fd = os.open(self._file_path, os.O_RDWR)
@@ -90,6 +130,9 @@ def _all_or_nothing_backend(path: str):
                     os.close(fd)
 
         def append_logs(self, logs: list[dict]) -> None:
+            on_storage(lambda: self._append(logs), f"writing the search journal {self._file_path}")
+
+        def _append(self, logs: list[dict]) -> None:
             import json
 
             data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")

@@ -185,6 +185,7 @@ def test_a_journal_append_that_hits_a_full_disk_leaves_no_torn_record(tmp_path, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     st = optuna.load_study(study_name="s", storage=__import__("study.search_state", fromlist=["x"]).journal_storage(path))
+    monkeypatch.setattr("study.search_state.STORAGE_RETRY_S", 0.0)  # the disk stays full: no waiting it out
     monkeypatch.setattr(os, "write", half_then_enospc)
     with pytest.raises(OSError):
         st.ask()
@@ -214,3 +215,55 @@ def test_a_torn_tail_left_by_a_killed_writer_is_cut_when_the_journal_opens(tmp_p
     st = _journal_with_trials(path, 1)
     assert [t.state.name for t in st.trials] == ["COMPLETE"] * 3
     assert path.read_bytes().endswith(b"\n")
+
+
+def test_a_journal_waits_out_a_read_only_storage_and_gives_up_after_its_limit(tmp_path, monkeypatch, capsys):
+    """The chaos campaign's read-only faults (1-4 s) failed the driver: Optuna's journal lock is a symlink made
+    beside the journal, and opening or telling the search in that window raised EROFS. Now both wait the fault
+    out (one line on stderr), and give up with the error after ``STORAGE_RETRY_S``."""
+    import errno
+    import os
+
+    import optuna
+
+    from study import search_state as S
+
+    path = tmp_path / "j.journal"
+    _journal_with_trials(path, 1)
+    real_symlink, failures = os.symlink, []
+
+    def read_only_for(n):
+        def symlink(*a, **k):
+            if len(failures) < n:
+                failures.append(1)
+                raise OSError(errno.EROFS, "Read-only file system")
+            return real_symlink(*a, **k)
+        return symlink
+
+    monkeypatch.setattr(os, "symlink", read_only_for(2))  # opening the journal (its torn-tail check takes the lock)
+    st = optuna.load_study(study_name="s", storage=S.journal_storage(path))
+    assert len(failures) == 2 and "opening the search journal" in capsys.readouterr().err
+    failures.clear()
+    monkeypatch.setattr(os, "symlink", read_only_for(3))  # telling a trial
+    st.tell(st.ask(), 2.0)
+    assert len(failures) == 3 and "writing the search journal" in capsys.readouterr().err
+    assert [t.state.name for t in optuna.load_study(study_name="s", storage=S.journal_storage(path)).trials] == \
+        ["COMPLETE"] * 2
+    # a storage that stays read-only: the error, after the limit
+    monkeypatch.setattr(S, "STORAGE_RETRY_S", 0.6)
+    failures.clear()
+    monkeypatch.setattr(os, "symlink", read_only_for(10**6))
+    with pytest.raises(OSError, match="Read-only"):
+        st.tell(st.ask(), 3.0)
+    assert 2 <= len(failures) <= 3  # tried at 0, 0.5 and (at most) 0.6 s
+    # any other error is not waited out
+    failures.clear()
+
+    def denied(*a, **k):
+        failures.append(1)
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "symlink", denied)
+    with pytest.raises(PermissionError):
+        S.journal_storage(path)
+    assert len(failures) == 1

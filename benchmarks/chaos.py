@@ -334,8 +334,21 @@ def run_schedule(storage: Path, seed: int, n_kills: int, *, name: str = STUDY, m
     schedule = [(rng.choice(kinds), p, rng.uniform(0.0, 2.0)) for p in points]
     kills: list[dict[str, Any]] = []
     t_start = time.time()
-    proc = subprocess.Popen(command(storage, name), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    # every invocation's output, appended, beside the storage (which a storage fault may make unwritable):
+    # why a command exited with an error is read there
+    log_path = storage.parent / f"{storage.name}-driver.log"
+    launches = 0
+
+    def start() -> subprocess.Popen:
+        nonlocal launches
+        launches += 1
+        with open(log_path, "ab") as log:
+            log.write(f"\n==== invocation {launches} at {time.time() - t_start:.1f} s\n".encode())
+            log.flush()
+            return subprocess.Popen(command(storage, name), cwd=ROOT, env=_env(), stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
+    proc = start()
     reruns = 0
     for kind, at_rows, jitter in schedule:
         while _n_rows(storage, name) < at_rows:
@@ -344,8 +357,7 @@ def run_schedule(storage: Path, seed: int, n_kills: int, *, name: str = STUDY, m
                     break
                 # the command stopped with an error (a trial whose retries a kill spent stays asked and the
                 # search waits for the next command): the documented recovery, rerun it
-                proc = subprocess.Popen(command(storage, name), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
+                proc = start()
                 reruns += 1
             time.sleep(0.3)
         time.sleep(jitter)
@@ -359,8 +371,7 @@ def run_schedule(storage: Path, seed: int, n_kills: int, *, name: str = STUDY, m
             _kill_tree(proc)
             rows_before = _n_rows(storage, name)  # rows the dying driver's trials wrote are not a recovery
             applied = True
-            proc = subprocess.Popen(command(storage, name), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True)  # the documented recovery
+            proc = start()  # the documented recovery
             reruns += 1
         elif kind == "disk":
             # storage fault: the study's disk (a tmpfs of its own, :func:`mount_small_disk`) fills up for a
@@ -404,8 +415,8 @@ def run_schedule(storage: Path, seed: int, n_kills: int, *, name: str = STUDY, m
                 if proc.returncode == 0:
                     break
                 rec["driver_exit"] = proc.returncode  # the fault failed the command: rerun it, as documented
-                proc = subprocess.Popen(command(storage, name), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
+                rec["driver_said"] = last_invocation_lines(log_path)
+                proc = start()
                 reruns += 1
             time.sleep(0.5)
         rec["recover_s"] = round(time.time() - t_kill, 1)
@@ -419,6 +430,16 @@ def run_schedule(storage: Path, seed: int, n_kills: int, *, name: str = STUDY, m
         rc = subprocess.run(command(storage, name), cwd=ROOT, env=_env(), capture_output=True,
                             timeout=timeout).returncode
     return {"seed": seed, "kills": kills, "reruns": reruns, "exit": rc, "wall_s": round(time.time() - t_start, 1)}
+
+
+def last_invocation_lines(log_path: Path, n: int = 4) -> list[str]:
+    """The last ``n`` non-empty lines the latest invocation in a schedule's driver log printed (why it exited)."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return []
+    last = text.rsplit("\n==== invocation ", 1)[-1].splitlines()[1:]
+    return [line[:300] for line in last if line.strip()][-n:]
 
 
 def fill_disk(disk: Path, leave_bytes: int = 0) -> tuple[Path, int]:

@@ -32,6 +32,9 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[2, 4, 8], help="loader worker counts to time")
     ap.add_argument("--batches", type=int, default=40, help="timed micro-batches per worker count")
     ap.add_argument("--skip", type=int, default=4, help="untimed micro-batches first (worker start, first reads)")
+    ap.add_argument("--pin", choices=["on", "off", "both"], default="on",
+                    help="the DataLoader's pin_memory (train() pins on CUDA); 'both' times each worker count twice, "
+                         "to see whether the one pin-memory thread caps the rate")
     ap.add_argument("--out", default=None, help="JSON output path")
     args = ap.parse_args(argv)
 
@@ -65,10 +68,11 @@ def main(argv=None) -> None:
         ds[p]
     cpu_per_window = (time.process_time() - t0) / n1
     rows = []
-    for w in args.workers:
+    pins = {"on": [True], "off": [False], "both": [True, False]}[args.pin]
+    for w, pin in [(w, pin) for w in args.workers for pin in pins]:
+        pin = pin and ctx.device.type == "cuda"
         state = PretrainState()
-        loader = make_loader(ds, state, 10**6, plan, ctx, spec.replace(num_workers=w),
-                             pin_memory=ctx.device.type == "cuda")
+        loader = make_loader(ds, state, 10**6, plan, ctx, spec.replace(num_workers=w), pin_memory=pin)
         for _ in range(args.skip):
             to_device(next(loader), ctx.device)
         sync()
@@ -78,8 +82,9 @@ def main(argv=None) -> None:
         sync()
         dt = time.perf_counter() - t0
         rate = args.batches * args.micro_batch / dt
-        rows.append({"workers": w, "samples_per_s": rate, "per_worker": rate / max(w, 1)})
-        print(f"workers {w:2d}: {rate:7.1f} samples/s ({rate / max(w, 1):.1f} per worker)", flush=True)
+        rows.append({"workers": w, "pin_memory": pin, "samples_per_s": rate, "per_worker": rate / max(w, 1)})
+        print(f"workers {w:2d}, pin {'on ' if pin else 'off'}: {rate:7.1f} samples/s ({rate / max(w, 1):.1f} per "
+              "worker)", flush=True)
         del loader, b
     out = {"device": torch.cuda.get_device_name() if ctx.device.type == "cuda" else "cpu", "cores": os.cpu_count(),
            "micro_batch": args.micro_batch, "T": args.T, "cpu_s_per_window": cpu_per_window,

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# One call on a lent single-GPU machine for the open GPU targets (issues #22 and #24), stage by stage, each under
+# its own time limit so that one slow stage cannot eat the call. Results -> $OUT (JSON per stage, session.log).
+#   mamba         the fused selective scan beside the chunked scan: accuracy against float64, one layer's time,
+#                 the 3.1M model's train steps with each, a profile, compiled blocks (benchmarks/mamba_scan_benchmark.py)
+#   train51       train() at the SwiFT v1 reference configuration (51M, patch 6x6x6x1, windows 4x4x4x4, 96^3 x 20,
+#                 micro-batch 16, bf16 autocast), product defaults (regional compile, CUDA graphs for the small
+#                 stages, fused AdamW, DDP at world 1), inputs preloaded on the device: the model's own rate
+#   train51-bf16  the same with SwiftConfig.bf16_residual=True
+#   harness       benchmarks/swift_benchmark.py select-cgs at the same configuration (the harness ceiling)
+#   paired        the bf16-residual decision: train() with and without bf16_residual, same seed, data order and masks,
+#                 on the HDF5 synthetic cohort, STEPS (250) steps each, both runs at once (their compiles overlap)
+#   loader        the product loader alone at 8 workers, pin_memory on and off (is the one pinning thread the cap?)
+# Usage (device tool; carry .gpubundle for hdf5plugin):  bash benchmarks/gpu_targets_session.sh mamba train51
+set -uo pipefail
+OUT=${OUT:-/tmp/neurox_out}
+mkdir -p "$OUT"
+[[ -d .gpubundle/h5site ]] && export PYTHONPATH=$PWD/.gpubundle/h5site${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
+log=$OUT/session.log
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; nproc; } 2>&1 | tee -a "$log"
+V1='"patch_size":[6,6,6,1],"window_size":[4,4,4,4],"mask_patch_size":[12,12,12,2]'
+COHORT=${COHORT:-/tmp/neurox_cohort96}
+STEPS=${STEPS:-250}
+speed=(--size 51M --mode weak --micro-batch 16 --dist ddp --compile --T 20 --log-every 10 --eval-windows 0
+       --data preloaded --steps "${SPEED_STEPS:-80}" --warmup 10)
+cohort() {
+  [[ -f "$COHORT/manifest.parquet" ]] && return 0
+  echo "== cohort $(date +%T)" | tee -a "$log"
+  python3 - <<PY 2>&1 | tail -2 | tee -a "$log"
+import sys, time
+sys.path.insert(0, "benchmarks")
+from pathlib import Path
+import numpy as np
+import data.synthetic as S
+try:
+    import nilearn  # noqa: F401
+except ImportError:  # the GPU image lacks nilearn: the committed MNI152 mask at 96^3 stands in (forked workers see it)
+    _m = np.load("benchmarks/mni152_brain_mask_96.npz")["mask"].astype(bool)
+    S.brain_mask = lambda grid: _m
+from train_scaling import ensure_cohort
+t = time.time()
+print(ensure_cohort(Path("$COHORT"), 32, 60), f"{time.time() - t:.0f} s")
+PY
+}
+quiet() { grep -v -i -E "warn|detach|row\[" | cut -c1-1500; }
+for s in ${*:-mamba train51}; do
+  echo "== $s $(date +%T)" | tee -a "$log"
+  case $s in
+    mamba)
+      timeout "${MAMBA_S:-250}" python3 benchmarks/mamba_scan_benchmark.py --out "$OUT/mamba" \
+        --budget-s "${MAMBA_BUDGET_S:-190}" 2>&1 | quiet | tail -25 | tee -a "$log" ;;
+    train51)
+      timeout "${TRAIN_S:-330}" python3 benchmarks/train_scaling.py "${speed[@]}" --overrides "{$V1}" \
+        --out "$OUT/train51.json" 2>&1 | quiet | tail -6 | tee -a "$log" ;;
+    train51-bf16)
+      timeout "${TRAIN_S:-330}" python3 benchmarks/train_scaling.py "${speed[@]}" \
+        --overrides "{$V1,\"bf16_residual\":true}" --out "$OUT/train51_bf16.json" 2>&1 | quiet | tail -6 | tee -a "$log" ;;
+    harness)
+      timeout "${HARNESS_S:-200}" python3 benchmarks/swift_benchmark.py --suite target --batches 16 --compile block-cgs \
+        --sdpa cudnn --attn-impl auto --bf16-residual --select --steps 20 --warmup 3 --out "$OUT/harness.json" 2>&1 \
+        | quiet | tail -3 | tee -a "$log" ;;
+    paired)
+      cohort
+      common=(--size 51M --mode weak --micro-batch 16 --dist ddp --compile --T 20 --log-every 10 --lr 1e-3
+              --warmup-frac 0.1 --eval-windows 2 --data hdf5 --manifest "$COHORT/manifest.parquet" --loader-workers 7
+              --steps "$STEPS" --warmup 10)
+      for v in fp32res bf16res; do
+        ov="{$V1}"; [[ $v == bf16res ]] && ov="{$V1,\"bf16_residual\":true}"
+        timeout "${PAIRED_S:-420}" python3 benchmarks/train_scaling.py "${common[@]}" --overrides "$ov" \
+          --out "$OUT/paired_$v.json" >"$OUT/paired_$v.log" 2>&1 &
+      done
+      wait
+      for v in fp32res bf16res; do echo "-- $v"; quiet <"$OUT/paired_$v.log" | tail -4; done | tee -a "$log" ;;
+    loader)
+      cohort
+      timeout "${LOADER_S:-120}" python3 benchmarks/loader_rate.py --manifest "$COHORT/manifest.parquet" --workers 8 \
+        --pin both --batches 30 --out "$OUT/loader_rate.json" 2>&1 | tail -4 | tee -a "$log" ;;
+    *) echo "unknown stage $s" | tee -a "$log" ;;
+  esac
+done
+echo "== done $(date +%T)" | tee -a "$log"

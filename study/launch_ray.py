@@ -134,11 +134,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         all_ranks_report=RayReporter())
     checkpoint = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="neurox-") as local:
-        ray_dir = checkpoint.to_directory(os.path.join(local, "resume")) if checkpoint is not None else None
         # Ray's checkpoint is the newest its controller registered, which lags what the worker persisted (seen: 2
         # steps behind when the driver was killed, each retrained and its row written twice); an inline trial of an
         # earlier study run may also have left a newer one. The newest complete one whose row is stored wins.
-        resume = newer_checkpoint(ray_dir, resume_point(run_storage, stored_steps(env.store_dir, spec)))
+        resume = resume_checkpoint(checkpoint, resume_point(run_storage, stored_steps(env.store_dir, spec)),
+                                   os.path.join(local, "resume"))
         try:
             train(spec, ctx, reporter, run_dir=os.path.join(local, "run"), resume_from=resume,
                   should_stop=stop_checker(env.stop_file, env.deadline), quarantine=quarantine_of(env))
@@ -160,6 +160,32 @@ def newer_checkpoint(ray_dir: str | None, ours: str | os.PathLike | None) -> str
         return str(ours)
     ray_step, our_step = checkpoint_step(ray_dir), checkpoint_step(ours)
     return str(ours) if our_step is not None and (ray_step is None or our_step > ray_step) else ray_dir
+
+
+def resume_checkpoint(checkpoint, ours: str | os.PathLike | None, local: str) -> str | None:
+    """Where a Ray Train worker resumes: :func:`newer_checkpoint` of Ray's ``checkpoint`` (a
+    ``ray.train.Checkpoint`` or None) and ``ours``, copying Ray's to ``local`` only when it may win. On a local or
+    shared file system Ray's step is read in place, so when ours is as new (after a driver kill, the usual case)
+    the checkpoint, gigabytes at the large sizes, is not copied to the worker's temp dir for nothing."""
+    if checkpoint is None:
+        return newer_checkpoint(None, ours)
+    if ours is not None:
+        our_step, ray_step = checkpoint_step(ours), _step_in_place(checkpoint)
+        if our_step is not None and ray_step is not None and our_step >= ray_step:
+            return str(ours)
+    return newer_checkpoint(checkpoint.to_directory(local), ours)
+
+
+def _step_in_place(checkpoint) -> int | None:
+    """A ``ray.train.Checkpoint``'s step read where it lies, when that is this machine's file system; else None."""
+    try:
+        import pyarrow.fs as pafs
+
+        if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+            return checkpoint_step(checkpoint.path)
+    except Exception:  # noqa: BLE001 - any doubt: copy it, as before
+        return None
+    return None
 
 
 def _run_env(env: RunEnv, fn: str) -> RunEnv:

@@ -87,6 +87,34 @@ def test_ray_train_resumes_from_the_newest_of_rays_and_the_persisted_checkpoints
     assert newer_checkpoint(None, None) is None
 
 
+def test_a_worker_copies_rays_checkpoint_only_when_it_may_be_newer(tmp_path, monkeypatch):
+    """A Ray Train worker resuming after a driver kill usually finds our checkpoint as new as Ray's: Ray's is then
+    read in place, not copied (gigabytes at the large sizes) to the worker's temp dir."""
+    from ray.train import Checkpoint
+
+    from study.launch_ray import resume_checkpoint
+
+    copies = []
+    real = Checkpoint.to_directory
+
+    def counting(self, path=None):
+        copies.append(path)
+        return real(self, path)
+
+    monkeypatch.setattr(Checkpoint, "to_directory", counting)
+    ray5 = Checkpoint.from_directory(str(_fake_checkpoint(tmp_path / "checkpoint_5", 5)))
+    ray7 = Checkpoint.from_directory(str(_fake_checkpoint(tmp_path / "checkpoint_7", 7)))
+    ours7 = _fake_checkpoint(tmp_path / "inline7", 7)
+    assert resume_checkpoint(ray5, ours7, str(tmp_path / "l1")) == str(ours7) and copies == []
+    assert resume_checkpoint(ray7, ours7, str(tmp_path / "l2")) == str(ours7) and copies == []  # a tie: ours
+    ours5 = _fake_checkpoint(tmp_path / "inline5", 5)
+    got = resume_checkpoint(ray7, ours5, str(tmp_path / "l3"))
+    assert got == str(tmp_path / "l3") and copies == [str(tmp_path / "l3")]  # Ray's is newer: copied, used
+    assert resume_checkpoint(ray5, None, str(tmp_path / "l4")) == str(tmp_path / "l4")
+    assert resume_checkpoint(None, ours5, str(tmp_path / "l5")) == str(ours5)
+    assert resume_checkpoint(None, None, str(tmp_path / "l6")) is None
+
+
 def test_config_search_exports_from_either_launchers_checkpoints(tmp_path):
     """Regression: config search's fine-tuning exports looked only for Ray Train's ``checkpoint_*`` copies, so
     a pre-training run trained inline (the default for one-worker runs) had "no complete checkpoint"."""

@@ -306,10 +306,16 @@ def test_auto_selection_and_override(monkeypatch):
             K.fused_selective_scan(u, u, torch.zeros(2, 3), torch.zeros(1, 4, 3), torch.zeros(1, 4, 3))
     assert scan._auto_impl(u.double()) in ("auto",)  # float64 never goes to the float32 kernel
     monkeypatch.setattr(K, "available", lambda device: True)
-    # opt-in until checked on a GPU: auto keeps the measured scans even where the kernel could run
-    assert not scan.FUSED_IN_AUTO and scan._auto_impl(u) == "auto"
-    monkeypatch.setattr(scan, "FUSED_IN_AUTO", True)
+    # on since the H100 check: where the kernel can run (and is not the CPU interpreter), auto picks it
+    assert scan.FUSED_IN_AUTO and K.default_config() == K.CONFIGS[K.DEFAULT_CONFIG]
+    monkeypatch.setattr(K, "INTERPRET", False)
     assert scan._auto_impl(u) == "fused" and scan._auto_impl(u.double()) == "auto"
+    monkeypatch.setattr(K, "INTERPRET", True)  # the interpreter is a test vehicle, never auto's choice
+    assert scan._auto_impl(u) == "auto"
+    monkeypatch.setattr(K, "INTERPRET", False)
+    monkeypatch.setattr(scan, "FUSED_IN_AUTO", False)
+    assert scan._auto_impl(u) == "auto"
+    monkeypatch.setattr(scan, "FUSED_IN_AUTO", True)
     monkeypatch.setenv(SCAN_ENV, "chunked")
     assert scan._auto_impl(u) == "chunked"
     monkeypatch.setenv(SCAN_ENV, "auto")

@@ -295,7 +295,10 @@ class PositionDataset(torch.utils.data.Dataset):
             item = self.ds[idx]
         except (OSError, ValueError, KeyError) as exc:  # SubjectFileError is a ValueError
             raise self._bad(f"window {idx}: {exc}", path, exc) from exc
-        if not all_finite(item["x"]):
+        # a dataset that verified its windows once (an in-memory pool; ``"finite": True``) is not checked per
+        # access: on windows that live on the GPU the check is two host-device syncs each, 32 per step of 16,
+        # which kept the host from running ahead (15 ms of a 83 ms step on an H100, BENCHMARKS.md session 15)
+        if item.get("finite") is not True and not all_finite(item["x"]):
             src = path or item.get("subject", "?")
             raise self._bad(f"window {idx} of {src} (subject {item.get('subject', '?')}): non-finite values", path)
         return item

@@ -306,3 +306,32 @@ def test_gc_every_collects_by_hand_at_the_same_steps_only(tiny_cohort, every):
         assert seen == [(2, False), (2, False)]
     else:
         assert seen and all(enabled for _, enabled in seen)  # the automatic collector ran inside the loop
+
+
+def test_a_window_is_checked_for_finite_values_unless_its_dataset_vouches_for_it(monkeypatch):
+    """Each window's values are checked (a NaN stops the run naming it), except where the dataset has verified its
+    windows once (an in-memory pool: ``"finite": True``): on GPU-resident windows the per-access check was two
+    host-device syncs per window, 32 per step (BENCHMARKS.md, session 15)."""
+    import data.transforms as T
+    from study.loop import BadDataError, PositionDataset, SampleOrder
+
+    class Pool:
+        def __init__(self, vouch):
+            self.vouch = vouch
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            x = torch.zeros(1, 4, 4, 4, 2)
+            if i == 1:
+                x[0, 0, 0, 0, 0] = float("nan")
+            return {"x": x, "subject": f"s{i}", **({"finite": True} if self.vouch else {})}
+
+    order = SampleOrder(2, 0)
+    bad_pos = next(p for p in range(2) if order.index(p) == 1)
+    with pytest.raises(BadDataError, match="s1.*non-finite values"):
+        PositionDataset(Pool(vouch=False), order)[bad_pos]
+    calls = []
+    monkeypatch.setattr("study.loop.all_finite", lambda t: calls.append(1) or T.all_finite(t))
+    assert PositionDataset(Pool(vouch=True), order)[bad_pos]["subject"] == "s1" and calls == []

@@ -171,3 +171,36 @@ def test_head_loss_restarts_the_head_and_the_study_resumes(tmp_path, reference, 
         a, b = got[col].to_numpy(float), want[col].to_numpy(float)
         np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
         np.testing.assert_allclose(a[~np.isnan(a)], b[~np.isnan(b)], rtol=1e-6, err_msg=col)
+
+
+def test_a_node_whose_ray_dies_alone_says_why_and_cleans_up(tmp_path):
+    """Node 1's Ray dies while the head is fine (no head restart comes): its agent gives the head 20 s to start one,
+    then writes ``ray start exited: <the last line of Ray's own output>`` as the node's error (never one of its own
+    notes), exits, and leaves neither processes nor its temp dir; the command runs on to its end."""
+    nodes = NetnsNodes(2, tmp_path)
+    jobid = str(71000 + int(time.time()) % 999)
+    c = ClusterProcess(nodes, tmp_path, jobid, "run",
+                       ["--iface", "hsn0", "--num-cpus", "1", "--object-store-bytes", "80000000", "--join-timeout", "240"],
+                       [sys.executable, "-c", "import time; time.sleep(40)"])
+    try:
+        assert c.wait_for("all 2 nodes joined", 240), c.text()[-3000:]
+        _kill_all(_node_ray_pids(nodes, 1))
+        error = c.state / "nodes" / "1.error"
+        end = time.monotonic() + 60
+        while time.monotonic() < end and not error.exists():
+            time.sleep(0.5)
+        said = error.read_text() if error.exists() else ""
+        rc = c.proc.wait(120)
+        text = c.text()
+    finally:
+        if c.proc.poll() is None:
+            c.terminate()
+        nodes.close()
+    kept = _kept_logs(tmp_path / "state" / "logs" / jobid)
+    assert said.startswith("ray start exited: ") and "ray_cluster node agent" not in said, (said, kept)
+    assert rc == 0, text[-3000:] + kept  # the command (which did not need node 1) ran to its end
+    left_procs, left_dirs = procs_of_job(jobid), node_tmp_dirs(jobid)
+    for d in left_dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    assert left_procs == [] and left_dirs == [], (left_procs, left_dirs, kept)
+    assert "exiting with status 1" in kept and "temp dir removed" in kept, kept

@@ -89,7 +89,7 @@ class SwiftConfig:
     embedding on) in bf16 instead of float32. Norms still compute in float32 and weights stay float32
     (Megatron-LM's default, ``fp32_residual_connection=False``). Halves the bytes of the residual adds and
     norm reads, which dominate the memory-bound first stages. No effect without autocast. Off by default: on
-    one H100 (session 15) it made the v1-configuration `train()` step 5.8% faster, but a paired 260-step run
+    one H100 (session 15) it made the v1-configuration `train()` step 12% faster, but a paired 260-step run
     ended 1.9% higher in train loss and 1.5% in validation (BENCHMARKS.md)."""
     fused_head: bool = True
     """4D family: on CUDA with Triton, compute the decoder's tail (GELU, linear to voxels) and the reconstruction

@@ -267,13 +267,16 @@ if [[ "$MODE" == node-agent ]]; then
   # The head waits TEARDOWN_S for every agent; an agent notices the head's teardown within 0.5 s.
   agent_cleanup() {
     local rc=$? grace=$((TEARDOWN_S / 4))
+    # first of all: a launcher forwards the head's SIGTERM too, so a second one comes within milliseconds, and
+    # its trap's `exit` (the EXIT trap already gone) ended the cleanup there: Ray and its temp dir were left (CI,
+    # session 15; reproduced with a second TERM 1-4 ms after the first)
+    trap '' TERM INT HUP
     trap - EXIT ERR
     agent_note "exiting with status $rc"
     if [[ $rc -ne 0 && $rc -lt 128 && ! -e "$STATE/nodes/$RANK.error" ]]; then # tell the head (it fails fast)
       echo "node agent exited with status $rc (its notes: the node's log, kept with the bootstrap logs)" \
         >"$STATE/nodes/$RANK.error" 2>/dev/null
     fi
-    trap '' TERM INT HUP # a launcher forwards the head's SIGTERM too: a second one must not cut the cleanup short
     set +e
     [[ -n "${STAGED_DIR:-}" ]] && rm -rf "$STAGED_DIR" & # sensitive data first, in parallel with the rest
     # The Ray node's own process group first, from the shell: SIGTERM, up to `grace` s, SIGKILL. Starting Python
@@ -298,9 +301,10 @@ if [[ "$MODE" == node-agent ]]; then
   # that failed under `set -e`.
   agent_note() { echo "ray_cluster node agent (rank $RANK, pid $$) $(date +%T.%3N): $*" >>"$STATE/nodes/$RANK.log" 2>/dev/null || true; }
   trap agent_cleanup EXIT
-  trap 'agent_note "received SIGTERM"; exit 143' TERM
-  trap 'agent_note "received SIGINT"; exit 130' INT
-  trap 'agent_note "received SIGHUP"; exit 129' HUP
+  # each handler ignores further signals first: one more arriving inside it would run it again
+  trap 'trap "" TERM INT HUP; agent_note "received SIGTERM"; exit 143' TERM
+  trap 'trap "" TERM INT HUP; agent_note "received SIGINT"; exit 130' INT
+  trap 'trap "" TERM INT HUP; agent_note "received SIGHUP"; exit 129' HUP
   trap 'agent_note "command failed (exit $?) at line $LINENO: $BASH_COMMAND"' ERR
   set -E # ... also inside functions
   err=$(make_private "$TMP_DIR" 2>&1) || fail "${err#ray_cluster: }"
@@ -462,10 +466,10 @@ err=$(helper private-dir --parent "$STATE_BASE" --name "$JOBKEY" 2>&1 >/dev/null
 HEAD_PID="" WATCH_PID="" WAIT_PID="" CMD_PID="" CLEAN_PID="" RM_PID="" NEXT_JOB="" TORN=0 TMP_MADE=0 LAUNCH_PIDS=()
 teardown() {
   local rc=$? t0 deadline
+  trap '' TERM INT HUP # a second SIGTERM (PBS signals the whole job) must not cut the teardown short
   [[ $TORN -eq 1 ]] && return 0
   TORN=1
   trap - EXIT
-  trap '' TERM INT HUP # a second SIGTERM (PBS signals the whole job) must not cut the teardown short
   set +e # best effort from here on: one failed step must not skip the rest
   t0=$(now_ms)
   deadline=$((t0 + TEARDOWN_S * 1000 - 1000)) # PBS SIGKILLs kill_delay (10 s) after SIGTERM: all in parallel
@@ -501,7 +505,7 @@ teardown() {
   exit "$rc"
 }
 trap teardown EXIT
-trap 'log "received termination signal"; exit 143' TERM INT HUP
+trap 'trap "" TERM INT HUP; log "received termination signal"; exit 143' TERM INT HUP
 
 mkdir "$STATE/nodes"
 helper token "$STATE/token"

@@ -29,21 +29,7 @@ speed=(--size 51M --mode weak --micro-batch 16 --dist ddp --compile --T 20 --log
 cohort() {
   [[ -f "$COHORT/manifest.parquet" ]] && return 0
   echo "== cohort $(date +%T)" | tee -a "$log"
-  python3 - <<PY 2>&1 | tail -2 | tee -a "$log"
-import sys, time
-sys.path.insert(0, "benchmarks")
-from pathlib import Path
-import numpy as np
-import data.synthetic as S
-try:
-    import nilearn  # noqa: F401
-except ImportError:  # the GPU image lacks nilearn: the committed MNI152 mask at 96^3 stands in (forked workers see it)
-    _m = np.load("benchmarks/mni152_brain_mask_96.npz")["mask"].astype(bool)
-    S.brain_mask = lambda grid: _m
-from train_scaling import ensure_cohort
-t = time.time()
-print(ensure_cohort(Path("$COHORT"), 32, 60), f"{time.time() - t:.0f} s")
-PY
+  python3 benchmarks/make_cohort96.py "$COHORT" 2>&1 | tail -2 | tee -a "$log"
 }
 quiet() { grep -v -i -E "warn|detach|row\[" | cut -c1-1500; }
 for s in ${*:-mamba train51}; do

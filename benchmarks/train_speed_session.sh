@@ -27,21 +27,7 @@ V1='"patch_size":[6,6,6,1],"window_size":[4,4,4,4],"mask_patch_size":[12,12,12,2
 COHORT=${COHORT:-/tmp/neurox_cohort96}
 STEPS=${STEPS:-240}
 echo "== cohort $(date +%T)" | tee -a "$log"
-python3 - <<PY 2>&1 | tail -2 | tee -a "$log"
-import sys, time
-sys.path.insert(0, "benchmarks")
-from pathlib import Path
-import numpy as np
-import data.synthetic as S
-try:
-    import nilearn  # noqa: F401
-except ImportError:  # the GPU image lacks nilearn: the committed MNI152 mask at 96^3 stands in (forked workers see it)
-    _m = np.load("benchmarks/mni152_brain_mask_96.npz")["mask"].astype(bool)
-    S.brain_mask = lambda grid: _m
-from train_scaling import ensure_cohort
-t = time.time()
-print(ensure_cohort(Path("$COHORT"), 32, 60), f"{time.time() - t:.0f} s")
-PY
+python3 benchmarks/make_cohort96.py "$COHORT" 2>&1 | tail -2 | tee -a "$log"
 echo "== loader $(date +%T)" | tee -a "$log"
 timeout 90 python3 benchmarks/loader_rate.py --manifest "$COHORT/manifest.parquet" --workers 4 8 14 --batches 30 \
   --out "$OUT/loader_rate.json" 2>&1 | tail -6 | tee -a "$log"

@@ -572,30 +572,39 @@ def procs_referencing(path: str) -> list[int]:
 
     Only this user's processes count: another user's process that merely names the path (``tail -f`` of a
     log, a planted command line) is neither signalled nor waited for, also when running as root."""
-    pids = []
+    return _procs_naming([path])[path]
+
+
+def _procs_naming(paths: list[str]) -> dict[str, list[int]]:
+    """For each of ``paths``, the PIDs (other than this one) of this user's processes that name it (see
+    :func:`procs_referencing`), in one pass over ``/proc``."""
+    found: dict[str, list[int]] = {p: [] for p in paths}
     me, uid = os.getpid(), os.geteuid()
-    needle = path.rstrip("/").encode()
-    marker = f"{NODE_MARKER}={path.rstrip('/')}".encode()
+    # match the path itself or the path followed by '/' (not a longer sibling like _10 vs _1)
+    needles = {p: re.compile(re.escape(p.rstrip("/").encode()) + rb"(?:/|$)") for p in paths}
+    markers = {p: f"{NODE_MARKER}={p.rstrip('/')}".encode() for p in paths}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit() or int(d.name) == me:
             continue
         if _proc_uid(d) != uid:
             continue
         try:
-            cmd = (d / "cmdline").read_bytes()
+            args = (d / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        # match the path itself or the path followed by '/' (not a longer sibling like _10 vs _1)
-        if any(re.search(re.escape(needle) + rb"(?:/|$)", arg) for arg in cmd.split(b"\0")):
-            pids.append(int(d.name))
-            continue
-        try:
-            env = (d / "environ").read_bytes()
-        except OSError:  # gone
-            continue
-        if marker in env.split(b"\0"):
-            pids.append(int(d.name))
-    return pids
+        env = None
+        for p in paths:
+            if any(needles[p].search(arg) for arg in args):
+                found[p].append(int(d.name))
+                continue
+            if env is None:
+                try:
+                    env = (d / "environ").read_bytes().split(b"\0")
+                except OSError:  # gone
+                    env = []
+            if markers[p] in env:
+                found[p].append(int(d.name))
+    return found
 
 
 def cleanup(path: str, grace_s: float = 10.0, kill_wait_s: float = 5.0) -> int:
@@ -671,37 +680,13 @@ def sweep_stale_embedded(parent: str | os.PathLike) -> list[str]:
             candidates.append(str(d))
     if not candidates:
         return []
-    used = _paths_in_use(candidates)
+    used = {p for p, pids in _procs_naming(candidates).items() if pids}
     removed = []
     for c in candidates:
         if c not in used:
             shutil.rmtree(c, ignore_errors=True)
             removed.append(c)
     return removed
-
-
-def _paths_in_use(paths: list[str]) -> set[str]:
-    """Those of ``paths`` that a live process of this user names (one pass over ``/proc``; see
-    :func:`procs_referencing`)."""
-    used: set[str] = set()
-    me, uid = os.getpid(), os.geteuid()
-    needles = {p: re.compile(re.escape(p.rstrip("/").encode()) + rb"(?:/|$|\0)") for p in paths}
-    markers = {f"{NODE_MARKER}={p.rstrip('/')}".encode(): p for p in paths}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == me or _proc_uid(d) != uid:
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes()
-            env = (d / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for p, rx in needles.items():
-            if p not in used and rx.search(cmd):
-                used.add(p)
-        for e in env:
-            if e in markers:
-                used.add(markers[e])
-    return used
 
 
 def _is_zombie(pid: int) -> bool:

@@ -53,13 +53,14 @@ from analysis.fitter import FitResult, fit_form
 
 __all__ = ["Target", "DesignRound", "candidates", "fit_law", "predict_target", "target_gradient",
            "law_gradient", "noise_variance", "robust_covariance", "acquire", "stop_reason", "design_round", "TARGET_KINDS",
-           "RAW", "QUICK_GRID", "ROUNDS_TABLE", "read_rounds", "plot_rounds", "acquire_best", "RULES", "rounds_markdown"]
+           "RAW", "QUICK_GRID", "ROUNDS_TABLE", "read_rounds", "plot_rounds", "acquire_best", "acquire_relaxed", "relaxed_design", "RULES",
+           "rounds_markdown"]
 
 #: Raw approach-3 parameters, in the order of ``ChinchillaForm.param_names``.
 RAW = ("a", "b", "alpha", "beta", "e")
 TARGET_KINDS = ("loss", "optimum")
 #: Acquisition rules of :func:`design_round` (``--acquisition`` of the study and the benchmark).
-RULES = ("best", "ratio", "plain")
+RULES = ("best", "ratio", "plain", "relaxed")
 #: Store table of the adaptive study's rounds (one row per round; written by ``study/adaptive.py``).
 ROUNDS_TABLE = "adaptive_rounds"
 #: A small grid of starts (3 x 3 x 2 x 2 x 2 = 72) for fresh fits where the full 4500-start grid is too
@@ -348,6 +349,121 @@ def acquire(fit: FitResult, cands: pd.DataFrame, target: Target, *, batch_size: 
     return chosen, scores
 
 
+def relaxed_design(P0: np.ndarray, J: np.ndarray, cost: np.ndarray, g: np.ndarray, s2: float, *,
+                   budget: float = np.inf, count: float = np.inf) -> tuple[np.ndarray, float]:
+    """``(w, variance)``: the relaxed c-optimal design over candidates with law gradients ``J`` ``(n, 5)``.
+
+    Minimizes ``g' (P0 + sum_c w_c j_c j_c' / s2)^-1 g`` over ``w`` in ``[0, 1]^n`` subject to
+    ``sum_c w_c cost_c <= budget`` and ``sum_c w_c <= count``; ``P0`` is the precision already held (the
+    runs made; zeros for none, then the candidates alone must identify the target). Convex (a matrix-fractional
+    function of an affine map of ``w``), solved by SLSQP with the analytic gradient; the optimum bounds the
+    linearized variance of every design that takes each candidate at most once within the same budget.
+    """
+    from scipy.optimize import minimize
+
+    J = np.asarray(J, dtype=np.float64)
+    cost = np.asarray(cost, dtype=np.float64)
+    P0 = (np.asarray(P0, dtype=np.float64) + np.asarray(P0, dtype=np.float64).T) / 2
+    n = len(J)
+    if n == 0:
+        return np.zeros(0), float("nan")
+    ridge = 1e-12 * max(1.0, float(np.abs(P0).max()))
+    full = P0 + J.T @ J / s2 + ridge * np.eye(5)
+    v_all = float(g @ np.linalg.solve(full, g))  # every candidate: the scale of the objective
+
+    def f(w):
+        M = P0 + (J * w[:, None]).T @ J / s2 + ridge * np.eye(5)
+        v = np.linalg.solve(M, g)
+        return float(g @ v) / v_all, -((J @ v) ** 2) / s2 / v_all
+
+    cons = []
+    if np.isfinite(count):
+        cons.append(dict(type="ineq", fun=lambda w: count - w.sum(), jac=lambda w: -np.ones_like(w)))
+    if np.isfinite(budget):
+        scale = float(cost.max())
+        cons.append(dict(type="ineq", fun=lambda w: (budget - w @ cost) / scale, jac=lambda w: -cost / scale))
+    w0 = np.full(n, min(1.0, count / n, budget / cost.sum()))
+    res = minimize(lambda w: f(w)[0], w0, jac=lambda w: f(w)[1], method="SLSQP", bounds=[(0.0, 1.0)] * n,
+                   constraints=cons, options=dict(maxiter=500, ftol=1e-12))
+    w = np.clip(res.x, 0.0, 1.0)
+    return w, f(w)[0] * v_all
+
+
+def acquire_relaxed(fit: FitResult, cands: pd.DataFrame, target: Target, *, batch_size: int = 4,
+                    budget: float | None = None, exclude: Sequence[int] = (), noise_var: float | None = None,
+                    **_ignored) -> tuple[list[int], pd.DataFrame]:
+    """The batch that minimizes the target's variance *jointly*: the relaxed c-optimal design, rounded.
+
+    The greedy rules add one run at a time, and a run that pins a direction only together with another
+    (the two ends of an IsoFLOP curve, which fix its curvature) scores low alone. Here the batch is chosen
+    as a whole: with ``P0 = S^-1`` the precision of the fit so far (``S``: :func:`robust_covariance`) and
+    ``w_c`` in ``[0, 1]`` the share of candidate ``c`` taken, minimize ``g' (P0 + sum_c w_c j_c j_c' / s2)^-1 g``
+    subject to ``sum_c w_c cost_c <= budget`` and ``sum_c w_c <= batch_size``. The objective is convex in
+    ``w`` (a matrix-fractional function of an affine map), so the relaxation has one optimum (SLSQP, with its
+    analytic gradient ``-(j_c' M^-1 g)^2 / s2``), and its value bounds every batch of those runs from below.
+    Rounding: candidates in order of ``w``, each taken if it fits the budget and the count, with the
+    rank-one update of :func:`acquire`; what room is left goes to the plain greedy. ``scores`` carries the
+    relaxed weights (``weight``) and the relaxation's variance (``attrs["variance_relaxed"]``).
+    """
+    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+        raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
+    if budget is not None and not (np.isfinite(budget) and budget > 0):
+        raise ValueError(f"budget={budget!r}: must be a finite cost > 0")
+    for col in ("N", "D", "cost"):
+        if col not in cands:
+            raise ValueError(f"cands: missing column {col!r} (build it with analysis.design.candidates)")
+        _check_array(f"cands[{col!r}]", cands[col])
+    g = target_gradient(fit.theta, target)
+    S = robust_covariance(fit, target, g)
+    J = law_gradient(fit.theta, cands["N"].to_numpy(), cands["D"].to_numpy())
+    s2 = noise_variance(fit) if noise_var is None else float(noise_var)
+    cost = cands["cost"].to_numpy(dtype=np.float64)
+    left = np.inf if budget is None else float(budget)
+    avail = np.ones(len(cands), bool)
+    avail[list(exclude)] = False
+    avail &= cost <= left
+    idx = np.nonzero(avail)[0]
+    v0 = float(g @ S @ g)
+    weights = np.zeros(len(cands))
+    v_relaxed = v0
+    if len(idx):
+        P0 = np.linalg.inv(S)
+        weights[idx], v_relaxed = relaxed_design(P0, J[idx], cost[idx], g, s2, budget=left, count=batch_size)
+    chosen: list[int] = []
+    Sb = S
+    for i in sorted(idx, key=lambda i: (-weights[i], cost[i])):
+        if len(chosen) >= batch_size or weights[i] < 1e-3:
+            break
+        if cost[i] <= left:
+            chosen.append(int(i))
+            left -= cost[i]
+            u = Sb @ J[i]
+            Sb = Sb - np.outer(u, u) / (s2 + J[i] @ u)
+    if len(chosen) < batch_size:  # room left: the plain greedy from here
+        rest = np.setdiff1d(idx, chosen)
+        while len(chosen) < batch_size:
+            ok = [i for i in rest if cost[i] <= left and i not in chosen]
+            if not ok:
+                break
+            SJ = J[ok] @ Sb
+            red = (SJ @ g) ** 2 / (s2 + np.einsum("ij,ij->i", SJ, J[ok]))
+            i = int(ok[int(np.argmax(red))])
+            chosen.append(i)
+            left -= cost[i]
+            u = Sb @ J[i]
+            Sb = Sb - np.outer(u, u) / (s2 + J[i] @ u)
+    SJ = J @ S
+    red = (SJ @ g) ** 2 / (s2 + np.einsum("ij,ij->i", SJ, J))
+    scores = cands.copy()
+    scores["reduction"], scores["score"], scores["weight"] = red, red / cost, weights
+    scores["pick"] = 0
+    for k, i in enumerate(chosen):
+        scores.iloc[i, scores.columns.get_loc("pick")] = k + 1
+    scores.attrs.update(variance_before=v0, variance_after=float(g @ Sb @ g),
+                        batch_reduction=float(v0 - g @ Sb @ g), variance_relaxed=v_relaxed, cost_power=None)
+    return chosen, scores
+
+
 def acquire_best(fit: FitResult, cands: pd.DataFrame, target: Target, *, cost_powers: Sequence[float] = (1.0, 0.0),
                  **kw) -> tuple[list[int], pd.DataFrame]:
     """The batch of :func:`acquire` with the largest expected reduction of the target's variance among
@@ -402,7 +518,8 @@ def design_round(data: Mapping[str, np.ndarray], cands: pd.DataFrame, target: Ta
                  rule: str = "best") -> DesignRound:
     """Fit the runs so far (``data``: ``N, D, L``), bootstrap (``n_boot``, ``seed``), predict the target
     and pick the next batch by ``rule``: ``best`` (:func:`acquire_best`), ``ratio`` (reduction per unit
-    cost) or ``plain`` (reduction alone, cost only through ``budget``). Same inputs and seed, same round."""
+    cost), ``plain`` (reduction alone, cost only through ``budget``) or ``relaxed`` (the batch chosen jointly,
+    :func:`acquire_relaxed`). Same inputs and seed, same round."""
     if rule not in RULES:
         raise ValueError(f"rule={rule!r}: allowed values are {list(RULES)}")
     if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 20):
@@ -411,8 +528,12 @@ def design_round(data: Mapping[str, np.ndarray], cands: pd.DataFrame, target: Ta
     fit = bootstrap_fit(fit, n_boot, seed=seed, polish=polish)
     pred = predict_target(fit, target, level)
     kw = dict(batch_size=batch_size, budget=budget, exclude=exclude)
-    chosen, scores = (acquire_best(fit, cands, target, **kw) if rule == "best"
-                      else acquire(fit, cands, target, cost_power=1.0 if rule == "ratio" else 0.0, **kw))
+    if rule == "best":
+        chosen, scores = acquire_best(fit, cands, target, **kw)
+    elif rule == "relaxed":
+        chosen, scores = acquire_relaxed(fit, cands, target, **kw)
+    else:
+        chosen, scores = acquire(fit, cands, target, cost_power=1.0 if rule == "ratio" else 0.0, **kw)
     return DesignRound(fit=fit, prediction=pred, scores=scores, chosen=chosen)
 
 

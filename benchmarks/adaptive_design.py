@@ -46,7 +46,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.design import QUICK_GRID, Target, acquire, acquire_best, candidates, fit_law, predict_target  # noqa: E402
+from analysis.design import (QUICK_GRID, Target, acquire, acquire_best, acquire_relaxed, candidates, fit_law,  # noqa: E402
+                             predict_target)
 from analysis.bootstrap import bootstrap_fit  # noqa: E402
 
 #: Planted laws. hoffmann: Hoffmann et al. 2022 (approach 3, published). epoch: Besiroglu et al. 2024's
@@ -71,7 +72,7 @@ FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 #: The acquisition rule (--acquisition): ratio (analysis.design.acquire, variance reduction per unit cost),
 #: plain (reduction alone, cost only as the round's budget) or best (analysis.design.acquire_best: the
 #: batch of the two with the larger expected reduction).
-ACQUISITIONS = ("ratio", "plain", "best")
+ACQUISITIONS = ("ratio", "plain", "best", "relaxed")
 ACQUISITION = "best"
 #: Scenario-bootstrap replicates of the error ratios (``error_ratio_at``).
 RATIO_BOOT = 2000
@@ -155,6 +156,8 @@ def scenario(args):
         kw = dict(batch_size=BATCH, budget=min(left, ROUND_CAP * gcost), exclude=made)
         if rule == "best":
             chosen, _ = acquire_best(fit, cand, TARGET, **kw)
+        elif rule == "relaxed":
+            chosen, _ = acquire_relaxed(fit, cand, TARGET, **kw)
         else:
             chosen, _ = acquire(fit, cand, TARGET, cost_power=1.0 if rule == "ratio" else 0.0, **kw)
         if not chosen:
@@ -165,6 +168,40 @@ def scenario(args):
         L = np.r_[L, observe(law, cand.N.to_numpy()[chosen], cand.D.to_numpy()[chosen], rng)]
         spent += float(cand.cost.to_numpy()[chosen].sum())
     out["adaptive"] = traj
+    return out
+
+
+def oracle(names=None):
+    """What the best possible design of each cost could do (linearized, noise ``NOISE``, the true law known).
+
+    Per law: the grid's variance of the target (Fisher information at the truth, ``g' (J'J / s2)^-1 g``), and
+    the relaxed c-optimal design over the candidate set at each fraction of the grid's cost, each candidate
+    at most once (:func:`analysis.design.relaxed_design` with no prior runs): its sd relative to the grid's,
+    and ``fraction``, the least cost (bisection) at which it matches the grid. No design that learns the law
+    from its own runs can beat this bound in expectation; with the linearization it holds for large samples.
+    """
+    from analysis.design import law_gradient, relaxed_design, target_gradient
+
+    gN, gD = grid_design()
+    gcost = float(np.sum(6 * gN * gD))
+    cand = candidate_set()
+    cN, cD, cc = cand.N.to_numpy(), cand.D.to_numpy(), cand.cost.to_numpy()
+    s2 = NOISE ** 2
+    out = {}
+    for name in names or LAWS:
+        law = LAWS[name]
+        th = np.array([np.log(law["A"]), np.log(law["B"]), law["alpha"], law["beta"], np.log(law["E"])])
+        g = target_gradient(th, TARGET)
+        Jg = law_gradient(th, gN, gD)
+        v_grid = float(g @ np.linalg.solve(Jg.T @ Jg / s2, g))
+        J = law_gradient(th, cN, cD)
+        sd = lambda f: float(np.sqrt(relaxed_design(np.zeros((5, 5)), J, cc, g, s2, budget=f * gcost)[1] / v_grid))  # noqa: E731
+        lo, hi = 0.02, 1.0
+        for _ in range(20):
+            mid = np.sqrt(lo * hi)
+            lo, hi = (lo, mid) if sd(mid) <= 1.0 else (mid, hi)
+        out[name] = dict(grid_rel_sd=float(np.sqrt(v_grid) / truth(law)), fraction=round(hi, 3),
+                         sd_ratio_at={str(f): round(sd(f), 3) for f in FRACTIONS if f >= 0.1})
     return out
 
 
@@ -244,6 +281,14 @@ def markdown(s):
     for k, v in s["per_law"].items():
         lines.append(f"| {k} | {v['seeds']} | {f(v['grid_error'])} | {f(v['random_error'])} | {f(v['adaptive_error'])} | "
                      f"{f(v['coverage_90'])} | {f(v['grid_coverage_90'])} |")
+    if "oracle" in s:
+        lines += ["", "Bound: the relaxed c-optimal design with the true law known (linearized; `oracle`):", "",
+                  "| law | grid rel. sd (linearized) | oracle cost to match the grid | oracle sd / grid sd at 0.2 / 0.3 / 0.4 |",
+                  "|---|---|---|---|"]
+        for k, v in s["oracle"].items():
+            r = v["sd_ratio_at"]
+            lines.append(f"| {k} | {v['grid_rel_sd']:.4f} | {v['fraction']:.3f} | {r['0.2']:.2f} / {r['0.3']:.2f} / "
+                         f"{r['0.4']:.2f} |")
     return "\n".join(lines)
 
 
@@ -277,6 +322,7 @@ def main(argv=None):
     else:
         results = [scenario(j) for j in jobs]
     s = summarize(results, time.time() - t0)
+    s["oracle"] = oracle(names)
     ru = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     s["cpu_s"] = round(sum(r.ru_utime + r.ru_stime for r in ru), 1)  # all processes: the load-independent cost
     print(json.dumps(s, indent=2) if a.json else markdown(s))

@@ -47,6 +47,8 @@ __all__ = ["ROUNDS_TABLE", "ANALYTIC_FLOPS_PER_S", "add_adaptive_args", "add_pre
 
 #: = analysis.design.ROUNDS_TABLE (not imported here: ``--help`` stays free of the analysis stack).
 ROUNDS_TABLE = "adaptive_rounds"
+#: = analysis.design.RULES (the same reason; tests/study/test_adaptive.py checks they agree).
+ACQUISITION_RULES = ("best", "ratio", "plain", "relaxed")
 #: Nominal rate of the analytic cost (FLOP/s of one device) where the planner has no GPU-hours (CPU plans).
 ANALYTIC_FLOPS_PER_S = 1e10
 
@@ -66,9 +68,10 @@ def add_adaptive_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=2, help="with --adaptive: runs chosen per round")
     g.add_argument("--max-rounds", type=int, default=10, help="with --adaptive: most rounds")
     g.add_argument("--n-boot", type=int, default=200, help="with --adaptive: bootstrap replicates per round")
-    g.add_argument("--acquisition", choices=["best", "ratio", "plain"], default="best",
+    g.add_argument("--acquisition", choices=list(ACQUISITION_RULES), default="best",
                    help="with --adaptive: ratio, the greedy by variance reduction per GPU-hour; plain, by reduction "
-                        "alone within the budget left; best, the batch of the two with the larger expected reduction "
+                        "alone within the budget left; best, the batch of the two with the larger expected reduction; "
+                        "relaxed, the batch chosen jointly (relaxed c-optimal design, rounded) "
                         "(analysis/README.md 'Adaptive design')")
 
 

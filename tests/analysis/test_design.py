@@ -163,3 +163,54 @@ def test_design_round_refuses_an_unknown_rule():
     cands = candidates([1e8], [1e10])
     with pytest.raises(ValueError, match="rule='greedy'.*best"):
         design_round(dict(N=[1e7], D=[1e9], L=[3.0]), cands, TARGET, rule="greedy")
+
+
+def test_relaxed_design_bounds_every_subset_and_takes_all_when_affordable():
+    """The relaxation's variance is at most that of the best 0/1 design within the budget (brute force)."""
+    import itertools
+
+    from analysis.design import law_gradient, relaxed_design, target_gradient
+
+    N = np.geomspace(3e7, 3e9, 8)
+    D = np.geomspace(2e10, 2e9, 8) * np.r_[1, 3, 1, 3, 1, 3, 1, 3]
+    cost = 6 * N * D
+    J = law_gradient(THETA, N, D)
+    g = target_gradient(THETA, TARGET)
+    s2 = 1e-4
+
+    def var(sub):
+        M = J[list(sub)].T @ J[list(sub)] / s2
+        return float(g @ np.linalg.solve(M, g)) if np.linalg.matrix_rank(M) == 5 else np.inf
+
+    budget = 0.5 * cost.sum()
+    best = min(var(sub) for k in range(5, 9) for sub in itertools.combinations(range(8), k)
+               if cost[list(sub)].sum() <= budget)
+    w, v = relaxed_design(np.zeros((5, 5)), J, cost, g, s2, budget=budget)
+    assert w @ cost <= budget * (1 + 1e-6) and np.all((w >= 0) & (w <= 1))
+    assert v <= best * (1 + 1e-6)
+    assert v > 0.3 * best  # a bound, not a degenerate zero
+    w_all, v_all = relaxed_design(np.zeros((5, 5)), J, cost, g, s2, budget=2 * cost.sum())
+    assert np.allclose(w_all, 1, atol=1e-4) and v_all == pytest.approx(var(range(8)), rel=1e-4)
+
+
+def test_acquire_relaxed_respects_budget_and_count_and_is_deterministic():
+    from analysis.design import acquire_relaxed
+
+    rng = np.random.default_rng(4)
+    N = np.repeat(np.geomspace(1e7, 1e8, 4), 3)
+    D = np.tile(np.geomspace(1e9, 1e10, 3), 4)
+    fit = bootstrap_fit(fit_law(dict(N=N, D=D, L=law(N, D) * np.exp(rng.normal(0, 0.01, len(N)))), warm=THETA),
+                        100, seed=0, polish=False)
+    cN = np.repeat(np.geomspace(2e7, 2e9, 5), 3)
+    cD = np.tile([3e9, 1e10, 3e10], 5)
+    cands = candidates(cN, cD)
+    budget = 0.3 * float(cands.cost.sum())
+    chosen, sc = acquire_relaxed(fit, cands, TARGET, batch_size=4, budget=budget, exclude=[0])
+    assert 1 <= len(chosen) <= 4 and 0 not in chosen and len(set(chosen)) == len(chosen)
+    assert cands.cost.iloc[chosen].sum() <= budget * (1 + 1e-12)
+    assert sc.attrs["batch_reduction"] == pytest.approx(sc.attrs["variance_before"] - sc.attrs["variance_after"])
+    # the rounded batch cannot beat its own relaxation
+    assert sc.attrs["variance_relaxed"] <= sc.attrs["variance_after"] * (1 + 1e-6)
+    assert sc.weight.iloc[0] == 0 and sc.weight.between(0, 1).all()
+    again, _ = acquire_relaxed(fit, cands, TARGET, batch_size=4, budget=budget, exclude=[0])
+    assert again == chosen

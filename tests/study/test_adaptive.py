@@ -84,11 +84,11 @@ def test_adaptive_refuses_bad_flags(tmp_path):
 
 
 def test_adaptive_preregisters_each_extrapolated_run_before_it_runs(tmp_path):
-    from analysis.design import ROUNDS_TABLE
+    from analysis.design import ROUNDS_TABLE, RULES
     from analysis.predictions import join_outcomes, read_predictions
-    from study.adaptive import ROUNDS_TABLE as STUDY_ROUNDS_TABLE, write_report
+    from study.adaptive import ACQUISITION_RULES, ROUNDS_TABLE as STUDY_ROUNDS_TABLE, write_report
 
-    assert STUDY_ROUNDS_TABLE == ROUNDS_TABLE
+    assert STUDY_ROUNDS_TABLE == ROUNDS_TABLE and ACQUISITION_RULES == RULES
     plan = demo()
     store = tmp_path / "store"
     log: list = []

@@ -3,8 +3,10 @@
 Builds what :func:`study.train.train` builds for a run (the spec's ``WindowedDataset`` with on-device finishing,
 ``PositionDataset`` with the per-sample SimMIM masks, ``make_loader``'s DataLoader over this rank's micro-batches)
 and times ``--batches`` micro-batches per worker count after ``--skip`` warm-up batches, including the host-to-
-device copy and the device-side finishing. Also reports each worker's CPU time per window (one process, warm
-cache), which bounds the rate a node's cores can feed: ``workers / cpu_s_per_window``.
+device copy and the device-side finishing. Also reports a worker's CPU time per window (one process making the
+loader's batched fetch, ``collate`` included, on one intra-op thread as a worker does; warm cache; before session 16
+it timed ``ds[p]`` alone with all of torch's threads), which bounds the rate a node's cores can feed:
+``workers / cpu_s_per_window``.
 
     python benchmarks/loader_rate.py --manifest COHORT/manifest.parquet --workers 2 4 8 --out $OUT/loader_rate.json
 """
@@ -35,6 +37,9 @@ def main(argv=None) -> None:
     ap.add_argument("--pin", choices=["on", "off", "both"], default="on",
                     help="the DataLoader's pin_memory (train() pins on CUDA); 'both' times each worker count twice, "
                          "to see whether the one pin-memory thread caps the rate")
+    ap.add_argument("--defer", choices=["auto", "on", "off"], default="auto",
+                    help="the dataset's on-device finishing (train(): on for accelerators); 'on' on a CPU box times the "
+                         "workers' part of the accelerator path (the finishing then runs on the CPU in the main process)")
     ap.add_argument("--out", default=None, help="JSON output path")
     args = ap.parse_args(argv)
 
@@ -52,21 +57,30 @@ def main(argv=None) -> None:
                    batch_size=args.micro_batch, budget=10**6, manifest=args.manifest,
                    model_overrides=json.loads(args.overrides))
     cfg = model_config(spec)
-    defer = ctx.device.type != "cpu"
+    defer = ctx.device.type != "cpu" if args.defer == "auto" else args.defer == "on"
     _, train_ds, _ = build_datasets(spec, defer=defer)
     order = SampleOrder(len(train_ds), spec.seed)
     ds = PositionDataset(train_ds, order, spec.bad_data, masks=PositionMasks(R.mask_function(cfg), spec.seed))
     plan = BatchPlan.make(spec, 1)
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
 
-    # one process: CPU seconds per window (read + decode + mask), warm cache
-    for p in range(8):
-        ds[p]
+    # one process: CPU seconds per window of a worker's fetch (read + decode + mask + collate; the batched fetch
+    # a DataLoader worker makes, one intra-op thread as in a worker), warm cache
+    from study.loop import collate
+
+    def fetch(first: int) -> None:
+        pos = list(range(first, first + args.micro_batch))
+        collate(ds.__getitems__(pos) if hasattr(ds, "__getitems__") else [ds[p] for p in pos])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    fetch(0)
     t0 = time.process_time()
-    n1 = 32
-    for p in range(100, 100 + n1):
-        ds[p]
-    cpu_per_window = (time.process_time() - t0) / n1
+    n1 = 2
+    for k in range(n1):
+        fetch(100 + k * args.micro_batch)
+    cpu_per_window = (time.process_time() - t0) / (n1 * args.micro_batch)
+    torch.set_num_threads(threads)
     rows = []
     pins = {"on": [True], "off": [False], "both": [True, False]}[args.pin]
     for w, pin in [(w, pin) for w in args.workers for pin in pins]:
@@ -87,7 +101,7 @@ def main(argv=None) -> None:
               "worker)", flush=True)
         del loader, b
     out = {"device": torch.cuda.get_device_name() if ctx.device.type == "cuda" else "cpu", "cores": os.cpu_count(),
-           "micro_batch": args.micro_batch, "T": args.T, "cpu_s_per_window": cpu_per_window,
+           "micro_batch": args.micro_batch, "T": args.T, "defer": defer, "cpu_s_per_window": cpu_per_window,
            "bound_per_worker": 1.0 / cpu_per_window, "rows": rows}
     print(f"one process: {cpu_per_window * 1e3:.1f} ms CPU per window -> at most {1 / cpu_per_window:.1f} "
           "windows/s per worker", flush=True)

@@ -39,7 +39,7 @@ import torch
 
 from data.manifest import PRETRAIN_SPLITS, SPLITS, LeakageError, Manifest, stable_fraction
 from data.subject_file import SubjectFileError, SubjectReader
-from data.transforms import SCALINGS, grid_placement, scaling_coefficients
+from data.transforms import SCALINGS, all_finite, grid_placement, scaling_coefficients
 
 
 class WindowedDataset(torch.utils.data.Dataset):
@@ -311,6 +311,57 @@ class WindowedDataset(torch.utils.data.Dataset):
         add_v = torch.where(m, torch.tensor(add, dtype=torch.float32), torch.tensor(bg, dtype=torch.float32))
         out_XYZT.copy_(frames_TXYZ.permute(1, 2, 3, 0))
         out_XYZT.mul_(mul_v).add_(add_v)
+
+    # ------------------------------------------------------------------ crop batches (deferred, on a grid)
+    @property
+    def batches_crops(self) -> bool:
+        """Whether :meth:`read_crop_into` serves this dataset: deferred windows on a grid, native frames, frame step 1.
+        A loader then decodes each window's brain-box crop straight into its micro-batch's buffer (shared memory in a
+        worker) and :func:`data.transforms.finish_on_device` pads on the device: no padded copy, no stacking copy."""
+        return self.defer and self.grid is not None and self.target_tr is None and self.stride_within == 1
+
+    def crop_shape(self, i: int) -> tuple[int, int, int]:
+        """Brain-box shape ``(Xc, Yc, Zc)`` of window ``i``'s file (opens it; checks that it fits the grid)."""
+        return self._reader(int(self._rows[i])).info.crop_shape
+
+    def read_crop_into(self, i: int, out_TXYZ: np.ndarray) -> dict:
+        """Window ``i``'s stored float16 crop decoded into ``out_TXYZ[:, :Xc, :Yc, :Zc]`` (a C-contiguous, zero-filled
+        ``(T, bx, by, bz)`` slot of a crop batch, each ``b >=`` the crop's size), and its item without ``x``:
+        ``crop_shape``, ``grid_offset`` (where the crop goes in the grid), ``finite`` (checked on the crop: the rest
+        of the slot is zeros) and the keys of a deferred :meth:`__getitem__` item (same ``brain_mask`` and
+        ``scale_coef``). :func:`data.transforms.finish_on_device` of such a batch equals that of the padded items."""
+        if not self.batches_crops:
+            raise ValueError(f"{self!r}: read_crop_into needs defer=True, a grid, native frames and stride_within=1")
+        r = int(self._rows[i])
+        h = self._reader(r)
+        info = h.info
+        s, T = int(self._starts[i]), self.sequence_length
+        Xc, Yc, Zc = info.crop_shape
+        full = tuple(out_TXYZ.shape[1:]) == tuple(info.crop_shape)
+        h.read_frames(s, s + T, out=out_TXYZ, out_sel=None if full else np.s_[:, :Xc, :Yc, :Zc])
+        crop = torch.from_numpy(out_TXYZ)
+        item = self._item_meta(i, r, h)
+        item["finite"] = all_finite(crop if full else crop[:, :Xc, :Yc, :Zc])
+        item["crop_shape"] = torch.tensor(info.crop_shape)
+        item["grid_offset"] = torch.tensor(grid_placement(info.crop_shape, self.grid, self._paths[r]))
+        return item
+
+    def _item_meta(self, i: int, r: int, h: SubjectReader) -> dict:
+        """The keys of a deferred grid item other than ``x`` (``brain_mask`` in the grid, ``scale_coef``, labels)."""
+        info = h.info
+        mul, add, bg = scaling_coefficients(self.scaling, info.stats, info.value_offset, info.value_scale)
+        row = self.df.iloc[r]
+        item: dict = dict(subject=str(row["subject"]), cohort=str(row["cohort"]), start=int(self._starts[i]),
+                          tr=float(self.target_tr or info.tr))
+        px, py, pz = grid_placement(info.crop_shape, self.grid, self._paths[r])
+        Xc, Yc, Zc = info.crop_shape
+        mask = torch.zeros(self.grid, dtype=torch.bool)
+        mask[px:px + Xc, py:py + Yc, pz:pz + Zc] = torch.from_numpy(h.mask)
+        item["brain_mask"] = mask
+        item["scale_coef"] = torch.tensor([mul, add, bg], dtype=torch.float32)
+        if self.target is not None:
+            item["y"] = torch.tensor(float(row[self.target]), dtype=torch.float32)
+        return item
 
     def __getitem__(self, i: int) -> dict:
         if i < 0:

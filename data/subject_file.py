@@ -305,9 +305,12 @@ class SubjectReader:
             self._mask = self._f["mask"][()].astype(bool)
         return self._mask
 
-    def read_frames(self, start: int, stop: int, step: int = 1, out: np.ndarray | None = None) -> np.ndarray:
+    def read_frames(self, start: int, stop: int, step: int = 1, out: np.ndarray | None = None,
+                    out_sel: tuple | None = None) -> np.ndarray:
         """Stored float16 frames ``[start:stop:step]`` as ``(T, Xc, Yc, Zc)`` (stored units).
 
+        With ``out`` (a C-contiguous float16 array; ``step`` 1) the frames are decoded straight into
+        ``out[out_sel]`` (default: all of ``out``), with no intermediate array, and ``out`` is returned.
         Raises :class:`SubjectFileError` naming the file when the range exceeds the run or the
         data cannot be decoded.
         """
@@ -316,7 +319,7 @@ class SubjectReader:
             raise SubjectFileError(f"{self.path}: frames [{start}:{stop}] outside the run of {n} frames")
         try:
             if step == 1 and out is not None:
-                self._bold.read_direct(out, np.s_[start:stop])
+                self._bold.read_direct(out, np.s_[start:stop], out_sel)
                 return out
             return self._bold[start:stop:step]
         except (OSError, RuntimeError) as e:

@@ -90,6 +90,11 @@ def finish_on_device(batch: Mapping[str, torch.Tensor], device: torch.device | s
     background) and ``batch["brain_mask"]`` ``[B, X, Y, Z]``. Returns a new dict with ``x`` in ``dtype``
     (float32 by default) on ``device``, in the model's layout ``[B, 1, X, Y, Z, T]`` (contiguous). The work is
     one fused multiply-add, a select and a transposing copy per voxel, cheap on a GPU.
+
+    A crop batch (a loader's :meth:`data.datasets.WindowedDataset.read_crop_into` micro-batch) carries each window's
+    brain-box crop instead: ``x`` ``[B, 1, T, bx, by, bz]`` with sample ``b``'s crop at ``[:, :, :Xc, :Yc, :Zc]``,
+    ``crop_shape`` and ``grid_offset`` ``[B, 3]`` (host tensors). It is padded into the grid here first (zeros,
+    as the loader's padded items hold), so the result is the same, bit for bit.
     """
     out = dict(batch)
     device = torch.device(device) if device is not None else batch["x"].device
@@ -97,6 +102,10 @@ def finish_on_device(batch: Mapping[str, torch.Tensor], device: torch.device | s
     coef = batch["scale_coef"].to(device=device, dtype=torch.float32, non_blocking=True)
     mask = batch["brain_mask"].to(device, non_blocking=True)
     B = x.shape[0]
+    if "crop_shape" in batch:
+        x = _pad_crops(x, batch["crop_shape"].tolist(), batch["grid_offset"].tolist(), tuple(mask.shape[1:]))
+        for k in ("crop_shape", "grid_offset"):
+            out.pop(k)
     mul, add, bg = (coef[:, i].view(B, 1, 1, 1, 1, 1) for i in range(3))
     xf = x.to(torch.float32) * mul + add
     xf = torch.where(mask[:, None, None], xf, bg.expand_as(xf))
@@ -105,4 +114,17 @@ def finish_on_device(batch: Mapping[str, torch.Tensor], device: torch.device | s
     for k in ("y",):
         if k in batch:
             out[k] = batch[k].to(device, non_blocking=True)
+    return out
+
+
+def _pad_crops(x: torch.Tensor, crops: list, offsets: list, grid: tuple) -> torch.Tensor:
+    """``x`` ``[B, 1, T, bx, by, bz]`` of crops (sample ``b``'s at the box's origin) placed into zeros ``[B, 1, T, *grid]``
+    at ``offsets[b]``: one copy when every sample has the same crop and offset, else one per sample."""
+    out = x.new_zeros((*x.shape[:3], *grid))
+    if all(c == crops[0] for c in crops) and all(o == offsets[0] for o in offsets):
+        (cx, cy, cz), (ox, oy, oz) = crops[0], offsets[0]
+        out[..., ox:ox + cx, oy:oy + cy, oz:oz + cz] = x[..., :cx, :cy, :cz]
+        return out
+    for b, ((cx, cy, cz), (ox, oy, oz)) in enumerate(zip(crops, offsets)):
+        out[b, ..., ox:ox + cx, oy:oy + cy, oz:oz + cz] = x[b, ..., :cx, :cy, :cz]
     return out

@@ -165,11 +165,27 @@ class SampleOrder:
 
 
 
+def shared_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros of ``shape``; in a loader worker in new shared memory, as ``default_collate`` allocates a worker's
+    batches (a new shared-memory file reads as zeros, and the training process maps it without a copy)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.zeros(shape, dtype=dtype)
+    elem = torch.empty(0, dtype=dtype)
+    return elem.new(elem._typed_storage()._new_shared(math.prod(shape), device="cpu")).view(shape)
+
+
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     # default_collate stacks straight into shared memory in a loader worker, so the batch is not copied a second
-    # time on its way to the training process (a 51M micro-batch of 16 windows at 96^3 x 20 float16 is 566 MB)
-    out: dict[str, Any] = {"x": torch.utils.data.default_collate([it["x"] for it in items])}
-    for key in ("brain_mask", "scale_coef"):
+    # time on its way to the training process (a 51M micro-batch of 16 windows at 96^3 x 20 float16 is 566 MB);
+    # items of PositionDataset.__getitems__'s crop batches already live in one such buffer ("x_batch")
+    xb = items[0].get("x_batch")
+    if xb is not None and len(xb) == len(items) and all(it.get("x_batch") is xb for it in items):
+        out: dict[str, Any] = {"x": xb}
+    else:
+        out = {"x": torch.utils.data.default_collate([it["x"] for it in items])}
+    if "brain_mask" in items[0]:
+        out["brain_mask"] = torch.utils.data.default_collate([it["brain_mask"] for it in items])
+    for key in ("scale_coef", "crop_shape", "grid_offset"):
         if key in items[0]:
             out[key] = torch.stack([it[key] for it in items])
     if "y" in items[0]:
@@ -302,6 +318,37 @@ class PositionDataset(torch.utils.data.Dataset):
             src = path or item.get("subject", "?")
             raise self._bad(f"window {idx} of {src} (subject {item.get('subject', '?')}): non-finite values", path)
         return item
+
+    def __getitems__(self, positions: list[int]) -> list[dict[str, Any]]:
+        """A micro-batch's items (the DataLoader's batched fetch). Over a dataset that serves crop batches
+        (``batches_crops``: deferred windows on a grid), each window's brain-box crop is decoded straight into one
+        buffer for the micro-batch (new shared memory in a loader worker, so :func:`collate` returns it as is and
+        nothing is copied again on the way to the training process), and :func:`data.transforms.finish_on_device`
+        pads on the device. Per window that saves the padded grid's allocation and fill, the paste into it and
+        :func:`collate`'s stacking copy: most of a worker's CPU time (fresh pages, not decoding, dominated it).
+        Anything else, and any batch with a quarantined, unreadable or non-finite window, goes through
+        :meth:`__getitem__` per position (the bad-data policy's path), with the same result."""
+        if not getattr(self.ds, "batches_crops", False):
+            return [self[p] for p in positions]
+        idxs = [self.order.index(p) for p in positions]
+        if self.skip_paths and any(self._path(i) in self.skip_paths for i in idxs):
+            return [self[p] for p in positions]
+        try:
+            shapes = [self.ds.crop_shape(i) for i in idxs]
+            box = tuple(max(s[d] for s in shapes) for d in range(3))
+            x = shared_zeros((len(idxs), 1, self.ds.sequence_length, *box), torch.float16)
+            items = []
+            for b, (position, idx) in enumerate(zip(positions, idxs)):
+                item = self.ds.read_crop_into(idx, x[b, 0].numpy())
+                if item.pop("finite") is not True:
+                    return [self[p] for p in positions]
+                item["x"], item["x_batch"] = x[b], x
+                if self.masks is not None:
+                    item["mask"] = self.masks(position)
+                items.append(item)
+        except (OSError, ValueError, KeyError):  # SubjectFileError is a ValueError; __getitem__ applies the policy
+            return [self[p] for p in positions]
+        return items
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         idx = self.order.index(position)

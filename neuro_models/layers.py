@@ -74,7 +74,9 @@ def compile_regions(model: nn.Module, region_kwargs: Callable[[str, nn.Module], 
     one big graph: minutes less than ``torch.compile(model)`` and no graph break at the model's Python
     glue (mask handling, stage loops, checkpointing). Defaults to ``dynamic=False``: stages have
     different but fixed shapes, and automatic dynamic shapes would otherwise turn the second stage's
-    recompile into a slower symbolic-shape graph. ``region_kwargs(name, module)`` returns per-region
+    recompile into a slower symbolic-shape graph; a class whose input length varies from batch to batch says
+    so with ``compile_kwargs = {"dynamic": None}`` (e.g. NeuroMamba's packed rows: one static graph, then one
+    with the length symbolic, instead of a recompile per length). ``region_kwargs(name, module)`` returns per-region
     overrides of ``compile_kwargs`` (e.g. CUDA graphs only for launch-bound regions). Returns the qualified
     names compiled.
     """
@@ -83,6 +85,7 @@ def compile_regions(model: nn.Module, region_kwargs: Callable[[str, nn.Module], 
     done: list[str] = []
     for name, module in model.named_modules():
         if getattr(type(module), "compile_region", False) and not any(name.startswith(d + ".") for d in done):
-            module.compile(**{**compile_kwargs, **(region_kwargs(name, module) if region_kwargs else {})})
+            module.compile(**{**compile_kwargs, **getattr(type(module), "compile_kwargs", {}),
+                              **(region_kwargs(name, module) if region_kwargs else {})})
             done.append(name)
     return done

@@ -112,6 +112,12 @@ class Mamba2Mixer(nn.Module):
 class MambaBlock(nn.Module):
     """Pre-norm residual block: ``x + drop_path(mixer(rmsnorm(x)))``; gap tokens kept at zero."""
 
+    #: a region of :func:`neuro_models.layers.compile_regions` (projections, conv, norms and gating fuse around
+    #: the scan, a custom op that keeps the graph whole). The packed row's length changes with every batch's brain
+    #: masks, so the length becomes symbolic at its first change rather than recompiling per length.
+    compile_region = True
+    compile_kwargs = {"dynamic": None}
+
     def __init__(self, cfg: NeuroMambaConfig, drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm = nn.RMSNorm(cfg.embed_dim, eps=cfg.norm_eps)

@@ -133,3 +133,30 @@ def test_compile_regions_raises_dynamos_recompile_limit():
         assert getattr(dc, name) == 1024  # never lowered
     finally:
         setattr(dc, name, old)
+
+
+def test_neuromamba_blocks_are_regions_and_a_new_packed_length_does_not_recompile():
+    """Every Mamba block is a compile region; the packed row's length (set by the batch's brain masks) turns
+    symbolic at its first change, so a third length compiles nothing new, and the loss is eager's."""
+    torch._dynamo.reset()
+    cfg = R.get_config("neuromamba", "debug", drop_path_rate=0.1)
+    torch.manual_seed(0)
+    model = R.build_pretrain_model(cfg).train()
+    ref = R.build_pretrain_model(cfg).train()
+    ref.load_state_dict(model.state_dict())
+    counter = CompileCounter()
+    names = compile_regions(model, backend=counter)
+    assert sum(".blocks." in n for n in names) == cfg.depth
+    X, Y, Z, T = cfg.img_size
+    frames = []
+    for k in range(3):  # three batches whose masks keep different token counts
+        x = torch.randn(2, 1, X, Y, Z, T, generator=torch.Generator().manual_seed(k))
+        mask = torch.zeros(2, X, Y, Z, dtype=torch.bool)
+        mask[:, 2:X - 2 - 6 * k, 2:Y - 2, 2:Z - 2] = True
+        torch.manual_seed(5)
+        out = model(x, mask)["loss"]
+        torch.manual_seed(5)
+        torch.testing.assert_close(out, ref(x, mask)["loss"], rtol=0, atol=0)
+        out.backward()
+        frames.append(counter.frame_count)
+    assert frames[0] > 0 and frames[2] == frames[1], frames

@@ -29,6 +29,25 @@ plus a random 0-2 s):
   a moment when no file of the study is open for writing, which the kernel requires; if none comes, the fault
   is recorded as not applied.
 
+With ``--cluster`` (needs root) every study runs on two network-namespace nodes (``tests/pbs/pbs_netns.py``; node 0
+the head, node 1 a worker) as ``pbs/ray_cluster.sh run --head-restarts <kills> -- <study> --address auto``, one PBS
+job (its own job id) per invocation, the reference included (and compared with the embedded Ray's reference), and
+two more kinds join (victims only in this cluster's namespaces):
+
+* ``head``: SIGKILL of the head's GCS server; the recovery is the bootstrap's: it sees the head's Ray exit, stops
+  the study command, restarts the head on the same addresses, every node agent restarts its Ray against it, and
+  the command runs again and resumes from storage (after ``--head-restarts`` restarts, or if one fails, it exits 1
+  and the documented recovery is rerunning the same command, as a chained job does);
+* ``node``: SIGKILL of every Ray process of the worker node at once (``ray start``, raylet, agents, workers: what a
+  lost host takes; its node agent, which stands for the scheduler's per-node task, stays): Ray marks the node dead
+  and Tune retries its trial on the head node from the newest checkpoint. The bootstrap does not restart a lost
+  node by itself: the agent waits 20 s for a head restart (whose agents all rejoin), else reports the node failed
+  and exits, and the study finishes on the head node; a later head restart then fails on that node and exits 1,
+  and the recovery is the rerun;
+* ``driver``: SIGKILL of the study command's process group under the bootstrap, which then tears the cluster
+  down and exits with the command's status: rerun (resubmit) the same command;
+* ``trial``: one trial actor on either node (automatic, as without ``--cluster``).
+
 After the schedule the command is rerun until it exits 0, and the study is compared with a reference
 (uninterrupted, same seed): the same suggested LRs (trial by trial), the same Optuna trial states and values,
 the same finished and early-stopped runs at the same rungs, every (run_id, step) training row once in the raw parts
@@ -36,6 +55,7 @@ the same finished and early-stopped runs at the same rungs, every (run_id, step)
 
     OMP_NUM_THREADS=1 python benchmarks/chaos.py --seeds 1 2 3 --kills 4 --out chaos.json
     OMP_NUM_THREADS=1 python benchmarks/chaos.py --launcher ray-train --kinds driver trial worker --out w.json
+    OMP_NUM_THREADS=1 python benchmarks/chaos.py --cluster --kinds driver trial node head --seeds 171 172 --kills 3
 
 Prints and writes JSON (also ``<workdir>/seed<N>.json`` as each schedule ends): per schedule the kills (kind,
 time, whether a victim was found), recoveries, time to recover (kill to the study's next new row), rows lost /
@@ -67,9 +87,11 @@ from study.spec import RunSpec  # noqa: E402
 
 STUDY = "chaos"
 #: every kind of fault a schedule can draw from
-KINDS = ("driver", "trial", "worker", "disk", "readonly")
+KINDS = ("driver", "trial", "worker", "disk", "readonly", "node", "head")
 #: kinds that fault the study's own file system (a tmpfs of its own: :func:`mount_small_disk`, needs root)
 STORAGE_KINDS = ("disk", "readonly")
+#: kinds that need the study on a cluster (``--cluster``: namespace nodes under ``pbs/ray_cluster.sh run``)
+CLUSTER_KINDS = ("node", "head")
 
 
 @dataclass(frozen=True)
@@ -112,7 +134,7 @@ PLAN = "search"
 VICTIM_TITLE = {"trial": "ray::ImplicitFunc", "worker": "RayTrainWorker"}
 
 
-def freeze(dest: Path) -> Path:
+def freeze(dest: Path, cluster: bool = False) -> Path:
     """Run the studies from a copy of the code: on a shared checkout another engineer's edit would change the
     study's source hash between a study and its rerun, and the study guard rightly refuses to mix results."""
     import shutil
@@ -132,6 +154,16 @@ def freeze(dest: Path) -> Path:
                 shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (dest / "benchmarks").mkdir(parents=True, exist_ok=True)
         shutil.copy2(HERE / "chaos.py", dest / "benchmarks" / "chaos.py")
+    if cluster and not (dest / "tests" / "pbs" / "fake_mpiexec.sh").exists():
+        # the namespace nodes and the launcher stand-in the cluster mode runs the bootstrap with (test harness)
+        harness = [f"tests/pbs/{f}" for f in ("pbs_netns.py", "fake_mpiexec.sh", "node_local.sh")]
+        arch = subprocess.run(["git", "archive", "HEAD", *harness], cwd=REPO, capture_output=True)
+        if arch.returncode == 0 and arch.stdout:
+            subprocess.run(["tar", "-x", "-C", str(dest)], input=arch.stdout, check=True)
+        else:
+            (dest / "tests" / "pbs").mkdir(parents=True, exist_ok=True)
+            for f in harness:
+                shutil.copy2(REPO / f, dest / f)
     ROOT = dest
     return dest
 
@@ -147,6 +179,152 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), str(ROOT / "benchmarks"),
                                                       os.environ.get("PYTHONPATH", "")) if p)}
+
+
+# ------------------------------------------------------------------------------------------------------ cluster
+#: the cluster the studies run on (``--cluster``), or None: an embedded local Ray per invocation
+CLUSTER: "Cluster | None" = None
+
+
+class Cluster:
+    """Two network-namespace nodes (``tests/pbs/pbs_netns.NetnsNodes``: node 0 the head, node 1 a worker) on which
+    every invocation of the study runs as ``pbs/ray_cluster.sh run --head-restarts K -- <study> --address auto``
+    (a PBS job of its own: job id, state dir, node agents through the ``mpiexec`` stand-in), the way
+    ``tests/pbs/test_netns_head_loss.py`` runs it. Needs root. Victims are found only in this cluster's namespaces
+    (and the study command among them): other users' processes are never touched. :meth:`close` removes the
+    namespaces, their processes, and every job's Ray temp dirs and state dirs, also after a failure."""
+
+    def __init__(self, workdir: Path, head_restarts: int, num_cpus: int = 2):
+        harness = ROOT / "tests" / "pbs"
+        if str(harness) not in sys.path:
+            sys.path.insert(0, str(harness))
+        from pbs_netns import NetnsNodes, netns_unavailable_reason
+
+        reason = netns_unavailable_reason()
+        if reason:
+            raise RuntimeError(f"--cluster needs network namespaces: {reason}")
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.head_restarts, self.num_cpus = head_restarts, num_cpus
+        self.nodes = NetnsNodes(2, self.workdir)
+        self.jobkeys: list[str] = []
+        self._next = 80000 + random.SystemRandom().randrange(9000) * 10
+
+    def popen(self, storage: Path, name: str, log) -> subprocess.Popen:
+        """Start one invocation (a new job id: a rerun is a resubmitted job) in node 0, output to ``log``."""
+        self._next += 1
+        jobkey = str(self._next)
+        self.jobkeys.append(jobkey)
+        env = {k: v for k, v in _env().items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
+                                                             "RAY_AUTH_MODE")}
+        env.update(PBS_NODEFILE=str(self.nodes.nodefile), PBS_JOBID=f"{jobkey}.chaospbs",
+                   NX_NETNS_MAP=str(self.nodes.mapfile), NEUROX_LAUNCHER=str(ROOT / "tests" / "pbs" / "fake_mpiexec.sh"),
+                   NEUROX_STATE_DIR=str(self.workdir / "state"), NEUROX_PYTHON=sys.executable,
+                   PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+                   RAY_USAGE_STATS_ENABLED="0")
+        argv = [*self.nodes.prefix(0), str(ROOT / "pbs" / "ray_cluster.sh"), "run", "--iface", "hsn0",
+                "--num-cpus", str(self.num_cpus), "--object-store-bytes", "100000000", "--join-timeout", "240",
+                "--head-restarts", str(self.head_restarts), "--",
+                *command(storage, name), "--address", "auto"]
+        return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def _procs(self, i: int) -> list[tuple[int, list[str], bytes]]:
+        out = []
+        for pid in self.nodes.pids_in(i):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                env = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue
+            out.append((pid, [c.decode(errors="replace") for c in cmd if c], env))
+        return out
+
+    def victims(self, kind: str) -> list[int]:
+        """This cluster's processes a kill of ``kind`` targets (pids; empty when there is none now).
+
+        * ``head``: the head's GCS server (node 0);
+        * ``node``: every Ray process of the worker node (its ``ray start``, raylet, agents, workers: they carry
+          the bootstrap's node marker ``NEUROX_RAY_NODE_TMP``), not its node agent, which stands for the
+          scheduler's per-node task;
+        * ``trial``: the trial actors (``ray::ImplicitFunc``) on either node;
+        * ``driver``: the study command (a session leader the bootstrap started in node 0)."""
+        if kind == "head":
+            return [p for p, cmd, _ in self._procs(0) if cmd and "gcs_server" in cmd[0]]
+        if kind == "node":
+            return [p for p, _, env in self._procs(1) if b"\0NEUROX_RAY_NODE_TMP=" in b"\0" + env]
+        if kind == "trial":
+            return [p for i in (0, 1) for p, cmd, _ in self._procs(i) if VICTIM_TITLE["trial"] in " ".join(cmd)]
+        if kind == "driver":
+            out = []
+            for p, cmd, _ in self._procs(0):
+                try:
+                    leader = os.getpgid(p) == p
+                except ProcessLookupError:
+                    continue
+                if leader and any(c.endswith("study/scaling_law.py") for c in cmd[:2]):
+                    out.append(p)
+            return out
+        raise ValueError(f"no cluster victims for kind {kind!r}")
+
+    def close(self) -> None:
+        """Every process in the namespaces, the namespaces, and the jobs' node-local temp dirs and state dirs."""
+        import shutil
+
+        try:
+            self.nodes.close()
+        finally:
+            base = Path("/tmp") / f"nx-{os.geteuid()}"
+            for key in self.jobkeys:
+                for d in base.glob(f"{key}.*_*"):
+                    shutil.rmtree(d, ignore_errors=True)
+                shutil.rmtree(self.workdir / "state" / key, ignore_errors=True)
+
+
+def kill_pids(pids: list[int], groups: bool = True) -> int:
+    """SIGKILL ``pids`` (and, with ``groups``, their process groups) at once; how many were signalled."""
+    gids = set()
+    if groups:
+        for pid in pids:
+            try:
+                gids.add(os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+    n = 0
+    for g in gids:
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            n += 1
+        except ProcessLookupError:
+            pass
+    return n + len(gids)
+
+
+def launch(storage: Path, name: str, log) -> subprocess.Popen:
+    """One invocation of the study: on an embedded Ray, or (``--cluster``) under the bootstrap on the cluster."""
+    if CLUSTER is not None:
+        return CLUSTER.popen(storage, name, log)
+    return subprocess.Popen(command(storage, name), cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """End an invocation this campaign started: SIGTERM (the bootstrap tears its cluster down), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    if CLUSTER is None:
+        _kill_tree(proc)
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
 
 
 # ------------------------------------------------------------------------------------------------------ snapshot
@@ -315,10 +493,16 @@ def compute_lost(storage: Path, kills: list[dict[str, Any]], name: str = STUDY,
 
 def run_reference(storage: Path, name: str = STUDY, timeout: float = 1800) -> float:
     t0 = time.time()
-    out = subprocess.run(command(storage, name), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                         timeout=timeout)
-    if out.returncode != 0:
-        raise RuntimeError(f"reference study failed (rc {out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    storage.mkdir(parents=True, exist_ok=True)
+    log_path = storage.parent / f"{storage.name}-driver.log"
+    with open(log_path, "wb") as log:
+        proc = launch(storage, name, log)
+    try:
+        rc = proc.wait(timeout)
+    finally:
+        stop(proc)
+    if rc != 0:
+        raise RuntimeError(f"reference study failed (rc {rc}):\n{log_path.read_text(errors='replace')[-5000:]}")
     return time.time() - t0
 
 
@@ -332,24 +516,32 @@ def run_schedule(storage: Path, seed: int, n_kills: int, *, name: str = STUDY, m
     rng = random.Random(seed)
     points = sorted(rng.sample(range(1, max_rows + 1), n_kills))
     schedule = [(rng.choice(kinds), p, rng.uniform(0.0, 2.0)) for p in points]
-    kills: list[dict[str, Any]] = []
     t_start = time.time()
     # every invocation's output, appended, beside the storage (which a storage fault may make unwritable):
     # why a command exited with an error is read there
     log_path = storage.parent / f"{storage.name}-driver.log"
-    launches = 0
+    launches: list[subprocess.Popen] = []
 
     def start() -> subprocess.Popen:
-        nonlocal launches
-        launches += 1
         with open(log_path, "ab") as log:
-            log.write(f"\n==== invocation {launches} at {time.time() - t_start:.1f} s\n".encode())
+            log.write(f"\n==== invocation {len(launches) + 1} at {time.time() - t_start:.1f} s\n".encode())
             log.flush()
-            return subprocess.Popen(command(storage, name), cwd=ROOT, env=_env(), stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            launches.append(launch(storage, name, log))
+            return launches[-1]
 
+    try:
+        return _schedule(storage, name, seed, schedule, rng, start, t_start, log_path, timeout)
+    finally:  # also after a failure: no invocation of this schedule outlives it
+        for p in launches:
+            stop(p)
+
+
+def _schedule(storage, name, seed, schedule, rng, start, t_start, log_path, timeout) -> dict[str, Any]:
+    kills: list[dict[str, Any]] = []
     proc = start()
     reruns = 0
+    driver_exit = None
+    extra: dict[str, Any] = {}
     for kind, at_rows, jitter in schedule:
         while _n_rows(storage, name) < at_rows:
             if proc.poll() is not None:
@@ -361,18 +553,67 @@ def run_schedule(storage: Path, seed: int, n_kills: int, *, name: str = STUDY, m
                 reruns += 1
             time.sleep(0.3)
         time.sleep(jitter)
+        if proc.poll() is not None and proc.returncode != 0:  # failed (e.g. a bootstrap out of head restarts)
+            proc = start()
+            reruns += 1
         if proc.poll() is not None:  # the study ended before this kill: the schedule's rest is not applied
             kills.append({"kind": kind, "at_rows": at_rows, "applied": False, "why": "study already done"})
             continue
         rows_before = _n_rows(storage, name)
         steps_at_kill = _run_steps(storage, name)
         t_kill = time.time()
-        if kind == "driver":
+        if kind == "driver" and CLUSTER is not None:
+            # the study command under the bootstrap (its whole group); the bootstrap sees it fail with the head
+            # alive, exits with its status and tears the cluster down: the documented recovery is to rerun (resubmit)
+            victims = _wait_victims(proc, kind)
+            applied = bool(victims)
+            t_kill = time.time()
+            if victims:
+                kill_pids(victims)
+                try:
+                    rec_exit = proc.wait(120)
+                except subprocess.TimeoutExpired:
+                    rec_exit = None
+                    stop(proc)
+                driver_exit = rec_exit
+                rows_before = _n_rows(storage, name)  # after the teardown: no row of the killed study comes later
+                proc = start()
+                reruns += 1
+        elif kind == "driver":
             _kill_tree(proc)
             rows_before = _n_rows(storage, name)  # rows the dying driver's trials wrote are not a recovery
             applied = True
             proc = start()  # the documented recovery
             reruns += 1
+        elif kind in ("head", "node") or (kind == "trial" and CLUSTER is not None):
+            # head: SIGKILL of the head's GCS server; the bootstrap (--head-restarts) sees the head's Ray exit,
+            # stops the command, restarts the head, its node agents restart their Ray against it, and it reruns the
+            # command (the study resumes from storage). node: SIGKILL of every Ray process of the worker node at
+            # once, as a lost host takes them (its agent stays); Ray marks the node dead, Tune retries its trial on
+            # the head node from the newest checkpoint. trial: one trial actor on either node.
+            victims = _wait_victims(proc, kind)
+            applied = bool(victims)
+            on_node = len(CLUSTER.victims("trial")) if kind == "node" else None
+            restarts_before = _log_count(log_path, HEAD_RESTARTED)
+            t_kill = time.time()
+            if victims:
+                if kind == "node":
+                    on_node = sum(1 for p in victims if p in set(CLUSTER.victims("trial")))  # trials it ran
+                    kill_pids(victims)
+                else:
+                    kill_pids([rng.choice(victims)], groups=False)
+                rows_before = _n_rows(storage, name)
+            if kind == "node":
+                extra["trials_on_node"] = on_node
+            if victims and kind == "head":
+                # rows the dying study's trials still write (a trial on node 1 trains on until its raylet notices)
+                # are not a recovery: wait for the bootstrap's restart, then for the rerun's first new row
+                end = time.time() + 600
+                while (time.time() < end and proc.poll() is None
+                       and _log_count(log_path, HEAD_RESTARTED) <= restarts_before):
+                    time.sleep(0.3)
+                extra["head_restart_s"] = round(time.time() - t_kill, 1)
+                rows_before = _n_rows(storage, name)
         elif kind == "disk":
             # storage fault: the study's disk (a tmpfs of its own, :func:`mount_small_disk`) fills up for a
             # random 1-4 s, then the ballast is deleted (the operator frees space). Any write in that window
@@ -407,6 +648,11 @@ def run_schedule(storage: Path, seed: int, n_kills: int, *, name: str = STUDY, m
                 rows_before = _n_rows(storage, name)
         rec = {"kind": kind, "at_rows": at_rows, "applied": applied, "rows_before": rows_before,
                "t": round(t_kill - t_start, 2), "steps_at_kill": steps_at_kill}
+        if driver_exit is not None:
+            rec["bootstrap_exit"] = driver_exit
+            driver_exit = None
+        rec.update(extra)
+        extra.clear()
         if kind in STORAGE_KINDS:
             rec["hold_s"] = round(hold, 2)
         # time to recover: the kill to the next new row (or the study's end)
@@ -426,10 +672,33 @@ def run_schedule(storage: Path, seed: int, n_kills: int, *, name: str = STUDY, m
     final = 0
     while rc != 0 and final < 4:
         final += 1
+        proc = start()
         reruns += 1
-        rc = subprocess.run(command(storage, name), cwd=ROOT, env=_env(), capture_output=True,
-                            timeout=timeout).returncode
+        rc = proc.wait(timeout=timeout)
     return {"seed": seed, "kills": kills, "reruns": reruns, "exit": rc, "wall_s": round(time.time() - t_start, 1)}
+
+
+#: what the bootstrap prints once a head restart is done (every node joined again)
+HEAD_RESTARTED = "ray_cluster: head restarted"
+
+
+def _log_count(log_path: Path, needle: str) -> int:
+    try:
+        return log_path.read_text(errors="replace").count(needle)
+    except OSError:
+        return 0
+
+
+def _wait_victims(proc: subprocess.Popen, kind: str, patience: float = 60.0) -> list[int]:
+    """Victims of a ``kind`` kill on the cluster, waiting up to ``patience`` s for one (a head restart or a rerun
+    may be starting the cluster's Ray again); empty if the invocation ended or none came."""
+    t_look = time.time()
+    while proc.poll() is None and time.time() - t_look < patience:
+        found = CLUSTER.victims(kind)
+        if found:
+            return found
+        time.sleep(0.3)
+    return []
 
 
 def last_invocation_lines(log_path: Path, n: int = 4) -> list[str]:
@@ -490,16 +759,49 @@ def _cmdline(p) -> list[str]:
 
 
 def campaign(workdir: Path, seeds: list[int], n_kills: int, launcher: str = "auto", plan: str = "search",
-             **kw) -> dict[str, Any]:
-    global LAUNCHER, PLAN
-    if "worker" in kw.get("kinds", ()) and launcher != "ray-train":
+             cluster: bool = False, **kw) -> dict[str, Any]:
+    """Run the reference (once per workdir) and one schedule per seed; with ``cluster``, every study (reference
+    included) runs on a 2-node namespace cluster under ``pbs/ray_cluster.sh run --head-restarts <n_kills>``."""
+    global LAUNCHER, PLAN, CLUSTER
+    kinds = tuple(kw.get("kinds", ()))
+    if "worker" in kinds and launcher != "ray-train":
         raise ValueError("'worker' kills need Ray Train workers: pass launcher='ray-train' (--launcher ray-train)")
     if plan not in ("search", "grid"):
         raise ValueError(f"plan={plan!r}; expected 'search' or 'grid'")
+    if set(CLUSTER_KINDS) & set(kinds) and not cluster:
+        raise ValueError("'node' and 'head' kills need the study on a cluster: pass cluster=True (--cluster)")
+    if cluster and set(kinds) - {"driver", "trial", *CLUSTER_KINDS}:
+        raise ValueError(f"--cluster takes the kinds driver, trial, node, head; got {kinds}")
     LAUNCHER, PLAN = launcher, plan
     workdir.mkdir(parents=True, exist_ok=True)
-    freeze(workdir / "code")
-    tag = "".join(f"-{t}" for t in (launcher, plan) if t not in ("auto", "search"))
+    freeze(workdir / "code", cluster=cluster)
+    if not cluster:
+        return _campaign(workdir, seeds, n_kills, launcher, plan, **kw)
+    CLUSTER = Cluster(workdir / "cluster", head_restarts=max(1, n_kills))
+    try:
+        out = _campaign(workdir, seeds, n_kills, launcher, plan, tag="-cluster", **kw)
+    finally:
+        CLUSTER.close()
+        CLUSTER = None
+    # the cluster's uninterrupted study against an embedded Ray's (same code, same seed): the placement of
+    # trials on nodes must not change a number
+    ref_dir = workdir / "reference"
+    if not (ref_dir / "reference.json").exists():
+        import shutil
+
+        # the same cohort files (run ids hash the manifest), as for every schedule
+        shutil.copytree(workdir / "reference-cluster" / "cohorts", ref_dir / "cohorts", dirs_exist_ok=True)
+        wall = run_reference(ref_dir)
+        (ref_dir / "reference.json").write_text(json.dumps({"wall_s": wall}))
+    cmp = compare(snapshot(ref_dir), snapshot(workdir / "reference-cluster"))
+    out["reference"]["vs_embedded"] = cmp
+    out["summary"]["cluster_reference_vs_embedded"] = {k: v for k, v in cmp.items() if k != "detail"}
+    return out
+
+
+def _campaign(workdir: Path, seeds: list[int], n_kills: int, launcher: str, plan: str, tag: str = "",
+              **kw) -> dict[str, Any]:
+    tag = "".join(f"-{t}" for t in (launcher, plan) if t not in ("auto", "search")) + tag
     ref_dir = workdir / f"reference{tag}"
     done = (ref_dir / "reference.json")
     if done.exists():  # a campaign in this workdir ran it already (same frozen code): reuse it
@@ -508,7 +810,7 @@ def campaign(workdir: Path, seeds: list[int], n_kills: int, launcher: str = "aut
         ref_s = run_reference(ref_dir)
         done.write_text(json.dumps({"wall_s": ref_s}))
     ref = snapshot(ref_dir)
-    out = {"launcher": launcher, "plan": plan,
+    out = {"launcher": launcher, "plan": plan, "cluster": CLUSTER is not None,
            "reference": {"wall_s": round(ref_s, 1), "trials": ref["trials"], "status": ref["status"]},
            "schedules": []}
     for seed in seeds:
@@ -518,6 +820,7 @@ def campaign(workdir: Path, seeds: list[int], n_kills: int, launcher: str = "aut
 
         if set(STORAGE_KINDS) & set(kw.get("kinds", ())):
             mount_small_disk(sdir)
+        sdir.mkdir(parents=True, exist_ok=True)
         shutil.copytree(ref_dir / "cohorts", sdir / "cohorts", dirs_exist_ok=True)
         res = run_schedule(sdir, seed, n_kills, **kw)
         res["compare"] = compare(ref, snapshot(sdir))
@@ -555,6 +858,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--study", choices=["search", "grid"], default="search",
                     help="search: the Optuna LR search (6 trials in generations of 2); grid: the same runs on a "
                          "fixed grid of 6 LRs under --asha (ASHA generations of 2, no search)")
+    ap.add_argument("--cluster", action="store_true",
+                    help="run every study on 2 network-namespace nodes under `pbs/ray_cluster.sh run --head-restarts "
+                         "<kills>` (root); kinds: driver (the study command), trial, node (every Ray process of the "
+                         "worker node), head (the head's GCS server)")
     ap.add_argument("--workdir", default=None, help="where the studies go (default: a new temp dir)")
     ap.add_argument("--out", default=None, help="write the JSON here too")
     args = ap.parse_args(argv)
@@ -562,9 +869,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if "worker" in args.kinds and args.launcher != "ray-train":
         ap.error("--kinds worker needs --launcher ray-train (inline trials have no Ray Train workers)")
+    if set(CLUSTER_KINDS) & set(args.kinds) and not args.cluster:
+        ap.error("--kinds node/head need --cluster (the study on namespace nodes under pbs/ray_cluster.sh)")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="neurox-chaos-"))
     res = campaign(workdir, args.seeds, args.kills, launcher=args.launcher, plan=args.study, max_rows=args.max_rows,
-                   kinds=tuple(args.kinds))
+                   kinds=tuple(args.kinds), cluster=args.cluster)
     text = json.dumps(res, indent=1, default=str)
     if args.out:
         Path(args.out).write_text(text)

@@ -39,7 +39,8 @@ two more kinds join (victims only in this cluster's namespaces):
   the command runs again and resumes from storage (after ``--head-restarts`` restarts, or if one fails, it exits 1
   and the documented recovery is rerunning the same command, as a chained job does);
 * ``node``: SIGKILL of every Ray process of the worker node at once (``ray start``, raylet, agents, workers: what a
-  lost host takes; its node agent, which stands for the scheduler's per-node task, stays): Ray marks the node dead
+  lost host takes; its node agent, which stands for the scheduler's per-node task, stays), once a trial actor runs
+  there (waiting up to 30 s for one; else the node goes down idle): Ray marks the node dead
   and Tune retries its trial on the head node from the newest checkpoint. The bootstrap does not restart a lost
   node by itself: the agent waits 20 s for a head restart (whose agents all rejoin), else reports the node failed
   and exits, and the study finishes on the head node; a later head restart then fails on that node and exits 1,
@@ -254,7 +255,7 @@ class Cluster:
         if kind == "node":
             return [p for p, _, env in self._procs(1) if b"\0NEUROX_RAY_NODE_TMP=" in b"\0" + env]
         if kind == "trial":
-            return [p for i in (0, 1) for p, cmd, _ in self._procs(i) if VICTIM_TITLE["trial"] in " ".join(cmd)]
+            return self.trials_on(0) + self.trials_on(1)
         if kind == "driver":
             out = []
             for p, cmd, _ in self._procs(0):
@@ -266,6 +267,10 @@ class Cluster:
                     out.append(p)
             return out
         raise ValueError(f"no cluster victims for kind {kind!r}")
+
+    def trials_on(self, i: int) -> list[int]:
+        """The trial actors running on node ``i``."""
+        return [p for p, cmd, _ in self._procs(i) if VICTIM_TITLE["trial"] in " ".join(cmd)]
 
     def close(self) -> None:
         """Every process in the namespaces, the namespaces, and the jobs' node-local temp dirs and state dirs."""
@@ -591,14 +596,20 @@ def _schedule(storage, name, seed, schedule, rng, start, t_start, log_path, time
             # command (the study resumes from storage). node: SIGKILL of every Ray process of the worker node at
             # once, as a lost host takes them (its agent stays); Ray marks the node dead, Tune retries its trial on
             # the head node from the newest checkpoint. trial: one trial actor on either node.
+            if kind == "node":
+                # a node loss that takes a trial with it is the case to recover from: wait (up to 30 s) until
+                # a trial actor runs on the worker node; if none comes, the node goes down idle
+                t_look = time.time()
+                while proc.poll() is None and time.time() - t_look < 30 and not CLUSTER.trials_on(1):
+                    time.sleep(0.2)
             victims = _wait_victims(proc, kind)
             applied = bool(victims)
-            on_node = len(CLUSTER.victims("trial")) if kind == "node" else None
+            on_node = None
             restarts_before = _log_count(log_path, HEAD_RESTARTED)
             t_kill = time.time()
             if victims:
                 if kind == "node":
-                    on_node = sum(1 for p in victims if p in set(CLUSTER.victims("trial")))  # trials it ran
+                    on_node = len(CLUSTER.trials_on(1))  # trials it ran
                     kill_pids(victims)
                 else:
                     kill_pids([rng.choice(victims)], groups=False)
@@ -613,6 +624,8 @@ def _schedule(storage, name, seed, schedule, rng, start, t_start, log_path, time
                        and _log_count(log_path, HEAD_RESTARTED) <= restarts_before):
                     time.sleep(0.3)
                 extra["head_restart_s"] = round(time.time() - t_kill, 1)
+                # False: the kill came after the study command had ended (the bootstrap was tearing down)
+                extra["head_restarted"] = _log_count(log_path, HEAD_RESTARTED) > restarts_before
                 rows_before = _n_rows(storage, name)
         elif kind == "disk":
             # storage fault: the study's disk (a tmpfs of its own, :func:`mount_small_disk`) fills up for a

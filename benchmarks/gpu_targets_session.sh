@@ -11,6 +11,13 @@
 #   paired        the bf16-residual decision: train() with and without bf16_residual, same seed, data order and masks,
 #                 on the HDF5 synthetic cohort, STEPS (250) steps each, both runs at once (their compiles overlap)
 #   loader        the product loader alone at 8 workers, pin_memory on and off (is the one pinning thread the cap?)
+#   hdf5-51       train() at the v1 configuration fed by the HDF5 loader (the synthetic 96^3 cohort, HDF5_WORKERS
+#                 loader workers, default 8): how input-bound training is with the product loader
+#   train51-prof  train51 with a torch.profiler window of 10 steps (kernel and CPU tables under $OUT/prof51)
+#   harness-fp32  the harness at the same configuration with the float32 residual stream (train()'s default)
+#   mamba-sizes   NeuroMamba's ladder sizes (MAMBA_SIZES) through train(), compiled, preloaded, with background
+#                 removal on and off (MAMBA_BG), each at the micro-batch the run planner picks for 8 samples per
+#                 H100; MAMBA_PROBES="size:on|off:mb ..." adds runs at a chosen micro-batch (the memory model's check)
 # Usage (device tool; carry .gpubundle for hdf5plugin):  bash benchmarks/gpu_targets_session.sh mamba train51
 set -uo pipefail
 OUT=${OUT:-/tmp/neurox_out}
@@ -64,6 +71,43 @@ for s in ${*:-mamba train51}; do
       cohort
       timeout "${LOADER_S:-120}" python3 benchmarks/loader_rate.py --manifest "$COHORT/manifest.parquet" --workers 8 \
         --pin both --batches 30 --out "$OUT/loader_rate.json" 2>&1 | tail -4 | tee -a "$log" ;;
+    hdf5-51)
+      cohort
+      timeout "${TRAIN_S:-330}" python3 benchmarks/train_scaling.py "${speed[@]/preloaded/hdf5}" --overrides "{$V1}" \
+        --manifest "$COHORT/manifest.parquet" --loader-workers "${HDF5_WORKERS:-8}" --out "$OUT/hdf5_51.json" 2>&1 \
+        | quiet | tail -3 | cut -c1-900 | tee -a "$log" ;;
+    train51-prof)
+      timeout "${TRAIN_S:-330}" python3 benchmarks/train_scaling.py "${speed[@]}" --overrides "{$V1}" \
+        --profile-dir "$OUT/prof51" --out "$OUT/train51_prof.json" 2>&1 | quiet | tail -3 | tee -a "$log" ;;
+    harness-fp32)
+      timeout "${HARNESS_S:-200}" python3 benchmarks/swift_benchmark.py --suite target --batches 16 --compile block-cgs \
+        --sdpa cudnn --attn-impl auto --select --steps 20 --warmup 3 --out "$OUT/harness_fp32.json" 2>&1 \
+        | quiet | tail -3 | tee -a "$log" ;;
+    mamba-sizes)
+      mkdir -p "$OUT/mamba_sizes"
+      runs=()
+      for bg in ${MAMBA_BG:-on off}; do
+        for size in ${MAMBA_SIZES:-1.4M 3.1M 12M 41M 91M}; do
+          mb=$(python3 -c "
+from study.spec import RunSpec; from study.planner import plan_run
+s = RunSpec(study='b', family='neuromamba', size='$size', grid=(96,) * 3, sequence_length=20, batch_size=8,
+            budget=10, precision='bf16', model_overrides={'remove_background': '$bg' == 'on'})
+print(plan_run(s, 'H100', workers=1)[1].micro_batch)" 2>/dev/null)
+          runs+=("$size:$bg:${mb:-1}")
+        done
+      done
+      for r in "${runs[@]}" ${MAMBA_PROBES:-}; do
+        IFS=: read -r size bg mb <<<"$r"
+        b=false; [[ $bg == on ]] && b=true
+        echo "-- $size bg=$bg mb=$mb $(date +%T)" | tee -a "$log"
+        timeout "${MSIZE_S:-120}" python3 benchmarks/train_scaling.py --family neuromamba --size "$size" --mode weak \
+          --micro-batch "$mb" --dist ddp --zero 0 --compile --T 20 --log-every 1 --eval-windows 0 --data preloaded \
+          --steps "${MAMBA_STEPS:-6}" --warmup 3 --overrides "{\"remove_background\": $b}" \
+          --out "$OUT/mamba_sizes/${size}_bg${bg}_mb$mb.json" >"$OUT/mamba_sizes/${size}_bg${bg}_mb$mb.log" 2>&1
+        echo "   rc=$? $(python3 -c "import json; d = json.load(open('$OUT/mamba_sizes/${size}_bg${bg}_mb$mb.json'))
+print(round(d['samples_per_s'], 2), 'samples/s', round(d['tflops_per_gpu'], 1), 'TFLOP/s', round(d['peak_mem_gib'], 2), 'GiB')" \
+          2>/dev/null || quiet <"$OUT/mamba_sizes/${size}_bg${bg}_mb$mb.log" | tail -2)" | tee -a "$log"
+      done ;;
     *) echo "unknown stage $s" | tee -a "$log" ;;
   esac
 done

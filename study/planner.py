@@ -97,6 +97,9 @@ class ActivationFit:
     f: float
     saved: float = 0.0
     source: str = ""
+    transient: float = 0.0
+    """Bytes per element of the largest block held once, during its backward (gradients of its activations and a
+    kernel's scratch: NeuroMamba's fused scan keeps fp32 states of the whole row for one block at a time)."""
 
 
 #: least-squares fits (``fit_activation_model``) to the peaks measured through train() on one H100 (DDP, bf16
@@ -106,6 +109,16 @@ ACTIVATION_FITS: dict[str, ActivationFit] = {
     "eager": ActivationFit(c=37.9, f=6.1, source="h100_eager.jsonl: 51M mb16/32, 202M mb16, 806M mb4/8"),
     "compiled": ActivationFit(c=35.7, f=6.3, source="h100_compiled.jsonl: 51M mb16/32, 806M mb4/8"),
     "checkpointed": ActivationFit(c=37.9, f=6.1, saved=4.0, source="fp32 block inputs + one block recomputed"),
+}
+#: per-family fits where the family's blocks keep something else than SwiFT's (``ACTIVATION_FITS``): NeuroMamba,
+#: compiled, from the four rows of benchmarks/results/planner/h100_mamba_compiled.jsonl (session 16: 1.4M/3.1M/12M
+#: without background removal at 12 blocks, 91M with it at 24 blocks), ``f`` taken from SwiFT's fit and ``(c,
+#: transient)`` by least squares (``fit_activation_model(rows, f=6.3, transient=True)``): the two depths separate a
+#: per-block cost from the one-block backward transient. No eager NeuroMamba peak was measured: eager runs use it too.
+FAMILY_ACTIVATION_FITS: dict[str, dict[str, ActivationFit]] = {
+    "neuromamba": {"compiled": ActivationFit(c=19.47, f=6.3, transient=141.8,
+                                             source="h100_mamba_compiled.jsonl: 1.4M/3.1M mb8, 12M mb4 (no background "
+                                                    "removal), 91M mb2 (removal); f fixed at SwiFT's")},
 }
 #: model-state bytes per parameter at the activation peak (early in the backward: weights, moments and the last
 #: stages' gradients, which hold most parameters) and at the optimizer step (weights, grads, moments and the
@@ -159,37 +172,49 @@ def memory_gib(spec: RunSpec, *, world: int, micro_batch: int, zero_stage: int, 
         fit = ACTIVATION_FITS["checkpointed"]
         per_sample = fit.saved * e + fit.f * v + fit.c * block
     else:
-        fit = ACTIVATION_FITS["compiled" if compiled else "eager"]
-        per_sample = fit.c * e + fit.f * v
+        fam = FAMILY_ACTIVATION_FITS.get(cfg.family)
+        fit = (fam["compiled"] if fam else ACTIVATION_FITS["compiled" if compiled else "eager"])
+        per_sample = fit.c * e + fit.f * v + fit.transient * block
     act = micro_batch * per_sample / GiB
     total = max(state["backward"] + act, state["step"]) + OVERHEAD_GIB
     return {"state": state["step"], "activations": act, "overhead": OVERHEAD_GIB, "total": total}
 
 
-def fit_activation_model(rows: Iterable[dict]) -> ActivationFit:
+def fit_activation_model(rows: Iterable[dict], *, f: float | None = None, transient: bool = False) -> ActivationFit:
     """Least-squares ``(c, f)`` from measured rows of one mode (no checkpointing), given the state model: the
     activation part of each peak is ``peak - overhead - state at the backward`` (rows whose peak is the optimizer
-    step's are left out)."""
+    step's are left out). ``f`` given: only ``c`` (and with ``transient``, the one-block term) is fitted."""
     import numpy as np
 
     from study.run_math import model_config
 
     X, y = [], []
     for r in rows:
-        spec = RunSpec(family=r["family"], size=r["size"], grid=(96, 96, 96), sequence_length=r.get("T", 20))
+        spec = RunSpec(family=r["family"], size=r["size"], grid=(96, 96, 96), sequence_length=r.get("T", 20),
+                       model_overrides=_row_overrides(r))
         cfg = model_config(spec)
         n = float(R.param_counts(cfg)["total"])
         st = _state_gib(n, world=r["gpus"], zero_stage=r.get("zero_stage", 0), dist=r.get("dist", "ddp"))
         act = r["peak_mem_gib"] - OVERHEAD_GIB - st["backward"]
         if r["peak_mem_gib"] - OVERHEAD_GIB <= st["step"] * 1.02:
             continue
-        e, v, _ = activation_elements(cfg)
-        X.append([r["micro_batch"] * e, r["micro_batch"] * v])
-        y.append(act * GiB)
+        e, v, block = activation_elements(cfg)
+        mb = r["micro_batch"]
+        X.append([mb * e] + ([mb * block] if transient else []) + ([] if f is not None else [mb * v]))
+        y.append(act * GiB - (0.0 if f is None else mb * f * v))
     if len(X) < 2:
         raise ValueError(f"fit_activation_model needs >= 2 rows whose peak is the backward's, got {len(X)}")
-    (c, f), *_ = np.linalg.lstsq(np.asarray(X), np.asarray(y), rcond=None)
-    return ActivationFit(c=float(c), f=float(f), source=f"{len(X)} rows")
+    coef, *_ = np.linalg.lstsq(np.asarray(X), np.asarray(y), rcond=None)
+    coef = [float(x) for x in coef]
+    c = coef.pop(0)
+    t = coef.pop(0) if transient else 0.0
+    return ActivationFit(c=c, f=float(f) if f is not None else coef.pop(0), transient=t, source=f"{len(X)} rows")
+
+
+def _row_overrides(r: dict) -> dict:
+    """A measured row's model overrides (``overrides``: JSON text, as benchmarks/train_scaling.py writes it)."""
+    ov = r.get("overrides") or {}
+    return json.loads(ov) if isinstance(ov, str) else dict(ov)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,8 +247,10 @@ def predict_throughput(spec: RunSpec, kind: DeviceKind, *, world: int, micro_bat
         return bool(r.get("compile")) == compiled and bool(r.get("checkpointing")) == checkpointing
 
     cands = [r for r in rows if r["family"] == spec.family and same_mode(r)]
+    # the same configuration: size, micro-batch, kind and FLOPs per sample (NeuroMamba's background removal, a
+    # SwiFT patch or window override change the work per sample under the same size name)
     exact = [r for r in cands if r["size"] == spec.size and r["micro_batch"] == micro_batch
-             and r["device_kind"] == kind.name]
+             and r["device_kind"] == kind.name and abs(math.log(r["train_flops_per_sample"] / fps)) < 0.01]
     how = []
     if exact:
         r = exact[0]

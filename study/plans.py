@@ -410,8 +410,11 @@ def mamba_ladder(opts: Any = None) -> StudyPlan:
     8.3e12 at 91M, with 36.4% of the tokens kept after background removal, against 2.5e11 for SwiFT's 51M), so at
     1e17-1e18 the step counts stay in ``MAMBA_LADDER_STEPS`` (1000 ... 250k steps of 8 samples per device): on a
     4-device node 41M and 91M are left out at 1e17 (831 and 378 steps), the rest train at every budget; 13 (size,
-    budget) points x 3 subject counts = 39 runs (135 GPU-hours on polaris's A100s at the planner's assumed 15% MFU:
-    no NeuroMamba row has been measured, and its memory model is SwiFT's fit applied to the kept tokens). The subject counts are ``ladder``'s, so the two families share one data axis. Background
+    budget) points x 3 subject counts = 39 runs. Their memory and speed come from NeuroMamba's own rows measured
+    through ``train()`` on an H100 (``benchmarks/results/planner/h100_mamba_compiled.jsonl``, session 16: compiled
+    blocks; 91M with background removal at 51 TFLOP/s, 6.6% of the card's measured dense rate); sizes and settings
+    without a row are extrapolated at a measured row's FLOP rate, and the dry run says from which. The subject
+    counts are ``ladder``'s, so the two families share one data axis. Background
     removal is the config's default (``remove_background=True``: all-background tokens are dropped and the samples
     packed) and the FLOPs axis counts the kept tokens. LR and hardware as ``ladder`` (muP, ``--lr-from``, ``--site``);
     1.4M-12M have 12 blocks and 41M/91M 24, and muP transfers an LR across width only, so one µTransfer study

@@ -140,10 +140,12 @@ def test_memory_model_matches_every_measured_peak_within_15_percent():
     """Every peak measured through train() on a GPU (benchmarks/planner_calibration.sh), including the rows the
     fit left out (the 3B's, whose peak is the optimizer step's, and the checkpointed one)."""
     rows = P.measured_rows()
-    assert len(rows) >= 12, "benchmarks/results/planner holds the calibration rows (benchmarks/planner_calibration.sh)"
-    assert {r["size"] for r in rows} == {"51M", "202M", "806M", "3B"}
+    assert len(rows) >= 16, "benchmarks/results/planner holds the calibration rows (benchmarks/planner_calibration.sh)"
+    assert {r["size"] for r in rows if r["family"] == "swift_v2"} == {"51M", "202M", "806M", "3B"}
+    assert {r["size"] for r in rows if r["family"] == "neuromamba"} == {"1.4M", "3.1M", "12M", "91M"}
     for r in rows:
-        spec = _spec(r["size"], distributed=r["dist"], batch_size=r["global_batch"])
+        spec = _spec(r["size"], family=r["family"], distributed=r["dist"], batch_size=r["global_batch"],
+                     model_overrides=P._row_overrides(r))
         mem = P.memory_gib(spec, world=r["gpus"], micro_batch=r["micro_batch"], zero_stage=r["zero_stage"],
                            checkpointing=r["checkpointing"], compiled=r["compile"])
         err = mem["total"] / r["peak_mem_gib"] - 1
@@ -152,16 +154,37 @@ def test_memory_model_matches_every_measured_peak_within_15_percent():
 
 def test_committed_constants_are_the_least_squares_fit_of_the_rows():
     for mode, compiled in (("eager", False), ("compiled", True)):
-        rows = [r for r in P.measured_rows() if r["compile"] == compiled and not r["checkpointing"]]
+        rows = [r for r in P.measured_rows() if r["compile"] == compiled and not r["checkpointing"]
+                and r["family"] == "swift_v2"]
         fit = P.fit_activation_model(rows)
         assert fit.c == pytest.approx(P.ACTIVATION_FITS[mode].c, abs=0.05)
         assert fit.f == pytest.approx(P.ACTIVATION_FITS[mode].f, abs=0.05)
+    committed = P.FAMILY_ACTIVATION_FITS["neuromamba"]["compiled"]
+    rows = [r for r in P.measured_rows() if r["family"] == "neuromamba"]
+    fit = P.fit_activation_model(rows, f=committed.f, transient=True)
+    assert fit.c == pytest.approx(committed.c, abs=0.05) and fit.transient == pytest.approx(committed.transient, abs=0.1)
+
+
+def test_a_neuromamba_row_is_exact_only_for_its_own_background_setting():
+    """NeuroMamba's rows carry their background-removal setting in ``overrides``: the same size and micro-batch
+    with the other setting is a different amount of work, predicted at the row's FLOP rate, not its samples/s."""
+    h100 = P.device_kind("h100-80gb")
+    row = next(r for r in P.measured_rows() if r["family"] == "neuromamba" and r["size"] == "3.1M")
+    assert P._row_overrides(row) == {"remove_background": False}
+    same = _spec("3.1M", family="neuromamba", distributed="ddp", batch_size=8,
+                 model_overrides={"remove_background": False})
+    rate, src = P.predict_throughput(same, h100, world=1, micro_batch=8, compiled=True, checkpointing=False)
+    assert rate == row["samples_per_s"] and src.startswith("measured")
+    other = same.replace(model_overrides={"remove_background": True})
+    rate, src = P.predict_throughput(other, h100, world=1, micro_batch=8, compiled=True, checkpointing=False)
+    assert not src.startswith("measured") and rate > 2 * row["samples_per_s"]
 
 
 def test_throughput_prediction_is_the_measured_rate_where_measured():
     h100 = P.device_kind("h100-80gb")
     for r in P.measured_rows():
-        spec = _spec(r["size"], distributed="ddp", batch_size=r["global_batch"])
+        spec = _spec(r["size"], family=r["family"], distributed="ddp", batch_size=r["global_batch"],
+                     model_overrides=P._row_overrides(r))
         rate, src = P.predict_throughput(spec, h100, world=1, micro_batch=r["micro_batch"], compiled=r["compile"],
                                          checkpointing=r["checkpointing"])
         assert rate == r["samples_per_s"] and src.startswith("measured")

@@ -635,15 +635,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def tasks_and_overrides(args: argparse.Namespace) -> tuple[list, dict[str, Any]]:
+    """``--tasks`` parsed and ``--spec-json`` as a dict of RunSpec fields, checked the same way by every fine-tuning
+    entry point (this one, ``study.size_task``); a ``ValueError`` names what is wrong."""
+    tasks = parse_tasks(args.tasks)
+    overrides = json.loads(args.spec_json) if args.spec_json else {}
+    if not isinstance(overrides, dict):
+        raise ValueError("--spec-json must be a JSON object of RunSpec fields")
+    return tasks, overrides
+
+
+def make_study_dir(storage: str | Path, name: str) -> Path:
+    """The study's folder: a plain ``--study-name`` that stays under ``--storage``, created; a ``ValueError`` says
+    why not (a bad name, or the folder cannot be made)."""
+    from study.runner import confined
+    from study.spec import check_name
+
+    check_name("--study-name", name)
+    try:
+        study_dir = confined(Path(storage), name)
+        study_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create the study folder under --storage {storage}: {exc}") from None
+    return study_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from study.devices import context_from_env
 
     try:
-        tasks = parse_tasks(args.tasks)
-        overrides = json.loads(args.spec_json) if args.spec_json else {}
-        if not isinstance(overrides, dict):
-            raise ValueError("--spec-json must be a JSON object of RunSpec fields")
+        tasks, overrides = tasks_and_overrides(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -654,16 +676,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from study.runner import confined
-    from study.spec import check_name
-
     try:
-        check_name("--study-name", args.study_name)
-        study_dir = confined(Path(args.storage), args.study_name)  # a plain name that stays under --storage
-        study_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(f"error: cannot create the study folder under --storage {args.storage}: {exc}", file=sys.stderr)
-        return 2
+        study_dir = make_study_dir(args.storage, args.study_name)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

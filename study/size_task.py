@@ -36,7 +36,6 @@ from typing import Any, Sequence
 import pandas as pd
 
 from study import finetune as FT
-from study.metrics import parse_tasks
 
 #: ``--quick``'s ladder: SwiFT v2 debug widths (decoder as wide as the encoder, as in the main job)
 QUICK_WIDTHS = (16, 32, 48)
@@ -235,22 +234,15 @@ def _cohort(study_dir: Path, grid: Sequence[int], quick: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from study.devices import context_from_env
-    from study.runner import confined
-    from study.spec import check_name
 
     try:
-        tasks = parse_tasks(args.tasks)
-        overrides = json.loads(args.spec_json) if args.spec_json else {}
-        if not isinstance(overrides, dict):
-            raise ValueError("--spec-json must be a JSON object of RunSpec fields")
+        tasks, overrides = FT.tasks_and_overrides(args)
         if not (args.quick or args.from_study or args.weights):
             raise ValueError("name the ladder: --from-study <pre-training study> or --weights <files>, or --quick")
         if args.repeats < 1:
             raise ValueError(f"--repeats {args.repeats} must be >= 1")
-        check_name("--study-name", args.study_name)
-        study_dir = confined(Path(args.storage), args.study_name)
-        study_dir.mkdir(parents=True, exist_ok=True)
-    except (ValueError, OSError) as exc:
+        study_dir = FT.make_study_dir(args.storage, args.study_name)
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ctx = context_from_env(args.device)

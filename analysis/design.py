@@ -53,7 +53,7 @@ from analysis.fitter import FitResult, fit_form
 
 __all__ = ["Target", "DesignRound", "candidates", "fit_law", "predict_target", "target_gradient",
            "law_gradient", "noise_variance", "robust_covariance", "acquire", "stop_reason", "design_round", "TARGET_KINDS",
-           "RAW", "QUICK_GRID", "ROUNDS_TABLE", "read_rounds", "plot_rounds", "acquire_best", "acquire_relaxed", "relaxed_design", "RULES",
+           "RAW", "QUICK_GRID", "ROUNDS_TABLE", "read_rounds", "plot_rounds", "acquire_best", "acquire_relaxed", "acquire_by_rule", "relaxed_design", "RULES",
            "rounds_markdown"]
 
 #: Raw approach-3 parameters, in the order of ``ChinchillaForm.param_names``.
@@ -269,6 +269,31 @@ def robust_covariance(fit: FitResult, target: Target, g: np.ndarray | None = Non
     return S
 
 
+def _acquisition_inputs(fit: FitResult, cands: pd.DataFrame, target: Target, batch_size, budget,
+                        noise_var: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, np.ndarray]:
+    """The acquisitions' checked arguments and their linearization: ``(g, S, J, s2, cost)`` (module docstring)."""
+    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+        raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
+    if budget is not None and not (np.isfinite(budget) and budget > 0):
+        raise ValueError(f"budget={budget!r}: must be a finite cost > 0")
+    for col in ("N", "D", "cost"):
+        if col not in cands:
+            raise ValueError(f"cands: missing column {col!r} (build it with analysis.design.candidates)")
+        _check_array(f"cands[{col!r}]", cands[col])
+    g = target_gradient(fit.theta, target)
+    S = robust_covariance(fit, target, g)
+    J = law_gradient(fit.theta, cands["N"].to_numpy(), cands["D"].to_numpy())
+    s2 = noise_variance(fit) if noise_var is None else float(noise_var)
+    cost = cands["cost"].to_numpy(dtype=np.float64)
+    return g, S, J, s2, cost
+
+
+def _rank_one(S: np.ndarray, j: np.ndarray, s2: float) -> np.ndarray:
+    """``S`` after one more run with law gradient ``j`` and noise variance ``s2`` (the Kalman update)."""
+    v = S @ j
+    return S - np.outer(v, v) / (s2 + j @ v)
+
+
 def acquire(fit: FitResult, cands: pd.DataFrame, target: Target, *, batch_size: int = 4,
             budget: float | None = None, exclude: Sequence[int] = (), allow_repeats: bool = False,
             noise_var: float | None = None, cost_power: float = 1.0) -> tuple[list[int], pd.DataFrame]:
@@ -300,21 +325,9 @@ def acquire(fit: FitResult, cands: pd.DataFrame, target: Target, *, batch_size: 
         Row positions picked, in order; the candidates with ``reduction`` and ``score`` (per cost) of
         the first pick, and ``pick`` (1-based order, 0 if not picked).
     """
-    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
-        raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
-    if budget is not None and not (np.isfinite(budget) and budget > 0):
-        raise ValueError(f"budget={budget!r}: must be a finite cost > 0")
     if not (np.isfinite(cost_power) and cost_power >= 0):
         raise ValueError(f"cost_power={cost_power!r}: must be a finite number >= 0")
-    for col in ("N", "D", "cost"):
-        if col not in cands:
-            raise ValueError(f"cands: missing column {col!r} (build it with analysis.design.candidates)")
-        _check_array(f"cands[{col!r}]", cands[col])
-    g = target_gradient(fit.theta, target)
-    S = robust_covariance(fit, target, g)
-    J = law_gradient(fit.theta, cands["N"].to_numpy(), cands["D"].to_numpy())
-    s2 = noise_variance(fit) if noise_var is None else float(noise_var)
-    cost = cands["cost"].to_numpy(dtype=np.float64)
+    g, S, J, s2, cost = _acquisition_inputs(fit, cands, target, batch_size, budget, noise_var)
     avail = np.ones(len(cands), bool)
     avail[list(exclude)] = False
     left = np.inf if budget is None else float(budget)
@@ -336,8 +349,7 @@ def acquire(fit: FitResult, cands: pd.DataFrame, target: Target, *, batch_size: 
         left -= cost[i]
         if not allow_repeats:
             avail[i] = False
-        v = S @ J[i]
-        S = S - np.outer(v, v) / (s2 + J[i] @ v)
+        S = _rank_one(S, J[i], s2)
     scores = cands.copy()
     scores["reduction"], scores["score"] = first
     scores["pick"] = 0
@@ -405,19 +417,7 @@ def acquire_relaxed(fit: FitResult, cands: pd.DataFrame, target: Target, *, batc
     rank-one update of :func:`acquire`; what room is left goes to the plain greedy. ``scores`` carries the
     relaxed weights (``weight``) and the relaxation's variance (``attrs["variance_relaxed"]``).
     """
-    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
-        raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
-    if budget is not None and not (np.isfinite(budget) and budget > 0):
-        raise ValueError(f"budget={budget!r}: must be a finite cost > 0")
-    for col in ("N", "D", "cost"):
-        if col not in cands:
-            raise ValueError(f"cands: missing column {col!r} (build it with analysis.design.candidates)")
-        _check_array(f"cands[{col!r}]", cands[col])
-    g = target_gradient(fit.theta, target)
-    S = robust_covariance(fit, target, g)
-    J = law_gradient(fit.theta, cands["N"].to_numpy(), cands["D"].to_numpy())
-    s2 = noise_variance(fit) if noise_var is None else float(noise_var)
-    cost = cands["cost"].to_numpy(dtype=np.float64)
+    g, S, J, s2, cost = _acquisition_inputs(fit, cands, target, batch_size, budget, noise_var)
     left = np.inf if budget is None else float(budget)
     avail = np.ones(len(cands), bool)
     avail[list(exclude)] = False
@@ -437,8 +437,7 @@ def acquire_relaxed(fit: FitResult, cands: pd.DataFrame, target: Target, *, batc
         if cost[i] <= left:
             chosen.append(int(i))
             left -= cost[i]
-            u = Sb @ J[i]
-            Sb = Sb - np.outer(u, u) / (s2 + J[i] @ u)
+            Sb = _rank_one(Sb, J[i], s2)
     if len(chosen) < batch_size:  # room left: the plain greedy from here
         rest = np.setdiff1d(idx, chosen)
         while len(chosen) < batch_size:
@@ -450,8 +449,7 @@ def acquire_relaxed(fit: FitResult, cands: pd.DataFrame, target: Target, *, batc
             i = int(ok[int(np.argmax(red))])
             chosen.append(i)
             left -= cost[i]
-            u = Sb @ J[i]
-            Sb = Sb - np.outer(u, u) / (s2 + J[i] @ u)
+            Sb = _rank_one(Sb, J[i], s2)
     SJ = J @ S
     red = (SJ @ g) ** 2 / (s2 + np.einsum("ij,ij->i", SJ, J))
     scores = cands.copy()
@@ -483,6 +481,19 @@ def acquire_best(fit: FitResult, cands: pd.DataFrame, target: Target, *, cost_po
         if best is None or sc.attrs["batch_reduction"] > best[1].attrs["batch_reduction"]:
             best = (c, sc)
     return best
+
+
+def acquire_by_rule(rule: str, fit: FitResult, cands: pd.DataFrame, target: Target,
+                    **kw) -> tuple[list[int], pd.DataFrame]:
+    """The batch of acquisition ``rule`` (:data:`RULES`): ``best`` (:func:`acquire_best`), ``relaxed``
+    (:func:`acquire_relaxed`), ``ratio`` / ``plain`` (:func:`acquire` with cost power 1 / 0); ``kw`` as theirs."""
+    if rule not in RULES:
+        raise ValueError(f"rule={rule!r}: allowed values are {list(RULES)}")
+    if rule == "best":
+        return acquire_best(fit, cands, target, **kw)
+    if rule == "relaxed":
+        return acquire_relaxed(fit, cands, target, **kw)
+    return acquire(fit, cands, target, cost_power=1.0 if rule == "ratio" else 0.0, **kw)
 
 
 def stop_reason(*, spent: float, budget: float, rel_width: float | None = None,
@@ -527,13 +538,7 @@ def design_round(data: Mapping[str, np.ndarray], cands: pd.DataFrame, target: Ta
     fit = fit_law(data, warm=warm, grid=grid)
     fit = bootstrap_fit(fit, n_boot, seed=seed, polish=polish)
     pred = predict_target(fit, target, level)
-    kw = dict(batch_size=batch_size, budget=budget, exclude=exclude)
-    if rule == "best":
-        chosen, scores = acquire_best(fit, cands, target, **kw)
-    elif rule == "relaxed":
-        chosen, scores = acquire_relaxed(fit, cands, target, **kw)
-    else:
-        chosen, scores = acquire(fit, cands, target, cost_power=1.0 if rule == "ratio" else 0.0, **kw)
+    chosen, scores = acquire_by_rule(rule, fit, cands, target, batch_size=batch_size, budget=budget, exclude=exclude)
     return DesignRound(fit=fit, prediction=pred, scores=scores, chosen=chosen)
 
 

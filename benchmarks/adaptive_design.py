@@ -46,8 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.design import (QUICK_GRID, Target, acquire, acquire_best, acquire_relaxed, candidates, fit_law,  # noqa: E402
-                             predict_target)
+from analysis.design import QUICK_GRID, RULES, Target, acquire_by_rule, candidates, fit_law, predict_target  # noqa: E402
 from analysis.bootstrap import bootstrap_fit  # noqa: E402
 
 #: Planted laws. hoffmann: Hoffmann et al. 2022 (approach 3, published). epoch: Besiroglu et al. 2024's
@@ -72,7 +71,7 @@ FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 #: The acquisition rule (--acquisition): ratio (analysis.design.acquire, variance reduction per unit cost),
 #: plain (reduction alone, cost only as the round's budget) or best (analysis.design.acquire_best: the
 #: batch of the two with the larger expected reduction).
-ACQUISITIONS = ("ratio", "plain", "best", "relaxed")
+ACQUISITIONS = RULES
 ACQUISITION = "best"
 #: Scenario-bootstrap replicates of the error ratios (``error_ratio_at``).
 RATIO_BOOT = 2000
@@ -154,12 +153,7 @@ def scenario(args):
         if r == MAX_ROUNDS or left <= cand.cost.min():
             break
         kw = dict(batch_size=BATCH, budget=min(left, ROUND_CAP * gcost), exclude=made)
-        if rule == "best":
-            chosen, _ = acquire_best(fit, cand, TARGET, **kw)
-        elif rule == "relaxed":
-            chosen, _ = acquire_relaxed(fit, cand, TARGET, **kw)
-        else:
-            chosen, _ = acquire(fit, cand, TARGET, cost_power=1.0 if rule == "ratio" else 0.0, **kw)
+        chosen, _ = acquire_by_rule(rule, fit, cand, TARGET, **kw)
         if not chosen:
             break
         made += chosen

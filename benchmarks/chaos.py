@@ -253,7 +253,7 @@ class Cluster:
         if kind == "head":
             return [p for p, cmd, _ in self._procs(0) if cmd and "gcs_server" in cmd[0]]
         if kind == "node":
-            return [p for p, _, env in self._procs(1) if b"\0NEUROX_RAY_NODE_TMP=" in b"\0" + env]
+            return self.nodes.ray_pids(1)
         if kind == "trial":
             return self.trials_on(0) + self.trials_on(1)
         if kind == "driver":
@@ -286,28 +286,12 @@ class Cluster:
                 shutil.rmtree(self.workdir / "state" / key, ignore_errors=True)
 
 
-def kill_pids(pids: list[int], groups: bool = True) -> int:
-    """SIGKILL ``pids`` (and, with ``groups``, their process groups) at once; how many were signalled."""
-    gids = set()
-    if groups:
-        for pid in pids:
-            try:
-                gids.add(os.getpgid(pid))
-            except ProcessLookupError:
-                pass
-    n = 0
-    for g in gids:
-        try:
-            os.killpg(g, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-            n += 1
-        except ProcessLookupError:
-            pass
-    return n + len(gids)
+def kill_pids(pids: list[int], groups: bool = True) -> None:
+    """SIGKILL ``pids`` (and, with ``groups``, their process groups) at once: the namespace harness's ``sigkill``
+    (on ``sys.path`` once a cluster exists; every kill that uses this is a cluster kill)."""
+    from pbs_netns import sigkill
+
+    sigkill(pids, groups)
 
 
 def launch(storage: Path, name: str, log) -> subprocess.Popen:

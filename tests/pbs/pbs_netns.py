@@ -93,6 +93,19 @@ class NetnsNodes:
         r = _ip("netns", "pids", self.namespaces[i], check=False)
         return [int(p) for p in r.stdout.split()]
 
+    def ray_pids(self, i: int) -> list[int]:
+        """Every process of node ``i``'s Ray (its ``ray start``, raylet, agents, workers): they carry the bootstrap's
+        node marker ``NEUROX_RAY_NODE_TMP``; the node agent, which stands for the scheduler's per-node task, does not."""
+        out = []
+        for pid in self.pids_in(i):
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue
+            if b"\0NEUROX_RAY_NODE_TMP=" in b"\0" + env:
+                out.append(pid)
+        return out
+
     def close(self) -> None:
         """Kill whatever still runs in the namespaces, then delete them (veths and bridge go with them)."""
         import signal
@@ -107,3 +120,28 @@ class NetnsNodes:
         for ns in reversed(self._created):
             _ip("netns", "del", ns, check=False)
         self._created.clear()
+
+
+def sigkill(pids: list[int], groups: bool = True) -> set[int]:
+    """SIGKILL ``pids`` and, with ``groups``, their process groups, at once (a host's loss takes them together).
+    Returns the process groups signalled; processes already gone are skipped."""
+    import signal
+
+    gids: set[int] = set()
+    if groups:
+        for pid in pids:
+            try:
+                gids.add(os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+    for g in gids:
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return gids

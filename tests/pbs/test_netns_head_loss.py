@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pbs_harness import REPO, ClusterProcess, node_tmp_dirs, procs_of_job  # noqa: E402
-from pbs_netns import NetnsNodes, netns_unavailable_reason  # noqa: E402
+from pbs_netns import NetnsNodes, netns_unavailable_reason, sigkill  # noqa: E402
 
 _reason = netns_unavailable_reason()
 pytestmark = [pytest.mark.netns, pytest.mark.slow,
@@ -63,38 +63,10 @@ def _kept_logs(d: Path, lines: int = 15) -> str:
     return "".join(out)
 
 
-def _node_ray_pids(nodes, i: int) -> list[int]:
-    """Every process of node ``i``'s Ray (its ``ray start``, raylet, agents, workers): they carry the node marker."""
-    out = []
-    for pid in nodes.pids_in(i):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(e.startswith(b"NEUROX_RAY_NODE_TMP=") for e in env):
-            out.append(pid)
-    return out
-
-
 def _kill_all(pids: list[int], timeout: float = 20.0) -> None:
     """SIGKILL these processes and their process groups, and wait until every one of them is gone (reaped)."""
     assert pids, "no Ray process on node 1"
-    groups = set()
-    for pid in pids:
-        try:
-            groups.add(os.getpgid(pid))
-        except ProcessLookupError:
-            pass
-    for g in groups:
-        try:
-            os.killpg(g, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    groups = sigkill(pids)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         left = [g for g in groups if _group_exists(g)] + [p for p in pids if Path(f"/proc/{p}").exists()]
@@ -147,7 +119,7 @@ def test_head_loss_restarts_the_head_and_the_study_resumes(tmp_path, reference, 
         gcs = _gcs_pids(nodes)
         assert len(gcs) == 1, gcs
         if node_ray_too:
-            _kill_all(_node_ray_pids(nodes, 1))
+            _kill_all(nodes.ray_pids(1))
         os.kill(gcs[0], signal.SIGKILL)  # the head is lost mid-study
         rc = c.proc.wait(600)
         text = c.text()
@@ -184,7 +156,7 @@ def test_a_node_whose_ray_dies_alone_says_why_and_cleans_up(tmp_path):
                        [sys.executable, "-c", "import time; time.sleep(40)"])
     try:
         assert c.wait_for("all 2 nodes joined", 240), c.text()[-3000:]
-        _kill_all(_node_ray_pids(nodes, 1))
+        _kill_all(nodes.ray_pids(1))
         error = c.state / "nodes" / "1.error"
         end = time.monotonic() + 60
         while time.monotonic() < end and not error.exists():

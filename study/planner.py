@@ -20,10 +20,12 @@ Memory (per device, GiB) = model state + activations + a fixed overhead:
 * **overhead**: the CUDA context, cuBLAS/cuDNN workspaces and allocator slack, a constant.
 
 Throughput comes from the committed table of measured rows (``benchmarks/results/planner/*.jsonl``): an exact
-(family, size, device kind, micro-batch, compile, checkpointing) row is ``measured``; otherwise the prediction
-names the row it was extrapolated from and how (the nearest micro-batch of the same size; another size by FLOPs at
-that row's achieved FLOP rate; another device kind by the ratio of their dense bf16 peaks; several workers at the
-measured 4-GPU strong-scaling efficiency).
+(family, size, FLOPs per sample, device kind, micro-batch, compile, checkpointing) row is ``measured``; otherwise
+the prediction says how it was made: each measured configuration's rate at the run's micro-batch (its trend in
+log2(micro-batch), never above its largest measured one), the achieved FLOP rate interpolated between the measured
+configurations just below and above the run's FLOPs per sample (log-log; the nearest end's outside them; NeuroMamba's
+rows placed where their sizes are under the run's model settings), another device kind by the ratio of their dense
+bf16 peaks, several workers at the measured 4-GPU strong-scaling efficiency.
 """
 from __future__ import annotations
 
@@ -52,6 +54,13 @@ STATE_BYTES = {"weights": 4.0, "grads": 4.0, "moments": 8.0, "ddp_buckets": 4.0}
 GiB = 2.0 ** 30
 #: MFU assumed only where no measured row exists for a family and mode (the prediction says so)
 ASSUMED_MFU = 0.15
+#: families whose achieved FLOP rate follows the model (its width), not the work per sample or per micro-step:
+#: NeuroMamba's background removal cuts the FLOPs per sample 2.75x at 0.89x / 0.96x the FLOP rate (3.1M 13.9 vs 15.6
+#: TFLOP/s, 12M 27.8 vs 28.9) and 91M's micro-batch 2 -> 4 gained 3%, so the throughput extrapolation places a row
+#: measured with other model settings at the FLOPs per sample its size has under the run's. SwiFT's rate follows
+#: the work per micro-step (51M 41 TFLOP/s at micro-batch 16, 64 at 32; 806M 122 at 4, 238 at 8): its rows stay
+#: at the FLOPs per sample they were measured at.
+RATE_FOLLOWS_MODEL = frozenset({"neuromamba"})
 
 
 @dataclass(frozen=True)
@@ -239,13 +248,57 @@ def measured_rows() -> tuple[dict, ...]:
     return tuple(rows)
 
 
+def _rate_at_micro_batch(rows: list[dict], micro_batch: int) -> tuple[float, str]:
+    """samples/s of one measured configuration (the rows of one size and FLOPs per sample on one device kind) at
+    ``micro_batch``: the measured row; between or below two measured micro-batches the rate's trend in
+    log2(micro-batch); above the largest one measured the largest one's rate (a saturated GPU does not speed up)."""
+    by_mb = sorted({r["micro_batch"]: r for r in rows}.values(), key=lambda r: r["micro_batch"])
+    if any(r["micro_batch"] == micro_batch for r in by_mb):
+        return next(r for r in by_mb if r["micro_batch"] == micro_batch)["samples_per_s"], ""
+    if len(by_mb) >= 2 and micro_batch < by_mb[-1]["micro_batch"]:
+        lo, hi = (by_mb[0], by_mb[1]) if micro_batch <= by_mb[0]["micro_batch"] else next(
+            (a, b) for a, b in zip(by_mb, by_mb[1:]) if a["micro_batch"] <= micro_batch <= b["micro_batch"])
+        t = math.log2(micro_batch / lo["micro_batch"]) / math.log2(hi["micro_batch"] / lo["micro_batch"])
+        how = f"micro-batch {micro_batch} on the log-log line through mb{lo['micro_batch']} and mb{hi['micro_batch']}"
+        return lo["samples_per_s"] ** (1 - t) * hi["samples_per_s"] ** t, how
+    r = min(by_mb, key=lambda r: abs(math.log2(r["micro_batch"] / micro_batch)))
+    return r["samples_per_s"], f"micro-batch {r['micro_batch']} -> {micro_batch} at the same rate"
+
+
+def interpolate_flop_rate(points: list[tuple[float, float, str]], fps: float) -> tuple[float, str, list[str]]:
+    """Achieved FLOP rate at ``fps`` training FLOPs per sample from measured ``(fps, FLOP rate, label)`` points:
+    a point's own rate at its FLOPs (within 1%); between the nearest points below and above, log(rate) linear in
+    log(FLOPs per sample), so samples/s also lies between theirs (linear in the rate itself put SwiFT 202M at
+    micro-batch 8 above 51M's samples/s); outside the measured range the nearest end's rate.
+    Returns ``(rate, how, labels of the points used)``."""
+    pts = sorted(points, key=lambda p: p[0])
+    x = math.log(fps)
+    at = [p for p in pts if abs(math.log(p[0]) - x) < 0.01]
+    if at:
+        return at[0][1], f"from {at[0][2]} at its FLOP rate", [at[0][2]]
+    if x < math.log(pts[0][0]) or x > math.log(pts[-1][0]):
+        end, which = (pts[0], "least") if x < math.log(pts[0][0]) else (pts[-1], "most")
+        return end[1], f"from {end[2]} at its FLOP rate, the {which} FLOPs per sample measured", [end[2]]
+    lo, hi = next((a, b) for a, b in zip(pts, pts[1:]) if a[0] < fps < b[0])
+    t = (x - math.log(lo[0])) / (math.log(hi[0]) - math.log(lo[0]))
+    how = f"interpolated between {lo[2]} and {hi[2]} rows (log FLOP rate linear in log FLOPs per sample)"
+    return lo[1] ** (1 - t) * hi[1] ** t, how, [lo[2], hi[2]]
+
+
 def predict_throughput(spec: RunSpec, kind: DeviceKind, *, world: int, micro_batch: int, compiled: bool,
                        checkpointing: bool, rows: Iterable[dict] | None = None) -> tuple[float | None, str]:
-    """``(samples/s of the whole run, source)``: measured where a row matches, else extrapolated and said so."""
+    """``(samples/s of the whole run, source)``: measured where a row matches, else extrapolated and said so.
+
+    Not measured: each measured configuration (size and FLOPs per sample) of the family, mode and device kind gives
+    its achieved FLOP rate at this micro-batch (``_rate_at_micro_batch``), and the run's FLOP rate is interpolated
+    between the configurations just below and above its training FLOPs per sample (``interpolate_flop_rate``);
+    NeuroMamba's configurations sit where their sizes are under the run's model settings (``RATE_FOLLOWS_MODEL``).
+    """
     from study.run_math import model_config
 
     rows = list(measured_rows() if rows is None else rows)
-    fps = R.flops_per_sample(model_config(spec))["train"]
+    cfg = model_config(spec)
+    fps = R.flops_per_sample(cfg)["train"]
 
     def same_mode(r):
         return bool(r.get("compile")) == compiled and bool(r.get("checkpointing")) == checkpointing
@@ -255,42 +308,68 @@ def predict_throughput(spec: RunSpec, kind: DeviceKind, *, world: int, micro_bat
     # SwiFT patch or window override change the work per sample under the same size name)
     exact = [r for r in cands if r["size"] == spec.size and r["micro_batch"] == micro_batch
              and r["device_kind"] == kind.name and abs(math.log(r["train_flops_per_sample"] / fps)) < 0.01]
-    how = []
     if exact:
         r = exact[0]
         rate, src = r["samples_per_s"], f"measured ({r['_file']}: {r['size']} mb{r['micro_batch']} on {kind.name})"
     else:
-        pool = [r for r in cands if r["device_kind"] == kind.name] or cands
-        if not pool:
+        if not cands:
             rate = ASSUMED_MFU * kind.peak_bf16_tflops * 1e12 / fps * (world * SCALING_EFFICIENCY if world > 1 else 1)
             return rate, (f"ASSUMED {ASSUMED_MFU:.0%} MFU of {kind.name}'s {kind.peak_bf16_tflops:g} TFLOP/s: no measured "
                           f"row for {spec.family} {'compiled' if compiled else 'eager'}"
                           f"{' checkpointed' if checkpointing else ''} (run benchmarks/planner_calibration.sh)")
-        same = [r for r in pool if r["size"] == spec.size]
-        r = min(same or pool, key=lambda r: (abs(math.log2(r["micro_batch"] / micro_batch)),
-                                             abs(math.log(r["train_flops_per_sample"] / fps))))
-        rate = r["samples_per_s"] * r["train_flops_per_sample"] / fps  # same achieved FLOP rate
-        how.append(f"from {r['size']} mb{r['micro_batch']} on {r['device_kind']} at its FLOP rate")
-        if r["micro_batch"] != micro_batch:
-            # two micro-batches of that size and kind: the rate's measured trend in log2(micro-batch), never
-            # extrapolated above the largest one measured (a saturated GPU does not speed up further)
-            pair = sorted({q["micro_batch"]: q for q in pool if q["size"] == r["size"]
-                           and q["device_kind"] == r["device_kind"]}.values(), key=lambda q: q["micro_batch"])
-            if len(pair) >= 2 and micro_batch < pair[-1]["micro_batch"]:
-                lo, hi = (pair[0], pair[1]) if micro_batch <= pair[0]["micro_batch"] else next(
-                    (a, b) for a, b in zip(pair, pair[1:]) if a["micro_batch"] <= micro_batch <= b["micro_batch"])
-                t = math.log2(micro_batch / lo["micro_batch"]) / math.log2(hi["micro_batch"] / lo["micro_batch"])
-                at_mb = lo["samples_per_s"] ** (1 - t) * hi["samples_per_s"] ** t
-                rate = at_mb * r["train_flops_per_sample"] / fps
-                how.append(f"micro-batch {micro_batch} on the log-log line through mb{lo['micro_batch']} and "
-                           f"mb{hi['micro_batch']}")
+        # one source kind: this one if measured, else the kind with the most rows (scaled by the peaks' ratio)
+        counts: dict[str, int] = {}
+        for r in cands:
+            counts[r["device_kind"]] = counts.get(r["device_kind"], 0) + 1
+        src_kind = kind.name if kind.name in counts else max(sorted(counts), key=counts.get)
+        configs: list[list[dict]] = []  # the rows of one size and FLOPs per sample (one per micro-batch)
+        for r in (r for r in cands if r["device_kind"] == src_kind):
+            group = next((g for g in configs if g[0]["size"] == r["size"] and abs(math.log(
+                g[0]["train_flops_per_sample"] / r["train_flops_per_sample"])) < 0.01), None)
+            if group is None:
+                configs.append([r])
             else:
-                how.append(f"micro-batch {r['micro_batch']} -> {micro_batch} at the same rate")
-        if r["device_kind"] != kind.name:
-            src_kind = device_kinds()[r["device_kind"]]
-            rate *= kind.peak_bf16_tflops / src_kind.peak_bf16_tflops
-            how.append(f"x peak ratio {kind.name}/{src_kind.name}")
-        src = "extrapolated " + ", ".join(how) + f" ({r['_file']})"
+                group.append(r)
+        ratio: dict[str, float] = {}  # the run's FLOPs per sample over the same run's with a row's overrides
+
+        def place(row: dict) -> float:
+            """Where a measured configuration sits on the run's FLOPs-per-sample axis (``RATE_FOLLOWS_MODEL``)."""
+            if spec.family not in RATE_FOLLOWS_MODEL:
+                return row["train_flops_per_sample"]
+            ov = _row_overrides(row)
+            key = json.dumps(ov, sort_keys=True)
+            if key not in ratio:
+                other = spec.replace(model_overrides={**dict(spec.model_overrides), **ov})
+                ratio[key] = fps / R.flops_per_sample(model_config(other))["train"]
+            return row["train_flops_per_sample"] * ratio[key]
+
+        # one configuration per place: at a place held by two (NeuroMamba's one size measured with removal on and
+        # off), the one measured with the run's own settings
+        placed: list[tuple[float, list[dict]]] = []
+        for g in configs:
+            x, own = place(g[0]), abs(math.log(place(g[0]) / g[0]["train_flops_per_sample"]))
+            i = next((i for i, (y, _) in enumerate(placed) if abs(math.log(x / y)) < 0.01), None)
+            if i is None:
+                placed.append((x, g))
+            elif own < abs(math.log(placed[i][0] / placed[i][1][0]["train_flops_per_sample"])):
+                placed[i] = (x, g)
+        points, mb_how = [], {}
+        for x, g in placed:
+            g_fps, label = g[0]["train_flops_per_sample"], g[0]["size"]
+            if abs(math.log(x / g_fps)) >= 0.01:
+                label += f" (measured with {', '.join(f'{k}={v}' for k, v in _row_overrides(g[0]).items())})"
+            elif sum(h[0]["size"] == g[0]["size"] for _, h in placed) > 1:  # one size at two FLOPs per sample
+                label += f" at {g_fps / 1e12:.3g} TFLOP/sample"
+            sps, mb_how[label] = _rate_at_micro_batch(g, micro_batch)
+            points.append((x, sps * g_fps, label))
+        flop_rate, how, used = interpolate_flop_rate(points, fps)
+        rate = flop_rate / fps
+        how += f" on {src_kind}" + "".join(f", {lab} {mb_how[lab]}" for lab in used if mb_how[lab])
+        if src_kind != kind.name:
+            sk = device_kinds()[src_kind]
+            rate *= kind.peak_bf16_tflops / sk.peak_bf16_tflops
+            how += f", x peak ratio {kind.name}/{sk.name}"
+        src = ("" if how.startswith("interpolated") else "extrapolated ") + how + f" ({configs[0][0]['_file']})"
     if world > 1:
         rate *= world * SCALING_EFFICIENCY
         src += f"; x {world} workers x {SCALING_EFFICIENCY:.0%} scaling"

@@ -166,7 +166,8 @@ def test_committed_constants_are_the_least_squares_fit_of_the_rows():
             and (r["size"], r["micro_batch"], P._row_overrides(r)["remove_background"]) in fitted]
     assert len(rows) == 4
     fit = P.fit_activation_model(rows, f=committed.f, transient=True)
-    assert fit.c == pytest.approx(committed.c, abs=0.05) and fit.transient == pytest.approx(committed.transient, abs=0.1)
+    assert fit.c == pytest.approx(committed.c, abs=0.05)
+    assert fit.transient == pytest.approx(committed.transient, abs=0.1)
 
 
 def test_a_neuromamba_row_is_exact_only_for_its_own_background_setting():
@@ -213,3 +214,71 @@ def test_zero0_on_cuda_runs_as_ddp_so_its_small_stages_replay_as_cuda_graphs():
                                                                         torch.device("cuda"))
     planned, _ = P.plan_run(_spec("51M", batch_size=64, zero_stage=0), "max1550-tile", workers=4)
     assert planned.distributed == "deepspeed" and not planned.compile
+
+
+def test_flop_rate_interpolation_is_exact_at_points_log_log_between_and_clamped_outside():
+    """log(FLOP rate) linear in log(FLOPs per sample) between two points: samples/s then lies between theirs too
+    (linear in the rate itself put SwiFT 202M at micro-batch 8 above 51M's samples/s)."""
+    pts = [(1e12, 10.0, "a"), (1e14, 50.0, "c"), (1e13, 30.0, "b")]
+    assert [P.interpolate_flop_rate(pts, f)[0] for f in (1e12, 1e13, 1e14)] == [10.0, 30.0, 50.0]
+    rate, how, used = P.interpolate_flop_rate(pts, 10 ** 12.5)
+    assert rate == pytest.approx(math.sqrt(10.0 * 30.0)) and used == ["a", "b"]
+    assert how.startswith("interpolated between a and b rows")
+    assert P.interpolate_flop_rate(pts, 1e11)[0] == 10.0 and P.interpolate_flop_rate(pts, 1e15)[0] == 50.0
+
+
+def _mamba(size, mb, bg=True):
+    return _spec(size, family="neuromamba", distributed="ddp", batch_size=mb,
+                 model_overrides={"remove_background": bg})
+
+
+def test_an_unmeasured_neuromamba_size_is_interpolated_between_its_measured_neighbours():
+    """Issue #22 item 2: 41M took the FLOP rate of one row picked by micro-batch first, so with session 16's rows
+    it was predicted slower than 91M (3.1M's 15.6 TFLOP/s against 91M's 51). Now its FLOP rate lies between 12M's
+    and 91M's, linear in log FLOPs per sample, at every micro-batch and with background removal on or off."""
+    h100 = P.device_kind("h100-80gb")
+
+    def sps(size, mb, bg=True, rows=None):
+        return P.predict_throughput(_mamba(size, mb, bg), h100, world=1, micro_batch=mb, compiled=True,
+                                    checkpointing=False, rows=rows)
+
+    for bg in (True, False):
+        for mb in (1, 2, 4, 8):
+            (r12, _), (r41, src), (r91, _) = (sps(s, mb, bg) for s in ("12M", "41M", "91M"))
+            assert r12 > r41 > r91, (bg, mb, r12, r41, r91)
+            assert src.startswith("interpolated between 12M") and " and 91M" in src, src
+    # with only session 16's four rows (the flaw's setting): 41M with removal, micro-batch 8, faster than 91M
+    s16 = [r for r in P.measured_rows() if r["family"] == "neuromamba" and (r["size"], r["micro_batch"]) in
+           {("1.4M", 8), ("3.1M", 8), ("12M", 4), ("91M", 2)} and P._row_overrides(r)["remove_background"]
+           == (r["size"] == "91M")]
+    assert len(s16) == 4
+    (r12, _), (r41, _), (r91, _) = (sps(s, 8, rows=s16) for s in ("12M", "41M", "91M"))
+    assert r12 > r41 > r91
+
+
+def test_the_interpolation_is_exact_at_every_measured_row():
+    """Not through the ``measured`` shortcut: the row under another size name is the point the run sits on."""
+    h100 = P.device_kind("h100-80gb")
+    for r in P.measured_rows():
+        rows = [dict(r, size="elsewhere")] + [q for q in P.measured_rows() if q is not r]
+        spec = _spec(r["size"], family=r["family"], distributed="ddp", batch_size=r["global_batch"],
+                     model_overrides=P._row_overrides(r))
+        rate, src = P.predict_throughput(spec, h100, world=1, micro_batch=r["micro_batch"], compiled=r["compile"],
+                                         checkpointing=r["checkpointing"], rows=rows)
+        assert rate == pytest.approx(r["samples_per_s"], rel=1e-9) and "from elsewhere at its FLOP rate" in src
+
+
+def test_swift_202m_compiled_lies_between_its_measured_neighbours():
+    """No compiled 202M row: its FLOP rate is between 51M's and 806M's at the same micro-batch (monotone in size),
+    not one neighbour's (41-64 TFLOP/s at 51M, 238 at 806M: a single-row pick swung the prediction ~9x)."""
+    h100 = P.device_kind("h100-80gb")
+    for mb in (8, 16, 32):
+        rates = {}
+        for size in ("51M", "202M", "806M"):
+            spec = _spec(size, distributed="ddp", batch_size=mb)
+            rate, src = P.predict_throughput(spec, h100, world=1, micro_batch=mb, compiled=True, checkpointing=False)
+            fps = R.flops_per_sample(model_config(spec))["train"]
+            rates[size] = (rate, rate * fps, src)
+        assert rates["51M"][0] > rates["202M"][0] > rates["806M"][0], (mb, rates)
+        assert rates["51M"][1] < rates["202M"][1] < rates["806M"][1]
+        assert rates["202M"][2].startswith("interpolated between 51M and 806M rows")

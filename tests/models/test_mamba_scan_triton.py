@@ -162,17 +162,20 @@ def case_op() -> None:
     implementations, which must equal the eager result."""
     from neuro_models.mamba.kernels.selective_scan import CONFIGS
 
-    cfg = dict(CONFIGS[0], T_CHUNK=4)
     low, _ = make_inputs(1, 9, 5, 4, seed=7)
     starts = packed_starts(1, 9, [[2, 1]], gap=2)
-    args = (low["u"], low["delta"], low["A"], low["B"], low["C"], low["D"], low["z"], starts,
-            cfg["T_CHUNK"], cfg["BLOCK_E"], cfg["num_warps"])
-    torch.library.opcheck(torch.ops.neuromamba.selective_scan_fwd.default, args)
-    y, h_in = torch.ops.neuromamba.selective_scan_fwd(*args)
-    dy = torch.randn_like(y)
-    bargs = (dy,) + tuple(a.detach() if isinstance(a, torch.Tensor) and a.dtype.is_floating_point else a
-                          for a in args[:8]) + (h_in.detach(),) + args[8:]
-    torch.library.opcheck(torch.ops.neuromamba.selective_scan_bwd.default, bargs)
+    tile = [c for c in CONFIGS if c.get("BWD_BLOCK_E")]
+    assert tile, "a configuration with the tile backward"
+    for cfg in (dict(CONFIGS[0], T_CHUNK=4), dict(tile[0], T_CHUNK=4)):  # the token-loop and the tile backward
+        args = (low["u"], low["delta"], low["A"], low["B"], low["C"], low["D"], low["z"], starts,
+                cfg["T_CHUNK"], cfg["BLOCK_E"], cfg["num_warps"], cfg.get("BWD_BLOCK_E", 0),
+                cfg.get("BWD_WARPS", cfg["num_warps"]))
+        torch.library.opcheck(torch.ops.neuromamba.selective_scan_fwd.default, args)
+        y, h_in = torch.ops.neuromamba.selective_scan_fwd(*args)
+        dy = torch.randn_like(y)
+        bargs = (dy,) + tuple(a.detach() if isinstance(a, torch.Tensor) and a.dtype.is_floating_point else a
+                              for a in args[:8]) + (h_in.detach(),) + args[8:]
+        torch.library.opcheck(torch.ops.neuromamba.selective_scan_bwd.default, bargs)
 
     def step(u, d, A, B, C, D, z, st):
         y = selective_scan(u, d, A, B, C, D, z, st, impl="fused")
@@ -268,7 +271,7 @@ def test_kernels_compile_for_h100_without_spills():
         pytest.skip("the kernels are interpreted functions in this process")
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.skip("Triton's bundled ptxas is missing")
-    kernels = (K._chunk_fwd, K._carry, K._scan_out, K._chunk_bwd, K._scan_bwd)
+    kernels = (K._chunk_fwd, K._carry, K._scan_out, K._chunk_bwd, K._scan_bwd, K._scan_bwd_tile)
     types = {"L": "i32", "E": "i32", "N": "i32", "nC": "i32", "R": "i32"}
     types.update({n: "*fp32" for fn in kernels for n in fn.arg_names if n.endswith("_ptr")})
     types.update(u_ptr="*bf16", B_ptr="*bf16", C_ptr="*bf16", z_ptr="*bf16", st_ptr="*u8")
@@ -276,8 +279,12 @@ def test_kernels_compile_for_h100_without_spills():
         flags = dict(T_CHUNK=cfg["T_CHUNK"], BLOCK_E=cfg["BLOCK_E"], BLOCK_N=16, HAS_D=True, HAS_Z=True,
                      HAS_STARTS=True, REVERSE=True)
         for fn in kernels:
-            usage = _compile_for_h100(fn, types, {k: v for k, v in flags.items() if k in fn.arg_names},
-                                      cfg["num_warps"])
+            tile = fn is K._scan_bwd_tile
+            if tile and "BWD_BLOCK_E" not in cfg:
+                continue
+            f = dict(flags, BLOCK_E=cfg["BWD_BLOCK_E"]) if tile else flags
+            usage = _compile_for_h100(fn, types, {k: v for k, v in f.items() if k in fn.arg_names},
+                                      cfg["BWD_WARPS"] if tile else cfg["num_warps"])
             assert "LOCAL:0 " in usage + " " or not usage, (cfg, fn.__name__, usage)  # no register spills
 
 

@@ -445,13 +445,123 @@ def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return t
 
 
+#: tensors of at least this many bytes are copied to pinned memory by :class:`PinnedBatches`'s thread pool in slices
+PIN_PARALLEL_BYTES = 8 << 20
+
+
+class PinnedBatches:
+    """The batches of ``batches`` (an iterator of collated dicts, e.g. a DataLoader's with ``pin_memory=False``), in
+    order, with every tensor copied to pinned memory (``pin=False``: to ordinary memory, for tests on a CPU box) by
+    a background thread, large ones in slices over ``threads`` threads, at most ``depth`` batches ahead.
+
+    Why: a worker's micro-batch arrives in a new shared-memory segment; the one thread that
+    ``DataLoader(pin_memory=True)`` pins with must fault in every page of it and copy it (~276 MiB per v1-size
+    micro-batch of 16 crops). On an H100 host that thread capped the loader at ~130 windows/s from 4 workers on
+    (session 17: 1/2/4/8/14 workers gave 48/95/139/123/129); on the CPU box a consumer's copy of a received batch
+    costs 11 ms of CPU per window against 0.9 to receive it. Slices of the copy fault and copy in parallel.
+
+    ``device``: the CUDA device the pinning thread makes current (as the DataLoader's own pinning thread does), so
+    that pinned allocations do not create a context on device 0 in every rank. :meth:`close` (or dropping the
+    iterator) stops the thread and releases ``batches`` (a DataLoader's workers shut down with it); an exception
+    in ``batches`` is raised by ``__next__`` in order."""
+
+    _END = object()
+
+    def __init__(self, batches: Iterator[dict[str, Any]], *, threads: int = 4, depth: int = 2, pin: bool = True,
+                 device: torch.device | None = None) -> None:
+        import queue
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="neurox-pin")
+        # the thread holds the source, the queue and the pool, never self: dropping the iterator closes it
+        self._thread = threading.Thread(target=PinnedBatches._produce, name="neurox-pin-batches", daemon=True,
+                                        args=(batches, self._queue, self._stop, self._pool, max(1, threads), pin,
+                                              device))
+        self._thread.start()
+        self._done = False
+
+    @staticmethod
+    def _copy(t: torch.Tensor, pool, threads: int, pin: bool) -> torch.Tensor:
+        dst = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+        nbytes = t.numel() * t.element_size()
+        if nbytes < PIN_PARALLEL_BYTES or t.dim() == 0 or t.shape[0] < 2 or not t.is_contiguous():
+            dst.copy_(t)
+            return dst
+        bounds = [round(i * t.shape[0] / min(threads, t.shape[0])) for i in range(min(threads, t.shape[0]) + 1)]
+        list(pool.map(lambda ij: dst[ij[0]:ij[1]].copy_(t[ij[0]:ij[1]]), zip(bounds[:-1], bounds[1:])))
+        return dst
+
+    @staticmethod
+    def _produce(batches, q, stop, pool, threads: int, pin: bool, device) -> None:
+        import queue
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            if pin and device is not None and device.type == "cuda":
+                torch.cuda.set_device(device)
+            for batch in batches:
+                if stop.is_set():
+                    return
+                out = {k: PinnedBatches._copy(v, pool, threads, pin) if isinstance(v, torch.Tensor) else v
+                       for k, v in batch.items()}
+                del batch
+                if not put(("batch", out)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # handed to the consumer, raised there in order
+            put(("error", e))
+        finally:
+            del batches  # the DataLoader iterator (and its workers) go with the thread
+
+    def __iter__(self) -> "PinnedBatches":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._done:
+            raise StopIteration
+        kind, value = self._queue.get()
+        if kind == "batch":
+            return value
+        self.close()
+        if kind == "error":
+            raise value
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop the thread and release the source (idempotent)."""
+        self._done = True
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self._pool.shutdown(wait=False)
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
 def make_loader(dataset: "PositionDataset", state: LoopState, n_steps: int, plan: BatchPlan, ctx: DistContext,
                 spec: RunSpec, *, pin_memory: bool) -> Iterator[dict[str, Any]]:
-    """This rank's micro-batches from ``state.step`` to ``n_steps``: a DataLoader over global positions."""
-    return iter(torch.utils.data.DataLoader(
+    """This rank's micro-batches from ``state.step`` to ``n_steps``: a DataLoader over global positions. With
+    ``pin_memory`` and loader workers, the batches are pinned by :class:`PinnedBatches` (several threads) instead of
+    the DataLoader's one pinning thread."""
+    workers = spec.num_workers
+    loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=MicroBatches(state.step, n_steps, plan, ctx.rank), collate_fn=collate,
-        num_workers=spec.num_workers, pin_memory=pin_memory, persistent_workers=False,
-        prefetch_factor=4 if spec.num_workers else None))
+        num_workers=workers, pin_memory=pin_memory and not workers, persistent_workers=False,
+        prefetch_factor=4 if workers else None)
+    if pin_memory and workers:
+        return PinnedBatches(iter(loader), threads=min(4, max(1, workers // 2)), device=ctx.device)
+    return iter(loader)
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, n_steps: int, spec: RunSpec):

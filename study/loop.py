@@ -174,6 +174,53 @@ def shared_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return elem.new(elem._typed_storage()._new_shared(math.prod(shape), device="cpu")).view(shape)
 
 
+class BufferRing:
+    """Reusable shared-memory micro-batch buffers for crop batches: ``slots`` per loader worker. A worker claims a
+    free slot (flag 1) before it writes into it, and the consumer releases it (flag 0) once it has copied the batch
+    out (:class:`PinnedBatches`), so a buffer is never rewritten while it is read; no timing is assumed. Reuse spares
+    the worker a new zero-filled shared-memory segment per micro-batch and the consumer a new mapping and its page
+    faults (the consumer keeps each slot's storage, and torch maps a storage it still holds only once).
+
+    Made in the training process before the DataLoader starts its workers (the flags are shared memory); each worker
+    keeps its own slots' storages. A worker waits for a free slot (its earlier batches are consumed first, in order)
+    and raises after ``wait_s`` seconds rather than hang."""
+
+    def __init__(self, workers: int, slots: int, wait_s: float = 600.0) -> None:
+        self.flags = torch.zeros(max(1, workers), max(1, slots), dtype=torch.int32).share_memory_()
+        self.slots, self.wait_s = max(1, slots), wait_s
+        self._buffers: dict[int, torch.Tensor] = {}  # in a worker: slot -> its flat storage
+        self._next = 0
+
+    def acquire(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, tuple[int, int], bool]:
+        """``(buffer of shape, slot, fresh)`` in a loader worker; ``fresh`` buffers are zeros, reused ones hold the
+        slot's last batch (the caller overwrites or zeroes what it uses)."""
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            raise RuntimeError("BufferRing.acquire runs in a loader worker")
+        w, n = info.id, math.prod(shape)
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            for k in range(self.slots):
+                s = (self._next + k) % self.slots
+                if int(self.flags[w, s]) == 0:
+                    self.flags[w, s] = 1
+                    self._next = (s + 1) % self.slots
+                    buf = self._buffers.get(s)
+                    fresh = buf is None or buf.dtype != dtype or buf.numel() < n
+                    if fresh:
+                        buf = shared_zeros((n,), dtype)
+                        self._buffers[s] = buf
+                    return buf[:n].view(shape), (w, s), fresh
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"loader worker {w}: no free batch buffer after {self.wait_s:.0f} s (all "
+                                   f"{self.slots} are waiting to be copied out by the training process)")
+            time.sleep(0.001)
+
+    def release(self, slot: tuple[int, int]) -> None:
+        """The consumer is done with ``slot``'s buffer."""
+        self.flags[slot] = 0
+
+
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     # default_collate stacks straight into shared memory in a loader worker, so the batch is not copied a second
     # time on its way to the training process (a 51M micro-batch of 16 windows at 96^3 x 20 float16 is 566 MB);
@@ -181,6 +228,8 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     xb = items[0].get("x_batch")
     if xb is not None and len(xb) == len(items) and all(it.get("x_batch") is xb for it in items):
         out: dict[str, Any] = {"x": xb}
+        if "buffer_slot" in items[0]:  # a BufferRing's: the consumer releases it after copying the batch out
+            out["buffer_slot"] = items[0]["buffer_slot"]
     else:
         out = {"x": torch.utils.data.default_collate([it["x"] for it in items])}
     if "brain_mask" in items[0]:
@@ -280,6 +329,9 @@ class PositionDataset(torch.utils.data.Dataset):
         self.skip_paths: set[str] = set(quarantine.skipped_paths()) if quarantine is not None and policy == "skip" \
             else set()
         self._recorded: set[str] = set()
+        #: reusable micro-batch buffers for crop batches (:class:`BufferRing`), set by :func:`make_loader` when its
+        #: consumer releases them; None: a new shared-memory buffer per micro-batch
+        self.ring: BufferRing | None = None
 
     def __len__(self) -> int:  # pragma: no cover - positions are unbounded
         return 1 << 62
@@ -336,13 +388,30 @@ class PositionDataset(torch.utils.data.Dataset):
         try:
             shapes = [self.ds.crop_shape(i) for i in idxs]
             box = tuple(max(s[d] for s in shapes) for d in range(3))
-            x = shared_zeros((len(idxs), 1, self.ds.sequence_length, *box), torch.float16)
+            shape = (len(idxs), 1, self.ds.sequence_length, *box)
+            ring = self.ring if torch.utils.data.get_worker_info() is not None else None
+            slot, fresh = None, True
+            if ring is not None:
+                x, slot, fresh = ring.acquire(shape, torch.float16)
+            else:
+                x = shared_zeros(shape, torch.float16)
             items = []
             for b, (position, idx) in enumerate(zip(positions, idxs)):
-                item = self.ds.read_crop_into(idx, x[b, 0].numpy())
+                if not fresh and tuple(shapes[b]) != box:  # a reused buffer: the slot's padding must read zeros
+                    x[b].zero_()
+                try:
+                    item = self.ds.read_crop_into(idx, x[b, 0].numpy())
+                except BaseException:
+                    if slot is not None:
+                        ring.release(slot)
+                    raise
                 if item.pop("finite") is not True:
+                    if slot is not None:
+                        ring.release(slot)
                     return [self[p] for p in positions]
                 item["x"], item["x_batch"] = x[b], x
+                if slot is not None:
+                    item["buffer_slot"] = slot
                 if self.masks is not None:
                     item["mask"] = self.masks(position)
                 items.append(item)
@@ -463,12 +532,13 @@ class PinnedBatches:
     ``device``: the CUDA device the pinning thread makes current (as the DataLoader's own pinning thread does), so
     that pinned allocations do not create a context on device 0 in every rank. :meth:`close` (or dropping the
     iterator) stops the thread and releases ``batches`` (a DataLoader's workers shut down with it); an exception
-    in ``batches`` is raised by ``__next__`` in order."""
+    in ``batches`` is raised by ``__next__`` in order. With a ``ring`` (:class:`BufferRing`), a batch's buffer slot
+    is released once its copy is complete, and its storage kept mapped here for the slot's next batch."""
 
     _END = object()
 
     def __init__(self, batches: Iterator[dict[str, Any]], *, threads: int = 4, depth: int = 2, pin: bool = True,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, ring: "BufferRing | None" = None) -> None:
         import queue
         import threading
         from concurrent.futures import ThreadPoolExecutor
@@ -479,7 +549,7 @@ class PinnedBatches:
         # the thread holds the source, the queue and the pool, never self: dropping the iterator closes it
         self._thread = threading.Thread(target=PinnedBatches._produce, name="neurox-pin-batches", daemon=True,
                                         args=(batches, self._queue, self._stop, self._pool, max(1, threads), pin,
-                                              device))
+                                              device, ring))
         self._thread.start()
         self._done = False
 
@@ -495,7 +565,7 @@ class PinnedBatches:
         return dst
 
     @staticmethod
-    def _produce(batches, q, stop, pool, threads: int, pin: bool, device) -> None:
+    def _produce(batches, q, stop, pool, threads: int, pin: bool, device, ring) -> None:
         import queue
 
         def put(item) -> bool:
@@ -507,6 +577,7 @@ class PinnedBatches:
                     continue
             return False
 
+        kept: dict = {}  # slot -> its storage, so the slot's next batch maps nothing new
         try:
             if pin and device is not None and device.type == "cuda":
                 torch.cuda.set_device(device)
@@ -514,7 +585,11 @@ class PinnedBatches:
                 if stop.is_set():
                     return
                 out = {k: PinnedBatches._copy(v, pool, threads, pin) if isinstance(v, torch.Tensor) else v
-                       for k, v in batch.items()}
+                       for k, v in batch.items() if k != "buffer_slot"}
+                slot = batch.get("buffer_slot")
+                if slot is not None and ring is not None:  # copied out: the worker may write the slot again
+                    kept[slot] = batch["x"].untyped_storage()
+                    ring.release(slot)
                 del batch
                 if not put(("batch", out)):
                     return
@@ -523,6 +598,7 @@ class PinnedBatches:
             put(("error", e))
         finally:
             del batches  # the DataLoader iterator (and its workers) go with the thread
+            kept.clear()
 
     def __iter__(self) -> "PinnedBatches":
         return self
@@ -553,14 +629,22 @@ def make_loader(dataset: "PositionDataset", state: LoopState, n_steps: int, plan
                 spec: RunSpec, *, pin_memory: bool) -> Iterator[dict[str, Any]]:
     """This rank's micro-batches from ``state.step`` to ``n_steps``: a DataLoader over global positions. With
     ``pin_memory`` and loader workers, the batches are pinned by :class:`PinnedBatches` (several threads) instead of
-    the DataLoader's one pinning thread."""
+    the DataLoader's one pinning thread, and crop batches are written into a :class:`BufferRing` of reused
+    shared-memory buffers (6 per worker, each at most a micro-batch of brain-box crops) that it releases."""
     workers = spec.num_workers
+    pinned = pin_memory and workers > 0
+    ring = None
+    if isinstance(dataset, PositionDataset):
+        # reused buffers only where PinnedBatches releases them: a worker has at most ``prefetch_factor`` batches
+        # waiting in order, plus the one being copied out and the one it writes
+        dataset.ring = ring = BufferRing(workers, 4 + 2) if pinned and getattr(dataset.ds, "batches_crops", False) \
+            else None
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=MicroBatches(state.step, n_steps, plan, ctx.rank), collate_fn=collate,
         num_workers=workers, pin_memory=pin_memory and not workers, persistent_workers=False,
         prefetch_factor=4 if workers else None)
-    if pin_memory and workers:
-        return PinnedBatches(iter(loader), threads=min(4, max(1, workers // 2)), device=ctx.device)
+    if pinned:
+        return PinnedBatches(iter(loader), threads=min(4, max(1, workers // 2)), device=ctx.device, ring=ring)
     return iter(loader)
 
 

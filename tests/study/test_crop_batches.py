@@ -98,3 +98,40 @@ def test_other_datasets_and_bad_windows_take_the_item_path(tmp_path):
     bad = next(p for p in range(9) if pds.ds.window(pds.order.index(p))[0].endswith("s1.h5"))
     with pytest.raises(BadDataError, match=r"s1\.h5"):  # the policy's error (stop), naming the file
         pds.__getitems__([bad])
+
+
+def test_reused_buffers_from_a_ring_equal_the_item_path(tmp_path):
+    """Workers writing into a BufferRing's reused slots, released by PinnedBatches after each copy: every batch
+    equals the per-item path, though slots are reused with other boxes (their padding must be zeroed again), and
+    the workers never write a slot the consumer has not released."""
+    from study.loop import BufferRing, PinnedBatches
+
+    pds = _positions_ds(_cohort(tmp_path))
+    batches = [[p % 9, (p + 4) % 9, (p + 7) % 9][: 1 + p % 3] for p in range(24)]  # boxes change batch to batch
+    pds.ring = ring = BufferRing(workers=2, slots=2)
+    loader = torch.utils.data.DataLoader(pds, batch_sampler=batches, collate_fn=collate, num_workers=2,
+                                         prefetch_factor=1)
+    got = list(PinnedBatches(iter(loader), threads=2, pin=False, ring=ring))
+    assert len(got) == len(batches)
+    for positions, batch in zip(batches, got):
+        assert "buffer_slot" not in batch
+        for b, (cx, cy, cz) in enumerate(batch["crop_shape"].tolist()):  # the padding reads zeros, as documented
+            pad = torch.ones_like(batch["x"][b], dtype=torch.bool)
+            pad[..., :cx, :cy, :cz] = False
+            assert not batch["x"][b][pad].any()
+        _same(finish_on_device(batch, "cpu"), finish_on_device(collate([pds[p] for p in positions]), "cpu"))
+    assert int(ring.flags.sum()) == 0  # every slot released
+
+
+def test_a_ring_slot_is_not_reused_before_release(tmp_path):
+    """In a worker, a ring with one slot hands it out again only after the consumer releases it."""
+    from study.loop import BufferRing
+
+    pds = _positions_ds(_cohort(tmp_path))
+    pds.ring = ring = BufferRing(workers=1, slots=1, wait_s=2.0)
+    loader = iter(torch.utils.data.DataLoader(pds, batch_sampler=[[0, 1], [2, 3]], collate_fn=collate,
+                                              num_workers=1, prefetch_factor=2))
+    first = next(loader)
+    assert first["buffer_slot"] == (0, 0) and int(ring.flags[0, 0]) == 1
+    with pytest.raises(RuntimeError, match="no free batch buffer after 2 s"):
+        next(loader)  # the worker waited for the unreleased slot, then said why

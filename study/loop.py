@@ -182,14 +182,13 @@ class BufferRing:
     faults (the consumer keeps each slot's storage, and torch maps a storage it still holds only once).
 
     Made in the training process before the DataLoader starts its workers (the flags are shared memory); each worker
-    keeps its own slots' storages. A worker waits for a free slot (its earlier batches are consumed first, in order)
+    keeps its own slots' storages, allocated on a slot's first use (so only as many as the consumer's lag needs). A worker waits for a free slot (its earlier batches are consumed first, in order)
     and raises after ``wait_s`` seconds rather than hang."""
 
     def __init__(self, workers: int, slots: int, wait_s: float = 600.0) -> None:
         self.flags = torch.zeros(max(1, workers), max(1, slots), dtype=torch.int32).share_memory_()
         self.slots, self.wait_s = max(1, slots), wait_s
         self._buffers: dict[int, torch.Tensor] = {}  # in a worker: slot -> its flat storage
-        self._next = 0
 
     def acquire(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, tuple[int, int], bool]:
         """``(buffer of shape, slot, fresh)`` in a loader worker; ``fresh`` buffers are zeros, reused ones hold the
@@ -200,11 +199,9 @@ class BufferRing:
         w, n = info.id, math.prod(shape)
         deadline = time.monotonic() + self.wait_s
         while True:
-            for k in range(self.slots):
-                s = (self._next + k) % self.slots
+            for s in range(self.slots):  # the lowest free slot: a worker whose batches are copied out soon uses few
                 if int(self.flags[w, s]) == 0:
                     self.flags[w, s] = 1
-                    self._next = (s + 1) % self.slots
                     buf = self._buffers.get(s)
                     fresh = buf is None or buf.dtype != dtype or buf.numel() < n
                     if fresh:
@@ -534,8 +531,6 @@ class PinnedBatches:
     iterator) stops the thread and releases ``batches`` (a DataLoader's workers shut down with it); an exception
     in ``batches`` is raised by ``__next__`` in order. With a ``ring`` (:class:`BufferRing`), a batch's buffer slot
     is released once its copy is complete, and its storage kept mapped here for the slot's next batch."""
-
-    _END = object()
 
     def __init__(self, batches: Iterator[dict[str, Any]], *, threads: int = 4, depth: int = 2, pin: bool = True,
                  device: torch.device | None = None, ring: "BufferRing | None" = None) -> None:

@@ -95,7 +95,12 @@ def test_verdict_says_drift_transfer_or_inconclusive_in_words():
 def test_quick_mutransfer_study_shows_mup_transfers_and_sp_drifts(tmp_path):
     """The 2-CPU demonstration, end to end through Ray Tune: the conclusion a user reads is the physics
     (docs/LOG.md 2026-12-06, dev box: seed 0 muP +0.08 [-0.06, +0.22], SP -0.54 [-0.76, -0.31]; seed 1 muP -0.08
-    [-0.51, +0.35], SP -0.83 [-1.12, -0.55])."""
+    [-0.51, +0.35], SP -0.83 [-1.12, -0.55]).
+
+    The slopes depend on the CPU's float rounding in training (the same code, seed 0: SP -0.47 [-0.83, -0.11] and
+    muP +0.145 [-0.00, +0.29] on an AVX-512/AMX host, SP -0.49 and muP +0.09 with ``ATEN_CPU_CAPABILITY=avx2``;
+    docs/LOG.md session 17), so SP's drift is asserted as its interval's, not as a point value: the SP interval
+    excludes 0 and lies below muP's, which contains 0."""
     import json
 
     from study.mutransfer import main
@@ -105,7 +110,7 @@ def test_quick_mutransfer_study_shows_mup_transfers_and_sp_drifts(tmp_path):
     slopes = {r["parametrization"]: r for r in json.loads((report / "mutransfer.json").read_text())["slopes"]}
     mup, sp = slopes["mup"], slopes["sp"]
     assert abs(mup["slope"]) <= 0.25 and mup["lo"] <= 0 <= mup["hi"] and mup["transfers"] and mup["valid"]
-    assert sp["slope"] <= -0.5 and sp["hi"] < 0 and not sp["transfers"] and sp["valid"]
+    assert sp["hi"] < 0 and sp["hi"] < mup["lo"] and not sp["transfers"] and sp["valid"]
     art = json.loads((report / "lr_transfer.json").read_text())
     assert art["base_width"] == 16 and art["transfers"] and 2.0 ** -7 < art["base_lr"] < 2.0 ** -4
     assert "muP: the optimal LR does not drift" in (report / "mutransfer.md").read_text()

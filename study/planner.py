@@ -25,7 +25,12 @@ the prediction says how it was made: each measured configuration's rate at the r
 log2(micro-batch), never above its largest measured one), the achieved FLOP rate interpolated between the measured
 configurations just below and above the run's FLOPs per sample (log-log; the nearest end's outside them; NeuroMamba's
 rows placed where their sizes are under the run's model settings), another device kind by the ratio of their dense
-bf16 peaks, several workers at the measured 4-GPU strong-scaling efficiency.
+bf16 peaks, several workers at the measured 4-GPU strong-scaling efficiency. The rows are the device's rate on
+preloaded inputs; a run reads its windows through the loader, and each device's host input time per window
+(:data:`INPUT_S_PER_WINDOW`, measured on one H100 host) is added to its time per sample.
+
+Why one file of ~530 lines: the memory model, the throughput table and the choice of a plan are read together
+(the choice tries micro-batches against both), and each part is short; splitting them would spread one decision.
 """
 from __future__ import annotations
 
@@ -46,6 +51,26 @@ MEASURED_DIR = REPO / "benchmarks" / "results" / "planner"
 
 #: fraction of a device's memory a plan may use (the rest absorbs fragmentation spikes and the loader's pinned buffers)
 MEMORY_MARGIN = 0.90
+#: the training process's time per input window that does not overlap the device's work (receiving a loader batch,
+#: copying it to pinned memory and to the device), per device, at 96^3 x 20 windows: on one H100 host (session 18,
+#: loaders with reused shared-memory buffers and thread-pool pinning) 51M at micro-batch 32 through the study with 6
+#: loader workers ran at 317.0 samples/s against 434.3 on preloaded inputs (0.85 ms), and the v1 configuration
+#: through train() with 4 / 8 workers at 206.3 / 204.5 against 238.1 (0.67 ms); the mean, scaled by the window's
+#: voxels x frames for other grids and lengths. Measured rows are preloaded (the device's rate); a run reads files.
+INPUT_S_PER_WINDOW = 0.76e-3
+INPUT_REF_ELEMENTS = 96 ** 3 * 20
+INPUT_SOURCE = "0.76 ms per 96^3 x 20 window of host input time, one H100 host (session 18)"
+
+
+def with_input_cost(rate: float, spec: RunSpec, workers: int) -> float:
+    """``rate`` (samples/s of the whole run on preloaded inputs, ``workers`` devices) with each device's host input
+    time per window (:data:`INPUT_S_PER_WINDOW`, scaled by the window's elements) added to its time per sample."""
+    t = INPUT_S_PER_WINDOW * math.prod(spec.grid) * spec.sequence_length / INPUT_REF_ELEMENTS
+    per_device = rate / (workers * SCALING_EFFICIENCY) if workers > 1 else rate
+    per_device = 1.0 / (1.0 / per_device + t)
+    return per_device * (workers * SCALING_EFFICIENCY if workers > 1 else 1)
+
+
 #: multi-worker rate = workers x one-device rate x this (51M/806M strong scaling at 4 H100s: 95.8% / 90.4%)
 SCALING_EFFICIENCY = 0.90
 #: model-state bytes per parameter: fp32 weights, fp32 grads, AdamW moments; DDP's buckets hold one more copy
@@ -478,6 +503,8 @@ def assess_run(spec: RunSpec, kind: DeviceKind | str, *, workers: int, margin: f
                      compiled=spec.compile)
     rate, source = predict_throughput(spec, kind, world=workers, micro_batch=bp.micro_batch, compiled=spec.compile,
                                       checkpointing=ckpt)
+    if rate:  # the rows are the device's rate on preloaded inputs; the run reads its windows from files
+        rate, source = with_input_cost(rate, spec, workers), f"{source}; + {INPUT_SOURCE}"
     cfg = model_config(spec)
     steps = total_steps(spec, flops_per_sample=R.flops_per_sample(cfg)["train"],
                         tokens_per_sample=R.tokens_per_sample(cfg))

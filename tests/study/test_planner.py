@@ -282,3 +282,29 @@ def test_swift_202m_compiled_lies_between_its_measured_neighbours():
         assert rates["51M"][0] > rates["202M"][0] > rates["806M"][0], (mb, rates)
         assert rates["51M"][1] < rates["202M"][1] < rates["806M"][1]
         assert rates["202M"][2].startswith("interpolated between 51M and 806M rows")
+
+
+def test_run_prediction_adds_host_input_time_and_matches_the_measured_study_run():
+    """A run reads its windows from files: its predicted rate is the device's (preloaded rows) with the host's input
+    time per window added, scaled by the window's size and per device; the preset's 51M run measured through
+    study/scaling_law.py on one H100 (session 18) is within 15% of its plan's prediction."""
+    import json
+    from pathlib import Path
+
+    spec = _spec("51M")
+    t = P.INPUT_S_PER_WINDOW
+    assert P.with_input_cost(400.0, spec, 1) == pytest.approx(1 / (1 / 400.0 + t))
+    small = spec.replace(grid=(48, 48, 48))  # 1/8 of the voxels: 1/8 of the input time
+    assert P.with_input_cost(400.0, small, 1) == pytest.approx(1 / (1 / 400.0 + t / 8))
+    four = P.with_input_cost(4 * 400.0 * P.SCALING_EFFICIENCY, spec, 4)  # each device pays its own input time
+    assert four == pytest.approx(4 * P.SCALING_EFFICIENCY / (1 / 400.0 + t))
+
+    root = Path(__file__).resolve().parents[2]
+    measured = json.loads((root / "benchmarks/results/gpu/session18/call3/preset51.json").read_text())
+    run = spec.replace(batch_size=32, compile=True, parametrization="mup", mup_base_width=96, manifest="m.parquet")
+    planned, plan = P.plan_run(run, "h100-80gb", workers=1, cpus_per_device=8)
+    assert (plan.micro_batch, plan.accumulation) == (32, 1) and plan.throughput_source.startswith("measured")
+    preloaded, _ = P.predict_throughput(planned, P.device_kind("h100-80gb"), world=1, micro_batch=32, compiled=True,
+                                        checkpointing=False)
+    assert plan.predicted_samples_per_s < preloaded
+    assert abs(plan.predicted_samples_per_s / measured["samples_per_s"] - 1) <= 0.15

@@ -39,13 +39,10 @@ backward is the memory-lean choice (``NEUROMAMBA_SCAN_CONFIG=4``).
 
 Each token loop waits for its token's loads at the top of every iteration (their addresses do not depend on the
 carried state, but the loop's stores keep the compiler from hoisting the next iteration's loads). Two opt-in keys
-of a configuration (``CONFIGS[5:]``): ``PREFETCH: 1`` carries the next token's inputs in registers, loaded one
-iteration ahead (the inputs are never written, so this is exact; loads past the chunk's ends are masked), and
-``STAGES: k`` asks Triton's pipeliner for ``k`` stages (``tl.range(T_CHUNK, num_stages=k)``). Without them the
-kernels compile to the same PTX as before the keys existed. Measured on one H100 (session 18, the layer above):
-prefetching makes the forward 7-14% faster (0.90-0.97 ms against 1.01-1.05) but not the backward, so forward+backward
-moves by -0.9% to +5.7% (4.57-4.87 ms against the default's 4.61, within the run-to-run spread); ``STAGES: 3`` is
-slower (5.37 ms). The backward's time is not its loads' latency; the default stays.
+of a configuration, unmeasured on a GPU so far (``CONFIGS[5:]``): ``PREFETCH: 1`` carries the next token's inputs
+in registers, loaded one iteration ahead (the inputs are never written, so this is exact; loads past the chunk's
+ends are masked), and ``STAGES: k`` asks Triton's pipeliner for ``k`` stages (``tl.range(T_CHUNK, num_stages=k)``).
+Without them the kernels compile to the same PTX as before the keys existed.
 
 Registered as ``torch.library`` custom ops (``neuromamba::selective_scan_fwd`` / ``_bwd``) with fake
 (meta) implementations and autograd, so ``torch.compile`` keeps one graph around them.
@@ -79,8 +76,7 @@ CONFIGS: list[dict] = [
     # the memory-lean backward (``_scan_bwd_tile``: associative scans over each chunk, no state buffer): on one H100
     # (session 17, same layer) 5.03-5.07 ms against 4.56-4.90 for the four above, at 1.34 GiB peak against 2.25
     {"T_CHUNK": 32, "BLOCK_E": 64, "num_warps": 4, "BWD_BLOCK_E": 8, "BWD_WARPS": 1},
-    # on one H100 (session 18, same layer) 4.87 / 4.71 / 4.57 / 5.37 ms against the default's 4.61 (module docstring).
-    # ``PREFETCH: 1`` software-pipelines the four token loops
+    # unmeasured candidates (issue #24; to be timed on a GPU): ``PREFETCH: 1`` software-pipelines the four token loops
     # (each iteration loads the next token's inputs, and in ``_scan_bwd``'s reverse loop its stored state, into
     # registers before it computes, so the loads' latency overlaps the compute instead of starting each iteration);
     # ``STAGES: k`` runs the token loops as ``tl.range(T_CHUNK, num_stages=k)`` (Triton's own pipeliner). All compile

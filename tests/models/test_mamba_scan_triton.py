@@ -136,11 +136,6 @@ def case_small() -> None:
                             what="6 chunks")
     check_against_reference(_fused(small), 1, 19, 6, 5, None, with_D=False, with_z=False, seed=5,
                             what="no D/z/starts, N=5")
-    for cfg in CONFIGS:  # the prefetching token loops (PREFETCH) without the optional inputs
-        if cfg.get("PREFETCH"):
-            check_against_reference(_fused(dict(cfg, T_CHUNK=8)), 1, 19, 6, 5, None, with_D=False, with_z=False,
-                                    seed=5, what=f"{cfg} no D/z/starts, N=5")
-            break
 
 
 def case_configs() -> None:
@@ -171,13 +166,10 @@ def case_op() -> None:
     starts = packed_starts(1, 9, [[2, 1]], gap=2)
     tile = [c for c in CONFIGS if c.get("BWD_BLOCK_E")]
     assert tile, "a configuration with the tile backward"
-    prefetch = [c for c in CONFIGS if c.get("PREFETCH")]
-    assert prefetch, "a configuration with the prefetching token loops"
-    # the token-loop and the tile backward, and the prefetching token loops
-    for cfg in (dict(CONFIGS[0], T_CHUNK=4), dict(tile[0], T_CHUNK=4), dict(prefetch[0], T_CHUNK=4)):
+    for cfg in (dict(CONFIGS[0], T_CHUNK=4), dict(tile[0], T_CHUNK=4)):  # the token-loop and the tile backward
         args = (low["u"], low["delta"], low["A"], low["B"], low["C"], low["D"], low["z"], starts,
                 cfg["T_CHUNK"], cfg["BLOCK_E"], cfg["num_warps"], cfg.get("BWD_BLOCK_E", 0),
-                cfg.get("BWD_WARPS", cfg["num_warps"]), cfg.get("PREFETCH", 0), cfg.get("STAGES", 0))
+                cfg.get("BWD_WARPS", cfg["num_warps"]))
         torch.library.opcheck(torch.ops.neuromamba.selective_scan_fwd.default, args)
         y, h_in = torch.ops.neuromamba.selective_scan_fwd(*args)
         dy = torch.randn_like(y)
@@ -285,7 +277,7 @@ def test_kernels_compile_for_h100_without_spills():
     types.update(u_ptr="*bf16", B_ptr="*bf16", C_ptr="*bf16", z_ptr="*bf16", st_ptr="*u8")
     for cfg in K.CONFIGS:
         flags = dict(T_CHUNK=cfg["T_CHUNK"], BLOCK_E=cfg["BLOCK_E"], BLOCK_N=16, HAS_D=True, HAS_Z=True,
-                     HAS_STARTS=True, REVERSE=True, PREFETCH=cfg.get("PREFETCH", 0), STAGES=cfg.get("STAGES") or None)
+                     HAS_STARTS=True, REVERSE=True)
         for fn in kernels:
             tile = fn is K._scan_bwd_tile
             if tile and "BWD_BLOCK_E" not in cfg:

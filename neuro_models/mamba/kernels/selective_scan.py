@@ -37,13 +37,6 @@ is 5.03-5.07 ms fwd+bwd against 4.56-4.90 for the token loop, at 1.34 GiB peak a
 91M the two ran at the same rate (6.39 / 6.41 samples/s), so the token loop stays the default and the tile
 backward is the memory-lean choice (``NEUROMAMBA_SCAN_CONFIG=4``).
 
-Each token loop waits for its token's loads at the top of every iteration (their addresses do not depend on the
-carried state, but the loop's stores keep the compiler from hoisting the next iteration's loads). Two opt-in keys
-of a configuration, unmeasured on a GPU so far (``CONFIGS[5:]``): ``PREFETCH: 1`` carries the next token's inputs
-in registers, loaded one iteration ahead (the inputs are never written, so this is exact; loads past the chunk's
-ends are masked), and ``STAGES: k`` asks Triton's pipeliner for ``k`` stages (``tl.range(T_CHUNK, num_stages=k)``).
-Without them the kernels compile to the same PTX as before the keys existed.
-
 Registered as ``torch.library`` custom ops (``neuromamba::selective_scan_fwd`` / ``_bwd``) with fake
 (meta) implementations and autograd, so ``torch.compile`` keeps one graph around them.
 """
@@ -76,15 +69,6 @@ CONFIGS: list[dict] = [
     # the memory-lean backward (``_scan_bwd_tile``: associative scans over each chunk, no state buffer): on one H100
     # (session 17, same layer) 5.03-5.07 ms against 4.56-4.90 for the four above, at 1.34 GiB peak against 2.25
     {"T_CHUNK": 32, "BLOCK_E": 64, "num_warps": 4, "BWD_BLOCK_E": 8, "BWD_WARPS": 1},
-    # unmeasured candidates (issue #24; to be timed on a GPU): ``PREFETCH: 1`` software-pipelines the four token loops
-    # (each iteration loads the next token's inputs, and in ``_scan_bwd``'s reverse loop its stored state, into
-    # registers before it computes, so the loads' latency overlaps the compute instead of starting each iteration);
-    # ``STAGES: k`` runs the token loops as ``tl.range(T_CHUNK, num_stages=k)`` (Triton's own pipeliner). All compile
-    # for sm_90 without spills (Triton 3.9's ptxas); neither key changes the code of the configurations above
-    {"T_CHUNK": 256, "BLOCK_E": 16, "num_warps": 2, "PREFETCH": 1},
-    {"T_CHUNK": 64, "BLOCK_E": 32, "num_warps": 4, "PREFETCH": 1},
-    {"T_CHUNK": 128, "BLOCK_E": 16, "num_warps": 2, "PREFETCH": 1},
-    {"T_CHUNK": 256, "BLOCK_E": 16, "num_warps": 2, "STAGES": 3},
 ]
 
 #: index of the default configuration in :data:`CONFIGS` (measured fastest on an H100, above)
@@ -125,30 +109,9 @@ if triton is not None:
         return a
 
     @triton.jit
-    def _masks(t, lo, hi, me, mn, re, rn):
-        """``PREFETCH``: the vector masks (see :func:`_decay`) of token ``t``'s loads, true inside ``[lo, hi)`` (the
-        chunk's tokens below ``L``): the token past either end of the chunk is not read."""
-        mE = me & ((t + 0 * re) >= lo) & ((t + 0 * re) < hi)
-        mN = mn & ((t + 0 * rn) >= lo) & ((t + 0 * rn) < hi)
-        return mE, mN
-
-    @triton.jit
-    def _ld(ptr, off, m):
-        """A masked load (0 outside ``m``) upcast to fp32."""
-        return tl.load(ptr + off, mask=m, other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _flag(st_ptr, row, m):
-        """The start flag of the token at ``row`` as a ``[BLOCK_E]`` vector of one address (see :func:`_decay`)."""
-        return tl.load(st_ptr + row + 0 * m.to(tl.int64), mask=m, other=0)
-
-    @triton.jit
     def _chunk_fwd(u_ptr, dl_ptr, A_ptr, B_ptr, st_ptr, end_ptr, P_ptr, L, E, N, nC,
-                   HAS_STARTS: tl.constexpr, T_CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PREFETCH: tl.constexpr = 0, STAGES: tl.constexpr = None):
-        """Program (r * nC + c, e block): the chunk's end state from a zero start, and its decay product.
-        ``PREFETCH=1``: each iteration takes its token's inputs from registers, loaded by the previous one, and
-        loads the next token's before it computes (register double-buffering; the inputs are never written)."""
+                   HAS_STARTS: tl.constexpr, T_CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program (r * nC + c, e block): the chunk's end state from a zero start, and its decay product."""
         rc = tl.program_id(0)
         r = rc // nC
         c = rc % nC
@@ -160,41 +123,15 @@ if triton is not None:
         A = tl.load(A_ptr + re[:, None] * N + rn[None, :], mask=men, other=0.0).to(tl.float32)
         h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
         P = tl.full((BLOCK_E, BLOCK_N), 1.0, dtype=tl.float32)
-        if PREFETCH:  # the chunk's first token's inputs
-            lo = c * T_CHUNK
-            hi = tl.minimum(lo + T_CHUNK, L)
-            mE, mN = _masks(lo, lo, hi, me, mn, re, rn)
-            row = (r * L + lo).to(tl.int64)
-            u_n = _ld(u_ptr, row * E + re, mE)
-            d_n = _ld(dl_ptr, row * E + re, mE)
-            b_n = _ld(B_ptr, row * N + rn, mN)
-            if HAS_STARTS:
-                s_n = _flag(st_ptr, row, mE)
-        for i in tl.range(T_CHUNK, num_stages=STAGES):
+        for i in range(T_CHUNK):
             t = c * T_CHUNK + i
-            if PREFETCH:
-                u = u_n
-                d = d_n
-                b = b_n
-                a = tl.exp(d[:, None] * A)
-                if HAS_STARTS:
-                    a = tl.where(s_n[:, None] != 0, 0.0, a)
-                # the next token's inputs, in flight while this one computes
-                mE, mN = _masks(t + 1, lo, hi, me, mn, re, rn)
-                row = (r * L + t + 1).to(tl.int64)
-                u_n = _ld(u_ptr, row * E + re, mE)
-                d_n = _ld(dl_ptr, row * E + re, mE)
-                b_n = _ld(B_ptr, row * N + rn, mN)
-                if HAS_STARTS:
-                    s_n = _flag(st_ptr, row, mE)
-            else:
-                mE = me & ((t + 0 * re) < L)  # vector masks (see _decay)
-                mN = mn & ((t + 0 * rn) < L)
-                row = (r * L + t).to(tl.int64)
-                u = tl.load(u_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
-                d = tl.load(dl_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
-                b = tl.load(B_ptr + row * N + rn, mask=mN, other=0.0).to(tl.float32)
-                a = _decay(d, A, st_ptr, row, mE, HAS_STARTS)
+            mE = me & ((t + 0 * re) < L)  # vector masks (see _decay)
+            mN = mn & ((t + 0 * rn) < L)
+            row = (r * L + t).to(tl.int64)
+            u = tl.load(u_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
+            d = tl.load(dl_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
+            b = tl.load(B_ptr + row * N + rn, mask=mN, other=0.0).to(tl.float32)
+            a = _decay(d, A, st_ptr, row, mE, HAS_STARTS)
             h = a * h + (d * u)[:, None] * b[None, :]
             P = P * a
         off = rc.to(tl.int64) * E * N + re[:, None] * N + rn[None, :]
@@ -241,10 +178,8 @@ if triton is not None:
     @triton.jit
     def _scan_out(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, st_ptr, hin_ptr, y_ptr, L, E, N, nC,
                   HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_STARTS: tl.constexpr, T_CHUNK: tl.constexpr,
-                  BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr = 0,
-                  STAGES: tl.constexpr = None):
-        """Program (r * nC + c, e block): the chunk's outputs from its entering state ``h_in[c]`` (``PREFETCH``: see
-        :func:`_chunk_fwd`)."""
+                  BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program (r * nC + c, e block): the chunk's outputs from its entering state ``h_in[c]``."""
         rc = tl.program_id(0)
         r = rc // nC
         c = rc % nC
@@ -257,67 +192,31 @@ if triton is not None:
         h = tl.load(hin_ptr + rc.to(tl.int64) * E * N + re[:, None] * N + rn[None, :], mask=men, other=0.0)
         if HAS_D:
             Dv = tl.load(D_ptr + re, mask=me, other=0.0).to(tl.float32)
-        if PREFETCH:  # the chunk's first token's inputs
-            lo = c * T_CHUNK
-            hi = tl.minimum(lo + T_CHUNK, L)
-            mE, mN = _masks(lo, lo, hi, me, mn, re, rn)
-            row = (r * L + lo).to(tl.int64)
-            u_n = _ld(u_ptr, row * E + re, mE)
-            d_n = _ld(dl_ptr, row * E + re, mE)
-            b_n = _ld(B_ptr, row * N + rn, mN)
-            c_n = _ld(C_ptr, row * N + rn, mN)
-            if HAS_Z:
-                z_n = _ld(z_ptr, row * E + re, mE)
-            if HAS_STARTS:
-                s_n = _flag(st_ptr, row, mE)
-        for i in tl.range(T_CHUNK, num_stages=STAGES):
+        for i in range(T_CHUNK):
             t = c * T_CHUNK + i
             mE = me & ((t + 0 * re) < L)  # vector masks (see _decay)
             mN = mn & ((t + 0 * rn) < L)
             row = (r * L + t).to(tl.int64)
-            if PREFETCH:
-                u = u_n
-                d = d_n
-                b = b_n
-                cc = c_n
-                a = tl.exp(d[:, None] * A)
-                if HAS_Z:
-                    zz = z_n
-                if HAS_STARTS:
-                    a = tl.where(s_n[:, None] != 0, 0.0, a)
-                # the next token's inputs, in flight while this one computes (issued before this one's store)
-                mEn, mNn = _masks(t + 1, lo, hi, me, mn, re, rn)
-                rown = row + 1
-                u_n = _ld(u_ptr, rown * E + re, mEn)
-                d_n = _ld(dl_ptr, rown * E + re, mEn)
-                b_n = _ld(B_ptr, rown * N + rn, mNn)
-                c_n = _ld(C_ptr, rown * N + rn, mNn)
-                if HAS_Z:
-                    z_n = _ld(z_ptr, rown * E + re, mEn)
-                if HAS_STARTS:
-                    s_n = _flag(st_ptr, rown, mEn)
-            else:
-                u = tl.load(u_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
-                d = tl.load(dl_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
-                b = tl.load(B_ptr + row * N + rn, mask=mN, other=0.0).to(tl.float32)
-                cc = tl.load(C_ptr + row * N + rn, mask=mN, other=0.0).to(tl.float32)
-                a = _decay(d, A, st_ptr, row, mE, HAS_STARTS)
+            u = tl.load(u_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
+            d = tl.load(dl_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
+            b = tl.load(B_ptr + row * N + rn, mask=mN, other=0.0).to(tl.float32)
+            cc = tl.load(C_ptr + row * N + rn, mask=mN, other=0.0).to(tl.float32)
+            a = _decay(d, A, st_ptr, row, mE, HAS_STARTS)
             h = a * h + (d * u)[:, None] * b[None, :]
             y = tl.sum(h * cc[None, :], axis=1)
             if HAS_D:
                 y = y + Dv * u
             if HAS_Z:
-                if not PREFETCH:
-                    zz = tl.load(z_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
+                zz = tl.load(z_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
                 y = y * zz * tl.sigmoid(zz)
             tl.store(y_ptr + row * E + re, y, mask=mE)
 
     @triton.jit
     def _chunk_bwd(dy_ptr, dl_ptr, A_ptr, C_ptr, z_ptr, st_ptr, loc_ptr, P_ptr, L, E, N, nC,
                    HAS_Z: tl.constexpr, HAS_STARTS: tl.constexpr, T_CHUNK: tl.constexpr, BLOCK_E: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr = 0, STAGES: tl.constexpr = None):
+                   BLOCK_N: tl.constexpr):
         """Program (r * nC + c, e block): the chunk's reverse scan of ``dh`` from a zero carry: ``a_first dh_first``
-        and the decay product (``PREFETCH``: see :func:`_chunk_fwd`; here the next token is the previous one)."""
+        and the decay product."""
         rc = tl.program_id(0)
         r = rc // nC
         c = rc % nC
@@ -329,50 +228,18 @@ if triton is not None:
         A = tl.load(A_ptr + re[:, None] * N + rn[None, :], mask=men, other=0.0).to(tl.float32)
         carry = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
         P = tl.full((BLOCK_E, BLOCK_N), 1.0, dtype=tl.float32)
-        if PREFETCH:  # the chunk's last token's inputs
-            lo = c * T_CHUNK
-            hi = tl.minimum(lo + T_CHUNK, L)
-            mE, mN = _masks(lo + T_CHUNK - 1, lo, hi, me, mn, re, rn)
-            row = (r * L + lo + T_CHUNK - 1).to(tl.int64)
-            d_n = _ld(dl_ptr, row * E + re, mE)
-            g_n = _ld(dy_ptr, row * E + re, mE)
-            c_n = _ld(C_ptr, row * N + rn, mN)
-            if HAS_Z:
-                z_n = _ld(z_ptr, row * E + re, mE)
-            if HAS_STARTS:
-                s_n = _flag(st_ptr, row, mE)
-        for i in tl.range(T_CHUNK, num_stages=STAGES):
+        for i in range(T_CHUNK):
             t = c * T_CHUNK + (T_CHUNK - 1 - i)
-            if PREFETCH:
-                d = d_n
-                g = g_n
-                cc = c_n
-                a = tl.exp(d[:, None] * A)
-                if HAS_Z:
-                    g = g * z_n * tl.sigmoid(z_n)
-                if HAS_STARTS:
-                    a = tl.where(s_n[:, None] != 0, 0.0, a)
-                # the next (previous) token's inputs, in flight while this one computes
-                mE, mN = _masks(t - 1, lo, hi, me, mn, re, rn)
-                row = (r * L + t - 1).to(tl.int64)
-                d_n = _ld(dl_ptr, row * E + re, mE)
-                g_n = _ld(dy_ptr, row * E + re, mE)
-                c_n = _ld(C_ptr, row * N + rn, mN)
-                if HAS_Z:
-                    z_n = _ld(z_ptr, row * E + re, mE)
-                if HAS_STARTS:
-                    s_n = _flag(st_ptr, row, mE)
-            else:
-                mE = me & ((t + 0 * re) < L)  # vector masks (see _decay)
-                mN = mn & ((t + 0 * rn) < L)
-                row = (r * L + t).to(tl.int64)
-                d = tl.load(dl_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
-                g = tl.load(dy_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
-                if HAS_Z:
-                    zz = tl.load(z_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
-                    g = g * zz * tl.sigmoid(zz)
-                cc = tl.load(C_ptr + row * N + rn, mask=mN, other=0.0).to(tl.float32)
-                a = _decay(d, A, st_ptr, row, mE, HAS_STARTS)
+            mE = me & ((t + 0 * re) < L)  # vector masks (see _decay)
+            mN = mn & ((t + 0 * rn) < L)
+            row = (r * L + t).to(tl.int64)
+            d = tl.load(dl_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
+            g = tl.load(dy_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zz = tl.load(z_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
+                g = g * zz * tl.sigmoid(zz)
+            cc = tl.load(C_ptr + row * N + rn, mask=mN, other=0.0).to(tl.float32)
+            a = _decay(d, A, st_ptr, row, mE, HAS_STARTS)
             carry = a * (carry + g[:, None] * cc[None, :])
             P = P * a
         off = rc.to(tl.int64) * E * N + re[:, None] * N + rn[None, :]
@@ -383,12 +250,9 @@ if triton is not None:
     def _scan_bwd(dy_ptr, u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, st_ptr, hin_ptr, carry_ptr, hbuf_ptr,
                   du_ptr, ddl_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr, R, L, E, N, nC,
                   HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_STARTS: tl.constexpr, T_CHUNK: tl.constexpr,
-                  BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr = 0,
-                  STAGES: tl.constexpr = None):
+                  BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program (r * nC + c, e block): every gradient of the chunk's tokens. A forward loop from ``h_in[c]``
-        writes the states into ``hbuf`` (this program's rows only); a reverse loop then walks them back.
-        ``PREFETCH``: see :func:`_chunk_fwd`; the reverse loop also loads the next (previous) token's ``h_{t-1}``
-        from ``hbuf`` a token ahead (``hbuf`` is not written after the barrier)."""
+        writes the states into ``hbuf`` (this program's rows only); a reverse loop then walks them back."""
         rc = tl.program_id(0)
         eb = tl.program_id(1)
         r = rc // nC
@@ -404,41 +268,15 @@ if triton is not None:
         if HAS_D:
             Dv = tl.load(D_ptr + re, mask=me, other=0.0).to(tl.float32)
         h = h0
-        if PREFETCH:  # the chunk's first token's inputs
-            lo = c * T_CHUNK
-            hi = tl.minimum(lo + T_CHUNK, L)
-            mE, mN = _masks(lo, lo, hi, me, mn, re, rn)
-            row = (r * L + lo).to(tl.int64)
-            u_n = _ld(u_ptr, row * E + re, mE)
-            d_n = _ld(dl_ptr, row * E + re, mE)
-            b_n = _ld(B_ptr, row * N + rn, mN)
-            if HAS_STARTS:
-                s_n = _flag(st_ptr, row, mE)
-        for i in tl.range(T_CHUNK, num_stages=STAGES):
+        for i in range(T_CHUNK):
             t = c * T_CHUNK + i
             mE = me & ((t + 0 * re) < L)  # vector masks (see _decay)
             mN = mn & ((t + 0 * rn) < L)
             row = (r * L + t).to(tl.int64)
-            if PREFETCH:
-                u = u_n
-                d = d_n
-                b = b_n
-                a = tl.exp(d[:, None] * A)
-                if HAS_STARTS:
-                    a = tl.where(s_n[:, None] != 0, 0.0, a)
-                # the next token's inputs, in flight while this one computes (issued before this one's store)
-                mEn, mNn = _masks(t + 1, lo, hi, me, mn, re, rn)
-                rown = row + 1
-                u_n = _ld(u_ptr, rown * E + re, mEn)
-                d_n = _ld(dl_ptr, rown * E + re, mEn)
-                b_n = _ld(B_ptr, rown * N + rn, mNn)
-                if HAS_STARTS:
-                    s_n = _flag(st_ptr, rown, mEn)
-            else:
-                u = tl.load(u_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
-                d = tl.load(dl_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
-                b = tl.load(B_ptr + row * N + rn, mask=mN, other=0.0).to(tl.float32)
-                a = _decay(d, A, st_ptr, row, mE, HAS_STARTS)
+            u = tl.load(u_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
+            d = tl.load(dl_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
+            b = tl.load(B_ptr + row * N + rn, mask=mN, other=0.0).to(tl.float32)
+            a = _decay(d, A, st_ptr, row, mE, HAS_STARTS)
             h = a * h + (d * u)[:, None] * b[None, :]
             tl.store(hbuf_ptr + row * E * N + tile, h, mask=mE[:, None] & mn[None, :])
         tl.debug_barrier()  # the states written above are read back below by other threads of this program
@@ -448,22 +286,7 @@ if triton is not None:
         t_last = c * T_CHUNK + T_CHUNK - 1
         h_t = tl.load(hbuf_ptr + (r * L + t_last).to(tl.int64) * E * N + tile,
                       mask=men & ((t_last + 0 * re) < L)[:, None], other=0.0)
-        if PREFETCH:  # the chunk's last token's inputs, and its h_{t-1} (unless it is the chunk's first token)
-            mE, mN = _masks(t_last, lo, hi, me, mn, re, rn)
-            row = (r * L + t_last).to(tl.int64)
-            hp_n = tl.load(hbuf_ptr + (row - 1) * E * N + tile,
-                           mask=men & ((t_last - 1 + 0 * re) < L)[:, None] & ((T_CHUNK - 1 + 0 * re) > 0)[:, None],
-                           other=0.0)
-            u_n = _ld(u_ptr, row * E + re, mE)
-            d_n = _ld(dl_ptr, row * E + re, mE)
-            b_n = _ld(B_ptr, row * N + rn, mN)
-            c_n = _ld(C_ptr, row * N + rn, mN)
-            g_n = _ld(dy_ptr, row * E + re, mE)
-            if HAS_Z:
-                z_n = _ld(z_ptr, row * E + re, mE)
-            if HAS_STARTS:
-                s_n = _flag(st_ptr, row, mE)
-        for i in tl.range(T_CHUNK, num_stages=STAGES):
+        for i in range(T_CHUNK):
             j = T_CHUNK - 1 - i
             t = c * T_CHUNK + j
             mE = me & ((t + 0 * re) < L)  # vector masks (see _decay)
@@ -471,46 +294,17 @@ if triton is not None:
             row = (r * L + t).to(tl.int64)
             # h_{t-1}: this program's previous row, or the entering state at the chunk's first token
             first = ((j + 0 * re) == 0)[:, None]
-            if PREFETCH:
-                h_prev = tl.where(first, h0, hp_n)
-                u = u_n
-                d = d_n
-                b = b_n
-                cc = c_n
-                g = g_n
-                a = tl.exp(d[:, None] * A)
-                if HAS_Z:
-                    zz = z_n
-                if HAS_STARTS:
-                    a = tl.where(s_n[:, None] != 0, 0.0, a)
-                # the next (previous) token's inputs and h_{t-2}, in flight while this one computes (issued before
-                # this one's stores)
-                mEn, mNn = _masks(t - 1, lo, hi, me, mn, re, rn)
-                rown = row - 1
-                hp_n = tl.load(hbuf_ptr + (rown - 1) * E * N + tile,
-                               mask=men & ((t - 2 + 0 * re) < L)[:, None] & ((j - 1 + 0 * re) > 0)[:, None], other=0.0)
-                u_n = _ld(u_ptr, rown * E + re, mEn)
-                d_n = _ld(dl_ptr, rown * E + re, mEn)
-                b_n = _ld(B_ptr, rown * N + rn, mNn)
-                c_n = _ld(C_ptr, rown * N + rn, mNn)
-                g_n = _ld(dy_ptr, rown * E + re, mEn)
-                if HAS_Z:
-                    z_n = _ld(z_ptr, rown * E + re, mEn)
-                if HAS_STARTS:
-                    s_n = _flag(st_ptr, rown, mEn)
-            else:
-                h_prev = tl.load(hbuf_ptr + (row - 1) * E * N + tile,
-                                 mask=men & ((t - 1 + 0 * re) < L)[:, None] & ~first, other=0.0)
-                h_prev = tl.where(first, h0, h_prev)
-                u = tl.load(u_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
-                d = tl.load(dl_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
-                b = tl.load(B_ptr + row * N + rn, mask=mN, other=0.0).to(tl.float32)
-                cc = tl.load(C_ptr + row * N + rn, mask=mN, other=0.0).to(tl.float32)
-                g = tl.load(dy_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
-                a = _decay(d, A, st_ptr, row, mE, HAS_STARTS)
+            h_prev = tl.load(hbuf_ptr + (row - 1) * E * N + tile, mask=men & ((t - 1 + 0 * re) < L)[:, None] & ~first,
+                             other=0.0)
+            h_prev = tl.where(first, h0, h_prev)
+            u = tl.load(u_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
+            d = tl.load(dl_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
+            b = tl.load(B_ptr + row * N + rn, mask=mN, other=0.0).to(tl.float32)
+            cc = tl.load(C_ptr + row * N + rn, mask=mN, other=0.0).to(tl.float32)
+            g = tl.load(dy_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
+            a = _decay(d, A, st_ptr, row, mE, HAS_STARTS)
             if HAS_Z:
-                if not PREFETCH:
-                    zz = tl.load(z_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
+                zz = tl.load(z_ptr + row * E + re, mask=mE, other=0.0).to(tl.float32)
                 y = tl.sum(h_t * cc[None, :], axis=1)
                 if HAS_D:
                     y = y + Dv * u
@@ -645,13 +439,6 @@ def _check(u, delta, A, B, C, D, z, starts) -> None:
             raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {shape} for u of shape {(R, L, E)}")
 
 
-def _loop_meta(prefetch: int, stages: int) -> dict:
-    """The token loops' constexprs: ``PREFETCH`` (0 or 1) and ``STAGES`` (``None`` for 0: a plain ``range``)."""
-    if prefetch not in (0, 1) or stages < 0:
-        raise ValueError(f"PREFETCH must be 0 or 1 and STAGES >= 0, got {prefetch}, {stages}")
-    return dict(PREFETCH=prefetch, STAGES=stages or None)
-
-
 def _n_chunks(L: int, t_chunk: int) -> int:
     return max(1, -(-L // t_chunk))
 
@@ -664,11 +451,9 @@ def _starts_u8(starts):
 @torch.library.custom_op("neuromamba::selective_scan_fwd", mutates_args=())
 def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                  D: Optional[torch.Tensor], z: Optional[torch.Tensor], starts: Optional[torch.Tensor], t_chunk: int,
-                 block_e: int, num_warps: int, bwd_block_e: int, bwd_warps: int, prefetch: int,
-                 stages: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 block_e: int, num_warps: int, bwd_block_e: int, bwd_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y [R, L, E] fp32, h_in [R, nC, E, N] fp32)``: the output and the state entering each chunk
-    (``bwd_block_e``, ``bwd_warps``: the backward's launch, kept for it; ``prefetch``, ``stages``: the token loops'
-    ``PREFETCH`` and ``STAGES``, see :data:`CONFIGS`)."""
+    (``bwd_block_e``, ``bwd_warps``: the backward's launch, kept for it)."""
     R, L, E = u.shape
     N = A.shape[1]
     nC = _n_chunks(L, t_chunk)
@@ -683,7 +468,7 @@ def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
     y = torch.empty(R, L, E, **f32)
     BN = triton.next_power_of_2(N)
     nEB = triton.cdiv(E, block_e)
-    meta = dict(T_CHUNK=t_chunk, BLOCK_E=block_e, BLOCK_N=BN, num_warps=num_warps, **_loop_meta(prefetch, stages))
+    meta = dict(T_CHUNK=t_chunk, BLOCK_E=block_e, BLOCK_N=BN, num_warps=num_warps)
     _chunk_fwd[(R * nC, nEB)](u, delta, A, B, st, end, P, L, E, N, nC, HAS_STARTS=st is not None, **meta)
     _carry[(R, nEB)](end, P, h_in, E, N, nC, REVERSE=False, BLOCK_E=block_e, BLOCK_N=BN, num_warps=num_warps)
     _scan_out[(R * nC, nEB)](u, delta, A, B, C, D, z, st, h_in, y, L, E, N, nC, HAS_D=D is not None,
@@ -692,7 +477,7 @@ def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
 
 
 @_scan_fwd_op.register_fake
-def _(u, delta, A, B, C, D, z, starts, t_chunk, block_e, num_warps, bwd_block_e, bwd_warps, prefetch, stages):
+def _(u, delta, A, B, C, D, z, starts, t_chunk, block_e, num_warps, bwd_block_e, bwd_warps):
     R, L, E = u.shape
     nC = _n_chunks(L, t_chunk)
     return (u.new_empty(R, L, E, dtype=torch.float32), u.new_empty(R, nC, E, A.shape[1], dtype=torch.float32))
@@ -702,9 +487,8 @@ def _(u, delta, A, B, C, D, z, starts, t_chunk, block_e, num_warps, bwd_block_e,
 def _scan_bwd_op(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                  C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
                  starts: Optional[torch.Tensor], h_in: torch.Tensor, t_chunk: int, block_e: int,
-                 num_warps: int, bwd_block_e: int, bwd_warps: int, prefetch: int,
-                 stages: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                       torch.Tensor, torch.Tensor]:
+                 num_warps: int, bwd_block_e: int, bwd_warps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor, torch.Tensor]:
     """``(du, ddelta, dA, dB, dC, dD, dz)`` in the inputs' dtypes; ``dD``/``dz`` are empty when ``D``/``z`` are None.
     ``bwd_block_e > 0`` forms the gradients with ``_scan_bwd_tile`` (channel blocks of that width, ``bwd_warps``
     warps); 0 with ``_scan_bwd`` (token loop, states through a scratch buffer)."""
@@ -718,7 +502,7 @@ def _scan_bwd_op(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torc
     f32 = dict(dtype=torch.float32, device=u.device)
     BN = triton.next_power_of_2(N)
     nEB = triton.cdiv(E, block_e)
-    meta = dict(T_CHUNK=t_chunk, BLOCK_E=block_e, BLOCK_N=BN, num_warps=num_warps, **_loop_meta(prefetch, stages))
+    meta = dict(T_CHUNK=t_chunk, BLOCK_E=block_e, BLOCK_N=BN, num_warps=num_warps)
     loc = torch.empty(R, nC, E, N, **f32)
     P = torch.empty(R, nC, E, N, **f32)
     carry = torch.empty(R, nC, E, N, **f32)
@@ -751,26 +535,25 @@ def _scan_bwd_op(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torc
 
 
 @_scan_bwd_op.register_fake
-def _(dy, u, delta, A, B, C, D, z, starts, h_in, t_chunk, block_e, num_warps, bwd_block_e, bwd_warps, prefetch,
-      stages):
+def _(dy, u, delta, A, B, C, D, z, starts, h_in, t_chunk, block_e, num_warps, bwd_block_e, bwd_warps):
     like = (lambda t: t.new_empty(t.shape))  # contiguous, as the kernels return them
     return (like(u), like(delta), like(A), like(B), like(C), u.new_empty(0) if D is None else like(D),
             u.new_empty(0) if z is None else like(z))
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, starts, *launch = inputs
+    u, delta, A, B, C, D, z, starts, t_chunk, block_e, num_warps, bwd_block_e, bwd_warps = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, starts, output[1])
     ctx.has_D, ctx.has_z = D is not None, z is not None
-    ctx.launch = tuple(launch)  # t_chunk, block_e, num_warps, bwd_block_e, bwd_warps, prefetch, stages
+    ctx.launch = (t_chunk, block_e, num_warps, bwd_block_e, bwd_warps)
 
 
 def _backward(ctx, dy, _dh_in):
     u, delta, A, B, C, D, z, starts, h_in = ctx.saved_tensors
     du, ddl, dA, dB, dC, dD, dz = torch.ops.neuromamba.selective_scan_bwd(dy, u, delta, A, B, C, D, z, starts, h_in,
                                                                           *ctx.launch)
-    return (du, ddl, dA, dB, dC, dD if ctx.has_D else None, dz if ctx.has_z else None,
-            None) + (None,) * len(ctx.launch)
+    return (du, ddl, dA, dB, dC, dD if ctx.has_D else None, dz if ctx.has_z else None, None, None, None, None, None,
+            None)
 
 
 _scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -795,8 +578,7 @@ def fused_selective_scan(u_RLE: torch.Tensor, delta_RLE: torch.Tensor, A_EN: tor
     cfg = config or default_config()
     y, _ = torch.ops.neuromamba.selective_scan_fwd(u_RLE, delta_RLE, A_EN, B_RLN, C_RLN, D_E, z_RLE, starts_RL,
                                                    cfg["T_CHUNK"], cfg["BLOCK_E"], cfg["num_warps"],
-                                                   cfg.get("BWD_BLOCK_E", 0), cfg.get("BWD_WARPS", cfg["num_warps"]),
-                                                   cfg.get("PREFETCH", 0), cfg.get("STAGES", 0))
+                                                   cfg.get("BWD_BLOCK_E", 0), cfg.get("BWD_WARPS", cfg["num_warps"]))
     return y
 
 

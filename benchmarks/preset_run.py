@@ -54,9 +54,10 @@ def ladder_run(opts: Any = None):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--storage", required=True)
-    ap.add_argument("--study-name", required=True)
-    ap.add_argument("--skip", type=int, default=2, help="logged rows to leave out (compiles, warm-up)")
+    ap.add_argument("--storage", required=True, help="the study's --storage")
+    ap.add_argument("--study-name", required=True, help="the study's --study-name")
+    ap.add_argument("--skip", type=int, default=2,
+                    help="store rows to leave out at the start (compiles, warm-up; default %(default)s)")
     ap.add_argument("--out", default=None, help="JSON file")
     a = ap.parse_args(argv)
     import numpy as np

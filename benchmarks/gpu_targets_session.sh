@@ -15,6 +15,8 @@
 #                 loader workers, default 8): how input-bound training is with the product loader
 #   train51-prof  train51 with a torch.profiler window of 10 steps (kernel and CPU tables under $OUT/prof51)
 #   harness-fp32  the harness at the same configuration with the float32 residual stream (train()'s default)
+#   preset51      the ladder --site polaris preset's 51M run re-planned for this H100, launched through
+#                 study/scaling_law.py (benchmarks/preset_run.py; Ray etc. from gpu-bundle.sh on PYTHONPATH)
 #   mamba-sizes   NeuroMamba's ladder sizes (MAMBA_SIZES) through train(), compiled, preloaded, with background
 #                 removal on and off (MAMBA_BG), each at the micro-batch the run planner picks for 8 samples per
 #                 H100; MAMBA_PROBES="size:on|off:mb ..." adds runs at a chosen micro-batch (the memory model's check)
@@ -108,6 +110,15 @@ print(plan_run(s, 'H100', workers=1)[1].micro_batch)" 2>/dev/null)
 print(round(d['samples_per_s'], 2), 'samples/s', round(d['tflops_per_gpu'], 1), 'TFLOP/s', round(d['peak_mem_gib'], 2), 'GiB')" \
           2>/dev/null || quiet <"$OUT/mamba_sizes/${size}_bg${bg}_mb$mb.log" | tail -2)" | tee -a "$log"
       done ;;
+    preset51)  # the ladder preset's 51M run through study/scaling_law.py (benchmarks/preset_run.py), HDF5 loader;
+      # needs Ray, DeepSpeed, Optuna and mup: ../shared/tools/gpu-bundle.sh's pydeps.tar.xz unpacked on PYTHONPATH
+      cohort; rm -rf /tmp/nxpreset
+      NEUROX_PRESET_STEPS=${PRESET_STEPS:-300} timeout "${PRESET_S:-280}" python3 study/scaling_law.py \
+        --preset benchmarks.preset_run:ladder_run --manifest "$COHORT/manifest.parquet" --device-kind h100-80gb \
+        --cpus-per-device "${PRESET_CPUS:-8}" --storage /tmp/nxpreset --study-name p51 --no-report >"$OUT/preset51.log" 2>&1
+      echo "study rc $?" | tee -a "$log"
+      python3 benchmarks/preset_run.py --storage /tmp/nxpreset --study-name p51 --out "$OUT/preset51.json" 2>&1 \
+        | tail -2 | cut -c1-600 | tee -a "$log" ;;
     *) echo "unknown stage $s" | tee -a "$log" ;;
   esac
 done

@@ -555,7 +555,8 @@ class PinnedBatches:
         if nbytes < PIN_PARALLEL_BYTES or t.dim() == 0 or t.shape[0] < 2 or not t.is_contiguous():
             dst.copy_(t)
             return dst
-        bounds = [round(i * t.shape[0] / min(threads, t.shape[0])) for i in range(min(threads, t.shape[0]) + 1)]
+        k = min(threads, t.shape[0])  # slices along the first dimension, one per thread
+        bounds = [round(i * t.shape[0] / k) for i in range(k + 1)]
         list(pool.map(lambda ij: dst[ij[0]:ij[1]].copy_(t[ij[0]:ij[1]]), zip(bounds[:-1], bounds[1:])))
         return dst
 

@@ -329,16 +329,25 @@ def private_dir(parent: str | os.PathLike, name: str, per_user: bool = False) ->
 # --------------------------------------------------------------------------------------------
 # Waiting for nodes
 # --------------------------------------------------------------------------------------------
-def _alive_node_ips(address: str, timeout: float) -> set[str]:
+def _alive_node_ips(address: str, timeout: float) -> tuple[set[str], bool]:
+    """The live nodes' IPs, and whether the head node's dashboard agent has registered its address in the GCS.
+
+    The job API hands each submission to that agent; until it registers, Ray 2.60's job server waits 10 s and then
+    refuses ``ray job submit`` with HTTP 500 "No available agent to submit job" (seen once on a loaded 2-core CI
+    box, session 18), so the cluster is not ready for the command before it."""
     from ray._raylet import GcsClient  # lazy: only the head needs Ray here
+    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
 
     client = GcsClient(address=address)
     infos = client.get_all_node_info(timeout=timeout)
-    alive = set()
-    for info in infos.values():
+    alive, agent = set(), False
+    for node_id, info in infos.items():
         if info.state == 0:  # GcsNodeInfo.ALIVE
             alive.add(info.node_manager_address)
-    return alive
+            if info.is_head_node:  # the key the job server reads (ray/dashboard/modules/job/job_head.py)
+                key = f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{node_id.hex()}".encode()
+                agent = bool(client.internal_kv_get(key, b"dashboard", timeout=timeout))
+    return alive, agent
 
 
 def node_registrations(state_dir: Path) -> tuple[dict[int, dict], dict[int, str]]:
@@ -366,7 +375,8 @@ def node_registrations(state_dir: Path) -> tuple[dict[int, dict], dict[int, str]
 
 def wait_for_nodes(address: str, hosts: list[str], head_ip: str, state_dir: Path, timeout: float,
                    poll_s: float = 1.0, progress: bool = True, head_pid: int | None = None) -> dict[int, str]:
-    """Block until every host of the node file runs a live Ray node, or fail naming the missing ones.
+    """Block until every host of the node file runs a live Ray node and the head's dashboard agent has registered
+    (the job API needs it), or fail naming the missing ones.
 
     Parameters
     ----------
@@ -403,7 +413,7 @@ def wait_for_nodes(address: str, hosts: list[str], head_ip: str, state_dir: Path
         except ImportError:  # pragma: no cover - tqdm is a dependency
             bar = None
     alive: set[str] = set()
-    last_err = None
+    agent, last_err = False, None
     try:
         while True:
             if head_pid is not None and (not Path(f"/proc/{head_pid}").exists() or _is_zombie(head_pid)):
@@ -414,7 +424,7 @@ def wait_for_nodes(address: str, hosts: list[str], head_ip: str, state_dir: Path
                          for r, msg in sorted(errors.items())]
                 raise ClusterError("node agents failed:\n  " + "\n  ".join(lines))
             try:
-                alive = _alive_node_ips(address, timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+                alive, agent = _alive_node_ips(address, timeout=max(1.0, min(5.0, deadline - time.monotonic())))
                 last_err = None
             except Exception as e:  # GCS not up yet
                 last_err = e
@@ -423,9 +433,14 @@ def wait_for_nodes(address: str, hosts: list[str], head_ip: str, state_dir: Path
             joined = {r for r in range(len(hosts)) if ips.get(r) in alive}
             if bar is not None and len(joined) != bar.n:
                 bar.update(len(joined) - bar.n)
-            if len(joined) == len(hosts):
+            if len(joined) == len(hosts) and agent:
                 return {r: ips[r] for r in range(len(hosts))}
             if time.monotonic() >= deadline:
+                if len(joined) == len(hosts):
+                    raise ClusterError(f"all {len(hosts)} nodes joined, but the head's dashboard agent did not "
+                                       f"register within {timeout:g} s, so the job API would refuse `ray job "
+                                       "submit`: see dashboard_agent.log in the head's Ray session logs",
+                                       code=EXIT_TIMEOUT)
                 missing = []
                 for r, h in enumerate(hosts):
                     if r in joined:

@@ -59,16 +59,15 @@ MEMORY_MARGIN = 0.90
 #: voxels x frames for other grids and lengths. Measured rows are preloaded (the device's rate); a run reads files.
 INPUT_S_PER_WINDOW = 0.76e-3
 INPUT_REF_ELEMENTS = 96 ** 3 * 20
-INPUT_SOURCE = "0.76 ms per 96^3 x 20 window of host input time, one H100 host (session 18)"
+INPUT_SOURCE = f"{INPUT_S_PER_WINDOW * 1e3:g} ms per 96^3 x 20 window of host input time, one H100 host (session 18)"
 
 
 def with_input_cost(rate: float, spec: RunSpec, workers: int) -> float:
     """``rate`` (samples/s of the whole run on preloaded inputs, ``workers`` devices) with each device's host input
     time per window (:data:`INPUT_S_PER_WINDOW`, scaled by the window's elements) added to its time per sample."""
     t = INPUT_S_PER_WINDOW * math.prod(spec.grid) * spec.sequence_length / INPUT_REF_ELEMENTS
-    per_device = rate / (workers * SCALING_EFFICIENCY) if workers > 1 else rate
-    per_device = 1.0 / (1.0 / per_device + t)
-    return per_device * (workers * SCALING_EFFICIENCY if workers > 1 else 1)
+    scale = workers * SCALING_EFFICIENCY if workers > 1 else 1.0  # the run's rate over one device's
+    return scale / (scale / rate + t)
 
 
 #: multi-worker rate = workers x one-device rate x this (51M/806M strong scaling at 4 H100s: 95.8% / 90.4%)

@@ -3,6 +3,9 @@
 # its own time limit so that one slow stage cannot eat the call. Results -> $OUT (JSON per stage, session.log).
 #   mamba         the fused selective scan beside the chunked scan: accuracy against float64, one layer's time,
 #                 the 3.1M model's train steps with each, a profile, compiled blocks (benchmarks/mamba_scan_benchmark.py)
+#   scan-cands    one layer's scan only (check + time, 20 repetitions), with the launch configurations of SCAN_CANDIDATES
+#                 (a JSON list; default: the 1-warp shapes benchmarks/scan_sass.py counts fewer instructions for)
+#                 checked against float64 and timed beside CONFIGS and the chunked scan
 #   train51       train() at the SwiFT v1 reference configuration (51M, patch 6x6x6x1, windows 4x4x4x4, 96^3 x 20,
 #                 micro-batch 16, bf16 autocast), product defaults (regional compile, CUDA graphs for the small
 #                 stages, fused AdamW, DDP at world 1), inputs preloaded on the device: the model's own rate
@@ -31,6 +34,7 @@ log=$OUT/session.log
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; nproc; } 2>&1 | tee -a "$log"
 V1='"patch_size":[6,6,6,1],"window_size":[4,4,4,4],"mask_patch_size":[12,12,12,2]'
+CANDS='[{"T_CHUNK":256,"BLOCK_E":16,"num_warps":1},{"T_CHUNK":256,"BLOCK_E":32,"num_warps":1},{"T_CHUNK":128,"BLOCK_E":32,"num_warps":1},{"T_CHUNK":512,"BLOCK_E":32,"num_warps":1},{"T_CHUNK":256,"BLOCK_E":32,"num_warps":2},{"T_CHUNK":128,"BLOCK_E":16,"num_warps":1}]'
 COHORT=${COHORT:-/tmp/neurox_cohort96}
 STEPS=${STEPS:-250}
 speed=(--size 51M --mode weak --micro-batch 16 --dist ddp --compile --T 20 --log-every 10 --eval-windows 0
@@ -47,6 +51,10 @@ for s in ${*:-mamba train51}; do
     mamba)
       timeout "${MAMBA_S:-250}" python3 benchmarks/mamba_scan_benchmark.py --out "$OUT/mamba" \
         --budget-s "${MAMBA_BUDGET_S:-190}" 2>&1 | quiet | tail -25 | tee -a "$log" ;;
+    scan-cands)
+      timeout "${MAMBA_S:-250}" python3 benchmarks/mamba_scan_benchmark.py --out "$OUT/scan_cands" --sections check,scan \
+        --reps 20 --budget-s "${MAMBA_BUDGET_S:-190}" --candidates "${SCAN_CANDIDATES:-$CANDS}" 2>&1 | quiet | tail -25 \
+        | tee -a "$log" ;;
     train51)
       timeout "${TRAIN_S:-330}" python3 benchmarks/train_scaling.py "${speed[@]}" --overrides "{$V1}" \
         --out "$OUT/train51.json" 2>&1 | quiet | tail -6 | tee -a "$log" ;;

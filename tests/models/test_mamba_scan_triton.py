@@ -355,3 +355,27 @@ if __name__ == "__main__":
         CASES[case]()
         print(case, "passed", flush=True)
     print("ok")
+
+
+def test_scan_config_from_environment(monkeypatch):
+    """``NEUROMAMBA_SCAN_CONFIG``: an index into CONFIGS or a JSON launch configuration (a candidate timed through
+    the model before it enters the list); anything else is refused with the variable's name."""
+    from neuro_models.mamba.kernels import selective_scan as K
+
+    monkeypatch.delenv(K._ENV_CONFIG, raising=False)
+    assert K.default_config() is K.CONFIGS[K.DEFAULT_CONFIG]
+    monkeypatch.setenv(K._ENV_CONFIG, "1")
+    assert K.default_config() is K.CONFIGS[1]
+    monkeypatch.setenv(K._ENV_CONFIG, '{"T_CHUNK": 256, "BLOCK_E": 32, "num_warps": 1}')
+    assert K.default_config() == {"T_CHUNK": 256, "BLOCK_E": 32, "num_warps": 1}
+    monkeypatch.setenv(K._ENV_CONFIG, '{"T_CHUNK": 32, "BLOCK_E": 64, "num_warps": 4, "BWD_BLOCK_E": 0}')
+    assert K.default_config()["BWD_BLOCK_E"] == 0
+    for bad, why in [(str(len(K.CONFIGS)), "index into CONFIGS"), ("fast", "index into CONFIGS"),
+                     ('{"T_CHUNK": 256, "BLOCK_E": 32}', "missing \\['num_warps'\\]"),
+                     ('{"T_CHUNK": 256, "BLOCK_E": 24, "num_warps": 1}', "BLOCK_E=24 must be a power of two"),
+                     ('{"T_CHUNK": 256, "BLOCK_E": 32, "num_warps": 0}', "num_warps=0"),
+                     ('{"T_CHUNK": 256, "BLOCK_E": 32, "num_warps": 1, "WARPS": 2}', "unknown \\['WARPS'\\]"),
+                     ('{"T_CHUNK": 256,', "not JSON")]:
+        monkeypatch.setenv(K._ENV_CONFIG, bad)
+        with pytest.raises(ValueError, match=why):
+            K.default_config()

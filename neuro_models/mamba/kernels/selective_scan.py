@@ -42,6 +42,7 @@ Registered as ``torch.library`` custom ops (``neuromamba::selective_scan_fwd`` /
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
@@ -74,8 +75,12 @@ CONFIGS: list[dict] = [
 #: index of the default configuration in :data:`CONFIGS` (measured fastest on an H100, above)
 DEFAULT_CONFIG = 2
 
-#: ``NEUROMAMBA_SCAN_CONFIG=<index into CONFIGS>`` picks another default configuration
+#: ``NEUROMAMBA_SCAN_CONFIG=<index into CONFIGS>`` picks another default configuration; a JSON object (e.g.
+#: ``{"T_CHUNK": 256, "BLOCK_E": 32, "num_warps": 1}``) gives a launch configuration not in CONFIGS, for timing a
+#: candidate through the model and ``train()`` before it enters the list
 _ENV_CONFIG = "NEUROMAMBA_SCAN_CONFIG"
+_KEYS = {"T_CHUNK", "BLOCK_E", "num_warps"}
+_OPTIONAL_KEYS = {"BWD_BLOCK_E", "BWD_WARPS"}
 
 
 def available(device: torch.device) -> bool:
@@ -86,13 +91,36 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and INTERPRET)
 
 
+def check_config(cfg: dict) -> dict:
+    """``cfg`` if it is a launch configuration: ``T_CHUNK``, ``BLOCK_E`` and ``num_warps`` (and optionally
+    ``BWD_BLOCK_E``, ``BWD_WARPS``), each a power-of-two int (``BWD_BLOCK_E`` may be 0: the state-buffer
+    backward); raises ``ValueError`` naming the problem otherwise."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"a scan launch configuration is a dict, got {type(cfg).__name__}")
+    missing, unknown = _KEYS - set(cfg), set(cfg) - _KEYS - _OPTIONAL_KEYS
+    if missing or unknown:
+        raise ValueError(f"scan launch configuration {cfg}: missing {sorted(missing)}, unknown {sorted(unknown)}; "
+                         f"keys: {sorted(_KEYS)} and optionally {sorted(_OPTIONAL_KEYS)}")
+    for k, v in cfg.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (v & (v - 1)) or (v == 0 and k != "BWD_BLOCK_E"):
+            raise ValueError(f"scan launch configuration {cfg}: {k}={v!r} must be a power of two")
+    return cfg
+
+
 def default_config() -> dict:
-    """``CONFIGS[DEFAULT_CONFIG]``, or ``CONFIGS[int($NEUROMAMBA_SCAN_CONFIG)]``."""
+    """``CONFIGS[DEFAULT_CONFIG]``, or what ``$NEUROMAMBA_SCAN_CONFIG`` names: an index into CONFIGS or a JSON
+    launch configuration (:func:`check_config`)."""
     k = os.environ.get(_ENV_CONFIG)
     if k is None:
         return CONFIGS[DEFAULT_CONFIG]
+    if k.lstrip().startswith("{"):
+        try:
+            return check_config(json.loads(k))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{_ENV_CONFIG}={k!r}: not JSON ({e})") from None
     if not k.isdigit() or int(k) >= len(CONFIGS):
-        raise ValueError(f"{_ENV_CONFIG}={k!r}: must be an index into CONFIGS (0..{len(CONFIGS) - 1})")
+        raise ValueError(f"{_ENV_CONFIG}={k!r}: must be an index into CONFIGS (0..{len(CONFIGS) - 1}) or a JSON "
+                         f"launch configuration")
     return CONFIGS[int(k)]
 
 
@@ -582,4 +610,4 @@ def fused_selective_scan(u_RLE: torch.Tensor, delta_RLE: torch.Tensor, A_EN: tor
     return y
 
 
-__all__ = ["CONFIGS", "available", "default_config", "fused_selective_scan"]
+__all__ = ["CONFIGS", "available", "check_config", "default_config", "fused_selective_scan"]

@@ -70,10 +70,14 @@ CONFIGS: list[dict] = [
     # the memory-lean backward (``_scan_bwd_tile``: associative scans over each chunk, no state buffer): on one H100
     # (session 17, same layer) 5.03-5.07 ms against 4.56-4.90 for the four above, at 1.34 GiB peak against 2.25
     {"T_CHUNK": 32, "BLOCK_E": 64, "num_warps": 4, "BWD_BLOCK_E": 8, "BWD_WARPS": 1},
+    # one warp per program (session 19): no cross-warp barriers in the token loops' reductions. Same layer, one H100,
+    # beside the chunked scan's 80.4 ms: 3.51 ms fwd+bwd (0.81 fwd) against 4.54 for index 2 (1.02 fwd), 22.9x.
+    # Other one-warp shapes measured: {128, 16} 3.53, {128, 32} 3.70, {256, 32} 3.70, {512, 32} 4.42 ms
+    {"T_CHUNK": 256, "BLOCK_E": 16, "num_warps": 1},
 ]
 
 #: index of the default configuration in :data:`CONFIGS` (measured fastest on an H100, above)
-DEFAULT_CONFIG = 2
+DEFAULT_CONFIG = 5
 
 #: ``NEUROMAMBA_SCAN_CONFIG=<index into CONFIGS>`` picks another default configuration; a JSON object (e.g.
 #: ``{"T_CHUNK": 256, "BLOCK_E": 32, "num_warps": 1}``) gives a launch configuration not in CONFIGS, for timing a

@@ -53,14 +53,14 @@ from analysis.fitter import FitResult, fit_form
 
 __all__ = ["Target", "DesignRound", "candidates", "fit_law", "predict_target", "target_gradient",
            "law_gradient", "noise_variance", "robust_covariance", "acquire", "stop_reason", "design_round", "TARGET_KINDS",
-           "RAW", "QUICK_GRID", "ROUNDS_TABLE", "read_rounds", "plot_rounds", "acquire_best", "acquire_relaxed", "acquire_by_rule", "relaxed_design", "RULES",
+           "RAW", "QUICK_GRID", "ROUNDS_TABLE", "read_rounds", "plot_rounds", "acquire_best", "acquire_relaxed", "fisher_covariance", "acquire_by_rule", "relaxed_design", "RULES",
            "rounds_markdown"]
 
 #: Raw approach-3 parameters, in the order of ``ChinchillaForm.param_names``.
 RAW = ("a", "b", "alpha", "beta", "e")
 TARGET_KINDS = ("loss", "optimum")
 #: Acquisition rules of :func:`design_round` (``--acquisition`` of the study and the benchmark).
-RULES = ("best", "ratio", "plain", "relaxed")
+RULES = ("best", "ratio", "plain", "relaxed", "local")
 #: Store table of the adaptive study's rounds (one row per round; written by ``study/adaptive.py``).
 ROUNDS_TABLE = "adaptive_rounds"
 #: A small grid of starts (3 x 3 x 2 x 2 x 2 = 72) for fresh fits where the full 4500-start grid is too
@@ -401,9 +401,19 @@ def relaxed_design(P0: np.ndarray, J: np.ndarray, cost: np.ndarray, g: np.ndarra
     return w, f(w)[0] * v_all
 
 
+def fisher_covariance(fit: FitResult, s2: float) -> np.ndarray:
+    """``(J'J / s2)^-1``: the linearized covariance of the raw parameters at the point estimate, from the runs
+    the fit was made on (``J`` their law gradients; a tiny ridge keeps it finite when they do not identify
+    all five parameters)."""
+    d = fit.extra["_data"]
+    Jm = law_gradient(fit.theta, np.asarray(d["N"], np.float64), np.asarray(d["D"], np.float64))
+    P = Jm.T @ Jm / s2
+    return np.linalg.inv(P + 1e-12 * max(1.0, float(np.abs(P).max())) * np.eye(5))
+
+
 def acquire_relaxed(fit: FitResult, cands: pd.DataFrame, target: Target, *, batch_size: int = 4,
                     budget: float | None = None, exclude: Sequence[int] = (), noise_var: float | None = None,
-                    **_ignored) -> tuple[list[int], pd.DataFrame]:
+                    precision: str = "bootstrap", **_ignored) -> tuple[list[int], pd.DataFrame]:
     """The batch that minimizes the target's variance *jointly*: the relaxed c-optimal design, rounded.
 
     The greedy rules add one run at a time, and a run that pins a direction only together with another
@@ -416,8 +426,21 @@ def acquire_relaxed(fit: FitResult, cands: pd.DataFrame, target: Target, *, batc
     Rounding: candidates in order of ``w``, each taken if it fits the budget and the count, with the
     rank-one update of :func:`acquire`; what room is left goes to the plain greedy. ``scores`` carries the
     relaxed weights (``weight``) and the relaxation's variance (``attrs["variance_relaxed"]``).
+
+    ``precision="fisher"`` (rule ``local``): ``S`` is :func:`fisher_covariance`, the information of the runs
+    made at the current point estimate, so the batch is the *locally* c-optimal one (the classical sequential
+    design: re-linearize at each round's estimate), and a batch is only the runs the relaxation weights (no
+    greedy fill: compute left in a round is spent in the next, with a better estimate). The noise variance then
+    cancels out of the relaxation.
+    With few runs the bootstrap covariance is dominated by the replicates' nonlinear spread, which the
+    relaxation reads as prior uncertainty to be reduced anywhere; the Fisher information says which directions
+    the runs made already pin.
     """
+    if precision not in ("bootstrap", "fisher"):
+        raise ValueError(f"precision={precision!r}: 'bootstrap' or 'fisher'")
     g, S, J, s2, cost = _acquisition_inputs(fit, cands, target, batch_size, budget, noise_var)
+    if precision == "fisher":
+        S = fisher_covariance(fit, s2)
     left = np.inf if budget is None else float(budget)
     avail = np.ones(len(cands), bool)
     avail[list(exclude)] = False
@@ -438,7 +461,7 @@ def acquire_relaxed(fit: FitResult, cands: pd.DataFrame, target: Target, *, batc
             chosen.append(int(i))
             left -= cost[i]
             Sb = _rank_one(Sb, J[i], s2)
-    if len(chosen) < batch_size:  # room left: the plain greedy from here
+    if len(chosen) < batch_size and precision == "bootstrap":  # room left: the plain greedy from here
         rest = np.setdiff1d(idx, chosen)
         while len(chosen) < batch_size:
             ok = [i for i in rest if cost[i] <= left and i not in chosen]
@@ -486,13 +509,16 @@ def acquire_best(fit: FitResult, cands: pd.DataFrame, target: Target, *, cost_po
 def acquire_by_rule(rule: str, fit: FitResult, cands: pd.DataFrame, target: Target,
                     **kw) -> tuple[list[int], pd.DataFrame]:
     """The batch of acquisition ``rule`` (:data:`RULES`): ``best`` (:func:`acquire_best`), ``relaxed``
-    (:func:`acquire_relaxed`), ``ratio`` / ``plain`` (:func:`acquire` with cost power 1 / 0); ``kw`` as theirs."""
+    (:func:`acquire_relaxed`), ``local`` (:func:`acquire_relaxed` with the Fisher precision), ``ratio`` / ``plain``
+    (:func:`acquire` with cost power 1 / 0); ``kw`` as theirs."""
     if rule not in RULES:
         raise ValueError(f"rule={rule!r}: allowed values are {list(RULES)}")
     if rule == "best":
         return acquire_best(fit, cands, target, **kw)
     if rule == "relaxed":
         return acquire_relaxed(fit, cands, target, **kw)
+    if rule == "local":
+        return acquire_relaxed(fit, cands, target, precision="fisher", **kw)
     return acquire(fit, cands, target, cost_power=1.0 if rule == "ratio" else 0.0, **kw)
 
 

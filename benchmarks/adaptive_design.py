@@ -113,7 +113,10 @@ def fit_predict(N, D, L, seed, warm=None, grid=QUICK_GRID):
 
 
 def scenario(args):
-    name, seed, rule = args
+    name, seed, rule, *rounds = args
+    global ROUND_CAP, MAX_ROUNDS
+    if rounds:  # (round cap, most rounds) from main(): worker processes need not inherit its globals
+        ROUND_CAP, MAX_ROUNDS = rounds
     law = LAWS[name]
     true = truth(law)
     rng = np.random.default_rng([seed, list(LAWS).index(name)])
@@ -287,7 +290,7 @@ def markdown(s):
 
 
 def main(argv=None):
-    global ACQUISITION
+    global ACQUISITION, ROUND_CAP, MAX_ROUNDS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=20, help="seeds per law")
     ap.add_argument("--laws", default=",".join(LAWS), help="comma-separated planted laws")
@@ -296,7 +299,17 @@ def main(argv=None):
     ap.add_argument("--acquisition", choices=ACQUISITIONS, default=ACQUISITION,
                     help="ratio: expected variance reduction per unit cost (greedy); plain: reduction alone within the "
                          "round's budget; best: the batch of the two with the larger expected reduction")
+    ap.add_argument("--round-cap", type=float, default=ROUND_CAP,
+                    help="most cost per round, as a fraction of the grid's cost (smaller: more rounds, more refits)")
+    ap.add_argument("--max-rounds", type=int, default=None,
+                    help=f"most rounds after the initial design (default {MAX_ROUNDS}, or enough to spend the grid's "
+                         f"cost at --round-cap)")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
     a = ap.parse_args(argv)
+    if not 0 < a.round_cap <= 1:
+        raise SystemExit("--round-cap must be in (0, 1]")
+    ROUND_CAP = a.round_cap
+    MAX_ROUNDS = a.max_rounds if a.max_rounds is not None else max(MAX_ROUNDS, int(np.ceil(1 / ROUND_CAP)) + 4)
     names = a.laws.split(",")
     for n in names:
         if n not in LAWS:
@@ -308,7 +321,7 @@ def main(argv=None):
     for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(v, "1")
     ACQUISITION = a.acquisition
-    jobs = [(n, s, a.acquisition) for n in names for s in range(a.seeds)]
+    jobs = [(n, s, a.acquisition, ROUND_CAP, MAX_ROUNDS) for n in names for s in range(a.seeds)]
     t0 = time.time()
     if a.workers > 1:
         with ProcessPoolExecutor(a.workers) as ex:
@@ -319,6 +332,9 @@ def main(argv=None):
     s["oracle"] = oracle(names)
     ru = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     s["cpu_s"] = round(sum(r.ru_utime + r.ru_stime for r in ru), 1)  # all processes: the load-independent cost
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(s, indent=2))
     print(json.dumps(s, indent=2) if a.json else markdown(s))
 
 

@@ -48,7 +48,7 @@ __all__ = ["ROUNDS_TABLE", "ANALYTIC_FLOPS_PER_S", "add_adaptive_args", "add_pre
 #: = analysis.design.ROUNDS_TABLE (not imported here: ``--help`` stays free of the analysis stack).
 ROUNDS_TABLE = "adaptive_rounds"
 #: = analysis.design.RULES (the same reason; tests/study/test_adaptive.py checks they agree).
-ACQUISITION_RULES = ("best", "ratio", "plain", "relaxed")
+ACQUISITION_RULES = ("best", "ratio", "plain", "relaxed", "local")
 #: Nominal rate of the analytic cost (FLOP/s of one device) where the planner has no GPU-hours (CPU plans).
 ANALYTIC_FLOPS_PER_S = 1e10
 
@@ -71,7 +71,8 @@ def add_adaptive_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--acquisition", choices=list(ACQUISITION_RULES), default="best",
                    help="with --adaptive: ratio, the greedy by variance reduction per GPU-hour; plain, by reduction "
                         "alone within the budget left; best, the batch of the two with the larger expected reduction; "
-                        "relaxed, the batch chosen jointly (relaxed c-optimal design, rounded) "
+                        "relaxed, the batch chosen jointly (relaxed c-optimal design, rounded); local, the same on "
+                        "the information of the runs made at the current estimate (locally c-optimal) "
                         "(analysis/README.md 'Adaptive design')")
 
 

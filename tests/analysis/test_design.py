@@ -214,3 +214,44 @@ def test_acquire_relaxed_respects_budget_and_count_and_is_deterministic():
     assert sc.weight.iloc[0] == 0 and sc.weight.between(0, 1).all()
     again, _ = acquire_relaxed(fit, cands, TARGET, batch_size=4, budget=budget, exclude=[0])
     assert again == chosen
+
+
+def test_fisher_covariance_is_the_inverse_information_of_the_runs_made():
+    """``fisher_covariance``: ``(J'J / s2)^-1`` with ``J`` the finite-difference gradient of log L at the estimate."""
+    from analysis.design import fisher_covariance
+
+    rng = np.random.default_rng(5)
+    N = np.repeat(np.geomspace(1e7, 1e9, 4), 3)
+    D = np.tile(np.geomspace(1e9, 1e11, 3), 4)
+    fit = fit_law(dict(N=N, D=D, L=law(N, D) * np.exp(rng.normal(0, 0.01, len(N)))), warm=THETA)
+
+    def logL(th):
+        a, b, al, be, e = th
+        return np.log(np.exp(e) + np.exp(a) / N ** al + np.exp(b) / D ** be)
+
+    h = 1e-6
+    J = np.column_stack([(logL(fit.theta[:5] + h * np.eye(5)[k]) - logL(fit.theta[:5] - h * np.eye(5)[k])) / (2 * h)
+                         for k in range(5)])
+    S = fisher_covariance(fit, 1e-4)
+    np.testing.assert_allclose(S, np.linalg.inv(J.T @ J / 1e-4), rtol=1e-4)
+
+
+def test_local_rule_buys_the_runs_the_made_runs_leave_open():
+    """Rule ``local`` (the relaxed design on the Fisher precision): with D barely varied by the runs made, its
+    batch varies D; it stays within budget and count, skips excluded runs, takes no greedy filler, and its
+    relaxation bounds the rounded batch."""
+    from analysis.design import acquire_by_rule
+
+    rng = np.random.default_rng(1)
+    N = np.repeat(np.geomspace(1e7, 1e9, 5), 2)
+    D = np.tile([1e10, 1.3e10], 5)
+    fit = bootstrap_fit(fit_law(dict(N=N, D=D, L=law(N, D) * np.exp(rng.normal(0, 0.005, len(N)))), warm=THETA),
+                        100, seed=0, polish=False)
+    cands = candidates([1e8] * 4 + [1e7, 3e7, 3e8, 1e9], [1e9, 3e9, 4e10, 1e11] + [1.15e10] * 4, cost=np.ones(8))
+    chosen, sc = acquire_by_rule("local", fit, cands, TARGET, batch_size=2, budget=2.0, exclude=[3])
+    assert 1 <= len(chosen) <= 2 and 3 not in chosen and set(chosen) <= {0, 1, 2}, sc
+    assert sc.weight.iloc[3] == 0 and sc.weight.iloc[4:].max() < 1e-3
+    assert sc.attrs["variance_relaxed"] <= sc.attrs["variance_after"] * (1 + 1e-6)
+    # the noise variance cancels out of the relaxation: the same batch at any s2
+    assert acquire_by_rule("local", fit, cands, TARGET, batch_size=2, budget=2.0, exclude=[3], noise_var=1e-2)[0] \
+        == chosen

@@ -114,9 +114,8 @@ def fit_predict(N, D, L, seed, warm=None, grid=QUICK_GRID):
 
 def scenario(args):
     name, seed, rule, *rounds = args
-    global ROUND_CAP, MAX_ROUNDS
-    if rounds:  # (round cap, most rounds) from main(): worker processes need not inherit its globals
-        ROUND_CAP, MAX_ROUNDS = rounds
+    # (round cap, most rounds) from main(), carried with the job: worker processes need not inherit its globals
+    cap, max_rounds = rounds or (ROUND_CAP, MAX_ROUNDS)
     law = LAWS[name]
     true = truth(law)
     rng = np.random.default_rng([seed, list(LAWS).index(name)])
@@ -147,15 +146,15 @@ def scenario(args):
     L = observe(law, N, D, rng)
     spent = float(cand.cost.to_numpy()[made].sum())
     traj, warm = [], None
-    for r in range(MAX_ROUNDS + 1):
+    for r in range(max_rounds + 1):
         fit, p = fit_predict(N, D, L, seed + 1000 * r, warm=warm, grid=QUICK_GRID if warm is None else None)
         warm = fit.theta[:5]
         traj.append(dict(round=r, spent=spent / gcost, err=abs(p["point"] - true) / true,
                          cover=bool(p["lo"] <= true <= p["hi"]), rel_width=p["rel_width"], n=len(N)))
         left = gcost - spent
-        if r == MAX_ROUNDS or left <= cand.cost.min():
+        if r == max_rounds or left <= cand.cost.min():
             break
-        kw = dict(batch_size=BATCH, budget=min(left, ROUND_CAP * gcost), exclude=made)
+        kw = dict(batch_size=BATCH, budget=min(left, cap * gcost), exclude=made)
         chosen, _ = acquire_by_rule(rule, fit, cand, TARGET, **kw)
         if not chosen:
             break

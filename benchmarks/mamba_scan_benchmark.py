@@ -142,10 +142,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true",
                     help="small shapes (for CPU under TRITON_INTERPRET=1): checks the script's code path")
     args = ap.parse_args(argv)
-    candidates = json.loads(args.candidates)
-    if not isinstance(candidates, list) or not all(isinstance(c, dict) and {"T_CHUNK", "BLOCK_E", "num_warps"} <= set(c)
-                                                   for c in candidates):
-        ap.error("--candidates: a JSON list of dicts with T_CHUNK, BLOCK_E and num_warps")
+    try:
+        candidates = json.loads(args.candidates)
+        if not isinstance(candidates, list):
+            raise ValueError("not a JSON list")
+        for c in candidates:
+            K.check_config(c)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        ap.error(f"--candidates: a JSON list of launch configurations: {e}")
     t_start = time.perf_counter()
     device = torch.device(args.device)
     out = Path(args.out)

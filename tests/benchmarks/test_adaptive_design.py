@@ -16,10 +16,8 @@ import adaptive_design as AD  # noqa: E402
 def test_scenario_spends_at_most_the_round_cap_per_round_and_rounds_at_most_max():
     warnings.filterwarnings("ignore", category=RuntimeWarning)
     cap0, rounds0 = AD.ROUND_CAP, AD.MAX_ROUNDS
-    try:
-        out = AD.scenario(("hoffmann", 0, "local", 0.05, 5))
-    finally:
-        AD.ROUND_CAP, AD.MAX_ROUNDS = cap0, rounds0
+    out = AD.scenario(("hoffmann", 0, "local", 0.05, 5))
+    assert (AD.ROUND_CAP, AD.MAX_ROUNDS) == (cap0, rounds0)  # the job's settings, not the module's, changed
     traj = out["adaptive"]
     spent = np.array([t["spent"] for t in traj])
     assert len(traj) <= 5 + 1 and traj[0]["spent"] < 0.03  # the initial design: the grid's two smallest budgets

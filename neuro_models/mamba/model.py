@@ -29,7 +29,7 @@ from ..heads import MLPHead
 from ..layers import DropPath
 from .config import NeuroMambaConfig
 from .counting import forward_flops_per_token
-from .scan import selective_scan, ssd_chunked
+from .scan import selective_scan, ssd_impl
 from .tokens import (FourierPositions, Packed, keep_tokens, pack_kept, pack_rows, patchify, token_coords,
                      voxel_weights)
 
@@ -84,6 +84,7 @@ class Mamba2Mixer(nn.Module):
         H = E // cfg.headdim
         self.d_inner, self.d_state, self.d_conv, self.nheads, self.headdim = E, S, K, H, cfg.headdim
         self.chunk = cfg.scan_chunk
+        self.ssd = ssd_impl()  # the SSD form ($NEUROMAMBA_SSD), fixed at construction
         self.in_proj = nn.Linear(D, 2 * E + 2 * S + H, bias=False)
         self.conv1d = nn.Conv1d(E + 2 * S, E + 2 * S, K, groups=E + 2 * S, bias=True)
         dt = torch.exp(torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
@@ -103,7 +104,7 @@ class Mamba2Mixer(nn.Module):
         xs, B_RLS, C_RLS = torch.split(xBC, [E, S, S], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())
         A = -torch.exp(self.A_log.float())
-        y = ssd_chunked(xs.float().reshape(R, L, H, self.headdim), dt, A, B_RLS.float(), C_RLS.float(),
+        y = self.ssd(xs.float().reshape(R, L, H, self.headdim), dt, A, B_RLS.float(), C_RLS.float(),
                         self.D.float(), starts_RL, chunk=self.chunk)
         y = self.norm(y.reshape(R, L, E) * F.silu(z.float()))
         return self.out_proj(y.to(x_RLD.dtype))

@@ -456,7 +456,7 @@ def ssd_sequential(x_RLHP, dt_RLH, A_H, B_RLN, C_RLN, D_H=None, starts_RL=None):
     return y
 
 
-def ssd_chunked(x_RLHP, dt_RLH, A_H, B_RLN, C_RLN, D_H=None, starts_RL=None, chunk: int = 64):
+def ssd_chunked_segsum(x_RLHP, dt_RLH, A_H, B_RLN, C_RLN, D_H=None, starts_RL=None, chunk: int = 64):
     """Chunked SSD (Mamba-2) in matmul form with sequence resets; same semantics as :func:`ssd_sequential`.
 
     Inside a chunk the output is ``(C B^T o L) (x dt)`` with ``L = exp(segsum(dt A))``; chunk-end
@@ -502,6 +502,88 @@ def ssd_chunked(x_RLHP, dt_RLH, A_H, B_RLN, C_RLN, D_H=None, starts_RL=None, chu
     if D_H is not None:
         y = y + x_RLHP * D_H[:, None]
     return y
+
+
+def ssd_chunked_seg(x_RLHP, dt_RLH, A_H, B_RLN, C_RLN, D_H=None, starts_RL=None, chunk: int = 64):
+    """Chunked SSD with segment ids (as mamba-ssm's ``seq_idx``); same semantics as :func:`ssd_sequential`.
+
+    Decays inside a chunk are differences of the chunk's cumsum of ``dt A`` restarted at each reset (at most
+    ``chunk`` terms, so float32 keeps ~1e-6 relative accuracy), computed from ``[chunk]`` vectors per head instead of
+    :func:`ssd_chunked_segsum`'s ``[chunk, chunk]`` masked cumsum; a reset is a mask: token ``s`` feeds token
+    ``l`` only when both are in the same segment (``cumsum(starts)``), and a chunk's entering state feeds
+    only the tokens before the chunk's first reset.
+    """
+    R, L, H, P = x_RLHP.shape
+    N = B_RLN.shape[-1]
+    Q = max(1, min(int(chunk), L))
+    pad = (-L) % Q
+    A_dt = dt_RLH * A_H  # [R, L, H], <= 0
+    xdt = x_RLHP * dt_RLH[..., None]
+    B, C = B_RLN, C_RLN
+    if starts_RL is None:
+        seg = torch.zeros(R, L, dtype=torch.int32, device=x_RLHP.device)
+    else:
+        seg = torch.cumsum(starts_RL.to(torch.int32), dim=1)
+    if pad:
+        xdt = F.pad(xdt, (0, 0, 0, 0, 0, pad))
+        A_dt = F.pad(A_dt, (0, 0, 0, pad))
+        B = F.pad(B, (0, 0, 0, pad))
+        C = F.pad(C, (0, 0, 0, pad))
+        seg = F.pad(seg, (0, pad), value=-1)  # padded tokens: a segment of their own (after the row)
+    c = (L + pad) // Q
+    xdt = xdt.reshape(R, c, Q, H, P)
+    B = B.reshape(R, c, Q, N)
+    C = C.reshape(R, c, Q, N)
+    seg = seg.reshape(R, c, Q)
+    # the segment the state entering each chunk belongs to: that of the previous chunk's last token
+    seg_in = torch.cat([seg.new_zeros(R, 1), seg[:, :-1, -1]], dim=1)  # [R, c]
+    # in-chunk cumsum of dt A restarted at each reset (a scan whose carry is cut by an exact 0): token l's sum
+    # holds only its own segment's terms, so a neighbouring sample cannot change even its rounding
+    cut = (seg[..., 1:] == seg[..., :-1]).to(A_dt.dtype)  # [R, c, Q - 1]: 0 where a segment starts
+    cut = F.pad(cut, (1, 0)).unsqueeze(1).expand(R, H, c, Q)
+    _, A_cs = linear_recurrence_scan(cut, A_dt.reshape(R, c, Q, H).permute(0, 3, 1, 2), dim=-1)  # [R, H, c, Q]
+    same = seg[..., :, None] == seg[..., None, :]  # [R, c, Q(l), Q(s)]
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=x_RLHP.device).tril()
+    keep = (same & causal).unsqueeze(1)  # [R, 1, c, Q, Q]
+    diff = A_cs[..., :, None] - A_cs[..., None, :]
+    Lmat = torch.where(keep, torch.exp(torch.where(keep, diff, 0.0)), 0.0)
+    CB = torch.einsum("rcln,rcsn->rcls", C, B)
+    y = torch.einsum("rhcls,rcshp->rclhp", CB.unsqueeze(1) * Lmat, xdt)
+    # chunk-end states from the chunk's own tokens of the last token's segment
+    end_same = (seg == seg[..., -1:]).unsqueeze(1)  # [R, 1, c, Q]
+    dec_end = torch.where(end_same, torch.exp(torch.where(end_same, A_cs[..., -1:] - A_cs, 0.0)), 0.0)
+    states = torch.einsum("rhcl,rcln,rclhp->rchpn", dec_end, B, xdt)
+    # carry across chunks: the entering state survives to the chunk's end only if no reset inside
+    through = (seg[..., -1] == seg_in)  # [R, c]
+    a = (torch.exp(A_cs[..., -1]) * through.unsqueeze(1)).permute(0, 2, 1)[..., None, None].expand(R, c, H, P, N)
+    _, h_end = linear_recurrence_scan(a, states, dim=1)
+    h_in = _shift(h_end, 1, 1, 0.0)
+    in_same = (seg == seg_in[..., None]).unsqueeze(1)  # [R, 1, c, Q]
+    dec_in = torch.where(in_same, torch.exp(A_cs), 0.0).permute(0, 2, 3, 1).unsqueeze(-1)  # [R, c, Q, H, 1]
+    y_off = torch.einsum("rcln,rchpn->rclhp", C, h_in) * dec_in
+    y = (y + y_off).reshape(R, c * Q, H, P)[:, :L]
+    if D_H is not None:
+        y = y + x_RLHP * D_H[:, None]
+    return y
+
+
+#: environment variable choosing the SSD form for Mamba-2 mixers built after it is set: "seg" (default,
+#: :func:`ssd_chunked_seg`) or "segsum" (:func:`ssd_chunked_segsum`)
+SSD_ENV = "NEUROMAMBA_SSD"
+SSD_IMPLS = {"seg": ssd_chunked_seg, "segsum": ssd_chunked_segsum}
+
+
+def ssd_impl(name: str | None = None):
+    """The SSD function for ``name`` (default: ``$NEUROMAMBA_SSD``, else "seg")."""
+    name = name or os.environ.get(SSD_ENV) or "seg"
+    if name not in SSD_IMPLS:
+        raise ValueError(f"{SSD_ENV}={name!r}; allowed: {sorted(SSD_IMPLS)}")
+    return SSD_IMPLS[name]
+
+
+def ssd_chunked(x_RLHP, dt_RLH, A_H, B_RLN, C_RLN, D_H=None, starts_RL=None, chunk: int = 64):
+    """Chunked SSD in the form :func:`ssd_impl` picks (see :data:`SSD_ENV`)."""
+    return ssd_impl()(x_RLHP, dt_RLH, A_H, B_RLN, C_RLN, D_H, starts_RL, chunk)
 
 
 def ssd_flops_per_token(d_inner: int, d_state: int, chunk: int) -> int:

@@ -23,6 +23,11 @@
 #   mamba-sizes   NeuroMamba's ladder sizes (MAMBA_SIZES) through train(), compiled, preloaded, with background
 #                 removal on and off (MAMBA_BG), each at the micro-batch the run planner picks for 8 samples per
 #                 H100; MAMBA_PROBES="size:on|off:mb ..." adds runs at a chosen micro-batch (the memory model's check)
+#   mamba2        the 91M ladder size with the Mamba-2 mixer (SSD in matmul form) beside Mamba-1, through train() as
+#                 mamba-sizes does (background removal on, micro-batch 4): SSD forms (NEUROMAMBA_SSD seg / segsum),
+#                 head dims 32/64, chunks 64/128, micro-batch 8; MAMBA2_RUNS overrides the list
+#                 ("name|NEUROMAMBA_SSD|micro-batch|overrides JSON" per line)
+#   prof91        a torch.profiler window over the 91M Mamba-1 step (kernel and CPU tables under $OUT/prof91)
 # Usage (device tool; carry .gpubundle for hdf5plugin):  bash benchmarks/gpu_targets_session.sh mamba train51
 set -uo pipefail
 OUT=${OUT:-/tmp/neurox_out}
@@ -45,6 +50,24 @@ cohort() {
   python3 benchmarks/make_cohort96.py "$COHORT" 2>&1 | tail -2 | tee -a "$log"
 }
 quiet() { grep -v -i -E "warn|detach|row\[" | cut -c1-1500; }
+mamba91() {  # name ssd-form micro-batch overrides-JSON [extra train_scaling args]: the 91M through train()
+  local name=$1 ssd=$2 mb=$3 ov=$4; shift 4
+  echo "-- $name ssd=$ssd mb=$mb $ov $(date +%T)" | tee -a "$log"
+  NEUROMAMBA_SSD=$ssd timeout "${M91_S:-150}" python3 benchmarks/train_scaling.py --family neuromamba --size 91M \
+    --mode weak --micro-batch "$mb" --dist ddp --zero 0 --compile --T 20 --log-every 1 --eval-windows 0 \
+    --data preloaded --steps "${MAMBA_STEPS:-8}" --warmup 3 --overrides "$ov" --out "$OUT/m91/$name.json" "$@" \
+    >"$OUT/m91/$name.log" 2>&1
+  echo "   rc=$? $(python3 -c "import json; d = json.load(open('$OUT/m91/$name.json'))
+print(round(d['samples_per_s'], 2), 'samples/s', round(d['tflops_per_gpu'], 1), 'TFLOP/s', round(d['peak_mem_gib'], 2), 'GiB')" \
+    2>/dev/null || quiet <"$OUT/m91/$name.log" | tail -2)" | tee -a "$log"
+}
+M2='"remove_background": true, "mixer": "mamba2"'
+MAMBA2_RUNS=${MAMBA2_RUNS:-"m1|seg|4|{\"remove_background\": true}
+m2_q64_hd64|seg|4|{$M2, \"scan_chunk\": 64, \"headdim\": 64}
+m2_q64_hd64_segsum|segsum|4|{$M2, \"scan_chunk\": 64, \"headdim\": 64}
+m2_q64_hd32|seg|4|{$M2, \"scan_chunk\": 64, \"headdim\": 32}
+m2_q128_hd64|seg|4|{$M2, \"scan_chunk\": 128, \"headdim\": 64}
+m2_q64_hd64_mb8|seg|8|{$M2, \"scan_chunk\": 64, \"headdim\": 64}"}
 for s in ${*:-mamba train51}; do
   echo "== $s $(date +%T)" | tee -a "$log"
   case $s in
@@ -127,6 +150,15 @@ print(round(d['samples_per_s'], 2), 'samples/s', round(d['tflops_per_gpu'], 1), 
       echo "study rc $?" | tee -a "$log"
       python3 benchmarks/preset_run.py --storage /tmp/nxpreset --study-name p51 --out "$OUT/preset51.json" 2>&1 \
         | tail -2 | cut -c1-600 | tee -a "$log" ;;
+    mamba2)
+      mkdir -p "$OUT/m91"
+      while IFS='|' read -r name ssd mb ov; do
+        [[ -n $name ]] && mamba91 "$name" "$ssd" "$mb" "$ov"
+      done <<<"$MAMBA2_RUNS" ;;
+    prof91)
+      mkdir -p "$OUT/m91"
+      mamba91 prof91 seg 4 '{"remove_background": true}' --profile-dir "$OUT/prof91"
+      head -45 "$OUT"/prof91/*.txt 2>/dev/null | cut -c1-200 | tee -a "$log" ;;
     *) echo "unknown stage $s" | tee -a "$log" ;;
   esac
 done

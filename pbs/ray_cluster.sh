@@ -317,7 +317,11 @@ if [[ "$MODE" == node-agent ]]; then
   start_node() {
     printf '{"rank": %d, "host": "%s", "ip": "%s", "pid": %d}\n' "$RANK" "$(hostname)" "$ip" $$ >"$REG.tmp"
     mv "$REG.tmp" "$REG"
-    NEUROX_RAY_NODE_TMP="$TMP_DIR" setsid "${RAY_CLI[@]}" start --address "$ADDRESS" "${NODE_ARGS[@]}" \
+    # The Ray node runs under a watchdog (ray_watchdog.sh) in its own process group: if this agent dies without its
+    # cleanup (SIGKILLed at the head's teardown deadline before its EXIT trap ran: CI, session 20, a `ray start`
+    # still retrying an unreachable head outlived the job), the watchdog SIGKILLs the whole group within 0.5 s.
+    NEUROX_RAY_NODE_TMP="$TMP_DIR" setsid "$PBS_DIR/ray_watchdog.sh" "$$" "${RAY_CLI[@]}" start --address "$ADDRESS" \
+      "${NODE_ARGS[@]}" \
       >>"$STATE/nodes/$RANK.log" 2>&1 &
     RAY_PID=$!
   }

@@ -255,9 +255,61 @@ def test_long_tmp_base_is_refused(tmp_path):
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
 def test_shell_scripts_pass_shellcheck():
     here = Path(__file__).resolve().parent
-    scripts = [SCRIPT, REPO / "pbs" / "job.sh", REPO / "pbs" / "neurox.sbatch",
+    scripts = [SCRIPT, REPO / "pbs" / "job.sh", REPO / "pbs" / "ray_watchdog.sh", REPO / "pbs" / "neurox.sbatch",
                *sorted((REPO / "pbs" / "profiles").glob("*.sh")), *sorted((REPO / "pbs" / "schedulers").glob("*.sh")),
                *sorted((REPO / "pbs").glob("*.pbs")), here / "fake_mpiexec.sh", here / "fake_srun.sh"]
     r = subprocess.run(["shellcheck", "-x", "-s", "bash", *map(str, scripts)], capture_output=True, text=True,
                        cwd=REPO / "pbs")
     assert r.returncode == 0, r.stdout[-3000:]
+
+
+WATCHDOG = REPO / "pbs" / "ray_watchdog.sh"
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process of process group ``pgid`` is left (from /proc: a signal-0 probe succeeds
+    on a zombie that nobody reaped yet)."""
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def test_ray_watchdog_kills_its_group_when_the_agent_dies(tmp_path):
+    """The node agent's Ray runs under pbs/ray_watchdog.sh in its own session: when the agent is gone (SIGKILLed
+    before its cleanup ran), the command and everything it left in the group are SIGKILLed within ~0.5 s."""
+    agent = subprocess.Popen(["sleep", "60"])
+    # the command stands for `ray start --block` and its children: a shell that ignores SIGTERM and a child sleep
+    node = subprocess.Popen(["setsid", str(WATCHDOG), str(agent.pid), "bash", "-c", "trap '' TERM; sleep 60 & wait"])
+    try:
+        time.sleep(1.0)
+        assert node.poll() is None and _group_alive(node.pid)  # the agent lives: the node runs
+        agent.kill()
+        agent.wait()
+        t0 = time.monotonic()
+        while _group_alive(node.pid) and time.monotonic() - t0 < 5:
+            node.poll()  # reap the watchdog (our child) once it is killed
+            time.sleep(0.05)
+        assert not _group_alive(node.pid), "the Ray node's group outlived its agent"
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        agent.kill()
+        if _group_alive(node.pid):
+            os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+
+
+def test_ray_watchdog_exits_with_the_command():
+    """While the agent lives, the watchdog ends when the command ends, with its status (the agent reads a Ray node
+    that exited by itself from the watchdog's exit)."""
+    agent = subprocess.Popen(["sleep", "60"])
+    try:
+        r = subprocess.run([str(WATCHDOG), str(agent.pid), "bash", "-c", "sleep 0.2; exit 7"], timeout=10)
+        assert r.returncode == 7
+    finally:
+        agent.kill()
+        agent.wait()

@@ -493,10 +493,15 @@ teardown() {
     any_alive "$CMD_PID" "$HEAD_PID" "$CLEAN_PID" "$RM_PID" "${LAUNCH_PIDS[@]}" || compgen -G "$STATE/nodes/*.json" >/dev/null || break
     sleep 0.1
   done
+  local unclean=0
   if compgen -G "$STATE/nodes/*.json" >/dev/null; then
     log "warning: these node agents did not report a clean exit: $(cd "$STATE/nodes" && echo ./*.json)"
+    unclean=1
   fi
   signal_groups KILL "$CMD_PID" "$HEAD_PID" "${LAUNCH_PIDS[@]}"
+  # an agent killed here before its cleanup leaves its Ray node to the node's watchdog (ray_watchdog.sh), which
+  # polls every 0.5 s: give it that long before this job counts as ended (within the deadline's last second)
+  [[ $unclean -eq 1 ]] && sleep 0.7
   [[ -n "$CLEAN_PID" ]] && wait "$CLEAN_PID" 2>/dev/null
   any_alive "$RM_PID" && log "warning: staged data $STAGED_DIR still being removed (private to you: mode 0700)"
   if [[ -d "$STATE" ]]; then # keep the bootstrap's logs (never the token) for a post-mortem

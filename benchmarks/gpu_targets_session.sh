@@ -50,16 +50,17 @@ cohort() {
   python3 benchmarks/make_cohort96.py "$COHORT" 2>&1 | tail -2 | tee -a "$log"
 }
 quiet() { grep -v -i -E "warn|detach|row\[" | cut -c1-1500; }
-mamba91() {  # name ssd-form micro-batch overrides-JSON [extra train_scaling args]: the 91M through train()
-  local name=$1 ssd=$2 mb=$3 ov=$4; shift 4
-  echo "-- $name ssd=$ssd mb=$mb $ov $(date +%T)" | tee -a "$log"
-  NEUROMAMBA_SSD=$ssd timeout "${M91_S:-150}" python3 benchmarks/train_scaling.py --family neuromamba --size 91M \
-    --mode weak --micro-batch "$mb" --dist ddp --zero 0 --compile --T 20 --log-every 1 --eval-windows 0 \
-    --data preloaded --steps "${MAMBA_STEPS:-8}" --warmup 3 --overrides "$ov" --out "$OUT/m91/$name.json" "$@" \
-    >"$OUT/m91/$name.log" 2>&1
-  echo "   rc=$? $(python3 -c "import json; d = json.load(open('$OUT/m91/$name.json'))
+mamba_run() {  # dir name size micro-batch overrides-JSON timeout-s steps [extra train_scaling args]: NeuroMamba
+  # through train(), compiled, preloaded (the SSD form from $NEUROMAMBA_SSD; prefix the call to choose it)
+  local dir=$1 name=$2 size=$3 mb=$4 ov=$5 to=$6 steps=$7; shift 7
+  mkdir -p "$dir"
+  echo "-- $name size=$size mb=$mb ssd=${NEUROMAMBA_SSD:-seg} $ov $(date +%T)" | tee -a "$log"
+  timeout "$to" python3 benchmarks/train_scaling.py --family neuromamba --size "$size" --mode weak --micro-batch "$mb" \
+    --dist ddp --zero 0 --compile --T 20 --log-every 1 --eval-windows 0 --data preloaded --steps "$steps" --warmup 3 \
+    --overrides "$ov" --out "$dir/$name.json" "$@" >"$dir/$name.log" 2>&1
+  echo "   rc=$? $(python3 -c "import json; d = json.load(open('$dir/$name.json'))
 print(round(d['samples_per_s'], 2), 'samples/s', round(d['tflops_per_gpu'], 1), 'TFLOP/s', round(d['peak_mem_gib'], 2), 'GiB')" \
-    2>/dev/null || quiet <"$OUT/m91/$name.log" | tail -2)" | tee -a "$log"
+    2>/dev/null || quiet <"$dir/$name.log" | tail -2)" | tee -a "$log"
 }
 M2='"remove_background": true, "mixer": "mamba2"'
 MAMBA2_RUNS=${MAMBA2_RUNS:-"m1|seg|4|{\"remove_background\": true}
@@ -132,14 +133,8 @@ print(plan_run(s, 'H100', workers=1)[1].micro_batch)" 2>/dev/null)
       for r in "${runs[@]}" ${MAMBA_PROBES:-}; do
         IFS=: read -r size bg mb <<<"$r"
         b=false; [[ $bg == on ]] && b=true
-        echo "-- $size bg=$bg mb=$mb $(date +%T)" | tee -a "$log"
-        timeout "${MSIZE_S:-120}" python3 benchmarks/train_scaling.py --family neuromamba --size "$size" --mode weak \
-          --micro-batch "$mb" --dist ddp --zero 0 --compile --T 20 --log-every 1 --eval-windows 0 --data preloaded \
-          --steps "${MAMBA_STEPS:-6}" --warmup 3 --overrides "{\"remove_background\": $b}" \
-          --out "$OUT/mamba_sizes/${size}_bg${bg}_mb$mb.json" >"$OUT/mamba_sizes/${size}_bg${bg}_mb$mb.log" 2>&1
-        echo "   rc=$? $(python3 -c "import json; d = json.load(open('$OUT/mamba_sizes/${size}_bg${bg}_mb$mb.json'))
-print(round(d['samples_per_s'], 2), 'samples/s', round(d['tflops_per_gpu'], 1), 'TFLOP/s', round(d['peak_mem_gib'], 2), 'GiB')" \
-          2>/dev/null || quiet <"$OUT/mamba_sizes/${size}_bg${bg}_mb$mb.log" | tail -2)" | tee -a "$log"
+        mamba_run "$OUT/mamba_sizes" "${size}_bg${bg}_mb$mb" "$size" "$mb" "{\"remove_background\": $b}" \
+          "${MSIZE_S:-120}" "${MAMBA_STEPS:-6}"
       done ;;
     preset51)  # the ladder preset's 51M run through study/scaling_law.py (benchmarks/preset_run.py), HDF5 loader;
       # needs Ray, DeepSpeed, Optuna and mup: ../shared/tools/gpu-bundle.sh's pydeps.tar.xz unpacked on PYTHONPATH
@@ -151,13 +146,12 @@ print(round(d['samples_per_s'], 2), 'samples/s', round(d['tflops_per_gpu'], 1), 
       python3 benchmarks/preset_run.py --storage /tmp/nxpreset --study-name p51 --out "$OUT/preset51.json" 2>&1 \
         | tail -2 | cut -c1-600 | tee -a "$log" ;;
     mamba2)
-      mkdir -p "$OUT/m91"
       while IFS='|' read -r name ssd mb ov; do
-        [[ -n $name ]] && mamba91 "$name" "$ssd" "$mb" "$ov"
+        [[ -n $name ]] && NEUROMAMBA_SSD=$ssd mamba_run "$OUT/m91" "$name" 91M "$mb" "$ov" "${M91_S:-150}" "${MAMBA_STEPS:-8}"
       done <<<"$MAMBA2_RUNS" ;;
     prof91)
-      mkdir -p "$OUT/m91"
-      mamba91 prof91 seg 4 '{"remove_background": true}' --profile-dir "$OUT/prof91"
+      mamba_run "$OUT/m91" prof91 91M 4 '{"remove_background": true}' "${M91_S:-150}" "${MAMBA_STEPS:-8}" \
+        --profile-dir "$OUT/prof91"
       head -45 "$OUT"/prof91/*.txt 2>/dev/null | cut -c1-200 | tee -a "$log" ;;
     *) echo "unknown stage $s" | tee -a "$log" ;;
   esac

@@ -456,6 +456,21 @@ def ssd_sequential(x_RLHP, dt_RLH, A_H, B_RLN, C_RLN, D_H=None, starts_RL=None):
     return y
 
 
+def _to_chunks(Q: int, t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """``t`` ``[R, L, ...]`` padded along time with ``fill`` to a multiple of ``Q`` and split: ``[R, c, Q, ...]``."""
+    pad = (-t.shape[1]) % Q
+    if pad:
+        t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad), value=fill)
+    return t.reshape(t.shape[0], t.shape[1] // Q, Q, *t.shape[2:])
+
+
+def _from_chunks(y_RcQHP: torch.Tensor, L: int, x_RLHP: torch.Tensor, D_H) -> torch.Tensor:
+    """Chunked output back to ``[R, L, H, P]`` (padding dropped) plus the skip term ``D x``."""
+    R, c, Q = y_RcQHP.shape[:3]
+    y = y_RcQHP.reshape(R, c * Q, *y_RcQHP.shape[3:])[:, :L]
+    return y if D_H is None else y + x_RLHP * D_H[:, None]
+
+
 def ssd_chunked_segsum(x_RLHP, dt_RLH, A_H, B_RLN, C_RLN, D_H=None, starts_RL=None, chunk: int = 64):
     """Chunked SSD (Mamba-2) in matmul form with sequence resets; same semantics as :func:`ssd_sequential`.
 
@@ -464,24 +479,14 @@ def ssd_chunked_segsum(x_RLHP, dt_RLH, A_H, B_RLN, C_RLN, D_H=None, starts_RL=No
     start token, which zeroes every decay that crosses it.
     """
     R, L, H, P = x_RLHP.shape
-    N = B_RLN.shape[-1]
     Q = max(1, min(int(chunk), L))
-    pad = (-L) % Q
-    x, dt, B, C = x_RLHP, dt_RLH, B_RLN, C_RLN
-    A_dt = dt * A_H  # [R, L, H]
+    A_dt = dt_RLH * A_H  # [R, L, H]
     if starts_RL is not None:
         A_dt = A_dt.masked_fill(starts_RL[..., None], float("-inf"))
-    xdt = x * dt[..., None]
-    if pad:
-        xdt = F.pad(xdt, (0, 0, 0, 0, 0, pad))
-        A_dt = F.pad(A_dt, (0, 0, 0, pad))
-        B = F.pad(B, (0, 0, 0, pad))
-        C = F.pad(C, (0, 0, 0, pad))
-    c = (L + pad) // Q
-    xdt = xdt.reshape(R, c, Q, H, P)
-    B = B.reshape(R, c, Q, N)
-    C = C.reshape(R, c, Q, N)
-    A_dt = A_dt.reshape(R, c, Q, H).permute(0, 3, 1, 2)  # [R, H, c, Q]
+    xdt, B, C = (_to_chunks(Q, t) for t in (x_RLHP * dt_RLH[..., None], B_RLN, C_RLN))
+    c = xdt.shape[1]
+    N = B.shape[-1]
+    A_dt = _to_chunks(Q, A_dt).permute(0, 3, 1, 2)  # [R, H, c, Q]
     A_pre = torch.cumsum(A_dt, dim=-1)                    # sum_{k<=l}: decay from chunk start to l
     # exclusive suffix sums computed directly (no cancellation): sum_{k>l} A_k
     A_suf = torch.flip(torch.cumsum(torch.flip(F.pad(A_dt[..., 1:], (0, 1)), (-1,)), dim=-1), (-1,))
@@ -498,10 +503,7 @@ def ssd_chunked_segsum(x_RLHP, dt_RLH, A_H, B_RLN, C_RLN, D_H=None, starts_RL=No
     h_in = _shift(h_end, 1, 1, 0.0)
     # 4. contribution of the carried state
     y_off = torch.einsum("rcln,rchpn->rclhp", C, h_in) * torch.exp(A_pre).permute(0, 2, 3, 1).unsqueeze(-1)
-    y = (y + y_off).reshape(R, c * Q, H, P)[:, :L]
-    if D_H is not None:
-        y = y + x_RLHP * D_H[:, None]
-    return y
+    return _from_chunks(y + y_off, L, x_RLHP, D_H)
 
 
 def ssd_chunked_seg(x_RLHP, dt_RLH, A_H, B_RLN, C_RLN, D_H=None, starts_RL=None, chunk: int = 64):
@@ -514,34 +516,21 @@ def ssd_chunked_seg(x_RLHP, dt_RLH, A_H, B_RLN, C_RLN, D_H=None, starts_RL=None,
     only the tokens before the chunk's first reset.
     """
     R, L, H, P = x_RLHP.shape
-    N = B_RLN.shape[-1]
     Q = max(1, min(int(chunk), L))
-    pad = (-L) % Q
-    A_dt = dt_RLH * A_H  # [R, L, H], <= 0
-    xdt = x_RLHP * dt_RLH[..., None]
-    B, C = B_RLN, C_RLN
     if starts_RL is None:
         seg = torch.zeros(R, L, dtype=torch.int32, device=x_RLHP.device)
     else:
         seg = torch.cumsum(starts_RL.to(torch.int32), dim=1)
-    if pad:
-        xdt = F.pad(xdt, (0, 0, 0, 0, 0, pad))
-        A_dt = F.pad(A_dt, (0, 0, 0, pad))
-        B = F.pad(B, (0, 0, 0, pad))
-        C = F.pad(C, (0, 0, 0, pad))
-        seg = F.pad(seg, (0, pad), value=-1)  # padded tokens: a segment of their own (after the row)
-    c = (L + pad) // Q
-    xdt = xdt.reshape(R, c, Q, H, P)
-    B = B.reshape(R, c, Q, N)
-    C = C.reshape(R, c, Q, N)
-    seg = seg.reshape(R, c, Q)
+    seg = _to_chunks(Q, seg, fill=-1)  # [R, c, Q]; padded tokens: a segment of their own (after the row)
+    xdt, B, C, A_dt = (_to_chunks(Q, t) for t in (x_RLHP * dt_RLH[..., None], B_RLN, C_RLN, dt_RLH * A_H))
+    c, N = xdt.shape[1], B.shape[-1]
     # the segment the state entering each chunk belongs to: that of the previous chunk's last token
     seg_in = torch.cat([seg.new_zeros(R, 1), seg[:, :-1, -1]], dim=1)  # [R, c]
     # in-chunk cumsum of dt A restarted at each reset (a scan whose carry is cut by an exact 0): token l's sum
     # holds only its own segment's terms, so a neighbouring sample cannot change even its rounding
     cut = (seg[..., 1:] == seg[..., :-1]).to(A_dt.dtype)  # [R, c, Q - 1]: 0 where a segment starts
     cut = F.pad(cut, (1, 0)).unsqueeze(1).expand(R, H, c, Q)
-    _, A_cs = linear_recurrence_scan(cut, A_dt.reshape(R, c, Q, H).permute(0, 3, 1, 2), dim=-1)  # [R, H, c, Q]
+    _, A_cs = linear_recurrence_scan(cut, A_dt.permute(0, 3, 1, 2), dim=-1)  # [R, H, c, Q]
     same = seg[..., :, None] == seg[..., None, :]  # [R, c, Q(l), Q(s)]
     causal = torch.ones(Q, Q, dtype=torch.bool, device=x_RLHP.device).tril()
     keep = (same & causal).unsqueeze(1)  # [R, 1, c, Q, Q]
@@ -561,10 +550,7 @@ def ssd_chunked_seg(x_RLHP, dt_RLH, A_H, B_RLN, C_RLN, D_H=None, starts_RL=None,
     in_same = (seg == seg_in[..., None]).unsqueeze(1)  # [R, 1, c, Q]
     dec_in = torch.where(in_same, torch.exp(A_cs), 0.0).permute(0, 2, 3, 1).unsqueeze(-1)  # [R, c, Q, H, 1]
     y_off = torch.einsum("rcln,rchpn->rclhp", C, h_in) * dec_in
-    y = (y + y_off).reshape(R, c * Q, H, P)[:, :L]
-    if D_H is not None:
-        y = y + x_RLHP * D_H[:, None]
-    return y
+    return _from_chunks(y + y_off, L, x_RLHP, D_H)
 
 
 #: environment variable choosing the SSD form for Mamba-2 mixers built after it is set: "seg" (default,

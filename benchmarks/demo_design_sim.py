@@ -5,7 +5,9 @@ alpha, beta > 0 with 95% intervals excluding 0 and a +5.4% extrapolation, but ``
 errors of alpha and of A/N^alpha exceed the estimates). This script asks whether another design within the time
 limit would do better, without running it: it plants the law fitted to the demo's runs (the 217-step transient
 run left out), adds the run-to-run noise measured on the demo (3% below 450 steps, 1% below 700, 0.3% above;
-measured 3.4-3.7% at 200-430 steps and 0.15% at ~550 steps), fits approach 3 with the product's bootstrap, and
+measured 3.4-3.7% at 200-430 steps and 0.15% at ~550 steps in session 12; three seeds per run in session 21,
+``benchmarks/demo_seed_noise.py``, measured 2.4-6.7% at width 16 and 0.7-1.1% at widths 32 and 64, so this model of the
+noise is optimistic), fits approach 3 with the product's bootstrap, and
 counts how often the fit is valid. The cost of a design is its steps times the measured seconds per step of each
 width on this 2-core box (one thread; the demo runs two runs at a time).
 

@@ -2,7 +2,8 @@
 
 A variant differs only in its config defaults, its encoder and its decoder; everything else (muP base
 shapes, downstream models, counts, FLOPs, tokens, fine-tuning hooks) is the same code, bound here once.
-Each variant's module (``family.py``, ``revised_family.py``) states its ``ModelFamily`` field by field.
+Each variant's module (``family.py``, ``revised_family.py``) gives its config defaults, encoder, decoder and whether
+its downstream models take prompt tokens; :meth:`SwiftVariant.model_family` binds the rest into its ``ModelFamily``.
 """
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ..family import FinetuneHooks, ModelFamily, linears_in_blocks
 from ..mup_utils import apply_mup
 from . import config as C
+from .compile_policy import small_stage_graphs
 from .counting import flops_per_sample as _flops, param_counts as _counts
+from .masking import make_mask
 from .model import DownstreamModel, SimMIM
 
 
@@ -94,3 +98,25 @@ class SwiftVariant:
     def tokens_per_sample(cfg: C.SwiftConfig) -> int:
         g = cfg.grid
         return int(g[0] * g[1] * g[2] * g[3])
+
+    def model_family(self, supports_prompts: Callable[[C.SwiftConfig], bool]) -> ModelFamily:
+        """This variant's registry entry: everything but ``supports_prompts`` is the code shared here."""
+        return ModelFamily(
+            name=self.name,
+            config_class=C.SwiftConfig,
+            sizes=self.sizes,
+            get_config=self.get_config,
+            with_width=self.with_width,
+            build_pretrain_model=self.build_pretrain_model,
+            build_downstream_model=self.build_downstream_model,
+            param_counts=self.param_counts,
+            flops_per_sample=self.flops_per_sample,
+            tokens_per_sample=self.tokens_per_sample,
+            make_mask=make_mask,
+            cuda_graph_regions=small_stage_graphs,
+            checkpoint_field="use_checkpoint",
+            stage_modules=stage_modules,
+            finetune=FinetuneHooks(last_block_parameters=last_stage_parameters, lora_targets=linears_in_blocks,
+                                   supports_prompts=supports_prompts, feature_dim=feature_dim),
+            arch_fields=ARCH_FIELDS,
+        )

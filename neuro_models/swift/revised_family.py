@@ -12,12 +12,9 @@ from typing import Any
 
 from torch import nn
 
-from ..family import FinetuneHooks, ModelFamily, linears_in_blocks
 from ..mup_utils import readout_class
 from . import config as C
-from .compile_policy import small_stage_graphs
-from .masking import make_mask
-from .protocol import ARCH_FIELDS, SwiftVariant, feature_dim, last_stage_parameters, stage_modules
+from .protocol import SwiftVariant
 from .revised import FactorizedPixelShuffleDecoder, RevisedEncoder
 
 
@@ -43,22 +40,4 @@ def supports_prompts(cfg: C.SwiftConfig) -> bool:
 
 _V = SwiftVariant("swift_v2_revised", _config_kwargs, RevisedEncoder, _decoder)
 
-FAMILY = ModelFamily(
-    name="swift_v2_revised",
-    config_class=C.SwiftConfig,
-    sizes=_V.sizes,
-    get_config=_V.get_config,
-    with_width=_V.with_width,
-    build_pretrain_model=_V.build_pretrain_model,
-    build_downstream_model=_V.build_downstream_model,
-    param_counts=_V.param_counts,
-    flops_per_sample=_V.flops_per_sample,
-    tokens_per_sample=_V.tokens_per_sample,
-    make_mask=make_mask,
-    cuda_graph_regions=small_stage_graphs,
-    checkpoint_field="use_checkpoint",
-    stage_modules=stage_modules,
-    finetune=FinetuneHooks(last_block_parameters=last_stage_parameters, lora_targets=linears_in_blocks,
-                           supports_prompts=supports_prompts, feature_dim=feature_dim),
-    arch_fields=ARCH_FIELDS,
-)
+FAMILY = _V.model_family(supports_prompts)

@@ -4,11 +4,11 @@ Issue #21 item 4 asks the README's main job to end with a *valid* approach-3 fit
 alpha, beta > 0 with 95% intervals excluding 0 and a +5.4% extrapolation, but ``valid`` is False (the standard
 errors of alpha and of A/N^alpha exceed the estimates). This script asks whether another design within the time
 limit would do better, without running it: it plants the law fitted to the demo's runs (the 217-step transient
-run left out), adds the run-to-run noise measured on the demo (``--noise measured``, the default: three seeds per run,
-``benchmarks/demo_seed_noise.py``, 2.4-6.7% at width 16 and 0.7-1.1% at widths 32 and 64; ``--noise session12``: the
-earlier model, 3% below 450 steps, 1% below 700, 0.3% above, from two seeds), fits approach 3 with the product's bootstrap, and
-counts how often the fit is valid. The cost of a design is its steps times the measured seconds per step of each
-width on this 2-core box (one thread; the demo runs two runs at a time).
+run left out), adds the run-to-run noise measured on the demo (``--noise measured``, the default: three seeds per
+run, ``benchmarks/demo_seed_noise.py``, 2.4-6.7% at width 16 and 0.7-1.1% at widths 32 and 64; ``--noise session12``:
+the earlier model, 3% below 450 steps, 1% below 700, 0.3% above, from two seeds), fits approach 3 with the product's
+bootstrap, and counts how often the fit is valid. The cost of a design is its steps times the measured seconds per
+step of each width on this 2-core box (one thread; the demo runs two runs at a time).
 
     python benchmarks/demo_design_sim.py --sims 6 --out benchmarks/results/demo_design_sim.json
 """

@@ -80,7 +80,8 @@ def main(argv=None) -> int:
             m, sd = float(np.mean(losses)), float(np.std(losses, ddof=1)) if len(losses) > 1 else float("nan")
             rows.append(dict(width=w, steps=steps, seeds=seeds, val_loss=losses, mean=m, sd=sd, rel_sd=sd / m,
                              seconds=secs))
-    print(f"\nvary: {a.vary}\n\n| width | steps | val loss per seed | mean | sd | sd / mean |\n|---|---|---|---|---|---|")
+    print(f"\nvary: {a.vary}\n")
+    print("| width | steps | val loss per seed | mean | sd | sd / mean |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['width']} | {r['steps']} | {', '.join(f'{x:.4f}' for x in r['val_loss'])} | {r['mean']:.4f} | "
               f"{r['sd']:.4f} | {r['rel_sd']:.1%} |")
